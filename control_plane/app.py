@@ -1,0 +1,118 @@
+"""create_app(settings) -> the controller: admin API, reconcile loop, metrics. Effects start in cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from control_plane.api import keys
+from control_plane.api.middleware import auth_middleware, error_middleware
+from control_plane.api.routes import setup_routes
+from control_plane.metrics import GatewayMetrics
+from control_plane.nginx_process import NginxProcess
+from control_plane.reconciler import ReconcileTiming, Reconciler
+from control_plane.registry.store import Store
+from control_plane.render.spec import ServerSettings
+from control_plane.settings import MAX_RUN_DIR_LEN, Settings
+
+log = logging.getLogger(__name__)
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    """Create or replace a 0600 file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = path.with_name(path.name + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    os.replace(temp, path)
+
+
+def admin_key(settings: Settings) -> str:
+    """ISHGW_ADMIN_API_KEY, or the stored key, or a new one stored 0600."""
+    if settings.admin_api_key:
+        return settings.admin_api_key
+    path = settings.admin_key_file
+    with contextlib.suppress(FileNotFoundError):
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    key = "ishgw-admin-" + secrets.token_urlsafe(32)
+    write_secret_file(path, key)
+    log.info("generated an admin API key in %s", path)
+    return key
+
+
+def tls_files(settings: Settings) -> tuple[str | None, str | None]:
+    cert = settings.tls_cert or settings.home / "ssl" / "cert.pem"
+    key = settings.tls_key or settings.home / "ssl" / "key.pem"
+    if settings.https_port and cert.is_file() and key.is_file():
+        return str(cert), str(key)
+    return None, None
+
+
+def server_settings(settings: Settings) -> ServerSettings:
+    run_dir = settings.sockets_dir
+    if len(str(run_dir)) > MAX_RUN_DIR_LEN:
+        raise ValueError(f"ISHGW_RUN_DIR {run_dir} is too long for unix sockets (max {MAX_RUN_DIR_LEN})")
+    cert, key = tls_files(settings)
+    return ServerSettings(
+        prefix=str(settings.nginx_dir),
+        run_dir=str(run_dir),
+        listen_address=settings.listen_address,
+        http_port=settings.http_port,
+        https_port=settings.https_port if cert else 0,
+        tls_cert=cert,
+        tls_key=key,
+        nginx_user=settings.nginx_user,
+        worker_processes=settings.nginx_worker_processes,
+        client_max_body_size_mb=settings.client_max_body_size_mb,
+        expose_instance_headers=settings.expose_instance_headers,
+        status_allow=tuple(settings.status_allow),
+    )
+
+
+async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
+    reconciler = app[keys.RECONCILER]
+    await reconciler.reconcile_now()  # adopts what runs when the checksum matches: no reload
+    task = asyncio.create_task(reconciler.run(), name="reconciler")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.home, 0o700)
+    settings.sockets_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.database_url)
+    store.migrate()
+    metrics = GatewayMetrics(registry or CollectorRegistry())
+    nginx = NginxProcess(settings.nginx_dir, settings.nginx_binary, settings.generations_kept)
+    nginx.prepare()
+    timing = ReconcileTiming(
+        debounce_s=settings.reconcile_debounce_s,
+        max_wait_s=settings.reconcile_max_wait_s,
+        min_reload_interval_s=settings.reload_min_interval_s,
+        resync_interval_s=settings.resync_interval_s,
+    )
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app[keys.SETTINGS] = settings
+    app[keys.STORE] = store
+    app[keys.ADMIN_KEY] = admin_key(settings)
+    app[keys.RECONCILER] = Reconciler(store, nginx, server_settings(settings), metrics, timing)
+    setup_routes(app)
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.cleanup_ctx.append(_reconciler_ctx)
+    app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
+    return app

@@ -1,0 +1,28 @@
+"""Prometheus metrics of the controller, on a registry the app owns (tests use a fresh one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.reloads = Counter(
+            "ishgw_config_reloads_total", "nginx reloads by result", ["result"], registry=registry
+        )
+        self.last_reload_ok = Gauge(
+            "ishgw_config_last_reload_successful", "1 when the last reload succeeded", registry=registry
+        )
+        self.reconcile_seconds = Histogram(
+            "ishgw_reconcile_duration_seconds",
+            "render + nginx -t + swap + reload",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.generation = Gauge("ishgw_config_generation", "registry configuration generation", registry=registry)
+        self.pools = Gauge("ishgw_pools", "rendered pools", registry=registry)
+        self.pool_members = Gauge(
+            "ishgw_pool_available_instances", "available instances per pool", ["pool", "model"], registry=registry
+        )
+        self.excluded = Gauge("ishgw_instances_excluded", "instances left out of every pool", registry=registry)

@@ -1,0 +1,153 @@
+"""The only place that touches nginx: write a candidate tree, `nginx -t` it, swap it in atomically, signal.
+
+Layout under ``prefix``:
+    generations/<checksum>/   one rendered tree per checksum (files 0600, directory 0700)
+    live -> generations/<checksum>   what nginx runs (nginx is started with -c live/nginx.conf)
+    nginx.pid, logs/error.log, tmp/
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from control_plane.errors import ReloadFailed
+from control_plane.render.nginx import RenderedTree
+
+TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+@dataclass(frozen=True)
+class TestResult:
+    ok: bool
+    output: str
+
+
+class NginxProcess:
+    def __init__(self, prefix: Path, binary: str = "nginx", generations_kept: int = 5) -> None:
+        self.prefix = prefix
+        self.binary = binary
+        self.generations_kept = generations_kept
+
+    @property
+    def generations(self) -> Path:
+        return self.prefix / "generations"
+
+    @property
+    def live(self) -> Path:
+        return self.prefix / "live"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.prefix / "nginx.pid"
+
+    @property
+    def error_log(self) -> Path:
+        return self.prefix / "logs" / "error.log"
+
+    def prepare(self) -> None:
+        for path in (self.prefix, self.generations, self.prefix / "logs", self.prefix / "tmp"):
+            path.mkdir(parents=True, exist_ok=True)
+        for name in TEMP_DIRS:
+            (self.prefix / "tmp" / name).mkdir(exist_ok=True)
+        os.chmod(self.generations, 0o700)
+
+    def running_checksum(self) -> str | None:
+        """The checksum of the tree nginx runs, if nginx runs."""
+        if self.master_pid() is None:
+            return None
+        with contextlib.suppress(OSError):
+            return os.readlink(self.live).rsplit("/", 1)[-1]
+        return None
+
+    def master_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+    def write_candidate(self, tree: RenderedTree) -> Path:
+        """Write the tree into its own generation directory (atomically: temp dir, then rename)."""
+        final = self.generations / tree.checksum
+        if final.is_dir():
+            os.utime(final)
+            return final
+        temp = self.generations / f".tmp-{tree.checksum}-{os.getpid()}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(mode=0o700)
+        for name, text in tree.files.items():
+            fd = os.open(temp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+        os.replace(temp, final)
+        return final
+
+    async def _run(self, *args: str) -> TestResult:
+        proc = await asyncio.create_subprocess_exec(
+            self.binary, "-p", str(self.prefix) + "/", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        return TestResult(proc.returncode == 0, out.decode(errors="replace").strip())
+
+    async def test(self, directory: Path) -> TestResult:
+        return await self._run("-t", "-q", "-c", str(directory / "nginx.conf"))
+
+    def swap(self, checksum: str) -> None:
+        """Point `live` at the generation, atomically (rename of a fresh symlink)."""
+        temp = self.prefix / f".live-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        temp.symlink_to(Path("generations") / checksum)
+        os.replace(temp, self.live)
+
+    async def signal_reload(self) -> None:
+        """HUP the running master, or start nginx (daemonised, so it outlives the controller)."""
+        pid = self.master_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)
+            return
+        result = await self._run("-c", str(self.live / "nginx.conf"))
+        if not result.ok:
+            raise ReloadFailed(f"nginx did not start: {result.output}")
+
+    async def stop(self, graceful: bool = True, timeout: float = 10.0) -> None:
+        pid = self.master_pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGQUIT if graceful else signal.SIGTERM)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.master_pid() is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.master_pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+
+    def prune(self, keep_also: str | None = None) -> None:
+        """Keep the newest generations and the live one; remove the rest."""
+        live = self.running_checksum() or keep_also
+        entries = sorted(
+            (p for p in self.generations.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for old in entries[self.generations_kept:]:
+            if old.name not in (live, keep_also):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def error_log_tail(self, lines: int = 5) -> str:
+        try:
+            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

@@ -1,0 +1,230 @@
+"""The reconcile loop: any change marks the world dirty; one debounced loop renders, tests, swaps, reloads.
+
+desired = build_spec(world) -> render -> compare checksum with what runs -> nginx -t -> swap -> HUP.
+A candidate that fails never replaces the running tree; the error is kept for /admin/status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+
+from control_plane.errors import ReloadFailed
+from control_plane.metrics import GatewayMetrics
+from control_plane.nginx_process import NginxProcess
+from control_plane.registry.store import Store
+from control_plane.render.nginx import RenderedTree, render
+from control_plane.render.quoting import UnsafeValue
+from control_plane.render.spec import GatewaySpec, ServerSettings, build_spec
+from control_plane.world import gather_world
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    ok: bool
+    changed: bool
+    checksum: str | None
+    generation: int
+    error: str | None
+    duration_ms: float
+    at: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReconcileTiming:
+    debounce_s: float = 0.15
+    max_wait_s: float = 1.0
+    min_reload_interval_s: float = 0.5
+    resync_interval_s: float = 30.0
+    live_timeout_s: float = 5.0
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        nginx: NginxProcess,
+        server: ServerSettings,
+        metrics: GatewayMetrics,
+        timing: ReconcileTiming | None = None,
+    ) -> None:
+        self.store = store
+        self.nginx = nginx
+        self.server = server
+        self.metrics = metrics
+        self.timing = timing or ReconcileTiming()
+        self._dirty = asyncio.Event()
+        self._first_dirty: float | None = None
+        self._lock = asyncio.Lock()
+        self._last_reload_at = 0.0
+        self._spec: GatewaySpec | None = None
+        self._applied: ReconcileResult | None = None
+        self._last: ReconcileResult | None = None
+        self._reloads = 0
+        self._failures = 0
+        self._reasons: list[str] = []
+
+    # --- triggers -------------------------------------------------------------------------------
+    def request(self, reason: str) -> None:
+        if self._first_dirty is None:
+            self._first_dirty = time.monotonic()
+        if len(self._reasons) < 20:
+            self._reasons.append(reason)
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """The loop. Coalesces a burst of requests into one reconcile; never dies on an error."""
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=self.timing.resync_interval_s)
+            except TimeoutError:
+                self.request("resync")
+            await self._debounce()
+            reasons, self._reasons, self._first_dirty = self._reasons, [], None
+            log.debug("reconcile for %s", ", ".join(reasons))
+            try:
+                await self.reconcile_now()
+            except Exception:  # the loop must survive anything; the error is in the result
+                log.exception("reconcile failed")
+
+    async def _debounce(self) -> None:
+        start = self._first_dirty or time.monotonic()
+        while True:
+            self._dirty.clear()
+            remaining = min(self.timing.debounce_s, start + self.timing.max_wait_s - time.monotonic())
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=remaining)
+            except TimeoutError:
+                return
+
+    # --- one pass -------------------------------------------------------------------------------
+    async def reconcile_now(self, *, force: bool = False) -> ReconcileResult:
+        async with self._lock:
+            started = time.perf_counter()
+            world = await gather_world(self.store)
+            try:
+                spec = build_spec(world, self.server)
+                tree = render(spec)
+            except UnsafeValue as exc:
+                return self._finish(False, False, None, world.generation, f"render refused: {exc}", started)
+            self._spec = spec
+            self._publish_spec_metrics(spec)
+            if self.nginx.running_checksum() == tree.checksum and not force:
+                return self._finish(True, False, tree.checksum, world.generation, None, started)
+            error = await self._apply(tree)
+            return self._finish(error is None, True, tree.checksum, world.generation, error, started)
+
+    async def _apply(self, tree: RenderedTree) -> str | None:
+        wait = self._last_reload_at + self.timing.min_reload_interval_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        previous = self.nginx.running_checksum()
+        candidate = self.nginx.write_candidate(tree)
+        tested = await self.nginx.test(candidate)
+        if not tested.ok:
+            return f"nginx -t rejected the candidate: {tested.output}"
+        self.nginx.swap(tree.checksum)
+        self._last_reload_at = time.monotonic()
+        try:
+            await self.nginx.signal_reload()
+        except ReloadFailed as exc:
+            self._roll_back(previous)
+            return str(exc)
+        if not await self._wait_live(tree.checksum):
+            self._roll_back(previous)
+            return "nginx did not adopt the new configuration: " + self.nginx.error_log_tail()
+        self.nginx.prune(keep_also=tree.checksum)
+        return None
+
+    def _roll_back(self, previous: str | None) -> None:
+        if previous is not None:
+            self.nginx.swap(previous)
+
+    async def _wait_live(self, checksum: str) -> bool:
+        """True once nginx answers /health with the new checksum."""
+        host = "127.0.0.1" if self.server.listen_address in ("0.0.0.0", "*", "::") else self.server.listen_address
+        url = f"http://{host}:{self.server.http_port}/health"
+        deadline = time.monotonic() + self.timing.live_timeout_s
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                    async with session.get(url, headers={"Connection": "close"}) as response:
+                        if (await response.json(content_type=None)).get("checksum") == checksum:
+                            return True
+                await asyncio.sleep(0.02)
+        return False
+
+    def _finish(
+        self, ok: bool, changed: bool, checksum: str | None, generation: int, error: str | None, started: float
+    ) -> ReconcileResult:
+        result = ReconcileResult(
+            ok=ok,
+            changed=changed,
+            checksum=checksum,
+            generation=generation,
+            error=error,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            at=datetime.now(UTC).isoformat(),
+        )
+        self._last = result
+        self.metrics.reconcile_seconds.observe(result.duration_ms / 1000)
+        if changed:
+            self._reloads += ok
+            self._failures += not ok
+            self.metrics.reloads.labels("success" if ok else "failure").inc()
+            self.metrics.last_reload_ok.set(1 if ok else 0)
+        if not ok and not changed:
+            self._failures += 1
+            self.metrics.last_reload_ok.set(0)
+        if ok:
+            self._applied = result
+            self.metrics.generation.set(generation)
+        else:
+            log.error("reconcile failed: %s", error)
+        return result
+
+    def _publish_spec_metrics(self, spec: GatewaySpec) -> None:
+        self.metrics.pools.set(len(spec.pools))
+        self.metrics.excluded.set(len(spec.excluded))
+        self.metrics.pool_members.clear()
+        for pool in spec.pools:
+            self.metrics.pool_members.labels(pool.name, pool.model).set(len(pool.members))
+
+    # --- views ----------------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        spec = self._spec
+        return {
+            "checksum": self.nginx.running_checksum(),
+            "applied": self._applied.to_dict() if self._applied else None,
+            "last_reload": self._last.to_dict() if self._last else None,
+            "reloads": self._reloads,
+            "reload_failures": self._failures,
+            "pools": [
+                {
+                    "name": p.name,
+                    "family": str(p.family),
+                    "kind": str(p.kind),
+                    "model": p.model,
+                    "strategy": str(p.strategy),
+                    "instances": [m.instance for m in p.members if not m.backup],
+                    "backup": [m.instance for m in p.members if m.backup],
+                    "excluded": dict(p.excluded),
+                }
+                for p in (spec.pools if spec else ())
+            ],
+            "excluded": dict(spec.excluded) if spec else {},
+        }

@@ -1,0 +1,175 @@
+"""Registry value objects: instance configuration (operators own it) apart from state (the system owns it)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from control_plane.registry import validators as v
+
+Name = Annotated[str, AfterValidator(v.check_name)]
+ModelName = Annotated[str, AfterValidator(v.check_model)]
+Tag = Annotated[str, AfterValidator(v.check_tag)]
+HeaderName = Annotated[str, AfterValidator(v.check_header_name)]
+
+
+class ProviderType(StrEnum):
+    OPENAI = "openai"
+    AZURE = "azure"
+    ANTHROPIC = "anthropic"
+    OLLAMA = "ollama"
+    VLLM = "vllm"
+    PERPLEXITY = "perplexity"
+    ZAI = "zai"
+    OPENAI_COMPATIBLE = "openai_compatible"
+
+
+class InstanceType(StrEnum):
+    CHAT = "chat"
+    EMBEDDING = "embedding"
+    BOTH = "both"
+
+
+class Strategy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED = "weighted"
+    LEAST_CONNECTIONS = "least_connections"
+    IP_HASH = "ip_hash"
+    SESSION = "session"
+    RANDOM_TWO = "random_two"
+
+
+class OperatorStatus(StrEnum):
+    """What an operator sets through the state endpoint."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+    MAINTENANCE = "maintenance"
+
+
+class HealthStatus(StrEnum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+class InstanceConfig(BaseModel):
+    """What an operator configures. Every field that can reach nginx is validated here."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Name
+    provider_type: ProviderType
+    api_key: str | None = Field(default=None, description="Literal key or a reference env:NAME / file:/path")
+    api_base: str | None = Field(default=None, description="Provider default when empty")
+    api_version: str | None = None
+    priority: int = Field(default=1, ge=0, le=100, description="Lower is preferred")
+    weight: int = Field(default=1, ge=1, le=1000)
+    max_tpm: int = Field(default=0, ge=0, le=10**10, description="0: unlimited")
+    max_rpm: int = Field(default=0, ge=0, le=10**8, description="0: unlimited")
+    max_input_tokens: int = Field(default=0, ge=0, le=10**8)
+    supported_models: list[ModelName] = Field(default_factory=list, max_length=512)
+    model_deployments: dict[ModelName, str] = Field(default_factory=dict, max_length=512)
+    enabled: bool = True
+    timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    retry_count: int = Field(default=2, ge=0, le=10)
+    instance_type: InstanceType = InstanceType.CHAT
+    max_concurrent_requests: int = Field(default=0, ge=0, le=100_000, description="0: unlimited")
+    cost_per_1k_tokens: float = Field(default=0.0, ge=0, le=10_000)
+    quality_score: float = Field(default=0.0, ge=0, le=100)
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: str | None) -> str | None:
+        return None if value in (None, "") else v.check_secret(value)
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str | None) -> str | None:
+        return None if value in (None, "") else v.check_base_url(value)
+
+    @field_validator("api_version")
+    @classmethod
+    def _api_version(cls, value: str | None) -> str | None:
+        return None if value in (None, "") else v.check_api_version(value)
+
+    @field_validator("model_deployments")
+    @classmethod
+    def _deployments(cls, value: dict[str, str]) -> dict[str, str]:
+        for deployment in value.values():
+            v.check_deployment(deployment)
+        return value
+
+    def models(self) -> list[str]:
+        """Models this instance serves: supported_models plus any deployment-mapped model."""
+        seen = dict.fromkeys([*self.supported_models, *self.model_deployments])
+        return list(seen)
+
+    def serves_chat(self) -> bool:
+        return self.instance_type in (InstanceType.CHAT, InstanceType.BOTH)
+
+    def serves_embeddings(self) -> bool:
+        return self.instance_type in (InstanceType.EMBEDDING, InstanceType.BOTH)
+
+
+# Fields that may appear in a partial update (everything but the name).
+UPDATABLE_FIELDS = frozenset(InstanceConfig.model_fields) - {"name"}
+
+
+class InstanceState(BaseModel):
+    """What the system observes. Never written by configuration changes."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: OperatorStatus = OperatorStatus.ACTIVE
+    health_status: HealthStatus = HealthStatus.UNKNOWN
+    connection_status: str = "unknown"
+    error_count: int = 0
+    last_error: str | None = None
+    last_error_time: datetime | None = None
+    rate_limited_until: datetime | None = None
+    current_tpm: int = 0
+    current_rpm: int = 0
+    total_requests: int = 0
+    successful_requests: int = 0
+    last_used: datetime | None = None
+    avg_latency_ms: float = 0.0
+    utilization_percentage: float = 0.0
+    discovered_models: list[str] = Field(default_factory=list)
+    updated_at: datetime | None = None
+
+
+class StateUpdate(BaseModel):
+    """What an operator may set on state (PUT /admin/instances/{name}/state)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: OperatorStatus
+
+
+class RoutingConfig(BaseModel):
+    """Gateway-wide routing: aliases, per-model strategy, session header."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_aliases: dict[ModelName, ModelName] = Field(default_factory=dict, max_length=1024)
+    default_strategy: Strategy = Strategy.WEIGHTED
+    strategies: dict[ModelName, Strategy] = Field(default_factory=dict, max_length=1024)
+    session_header: HeaderName = "X-Session-ID"
+
+
+def mask_secret(value: str | None) -> str | None:
+    """Secrets never leave in clear: references stay readable, literals keep their last 4 characters."""
+    if value is None:
+        return None
+    if v.SECRET_REF_RE.match(value):
+        return value
+    return "****" + value[-4:] if len(value) >= 12 else "****"
+
+
+def is_masked(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("****")

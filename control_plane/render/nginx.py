@@ -1,0 +1,80 @@
+"""render(spec) -> {relative path: text}. Pure: templates only render, helpers live here."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+from control_plane.render.quoting import js_literal, nginx_quote
+from control_plane.render.spec import GatewaySpec
+
+NGINX_DIR = Path(__file__).resolve().parents[2] / "nginx"
+CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
+# Files holding provider credentials.
+SECRET_FILES = frozenset({"shims.conf"})
+TEMPLATES = ("nginx.conf", "http.conf", "pools.conf", "shims.conf", "servers.conf")
+
+
+@dataclass(frozen=True)
+class RenderedTree:
+    files: dict[str, str]
+    checksum: str
+
+
+def _comment(value: object) -> str:
+    """Safe inside a '#' comment: one line, no control characters."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", str(value))
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(NGINX_DIR / "templates")),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["q"] = nginx_quote
+    env.filters["comment"] = _comment
+    return env
+
+
+def routes_data(spec: GatewaySpec) -> dict[str, object]:
+    """What the njs router needs: endpoints, model -> pool tables, aliases, address -> instance."""
+    pools: dict[str, dict[str, str]] = {}
+    for pool in spec.pools:
+        pools.setdefault(f"{pool.family}|{pool.kind}", {})[pool.model] = pool.name if pool.members else ""
+    return {
+        "endpoints": {e.path: {"family": str(e.family), "kind": str(e.kind)} for e in spec.endpoints},
+        "pools": pools,
+        "aliases": dict(spec.aliases),
+        "instances": spec.address_names(),
+        "created": 1700000000 + spec.generation,
+    }
+
+
+def render(spec: GatewaySpec) -> RenderedTree:
+    env = _environment()
+    context = {"spec": spec, "s": spec.server, "gen_dir_token": '"."'}
+    files = {f"{name}": env.get_template(f"{name}.j2").render(context) for name in TEMPLATES}
+    files["routes.js"] = "// Generated routing data.\nexport default " + js_literal(routes_data(spec)) + ";\n"
+    files["gateway.js"] = (NGINX_DIR / "njs" / "gateway.js").read_text()
+    checksum = tree_checksum(files)
+    return RenderedTree(
+        files={k: v.replace(CHECKSUM_PLACEHOLDER, checksum) for k, v in files.items()},
+        checksum=checksum,
+    )
+
+
+def tree_checksum(files: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    return digest.hexdigest()[:16]

@@ -1,0 +1,38 @@
+"""The one quoting function for every value rendered into nginx configuration or njs data."""
+
+from __future__ import annotations
+
+import json
+import re
+
+# A value nginx would read as a variable ('$'), or anything that could end a string, a directive or a
+# line, is refused outright: values are validated at the API boundary, this is the second line.
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f$]")
+
+
+class UnsafeValue(ValueError):
+    pass
+
+
+def _escape(text: str) -> str:
+    if _FORBIDDEN.search(text):
+        raise UnsafeValue(f"refusing to render a value with a control character or '$': {text[:40]!r}")
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def nginx_quote(value: object, variables: tuple[str, ...] = ()) -> str:
+    """Render ``value`` as one double-quoted nginx string token.
+
+    ``variables`` names the only nginx variables the value may reference, written as ``${name}``.
+    """
+    text = str(value)
+    if not variables:
+        return '"' + _escape(text) + '"'
+    pattern = "|".join(re.escape("${" + name + "}") for name in variables)
+    pieces = re.split(f"({pattern})", text)
+    return '"' + "".join(p if re.fullmatch(pattern, p) else _escape(p) for p in pieces) + '"'
+
+
+def js_literal(value: object) -> str:
+    """A JSON value, safe as a JavaScript expression (no U+2028/2029, no '</')."""
+    return json.dumps(value, ensure_ascii=True, sort_keys=True, separators=(",", ":")).replace("</", "<\\/")

@@ -1,0 +1,289 @@
+"""desired = build_spec(world): the whole data plane as a plain value. Pure: no I/O, no clock."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from control_plane import providers
+from control_plane.providers import ApiFamily, Endpoint, Kind
+from control_plane.registry.models import (
+    HealthStatus,
+    InstanceConfig,
+    InstanceState,
+    OperatorStatus,
+    ProviderType,
+    RoutingConfig,
+    Strategy,
+)
+
+# Strategies under which nginx accepts `backup` servers (the next priority tier).
+BACKUP_CAPABLE = frozenset({Strategy.ROUND_ROBIN, Strategy.WEIGHTED, Strategy.LEAST_CONNECTIONS})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class Member:
+    instance: str
+    address: str  # "host:port" or "unix:/path"
+    weight: int
+    max_conns: int
+    backup: bool = False
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    family: ApiFamily
+    kind: Kind
+    model: str
+    strategy: Strategy
+    members: tuple[Member, ...]
+    tries: int
+    read_timeout_s: int
+    total_timeout_s: int
+    excluded: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def available(self) -> bool:
+        return bool(self.members)
+
+
+@dataclass(frozen=True)
+class ShimRoute:
+    client_path: str
+    upstream_path: str  # may contain $gw_dep_<id> for Azure
+
+
+@dataclass(frozen=True)
+class Shim:
+    """A per-instance internal server: adds credentials, TLS and path mapping."""
+
+    instance: str
+    id: str
+    socket: str
+    scheme: str
+    servers: tuple[str, ...]
+    host_header: str
+    tls_name: str
+    headers: tuple[tuple[str, str], ...]
+    routes: tuple[ShimRoute, ...]
+    deployments: tuple[tuple[str, str], ...]
+    read_timeout_s: int
+    maps_deployments: bool = False
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything build_spec reads. Effects (DB, DNS, secret files, clock) fill it in beforehand."""
+
+    instances: tuple[tuple[InstanceConfig, InstanceState], ...]
+    routing: RoutingConfig
+    now: datetime
+    generation: int = 0
+    # host -> resolved addresses; a host missing here did not resolve.
+    addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # instance name -> secret value (references already resolved); missing: unresolvable reference.
+    secrets: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The parts of Settings the rendered tree depends on."""
+
+    prefix: str
+    run_dir: str
+    listen_address: str = "0.0.0.0"
+    http_port: int = 8080
+    https_port: int = 0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    nginx_user: str | None = None
+    worker_processes: str = "auto"
+    client_max_body_size_mb: int = 16
+    expose_instance_headers: bool = True
+    status_allow: tuple[str, ...] = ()
+    js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+    upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    server: ServerSettings
+    pools: tuple[Pool, ...]
+    shims: tuple[Shim, ...]
+    endpoints: tuple[Endpoint, ...]
+    aliases: tuple[tuple[str, str], ...]
+    session_header: str
+    generation: int
+    excluded: tuple[tuple[str, str], ...]
+
+    def address_names(self) -> dict[str, str]:
+        """Upstream address -> instance name, for naming the instance that answered."""
+        names: dict[str, str] = {}
+        for pool in self.pools:
+            for member in pool.members:
+                names.setdefault(member.address, member.instance)
+        return names
+
+
+def short_id(text: str, length: int = 12) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def pool_name(family: ApiFamily, kind: Kind, model: str) -> str:
+    return f"p_{short_id(f'{family}|{kind}|{model}')}"
+
+
+def shim_id(instance: str) -> str:
+    return short_id(f"shim|{instance}", 10)
+
+
+def exclusion_reason(config: InstanceConfig, state: InstanceState, world: World) -> str | None:
+    """Why an instance takes no traffic now, or None when it is available."""
+    if not config.enabled:
+        return "disabled"
+    if state.status is OperatorStatus.DRAINING:
+        return "draining"
+    if state.status is OperatorStatus.MAINTENANCE:
+        return "maintenance"
+    if state.health_status is HealthStatus.UNHEALTHY:
+        return "unhealthy"
+    if state.rate_limited_until is not None and state.rate_limited_until > world.now:
+        return f"rate-limited until {state.rate_limited_until.isoformat()}"
+    base = providers.base_url(config)
+    if base is None:
+        return "no api_base configured"
+    host = urlsplit(base).hostname or ""
+    if not world.addresses.get(host):
+        return f"host {host} did not resolve"
+    if config.api_key and config.name not in world.secrets:
+        return "api_key reference could not be resolved"
+    return None
+
+
+def _host_port(base: str) -> tuple[str, int]:
+    parts = urlsplit(base)
+    return parts.hostname or "", parts.port or DEFAULT_PORTS[parts.scheme]
+
+
+def _join(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _member_address(config: InstanceConfig, world: World, run_dir: str) -> str:
+    if providers.is_direct(config):
+        host, port = _host_port(providers.base_url(config) or "")
+        return _join(world.addresses[host][0], port)
+    return f"unix:{Path(run_dir) / ('i_' + shim_id(config.name) + '.sock')}"
+
+
+def build_shim(config: InstanceConfig, world: World, run_dir: str) -> Shim:
+    base = providers.base_url(config) or ""
+    parts = urlsplit(base)
+    host, port = _host_port(base)
+    sid = shim_id(config.name)
+    is_azure = config.provider_type is ProviderType.AZURE
+    routes = tuple(
+        ShimRoute(e.path, providers.upstream_path(config, e, "${gw_dep_" + sid + "}" if is_azure else None))
+        for e in providers.endpoints_for(config)
+    )
+    host_header = host if parts.port is None else f"{host}:{port}"
+    return Shim(
+        instance=config.name,
+        id=sid,
+        socket=str(Path(run_dir) / f"i_{sid}.sock"),
+        scheme=parts.scheme,
+        servers=tuple(_join(a, port) for a in world.addresses[host]),
+        host_header=host_header,
+        tls_name=host,
+        headers=tuple(sorted(providers.auth_headers(config, world.secrets.get(config.name)).items())),
+        routes=routes,
+        deployments=tuple(sorted(config.model_deployments.items())),
+        read_timeout_s=max(1, round(config.timeout_seconds)),
+        maps_deployments=is_azure,
+    )
+
+
+def _tiered_members(candidates: list[tuple[InstanceConfig, str]], strategy: Strategy) -> tuple[Member, ...]:
+    """Best priority tier serves; the next tier becomes nginx `backup` where the strategy allows it."""
+    tiers = sorted({c.priority for c, _ in candidates})
+    if not tiers:
+        return ()
+    use_backup = strategy in BACKUP_CAPABLE and len(tiers) > 1
+    members: list[Member] = []
+    for config, address in sorted(candidates, key=lambda c: c[0].name):
+        if config.priority == tiers[0] or (use_backup and config.priority == tiers[1]):
+            members.append(
+                Member(
+                    instance=config.name,
+                    address=address,
+                    weight=1 if strategy is Strategy.ROUND_ROBIN else config.weight,
+                    max_conns=config.max_concurrent_requests,
+                    backup=config.priority != tiers[0],
+                )
+            )
+    return tuple(members)
+
+
+def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
+    excluded: dict[str, str] = {}
+    available: list[tuple[InstanceConfig, str]] = []
+    shims: list[Shim] = []
+    for config, state in world.instances:
+        reason = exclusion_reason(config, state, world)
+        if reason is not None:
+            excluded[config.name] = reason
+            continue
+        available.append((config, _member_address(config, world, server.run_dir)))
+        if not providers.is_direct(config):
+            shims.append(build_shim(config, world, server.run_dir))
+
+    # (family, kind, model) -> every configured instance, available or not.
+    serving: dict[tuple[ApiFamily, Kind, str], list[InstanceConfig]] = {}
+    for config, _ in world.instances:
+        for endpoint in providers.endpoints_for(config):
+            for model in config.models():
+                key = (endpoint.family, endpoint.kind, model)
+                if config not in serving.setdefault(key, []):
+                    serving[key].append(config)
+
+    address_of = {c.name: a for c, a in available}
+    pools = []
+    for (family, kind, model), configs in sorted(serving.items()):
+        strategy = world.routing.strategies.get(model, world.routing.default_strategy)
+        candidates = [(c, address_of[c.name]) for c in configs if c.name in address_of]
+        members = _tiered_members(candidates, strategy)
+        in_pool = {m.instance for m in members}
+        pool_excluded = tuple(
+            (c.name, excluded.get(c.name, "lower priority tier")) for c in configs if c.name not in in_pool
+        )
+        chosen = [c for c in configs if c.name in in_pool] or configs
+        pools.append(
+            Pool(
+                name=pool_name(family, kind, model),
+                family=family,
+                kind=kind,
+                model=model,
+                strategy=strategy,
+                members=members,
+                tries=max(1, min(len(members), 1 + max(c.retry_count for c in chosen))) if members else 1,
+                read_timeout_s=max(1, round(max(c.timeout_seconds for c in chosen))),
+                total_timeout_s=max(1, round(max(c.timeout_seconds * (1 + c.retry_count) for c in chosen))),
+                excluded=pool_excluded,
+            )
+        )
+    return GatewaySpec(
+        server=server,
+        pools=tuple(pools),
+        shims=tuple(sorted(shims, key=lambda s: s.instance)),
+        endpoints=providers.ENDPOINTS,
+        aliases=tuple(sorted(world.routing.model_aliases.items())),
+        session_header=world.routing.session_header,
+        generation=world.generation,
+        excluded=tuple(sorted(excluded.items())),
+    )

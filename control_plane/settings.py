@@ -1,0 +1,71 @@
+"""The one settings object: every knob comes from an ISHGW_* environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Unix socket paths are limited to 107 bytes on Linux; shim sockets live in run_dir.
+MAX_RUN_DIR_LEN = 80
+
+
+class Settings(BaseSettings):
+    """Gateway settings. Defaults give a working single-node gateway under ``home``."""
+
+    model_config = SettingsConfigDict(env_prefix="ISHGW_", extra="ignore")
+
+    home: Path = Field(default=Path("/var/lib/ish-gateway"), description="State directory")
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    https_port: int = Field(default=8443, ge=0, le=65535, description="0 switches HTTPS off")
+    listen_address: str = Field(default="0.0.0.0", description="Address nginx binds for clients")
+    admin_listen: str = Field(default="127.0.0.1:9000")
+    admin_api_key: str | None = Field(default=None, description="Generated and stored 0600 when unset")
+    db_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite under home")
+
+    nginx_binary: str = "nginx"
+    nginx_user: str | None = Field(default=None, description="Worker user when the master runs as root")
+    nginx_worker_processes: str = "auto"
+    run_dir: Path | None = Field(default=None, description="Unix sockets; default <home>/run")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    default_strategy: str = "weighted"
+    expose_instance_headers: bool = True
+    client_max_body_size_mb: int = Field(default=16, ge=1, le=1024)
+    status_allow: list[str] = Field(default_factory=list, description="Extra CIDRs for /nginx_status")
+
+    reconcile_debounce_s: float = Field(default=0.15, ge=0.0, le=10.0)
+    reconcile_max_wait_s: float = Field(default=1.0, ge=0.0, le=30.0)
+    reload_min_interval_s: float = Field(default=0.5, ge=0.0, le=60.0)
+    resync_interval_s: float = Field(default=30.0, ge=1.0, le=3600.0)
+    generations_kept: int = Field(default=5, ge=2, le=100)
+
+    @field_validator("status_allow", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.home / 'ishgw.db'}"
+
+    @property
+    def nginx_dir(self) -> Path:
+        return self.home / "nginx"
+
+    @property
+    def sockets_dir(self) -> Path:
+        return self.run_dir or self.home / "run"
+
+    @property
+    def admin_host_port(self) -> tuple[str, int]:
+        host, _, port = self.admin_listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.home / "secrets" / "admin_api_key"

@@ -1,0 +1,77 @@
+"""Effects that fill in a World: registry reads, secret references, DNS. build_spec stays pure."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from control_plane import providers
+from control_plane.registry.models import InstanceConfig
+from control_plane.registry.store import Store
+from control_plane.render.spec import World
+
+
+def resolve_secret(value: str) -> str | None:
+    """A literal key is itself; env:NAME and file:/path are read now. None when unresolvable."""
+    if value.startswith("env:"):
+        return os.environ.get(value[4:]) or None
+    if value.startswith("file:"):
+        try:
+            return Path(value[5:]).read_text().strip() or None
+        except OSError:
+            return None
+    return value
+
+
+def secrets_of(configs: list[InstanceConfig]) -> dict[str, str]:
+    resolved = {}
+    for config in configs:
+        if config.api_key:
+            secret = resolve_secret(config.api_key)
+            if secret is not None:
+                resolved[config.name] = secret
+    return resolved
+
+
+async def resolve_host(host: str, timeout: float = 3.0) -> tuple[str, ...]:
+    """IPv4 first, stable order; empty when the name does not resolve in time."""
+    try:
+        ipaddress.ip_address(host)
+        return (host,)
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout=timeout
+        )
+    except (OSError, TimeoutError):
+        return ()
+    addresses = sorted({str(info[4][0]) for info in infos}, key=lambda a: (":" in a, a))
+    return tuple(addresses)
+
+
+async def resolve_hosts(configs: list[InstanceConfig]) -> dict[str, tuple[str, ...]]:
+    hosts = sorted({urlsplit(base).hostname or "" for c in configs if (base := providers.base_url(c))})
+    results = await asyncio.gather(*(resolve_host(h) for h in hosts if h))
+    return {h: r for h, r in zip([h for h in hosts if h], results, strict=True) if r}
+
+
+async def gather_world(store: Store) -> World:
+    instances = await asyncio.to_thread(store.list_instances)
+    routing = await asyncio.to_thread(store.get_routing)
+    generation = await asyncio.to_thread(store.generation)
+    configs = [c for c, _ in instances]
+    return World(
+        instances=tuple(instances),
+        routing=routing,
+        now=datetime.now(UTC),
+        generation=generation,
+        addresses=await resolve_hosts(configs),
+        secrets=secrets_of(configs),
+    )

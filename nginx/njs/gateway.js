@@ -1,0 +1,169 @@
+// ISH Gateway router (njs). Reads the model from the JSON body with a real JSON parse, resolves aliases,
+// and hands the request to the pool's named location. Data comes from the generated routes.js.
+import routes from 'routes.js';
+
+var RETRY_AFTER = '5';
+
+function errorBody(family, status, type, message, extra) {
+    if (family === 'anthropic') {
+        var a = {type: 'error', error: {type: type, message: message}};
+        return JSON.stringify(Object.assign(a, extra || {}));
+    }
+    if (family === 'ollama') {
+        return JSON.stringify(Object.assign({error: message}, extra || {}));
+    }
+    var o = {error: {message: message, type: type, param: null, code: String(status)}};
+    return JSON.stringify(Object.assign(o, extra || {}));
+}
+
+function fail(r, family, status, type, message, extra) {
+    r.headersOut['Content-Type'] = 'application/json';
+    r.headersOut['X-Request-ID'] = r.variables.gw_request_id;
+    if (status === 503 || status === 429) {
+        r.headersOut['Retry-After'] = RETRY_AFTER;
+    }
+    r.return(status, errorBody(family, status, type, message, extra));
+}
+
+function endpointOf(r) {
+    return routes.endpoints[r.uri];
+}
+
+function lookup(table, model) {
+    if (table[model] !== undefined) {
+        return model;
+    }
+    // Ollama names: "llama3" means "llama3:latest" and the other way round.
+    if (model.indexOf(':') < 0 && table[model + ':latest'] !== undefined) {
+        return model + ':latest';
+    }
+    if (model.endsWith(':latest') && table[model.slice(0, -7)] !== undefined) {
+        return model.slice(0, -7);
+    }
+    return undefined;
+}
+
+function route(r) {
+    var ep = endpointOf(r);
+    var family = ep ? ep.family : 'openai';
+    if (!ep) {
+        return fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + r.uri);
+    }
+    if (r.method !== 'POST') {
+        r.headersOut['Allow'] = 'POST';
+        return fail(r, family, 405, 'invalid_request_error', 'Use POST for ' + r.uri);
+    }
+    var body;
+    try {
+        body = JSON.parse(r.requestText || '');
+    } catch (e) {
+        return fail(r, family, 400, 'invalid_request_error', 'The request body is not valid JSON');
+    }
+    if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+        return fail(r, family, 400, 'invalid_request_error', 'The request body must be a JSON object');
+    }
+    var asked = body.model;
+    if (typeof asked !== 'string' || asked.length === 0) {
+        return fail(r, family, 400, 'invalid_request_error', 'The request names no model (field "model")');
+    }
+    var table = routes.pools[ep.family + '|' + ep.kind] || {};
+    var model = lookup(table, routes.aliases[asked] || asked);
+    if (model === undefined) {
+        var available = Object.keys(table).sort();
+        return fail(r, family, 404, 'not_found_error',
+            'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
+            {available_models: available});
+    }
+    var pool = table[model];
+    if (!pool) {
+        return fail(r, family, 503, 'overloaded_error',
+            'No instance of model ' + JSON.stringify(model) + ' is available right now');
+    }
+    r.variables.gw_model = model;
+    r.variables.gw_family = ep.family;
+    r.internalRedirect('@' + pool);
+}
+
+function servedModels(family) {
+    var names = {};
+    Object.keys(routes.pools).forEach(function (key) {
+        if (key.split('|')[0] !== family) {
+            return;
+        }
+        Object.keys(routes.pools[key]).forEach(function (m) {
+            if (routes.pools[key][m]) {
+                names[m] = true;
+            }
+        });
+    });
+    return Object.keys(names).sort();
+}
+
+function sendJson(r, status, value) {
+    r.headersOut['Content-Type'] = 'application/json';
+    r.return(status, JSON.stringify(value));
+}
+
+function models(r) {
+    if (r.headersIn['anthropic-version']) {
+        var data = servedModels('anthropic').map(function (m) {
+            return {type: 'model', id: m, display_name: m, created_at: '1970-01-01T00:00:00Z'};
+        });
+        return sendJson(r, 200, {data: data, has_more: false,
+            first_id: data.length ? data[0].id : null, last_id: data.length ? data[data.length - 1].id : null});
+    }
+    var created = routes.created;
+    sendJson(r, 200, {object: 'list', data: servedModels('openai').map(function (m) {
+        return {id: m, object: 'model', created: created, owned_by: 'ish-gateway'};
+    })});
+}
+
+function tags(r) {
+    sendJson(r, 200, {models: servedModels('ollama').map(function (m) {
+        return {name: m, model: m, modified_at: '1970-01-01T00:00:00Z', size: 0, digest: '',
+            details: {format: '', family: '', families: null, parameter_size: '', quantization_level: ''}};
+    })});
+}
+
+function notFound(r) {
+    var family = r.uri.indexOf('/api/') === 0 ? 'ollama' : 'openai';
+    fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + r.uri);
+}
+
+function familyOfRequest(r) {
+    var ep = endpointOf(r);
+    return ep ? ep.family : (r.variables.gw_family || 'openai');
+}
+
+function unavailable(r) {
+    fail(r, familyOfRequest(r), 503, 'overloaded_error',
+        'No instance of model ' + JSON.stringify(r.variables.gw_model || '') + ' could answer; retry later');
+}
+
+function tooLarge(r) {
+    fail(r, familyOfRequest(r), 413, 'request_too_large', 'The request body is larger than the gateway accepts');
+}
+
+function upstreamList(r) {
+    var raw = r.variables.upstream_addr;
+    if (!raw) {
+        return [];
+    }
+    return raw.split(/, | : /);
+}
+
+function instance(r) {
+    var list = upstreamList(r);
+    if (!list.length) {
+        return '';
+    }
+    return routes.instances[list[list.length - 1]] || '';
+}
+
+function attempts(r) {
+    var n = upstreamList(r).length;
+    return n ? String(n) : '';
+}
+
+export default {route, models, tags, notFound: notFound, not_found: notFound, unavailable,
+    too_large: tooLarge, instance, attempts, errorBody};
