@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,6 +79,8 @@ def server_settings(settings: Settings) -> ServerSettings:
         client_max_body_size_mb=settings.client_max_body_size_mb,
         expose_instance_headers=settings.expose_instance_headers,
         status_allow=tuple(settings.status_allow),
+        upstream_ca_file=str(settings.upstream_ca_file),
+        worker_rlimit_nofile=min(65535, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
     )
 
 
@@ -92,9 +95,12 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
+    # Traversable but not listable: nginx workers (an unprivileged user) reach the shim sockets in run/;
+    # everything secret below home (secrets/, the database, generations/) is 0600/0700 on its own.
     settings.home.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.home, 0o700)
+    os.chmod(settings.home, 0o711)
     settings.sockets_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.sockets_dir, 0o711)
     store = Store(settings.database_url)
     store.migrate()
     metrics = GatewayMetrics(registry or CollectorRegistry())

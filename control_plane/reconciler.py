@@ -25,6 +25,7 @@ from control_plane.render.spec import GatewaySpec, ServerSettings, build_spec
 from control_plane.world import gather_world
 
 log = logging.getLogger(__name__)
+LIVE_STREAK = 3
 
 
 @dataclass(frozen=True)
@@ -154,18 +155,23 @@ class Reconciler:
             self.nginx.swap(previous)
 
     async def _wait_live(self, checksum: str) -> bool:
-        """True once nginx answers /health with the new checksum."""
+        """True once nginx answers /health with the new checksum on several fresh connections in a row
+        (old workers may still accept for a moment after the HUP)."""
         host = "127.0.0.1" if self.server.listen_address in ("0.0.0.0", "*", "::") else self.server.listen_address
         url = f"http://{host}:{self.server.http_port}/health"
         deadline = time.monotonic() + self.timing.live_timeout_s
         timeout = aiohttp.ClientTimeout(total=1)
+        streak = 0
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while time.monotonic() < deadline:
+                seen = None
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
                     async with session.get(url, headers={"Connection": "close"}) as response:
-                        if (await response.json(content_type=None)).get("checksum") == checksum:
-                            return True
-                await asyncio.sleep(0.02)
+                        seen = (await response.json(content_type=None)).get("checksum")
+                streak = streak + 1 if seen == checksum else 0
+                if streak >= LIVE_STREAK:
+                    return True
+                await asyncio.sleep(0.01 if streak else 0.02)
         return False
 
     def _finish(

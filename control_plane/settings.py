@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     run_dir: Path | None = Field(default=None, description="Unix sockets; default <home>/run")
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    upstream_ca_file: Path = Field(
+        default=Path("/etc/ssl/certs/ca-certificates.crt"), description="CAs trusted for HTTPS instances"
+    )
 
     default_strategy: str = "weighted"
     expose_instance_headers: bool = True

@@ -16,7 +16,8 @@ DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 API_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}$")
 HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 URL_PATH_RE = re.compile(r"^(?:/[A-Za-z0-9._~-]*)*$")
 # Printable ASCII without space, quotes, backslash, braces, semicolon, '$' (nginx variables), '#'.
 SECRET_RE = re.compile(r"^[A-Za-z0-9!%&()*+,./:<=>?@\[\]^_`|~-]{1,1024}$")

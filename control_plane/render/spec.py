@@ -109,6 +109,7 @@ class ServerSettings:
     status_allow: tuple[str, ...] = ()
     js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+    worker_rlimit_nofile: int = 65535
 
 
 @dataclass(frozen=True)

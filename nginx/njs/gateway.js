@@ -69,7 +69,7 @@ function route(r) {
     var table = routes.pools[ep.family + '|' + ep.kind] || {};
     var model = lookup(table, routes.aliases[asked] || asked);
     if (model === undefined) {
-        var available = Object.keys(table).sort();
+        var available = Object.keys(table).filter(function (m) { return table[m]; }).sort();
         return fail(r, family, 404, 'not_found_error',
             'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
             {available_models: available});

@@ -1,0 +1,221 @@
+"""Admin API middlewares: JSON errors for everything, and API-key authentication with failure throttling."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import ValidationError
+
+from control_plane.api.keys import ADMIN_KEY
+from control_plane.errors import Conflict, InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+# Routes (by canonical path) that answer without the admin key.
+PUBLIC_ROUTES = frozenset({"/admin/openapi.json", "/admin/health"})
+ADMIN_PREFIX = "/admin"
+KEY_HEADER = "X-Admin-API-Key"
+
+
+class ApiError(Exception):
+    """An HTTP error with a JSON body, raised by handlers for protocol-level problems (400, 415, ...)."""
+
+    def __init__(self, status: int, error: str, detail: str | None = None) -> None:
+        super().__init__(detail or error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def _body(error: str, detail: object = None) -> dict[str, object]:
+    return {"error": error} if detail is None else {"error": error, "detail": detail}
+
+
+def _message(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, str]]:
+    """{field, message} pairs; the offending input value is never included (it may be a secret)."""
+    return [
+        {"field": ".".join(str(part) for part in err["loc"]) or "body", "message": _message(err["msg"])}
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+def _http_exception_response(exc: web.HTTPException) -> web.Response:
+    headers = {
+        k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")
+    }
+    error = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
+    return web.json_response(_body(error), status=exc.status, headers=headers)
+
+
+def error_response(exc: Exception) -> web.StreamResponse:
+    """Map an exception to its JSON answer."""
+    if isinstance(exc, ApiError):
+        return web.json_response(_body(exc.error, exc.detail), status=exc.status)
+    if isinstance(exc, InvalidInput):
+        return web.json_response(_body("invalid_input", exc.errors), status=422)
+    if isinstance(exc, ValidationError):
+        return web.json_response(_body("invalid_input", validation_details(exc)), status=422)
+    if isinstance(exc, NotFound):
+        return web.json_response(_body("not_found", str(exc) or "not found"), status=404)
+    if isinstance(exc, Conflict):
+        return web.json_response(_body("conflict", str(exc) or "conflict"), status=409)
+    if isinstance(exc, web.HTTPException):
+        return _http_exception_response(exc)
+    log.exception("unhandled error in admin API", exc_info=exc)
+    return web.json_response(_body("internal_error"), status=500)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost middleware: every answer, including errors and unknown routes, is JSON."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc)
+    except Exception as exc:
+        return error_response(exc)
+    return response
+
+
+@dataclass
+class _Failures:
+    window_start: float
+    count: int
+
+
+class AuthThrottle:
+    """Counts failed authentications per client address in fixed windows; bounded in size.
+
+    After ``limit`` failures inside ``window_s`` seconds the address gets 429 until the window ends,
+    whatever key it presents (otherwise the answer would still be an oracle for guessing).
+    """
+
+    def __init__(
+        self,
+        *,
+        limit: int = 10,
+        window_s: float = 60.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, _Failures] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _current(self, client: str, now: float) -> _Failures | None:
+        entry = self._entries.get(client)
+        if entry is not None and now - entry.window_start >= self.window_s:
+            del self._entries[client]
+            return None
+        return entry
+
+    def retry_after(self, client: str) -> int | None:
+        """Seconds until ``client`` may try again, or None when it is not blocked."""
+        now = self._clock()
+        entry = self._current(client, now)
+        if entry is None or entry.count < self.limit:
+            return None
+        return max(1, math.ceil(entry.window_start + self.window_s - now))
+
+    def record_failure(self, client: str) -> None:
+        now = self._clock()
+        entry = self._current(client, now)
+        if entry is None:
+            self._make_room(now)
+            self._entries[client] = _Failures(window_start=now, count=1)
+        else:
+            entry.count += 1
+
+    def _make_room(self, now: float) -> None:
+        if len(self._entries) < self.max_entries:
+            return
+        expired = [k for k, e in self._entries.items() if now - e.window_start >= self.window_s]
+        for key in expired:
+            del self._entries[key]
+        while len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]  # oldest window first (insertion order)
+
+
+AUTH_THROTTLE = web.AppKey("auth_throttle", AuthThrottle)
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key from ``X-Admin-API-Key`` or ``Authorization: Bearer``; None when neither is present."""
+    key = headers.get(KEY_HEADER)
+    if key is not None:
+        return key
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def key_matches(presented: str | None, expected: str) -> bool:
+    if presented is None or not expected:
+        return False
+    return hmac.compare_digest(
+        presented.encode("utf-8", "backslashreplace"), expected.encode("utf-8", "backslashreplace")
+    )
+
+
+def _needs_auth(request: web.Request) -> bool:
+    info = request.match_info
+    matched = info.http_exception is None
+    if matched and info.route.resource is not None and info.route.resource.canonical in PUBLIC_ROUTES:
+        return False
+    return matched or request.path.startswith(ADMIN_PREFIX)
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response(_body("unauthorized"), status=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _throttled(retry_after: int) -> web.Response:
+    return web.json_response(
+        _body("too_many_requests", "too many failed authentications"),
+        status=429,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every admin route but the public ones needs the admin key; failures are throttled per address."""
+    if not _needs_auth(request):
+        return await handler(request)
+    throttle = request.app[AUTH_THROTTLE]
+    client = request.remote or "unknown"
+    wait = throttle.retry_after(client)
+    if wait is not None:
+        return _throttled(wait)
+    if not key_matches(presented_key(request.headers), request.app[ADMIN_KEY]):
+        throttle.record_failure(client)
+        return _unauthorized()
+    return await handler(request)
+
+
+MIDDLEWARES = (error_middleware, auth_middleware)
+
+
+def install_auth_state(app: web.Application) -> None:
+    """Give the application its throttle (idempotent). Call before the application starts."""
+    if AUTH_THROTTLE not in app:
+        app[AUTH_THROTTLE] = AuthThrottle()

@@ -1,0 +1,478 @@
+"""The admin HTTP API. Every route is registered in ``ROUTES``; handlers validate everything before any write.
+
+Store calls are synchronous (SQLAlchemy) and run in a worker thread; every configuration or state write is
+followed by ``reconciler.request(reason)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
+
+from control_plane.api.keys import RECONCILER, STORE
+from control_plane.api.middleware import ApiError, install_auth_state, validation_details
+from control_plane.api.openapi import build_openapi
+from control_plane.errors import InvalidInput, ReloadFailed
+from control_plane.registry import importers
+from control_plane.registry import validators as v
+from control_plane.registry.models import (
+    InstanceConfig,
+    InstanceState,
+    RoutingConfig,
+    StateUpdate,
+    is_masked,
+    mask_secret,
+)
+from control_plane.registry.store import Store
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+JSON_TYPES = frozenset({"application/json"})
+YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
+EXPORT_TYPES = {"json": "application/json", "yaml": "application/yaml"}
+MODES = ("merge", "replace")
+CONFIG_FIELDS = frozenset(InstanceConfig.model_fields)
+
+Pair = tuple[InstanceConfig, InstanceState]
+
+
+# -- plumbing --------------------------------------------------------------------------------------------
+
+
+async def _run(fn: Callable[..., T], *args: Any) -> T:
+    """Run a synchronous store call off the event loop."""
+    return await asyncio.to_thread(fn, *args)
+
+
+def _store(request: web.Request) -> Store:
+    return request.app[STORE]
+
+
+def _changed(request: web.Request, reason: str) -> None:
+    request.app[RECONCILER].request(reason)
+
+
+def _invalid(field: str, message: str) -> InvalidInput:
+    return InvalidInput([{"field": field, "message": message}])
+
+
+# "/admin/instances/migrate" is a route of its own, so no instance may be called "migrate".
+RESERVED_NAMES = frozenset({"migrate"})
+NAME_PARAM = "{name:(?!migrate$)[^{}/]+}"
+
+
+def check_unreserved(names: list[str], field: str = "name") -> None:
+    errors = [{"field": field, "message": f"{n!r} is reserved"} for n in names if n in RESERVED_NAMES]
+    if errors:
+        raise InvalidInput(errors)
+
+
+def _path_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    try:
+        return v.check_name(name)
+    except ValueError as exc:
+        raise _invalid("name", str(exc)) from None
+
+
+def _choice(request: web.Request, param: str, choices: tuple[str, ...]) -> str:
+    value = request.query.get(param, choices[0])
+    if value not in choices:
+        raise _invalid(param, f"must be one of {', '.join(choices)}")
+    return value
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def _number(token: str) -> int | float:
+    """JSON Schema counts 5.0 as an integer; so does the API (pydantic's strict mode would not)."""
+    value = float(token)
+    return int(value) if value.is_integer() else value
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict RFC 8259 JSON (no NaN/Infinity); anything unparsable is a 400."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_number)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+
+
+async def _read_json(request: web.Request) -> Any:
+    if request.content_type not in JSON_TYPES:
+        raise ApiError(415, "unsupported_media_type", "expected Content-Type: application/json")
+    return parse_json(await request.read())
+
+
+async def _read_object(request: web.Request) -> dict[str, Any]:
+    data = await _read_json(request)
+    if not isinstance(data, dict):
+        raise _invalid("body", "must be a JSON object")
+    return data
+
+
+def validate_strict(model: type[M], data: Any) -> M:
+    """Validate JSON data exactly as the OpenAPI schema states it: no string-to-number coercion."""
+    return model.model_validate_json(json.dumps(data, default=str), strict=True)
+
+
+def _strict_errors(prefix: str, model: type[BaseModel], data: Any) -> list[dict[str, str]]:
+    try:
+        validate_strict(model, data)
+    except ValidationError as exc:
+        return [
+            {**e, "field": f"{prefix}.{e['field']}" if e["field"] != "body" else prefix}
+            for e in validation_details(exc)
+        ]
+    return []
+
+
+def check_document_types(doc: dict[str, Any]) -> None:
+    """Imported documents get the same strict typing as the rest of the API (the importer coerces)."""
+    errors: list[dict[str, str]] = []
+    instances = doc.get("instances")
+    if isinstance(instances, list):
+        for index, item in enumerate(instances):
+            if isinstance(item, dict):
+                errors += _strict_errors(f"instances[{index}]", InstanceConfig, item)
+    if isinstance(doc.get("routing"), dict):
+        errors += _strict_errors("routing", RoutingConfig, doc["routing"])
+    if errors:
+        raise InvalidInput(errors)
+
+
+def config_json(config: InstanceConfig) -> dict[str, Any]:
+    """A configuration as it may leave the controller: the api key masked."""
+    data = config.model_dump(mode="json")
+    data["api_key"] = mask_secret(config.api_key)
+    return data
+
+
+def _item(config: InstanceConfig, state: InstanceState) -> dict[str, Any]:
+    return {"name": config.name, "config": config_json(config), "state": state.model_dump(mode="json")}
+
+
+def _jsonable(obj: object) -> dict[str, Any]:
+    """A dataclass, pydantic model or mapping as a JSON object."""
+    to_dict = getattr(obj, "to_dict", None)
+    plain = to_jsonable_python(to_dict() if callable(to_dict) else obj, fallback=str)
+    return plain if isinstance(plain, dict) else {"result": plain}
+
+
+def _existing(store: Store) -> dict[str, InstanceConfig]:
+    return {config.name: config for config, _ in store.list_instances()}
+
+
+# -- instances -------------------------------------------------------------------------------------------
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    pairs = await _run(_store(request).list_instances)
+    return web.json_response({"instances": [_item(c, s) for c, s in pairs]})
+
+
+def _create(store: Store, config: InstanceConfig) -> Pair:
+    store.create_instance(config)
+    return store.get_instance(config.name)
+
+
+async def create_instance(request: web.Request) -> web.Response:
+    data = await _read_object(request)
+    if is_masked(data.get("api_key")):
+        raise _invalid("api_key", "is a masked value; send the real key or a reference env:NAME / file:/path")
+    config = validate_strict(InstanceConfig, data)
+    check_unreserved([config.name])
+    pair = await _run(_create, _store(request), config)
+    _changed(request, f"instance {config.name} created")
+    return web.json_response(_item(*pair), status=201)
+
+
+async def get_instance(request: web.Request) -> web.Response:
+    name = _path_name(request)
+    return web.json_response(_item(*await _run(_store(request).get_instance, name)))
+
+
+async def delete_instance(request: web.Request) -> web.Response:
+    name = _path_name(request)
+    await _run(_store(request).delete_instance, name)
+    _changed(request, f"instance {name} deleted")
+    return web.Response(status=204)
+
+
+async def get_config(request: web.Request) -> web.Response:
+    name = _path_name(request)
+    config, _ = await _run(_store(request).get_instance, name)
+    return web.json_response(config_json(config))
+
+
+def check_patch(name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    """The fields a partial update changes. The name cannot change; a masked api key keeps the current one."""
+    errors = [{"field": str(key), "message": "unknown field"} for key in patch if key not in CONFIG_FIELDS]
+    if "name" in patch and patch["name"] != name:
+        errors.append({"field": "name", "message": "cannot be changed; create a new instance instead"})
+    if errors:
+        raise InvalidInput(errors)
+    return {k: val for k, val in patch.items() if k != "name" and not (k == "api_key" and is_masked(val))}
+
+
+def merge_config(current: InstanceConfig, changes: dict[str, Any]) -> InstanceConfig:
+    """Apply a partial update and validate the merged whole."""
+    return validate_strict(InstanceConfig, {**current.model_dump(mode="json"), **changes})
+
+
+async def update_config(request: web.Request) -> web.Response:
+    name = _path_name(request)
+    changes = check_patch(name, await _read_object(request))
+    store = _store(request)
+    current, _ = await _run(store.get_instance, name)
+    updated = merge_config(current, changes)
+    if updated != current:
+        await _run(store.replace_config, updated)
+        _changed(request, f"instance {name} configuration updated")
+    return web.json_response(config_json(updated))
+
+
+async def get_state(request: web.Request) -> web.Response:
+    name = _path_name(request)
+    _, state = await _run(_store(request).get_instance, name)
+    return web.json_response(state.model_dump(mode="json"))
+
+
+def _set_status(store: Store, name: str, update: StateUpdate) -> InstanceState:
+    _, current = store.get_instance(name)
+    state = current.model_copy(update={"status": update.status})
+    store.put_state(name, state)
+    return state
+
+
+async def put_state(request: web.Request) -> web.Response:
+    name = _path_name(request)
+    update = validate_strict(StateUpdate, await _read_json(request))
+    state = await _run(_set_status, _store(request), name, update)
+    _changed(request, f"instance {name} status {update.status.value}")
+    return web.json_response(state.model_dump(mode="json"))
+
+
+# -- migration, import and export ------------------------------------------------------------------------
+
+LEGACY_KEYS = frozenset({"instance_configs", "instance_states"})
+Migration = list[tuple[InstanceConfig, InstanceState | None]]
+
+
+def _renamed(exc: InvalidInput, old: str, new: str) -> InvalidInput:
+    """Error paths from the importers (``configs.x``) in the request body's terms (``instance_configs.x``)."""
+    errors = []
+    for error in exc.errors:
+        field = error["field"]
+        if field == old or field.startswith((f"{old}.", f"{old}[")):
+            field = new + field[len(old) :]
+        errors.append({**error, "field": field or "body"})
+    return InvalidInput(errors)
+
+
+def _parse_ollama(items: Any, body_key: str) -> Migration:
+    try:
+        return [(config, None) for config in importers.parse_ollama_list(items)]
+    except InvalidInput as exc:
+        raise _renamed(exc, "items", body_key) from None
+
+
+def _parse_legacy(body: dict[str, Any], existing: dict[str, InstanceConfig]) -> Migration:
+    unknown = [{"field": str(k), "message": "unknown field"} for k in body if k not in LEGACY_KEYS]
+    if unknown:
+        raise InvalidInput(unknown)
+    try:
+        return importers.parse_legacy(body["instance_configs"], body.get("instance_states"), existing)
+    except InvalidInput as exc:
+        raise _renamed(_renamed(exc, "configs", "instance_configs"), "states", "instance_states") from None
+
+
+def parse_migration(body: Any, existing: dict[str, InstanceConfig]) -> Migration:
+    """Legacy two-file document, ``{"ollama_instances": [...]}`` or a bare Ollama list."""
+    if isinstance(body, list):
+        parsed = _parse_ollama(body, "")
+    elif isinstance(body, dict) and "instance_configs" in body:
+        parsed = _parse_legacy(body, existing)
+    elif isinstance(body, dict) and set(body) == {"ollama_instances"}:
+        parsed = _parse_ollama(body["ollama_instances"], "ollama_instances")
+    else:
+        raise _invalid("body", "expected {instance_configs, instance_states}, {ollama_instances} or a list")
+    if not parsed:
+        raise _invalid("body", "nothing to import")
+    check_unreserved([config.name for config, _ in parsed], "body")
+    return parsed
+
+
+def _apply_migration(store: Store, parsed: Migration, merge: bool) -> None:
+    store.replace_all([config for config, _ in parsed], None, merge=merge)
+    for config, state in parsed:
+        if state is not None:
+            store.put_state(config.name, state)
+
+
+async def migrate(request: web.Request) -> web.Response:
+    merge = _choice(request, "mode", MODES) == "merge"
+    body = await _read_json(request)
+    store = _store(request)
+    parsed = parse_migration(body, await _run(_existing, store))
+    await _run(_apply_migration, store, parsed, merge)
+    _changed(request, "migration imported")
+    names = [config.name for config, _ in parsed]
+    return web.json_response({"imported": names, "count": len(names)})
+
+
+def _export(store: Store, fmt: str) -> str:
+    configs = [config for config, _ in store.list_instances()]
+    return importers.dump(importers.export_document(configs, store.get_routing()), fmt)
+
+
+async def export_config(request: web.Request) -> web.Response:
+    fmt = _choice(request, "format", tuple(EXPORT_TYPES))
+    text = await _run(_export, _store(request), fmt)
+    return web.Response(text=text, content_type=EXPORT_TYPES[fmt], charset="utf-8")
+
+
+async def _read_document(request: web.Request) -> dict[str, Any]:
+    if request.content_type in YAML_TYPES:
+        raw = await request.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _invalid("body", "must be UTF-8 text") from None
+        return importers.load(text, "yaml")
+    data = await _read_json(request)
+    if not isinstance(data, dict):
+        raise _invalid("body", "document must be a JSON object")
+    return data
+
+
+def _import(store: Store, doc: dict[str, Any], merge: bool) -> tuple[int, int]:
+    configs, routing = importers.parse_document(doc, _existing(store))
+    check_document_types(doc)
+    check_unreserved([config.name for config in configs], "instances")
+    store.replace_all(configs, routing, merge=merge)
+    return len(configs), store.generation()
+
+
+async def import_config(request: web.Request) -> web.Response:
+    merge = _choice(request, "mode", MODES) == "merge"
+    if request.content_type not in JSON_TYPES | YAML_TYPES:
+        raise ApiError(415, "unsupported_media_type", "expected application/json or application/yaml")
+    doc = await _read_document(request)
+    count, generation = await _run(_import, _store(request), doc, merge)
+    _changed(request, "configuration imported")
+    return web.json_response({"imported": count, "generation": generation})
+
+
+# -- routing, status, reload, health, openapi ------------------------------------------------------------
+
+
+async def get_routing(request: web.Request) -> web.Response:
+    routing = await _run(_store(request).get_routing)
+    return web.json_response(routing.model_dump(mode="json"))
+
+
+async def put_routing(request: web.Request) -> web.Response:
+    routing = validate_strict(RoutingConfig, await _read_json(request))
+    await _run(_store(request).set_routing, routing)
+    _changed(request, "routing updated")
+    return web.json_response(routing.model_dump(mode="json"))
+
+
+def _counts(store: Store) -> tuple[int, int, int]:
+    configs = [config for config, _ in store.list_instances()]
+    return store.generation(), len(configs), sum(1 for c in configs if c.enabled)
+
+
+async def status(request: web.Request) -> web.Response:
+    generation, total, enabled = await _run(_counts, _store(request))
+    body: dict[str, Any] = {**request.app[RECONCILER].status()}
+    body["generation"] = generation  # the configuration generation in the store; applied: body["applied"]
+    body["instances"] = {"total": total, "enabled": enabled}
+    return web.json_response(body)
+
+
+def _literal_keys(store: Store) -> list[str]:
+    keys = (config.api_key for config, _ in store.list_instances())
+    return [key for key in keys if key and mask_secret(key) != key]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "****")
+    return text
+
+
+async def _reload_failed(request: web.Request, body: dict[str, Any], error: str) -> web.Response:
+    secrets = await _run(_literal_keys, _store(request))
+    return web.json_response({**body, "ok": False, "error": redact(error, secrets)}, status=409)
+
+
+async def reload(request: web.Request) -> web.Response:
+    try:
+        result = await request.app[RECONCILER].reconcile_now(force=True)
+    except ReloadFailed as exc:
+        return await _reload_failed(request, {}, str(exc) or "reload failed")
+    body = _jsonable(result)
+    if body.get("ok", True) is False:
+        return await _reload_failed(request, body, str(body.get("error") or "reload failed"))
+    return web.json_response({**body, "ok": True})
+
+
+async def health(_request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+@functools.cache
+def _openapi_text() -> str:
+    return json.dumps(build_openapi())
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    return web.Response(text=_openapi_text(), content_type="application/json")
+
+
+class Route(NamedTuple):
+    method: str
+    path: str
+    handler: Handler
+    name: str
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/admin/health", health, "health"),
+    Route("GET", "/admin/openapi.json", openapi, "openapi"),
+    Route("GET", "/admin/instances", list_instances, "list_instances"),
+    Route("POST", "/admin/instances", create_instance, "create_instance"),
+    Route("POST", "/admin/instances/migrate", migrate, "migrate_instances"),
+    Route("GET", f"/admin/instances/{NAME_PARAM}", get_instance, "get_instance"),
+    Route("DELETE", f"/admin/instances/{NAME_PARAM}", delete_instance, "delete_instance"),
+    Route("GET", f"/admin/instances/{NAME_PARAM}/config", get_config, "get_instance_config"),
+    Route("PUT", f"/admin/instances/{NAME_PARAM}/config", update_config, "update_instance_config"),
+    Route("GET", f"/admin/instances/{NAME_PARAM}/state", get_state, "get_instance_state"),
+    Route("PUT", f"/admin/instances/{NAME_PARAM}/state", put_state, "put_instance_state"),
+    Route("GET", "/admin/config/export", export_config, "export_config"),
+    Route("POST", "/admin/config/import", import_config, "import_config"),
+    Route("GET", "/admin/routing", get_routing, "get_routing"),
+    Route("PUT", "/admin/routing", put_routing, "put_routing"),
+    Route("GET", "/admin/status", status, "status"),
+    Route("POST", "/admin/reload", reload, "reload"),
+)
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register every admin route (and the auth throttle state) on ``app``."""
+    install_auth_state(app)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler, name=route.name)

@@ -1,0 +1,395 @@
+"""Persistence of the registry: SQLite (WAL) by default, PostgreSQL from a URL. Synchronous SQLAlchemy Core;
+callers in the event loop use ``asyncio.to_thread``.
+
+INTERFACE CONTRACT (implemented by the store helper; signatures are fixed):
+
+- Tables: ``schema_migrations`` (applied versions), ``instances`` (configuration JSON), ``instance_state``
+  (state JSON, cascades with its instance) and ``settings`` (``routing`` and ``generation``).
+- Every configuration write (create/replace/delete/set_routing/replace_all) bumps the generation in the same
+  transaction; ``put_state`` never does.
+- Configuration is stored with the literal ``api_key`` (SQLite files are 0600); masking is the API's job.
+- SQLite write transactions start with ``BEGIN IMMEDIATE`` so concurrent writers queue on ``busy_timeout``
+  instead of failing on a lock upgrade; on PostgreSQL config writers serialise on the generation row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from control_plane.errors import Conflict, InvalidInput, NotFound
+from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Key for pg_advisory_xact_lock around migrations (any constant bigint; "ISHGWMIG" in ASCII).
+MIGRATION_LOCK_KEY = 0x4953_4847_574D_4947
+
+GENERATION_KEY = "generation"
+ROUTING_KEY = "routing"
+
+metadata = MetaData()
+
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("config", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+instance_state = Table(
+    "instance_state",
+    metadata,
+    Column("name", String(255), ForeignKey("instances.name", ondelete="CASCADE"), primary_key=True),
+    Column("state", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+settings = Table(
+    "settings",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _migration_1(conn: Connection) -> None:
+    """Initial schema: instances, their state, settings with generation 0."""
+    metadata.create_all(conn, tables=[instances, instance_state, settings], checkfirst=True)
+    exists = conn.execute(select(settings.c.key).where(settings.c.key == GENERATION_KEY)).first()
+    if exists is None:
+        conn.execute(insert(settings).values(key=GENERATION_KEY, value=_dumps(0)))
+
+
+# Ordered, append-only. Each runs in its own transaction and is recorded in schema_migrations.
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _migration_1),
+]
+
+
+def normalise_url(url: str) -> URL:
+    """``postgresql://`` / ``postgres://`` mean psycopg 3; everything else is taken as given."""
+    parsed = make_url(
+        url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url
+    )
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = normalise_url(url)
+        self.dialect = self.url.get_backend_name()
+        self._sqlite_path: str | None = None
+        if self.dialect == "sqlite":
+            self._engine = self._sqlite_engine()
+        elif self.dialect == "postgresql":
+            self._engine = create_engine(self.url, pool_pre_ping=True)
+        else:
+            raise ValueError(f"unsupported database URL scheme {self.url.drivername!r}")
+        # Connect once so a bad URL fails here, and (SQLite) WAL mode and its files exist.
+        with self._engine.connect():
+            pass
+        self._secure_files()
+
+    # -- connection plumbing -------------------------------------------------------------------------------
+
+    def _sqlite_engine(self) -> Engine:
+        database = self.url.database or ""
+        if database in ("", ":memory:"):
+            engine = create_engine(self.url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            path = os.path.abspath(database)
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            # The database holds provider keys: create it 0600 before SQLite does (umask-proof via chmod).
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            os.chmod(path, 0o600)
+            self._sqlite_path = path
+            engine = create_engine(self.url.set(database=path), connect_args={"check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy (not the sqlite3 module) decide where transactions begin.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+                cursor.execute("PRAGMA foreign_keys = ON")
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+            finally:
+                cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get("ishgw_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    def _secure_files(self) -> None:
+        if self._sqlite_path is None:
+            return
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            candidate = self._sqlite_path + suffix
+            try:
+                if stat.S_IMODE(os.stat(candidate).st_mode) != 0o600:
+                    os.chmod(candidate, 0o600)
+            except FileNotFoundError:
+                continue
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            conn.execution_options(ishgw_write=True)
+            with conn.begin():
+                yield conn
+
+    # -- schema --------------------------------------------------------------------------------------------
+
+    def _lock_migrations(self, conn: Connection) -> None:
+        if self.dialect == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+
+    def migrate(self) -> int:
+        """Apply pending versioned migrations; return the schema version now in force."""
+        with self._write() as conn:
+            self._lock_migrations(conn)
+            schema_migrations.create(conn, checkfirst=True)
+        for version, apply in MIGRATIONS:
+            with self._write() as conn:
+                self._lock_migrations(conn)
+                applied = conn.execute(
+                    select(schema_migrations.c.version).where(schema_migrations.c.version == version)
+                ).first()
+                if applied is not None:
+                    continue
+                apply(conn)
+                conn.execute(insert(schema_migrations).values(version=version, applied_at=_now()))
+        self._secure_files()
+        with self._read() as conn:
+            current = conn.execute(select(func.max(schema_migrations.c.version))).scalar_one_or_none()
+        return int(current or 0)
+
+    def close(self) -> None:
+        self._engine.dispose()
+        self._secure_files()
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    def generation(self) -> int:
+        """Configuration generation: bumped by every configuration change (not by state changes)."""
+        with self._read() as conn:
+            raw = conn.execute(select(settings.c.value).where(settings.c.key == GENERATION_KEY)).scalar()
+        return int(json.loads(raw)) if raw is not None else 0
+
+    def _bump_generation(self, conn: Connection) -> int:
+        """Lock the generation row (PostgreSQL: FOR UPDATE; SQLite: BEGIN IMMEDIATE already holds the lock)
+        and increment it. Called first in every configuration write so writers serialise."""
+        raw = conn.execute(
+            select(settings.c.value).where(settings.c.key == GENERATION_KEY).with_for_update()
+        ).scalar()
+        value = (int(json.loads(raw)) if raw is not None else 0) + 1
+        if raw is None:
+            conn.execute(insert(settings).values(key=GENERATION_KEY, value=_dumps(value)))
+        else:
+            conn.execute(update(settings).where(settings.c.key == GENERATION_KEY).values(value=_dumps(value)))
+        return value
+
+    # -- instances -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _config_json(config: InstanceConfig) -> str:
+        return _dumps(config.model_dump(mode="json"))
+
+    @staticmethod
+    def _state_json(state: InstanceState) -> str:
+        return _dumps(state.model_dump(mode="json"))
+
+    @staticmethod
+    def _row_pair(config_text: str, state_text: str | None) -> tuple[InstanceConfig, InstanceState]:
+        config = InstanceConfig.model_validate(json.loads(config_text))
+        state = InstanceState.model_validate(json.loads(state_text)) if state_text else InstanceState()
+        return config, state
+
+    def _joined(self) -> Any:
+        return select(instances.c.config, instance_state.c.state).select_from(
+            instances.outerjoin(instance_state, instance_state.c.name == instances.c.name)
+        )
+
+    def list_instances(self) -> list[tuple[InstanceConfig, InstanceState]]:
+        with self._read() as conn:
+            rows = conn.execute(self._joined().order_by(instances.c.name)).all()
+        return [self._row_pair(row[0], row[1]) for row in rows]
+
+    def get_instance(self, name: str) -> tuple[InstanceConfig, InstanceState]:
+        """Raises NotFound."""
+        with self._read() as conn:
+            row = conn.execute(self._joined().where(instances.c.name == name)).first()
+        if row is None:
+            raise NotFound(f"instance {name!r} not found")
+        return self._row_pair(row[0], row[1])
+
+    @staticmethod
+    def _exists(conn: Connection, name: str) -> bool:
+        return conn.execute(select(instances.c.name).where(instances.c.name == name)).first() is not None
+
+    def _insert(self, conn: Connection, config: InstanceConfig, now: datetime) -> None:
+        conn.execute(
+            insert(instances).values(
+                name=config.name, config=self._config_json(config), created_at=now, updated_at=now
+            )
+        )
+        conn.execute(
+            insert(instance_state).values(
+                name=config.name, state=self._state_json(InstanceState()), updated_at=now
+            )
+        )
+
+    def _update(self, conn: Connection, config: InstanceConfig, now: datetime) -> None:
+        conn.execute(
+            update(instances)
+            .where(instances.c.name == config.name)
+            .values(config=self._config_json(config), updated_at=now)
+        )
+
+    def create_instance(self, config: InstanceConfig) -> None:
+        """Raises Conflict when the name exists. Creates a default state row."""
+        try:
+            with self._write() as conn:
+                self._bump_generation(conn)
+                if self._exists(conn, config.name):
+                    raise Conflict(f"instance {config.name!r} already exists")
+                self._insert(conn, config, _now())
+        except IntegrityError as exc:  # a concurrent creator won the race
+            raise Conflict(f"instance {config.name!r} already exists") from exc
+
+    def replace_config(self, config: InstanceConfig) -> None:
+        """Raises NotFound. State is untouched."""
+        with self._write() as conn:
+            self._bump_generation(conn)
+            if not self._exists(conn, config.name):
+                raise NotFound(f"instance {config.name!r} not found")
+            self._update(conn, config, _now())
+
+    def delete_instance(self, name: str) -> None:
+        """Raises NotFound. Removes configuration and state."""
+        with self._write() as conn:
+            self._bump_generation(conn)
+            if not self._exists(conn, name):
+                raise NotFound(f"instance {name!r} not found")
+            conn.execute(delete(instance_state).where(instance_state.c.name == name))
+            conn.execute(delete(instances).where(instances.c.name == name))
+
+    def put_state(self, name: str, state: InstanceState) -> None:
+        """Raises NotFound. Never touches configuration; does not bump the generation."""
+        with self._write() as conn:
+            if not self._exists(conn, name):
+                raise NotFound(f"instance {name!r} not found")
+            now = _now()
+            result = conn.execute(
+                update(instance_state)
+                .where(instance_state.c.name == name)
+                .values(state=self._state_json(state), updated_at=now)
+            )
+            if result.rowcount == 0:
+                conn.execute(
+                    insert(instance_state).values(name=name, state=self._state_json(state), updated_at=now)
+                )
+
+    # -- routing -------------------------------------------------------------------------------------------
+
+    def get_routing(self) -> RoutingConfig:
+        with self._read() as conn:
+            raw = conn.execute(select(settings.c.value).where(settings.c.key == ROUTING_KEY)).scalar()
+        return RoutingConfig.model_validate(json.loads(raw)) if raw is not None else RoutingConfig()
+
+    def _write_routing(self, conn: Connection, routing: RoutingConfig) -> None:
+        value = _dumps(routing.model_dump(mode="json"))
+        result = conn.execute(update(settings).where(settings.c.key == ROUTING_KEY).values(value=value))
+        if result.rowcount == 0:
+            conn.execute(insert(settings).values(key=ROUTING_KEY, value=value))
+
+    def set_routing(self, routing: RoutingConfig) -> None:
+        with self._write() as conn:
+            self._bump_generation(conn)
+            self._write_routing(conn, routing)
+
+    # -- import --------------------------------------------------------------------------------------------
+
+    def replace_all(
+        self, configs: list[InstanceConfig], routing: RoutingConfig | None, *, merge: bool
+    ) -> None:
+        """Import in one transaction. merge=False deletes instances not in ``configs``."""
+        names = [config.name for config in configs]
+        duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+        if duplicates:
+            raise InvalidInput([{"field": "instances", "message": f"duplicate instance names: {duplicates}"}])
+        with self._write() as conn:
+            self._bump_generation(conn)
+            now = _now()
+            existing = set(conn.execute(select(instances.c.name)).scalars())
+            if routing is not None:
+                self._write_routing(conn, routing)
+            for config in configs:
+                if config.name in existing:
+                    self._update(conn, config, now)
+                else:
+                    self._insert(conn, config, now)
+            if not merge:
+                stale = sorted(existing - set(names))
+                if stale:
+                    conn.execute(delete(instance_state).where(instance_state.c.name.in_(stale)))
+                    conn.execute(delete(instances).where(instances.c.name.in_(stale)))

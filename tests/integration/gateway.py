@@ -1,0 +1,173 @@
+"""A real gateway for tests: the controller as a subprocess (it starts nginx) on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+    """Poll until predicate() is truthy; fail with `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # a condition not yet reachable
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last_error}")
+
+
+class Gateway:
+    """Controller + nginx under a private home. Use as a context manager."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None, home: Path | None = None) -> None:
+        self.home = home or Path(tempfile.mkdtemp(prefix="ishgw-", dir="/tmp"))
+        self.http_port = free_port()
+        self.admin_port = free_port()
+        self.admin_key = "test-admin-key-0123456789"
+        self.env = {
+            **os.environ,
+            "ISHGW_HOME": str(self.home),
+            "ISHGW_HTTP_PORT": str(self.http_port),
+            "ISHGW_HTTPS_PORT": "0",
+            "ISHGW_LISTEN_ADDRESS": "127.0.0.1",
+            "ISHGW_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
+            "ISHGW_ADMIN_API_KEY": self.admin_key,
+            "ISHGW_NGINX_WORKER_PROCESSES": "2",
+            "ISHGW_RELOAD_MIN_INTERVAL_S": "0.2",
+            **(extra_env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.admin = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.admin_port}",
+            headers={"X-Admin-API-Key": self.admin_key},
+            timeout=10,
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "nginx" / "nginx.pid"
+
+    def start_controller(self) -> None:
+        log = open(self.home / "controller.log", "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "control_plane"], cwd=ROOT, env=self.env, stdout=log, stderr=log
+        )
+        wait_for(self._admin_up, timeout=20, what="controller admin API")
+        wait_for(lambda: self.health().get("ok"), timeout=20, what="nginx /health")
+
+    def _admin_up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"controller exited: {self.logs()}")
+        return self.admin.get("/admin/health").status_code == 200
+
+    def health(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/health", timeout=2, headers={"Connection": "close"}).json()  # type: ignore[no-any-return]
+
+    def status(self) -> dict[str, Any]:
+        response = self.admin.get("/admin/status")
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def add_instance(self, **config: Any) -> httpx.Response:
+        return self.admin.post("/admin/instances", json=config)
+
+    def wait_applied(self, timeout: float = 5.0) -> str:
+        """Wait until nginx serves the configuration generation the registry is at; return the checksum."""
+        streak = [0]
+
+        def applied() -> str | None:
+            status = self.status()
+            health = self.health()
+            same = health.get("generation") == status["generation"] and health["checksum"] == status["checksum"]
+            streak[0] = streak[0] + 1 if same else 0
+            return str(health["checksum"]) if streak[0] >= 3 else None
+
+        return wait_for(applied, timeout=timeout, what="configuration applied")
+
+    def nginx_master_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def kill_controller(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop_controller(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def logs(self) -> str:
+        parts = []
+        for path in (self.home / "controller.log", self.home / "nginx" / "logs" / "error.log"):
+            with contextlib.suppress(OSError):
+                parts.append(f"--- {path}\n" + path.read_text(errors="replace")[-4000:])
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        self.stop_controller()
+        pid = self.nginx_master_pid()
+        if pid:
+            os.kill(pid, signal.SIGQUIT)
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: self.nginx_master_pid() is None, timeout=10, what="nginx exit")
+            if self.nginx_master_pid():
+                os.kill(pid, signal.SIGKILL)
+        self.admin.close()
+        self.client.close()
+
+    def __enter__(self) -> Gateway:
+        try:
+            self.start_controller()
+        except BaseException:
+            print(self.logs(), file=sys.stderr)
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            print(self.logs(), file=sys.stderr)
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)

@@ -1,0 +1,590 @@
+"""The registry store against SQLite (a temp file) and a real PostgreSQL server started for the session."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import shutil
+import socket
+import sqlite3
+import stat
+import subprocess
+import tempfile
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+
+from control_plane.errors import Conflict, InvalidInput, NotFound
+from control_plane.registry import store as store_module
+from control_plane.registry.models import (
+    HealthStatus,
+    InstanceConfig,
+    InstanceState,
+    OperatorStatus,
+    ProviderType,
+    RoutingConfig,
+    Strategy,
+)
+from control_plane.registry.store import Store, normalise_url
+
+LITERAL_KEY = "sk-live-0123456789abcdef"
+
+# -- PostgreSQL server for the session -----------------------------------------------------------------------
+
+
+def _pg_bin_dir() -> Path | None:
+    def version(path: str) -> float:
+        try:
+            return float(Path(path).parent.name)
+        except ValueError:
+            return 0.0
+
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
+        if os.access(Path(candidate) / "initdb", os.X_OK) and os.access(Path(candidate) / "pg_ctl", os.X_OK):
+            return Path(candidate)
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(os.path.realpath(found)).parent
+    return None
+
+
+def _unavailable(reason: str) -> None:
+    """Skip locally; in CI (CI=true) a missing PostgreSQL is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"PostgreSQL required in CI: {reason}")
+    pytest.skip(f"PostgreSQL unavailable: {reason}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """initdb + pg_ctl start on 127.0.0.1:<free port>; yields the admin URL (database ``postgres``)."""
+    bin_dir = _pg_bin_dir()
+    if bin_dir is None:
+        _unavailable("initdb/pg_ctl not found")
+        raise AssertionError("unreachable")
+    prefix: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="ishgw-pg-"))
+    if os.geteuid() == 0:
+        runuser = shutil.which("runuser")
+        try:
+            pg_user = pwd.getpwnam("postgres")
+        except KeyError:
+            pg_user = None
+        if runuser is None or pg_user is None:
+            shutil.rmtree(base, ignore_errors=True)
+            _unavailable("running as root without runuser or a 'postgres' user")
+            raise AssertionError("unreachable")
+        os.chown(base, pg_user.pw_uid, pg_user.pw_gid)
+        prefix = [runuser, "-u", "postgres", "--"]
+    data = base / "data"
+    log = base / "postgres.log"
+    port = _free_port()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120, check=False)
+
+    init = run(
+        str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"
+    )
+    if init.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.fail(f"initdb failed: {init.stdout}\n{init.stderr}")
+    options = (
+        f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+    )
+    start = run(
+        str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"
+    )
+    if start.returncode != 0:
+        details = log.read_text() if log.exists() else ""
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.fail(f"pg_ctl start failed: {start.stdout}\n{start.stderr}\n{details}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _pg_admin(admin_url: str, statement: str) -> None:
+    import psycopg
+
+    dsn = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement.encode())
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database per test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    admin: str = request.getfixturevalue("postgres_server")
+    database = f"t_{uuid.uuid4().hex[:16]}"
+    _pg_admin(admin, f"CREATE DATABASE {database}")
+    try:
+        yield admin.rsplit("/", 1)[0] + f"/{database}"
+    finally:
+        _pg_admin(admin, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store(db_url)
+    s.migrate()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def cfg(name: str, **overrides: Any) -> InstanceConfig:
+    values: dict[str, Any] = {"provider_type": ProviderType.OPENAI, "supported_models": ["gpt-4o"]}
+    values.update(overrides)
+    return InstanceConfig(name=name, **values)
+
+
+def names(store: Store) -> list[str]:
+    return [config.name for config, _ in store.list_instances()]
+
+
+def snapshot(store: Store) -> tuple[Any, ...]:
+    return (store.list_instances(), store.get_routing(), store.generation())
+
+
+def count_rows(store: Store, table: str) -> int:
+    with store._engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+# -- schema ----------------------------------------------------------------------------------------------
+
+
+def test_migrate_is_idempotent(db_url: str) -> None:
+    s = Store(db_url)
+    try:
+        assert s.migrate() == 1
+        assert s.migrate() == 1
+        assert s.generation() == 0
+        assert count_rows(s, "schema_migrations") == 1
+        s.create_instance(cfg("a"))
+    finally:
+        s.close()
+    # A restarted process migrates again: nothing changes, data survives.
+    again = Store(db_url)
+    try:
+        assert again.migrate() == 1
+        assert names(again) == ["a"]
+        assert again.generation() == 1
+    finally:
+        again.close()
+
+
+def test_concurrent_migrate(db_url: str) -> None:
+    stores = [Store(db_url) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+    results: list[int] = []
+    failures: list[BaseException] = []
+
+    def run(s: Store) -> None:
+        barrier.wait()
+        try:
+            results.append(s.migrate())
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert not failures
+        assert results == [1] * len(stores)
+        assert count_rows(stores[0], "schema_migrations") == 1
+        assert stores[0].generation() == 0
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_later_migrations_apply_in_order(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store(db_url)
+    try:
+        assert s.migrate() == 1
+        applied: list[int] = []
+
+        def step(version: int) -> Any:
+            return lambda conn: applied.append(version)
+
+        monkeypatch.setattr(
+            store_module, "MIGRATIONS", [*store_module.MIGRATIONS, (2, step(2)), (3, step(3))]
+        )
+        assert s.migrate() == 3
+        assert s.migrate() == 3
+        assert applied == [2, 3]
+    finally:
+        s.close()
+
+
+def test_postgres_url_without_driver_uses_psycopg(request: pytest.FixtureRequest) -> None:
+    assert normalise_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert normalise_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert normalise_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
+    admin: str = request.getfixturevalue("postgres_server")
+    s = Store(admin.replace("postgresql+psycopg://", "postgresql://"))
+    try:
+        assert s.dialect == "postgresql"
+        with s._engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        s.close()
+
+
+def test_unsupported_url() -> None:
+    with pytest.raises(ValueError, match="unsupported"):
+        Store("mysql://u@h/db")
+
+
+# -- CRUD ----------------------------------------------------------------------------------------------------
+
+
+def test_crud(store: Store) -> None:
+    assert store.list_instances() == []
+    b = cfg("b-inst", api_key=LITERAL_KEY, weight=7, model_deployments={"gpt-4o": "dep1"}, tags=["x=1"])
+    store.create_instance(b)
+    store.create_instance(cfg("a-inst", provider_type=ProviderType.ANTHROPIC))
+    assert names(store) == ["a-inst", "b-inst"]
+
+    config, state = store.get_instance("b-inst")
+    assert config == b
+    assert state == InstanceState()
+
+    changed = b.model_copy(update={"weight": 9, "enabled": False})
+    store.replace_config(changed)
+    assert store.get_instance("b-inst")[0] == changed
+
+    store.delete_instance("a-inst")
+    assert names(store) == ["b-inst"]
+    with pytest.raises(NotFound):
+        store.get_instance("a-inst")
+
+
+def test_api_key_stored_literally(store: Store) -> None:
+    store.create_instance(cfg("a", api_key=LITERAL_KEY))
+    with store._engine.connect() as conn:
+        raw = conn.execute(text("SELECT config FROM instances WHERE name = 'a'")).scalar_one()
+    assert json.loads(raw)["api_key"] == LITERAL_KEY
+    assert store.get_instance("a")[0].api_key == LITERAL_KEY
+
+
+def test_conflict_and_not_found(store: Store) -> None:
+    store.create_instance(cfg("a"))
+    with pytest.raises(Conflict):
+        store.create_instance(cfg("a", weight=3))
+    assert store.get_instance("a")[0].weight == 1
+    with pytest.raises(NotFound):
+        store.get_instance("missing")
+    with pytest.raises(NotFound):
+        store.replace_config(cfg("missing"))
+    with pytest.raises(NotFound):
+        store.delete_instance("missing")
+    with pytest.raises(NotFound):
+        store.put_state("missing", InstanceState())
+    assert names(store) == ["a"]
+
+
+def test_generation(store: Store) -> None:
+    assert store.generation() == 0
+    store.create_instance(cfg("a"))
+    assert store.generation() == 1
+    store.replace_config(cfg("a", weight=2))
+    assert store.generation() == 2
+    store.set_routing(RoutingConfig(default_strategy=Strategy.ROUND_ROBIN))
+    assert store.generation() == 3
+    store.replace_all([cfg("b")], None, merge=True)
+    assert store.generation() == 4
+    store.delete_instance("b")
+    assert store.generation() == 5
+
+    store.put_state("a", InstanceState(status=OperatorStatus.DRAINING))
+    assert store.generation() == 5
+
+    # Failed writes roll their bump back.
+    with pytest.raises(Conflict):
+        store.create_instance(cfg("a"))
+    with pytest.raises(NotFound):
+        store.replace_config(cfg("nope"))
+    with pytest.raises(NotFound):
+        store.delete_instance("nope")
+    assert store.generation() == 5
+
+
+def test_concurrent_writers_do_not_lose_generation_bumps(store: Store, db_url: str) -> None:
+    others = [Store(db_url) for _ in range(4)]
+    failures: list[BaseException] = []
+
+    def work(index: int, s: Store) -> None:
+        try:
+            for n in range(5):
+                s.create_instance(cfg(f"w{index}-{n}"))
+                s.put_state(f"w{index}-{n}", InstanceState(total_requests=n))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, s)) for i, s in enumerate(others)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for s in others:
+        s.close()
+    assert not failures
+    assert store.generation() == 20
+    assert len(names(store)) == 20
+
+
+# -- state ---------------------------------------------------------------------------------------------------
+
+
+def test_state_round_trip_and_independence(store: Store) -> None:
+    store.create_instance(cfg("a", api_key=LITERAL_KEY))
+    state = InstanceState(
+        status=OperatorStatus.MAINTENANCE,
+        health_status=HealthStatus.UNHEALTHY,
+        error_count=3,
+        last_error="HTTP 503",
+        last_error_time=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+        total_requests=100,
+        successful_requests=97,
+        avg_latency_ms=321.5,
+        discovered_models=["gpt-4o", "gpt-4o-mini"],
+        updated_at=datetime(2024, 5, 1, 12, 1, tzinfo=UTC),
+    )
+    store.put_state("a", state)
+    assert store.get_instance("a")[1] == state
+
+    # Configuration writes never overwrite state.
+    store.replace_config(cfg("a", weight=50))
+    config, kept = store.get_instance("a")
+    assert config.weight == 50
+    assert kept == state
+    store.replace_all([cfg("a", weight=60)], RoutingConfig(), merge=True)
+    assert store.get_instance("a")[1] == state
+    store.replace_all([cfg("a", weight=70)], None, merge=False)
+    assert store.get_instance("a")[1] == state
+
+    # State writes never touch configuration.
+    config_before = store.get_instance("a")[0]
+    store.put_state("a", InstanceState())
+    assert store.get_instance("a") == (config_before, InstanceState())
+
+
+def test_delete_removes_state(store: Store) -> None:
+    store.create_instance(cfg("a"))
+    store.put_state("a", InstanceState(status=OperatorStatus.DRAINING, error_count=4))
+    assert count_rows(store, "instance_state") == 1
+    store.delete_instance("a")
+    assert count_rows(store, "instance_state") == 0
+    store.create_instance(cfg("a"))
+    assert store.get_instance("a")[1] == InstanceState()
+
+
+def test_foreign_key_cascade(store: Store) -> None:
+    store.create_instance(cfg("a"))
+    with store._engine.begin() as conn:
+        conn.execute(text("DELETE FROM instances WHERE name = 'a'"))
+    assert count_rows(store, "instance_state") == 0
+
+
+# -- routing -------------------------------------------------------------------------------------------------
+
+
+def test_routing(store: Store) -> None:
+    assert store.get_routing() == RoutingConfig()
+    routing = RoutingConfig(
+        model_aliases={"gpt4": "gpt-4o"},
+        default_strategy=Strategy.IP_HASH,
+        strategies={"gpt-4o": Strategy.SESSION},
+        session_header="X-Conversation",
+    )
+    store.set_routing(routing)
+    assert store.get_routing() == routing
+    store.set_routing(RoutingConfig())
+    assert store.get_routing() == RoutingConfig()
+
+
+# -- replace_all ---------------------------------------------------------------------------------------------
+
+
+def seed(store: Store) -> RoutingConfig:
+    routing = RoutingConfig(model_aliases={"fast": "gpt-4o-mini"})
+    store.create_instance(cfg("a", weight=1))
+    store.create_instance(cfg("b", weight=2))
+    store.set_routing(routing)
+    store.put_state("b", InstanceState(status=OperatorStatus.DRAINING, total_requests=42))
+    return routing
+
+
+def test_replace_all_merge(store: Store) -> None:
+    routing = seed(store)
+    generation = store.generation()
+    store.replace_all([cfg("b", weight=20), cfg("c", weight=3)], None, merge=True)
+    assert store.generation() == generation + 1
+    got = {config.name: (config.weight, state) for config, state in store.list_instances()}
+    assert set(got) == {"a", "b", "c"}
+    assert got["a"][0] == 1
+    assert got["b"] == (20, InstanceState(status=OperatorStatus.DRAINING, total_requests=42))
+    assert got["c"] == (3, InstanceState())
+    assert store.get_routing() == routing  # routing None: unchanged
+
+
+def test_replace_all_replace(store: Store) -> None:
+    seed(store)
+    new_routing = RoutingConfig(default_strategy=Strategy.RANDOM_TWO)
+    store.replace_all([cfg("b", weight=20), cfg("c")], new_routing, merge=False)
+    assert names(store) == ["b", "c"]
+    assert store.get_instance("b")[1].status is OperatorStatus.DRAINING
+    assert store.get_routing() == new_routing
+    assert count_rows(store, "instance_state") == 2
+
+    store.replace_all([], None, merge=False)
+    assert names(store) == []
+    assert count_rows(store, "instance_state") == 0
+
+
+def test_replace_all_rejects_duplicates(store: Store) -> None:
+    seed(store)
+    before = snapshot(store)
+    with pytest.raises(InvalidInput):
+        store.replace_all([cfg("x"), cfg("x", weight=2)], RoutingConfig(), merge=False)
+    assert snapshot(store) == before
+
+
+def test_replace_all_is_atomic_on_db_error(store: Store) -> None:
+    seed(store)
+    before = snapshot(store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        broken = InstanceConfig.model_construct(name=None, provider_type=ProviderType.OPENAI)  # type: ignore[arg-type]
+    with pytest.raises(Exception, match=r"(?i)null|constraint"):
+        store.replace_all(
+            [cfg("a", weight=99), cfg("new-one"), broken],
+            RoutingConfig(default_strategy=Strategy.ROUND_ROBIN),
+            merge=False,
+        )
+    assert snapshot(store) == before
+
+
+def test_replace_all_is_atomic_on_midway_failure(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    seed(store)
+    before = snapshot(store)
+    real_insert = Store._insert
+    calls: list[str] = []
+
+    def flaky_insert(self: Store, conn: Any, config: InstanceConfig, now: datetime) -> None:
+        calls.append(config.name)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        real_insert(self, conn, config, now)
+
+    monkeypatch.setattr(Store, "_insert", flaky_insert)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        store.replace_all(
+            [cfg("a", weight=99), cfg("n1"), cfg("n2")], RoutingConfig(session_header="X-Other"), merge=False
+        )
+    assert calls == ["n1", "n2"]
+    assert snapshot(store) == before
+
+
+# -- SQLite specifics ----------------------------------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_sqlite_files_are_private_and_wal(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "registry.db"
+    old_umask = os.umask(0)  # the most permissive umask: the store must not rely on it
+    try:
+        s = Store(f"sqlite:///{path}")
+        s.migrate()
+        s.create_instance(cfg("a", api_key=LITERAL_KEY))
+    finally:
+        os.umask(old_umask)
+    try:
+        assert _mode(path) == 0o600
+        for suffix in ("-wal", "-shm"):
+            sidecar = Path(f"{path}{suffix}")
+            assert sidecar.exists()
+            assert _mode(sidecar) == 0o600
+        with s._engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+            assert conn.execute(text("PRAGMA busy_timeout")).scalar_one() >= 1000
+    finally:
+        s.close()
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent in the file
+    finally:
+        raw.close()
+
+
+def test_sqlite_existing_file_is_tightened(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    path.touch()
+    path.chmod(0o644)
+    s = Store(f"sqlite:///{path}")
+    try:
+        s.migrate()
+        assert _mode(path) == 0o600
+    finally:
+        s.close()
+
+
+def test_sqlite_in_memory(tmp_path: Path) -> None:
+    s = Store("sqlite://")
+    try:
+        assert s.migrate() == 1
+        s.create_instance(cfg("a"))
+        result: list[list[str]] = []
+        thread = threading.Thread(target=lambda: result.append(names(s)))
+        thread.start()
+        thread.join(10)
+        assert result == [["a"]]
+    finally:
+        s.close()
+
+
+def test_schema_tables(store: Store) -> None:
+    with store._engine.connect() as conn:
+        versions = conn.execute(select(store_module.schema_migrations.c.version)).scalars().all()
+        generation_rows = conn.execute(
+            select(func.count())
+            .select_from(store_module.settings)
+            .where(store_module.settings.c.key == "generation")
+        ).scalar_one()
+    assert versions == [1]
+    assert generation_rows == 1

@@ -1,0 +1,197 @@
+"""render(spec): deterministic, quoted, and no registry content can add a directive (crossplane parse)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import string
+import tempfile
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import crossplane
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
+from control_plane.render.nginx import SECRET_FILES, render, routes_data
+from control_plane.render.quoting import UnsafeValue, nginx_quote
+from control_plane.render.spec import ServerSettings, World, build_spec
+
+SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+PROXY_HEADERS_PER_POOL = 8  # the proxy_common macro in servers.conf.j2
+
+
+def spec_for(configs: list[InstanceConfig], routing: RoutingConfig | None = None):  # type: ignore[no-untyped-def]
+    world = World(
+        instances=tuple((c, InstanceState()) for c in configs),
+        routing=routing or RoutingConfig(),
+        now=NOW,
+        addresses={"127.0.0.1": ("127.0.0.1",), "api.example.com": ("10.1.1.1",)},
+        secrets={c.name: c.api_key for c in configs if c.api_key},
+    )
+    return build_spec(world, SERVER)
+
+
+def parse_directives(files: dict[str, str]) -> Counter[str]:
+    """Every directive name in the rendered tree, counted (crossplane parses each file)."""
+    counts: Counter[str] = Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            if name.endswith(".conf"):
+                (Path(tmp) / name).write_text(text)
+        for name in files:
+            if not name.endswith(".conf"):
+                continue
+            parsed = crossplane.parse(str(Path(tmp) / name), single=True, check_ctx=False, check_args=False)
+            assert parsed["errors"] == [], parsed["errors"]
+
+            def walk(block: list[dict[str, object]]) -> None:
+                for d in block:
+                    counts[str(d["directive"])] += 1
+                    walk(d.get("block", []))  # type: ignore[arg-type]
+
+            walk(parsed["config"][0]["parsed"])
+    return counts
+
+
+@pytest.mark.parametrize("char", list(string.punctuation) + [" ", "é", "\u2028"])
+def test_quote_every_special_character(char: str) -> None:
+    if char == "$":
+        with pytest.raises(UnsafeValue):
+            nginx_quote(f"a{char}b")
+        return
+    quoted = nginx_quote(f"a{char}b")
+    assert quoted.startswith('"') and quoted.endswith('"')
+    inner = quoted[1:-1]
+    # No unescaped quote can end the token early.
+    assert '"' not in inner.replace('\\"', "")
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\t", "\x00", "\x7f"])
+def test_quote_refuses_control_characters(char: str) -> None:
+    with pytest.raises(UnsafeValue):
+        nginx_quote(f"a{char}b")
+
+
+def test_render_is_deterministic_and_checksummed() -> None:
+    configs = [
+        InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]),
+        InstanceConfig(
+            name="o", provider_type="openai", api_base="https://api.example.com/v1",
+            api_key="sk-1234567890abc", supported_models=["g"],
+        ),
+    ]
+    first, second = render(spec_for(configs)), render(spec_for(list(reversed(configs))))
+    assert first == second
+    assert f"checksum: {first.checksum}" in first.files["nginx.conf"]
+    assert '"checksum":"' + first.checksum in first.files["servers.conf"]
+    assert "sk-1234567890abc" in first.files["shims.conf"]
+    assert all("sk-1234567890abc" not in text for name, text in first.files.items() if name not in SECRET_FILES)
+
+
+def test_state_only_change_keeps_checksum() -> None:
+    config = InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"])
+    base = spec_for([config])
+    world = World(
+        instances=((config, InstanceState(total_requests=99, avg_latency_ms=3.0)),),
+        routing=RoutingConfig(), now=NOW, addresses={"127.0.0.1": ("127.0.0.1",)},
+    )
+    assert render(build_spec(world, SERVER)).checksum == render(base).checksum
+
+
+def test_routes_data_marks_unavailable_models() -> None:
+    configs = [
+        InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["up"]),
+        InstanceConfig(
+            name="b", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["down"], enabled=False
+        ),
+    ]
+    data = routes_data(spec_for(configs))
+    table = data["pools"]["ollama|chat"]  # type: ignore[index]
+    assert table["up"].startswith("p_") and table["down"] == ""
+    assert data["instances"] == {"127.0.0.1:1": "a"}
+
+
+def test_baseline_directive_set() -> None:
+    configs = [InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"])]
+    counts = parse_directives(render(spec_for(configs)).files)
+    assert counts["upstream"] == 2  # chat via /api and via /v1
+    assert counts["server"] >= 3  # the client server and one line per upstream member
+
+
+# --- property: registry content never changes the directive set it was not meant to change -----
+
+hostile_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40
+)
+
+
+@st.composite
+def instance_inputs(draw: st.DrawFn) -> dict[str, object]:
+    return {
+        "name": draw(st.one_of(hostile_text, st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True))),
+        "provider_type": draw(st.sampled_from(["ollama", "openai", "azure", "anthropic", "vllm"])),
+        "api_base": draw(
+            st.one_of(
+                st.just("http://127.0.0.1:11434"),
+                st.just("https://api.example.com/v1"),
+                hostile_text.map(lambda t: "http://127.0.0.1/" + t),
+            )
+        ),
+        "api_key": draw(st.one_of(st.none(), hostile_text, st.from_regex(r"sk-[A-Za-z0-9]{12,20}", fullmatch=True))),
+        "supported_models": draw(
+            st.lists(st.one_of(hostile_text, st.from_regex(r"[a-z][a-z0-9:./-]{0,12}", fullmatch=True)), max_size=3)
+        ),
+        "model_deployments": draw(st.dictionaries(hostile_text, hostile_text, max_size=2)),
+        "api_version": draw(st.one_of(st.none(), hostile_text)),
+        "weight": draw(st.integers(min_value=-5, max_value=2000)),
+    }
+
+
+def accepted(raw: dict[str, object]) -> InstanceConfig | None:
+    try:
+        return InstanceConfig.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+@functools.cache
+def empty_counts() -> Counter[str]:
+    return parse_directives(render(spec_for([])).files)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(instance_inputs(), max_size=4), st.dictionaries(hostile_text, hostile_text, max_size=2))
+def test_random_registry_content_cannot_inject_directives(
+    raws: list[dict[str, object]], aliases: dict[str, str]
+) -> None:
+    configs: dict[str, InstanceConfig] = {}
+    for raw in raws:
+        config = accepted(raw)
+        if config is not None:
+            configs.setdefault(config.name, config)
+    try:
+        routing = RoutingConfig(model_aliases=aliases)
+    except ValidationError:
+        routing = RoutingConfig()
+    spec = spec_for(list(configs.values()), routing)
+    tree = render(spec)
+    counts = parse_directives(tree.files)
+    empty = empty_counts()
+    assert counts["upstream"] == empty["upstream"] + sum(1 for p in spec.pools if p.members) + len(spec.shims)
+    assert counts["map"] == empty["map"] + sum(1 for s in spec.shims if s.maps_deployments)
+    assert counts["location"] == empty["location"] + sum(
+        1 for p in spec.pools if p.members
+    ) + sum(len(s.routes) + 1 for s in spec.shims)
+    assert counts["listen"] == 1 + len(spec.shims)
+    assert counts["proxy_set_header"] == empty["proxy_set_header"] + sum(
+        PROXY_HEADERS_PER_POOL for p in spec.pools if p.members
+    ) + sum(3 + len(s.headers) for s in spec.shims)
+    # The generated JS data is JSON: it parses back to exactly routes_data.
+    body = tree.files["routes.js"].split("export default ", 1)[1].rstrip().rstrip(";")
+    assert json.loads(body) == json.loads(json.dumps(routes_data(spec)))
