@@ -1,0 +1,52 @@
+# Shared shell helpers for ISH Gateway scripts. Source it; do not run it.
+# shellcheck shell=bash
+
+ISHGW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export ISHGW_ROOT
+
+log() { printf '%s [ishgw] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# ensure_apt_packages PKG...: install what is missing, once.
+ensure_apt_packages() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    log "installing apt packages: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian starts its own nginx on port 80; the gateway runs its own master, so keep the system one off.
+    if printf '%s\n' "${missing[@]}" | grep -qx nginx; then
+        as_root systemctl disable --now nginx >/dev/null 2>&1 || as_root service nginx stop >/dev/null 2>&1 || true
+        as_root pkill -f 'nginx: master process /usr/sbin/nginx' >/dev/null 2>&1 || true
+    fi
+}
+
+# ensure_venv EXTRAS: a virtualenv at $ISHGW_VENV (default .venv) with the project installed.
+ensure_venv() {
+    local extras="${1:-}" venv="${ISHGW_VENV:-$ISHGW_ROOT/.venv}" stamp
+    local python="${ISHGW_PYTHON:-python3}"
+    if [ ! -x "$venv/bin/python" ]; then
+        log "creating virtualenv $venv"
+        "$python" -m venv "$venv" || die "python3 -m venv failed (apt-get install python3-venv)"
+    fi
+    stamp="$venv/.ishgw-installed${extras:+-$extras}"
+    if [ ! -f "$stamp" ] || [ "$ISHGW_ROOT/pyproject.toml" -nt "$stamp" ]; then
+        log "installing the project into $venv${extras:+ (with $extras)}"
+        "$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+        "$venv/bin/pip" install -q -e "$ISHGW_ROOT${extras:+[$extras]}" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+        "$venv/bin/python" -c 'import control_plane' || die "installing the project failed"
+        touch "$stamp"
+    fi
+    ISHGW_VENV="$venv"
+    export ISHGW_VENV
+}
+
+# shellcheck disable=SC2034 # used by the scripts that source this file
+RUNTIME_APT_PACKAGES=(nginx libnginx-mod-http-js openssl ca-certificates curl python3-venv)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run the whole test suite: installs what it needs (apt packages, a virtualenv), then lint, types, tests.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k weighted).
+set -euo pipefail
+# shellcheck source=scripts/lib/functions.sh
+source "$(dirname "$0")/lib/functions.sh"
+cd "$ISHGW_ROOT"
+
+ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql
+ensure_venv test
+
+log "ruff"
+"$ISHGW_VENV/bin/ruff" check .
+log "mypy"
+"$ISHGW_VENV/bin/mypy" control_plane
+log "pytest"
+# pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
+exec "$ISHGW_VENV/bin/pytest" -q -p no:cacheprovider "$@"
