@@ -18,9 +18,10 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from control_plane.api import keys
 from control_plane.api.middleware import auth_middleware, error_middleware
 from control_plane.api.routes import setup_routes
+from control_plane.health.service import HealthService
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import NginxProcess
-from control_plane.reconciler import ReconcileTiming, Reconciler
+from control_plane.reconciler import Reconciler, ReconcileTiming
 from control_plane.registry.store import Store
 from control_plane.render.spec import ServerSettings
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
@@ -81,7 +82,17 @@ def server_settings(settings: Settings) -> ServerSettings:
         status_allow=tuple(settings.status_allow),
         upstream_ca_file=str(settings.upstream_ca_file),
         worker_rlimit_nofile=min(65535, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
+        log_socket=str(log_socket_path(settings)) if settings.log_stream_enabled else None,
     )
+
+
+def log_socket_path(settings: Settings) -> Path:
+    return settings.sockets_dir / "log.sock"
+
+
+async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
+    async for _ in app[keys.HEALTH].context():
+        yield
 
 
 async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -116,9 +127,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[keys.SETTINGS] = settings
     app[keys.STORE] = store
     app[keys.ADMIN_KEY] = admin_key(settings)
-    app[keys.RECONCILER] = Reconciler(store, nginx, server_settings(settings), metrics, timing)
+    reconciler = Reconciler(store, nginx, server_settings(settings), metrics, timing)
+    app[keys.RECONCILER] = reconciler
+    app[keys.HEALTH] = HealthService(store, reconciler, log_socket_path(settings), settings.probes_enabled)
     setup_routes(app)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)
     app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
     return app

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -21,7 +22,7 @@ from control_plane.nginx_process import NginxProcess
 from control_plane.registry.store import Store
 from control_plane.render.nginx import RenderedTree, render
 from control_plane.render.quoting import UnsafeValue
-from control_plane.render.spec import GatewaySpec, ServerSettings, build_spec
+from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
 from control_plane.world import gather_world
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Reconciler:
         self._reloads = 0
         self._failures = 0
         self._reasons: list[str] = []
+        # Called with (world, spec) after every pass: the health service follows the registry this way.
+        self.observers: list[Callable[[World, GatewaySpec], None]] = []
 
     # --- triggers -------------------------------------------------------------------------------
     def request(self, reason: str) -> None:
@@ -123,6 +126,8 @@ class Reconciler:
                 return self._finish(False, False, None, world.generation, f"render refused: {exc}", started)
             self._spec = spec
             self._publish_spec_metrics(spec)
+            for observer in self.observers:
+                observer(world, spec)
             if self.nginx.running_checksum() == tree.checksum and not force:
                 return self._finish(True, False, tree.checksum, world.generation, None, started)
             error = await self._apply(tree)

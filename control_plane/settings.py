@@ -34,6 +34,8 @@ class Settings(BaseSettings):
         default=Path("/etc/ssl/certs/ca-certificates.crt"), description="CAs trusted for HTTPS instances"
     )
 
+    probes_enabled: bool = Field(default=True, description="Active health probes")
+    log_stream_enabled: bool = Field(default=True, description="nginx access log stream to the controller")
     default_strategy: str = "weighted"
     expose_instance_headers: bool = True
     client_max_body_size_mb: int = Field(default=16, ge=1, le=1024)

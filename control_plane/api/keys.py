@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from control_plane.reconciler import Reconciler
-    from control_plane.registry.store import Store
-    from control_plane.settings import Settings
+from control_plane.health.service import HealthService
+from control_plane.reconciler import Reconciler
+from control_plane.registry.store import Store
+from control_plane.settings import Settings
 
-SETTINGS = web.AppKey["Settings"]("settings")
-STORE = web.AppKey["Store"]("store")
-RECONCILER = web.AppKey["Reconciler"]("reconciler")
-ADMIN_KEY = web.AppKey[str]("admin_key")
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+RECONCILER = web.AppKey("reconciler", Reconciler)
+ADMIN_KEY = web.AppKey("admin_key", str)
+HEALTH = web.AppKey("health", HealthService)

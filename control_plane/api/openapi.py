@@ -87,6 +87,9 @@ def _tighten_routing(schema: Schema) -> None:
     props["model_aliases"]["additionalProperties"] = _pattern(v.MODEL_RE)
     props["strategies"]["propertyNames"] = _pattern(v.MODEL_RE)
     props["session_header"].update(_pattern(v.HEADER_NAME_RE))
+    if "fallbacks" in props:
+        props["fallbacks"]["propertyNames"] = _pattern(v.MODEL_RE)
+        props["fallbacks"]["additionalProperties"]["items"] = _pattern(v.MODEL_RE)
 
 
 def _model_schemas() -> dict[str, Schema]:
@@ -108,7 +111,7 @@ def _patch_schema(config: Schema) -> Schema:
         "title": "InstanceConfigPatch",
         "description": "Partial update: the given fields are merged into the current configuration and the "
         "result is validated whole. The name cannot change (a 'name' equal to the current one is tolerated). "
-        "A masked api_key ('****...') keeps the current key; null clears it.",
+        "A masked api_key ('****...') keeps the current key; null clears it. 'health' merges field by field.",
         "type": "object",
         "additionalProperties": False,
         "properties": {k: copy.deepcopy(val) for k, val in config["properties"].items() if k != "name"},
@@ -154,10 +157,10 @@ def _instance_schemas() -> dict[str, Schema]:
 def _migration_schemas() -> dict[str, Schema]:
     ollama_item: Schema = {
         "type": "object",
-        "description": "Ollama instance: base_url (or api_base) plus optional name, api_key, instance_type, "
-        "enabled and other InstanceConfig fields",
-        "properties": {"base_url": _base_url(), "api_base": _base_url()},
-        "anyOf": [{"required": ["base_url"]}, {"required": ["api_base"]}],
+        "description": "Ollama instance: base_url (api_base is accepted as an alias when base_url is absent) "
+        "plus optional name, api_key, instance_type, enabled and other InstanceConfig fields",
+        "properties": {"base_url": _base_url()},
+        "required": ["base_url"],
     }
     ollama_list: Schema = {
         "type": "array",
@@ -182,7 +185,11 @@ def _migration_schemas() -> dict[str, Schema]:
                 "propertyNames": _pattern(v.NAME_RE),
                 "additionalProperties": legacy_config,
             },
-            "instance_states": {"type": "object", "additionalProperties": {"type": "object"}},
+            "instance_states": {
+                "type": ["object", "null"],
+                "description": "Observed state by instance name, best effort: invalid values are dropped, "
+                "states without a configuration are ignored",
+            },
         },
         ["instance_configs"],
     )

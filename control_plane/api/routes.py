@@ -227,8 +227,13 @@ def check_patch(name: str, patch: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge_config(current: InstanceConfig, changes: dict[str, Any]) -> InstanceConfig:
-    """Apply a partial update and validate the merged whole."""
-    return validate_strict(InstanceConfig, {**current.model_dump(mode="json"), **changes})
+    """Apply a partial update and validate the merged whole. Nested settings objects (``health``) merge
+    field by field too; every other value, maps and lists included, is replaced."""
+    merged = current.model_dump(mode="json")
+    for key, value in changes.items():
+        nested = isinstance(getattr(current, key), BaseModel) and isinstance(value, dict)
+        merged[key] = {**merged[key], **value} if nested else value
+    return validate_strict(InstanceConfig, merged)
 
 
 async def update_config(request: web.Request) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -56,6 +57,31 @@ class HealthStatus(StrEnum):
     UNHEALTHY = "unhealthy"
 
 
+class HealthPolicy(BaseModel):
+    """Per-instance health thresholds; the defaults suit most fleets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probe_interval_s: float = Field(default=10.0, ge=0.5, le=3600)
+    probe_timeout_s: float = Field(default=5.0, ge=0.2, le=120)
+    rise: int = Field(default=2, ge=1, le=100, description="Successes before healthy")
+    fall: int = Field(default=3, ge=1, le=100, description="Failures before unhealthy")
+    breaker_consecutive_failures: int = Field(default=5, ge=1, le=1000)
+    breaker_error_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_window_s: float = Field(default=30.0, ge=1, le=3600)
+    breaker_min_requests: int = Field(default=20, ge=1, le=100_000)
+    breaker_cooldown_s: float = Field(default=15.0, ge=0.5, le=3600)
+    breaker_half_open_successes: int = Field(default=3, ge=1, le=1000)
+    latency_factor: float = Field(default=10.0, ge=1.5, le=1000, description="Open when p50 > factor x baseline")
+    latency_floor_ms: float = Field(default=1000.0, ge=0, le=600_000, description="Ignore degradation below this")
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
 class InstanceConfig(BaseModel):
     """What an operator configures. Every field that can reach nginx is validated here."""
 
@@ -81,6 +107,7 @@ class InstanceConfig(BaseModel):
     cost_per_1k_tokens: float = Field(default=0.0, ge=0, le=10_000)
     quality_score: float = Field(default=0.0, ge=0, le=100)
     tags: list[Tag] = Field(default_factory=list, max_length=32)
+    health: HealthPolicy = Field(default_factory=HealthPolicy)
 
     @field_validator("api_key")
     @classmethod
@@ -141,6 +168,15 @@ class InstanceState(BaseModel):
     utilization_percentage: float = 0.0
     discovered_models: list[str] = Field(default_factory=list)
     updated_at: datetime | None = None
+    breaker_state: BreakerState = BreakerState.CLOSED
+    breaker_open_until: datetime | None = None
+    # Set when the instance rejected its credential (401/402/403); holds until the configuration changes
+    # (quarantine_config no longer matches) or a probe succeeds.
+    quarantined_reason: str | None = None
+    quarantine_config: str | None = None
+    unhealthy_since: datetime | None = None
+    last_probe_at: datetime | None = None
+    probe_latency_ms: float | None = None
 
 
 class StateUpdate(BaseModel):
@@ -160,6 +196,13 @@ class RoutingConfig(BaseModel):
     default_strategy: Strategy = Strategy.WEIGHTED
     strategies: dict[ModelName, Strategy] = Field(default_factory=dict, max_length=1024)
     session_header: HeaderName = "X-Session-ID"
+    # model -> models to try, in order, when it has no available instance (same API family and kind).
+    fallbacks: dict[ModelName, list[ModelName]] = Field(default_factory=dict, max_length=1024)
+
+
+def config_fingerprint(config: InstanceConfig) -> str:
+    """Changes whenever the operator changes anything in the instance's configuration."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
 
 
 def mask_secret(value: str | None) -> str | None:

@@ -349,6 +349,27 @@ class Store:
                     insert(instance_state).values(name=name, state=self._state_json(state), updated_at=now)
                 )
 
+    def patch_states(self, patches: dict[str, dict[str, Any]]) -> None:
+        """Merge observed fields into several states in one transaction (read-modify-write under the write
+        lock, so an operator's concurrent status change is never lost). Unknown names are skipped."""
+        if not patches:
+            return
+        with self._write() as conn:
+            now = _now()
+            rows = conn.execute(
+                select(instance_state.c.name, instance_state.c.state).where(
+                    instance_state.c.name.in_(list(patches))
+                )
+            ).all()
+            for name, text in rows:
+                current = InstanceState.model_validate(json.loads(text)) if text else InstanceState()
+                merged = current.model_copy(update={**patches[name], "updated_at": now})
+                conn.execute(
+                    update(instance_state)
+                    .where(instance_state.c.name == name)
+                    .values(state=self._state_json(InstanceState.model_validate(merged.model_dump())), updated_at=now)
+                )
+
     # -- routing -------------------------------------------------------------------------------------------
 
     def get_routing(self) -> RoutingConfig:

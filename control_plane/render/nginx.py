@@ -55,6 +55,7 @@ def routes_data(spec: GatewaySpec) -> dict[str, object]:
         "endpoints": {e.path: {"family": str(e.family), "kind": str(e.kind)} for e in spec.endpoints},
         "pools": pools,
         "aliases": dict(spec.aliases),
+        "fallbacks": {model: list(chain) for model, chain in spec.fallbacks},
         "instances": spec.address_names(),
         "created": 1700000000 + spec.generation,
     }

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from control_plane import providers
 from control_plane.providers import ApiFamily, Endpoint, Kind
 from control_plane.registry.models import (
+    BreakerState,
     HealthStatus,
     InstanceConfig,
     InstanceState,
@@ -19,6 +20,7 @@ from control_plane.registry.models import (
     ProviderType,
     RoutingConfig,
     Strategy,
+    config_fingerprint,
 )
 
 # Strategies under which nginx accepts `backup` servers (the next priority tier).
@@ -110,6 +112,7 @@ class ServerSettings:
     js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
+    log_socket: str | None = None  # unix datagram socket of the controller's log stream
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class GatewaySpec:
     shims: tuple[Shim, ...]
     endpoints: tuple[Endpoint, ...]
     aliases: tuple[tuple[str, str], ...]
+    fallbacks: tuple[tuple[str, tuple[str, ...]], ...]
     session_header: str
     generation: int
     excluded: tuple[tuple[str, str], ...]
@@ -153,7 +157,13 @@ def exclusion_reason(config: InstanceConfig, state: InstanceState, world: World)
     if state.status is OperatorStatus.MAINTENANCE:
         return "maintenance"
     if state.health_status is HealthStatus.UNHEALTHY:
-        return "unhealthy"
+        since = f" since {state.unhealthy_since.isoformat()}" if state.unhealthy_since else ""
+        return f"unhealthy{since}"
+    if state.quarantined_reason and state.quarantine_config == config_fingerprint(config):
+        return state.quarantined_reason
+    if state.breaker_state is BreakerState.OPEN:
+        until = f" until {state.breaker_open_until.isoformat()}" if state.breaker_open_until else ""
+        return f"breaker open{until}"
     if state.rate_limited_until is not None and state.rate_limited_until > world.now:
         return f"rate-limited until {state.rate_limited_until.isoformat()}"
     base = providers.base_url(config)
@@ -210,20 +220,28 @@ def build_shim(config: InstanceConfig, world: World, run_dir: str) -> Shim:
     )
 
 
-def _tiered_members(candidates: list[tuple[InstanceConfig, str]], strategy: Strategy) -> tuple[Member, ...]:
-    """Best priority tier serves; the next tier becomes nginx `backup` where the strategy allows it."""
+HALF_OPEN_SCALE = 10  # healthy members' weights are scaled up so a half-open one gets a trickle
+
+
+def _tiered_members(
+    candidates: list[tuple[InstanceConfig, str]], strategy: Strategy, half_open: frozenset[str] = frozenset()
+) -> tuple[Member, ...]:
+    """Best priority tier serves; the next tier becomes nginx `backup` where the strategy allows it.
+    A half-open instance (breaker probing recovery) gets weight 1 against healthy members' scaled weights."""
     tiers = sorted({c.priority for c, _ in candidates})
     if not tiers:
         return ()
     use_backup = strategy in BACKUP_CAPABLE and len(tiers) > 1
     members: list[Member] = []
+    scale = HALF_OPEN_SCALE if half_open & {c.name for c, _ in candidates} else 1
     for config, address in sorted(candidates, key=lambda c: c[0].name):
         if config.priority == tiers[0] or (use_backup and config.priority == tiers[1]):
+            weight = 1 if strategy is Strategy.ROUND_ROBIN else config.weight
             members.append(
                 Member(
                     instance=config.name,
                     address=address,
-                    weight=1 if strategy is Strategy.ROUND_ROBIN else config.weight,
+                    weight=1 if config.name in half_open else weight * scale,
                     max_conns=config.max_concurrent_requests,
                     backup=config.priority != tiers[0],
                 )
@@ -233,6 +251,7 @@ def _tiered_members(candidates: list[tuple[InstanceConfig, str]], strategy: Stra
 
 def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
     excluded: dict[str, str] = {}
+    half_open = frozenset(c.name for c, st in world.instances if st.breaker_state is BreakerState.HALF_OPEN)
     available: list[tuple[InstanceConfig, str]] = []
     shims: list[Shim] = []
     for config, state in world.instances:
@@ -258,7 +277,7 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
     for (family, kind, model), configs in sorted(serving.items()):
         strategy = world.routing.strategies.get(model, world.routing.default_strategy)
         candidates = [(c, address_of[c.name]) for c in configs if c.name in address_of]
-        members = _tiered_members(candidates, strategy)
+        members = _tiered_members(candidates, strategy, half_open)
         in_pool = {m.instance for m in members}
         pool_excluded = tuple(
             (c.name, excluded.get(c.name, "lower priority tier")) for c in configs if c.name not in in_pool
@@ -284,6 +303,7 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
         shims=tuple(sorted(shims, key=lambda s: s.instance)),
         endpoints=providers.ENDPOINTS,
         aliases=tuple(sorted(world.routing.model_aliases.items())),
+        fallbacks=tuple(sorted((m, tuple(chain)) for m, chain in world.routing.fallbacks.items())),
         session_header=world.routing.session_header,
         generation=world.generation,
         excluded=tuple(sorted(excluded.items())),

@@ -74,14 +74,52 @@ function route(r) {
             'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
             {available_models: available});
     }
-    var pool = table[model];
-    if (!pool) {
-        return fail(r, family, 503, 'overloaded_error',
-            'No instance of model ' + JSON.stringify(model) + ' is available right now');
-    }
-    r.variables.gw_model = model;
+    r.variables.gw_base_model = model;
     r.variables.gw_family = ep.family;
-    r.internalRedirect('@' + pool);
+    hop(r, ep, table, body, 0);
+}
+
+// The models to try for a base model: itself, then its fallbacks in order.
+function chainOf(model) {
+    return [model].concat(routes.fallbacks[model] || []);
+}
+
+// Send the request to the first available pool in the chain from position `from`.
+function hop(r, ep, table, body, from) {
+    var chain = chainOf(r.variables.gw_base_model);
+    for (var i = from; i < chain.length; i++) {
+        var model = lookup(table, chain[i]);
+        var pool = model === undefined ? '' : table[model];
+        if (!pool) {
+            continue;
+        }
+        r.variables.gw_hop = String(i);
+        r.variables.gw_model = model;
+        if (model !== body.model) {
+            body.model = model;
+            r.variables.gw_body = JSON.stringify(body);
+            return r.internalRedirect('@' + pool + '_rw');
+        }
+        return r.internalRedirect('@' + pool);
+    }
+    return fail(r, ep.family, 503, 'overloaded_error',
+        'No instance of model ' + JSON.stringify(r.variables.gw_base_model) + ' is available right now');
+}
+
+// error_page target of a pool that could not answer: the next model in the fallback chain, or a 503.
+function next(r) {
+    var ep = endpointOf(r);
+    if (!ep || !r.variables.gw_base_model) {
+        return unavailable(r);
+    }
+    var table = routes.pools[ep.family + '|' + ep.kind] || {};
+    var body;
+    try {
+        body = JSON.parse(r.requestText || '');
+    } catch (e) {
+        return unavailable(r);
+    }
+    hop(r, ep, table, body, Number(r.variables.gw_hop || 0) + 1);
 }
 
 function servedModels(family) {
@@ -165,5 +203,5 @@ function attempts(r) {
     return n ? String(n) : '';
 }
 
-export default {route, models, tags, notFound: notFound, not_found: notFound, unavailable,
+export default {route, next, models, tags, notFound: notFound, not_found: notFound, unavailable,
     too_large: tooLarge, instance, attempts, errorBody};

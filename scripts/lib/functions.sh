@@ -50,3 +50,44 @@ ensure_venv() {
 
 # shellcheck disable=SC2034 # used by the scripts that source this file
 RUNTIME_APT_PACKAGES=(nginx libnginx-mod-http-js openssl ca-certificates curl python3-venv)
+
+# now_ms: milliseconds since the epoch (EPOCHREALTIME's separator follows the locale: keep only digits).
+now_ms() {
+    local us="${EPOCHREALTIME//[!0-9]/}"
+    echo $((us / 1000))
+}
+
+# wait_until SECONDS CMD...: poll CMD every 0.1 s until it succeeds (0) or SECONDS pass (1).
+wait_until() {
+    local deadline=$(($(now_ms) + ${1%.*} * 1000))
+    shift
+    until "$@"; do
+        [ "$(now_ms)" -lt "$deadline" ] || return 1
+        sleep 0.1
+    done
+}
+
+# pid_alive PID: the process exists and is not a zombie (kill -0 succeeds on zombies).
+pid_alive() {
+    local stat
+    [[ "${1:-}" =~ ^[0-9]+$ ]] || return 1
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }"
+    [ "${stat%% *}" != "Z" ]
+}
+
+pid_gone() { ! pid_alive "$1"; }
+
+# proc_cmdline PID: the command line with NULs as spaces (empty when the process is gone).
+proc_cmdline() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null || true; }
+
+# terminate PID NAME SECONDS [SIGNAL]: send SIGNAL (TERM), wait up to SECONDS, then SIGKILL and wait.
+terminate() {
+    local pid="$1" name="$2" timeout="$3" signal="${4:-TERM}"
+    pid_alive "$pid" || return 0
+    kill -s "$signal" "$pid" 2>/dev/null || true
+    wait_until "$timeout" pid_gone "$pid" && return 0
+    log "$name (pid $pid) still runs after ${timeout}s: SIGKILL"
+    kill -s KILL "$pid" 2>/dev/null || true
+    wait_until 5 pid_gone "$pid" || die "$name (pid $pid) survived SIGKILL"
+}

@@ -54,7 +54,9 @@ class FakeStore:
 
     def list_instances(self) -> list[tuple[InstanceConfig, InstanceState]]:
         self._check()
-        return [(c.model_copy(deep=True), self.states[n].model_copy(deep=True)) for n, c in self.configs.items()]
+        return [
+            (c.model_copy(deep=True), self.states[n].model_copy(deep=True)) for n, c in self.configs.items()
+        ]
 
     def get_instance(self, name: str) -> tuple[InstanceConfig, InstanceState]:
         self._check()
@@ -93,7 +95,9 @@ class FakeStore:
         self.routing = routing.model_copy(deep=True)
         self.gen += 1
 
-    def replace_all(self, configs: list[InstanceConfig], routing: RoutingConfig | None, *, merge: bool) -> None:
+    def replace_all(
+        self, configs: list[InstanceConfig], routing: RoutingConfig | None, *, merge: bool
+    ) -> None:
         names = {c.name for c in configs}
         if not merge:
             for name in [n for n in self.configs if n not in names]:
@@ -129,8 +133,15 @@ class FakeReconciler:
         return self.result
 
     def status(self) -> dict[str, object]:
-        return {"checksum": "abc", "applied": None, "last_reload": None, "reloads": 0, "reload_failures": 0,
-                "pools": [], "excluded": {}}
+        return {
+            "checksum": "abc",
+            "applied": None,
+            "last_reload": None,
+            "reloads": 0,
+            "reload_failures": 0,
+            "pools": [],
+            "excluded": {},
+        }
 
 
 class Clock:
@@ -178,7 +189,13 @@ async def api(aiohttp_client: Any) -> Api:
 
 
 def config(name: str = "inst-a", **extra: Any) -> dict[str, Any]:
-    return {"name": name, "provider_type": "openai", "api_key": SECRET, "supported_models": ["gpt-4o"], **extra}
+    return {
+        "name": name,
+        "provider_type": "openai",
+        "api_key": SECRET,
+        "supported_models": ["gpt-4o"],
+        **extra,
+    }
 
 
 async def create(api: Api, name: str = "inst-a", **extra: Any) -> dict[str, Any]:
@@ -195,7 +212,12 @@ def fields(body: dict[str, Any]) -> set[str]:
 
 
 async def test_missing_and_wrong_key_are_401(api: Api) -> None:
-    for headers in ({}, {"X-Admin-API-Key": "nope"}, {"Authorization": "Bearer nope"}, {"Authorization": ADMIN}):
+    for headers in (
+        {},
+        {"X-Admin-API-Key": "nope"},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": ADMIN},
+    ):
         status, body, resp_headers = await api.call("GET", "/admin/instances", auth=False, headers=headers)
         assert status == 401
         assert body == {"error": "unauthorized"}
@@ -205,7 +227,9 @@ async def test_missing_and_wrong_key_are_401(api: Api) -> None:
 async def test_header_and_bearer_keys_are_accepted(api: Api) -> None:
     status, _, _ = await api.call("GET", "/admin/instances", auth=False, headers=AUTH)
     assert status == 200
-    status, _, _ = await api.call("GET", "/admin/instances", auth=False, headers={"Authorization": f"Bearer {ADMIN}"})
+    status, _, _ = await api.call(
+        "GET", "/admin/instances", auth=False, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
     assert status == 200
 
 
@@ -226,7 +250,9 @@ async def test_unknown_routes_answer_json(api: Api) -> None:
 
 async def test_failed_authentications_are_throttled(api: Api) -> None:
     for _ in range(10):
-        assert (await api.call("GET", "/admin/status", auth=False, headers={"X-Admin-API-Key": "x"}))[0] == 401
+        assert (await api.call("GET", "/admin/status", auth=False, headers={"X-Admin-API-Key": "x"}))[
+            0
+        ] == 401
     api.clock.now += 20
     status, body, headers = await api.call("GET", "/admin/status")  # even the right key: no oracle
     assert status == 429 and body["error"] == "too_many_requests"
@@ -301,13 +327,20 @@ async def test_not_found_and_conflict(api: Api) -> None:
 
 
 async def test_routing_get_and_put(api: Api) -> None:
-    routing = {"model_aliases": {"gpt4": "gpt-4o"}, "default_strategy": "least_connections",
-               "strategies": {"gpt-4o": "round_robin"}, "session_header": "X-Session"}
+    routing = {
+        "model_aliases": {"gpt4": "gpt-4o"},
+        "default_strategy": "least_connections",
+        "strategies": {"gpt-4o": "round_robin"},
+        "session_header": "X-Session",
+    }
     status, body, _ = await api.call("PUT", "/admin/routing", json=routing)
-    assert status == 200 and body == routing
-    assert (await api.call("GET", "/admin/routing"))[1] == routing
+    assert status == 200 and body == RoutingConfig.model_validate(routing).model_dump(mode="json")
+    assert body.items() >= routing.items()
+    assert (await api.call("GET", "/admin/routing"))[1] == body
     assert api.reconciler.reasons == ["routing updated"]
-    status, body, _ = await api.call("PUT", "/admin/routing", json={**routing, "session_header": "bad header"})
+    status, body, _ = await api.call(
+        "PUT", "/admin/routing", json={**routing, "session_header": "bad header"}
+    )
     assert status == 422 and fields(body) == {"session_header"}
 
 
@@ -344,17 +377,29 @@ async def test_partial_config_update_merges(api: Api) -> None:
     assert api.reconciler.reasons[-1] == "instance inst-a configuration updated"
 
 
+async def test_partial_update_merges_nested_health_policy(api: Api) -> None:
+    await create(api, health={"rise": 4, "fall": 6})
+    status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"health": {"fall": 7}})
+    assert status == 200 and (body["health"]["rise"], body["health"]["fall"]) == (4, 7)
+    status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"health": {"rise": 0}})
+    assert status == 422 and fields(body) == {"health.rise"}
+
+
 async def test_partial_update_masked_key_keeps_and_null_clears(api: Api) -> None:
     created = await create(api)
     masked = created["config"]["api_key"]
     assert masked.startswith("****") and masked != SECRET
     generation = api.store.gen
-    status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"api_key": masked, "name": "inst-a"})
+    status, body, _ = await api.call(
+        "PUT", "/admin/instances/inst-a/config", json={"api_key": masked, "name": "inst-a"}
+    )
     assert status == 200 and api.store.configs["inst-a"].api_key == SECRET
     assert api.store.gen == generation  # nothing changed: no write, no reload
     status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"api_key": None})
     assert status == 200 and body["api_key"] is None and api.store.configs["inst-a"].api_key is None
-    status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"api_key": "env:OPENAI_KEY"})
+    status, body, _ = await api.call(
+        "PUT", "/admin/instances/inst-a/config", json={"api_key": "env:OPENAI_KEY"}
+    )
     assert body["api_key"] == "env:OPENAI_KEY"  # references are not secret
 
 
@@ -386,7 +431,9 @@ async def test_partial_update_rejects_name_change_and_unknown_fields(api: Api) -
         (config(supported_models=["ok", "bad model"]), "supported_models.1"),
     ],
 )
-async def test_invalid_instance_is_422_naming_the_field(api: Api, payload: dict[str, Any], field_name: str) -> None:
+async def test_invalid_instance_is_422_naming_the_field(
+    api: Api, payload: dict[str, Any], field_name: str
+) -> None:
     before = api.store.snapshot()
     status, body, _ = await api.call("POST", "/admin/instances", json=payload)
     assert status == 422
@@ -409,11 +456,17 @@ async def test_invalid_path_name_is_422(api: Api) -> None:
 async def test_body_errors(api: Api) -> None:
     await create(api)
     before = api.store.snapshot()
-    status, body, _ = await api.call("POST", "/admin/instances", data=b"{not json", headers={"Content-Type": "application/json"})
+    status, body, _ = await api.call(
+        "POST", "/admin/instances", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert (status, body["error"]) == (400, "invalid_json")
-    status, body, _ = await api.call("POST", "/admin/instances", data=b'{"weight": NaN}', headers={"Content-Type": "application/json"})
+    status, body, _ = await api.call(
+        "POST", "/admin/instances", data=b'{"weight": NaN}', headers={"Content-Type": "application/json"}
+    )
     assert (status, body["error"]) == (400, "invalid_json")
-    status, body, _ = await api.call("POST", "/admin/instances", data=json.dumps(config("x")), headers={"Content-Type": "text/plain"})
+    status, body, _ = await api.call(
+        "POST", "/admin/instances", data=json.dumps(config("x")), headers={"Content-Type": "text/plain"}
+    )
     assert (status, body["error"]) == (415, "unsupported_media_type")
     status, body, _ = await api.call("POST", "/admin/instances", json=[config("x")])
     assert status == 422 and fields(body) == {"body"}
@@ -482,16 +535,25 @@ async def test_import_replace_deletes_and_rejects_bad_documents(api: Api) -> Non
     )
     assert status == 422 and fields(body) == {"body"}
     assert api.store.snapshot() == before
-    status, body, _ = await api.call("POST", "/admin/config/import?mode=replace", json={"instances": [config("solo")]})
+    status, body, _ = await api.call(
+        "POST", "/admin/config/import?mode=replace", json={"instances": [config("solo")]}
+    )
     assert status == 200 and set(api.store.configs) == {"solo"}
 
 
 LEGACY = {
     "instance_configs": {
-        "legacy-1": {"name": "legacy-1", "provider_type": "azure_openai", "api_key": SECRET,
-                     "api_base": "https://x.openai.azure.com", "api_version": "2024-02-01",
-                     "supported_models": "gpt-4o, gpt-4o-mini", "priority": 2, "weight": "",
-                     "model_deployments": {"gpt-4o": "gpt4o-prod"}},
+        "legacy-1": {
+            "name": "legacy-1",
+            "provider_type": "azure_openai",
+            "api_key": SECRET,
+            "api_base": "https://x.openai.azure.com",
+            "api_version": "2024-02-01",
+            "supported_models": "gpt-4o, gpt-4o-mini",
+            "priority": 2,
+            "weight": "",
+            "model_deployments": {"gpt-4o": "gpt4o-prod"},
+        },
         "legacy-2": {"provider_type": "openai", "api_key": "env:OPENAI_KEY", "max_tpm": 1000},
     },
     "instance_states": {
@@ -525,8 +587,10 @@ async def test_migrate_invalid_changes_nothing(api: Api) -> None:
 
 async def test_migrate_ollama_lists(api: Api) -> None:
     await create(api)
-    items = [{"base_url": "http://10.0.0.5:11434", "instance_type": "embeddings"},
-             {"name": "gpu-box", "base_url": "http://gpu.local:11434/", "enabled": False}]
+    items = [
+        {"base_url": "http://10.0.0.5:11434", "instance_type": "embeddings"},
+        {"name": "gpu-box", "base_url": "http://gpu.local:11434/", "enabled": False},
+    ]
     status, body, _ = await api.call("POST", "/admin/instances/migrate", json=items)
     assert status == 200 and body["imported"] == ["ollama-10-0-0-5-11434", "gpu-box"]
     assert set(api.store.configs) == {"inst-a", "ollama-10-0-0-5-11434", "gpu-box"}  # merge keeps inst-a

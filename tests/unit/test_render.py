@@ -24,6 +24,7 @@ from control_plane.render.spec import ServerSettings, World, build_spec
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 PROXY_HEADERS_PER_POOL = 8  # the proxy_common macro in servers.conf.j2
+LOCATIONS_PER_POOL = 2  # as sent, and with the body rewritten (alias or fallback)
 
 
 def spec_for(configs: list[InstanceConfig], routing: RoutingConfig | None = None):  # type: ignore[no-untyped-def]
@@ -186,11 +187,12 @@ def test_random_registry_content_cannot_inject_directives(
     assert counts["upstream"] == empty["upstream"] + sum(1 for p in spec.pools if p.members) + len(spec.shims)
     assert counts["map"] == empty["map"] + sum(1 for s in spec.shims if s.maps_deployments)
     assert counts["location"] == empty["location"] + sum(
-        1 for p in spec.pools if p.members
+        LOCATIONS_PER_POOL for p in spec.pools if p.members
     ) + sum(len(s.routes) + 1 for s in spec.shims)
     assert counts["listen"] == 1 + len(spec.shims)
+    assert counts["proxy_set_body"] == sum(1 for p in spec.pools if p.members)
     assert counts["proxy_set_header"] == empty["proxy_set_header"] + sum(
-        PROXY_HEADERS_PER_POOL for p in spec.pools if p.members
+        PROXY_HEADERS_PER_POOL * LOCATIONS_PER_POOL for p in spec.pools if p.members
     ) + sum(3 + len(s.headers) for s in spec.shims)
     # The generated JS data is JSON: it parses back to exactly routes_data.
     body = tree.files["routes.js"].split("export default ", 1)[1].rstrip().rstrip(";")

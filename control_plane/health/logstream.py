@@ -1,0 +1,132 @@
+"""nginx's JSON access log, one syslog datagram per request: parsing (pure) and the receiver (effect)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The nginx side of this contract: the log_format in http.conf.j2.
+LOG_TAG = "ishgw"
+_SPLIT = re.compile(r", | : ")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    address: str
+    status: int | None  # None: no answer recorded ("-")
+    response_ms: float | None
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    at: float  # unix seconds
+    request_id: str
+    pool: str
+    model: str
+    status: int
+    request_ms: float
+    attempts: tuple[Attempt, ...]
+    retry_after: str
+    retry_after_ms: str
+    key_id: str = ""
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _status(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, ...]:
+    if not addresses or addresses == "-":
+        return ()
+    addrs = _SPLIT.split(addresses)
+    codes = _SPLIT.split(statuses) if statuses else []
+    durations = _SPLIT.split(times) if times else []
+    attempts = []
+    for index, address in enumerate(addrs):
+        code = _status(codes[index]) if index < len(codes) else None
+        seconds = _number(durations[index]) if index < len(durations) else None
+        attempts.append(Attempt(address, code, None if seconds is None else seconds * 1000))
+    return tuple(attempts)
+
+
+def parse_datagram(data: bytes) -> LogRecord | None:
+    """One syslog datagram (RFC 3164 framing from nginx) -> LogRecord, or None when it is not ours."""
+    text = data.decode("utf-8", errors="replace")
+    start = text.find("{")
+    if start < 0 or f"{LOG_TAG}:" not in text[:start]:
+        return None
+    try:
+        raw = json.loads(text[start:])
+    except ValueError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    fields = {k: str(v) for k, v in raw.items()}
+    return LogRecord(
+        at=_number(fields.get("t", "")) or 0.0,
+        request_id=fields.get("rid", ""),
+        pool=fields.get("pool", ""),
+        model=fields.get("model", ""),
+        status=_status(fields.get("st", "")) or 0,
+        request_ms=(_number(fields.get("rt", "")) or 0.0) * 1000,
+        attempts=parse_attempts(fields.get("ua", ""), fields.get("us", ""), fields.get("urt", "")),
+        retry_after=fields.get("ra", ""),
+        retry_after_ms=fields.get("ram", ""),
+        key_id=fields.get("key", ""),
+    )
+
+
+def retry_after_seconds(retry_after: str, retry_after_ms: str, now: float) -> float | None:
+    """Seconds to wait from Retry-After (delta seconds or HTTP-date) or retry-after-ms; None if absent."""
+    ms = _number(retry_after_ms.strip()) if retry_after_ms and retry_after_ms != "-" else None
+    if ms is not None and ms >= 0:
+        return ms / 1000
+    value = retry_after.strip() if retry_after else ""
+    if not value or value == "-":
+        return None
+    seconds = _number(value)
+    if seconds is not None:
+        return max(0.0, seconds)
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    return None
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, sink: Callable[[LogRecord], None]) -> None:
+        self.sink = sink
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        record = parse_datagram(data)
+        if record is not None:
+            try:
+                self.sink(record)
+            except Exception:  # one bad record must not stop the stream
+                log.exception("log record handling failed")
+
+
+async def listen(path: Path, sink: Callable[[LogRecord], None]) -> asyncio.DatagramTransport:
+    """Bind a unix datagram socket that nginx workers (another user) can write to."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(sink), local_addr=str(path), family=1)
+    os.chmod(path, 0o666)
+    return transport

@@ -1,0 +1,161 @@
+"""Effects around the HealthTracker: the prober loop, the log stream sink, and the state flusher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+from control_plane.health import logstream
+from control_plane.health.logstream import LogRecord
+from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
+from control_plane.health.tracker import HealthTracker
+from control_plane.reconciler import Reconciler
+from control_plane.registry.models import InstanceConfig
+from control_plane.registry.store import Store
+from control_plane.render.spec import GatewaySpec, World
+
+log = logging.getLogger(__name__)
+
+MAX_PROBES_IN_FLIGHT = 64
+SCHEDULER_TICK_S = 0.25
+FLUSH_INTERVAL_S = 0.5
+
+
+class HealthService:
+    def __init__(self, store: Store, reconciler: Reconciler, log_socket: Path, probes_enabled: bool = True) -> None:
+        self.store = store
+        self.reconciler = reconciler
+        self.log_socket = log_socket
+        self.probes_enabled = probes_enabled
+        self.tracker = HealthTracker()
+        self.configs: dict[str, InstanceConfig] = {}
+        self.secrets: dict[str, str] = {}
+        self._due: dict[str, float] = {}
+        self._in_flight: set[str] = set()
+        self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
+        self._session: aiohttp.ClientSession | None = None
+        self.records = 0
+        reconciler.observers.append(self.on_world)
+
+    # --- registry view, called by the reconciler after each pass ----------------------------------
+    def on_world(self, world: World, spec: GatewaySpec) -> None:
+        self.configs = {c.name: c for c, _ in world.instances}
+        self.secrets = dict(world.secrets)
+        self.tracker.sync(list(world.instances), spec.address_names(), time.monotonic(), time.time())
+        now = time.monotonic()
+        for name in list(self._due):
+            if name not in self.configs:
+                del self._due[name]
+        for name, config in self.configs.items():
+            # First probe soon, spread out so 1,000 instances do not fire at once.
+            self._due.setdefault(name, now + random.uniform(0, min(1.0, config.health.probe_interval_s)))
+
+    # --- passive ----------------------------------------------------------------------------------
+    def on_log(self, record: LogRecord) -> None:
+        self.records += 1
+        self.tracker.observe(record, time.monotonic())
+
+    # --- active -----------------------------------------------------------------------------------
+    async def probe_now(self, name: str) -> ProbeResult:
+        config = self.configs.get(name)
+        if config is None:
+            fresh = await asyncio.to_thread(self.store.get_instance, name)  # raises NotFound
+            config = fresh[0]
+        result = await self._probe(config)
+        self.tracker.probe(name, result, time.time())
+        return result
+
+    async def _probe(self, config: InstanceConfig) -> ProbeResult:
+        request = probe_request(config, self.secrets.get(config.name))
+        if request is None:
+            return ProbeResult(Outcome.FAIL, "no api_base configured", 0.0)
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=config.health.probe_timeout_s)
+        started = time.perf_counter()
+        async with self._limit:
+            try:
+                async with self._session.get(request.url, headers=request.headers, timeout=timeout) as response:
+                    body = await response.content.read(1 << 20)
+                    latency = (time.perf_counter() - started) * 1000
+                    retry = logstream.retry_after_seconds(
+                        response.headers.get("Retry-After", ""), response.headers.get("retry-after-ms", ""),
+                        time.time(),
+                    )
+                    return evaluate(request, response.status, body, latency, retry)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                latency = (time.perf_counter() - started) * 1000
+                return ProbeResult(Outcome.FAIL, f"{type(exc).__name__}: {exc}"[:200], latency)
+
+    async def _probe_one(self, name: str) -> None:
+        try:
+            config = self.configs.get(name)
+            if config is not None:
+                self.tracker.probe(name, await self._probe(config), time.time())
+        finally:
+            self._in_flight.discard(name)
+
+    async def run_prober(self) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            now = time.monotonic()
+            for name, due in list(self._due.items()):
+                config = self.configs.get(name)
+                if due > now or name in self._in_flight or config is None:
+                    continue
+                interval = config.health.probe_interval_s
+                self._due[name] = now + interval * random.uniform(0.9, 1.1)
+                if not config.enabled:
+                    continue
+                self._in_flight.add(name)
+                task = asyncio.create_task(self._probe_one(name))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.sleep(SCHEDULER_TICK_S)
+
+    # --- persistence ------------------------------------------------------------------------------
+    async def flush(self) -> None:
+        tracker = self.tracker
+        tracker.tick(time.monotonic(), time.time())
+        if tracker.dirty:
+            names, tracker.dirty = tracker.dirty, set()
+            now_wall, now_mono = time.time(), time.monotonic()
+            patches = {n: tracker.state_fields(n, now_wall, now_mono) for n in names if n in tracker.instances}
+            await asyncio.to_thread(self.store.patch_states, patches)
+        if tracker.changed:
+            tracker.changed = False
+            self.reconciler.request("health verdict")
+
+    async def run_flusher(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                await self.flush()
+            except Exception:  # keep flushing whatever one pass did
+                log.exception("health flush failed")
+
+    async def context(self) -> AsyncIterator[None]:
+        """Start everything; stop it on exit (an aiohttp cleanup_ctx body)."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=MAX_PROBES_IN_FLIGHT, ttl_dns_cache=60)
+        )
+        transport = await logstream.listen(self.log_socket, self.on_log)
+        tasks = [asyncio.create_task(self.run_flusher(), name="health-flusher")]
+        if self.probes_enabled:
+            tasks.append(asyncio.create_task(self.run_prober(), name="prober"))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            transport.close()
+            await self._session.close()

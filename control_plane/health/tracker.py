@@ -1,0 +1,270 @@
+"""Health verdicts per instance from probes and the request log: windows, breaker, rate limits, quarantine.
+
+The tracker is synchronous and clock-injected (easy to test); the effects around it (prober, log receiver,
+flusher) feed it and persist what it decides. `changed` tells them when membership may differ.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from control_plane.health import breaker as br
+from control_plane.health.logstream import LogRecord, retry_after_seconds
+from control_plane.health.probes import Outcome, ProbeResult
+from control_plane.registry.models import (
+    BreakerState,
+    HealthPolicy,
+    HealthStatus,
+    InstanceConfig,
+    InstanceState,
+    config_fingerprint,
+)
+
+PROBE_HISTORY = 50
+WINDOW_MAX = 2000
+DEFAULT_429_COOLDOWN_S = 20.0
+CREDENTIAL_STATUSES = frozenset({401, 402, 403})
+
+
+def classify(status: int | None) -> str:
+    """What one upstream answer says about the instance (never the client's mistakes)."""
+    if status is None or status >= 500:
+        return "failure"
+    if status == 429:
+        return "rate_limited"
+    if status in CREDENTIAL_STATUSES:
+        return "credential"
+    return "ok"
+
+
+@dataclass
+class InstanceHealth:
+    policy: HealthPolicy
+    fingerprint: str
+    window: deque[br.Sample] = field(default_factory=lambda: deque(maxlen=WINDOW_MAX))
+    breaker: br.Breaker = field(default_factory=br.Breaker)
+    probes: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=PROBE_HISTORY))
+    probe_ok_streak: int = 0
+    probe_fail_streak: int = 0
+    health: HealthStatus = HealthStatus.UNKNOWN
+    unhealthy_since: datetime | None = None
+    rate_limited_until: float = 0.0  # unix seconds
+    quarantined: str | None = None
+    total: int = 0
+    successful: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_error_time: datetime | None = None
+    last_used: datetime | None = None
+    discovered: tuple[str, ...] = ()
+    probe_latency_ms: float | None = None
+    last_probe_at: datetime | None = None
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))  # request times (unix)
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _adopt(entry: InstanceHealth, state: InstanceState, now_mono: float, now_wall: float) -> InstanceHealth:
+    """Start from what the store says, so a controller restart keeps every verdict."""
+    entry.health, entry.unhealthy_since = state.health_status, state.unhealthy_since
+    entry.total, entry.successful, entry.errors = state.total_requests, state.successful_requests, state.error_count
+    entry.last_error, entry.last_error_time, entry.last_used = state.last_error, state.last_error_time, state.last_used
+    entry.discovered = tuple(state.discovered_models)
+    if state.rate_limited_until is not None:
+        entry.rate_limited_until = state.rate_limited_until.timestamp()
+    if state.quarantined_reason and state.quarantine_config == entry.fingerprint:
+        entry.quarantined = state.quarantined_reason
+    if state.breaker_state is BreakerState.OPEN and state.breaker_open_until is not None:
+        left = state.breaker_open_until.timestamp() - now_wall
+        entry.breaker = br.Breaker(state=BreakerState.OPEN, open_until=now_mono + left, reason="restored")
+    elif state.breaker_state is BreakerState.HALF_OPEN:
+        entry.breaker = br.Breaker(state=BreakerState.HALF_OPEN)
+    if entry.health is HealthStatus.HEALTHY:
+        entry.probe_ok_streak = entry.policy.rise
+    elif entry.health is HealthStatus.UNHEALTHY:
+        entry.probe_fail_streak = entry.policy.fall
+    return entry
+
+
+class HealthTracker:
+    def __init__(self) -> None:
+        self.instances: dict[str, InstanceHealth] = {}
+        self.addresses: dict[str, str] = {}
+        self.changed = False  # membership may differ: reconcile
+        self.dirty: set[str] = set()  # state worth persisting
+
+    # --- registry view ----------------------------------------------------------------------------
+    def sync(
+        self,
+        instances: list[tuple[InstanceConfig, InstanceState]],
+        addresses: dict[str, str],
+        now_mono: float,
+        now_wall: float,
+    ) -> None:
+        """Follow the registry: a new entry adopts the stored verdicts (a restart changes nothing);
+        a changed configuration lifts a quarantine."""
+        self.addresses = dict(addresses)
+        current = {c.name: (c, s) for c, s in instances}
+        for name in list(self.instances):
+            if name not in current:
+                del self.instances[name]
+        for name, (config, state) in current.items():
+            fingerprint = config_fingerprint(config)
+            entry = self.instances.get(name)
+            if entry is None:
+                self.instances[name] = _adopt(InstanceHealth(config.health, fingerprint), state, now_mono, now_wall)
+                continue
+            if entry.fingerprint != fingerprint:
+                entry.policy, entry.fingerprint = config.health, fingerprint
+                if entry.quarantined:
+                    entry.quarantined = None
+                    self._mark(name, membership=True)
+
+    def _mark(self, name: str, membership: bool = False) -> None:
+        self.dirty.add(name)
+        self.changed = self.changed or membership
+
+    # --- passive: one request log line ------------------------------------------------------------
+    def observe(self, record: LogRecord, now_mono: float) -> None:
+        last = len(record.attempts) - 1
+        for index, attempt in enumerate(record.attempts):
+            name = self.addresses.get(attempt.address)
+            entry = self.instances.get(name) if name else None
+            if entry is None or name is None:
+                continue
+            verdict = classify(attempt.status)
+            entry.total += 1
+            entry.recent.append(record.at)
+            entry.last_used = _utc(record.at)
+            self.dirty.add(name)
+            if verdict == "rate_limited":
+                wait = retry_after_seconds(record.retry_after, record.retry_after_ms, record.at) if index == last else None
+                self._rate_limit(name, entry, record.at, wait)
+                continue
+            if verdict == "credential":
+                entry.quarantined = f"credential rejected (HTTP {attempt.status})"
+                entry.last_error, entry.last_error_time = entry.quarantined, _utc(record.at)
+                self._mark(name, membership=True)
+                continue
+            ok = verdict == "ok"
+            if ok:
+                entry.successful += 1
+            else:
+                entry.errors += 1
+                entry.last_error = f"HTTP {attempt.status}" if attempt.status else "no response"
+                entry.last_error_time = _utc(record.at)
+            self._fold(name, entry, br.Sample(now_mono, ok, attempt.response_ms or 0.0))
+
+    def _fold(self, name: str, entry: InstanceHealth, sample: br.Sample) -> None:
+        horizon = sample.at - entry.policy.breaker_window_s
+        entry.window.append(sample)
+        while entry.window and entry.window[0].at < horizon:
+            entry.window.popleft()
+        before = entry.breaker.state
+        entry.breaker = br.observe(entry.breaker, sample, entry.window, entry.policy)
+        if entry.breaker.state is not before:
+            if entry.breaker.state is BreakerState.CLOSED:
+                entry.window.clear()
+            self._mark(name, membership=True)
+
+    def _rate_limit(self, name: str, entry: InstanceHealth, at: float, wait: float | None) -> None:
+        until = at + (wait if wait is not None else DEFAULT_429_COOLDOWN_S)
+        if until > entry.rate_limited_until + 0.5:
+            entry.rate_limited_until = until
+            entry.last_error, entry.last_error_time = "HTTP 429", _utc(at)
+            self._mark(name, membership=True)
+
+    # --- active: probes ---------------------------------------------------------------------------
+    def probe(self, name: str, result: ProbeResult, now_wall: float) -> None:
+        entry = self.instances.get(name)
+        if entry is None:
+            return
+        entry.probes.append(
+            {"at": _utc(now_wall).isoformat(), "outcome": str(result.outcome), "detail": result.detail,
+             "latency_ms": round(result.latency_ms, 2)}
+        )
+        entry.probe_latency_ms, entry.last_probe_at = result.latency_ms, _utc(now_wall)
+        self.dirty.add(name)
+        if result.outcome is Outcome.RATE_LIMITED:
+            self._rate_limit(name, entry, now_wall, result.retry_after_s)
+            return
+        if result.outcome is Outcome.CREDENTIAL:
+            if entry.quarantined is None:
+                entry.quarantined = result.detail
+                self._mark(name, membership=True)
+            return
+        ok = result.outcome is Outcome.OK
+        if ok:
+            entry.discovered = result.models or entry.discovered
+            entry.probe_ok_streak += 1
+            entry.probe_fail_streak = 0
+            if entry.quarantined:
+                entry.quarantined = None
+                self._mark(name, membership=True)
+        else:
+            entry.probe_fail_streak += 1
+            entry.probe_ok_streak = 0
+            entry.last_error, entry.last_error_time = f"probe: {result.detail}", _utc(now_wall)
+        self._probe_verdict(name, entry, now_wall)
+
+    def _probe_verdict(self, name: str, entry: InstanceHealth, now_wall: float) -> None:
+        if entry.health is not HealthStatus.HEALTHY and entry.probe_ok_streak >= entry.policy.rise:
+            entry.health, entry.unhealthy_since = HealthStatus.HEALTHY, None
+            self._mark(name, membership=True)
+        elif entry.health is not HealthStatus.UNHEALTHY and entry.probe_fail_streak >= entry.policy.fall:
+            entry.health, entry.unhealthy_since = HealthStatus.UNHEALTHY, _utc(now_wall)
+            self._mark(name, membership=True)
+
+    # --- time -------------------------------------------------------------------------------------
+    def tick(self, now_mono: float, now_wall: float) -> None:
+        for name, entry in self.instances.items():
+            before = entry.breaker.state
+            entry.breaker = br.tick(entry.breaker, now_mono)
+            if entry.breaker.state is not before:
+                self._mark(name, membership=True)
+            if entry.rate_limited_until and now_wall >= entry.rate_limited_until:
+                entry.rate_limited_until = 0.0
+                self._mark(name, membership=True)
+
+    # --- views ------------------------------------------------------------------------------------
+    def state_fields(self, name: str, now_wall: float, now_mono: float) -> dict[str, object]:
+        """The observed fields of InstanceState this tracker owns."""
+        entry = self.instances[name]
+        minute = now_wall - 60
+        rpm = sum(1 for t in entry.recent if t >= minute)
+        latencies = [s.latency_ms for s in entry.window if s.ok]
+        open_left = entry.breaker.open_until - now_mono
+        return {
+            "health_status": entry.health,
+            "unhealthy_since": entry.unhealthy_since,
+            "connection_status": "connected" if entry.health is HealthStatus.HEALTHY else (
+                "disconnected" if entry.health is HealthStatus.UNHEALTHY else "unknown"),
+            "error_count": entry.errors,
+            "last_error": entry.last_error,
+            "last_error_time": entry.last_error_time,
+            "rate_limited_until": _utc(entry.rate_limited_until) if entry.rate_limited_until else None,
+            "current_rpm": rpm,
+            "total_requests": entry.total,
+            "successful_requests": entry.successful,
+            "last_used": entry.last_used,
+            "avg_latency_ms": round(sum(latencies) / len(latencies), 2) if latencies else 0.0,
+            "discovered_models": list(entry.discovered),
+            "breaker_state": entry.breaker.state,
+            "breaker_open_until": _utc(now_wall + open_left) if entry.breaker.state is BreakerState.OPEN else None,
+            "quarantined_reason": entry.quarantined,
+            "quarantine_config": entry.fingerprint if entry.quarantined else None,
+            "last_probe_at": entry.last_probe_at,
+            "probe_latency_ms": entry.probe_latency_ms,
+        }
+
+    def history(self, name: str) -> list[dict[str, object]]:
+        entry = self.instances.get(name)
+        return list(entry.probes) if entry else []
+
+    def breaker_reason(self, name: str) -> str | None:
+        entry = self.instances.get(name)
+        return entry.breaker.reason if entry else None
