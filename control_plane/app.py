@@ -1,4 +1,6 @@
-"""create_app(settings) -> the controller: admin API, reconcile loop, metrics. Effects start in cleanup_ctx."""
+"""create_app(settings) -> the controller: admin API, reconcile loop, health, metrics.
+
+Effects start in cleanup_ctx."""
 
 from __future__ import annotations
 

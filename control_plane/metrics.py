@@ -20,9 +20,16 @@ class GatewayMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
-        self.generation = Gauge("ishgw_config_generation", "registry configuration generation", registry=registry)
+        self.generation = Gauge(
+            "ishgw_config_generation", "registry configuration generation", registry=registry
+        )
         self.pools = Gauge("ishgw_pools", "rendered pools", registry=registry)
         self.pool_members = Gauge(
-            "ishgw_pool_available_instances", "available instances per pool", ["pool", "model"], registry=registry
+            "ishgw_pool_available_instances",
+            "available instances per pool",
+            ["pool", "model"],
+            registry=registry,
         )
-        self.excluded = Gauge("ishgw_instances_excluded", "instances left out of every pool", registry=registry)
+        self.excluded = Gauge(
+            "ishgw_instances_excluded", "instances left out of every pool", registry=registry
+        )

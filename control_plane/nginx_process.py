@@ -96,8 +96,12 @@ class NginxProcess:
 
     async def _run(self, *args: str) -> TestResult:
         proc = await asyncio.create_subprocess_exec(
-            self.binary, "-p", str(self.prefix) + "/", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            self.binary,
+            "-p",
+            str(self.prefix) + "/",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         out, _ = await proc.communicate()
         return TestResult(proc.returncode == 0, out.decode(errors="replace").strip())
@@ -142,7 +146,7 @@ class NginxProcess:
             key=lambda p: p.stat().st_mtime,
             reverse=True,
         )
-        for old in entries[self.generations_kept:]:
+        for old in entries[self.generations_kept :]:
             if old.name not in (live, keep_also):
                 shutil.rmtree(old, ignore_errors=True)
 

@@ -162,7 +162,11 @@ class Reconciler:
     async def _wait_live(self, checksum: str) -> bool:
         """True once nginx answers /health with the new checksum on several fresh connections in a row
         (old workers may still accept for a moment after the HUP)."""
-        host = "127.0.0.1" if self.server.listen_address in ("0.0.0.0", "*", "::") else self.server.listen_address
+        host = (
+            "127.0.0.1"
+            if self.server.listen_address in ("0.0.0.0", "*", "::")
+            else self.server.listen_address
+        )
         url = f"http://{host}:{self.server.http_port}/health"
         deadline = time.monotonic() + self.timing.live_timeout_s
         timeout = aiohttp.ClientTimeout(total=1)
@@ -180,7 +184,13 @@ class Reconciler:
         return False
 
     def _finish(
-        self, ok: bool, changed: bool, checksum: str | None, generation: int, error: str | None, started: float
+        self,
+        ok: bool,
+        changed: bool,
+        checksum: str | None,
+        generation: int,
+        error: str | None,
+        started: float,
     ) -> ReconcileResult:
         result = ReconcileResult(
             ok=ok,

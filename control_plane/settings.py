@@ -36,7 +36,6 @@ class Settings(BaseSettings):
 
     probes_enabled: bool = Field(default=True, description="Active health probes")
     log_stream_enabled: bool = Field(default=True, description="nginx access log stream to the controller")
-    default_strategy: str = "weighted"
     expose_instance_headers: bool = True
     client_max_body_size_mb: int = Field(default=16, ge=1, le=1024)
     status_allow: list[str] = Field(default_factory=list, description="Extra CIDRs for /nginx_status")

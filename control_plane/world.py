@@ -47,9 +47,7 @@ async def resolve_host(host: str, timeout: float = 3.0) -> tuple[str, ...]:
         pass
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout=timeout
-        )
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout=timeout)
     except (OSError, TimeoutError):
         return ()
     addresses = sorted({str(info[4][0]) for info in infos}, key=lambda a: (":" in a, a))

@@ -148,7 +148,12 @@ def _instance_schemas() -> dict[str, Schema]:
         },
         ["name", "config", "state"],
     )
+    unmasked = {"not": {"type": "string", "pattern": r"^\*\*\*\*"}}
     return {
+        "NewInstance": {
+            "description": "A new instance's configuration; api_key must not be a masked value ('****...')",
+            "allOf": [_ref("InstanceConfig"), {"properties": {"api_key": unmasked}}],
+        },
         "Instance": item,
         "InstanceList": _object({"instances": {"type": "array", "items": _ref("Instance")}}, ["instances"]),
     }
@@ -250,6 +255,30 @@ def _runtime_schemas() -> dict[str, Schema]:
             {"ok": {"type": "boolean"}, "error": {"type": ["string", "null"]}}, ["ok"], extra=True
         ),
         "Health": _object({"ok": {"const": True}}, ["ok"]),
+        "ProbeResult": _object(
+            {
+                "name": {"type": "string"},
+                "outcome": {"enum": ["ok", "fail", "credential_rejected", "rate_limited"]},
+                "detail": {"type": "string"},
+                "latency_ms": {"type": "number"},
+                "models": {"type": "array", "items": {"type": "string"}},
+            },
+            ["name", "outcome", "detail", "latency_ms", "models"],
+        ),
+        "InstanceHealth": _object(
+            {
+                "name": {"type": "string"},
+                "health_status": {"enum": ["unknown", "healthy", "unhealthy"]},
+                "breaker_state": {"enum": ["closed", "open", "half_open"]},
+                "breaker_reason": {"type": ["string", "null"]},
+                "breaker_open_until": {"type": ["string", "null"]},
+                "rate_limited_until": {"type": ["string", "null"]},
+                "quarantined_reason": {"type": ["string", "null"]},
+                "unhealthy_since": {"type": ["string", "null"]},
+                "probes": {"type": "array", "items": {"type": "object"}},
+            },
+            ["name", "health_status", "breaker_state", "probes"],
+        ),
     }
 
 
@@ -367,7 +396,7 @@ def _instance_paths() -> Schema:
                 "create_instance",
                 "Create an instance",
                 {**_ok("Created", "Instance", "201"), **_errors(409, *BODY_ERRORS)},
-                requestBody=_body("InstanceConfig"),
+                requestBody=_body("NewInstance"),
             ),
         },
         "/admin/instances/migrate": {
@@ -407,6 +436,22 @@ def _instance_detail_paths() -> Schema:
                 "Partially update an instance's configuration",
                 {**_ok("The updated configuration", "InstanceConfig"), **_errors(404, *BODY_ERRORS)},
                 requestBody=_body("InstanceConfigPatch"),
+            ),
+        },
+        "/admin/instances/{name}/check": {
+            "parameters": _name_param(),
+            "post": _op(
+                "check_instance",
+                "Probe the instance now",
+                {**_ok("The probe result", "ProbeResult"), **_errors(404, 422)},
+            ),
+        },
+        "/admin/instances/{name}/health": {
+            "parameters": _name_param(),
+            "get": _op(
+                "get_instance_health",
+                "Health verdicts and recent probe results",
+                {**_ok("Health", "InstanceHealth"), **_errors(404, 422)},
             ),
         },
         "/admin/instances/{name}/state": {

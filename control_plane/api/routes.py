@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from datetime import datetime
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -17,7 +18,7 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from control_plane.api.keys import RECONCILER, STORE
+from control_plane.api.keys import HEALTH, RECONCILER, STORE
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
 from control_plane.errors import InvalidInput, ReloadFailed
@@ -255,10 +256,10 @@ async def get_state(request: web.Request) -> web.Response:
 
 
 def _set_status(store: Store, name: str, update: StateUpdate) -> InstanceState:
-    _, current = store.get_instance(name)
-    state = current.model_copy(update={"status": update.status})
-    store.put_state(name, state)
-    return state
+    store.get_instance(name)  # NotFound first
+    # Only the operator's field changes, under the store's write lock: health writes are never lost.
+    store.patch_states({name: {"status": update.status}})
+    return store.get_instance(name)[1]
 
 
 async def put_state(request: web.Request) -> web.Response:
@@ -267,6 +268,41 @@ async def put_state(request: web.Request) -> web.Response:
     state = await _run(_set_status, _store(request), name, update)
     _changed(request, f"instance {name} status {update.status.value}")
     return web.json_response(state.model_dump(mode="json"))
+
+
+async def check_instance(request: web.Request) -> web.Response:
+    """Probe the instance now; the verdict counts like any scheduled probe."""
+    name = _path_name(request)
+    health = request.app[HEALTH]
+    result = await health.probe_now(name)
+    await health.flush()
+    return web.json_response(
+        {"name": name, "outcome": str(result.outcome), "detail": result.detail,
+         "latency_ms": round(result.latency_ms, 2), "models": list(result.models)}
+    )
+
+
+async def instance_health(request: web.Request) -> web.Response:
+    name = _path_name(request)
+    _, state = await _run(_store(request).get_instance, name)
+    health = request.app[HEALTH]
+    return web.json_response(
+        {
+            "name": name,
+            "health_status": str(state.health_status),
+            "breaker_state": str(state.breaker_state),
+            "breaker_reason": health.tracker.breaker_reason(name),
+            "breaker_open_until": _iso(state.breaker_open_until),
+            "rate_limited_until": _iso(state.rate_limited_until),
+            "quarantined_reason": state.quarantined_reason,
+            "unhealthy_since": _iso(state.unhealthy_since),
+            "probes": health.tracker.history(name),
+        }
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
 
 
 # -- migration, import and export ------------------------------------------------------------------------
@@ -466,6 +502,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"/admin/instances/{NAME_PARAM}/config", get_config, "get_instance_config"),
     Route("PUT", f"/admin/instances/{NAME_PARAM}/config", update_config, "update_instance_config"),
     Route("GET", f"/admin/instances/{NAME_PARAM}/state", get_state, "get_instance_state"),
+    Route("POST", f"/admin/instances/{NAME_PARAM}/check", check_instance, "check_instance"),
+    Route("GET", f"/admin/instances/{NAME_PARAM}/health", instance_health, "get_instance_health"),
     Route("PUT", f"/admin/instances/{NAME_PARAM}/state", put_state, "put_instance_state"),
     Route("GET", "/admin/config/export", export_config, "export_config"),
     Route("POST", "/admin/config/import", import_config, "import_config"),

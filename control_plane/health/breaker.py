@@ -45,6 +45,15 @@ def _trip(b: Breaker, now: float, policy: HealthPolicy, reason: str, factor: int
     )
 
 
+def _learn(baseline: float | None, latency_ms: float, policy: HealthPolicy) -> float:
+    """EWMA of normal latency. Degraded samples do not teach it, or it would chase the degradation."""
+    if baseline is None:
+        return latency_ms
+    if latency_ms > baseline * policy.latency_factor:
+        return baseline
+    return baseline * (1 - BASELINE_ALPHA) + latency_ms * BASELINE_ALPHA
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -63,7 +72,8 @@ def window_verdict(window: Iterable[Sample], baseline_ms: float | None, policy: 
     if baseline_ms and latencies:
         p50 = _median(latencies)
         if p50 > policy.latency_floor_ms and p50 > baseline_ms * policy.latency_factor:
-            return f"latency p50 {p50:.0f} ms is over {policy.latency_factor:g}x its baseline {baseline_ms:.0f} ms"
+            factor = policy.latency_factor
+            return f"latency p50 {p50:.0f} ms is over {factor:g}x its baseline {baseline_ms:.0f} ms"
     return None
 
 
@@ -72,20 +82,30 @@ def observe(b: Breaker, sample: Sample, window: Iterable[Sample], policy: Health
     if b.state is BreakerState.OPEN:
         return b  # traffic that was already in flight says nothing new
     if sample.ok:
-        baseline = sample.latency_ms if b.baseline_ms is None else (
-            b.baseline_ms * (1 - BASELINE_ALPHA) + sample.latency_ms * BASELINE_ALPHA
-        )
-        b = replace(b, consecutive_failures=0, baseline_ms=baseline)
+        b = replace(b, consecutive_failures=0, baseline_ms=_learn(b.baseline_ms, sample.latency_ms, policy))
         if b.state is BreakerState.HALF_OPEN:
             b = replace(b, half_open_successes=b.half_open_successes + 1)
             if b.half_open_successes >= policy.breaker_half_open_successes:
-                return replace(b, state=BreakerState.CLOSED, half_open_successes=0, cooldown_factor=1, reason=None)
+                # Recovered: whatever latency it serves at now is its new normal.
+                return replace(
+                    b,
+                    state=BreakerState.CLOSED,
+                    half_open_successes=0,
+                    cooldown_factor=1,
+                    reason=None,
+                    baseline_ms=None,
+                )
             return b
     else:
         b = replace(b, consecutive_failures=b.consecutive_failures + 1)
         if b.state is BreakerState.HALF_OPEN:
-            return _trip(b, sample.at, policy, "failed while half-open",
-                         min(b.cooldown_factor * 2, MAX_COOLDOWN_FACTOR))
+            return _trip(
+                b,
+                sample.at,
+                policy,
+                "failed while half-open",
+                min(b.cooldown_factor * 2, MAX_COOLDOWN_FACTOR),
+            )
         if b.consecutive_failures >= policy.breaker_consecutive_failures:
             return _trip(b, sample.at, policy, f"{b.consecutive_failures} consecutive failures", 1)
     if b.state is BreakerState.CLOSED:
@@ -99,4 +119,12 @@ def tick(b: Breaker, now: float) -> Breaker:
     """Time passes: an open breaker whose cool-down is over lets a little traffic through."""
     if b.state is BreakerState.OPEN and now >= b.open_until:
         return replace(b, state=BreakerState.HALF_OPEN, half_open_successes=0, consecutive_failures=0)
+    return b
+
+
+def recover(b: Breaker) -> Breaker:
+    """Active probes say the instance is back: an open breaker stops waiting out its cool-down."""
+    if b.state is BreakerState.OPEN:
+        return replace(b, state=BreakerState.HALF_OPEN, half_open_successes=0, consecutive_failures=0,
+                       cooldown_factor=1)
     return b

@@ -127,6 +127,8 @@ async def listen(path: Path, sink: Callable[[LogRecord], None]) -> asyncio.Datag
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(sink), local_addr=str(path), family=1)
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _Protocol(sink), local_addr=str(path), family=1
+    )
     os.chmod(path, 0o666)
     return transport

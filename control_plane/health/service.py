@@ -29,7 +29,9 @@ FLUSH_INTERVAL_S = 0.5
 
 
 class HealthService:
-    def __init__(self, store: Store, reconciler: Reconciler, log_socket: Path, probes_enabled: bool = True) -> None:
+    def __init__(
+        self, store: Store, reconciler: Reconciler, log_socket: Path, probes_enabled: bool = True
+    ) -> None:
         self.store = store
         self.reconciler = reconciler
         self.log_socket = log_socket
@@ -81,11 +83,14 @@ class HealthService:
         started = time.perf_counter()
         async with self._limit:
             try:
-                async with self._session.get(request.url, headers=request.headers, timeout=timeout) as response:
+                async with self._session.get(
+                    request.url, headers=request.headers, timeout=timeout
+                ) as response:
                     body = await response.content.read(1 << 20)
                     latency = (time.perf_counter() - started) * 1000
                     retry = logstream.retry_after_seconds(
-                        response.headers.get("Retry-After", ""), response.headers.get("retry-after-ms", ""),
+                        response.headers.get("Retry-After", ""),
+                        response.headers.get("retry-after-ms", ""),
                         time.time(),
                     )
                     return evaluate(request, response.status, body, latency, retry)
@@ -126,7 +131,9 @@ class HealthService:
         if tracker.dirty:
             names, tracker.dirty = tracker.dirty, set()
             now_wall, now_mono = time.time(), time.monotonic()
-            patches = {n: tracker.state_fields(n, now_wall, now_mono) for n in names if n in tracker.instances}
+            patches = {
+                n: tracker.state_fields(n, now_wall, now_mono) for n in names if n in tracker.instances
+            }
             await asyncio.to_thread(self.store.patch_states, patches)
         if tracker.changed:
             tracker.changed = False

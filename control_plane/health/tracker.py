@@ -71,8 +71,16 @@ def _utc(ts: float) -> datetime:
 def _adopt(entry: InstanceHealth, state: InstanceState, now_mono: float, now_wall: float) -> InstanceHealth:
     """Start from what the store says, so a controller restart keeps every verdict."""
     entry.health, entry.unhealthy_since = state.health_status, state.unhealthy_since
-    entry.total, entry.successful, entry.errors = state.total_requests, state.successful_requests, state.error_count
-    entry.last_error, entry.last_error_time, entry.last_used = state.last_error, state.last_error_time, state.last_used
+    entry.total, entry.successful, entry.errors = (
+        state.total_requests,
+        state.successful_requests,
+        state.error_count,
+    )
+    entry.last_error, entry.last_error_time, entry.last_used = (
+        state.last_error,
+        state.last_error_time,
+        state.last_used,
+    )
     entry.discovered = tuple(state.discovered_models)
     if state.rate_limited_until is not None:
         entry.rate_limited_until = state.rate_limited_until.timestamp()
@@ -116,7 +124,9 @@ class HealthTracker:
             fingerprint = config_fingerprint(config)
             entry = self.instances.get(name)
             if entry is None:
-                self.instances[name] = _adopt(InstanceHealth(config.health, fingerprint), state, now_mono, now_wall)
+                self.instances[name] = _adopt(
+                    InstanceHealth(config.health, fingerprint), state, now_mono, now_wall
+                )
                 continue
             if entry.fingerprint != fingerprint:
                 entry.policy, entry.fingerprint = config.health, fingerprint
@@ -136,13 +146,19 @@ class HealthTracker:
             entry = self.instances.get(name) if name else None
             if entry is None or name is None:
                 continue
+            if attempt.status is None and record.status == 499 and index == last:
+                continue  # the client gave up first: that says nothing about the instance
             verdict = classify(attempt.status)
             entry.total += 1
             entry.recent.append(record.at)
             entry.last_used = _utc(record.at)
             self.dirty.add(name)
             if verdict == "rate_limited":
-                wait = retry_after_seconds(record.retry_after, record.retry_after_ms, record.at) if index == last else None
+                wait = (
+                    retry_after_seconds(record.retry_after, record.retry_after_ms, record.at)
+                    if index == last
+                    else None
+                )
                 self._rate_limit(name, entry, record.at, wait)
                 continue
             if verdict == "credential":
@@ -184,8 +200,12 @@ class HealthTracker:
         if entry is None:
             return
         entry.probes.append(
-            {"at": _utc(now_wall).isoformat(), "outcome": str(result.outcome), "detail": result.detail,
-             "latency_ms": round(result.latency_ms, 2)}
+            {
+                "at": _utc(now_wall).isoformat(),
+                "outcome": str(result.outcome),
+                "detail": result.detail,
+                "latency_ms": round(result.latency_ms, 2),
+            }
         )
         entry.probe_latency_ms, entry.last_probe_at = result.latency_ms, _utc(now_wall)
         self.dirty.add(name)
@@ -214,6 +234,7 @@ class HealthTracker:
     def _probe_verdict(self, name: str, entry: InstanceHealth, now_wall: float) -> None:
         if entry.health is not HealthStatus.HEALTHY and entry.probe_ok_streak >= entry.policy.rise:
             entry.health, entry.unhealthy_since = HealthStatus.HEALTHY, None
+            entry.breaker = br.recover(entry.breaker)
             self._mark(name, membership=True)
         elif entry.health is not HealthStatus.UNHEALTHY and entry.probe_fail_streak >= entry.policy.fall:
             entry.health, entry.unhealthy_since = HealthStatus.UNHEALTHY, _utc(now_wall)
@@ -241,8 +262,9 @@ class HealthTracker:
         return {
             "health_status": entry.health,
             "unhealthy_since": entry.unhealthy_since,
-            "connection_status": "connected" if entry.health is HealthStatus.HEALTHY else (
-                "disconnected" if entry.health is HealthStatus.UNHEALTHY else "unknown"),
+            "connection_status": "connected"
+            if entry.health is HealthStatus.HEALTHY
+            else ("disconnected" if entry.health is HealthStatus.UNHEALTHY else "unknown"),
             "error_count": entry.errors,
             "last_error": entry.last_error,
             "last_error_time": entry.last_error_time,
@@ -254,7 +276,9 @@ class HealthTracker:
             "avg_latency_ms": round(sum(latencies) / len(latencies), 2) if latencies else 0.0,
             "discovered_models": list(entry.discovered),
             "breaker_state": entry.breaker.state,
-            "breaker_open_until": _utc(now_wall + open_left) if entry.breaker.state is BreakerState.OPEN else None,
+            "breaker_open_until": _utc(now_wall + open_left)
+            if entry.breaker.state is BreakerState.OPEN
+            else None,
             "quarantined_reason": entry.quarantined,
             "quarantine_config": entry.fingerprint if entry.quarantined else None,
             "last_probe_at": entry.last_probe_at,

@@ -67,17 +67,38 @@ class Provider:
 PROVIDERS: dict[ProviderType, Provider] = {
     p.type: p
     for p in (
-        Provider(ProviderType.OPENAI, "https://api.openai.com/v1", AuthStyle.BEARER, frozenset({ApiFamily.OPENAI})),
+        Provider(
+            ProviderType.OPENAI, "https://api.openai.com/v1", AuthStyle.BEARER, frozenset({ApiFamily.OPENAI})
+        ),
         Provider(ProviderType.AZURE, None, AuthStyle.AZURE, frozenset({ApiFamily.OPENAI})),
-        Provider(ProviderType.ANTHROPIC, "https://api.anthropic.com", AuthStyle.ANTHROPIC,
-                 frozenset({ApiFamily.ANTHROPIC})),
-        Provider(ProviderType.OLLAMA, "http://127.0.0.1:11434", AuthStyle.BEARER,
-                 frozenset({ApiFamily.OLLAMA, ApiFamily.OPENAI})),
-        Provider(ProviderType.VLLM, "http://127.0.0.1:8000/v1", AuthStyle.BEARER, frozenset({ApiFamily.OPENAI})),
-        Provider(ProviderType.PERPLEXITY, "https://api.perplexity.ai", AuthStyle.BEARER,
-                 frozenset({ApiFamily.OPENAI}), default_openai_prefix=""),
-        Provider(ProviderType.ZAI, "https://open.bigmodel.cn/api/paas/v4", AuthStyle.BEARER,
-                 frozenset({ApiFamily.OPENAI})),
+        Provider(
+            ProviderType.ANTHROPIC,
+            "https://api.anthropic.com",
+            AuthStyle.ANTHROPIC,
+            frozenset({ApiFamily.ANTHROPIC}),
+        ),
+        Provider(
+            ProviderType.OLLAMA,
+            "http://127.0.0.1:11434",
+            AuthStyle.BEARER,
+            frozenset({ApiFamily.OLLAMA, ApiFamily.OPENAI}),
+        ),
+        Provider(
+            ProviderType.VLLM, "http://127.0.0.1:8000/v1", AuthStyle.BEARER, frozenset({ApiFamily.OPENAI})
+        ),
+        Provider(
+            ProviderType.PERPLEXITY,
+            "https://api.perplexity.ai",
+            AuthStyle.BEARER,
+            frozenset({ApiFamily.OPENAI}),
+            default_openai_prefix="",
+        ),
+        Provider(
+            ProviderType.ZAI,
+            "https://open.bigmodel.cn/api/paas/v4",
+            AuthStyle.BEARER,
+            frozenset({ApiFamily.OPENAI}),
+        ),
         Provider(ProviderType.OPENAI_COMPATIBLE, None, AuthStyle.BEARER, frozenset({ApiFamily.OPENAI})),
     )
 }

@@ -126,9 +126,14 @@ def load(text: str, fmt: str) -> dict[str, Any]:
     try:
         data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
-        raise InvalidInput([{"field": "body", "message": f"invalid JSON: {exc}"}]) from None
+        # Position only: the document may hold secrets, so no snippet of it goes back.
+        message = f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        raise InvalidInput([{"field": "body", "message": message}]) from None
     except yaml.YAMLError as exc:
-        raise InvalidInput([{"field": "body", "message": f"invalid YAML: {exc}"}]) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise InvalidInput([{"field": "body", "message": f"invalid YAML{where}: {problem}"}]) from None
     if not isinstance(data, dict):
         raise InvalidInput(
             [{"field": "body", "message": f"document must be an object, got {_type_name(data)}"}]

@@ -72,8 +72,12 @@ class HealthPolicy(BaseModel):
     breaker_min_requests: int = Field(default=20, ge=1, le=100_000)
     breaker_cooldown_s: float = Field(default=15.0, ge=0.5, le=3600)
     breaker_half_open_successes: int = Field(default=3, ge=1, le=1000)
-    latency_factor: float = Field(default=10.0, ge=1.5, le=1000, description="Open when p50 > factor x baseline")
-    latency_floor_ms: float = Field(default=1000.0, ge=0, le=600_000, description="Ignore degradation below this")
+    latency_factor: float = Field(
+        default=10.0, ge=1.5, le=1000, description="Open when p50 > factor x baseline"
+    )
+    latency_floor_ms: float = Field(
+        default=1000.0, ge=0, le=600_000, description="Ignore degradation below this"
+    )
 
 
 class BreakerState(StrEnum):
@@ -209,7 +213,7 @@ def mask_secret(value: str | None) -> str | None:
     """Secrets never leave in clear: references stay readable, literals keep their last 4 characters."""
     if value is None:
         return None
-    if v.SECRET_REF_RE.match(value):
+    if v.SECRET_REF_RE.fullmatch(value):
         return value
     return "****" + value[-4:] if len(value) >= 12 else "****"
 

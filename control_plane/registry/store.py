@@ -364,10 +364,11 @@ class Store:
             for name, text in rows:
                 current = InstanceState.model_validate(json.loads(text)) if text else InstanceState()
                 merged = current.model_copy(update={**patches[name], "updated_at": now})
+                state = InstanceState.model_validate(merged.model_dump())
                 conn.execute(
                     update(instance_state)
                     .where(instance_state.c.name == name)
-                    .values(state=self._state_json(InstanceState.model_validate(merged.model_dump())), updated_at=now)
+                    .values(state=self._state_json(state), updated_at=now)
                 )
 
     # -- routing -------------------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ SECRET_REF_RE = re.compile(r"^(?:env:[A-Za-z_][A-Za-z0-9_]{0,127}|file:/[A-Za-z0
 
 
 def check_name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError("must be 1-63 characters of letters, digits, '.', '_' or '-', starting alphanumeric")
     return value
 
 
 def check_model(value: str) -> str:
-    if not MODEL_RE.match(value):
+    if not MODEL_RE.fullmatch(value):
         raise ValueError(
             "model names are 1-128 characters of letters, digits and . _ : / @ + -, starting alphanumeric"
         )
@@ -39,31 +39,31 @@ def check_model(value: str) -> str:
 
 
 def check_deployment(value: str) -> str:
-    if not DEPLOYMENT_RE.match(value):
+    if not DEPLOYMENT_RE.fullmatch(value):
         raise ValueError("deployment names are 1-64 characters of letters, digits, '.', '_' or '-'")
     return value
 
 
 def check_api_version(value: str) -> str:
-    if not API_VERSION_RE.match(value):
+    if not API_VERSION_RE.fullmatch(value):
         raise ValueError("api_version is 1-32 characters of letters, digits, '.', '_' or '-'")
     return value
 
 
 def check_tag(value: str) -> str:
-    if not TAG_RE.match(value):
+    if not TAG_RE.fullmatch(value):
         raise ValueError("tags are 1-64 characters of letters, digits and . _ : = -")
     return value
 
 
 def check_header_name(value: str) -> str:
-    if not HEADER_NAME_RE.match(value):
+    if not HEADER_NAME_RE.fullmatch(value):
         raise ValueError("header names are 1-64 characters of letters, digits and '-'")
     return value
 
 
 def check_secret(value: str) -> str:
-    if SECRET_REF_RE.match(value) or SECRET_RE.match(value):
+    if SECRET_REF_RE.fullmatch(value) or SECRET_RE.fullmatch(value):
         return value
     raise ValueError(
         "api_key must be printable ASCII without spaces, quotes, backslashes, braces, ';', '$' or '#',"
@@ -77,7 +77,7 @@ def check_host(host: str) -> str:
         return host
     except ValueError:
         pass
-    if not HOSTNAME_RE.match(host):
+    if not HOSTNAME_RE.fullmatch(host):
         raise ValueError(f"host {host!r} is not a valid hostname or IP address")
     return host
 
@@ -105,7 +105,7 @@ def check_base_url(value: str) -> str:
         raise ValueError(f"URL port is invalid: {exc}") from None
     if port == 0:
         raise ValueError("URL port must be 1-65535")
-    if not URL_PATH_RE.match(parts.path):
+    if not URL_PATH_RE.fullmatch(parts.path):
         raise ValueError("URL path may only contain letters, digits and / . _ ~ -")
     return value.rstrip("/") if parts.path not in ("", "/") else f"{parts.scheme}://{parts.netloc}"
 

@@ -35,6 +35,7 @@ class Member:
     weight: int
     max_conns: int
     backup: bool = False
+    fail_timeout_s: int = 10
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,8 @@ def _join(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def _member_address(config: InstanceConfig, world: World, run_dir: str) -> str:
-    if providers.is_direct(config):
+def _member_address(config: InstanceConfig, world: World, run_dir: str, direct: bool) -> str:
+    if direct:
         host, port = _host_port(providers.base_url(config) or "")
         return _join(world.addresses[host][0], port)
     return f"unix:{Path(run_dir) / ('i_' + shim_id(config.name) + '.sock')}"
@@ -244,6 +245,9 @@ def _tiered_members(
                     weight=1 if config.name in half_open else weight * scale,
                     max_conns=config.max_concurrent_requests,
                     backup=config.priority != tiers[0],
+                    # nginx's own passive check rests a failed server this long: no longer than the
+                    # breaker's cool-down, so the breaker keeps seeing the instance's answers.
+                    fail_timeout_s=max(1, min(10, round(config.health.breaker_cooldown_s))),
                 )
             )
     return tuple(members)
@@ -252,16 +256,13 @@ def _tiered_members(
 def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
     excluded: dict[str, str] = {}
     half_open = frozenset(c.name for c, st in world.instances if st.breaker_state is BreakerState.HALF_OPEN)
-    available: list[tuple[InstanceConfig, str]] = []
-    shims: list[Shim] = []
+    usable: list[InstanceConfig] = []
     for config, state in world.instances:
         reason = exclusion_reason(config, state, world)
-        if reason is not None:
+        if reason is None:
+            usable.append(config)
+        else:
             excluded[config.name] = reason
-            continue
-        available.append((config, _member_address(config, world, server.run_dir)))
-        if not providers.is_direct(config):
-            shims.append(build_shim(config, world, server.run_dir))
 
     # (family, kind, model) -> every configured instance, available or not.
     serving: dict[tuple[ApiFamily, Kind, str], list[InstanceConfig]] = {}
@@ -271,6 +272,23 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
                 key = (endpoint.family, endpoint.kind, model)
                 if config not in serving.setdefault(key, []):
                     serving[key].append(config)
+
+    # A pool has one read timeout (its slowest member's). An instance with a shorter timeout than a pool it
+    # is in goes through a shim, whose own timeout cuts it off so the pool retries elsewhere in time.
+    usable_names = {c.name for c in usable}
+    longest: dict[str, float] = {}
+    for configs in serving.values():
+        pool_timeout = max((c.timeout_seconds for c in configs if c.name in usable_names), default=0.0)
+        for c in configs:
+            longest[c.name] = max(longest.get(c.name, 0.0), pool_timeout)
+
+    available: list[tuple[InstanceConfig, str]] = []
+    shims: list[Shim] = []
+    for config in usable:
+        direct = providers.is_direct(config) and config.timeout_seconds >= longest.get(config.name, 0.0)
+        available.append((config, _member_address(config, world, server.run_dir, direct)))
+        if not direct:
+            shims.append(build_shim(config, world, server.run_dir))
 
     address_of = {c.name: a for c, a in available}
     pools = []

@@ -22,10 +22,10 @@ MODEL = "stub-model"
 MAX_REQUESTS_PER_CLIENT_LOOP = 1_000_000
 
 
-def chat_body(stream: bool = False, size: int = 1024) -> bytes:
+def chat_body(stream: bool = False, size: int = 1024, model: str = MODEL) -> bytes:
     """A realistic chat request of about `size` bytes (system + user message), same for every target."""
     base: dict[str, Any] = {
-        "model": MODEL,
+        "model": model,
         "messages": [
             {"role": "system", "content": "You are a concise assistant. Answer in plain English."},
             {"role": "user", "content": ""},
@@ -34,9 +34,7 @@ def chat_body(stream: bool = False, size: int = 1024) -> bytes:
         "max_tokens": 128,
         "stream": stream,
     }
-    filler = (
-        "Summarise the following notes about the gateway's load balancing, retries and health checks. "
-    )
+    filler = "Summarise the following notes about the gateway's load balancing, retries and health checks. "
     empty = len(json.dumps(base, separators=(",", ":")))
     text = (filler * (size // len(filler) + 1))[: max(0, size - empty)]
     base["messages"][1]["content"] = text
@@ -324,7 +322,13 @@ class SdkResult:
 
 
 def run_openai_sdk(
-    base_url: str, api_key: str, clients: int, seconds: float, max_retries: int, max_requests: int = 200_000
+    base_url: str,
+    api_key: str,
+    clients: int,
+    seconds: float,
+    max_retries: int,
+    model: str = MODEL,
+    max_requests: int = 200_000,
 ) -> SdkResult:
     """`clients` threads, each with its own openai.OpenAI client, calling chat.completions.create
     until the time is up; every exception the SDK raises (after its own retries) is a failure."""
@@ -345,7 +349,7 @@ def run_openai_sdk(
                         return
                     counts["requests"] += 1
                 try:
-                    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=128)
+                    client.chat.completions.create(model=model, messages=messages, max_tokens=128)
                 except Exception as exc:  # every SDK error is a failed request here
                     with lock:
                         counts["failed"] += 1

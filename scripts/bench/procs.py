@@ -23,6 +23,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 @dataclass(frozen=True)
 class ProcStat:
     pid: int
+    comm: str
     ppid: int
     ticks: int  # utime + stime
     rss: int  # bytes
@@ -34,10 +35,12 @@ def read_stat(pid: int) -> ProcStat | None:
         data = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2 :].split()
+    close = data.rindex(b")")
+    fields = data[close + 2 :].split()
     # fields[0] is field 3 (state) of proc(5): ppid=4, utime=14, stime=15, starttime=22, rss=24
     return ProcStat(
         pid=pid,
+        comm=data[data.index(b"(") + 1 : close].decode(errors="replace"),
         ppid=int(fields[1]),
         ticks=int(fields[11]) + int(fields[12]),
         rss=int(fields[21]) * PAGE_SIZE,
@@ -69,6 +72,10 @@ def tree(roots: list[int], stats: dict[int, ProcStat]) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, ()))
     return out
+
+
+def children_named(parent: int, comm: str) -> list[int]:
+    return [s.pid for s in all_stats().values() if s.ppid == parent and s.comm == comm]
 
 
 def vm_status(pid: int) -> dict[str, int]:

@@ -79,7 +79,7 @@ pid_alive() {
 pid_gone() { ! pid_alive "$1"; }
 
 # proc_cmdline PID: the command line with NULs as spaces (empty when the process is gone).
-proc_cmdline() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null || true; }
+proc_cmdline() { tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" || true; }
 
 # terminate PID NAME SECONDS [SIGNAL]: send SIGNAL (TERM), wait up to SECONDS, then SIGKILL and wait.
 terminate() {

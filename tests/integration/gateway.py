@@ -110,7 +110,9 @@ class Gateway:
         def applied() -> str | None:
             status = self.status()
             health = self.health()
-            same = health.get("generation") == status["generation"] and health["checksum"] == status["checksum"]
+            same = (
+                health.get("generation") == status["generation"] and health["checksum"] == status["checksum"]
+            )
             streak[0] = streak[0] + 1 if same else 0
             return str(health["checksum"]) if streak[0] >= 3 else None
 

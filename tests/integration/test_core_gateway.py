@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from tests.backends.stub_llm import StubServer
 from tests.integration.conftest import start_stub
 from tests.integration.gateway import Gateway, wait_for
+from tests.integration.load import Load
 
 
 def register(gw: Gateway, name: str, stub: StubServer, models: list[str], **kw: object) -> None:
@@ -34,7 +34,12 @@ def test_official_sdks_through_the_gateway(gateway: Gateway, stubs: dict[str, St
     claude = start_stub(stubs, "claude-1")
     register(gateway, "chat-1", chat, ["llama3:8b", "nomic-embed"], instance_type="both")
     register(
-        gateway, "claude-1", claude, ["claude-sonnet"], provider_type="anthropic", api_key="sk-ant-provider-0001"
+        gateway,
+        "claude-1",
+        claude,
+        ["claude-sonnet"],
+        provider_type="anthropic",
+        api_key="sk-ant-provider-0001",
     )
     gateway.wait_applied()
 
@@ -93,7 +98,9 @@ def test_weighted_split_and_model_isolation(gateway: Gateway, stubs: dict[str, S
             assert r.status_code == 200
             counts[r.headers["X-ISHGW-Instance"]] += 1
         b_answers = {
-            client.post("/v1/chat/completions", json={"model": "model-b", "messages": []}).headers["X-Backend-Name"]
+            client.post("/v1/chat/completions", json={"model": "model-b", "messages": []}).headers[
+                "X-Backend-Name"
+            ]
             for _ in range(50)
         }
     shares = {name: counts[name] / 1000 for name in ("a1", "a2", "a3")}
@@ -104,8 +111,13 @@ def test_weighted_split_and_model_isolation(gateway: Gateway, stubs: dict[str, S
 
 def test_gateway_errors_are_json_in_the_clients_style(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
     register(gateway, "e1", start_stub(stubs, "e1"), ["m1"])
-    gateway.add_instance(name="off", provider_type="ollama", api_base="http://127.0.0.1:9", supported_models=["m2"],
-                         enabled=False)
+    gateway.add_instance(
+        name="off",
+        provider_type="ollama",
+        api_base="http://127.0.0.1:9",
+        supported_models=["m2"],
+        enabled=False,
+    )
     gateway.wait_applied()
     c = gateway.client
     bad = c.post("/v1/chat/completions", content=b'{"model": ')
@@ -128,12 +140,16 @@ def test_request_id_passthrough_and_instance_headers(gateway: Gateway, stubs: di
     stub = start_stub(stubs, "r1")
     register(gateway, "r1", stub, ["m"])
     gateway.wait_applied()
-    r = gateway.client.post("/api/generate", json={"model": "m", "stream": False}, headers={"X-Request-ID": "abc-123"})
+    r = gateway.client.post(
+        "/api/generate", json={"model": "m", "stream": False}, headers={"X-Request-ID": "abc-123"}
+    )
     assert r.status_code == 200
     assert r.headers["X-Request-ID"] == "abc-123"
     assert r.headers["X-ISHGW-Instance"] == "r1" and r.headers["X-ISHGW-Attempts"] == "1"
     assert stub.requests()[-1]["headers"]["x-request-id"] == "abc-123"
-    generated = gateway.client.post("/api/generate", json={"model": "m", "stream": False}).headers["X-Request-ID"]
+    generated = gateway.client.post("/api/generate", json={"model": "m", "stream": False}).headers[
+        "X-Request-ID"
+    ]
     assert len(generated) == 32
     hostile = gateway.client.post(
         "/api/generate", json={"model": "m", "stream": False}, headers={"X-Request-ID": "a b;c"}
@@ -151,47 +167,6 @@ def test_retry_on_a_dead_instance_is_invisible(gateway: Gateway, stubs: dict[str
     assert {r.status_code for r in results} == {200}
     assert {r.headers["X-ISHGW-Instance"] for r in results} == {"live"}
     assert any(r.headers["X-ISHGW-Attempts"] == "2" for r in results)
-
-
-class Load:
-    """A bounded background load (count and time) through the official openai SDK, which retries
-    connection errors as every SDK does: nginx closes idle keep-alive connections when it reloads, and a
-    request racing that close is retried by the client (issue 3 measures the raw rate)."""
-
-    def __init__(self, url: str, model: str, seconds: float = 30.0, max_requests: int = 20000) -> None:
-        self.url, self.model, self.seconds, self.max_requests = url, model, seconds, max_requests
-        self.seen: Counter[str] = Counter()
-        self.failures: list[str] = []
-        self.first_seen: dict[str, float] = {}
-        self.last_seen: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(4)]
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.seconds
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="k", timeout=10, max_retries=2)
-        while not self._stop.is_set() and time.monotonic() < deadline and sum(self.seen.values()) < self.max_requests:
-            try:
-                raw = client.chat.completions.with_raw_response.create(model=self.model, messages=[])
-            except openai.OpenAIError as exc:
-                self.failures.append(repr(exc))
-                continue
-            name = raw.headers["X-ISHGW-Instance"]
-            now = time.monotonic()
-            self.seen[name] += 1
-            self.first_seen.setdefault(name, now)
-            self.last_seen[name] = now
-        client.close()
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
 
 
 def test_add_and_delete_under_load_without_failures(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
@@ -242,8 +217,13 @@ def test_failed_candidate_keeps_the_running_configuration(stubs: dict[str, StubS
     with Gateway(extra_env={"ISHGW_UPSTREAM_CA_FILE": "/nonexistent/ca.pem"}) as gw:
         register(gw, "ok", start_stub(stubs, "ok"), ["m"])
         running = gw.wait_applied()
-        r = gw.add_instance(name="cloud", provider_type="openai", api_base="https://127.0.0.1:9/v1",
-                            api_key="sk-0123456789abcdef", supported_models=["g"])
+        r = gw.add_instance(
+            name="cloud",
+            provider_type="openai",
+            api_base="https://127.0.0.1:9/v1",
+            api_key="sk-0123456789abcdef",
+            supported_models=["g"],
+        )
         assert r.status_code == 201
 
         def failed() -> dict[str, object] | None:

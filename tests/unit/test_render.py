@@ -60,7 +60,7 @@ def parse_directives(files: dict[str, str]) -> Counter[str]:
     return counts
 
 
-@pytest.mark.parametrize("char", list(string.punctuation) + [" ", "é", "\u2028"])
+@pytest.mark.parametrize("char", [*string.punctuation, " ", "é", "\u2028"])
 def test_quote_every_special_character(char: str) -> None:
     if char == "$":
         with pytest.raises(UnsafeValue):
@@ -81,10 +81,15 @@ def test_quote_refuses_control_characters(char: str) -> None:
 
 def test_render_is_deterministic_and_checksummed() -> None:
     configs = [
-        InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]),
         InstanceConfig(
-            name="o", provider_type="openai", api_base="https://api.example.com/v1",
-            api_key="sk-1234567890abc", supported_models=["g"],
+            name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+        ),
+        InstanceConfig(
+            name="o",
+            provider_type="openai",
+            api_base="https://api.example.com/v1",
+            api_key="sk-1234567890abc",
+            supported_models=["g"],
         ),
     ]
     first, second = render(spec_for(configs)), render(spec_for(list(reversed(configs))))
@@ -92,24 +97,36 @@ def test_render_is_deterministic_and_checksummed() -> None:
     assert f"checksum: {first.checksum}" in first.files["nginx.conf"]
     assert '"checksum":"' + first.checksum in first.files["servers.conf"]
     assert "sk-1234567890abc" in first.files["shims.conf"]
-    assert all("sk-1234567890abc" not in text for name, text in first.files.items() if name not in SECRET_FILES)
+    assert all(
+        "sk-1234567890abc" not in text for name, text in first.files.items() if name not in SECRET_FILES
+    )
 
 
 def test_state_only_change_keeps_checksum() -> None:
-    config = InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"])
+    config = InstanceConfig(
+        name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+    )
     base = spec_for([config])
     world = World(
         instances=((config, InstanceState(total_requests=99, avg_latency_ms=3.0)),),
-        routing=RoutingConfig(), now=NOW, addresses={"127.0.0.1": ("127.0.0.1",)},
+        routing=RoutingConfig(),
+        now=NOW,
+        addresses={"127.0.0.1": ("127.0.0.1",)},
     )
     assert render(build_spec(world, SERVER)).checksum == render(base).checksum
 
 
 def test_routes_data_marks_unavailable_models() -> None:
     configs = [
-        InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["up"]),
         InstanceConfig(
-            name="b", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["down"], enabled=False
+            name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["up"]
+        ),
+        InstanceConfig(
+            name="b",
+            provider_type="ollama",
+            api_base="http://127.0.0.1:1",
+            supported_models=["down"],
+            enabled=False,
         ),
     ]
     data = routes_data(spec_for(configs))
@@ -119,7 +136,11 @@ def test_routes_data_marks_unavailable_models() -> None:
 
 
 def test_baseline_directive_set() -> None:
-    configs = [InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"])]
+    configs = [
+        InstanceConfig(
+            name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+        )
+    ]
     counts = parse_directives(render(spec_for(configs)).files)
     assert counts["upstream"] == 2  # chat via /api and via /v1
     assert counts["server"] >= 3  # the client server and one line per upstream member
@@ -127,9 +148,7 @@ def test_baseline_directive_set() -> None:
 
 # --- property: registry content never changes the directive set it was not meant to change -----
 
-hostile_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40
-)
+hostile_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
 
 
 @st.composite
@@ -144,9 +163,13 @@ def instance_inputs(draw: st.DrawFn) -> dict[str, object]:
                 hostile_text.map(lambda t: "http://127.0.0.1/" + t),
             )
         ),
-        "api_key": draw(st.one_of(st.none(), hostile_text, st.from_regex(r"sk-[A-Za-z0-9]{12,20}", fullmatch=True))),
+        "api_key": draw(
+            st.one_of(st.none(), hostile_text, st.from_regex(r"sk-[A-Za-z0-9]{12,20}", fullmatch=True))
+        ),
         "supported_models": draw(
-            st.lists(st.one_of(hostile_text, st.from_regex(r"[a-z][a-z0-9:./-]{0,12}", fullmatch=True)), max_size=3)
+            st.lists(
+                st.one_of(hostile_text, st.from_regex(r"[a-z][a-z0-9:./-]{0,12}", fullmatch=True)), max_size=3
+            )
         ),
         "model_deployments": draw(st.dictionaries(hostile_text, hostile_text, max_size=2)),
         "api_version": draw(st.one_of(st.none(), hostile_text)),

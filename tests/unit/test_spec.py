@@ -32,7 +32,11 @@ def inst(name: str, **kw: object) -> InstanceConfig:
 
 def world(*configs: InstanceConfig, states: dict[str, InstanceState] | None = None, **kw: object) -> World:
     states = states or {}
-    hosts = {"127.0.0.1": ("127.0.0.1",), "api.openai.com": ("10.0.0.1", "10.0.0.2"), "az.example.com": ("10.0.0.3",)}
+    hosts = {
+        "127.0.0.1": ("127.0.0.1",),
+        "api.openai.com": ("10.0.0.1", "10.0.0.2"),
+        "az.example.com": ("10.0.0.3",),
+    }
     return World(
         instances=tuple((c, states.get(c.name, InstanceState())) for c in configs),
         routing=kw.pop("routing", RoutingConfig()),  # type: ignore[arg-type]
@@ -73,7 +77,9 @@ def test_round_robin_ignores_weights() -> None:
         (InstanceState(), {"api_base": "http://nowhere.invalid:1"}, "did not resolve"),
     ],
 )
-def test_excluded_instances_leave_pools(state: InstanceState, config_kw: dict[str, object], reason: str) -> None:
+def test_excluded_instances_leave_pools(
+    state: InstanceState, config_kw: dict[str, object], reason: str
+) -> None:
     spec = build_spec(world(inst("a"), inst("b", **config_kw), states={"b": state}), SERVER)
     pool = pool_of(spec)
     assert [m.instance for m in pool.members] == ["a"]
@@ -88,7 +94,9 @@ def test_expired_rate_limit_is_back() -> None:
 
 
 def test_unresolvable_secret_reference_excludes() -> None:
-    config = inst("a", provider_type="openai", api_base="https://api.openai.com/v1", api_key="env:NOPE_NOT_SET")
+    config = inst(
+        "a", provider_type="openai", api_base="https://api.openai.com/v1", api_key="env:NOPE_NOT_SET"
+    )
     w = world(config)
     w = World(instances=w.instances, routing=w.routing, now=NOW, addresses=w.addresses, secrets={})
     spec = build_spec(w, SERVER)
@@ -122,7 +130,9 @@ def test_pool_with_no_available_instance_is_kept_empty() -> None:
 
 
 def test_chat_and_embedding_pools_are_separate() -> None:
-    spec = build_spec(world(inst("c"), inst("e", instance_type="embedding"), inst("b", instance_type="both")), SERVER)
+    spec = build_spec(
+        world(inst("c"), inst("e", instance_type="embedding"), inst("b", instance_type="both")), SERVER
+    )
     chat = pool_of(spec, kind=Kind.CHAT)
     emb = pool_of(spec, kind=Kind.EMBEDDING)
     assert [m.instance for m in chat.members] == ["b", "c"]
@@ -137,7 +147,9 @@ def test_tries_bounded_by_members_and_retry_count() -> None:
 
 
 def test_keyed_instance_goes_through_a_shim_with_credentials() -> None:
-    config = inst("o", provider_type="openai", api_base="https://api.openai.com/v1", api_key="sk-abcdefghijkl")
+    config = inst(
+        "o", provider_type="openai", api_base="https://api.openai.com/v1", api_key="sk-abcdefghijkl"
+    )
     spec = build_spec(world(config), SERVER)
     (shim,) = spec.shims
     assert shim.servers == ("10.0.0.1:443", "10.0.0.2:443")
@@ -151,8 +163,13 @@ def test_keyed_instance_goes_through_a_shim_with_credentials() -> None:
 
 def test_azure_paths_use_deployments_and_api_version() -> None:
     config = inst(
-        "az", provider_type="azure", api_base="https://az.example.com", api_key="k" * 20,
-        api_version="2024-06-01", supported_models=[], model_deployments={"gpt-4o": "dep1"},
+        "az",
+        provider_type="azure",
+        api_base="https://az.example.com",
+        api_key="k" * 20,
+        api_version="2024-06-01",
+        supported_models=[],
+        model_deployments={"gpt-4o": "dep1"},
     )
     spec = build_spec(world(config), SERVER)
     (shim,) = spec.shims
@@ -187,7 +204,9 @@ def test_anthropic_headers() -> None:
     ],
 )
 def test_upstream_paths(provider: str, base: str | None, path: str, expected: str) -> None:
-    config = InstanceConfig(name="x", provider_type=ProviderType(provider), api_base=base, instance_type="both")
+    config = InstanceConfig(
+        name="x", provider_type=ProviderType(provider), api_base=base, instance_type="both"
+    )
     endpoint = next(e for e in ENDPOINTS if e.path == path)
     assert providers.upstream_path(config, endpoint) == expected
 
@@ -210,3 +229,14 @@ def test_aliases_and_session_header_in_spec() -> None:
 def test_spec_is_deterministic_regardless_of_input_order() -> None:
     a, b, c = inst("a"), inst("b", weight=2), inst("c", supported_models=["m", "n"])
     assert build_spec(world(a, b, c), SERVER) == build_spec(world(c, a, b), SERVER)
+
+
+def test_shorter_timeout_than_pool_mates_goes_through_a_shim() -> None:
+    spec = build_spec(world(inst("slow-ok", timeout_seconds=300), inst("strict", timeout_seconds=2)), SERVER)
+    (shim,) = spec.shims
+    assert shim.instance == "strict" and shim.read_timeout_s == 2 and shim.headers == ()
+    members = {m.instance: m.address for m in pool_of(spec).members}
+    assert members["slow-ok"] == "127.0.0.1:11434" and members["strict"].startswith("unix:")
+    assert pool_of(spec).read_timeout_s == 300
+    # Alone (or with equals) it stays direct.
+    assert build_spec(world(inst("strict", timeout_seconds=2)), SERVER).shims == ()

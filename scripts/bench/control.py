@@ -1,0 +1,225 @@
+"""Control-plane figures, driven through the admin API of a running gateway:
+reconcile time at 10 / 100 / 1,000 instances, rendered size, controller RSS, and API change -> live."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
+from control_plane.render.nginx import render
+from control_plane.render.spec import World, build_spec
+from scripts.bench.load import percentile
+from scripts.bench.procs import vm_status
+from scripts.bench.systems import GatewaySystem
+
+RELOAD_GAP_S = 0.6  # > reload_min_interval_s (0.5), so no measurement includes the reload rate limit
+
+
+def instances(
+    count: int, pools: int, backend_url: str, weight: int = 1, prefix: str = "cp"
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": f"{prefix}-{i:04d}",
+            "provider_type": "openai_compatible",
+            "api_base": f"{backend_url}/v1",
+            "supported_models": [f"{prefix}-model-{i % pools:03d}"],
+            "weight": weight,
+            "retry_count": 2,
+            "max_rpm": 10**8,
+        }
+        for i in range(count)
+    ]
+
+
+@dataclass
+class ScaleResult:
+    instances: int
+    pools: int
+    reconcile_ms: list[float] = field(default_factory=list)  # forced reconcile after the change (admin API)
+    loop_reconcile_ms: float | None = None  # the loop's own pass, when /admin/status showed it
+    import_ms: float = 0.0
+    render_ms: float = 0.0  # in-process build_spec + render
+    nginx_t_ms: float = 0.0
+    rendered_kb: float = 0.0
+    rendered_files: int = 0
+    upstreams: int = 0
+    controller_rss_mb: float = 0.0
+    controller_hwm_mb: float = 0.0
+    error: str | None = None
+
+    @property
+    def median_ms(self) -> float | None:
+        return round(statistics.median(self.reconcile_ms), 1) if self.reconcile_ms else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["median_ms"] = self.median_ms
+        return data
+
+
+def _wait_gap(since: float) -> None:
+    time.sleep(max(0.0, since + RELOAD_GAP_S - time.monotonic()))
+
+
+def in_process_render(docs: list[dict[str, Any]], server: Any) -> tuple[float, int, int]:
+    """build_spec + render of the same registry, in this process: (ms, bytes, files)."""
+    configs = [InstanceConfig.model_validate(d) for d in docs]
+    world = World(
+        instances=tuple((c, InstanceState()) for c in configs),
+        routing=RoutingConfig(),
+        now=datetime.now(UTC),
+        generation=1,
+        addresses={"127.0.0.1": ("127.0.0.1",)},
+        secrets={},
+    )
+    best = float("inf")
+    size = files = 0
+    for _ in range(3):
+        started = time.perf_counter()
+        tree = render(build_spec(world, server))
+        best = min(best, (time.perf_counter() - started) * 1000)
+        size = sum(len(t.encode()) for t in tree.files.values())
+        files = len(tree.files)
+    return round(best, 1), size, files
+
+
+def nginx_t_ms(system: GatewaySystem) -> float:
+    prefix = system.gw.home / "nginx"
+    conf = system.live_dir() / "nginx.conf"
+    started = time.perf_counter()
+    subprocess.run(
+        ["nginx", "-p", f"{prefix}/", "-t", "-q", "-c", str(conf)], capture_output=True, check=False
+    )
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def reconcile_scaling(
+    system: GatewaySystem, backend_url: str, sizes: list[tuple[int, int]], reps: int, server: Any
+) -> list[ScaleResult]:
+    admin = system.gw.admin
+    results: list[ScaleResult] = []
+    last_reload = time.monotonic()
+    for count, pools in sizes:
+        result = ScaleResult(instances=count, pools=pools)
+        results.append(result)
+        try:
+            for rep in range(reps):
+                docs = instances(count, pools, backend_url, weight=1 + (rep % 2))
+                _wait_gap(last_reload)
+                started = time.perf_counter()
+                response = admin.post(
+                    "/admin/config/import?mode=replace",
+                    json={"version": 1, "instances": docs},
+                    timeout=120,
+                )
+                response.raise_for_status()
+                result.import_ms = round((time.perf_counter() - started) * 1000, 1)
+                # Reconcile now, before the debounced loop would: the answer is that pass's own timing.
+                answer = admin.post("/admin/reload", timeout=120)
+                last_reload = time.monotonic()
+                body = answer.json()
+                if answer.status_code != 200 or not body.get("ok"):
+                    raise RuntimeError(f"reload failed: {answer.status_code} {body}")
+                result.reconcile_ms.append(float(body["duration_ms"]))
+            status = system.gw.status()
+            loop = status.get("last_reload") or {}
+            if loop.get("changed"):
+                result.loop_reconcile_ms = float(loop["duration_ms"])
+            live = system.live_dir()
+            text = system.live_text()
+            result.rendered_kb = round(sum(p.stat().st_size for p in live.glob("*") if p.is_file()) / 1024, 1)
+            result.rendered_files = sum(1 for p in live.glob("*") if p.is_file())
+            result.upstreams = text.count("\nupstream ")
+            result.nginx_t_ms = nginx_t_ms(system)
+            result.render_ms, _, _ = in_process_render(docs, server)
+            pids = system.controller_pids()
+            if pids:
+                vm = vm_status(pids[0])
+                result.controller_rss_mb = round(vm.get("VmRSS", 0) / 2**20, 1)
+                result.controller_hwm_mb = round(vm.get("VmHWM", 0) / 2**20, 1)
+        except Exception as exc:  # reported, the run goes on
+            result.error = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def _models_listed(port: int, model: str) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/v1/models", headers={"Connection": "close"})
+        response = conn.getresponse()
+        data = json.loads(response.read() or b"{}")
+        return any(item.get("id") == model for item in data.get("data", []))
+    finally:
+        conn.close()
+
+
+@dataclass
+class LiveResult:
+    changes: int
+    samples_ms: list[float]
+    timeouts: int
+    spacing_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        ms = self.samples_ms
+        return {
+            "changes": self.changes,
+            "timeouts": self.timeouts,
+            "spacing_s": self.spacing_s,
+            "p50_ms": round(percentile(ms, 50), 1) if ms else None,
+            "p95_ms": round(percentile(ms, 95), 1) if ms else None,
+            "max_ms": round(max(ms), 1) if ms else None,
+            "samples_ms": [round(x, 1) for x in ms],
+        }
+
+
+def api_change_to_live(
+    system: GatewaySystem, backend_url: str, changes: int, timeout_s: float = 10.0, max_seconds: float = 120.0
+) -> LiveResult:
+    """POST an instance for a new model; poll the gateway's /v1/models (fresh connection, every 5 ms)
+    until the model is listed. Changes are spaced by RELOAD_GAP_S after the previous one went live."""
+    admin = system.gw.admin
+    samples: list[float] = []
+    timeouts = 0
+    stamp = int(time.time()) % 100000
+    last_live = time.monotonic()
+    deadline = time.monotonic() + max_seconds
+    for i in range(changes):
+        if time.monotonic() > deadline:
+            break
+        _wait_gap(last_live)
+        model = f"live-{stamp}-{i:03d}"
+        config = {
+            "name": f"live-{stamp}-{i:03d}",
+            "provider_type": "openai_compatible",
+            "api_base": f"{backend_url}/v1",
+            "supported_models": [model],
+        }
+        started = time.perf_counter()
+        response = admin.post("/admin/instances", json=config)
+        if response.status_code != 201:
+            raise RuntimeError(f"POST /admin/instances -> {response.status_code}: {response.text}")
+        until = time.monotonic() + timeout_s
+        seen = False
+        while time.monotonic() < until:
+            try:
+                if _models_listed(system.gw.http_port, model):
+                    seen = True
+                    break
+            except (OSError, ValueError, http.client.HTTPException):
+                pass
+            time.sleep(0.005)
+        last_live = time.monotonic()
+        if seen:
+            samples.append((time.perf_counter() - started) * 1000)
+        else:
+            timeouts += 1
+    return LiveResult(changes=changes, samples_ms=samples, timeouts=timeouts, spacing_s=RELOAD_GAP_S)

@@ -1,0 +1,330 @@
+"""Targets (issue 5) and the markdown report built from the results document."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+SYSTEMS = ("direct", "nginx", "gateway", "gateway_tls", "litellm")
+
+
+def _get(data: Any, *path: Any) -> Any:
+    for part in path:
+        if isinstance(data, dict):
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int) and -len(data) <= part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
+        return float(value)
+    return None
+
+
+def fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
+    number = _num(value)
+    if number is None:
+        return "n/a"
+    if abs(number) >= 1000:
+        return f"{number:,.0f}{suffix}"
+    return f"{number:.{digits}f}{suffix}"
+
+
+def _diff(a: Any, b: Any) -> float | None:
+    x, y = _num(a), _num(b)
+    return None if x is None or y is None else x - y
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    x, y = _num(a), _num(b)
+    return None if x is None or y is None or y == 0 else x / y
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    dp = results.get("data_plane", {})
+    rel = results.get("reliability", {})
+    cp = results.get("control_plane", {})
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, target: str, value: float | None, met: bool | None, shown: str) -> None:
+        rows.append({"name": name, "target": target, "value": value, "measured": shown, "met": met})
+
+    for conc in ("16", "64"):
+        ratio = _ratio(_get(dp, "gateway", "rps", conc, "rps"), _get(dp, "nginx", "rps", conc, "rps"))
+        add(
+            f"gateway rps / plain nginx rps, c{conc}, TLS off",
+            ">= 0.85",
+            ratio,
+            None if ratio is None else ratio >= 0.85,
+            fmt(ratio, 3) + "x",
+        )
+    added = _diff(_get(dp, "gateway", "latency_c1", "p50_ms"), _get(dp, "direct", "latency_c1", "p50_ms"))
+    add(
+        "p50 added latency over direct (c1)",
+        "<= 0.15 ms",
+        added,
+        None if added is None else added <= 0.15,
+        fmt(added, 3, " ms"),
+    )
+    ttfb = _diff(
+        _get(dp, "gateway", "stream", "ttfb_ms", "p50"), _get(dp, "direct", "stream", "ttfb_ms", "p50")
+    )
+    add(
+        "streaming TTFB added over direct (p50)",
+        "<= 1 ms",
+        ttfb,
+        None if ttfb is None else ttfb <= 1.0,
+        fmt(ttfb, 3, " ms"),
+    )
+    for conc in ("16", "64"):
+        ratio = _ratio(_get(dp, "gateway", "rps", conc, "rps"), _get(dp, "litellm", "rps", conc, "rps"))
+        add(
+            f"gateway rps / LiteLLM rps, c{conc}",
+            ">= 50",
+            ratio,
+            None if ratio is None else ratio >= 50,
+            fmt(ratio, 1) + "x",
+        )
+    thousand = next((s for s in cp.get("scaling", []) if s.get("instances") == 1000), None)
+    reconcile = _num(_get(thousand, "median_ms")) if thousand else None
+    add(
+        "1,000 instances reconciled",
+        "< 1000 ms",
+        reconcile,
+        None if reconcile is None else reconcile < 1000,
+        fmt(reconcile, 0, " ms"),
+    )
+    live = _num(_get(cp, "api_to_live", "p95_ms"))
+    timeouts = _get(cp, "api_to_live", "timeouts") or 0
+    add(
+        "admin API change live in nginx, p95",
+        "< 2000 ms",
+        live,
+        None if live is None else live < 2000 and timeouts == 0,
+        fmt(live, 0, " ms"),
+    )
+    sdk = _get(rel, "reload_storm", "sdk_retrying")
+    failed = _num(_get(sdk, "failed"))
+    add(
+        "failed requests during reloads every 0.5 s (openai SDK, default retries)",
+        "0",
+        failed,
+        None if failed is None else failed == 0,
+        "n/a" if failed is None else f"{failed:.0f} of {_get(sdk, 'requests')}",
+    )
+    return rows
+
+
+def _mark(met: bool | None) -> str:
+    return "n/a" if met is None else ("met" if met else "**missed**")
+
+
+def _usage(entry: Any, phase: str, groups: tuple[str, ...]) -> tuple[float | None, float | None]:
+    cpu = rss = None
+    for group in groups:
+        use = _get(entry, "usage", phase, group)
+        if use:
+            cpu = (cpu or 0.0) + float(use["cpu_cores"])
+        peak = _get(entry, "peak_rss_mb", group)
+        if peak is not None:
+            rss = (rss or 0.0) + float(peak)
+    return cpu, rss
+
+
+GATEWAY_GROUPS: dict[str, tuple[str, ...]] = {
+    "direct": (),
+    "nginx": ("nginx",),
+    "gateway": ("nginx", "controller"),
+    "gateway_tls": ("nginx", "controller"),
+    "litellm": ("litellm",),
+}
+
+
+def data_plane_table(results: dict[str, Any]) -> list[str]:
+    dp = results.get("data_plane", {})
+    systems = [s for s in SYSTEMS if s in dp]
+    head = "| | " + " | ".join(dp[s].get("label", s) for s in systems) + " |"
+    lines = [head, "|---" * (len(systems) + 1) + "|"]
+
+    def row(title: str, values: list[str]) -> None:
+        lines.append(f"| {title} | " + " | ".join(values) + " |")
+
+    def each(fn: Any) -> list[str]:
+        out = []
+        for s in systems:
+            if dp[s].get("error") and not dp[s].get("rps"):
+                out.append("failed")
+            else:
+                out.append(fn(dp[s]))
+        return out
+
+    direct = dp.get("direct", {})
+    row("requests/s, c16 (wrk -t2)", each(lambda e: fmt(_get(e, "rps", "16", "rps"), 0)))
+    row("requests/s, c64 (wrk -t2)", each(lambda e: fmt(_get(e, "rps", "64", "rps"), 0)))
+    row(
+        "failed requests in those runs",
+        each(lambda e: fmt((_get(e, "rps", "16", "failed") or 0) + (_get(e, "rps", "64", "failed") or 0), 0)),
+    )
+    row(
+        "latency p50 / p90 / p99, c1 (ms)",
+        each(lambda e: " / ".join(fmt(_get(e, "latency_c1", k), 3) for k in ("p50_ms", "p90_ms", "p99_ms"))),
+    )
+    row(
+        "added p50 over direct (ms)",
+        each(lambda e: fmt(_diff(_get(e, "latency_c1", "p50_ms"), _get(direct, "latency_c1", "p50_ms")), 3)),
+    )
+    row(
+        "SSE 50 chunks: TTFB p50 / p90 (ms)",
+        each(lambda e: " / ".join(fmt(_get(e, "stream", "ttfb_ms", k), 3) for k in ("p50", "p90"))),
+    )
+    row(
+        "SSE: added TTFB p50 over direct (ms)",
+        each(
+            lambda e: fmt(
+                _diff(_get(e, "stream", "ttfb_ms", "p50"), _get(direct, "stream", "ttfb_ms", "p50")), 3
+            )
+        ),
+    )
+    row("SSE: time to last byte p50 (ms)", each(lambda e: fmt(_get(e, "stream", "ttlb_ms", "p50"), 2)))
+    for s in systems:
+        dp[s].setdefault("_groups", GATEWAY_GROUPS.get(s, ()))
+    row(
+        "proxy CPU at c64 (cores)",
+        each(lambda e: fmt(_usage(e, "c64", e["_groups"])[0], 2) if e["_groups"] else "-"),
+    )
+    row(
+        "proxy peak RSS (MB)",
+        each(lambda e: fmt(_usage(e, "c64", e["_groups"])[1], 1) if e["_groups"] else "-"),
+    )
+    row(
+        "controller CPU at c64 (cores)",
+        each(
+            lambda e: (
+                fmt(_get(e, "usage", "c64", "controller", "cpu_cores"), 2)
+                if "controller" in e["_groups"]
+                else "-"
+            )
+        ),
+    )
+    row(
+        "backend CPU at c16 / c64 (cores)",
+        each(
+            lambda e: " / ".join(fmt(_get(e, "usage", p, "backend", "cpu_cores"), 2) for p in ("c16", "c64"))
+        ),
+    )
+    row("wrk CPU at c64 (cores)", each(lambda e: fmt(_get(e, "usage", "c64", "client", "cpu_cores"), 2)))
+    row(
+        "machine busy at c64",
+        each(lambda e: fmt(100 * (_get(e, "machine_busy", "c64") or float("nan")), 0, "%")),
+    )
+    for s in systems:
+        dp[s].pop("_groups", None)
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    machine = meta.get("machine", {})
+    params = meta.get("params", {})
+    out: list[str] = [
+        f"### Benchmark: {meta.get('date', '?')} ({meta.get('mode', '?')} run)",
+        "",
+        f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, "
+        f"{machine.get('mem_gb', '?')} GB, {machine.get('os', '?')}, kernel {machine.get('kernel', '?')}. "
+        f"Commit {meta.get('git_commit', '?')}{' (dirty tree)' if meta.get('git_dirty') else ''}. "
+        f"{'; '.join(f'{k} {v}' for k, v in (meta.get('versions') or {}).items())}.",
+        "",
+        f"Same stand-in backend for all ({params.get('backend_processes')} processes, "
+        f"tests/backends/stub_llm.py), same {params.get('body_bytes')} B chat request "
+        f"(POST /v1/chat/completions, ~300 B answer), all on 127.0.0.1. Throughput: wrk -t2, "
+        f"{params.get('duration_s')} s per run after a {params.get('warmup_s')} s warm-up. Latency: "
+        f"wrk -t1 -c1 for {params.get('latency_s')} s, percentiles from wrk's histogram. SSE: "
+        f"{params.get('stream_samples')} sequential streamed requests on one keep-alive connection, raw "
+        f"socket client, 50 chunks {params.get('chunk_delay_ms')} ms apart; TTFB = first response byte.",
+        "",
+    ]
+    out += data_plane_table(results)
+    static = results.get("static_backend") or {}
+    if static.get("rows"):
+        out += ["", "Data plane without Python in the path (a static nginx `return 200` backend, c64):", ""]
+        out += ["| | requests/s c64 | p50 c1 (ms) | proxy CPU (cores) |", "|---|---|---|---|"]
+        for row in static["rows"]:
+            out.append(
+                f"| {row['label']} | {fmt(row.get('rps'), 0)} | {fmt(row.get('p50_ms'), 3)} | "
+                f"{fmt(row.get('cpu_cores'), 2) if row.get('cpu_cores') is not None else '-'} |"
+            )
+        if static.get("ratio") is not None:
+            out.append(f"\nGateway / plain nginx with the static backend: {fmt(static['ratio'], 3)}x.")
+    out += ["", "Targets (issue 5):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
+    for t in results.get("targets", []):
+        out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
+    cp = results.get("control_plane", {})
+    if cp.get("scaling"):
+        out += [
+            "",
+            "Control plane (reconcile = render + nginx -t + swap + HUP + wait until nginx serves it; "
+            "through the admin API: import, then POST /admin/reload, its `duration_ms`):",
+            "",
+            "| instances / pools | reconcile ms (median) | of which render (in-process) | nginx -t | "
+            "rendered tree | controller RSS |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in cp["scaling"]:
+            if s.get("error") and not s.get("reconcile_ms"):
+                out.append(f"| {s['instances']} / {s['pools']} | failed: {s['error']} | | | | |")
+                continue
+            out.append(
+                f"| {s['instances']:,} / {s['pools']} | {fmt(s.get('median_ms'), 0)} | "
+                f"{fmt(s.get('render_ms'), 0)} ms | {fmt(s.get('nginx_t_ms'), 0)} ms | "
+                f"{fmt(s.get('rendered_kb'), 0)} KB in {s.get('rendered_files')} files | "
+                f"{fmt(s.get('controller_rss_mb'), 0)} MB |"
+            )
+    live = cp.get("api_to_live")
+    if live:
+        out.append(
+            f"\nAdmin API change -> live (POST an instance for a new model, poll /v1/models on fresh "
+            f"connections every 5 ms; {len(live.get('samples_ms', []))} changes, "
+            f"{live.get('spacing_s')} s apart): p50 {fmt(live.get('p50_ms'), 0)} ms, "
+            f"p95 {fmt(live.get('p95_ms'), 0)} ms, max {fmt(live.get('max_ms'), 0)} ms, "
+            f"timeouts {live.get('timeouts')}."
+        )
+    rel = results.get("reliability", {})
+    if rel:
+        out += [
+            "",
+            "Reliability under load:",
+            "",
+            "| scenario | client | requests | failed |",
+            "|---|---|---|---|",
+        ]
+        for key, title in (("reload_storm", "reload every 0.5 s"), ("kill_one", "1 of 3 instances killed")):
+            scenario = rel.get(key) or {}
+            if scenario.get("error"):
+                out.append(f"| {title} | - | - | error: {scenario['error']} |")
+            for ckey, client in (
+                ("wrk", "wrk (no retries)"),
+                ("sdk_raw", "openai SDK, max_retries=0"),
+                ("sdk_retrying", "openai SDK, default retries"),
+            ):
+                c = scenario.get(ckey)
+                if c:
+                    detail = c.get("errors") or {}
+                    extra = f" {detail}" if detail and any(detail.values()) else ""
+                    out.append(f"| {title} | {client} | {c.get('requests')} | {c.get('failed')}{extra} |")
+            if scenario.get("reloads") is not None:
+                out.append(
+                    f"| {title} | (admin reloads done) | {scenario['reloads']} | "
+                    f"{scenario.get('reload_errors', 0)} |"
+                )
+    feats = results.get("features") or []
+    if feats:
+        out += ["", "Gateway features during the runs:", ""]
+        out += [f"- {f['name']}: **{f['state']}** ({f['how']})" for f in feats]
+    notes = results.get("notes") or []
+    if notes:
+        out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,1 @@
+"""Deployment tests: the real scripts/deploy-load-balancer.sh on this host (pytest -m deploy)."""

@@ -1,0 +1,275 @@
+"""Breaker transitions, tracker verdicts, log parsing and probe reading: pure and fast."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from control_plane.health import breaker as br
+from control_plane.health.logstream import LogRecord, parse_attempts, parse_datagram, retry_after_seconds
+from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
+from control_plane.health.tracker import HealthTracker, classify
+from control_plane.registry.models import (
+    BreakerState,
+    HealthPolicy,
+    HealthStatus,
+    InstanceConfig,
+    InstanceState,
+)
+
+POLICY = HealthPolicy(breaker_consecutive_failures=3, breaker_min_requests=10, breaker_cooldown_s=5)
+
+
+def run(samples: list[tuple[float, bool, float]], policy: HealthPolicy = POLICY) -> br.Breaker:
+    b = br.Breaker()
+    window: list[br.Sample] = []
+    for at, ok, ms in samples:
+        sample = br.Sample(at, ok, ms)
+        window.append(sample)
+        b = br.observe(b, sample, window, policy)
+    return b
+
+
+def test_consecutive_failures_open() -> None:
+    b = run([(0, True, 10), (1, False, 0), (2, False, 0)])
+    assert b.state is BreakerState.CLOSED
+    b = run([(0, True, 10), (1, False, 0), (2, False, 0), (3, False, 0)])
+    assert b.state is BreakerState.OPEN and b.open_until == 8 and "consecutive" in (b.reason or "")
+
+
+def test_error_rate_over_window_opens() -> None:
+    samples = [(float(i), i % 2 == 0, 10.0) for i in range(10)]  # alternating: never 3 in a row
+    b = run(samples)
+    assert b.state is BreakerState.OPEN and "error rate" in (b.reason or "")
+
+
+def test_latency_degradation_opens() -> None:
+    policy = HealthPolicy(breaker_min_requests=10, latency_factor=5, latency_floor_ms=100)
+    fast = [(float(i), True, 20.0) for i in range(50)]
+    b = br.Breaker()
+    window: list[br.Sample] = []
+    for at, ok, ms in fast:
+        window.append(br.Sample(at, ok, ms))
+        b = br.observe(b, window[-1], window, policy)
+    window.clear()
+    for i in range(10):
+        window.append(br.Sample(100.0 + i, True, 2000.0))
+        b = br.observe(b, window[-1], window, policy)
+    assert b.state is BreakerState.OPEN and "latency" in (b.reason or "")
+
+
+def test_open_half_open_closed_cycle() -> None:
+    b = run([(0, False, 0)] * 3)
+    assert br.tick(b, 4.9).state is BreakerState.OPEN
+    b = br.tick(b, 5.0)
+    assert b.state is BreakerState.HALF_OPEN
+    for i in range(POLICY.breaker_half_open_successes):
+        b = br.observe(b, br.Sample(6 + i, True, 10), [], POLICY)
+    assert b.state is BreakerState.CLOSED and b.cooldown_factor == 1
+
+
+def test_failure_while_half_open_reopens_with_longer_cooldown() -> None:
+    b = br.tick(run([(0, False, 0)] * 3), 5.0)
+    b = br.observe(b, br.Sample(6, False, 0), [], POLICY)
+    assert b.state is BreakerState.OPEN and b.cooldown_factor == 2 and b.open_until == 6 + 10
+
+
+@given(st.lists(st.tuples(st.booleans(), st.floats(min_value=0, max_value=1e5)), max_size=200))
+def test_breaker_invariants(outcomes: list[tuple[bool, float]]) -> None:
+    b = br.Breaker()
+    window: list[br.Sample] = []
+    for i, (ok, ms) in enumerate(outcomes):
+        window.append(br.Sample(float(i), ok, ms))
+        b = br.tick(br.observe(b, window[-1], window, POLICY), float(i))
+        assert 1 <= b.cooldown_factor <= br.MAX_COOLDOWN_FACTOR
+        assert (b.state is BreakerState.OPEN) == (b.open_until > i)
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, "ok"),
+        (400, "ok"),
+        (404, "ok"),
+        (413, "ok"),
+        (422, "ok"),
+        (401, "credential"),
+        (402, "credential"),
+        (403, "credential"),
+        (429, "rate_limited"),
+        (500, "failure"),
+        (502, "failure"),
+        (504, "failure"),
+        (None, "failure"),
+    ],
+)
+def test_what_counts_against_an_instance(status: int | None, verdict: str) -> None:
+    assert classify(status) == verdict
+
+
+def test_parse_datagram_and_attempt_lists() -> None:
+    line = (
+        b'<190>Nov 23 11:00:00 ishgw: {"t":"1700000000.5","rid":"r1","pool":"p_x","model":"m","st":"200",'
+        b'"rt":"0.012","ua":"127.0.0.1:1, unix:/r/i_a.sock : 127.0.0.1:2","us":"502, 429 : 200",'
+        b'"urt":"0.001, 0.002 : 0.009","ra":"","ram":"","bs":"10","uri":"/v1/chat/completions"}'
+    )
+    record = parse_datagram(line)
+    assert record is not None
+    assert [(a.address, a.status) for a in record.attempts] == [
+        ("127.0.0.1:1", 502),
+        ("unix:/r/i_a.sock", 429),
+        ("127.0.0.1:2", 200),
+    ]
+    assert record.attempts[2].response_ms == pytest.approx(9.0)
+    assert parse_datagram(b"<190>other: {}") is None
+    assert parse_datagram(b"garbage") is None
+    assert parse_attempts("-", "-", "-") == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "ms", "expected"),
+    [
+        ("20", "", 20.0),
+        ("", "1500", 1.5),
+        ("", "", None),
+        ("soon", "", None),
+        ("Wed, 21 Oct 2026 07:28:30 GMT", "", 30.0),
+        ("-5", "", 0.0),
+    ],
+)
+def test_retry_after(value: str, ms: str, expected: float | None) -> None:
+    now = datetime(2026, 10, 21, 7, 28, 0, tzinfo=UTC).timestamp()
+    assert retry_after_seconds(value, ms, now) == expected
+
+
+def config(name: str = "a", **kw: object) -> InstanceConfig:
+    kw.setdefault("health", POLICY)
+    return InstanceConfig(name=name, provider_type="ollama", api_base="http://127.0.0.1:1", **kw)  # type: ignore[arg-type]
+
+
+def tracker_with(*configs: InstanceConfig) -> HealthTracker:
+    t = HealthTracker()
+    t.sync(
+        [(c, InstanceState()) for c in configs],
+        {f"127.0.0.{i}:1": c.name for i, c in enumerate(configs)},
+        0,
+        0,
+    )
+    return t
+
+
+def record(address: str, status: int, ra: str = "", at: float = 1000.0) -> LogRecord:
+    return LogRecord(at, "r", "p", "m", status, 1.0, parse_attempts(address, str(status), "0.001"), ra, "")
+
+
+def test_tracker_429_honours_retry_after_and_expires() -> None:
+    t = tracker_with(config())
+    t.observe(record("127.0.0.0:1", 429, ra="20"), now_mono=1)
+    assert t.changed and t.state_fields("a", 1000, 1)["rate_limited_until"] == datetime.fromtimestamp(
+        1020, UTC
+    )
+    t.changed = False
+    t.tick(now_mono=2, now_wall=1019)
+    assert not t.changed
+    t.tick(now_mono=3, now_wall=1020)
+    assert t.changed and t.state_fields("a", 1020, 3)["rate_limited_until"] is None
+
+
+def test_tracker_quarantines_on_401_until_config_changes() -> None:
+    t = tracker_with(config())
+    t.observe(record("127.0.0.0:1", 401), now_mono=1)
+    fields = t.state_fields("a", 1000, 1)
+    assert fields["quarantined_reason"] == "credential rejected (HTTP 401)" and fields["quarantine_config"]
+    assert t.instances["a"].breaker.state is BreakerState.CLOSED  # not a host failure
+    changed = config(api_key="sk-new-key-0123456")
+    t.sync([(changed, InstanceState())], {}, 0, 0)
+    assert t.state_fields("a", 1000, 1)["quarantined_reason"] is None
+
+
+def test_tracker_client_errors_never_count() -> None:
+    t = tracker_with(config())
+    for _ in range(50):
+        t.observe(record("127.0.0.0:1", 400), now_mono=1)
+    assert t.instances["a"].breaker.state is BreakerState.CLOSED and t.instances["a"].errors == 0
+
+
+def test_tracker_probes_rise_and_fall() -> None:
+    t = tracker_with(config())
+    fail = ProbeResult(Outcome.FAIL, "refused", 1.0)
+    ok = ProbeResult(Outcome.OK, "HTTP 200", 1.0, ("m1",))
+    for _ in range(POLICY.fall - 1):
+        t.probe("a", fail, 0)
+    assert t.instances["a"].health is HealthStatus.UNKNOWN
+    t.probe("a", fail, 0)
+    assert t.instances["a"].health is HealthStatus.UNHEALTHY
+    t.probe("a", ok, 0)
+    assert t.instances["a"].health is HealthStatus.UNHEALTHY
+    t.probe("a", ok, 0)
+    assert t.instances["a"].health is HealthStatus.HEALTHY
+    assert t.state_fields("a", 0, 0)["discovered_models"] == ["m1"]
+    assert len(t.history("a")) == POLICY.fall + 2
+
+
+def test_tracker_restart_adopts_stored_verdicts() -> None:
+    c = config()
+    state = InstanceState(
+        health_status=HealthStatus.UNHEALTHY,
+        breaker_state=BreakerState.OPEN,
+        breaker_open_until=datetime.fromtimestamp(1010, UTC),
+    )
+    t = HealthTracker()
+    t.sync([(c, state)], {}, now_mono=50, now_wall=1000)
+    entry = t.instances["a"]
+    assert entry.health is HealthStatus.UNHEALTHY and entry.breaker.state is BreakerState.OPEN
+    assert entry.breaker.open_until == pytest.approx(60)
+    assert not t.changed
+
+
+@pytest.mark.parametrize(
+    ("provider", "base", "url", "headers"),
+    [
+        ("ollama", "http://h:11434", "http://h:11434/api/tags", {}),
+        ("vllm", "http://h:8000/v1", "http://h:8000/v1/models", {"Authorization": "Bearer k0123456789ab"}),
+        ("openai", None, "https://api.openai.com/v1/models", {"Authorization": "Bearer k0123456789ab"}),
+        (
+            "anthropic",
+            None,
+            "https://api.anthropic.com/v1/models",
+            {"x-api-key": "k0123456789ab", "anthropic-version": "2023-06-01"},
+        ),
+        (
+            "azure",
+            "https://r.openai.azure.com",
+            "https://r.openai.azure.com/openai/models?api-version=2024-10-21",
+            {"api-key": "k0123456789ab"},
+        ),
+    ],
+)
+def test_probe_requests(provider: str, base: str | None, url: str, headers: dict[str, str]) -> None:
+    c = InstanceConfig(name="x", provider_type=provider, api_base=base, api_key="k0123456789ab")  # type: ignore[arg-type]
+    request = probe_request(c, "k0123456789ab")
+    assert request is not None and request.url == url
+    assert all(request.headers.get(k) == v for k, v in headers.items())
+
+
+def test_probe_evaluation() -> None:
+    c = InstanceConfig(name="x", provider_type="ollama", api_base="http://h:1")
+    request = probe_request(c, None)
+    assert request is not None
+    good = evaluate(request, 200, b'{"models":[{"name":"b"},{"name":"a"}]}', 3.0)
+    assert good.outcome is Outcome.OK and good.models == ("a", "b")
+    assert evaluate(request, 403, b"", 1.0).outcome is Outcome.CREDENTIAL
+    assert evaluate(request, 429, b"", 1.0, 7.0).retry_after_s == 7.0
+    assert evaluate(request, 503, b"", 1.0).outcome is Outcome.FAIL
+    lightrag = probe_request(
+        InstanceConfig(
+            name="l", provider_type="openai_compatible", api_base="http://h:9621", tags=["probe=lightrag"]
+        ),
+        None,
+    )
+    assert lightrag is not None and lightrag.url == "http://h:9621/health"
+    assert evaluate(lightrag, 200, b'{"status":"healthy"}', 1).outcome is Outcome.OK
+    assert evaluate(lightrag, 200, b'{"status":"degraded"}', 1).outcome is Outcome.FAIL
