@@ -85,7 +85,13 @@ def server_settings(settings: Settings) -> ServerSettings:
         upstream_ca_file=str(settings.upstream_ca_file),
         worker_rlimit_nofile=min(65535, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
         log_socket=str(log_socket_path(settings)) if settings.log_stream_enabled else None,
+        http_redirect=settings.http_redirect,
+        acme_webroot=str(acme_webroot(settings)),
     )
+
+
+def acme_webroot(settings: Settings) -> Path:
+    return settings.acme_webroot or settings.home / "acme"
 
 
 def log_socket_path(settings: Settings) -> Path:
@@ -114,6 +120,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     os.chmod(settings.home, 0o711)
     settings.sockets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.sockets_dir, 0o711)
+    (acme_webroot(settings) / ".well-known" / "acme-challenge").mkdir(parents=True, exist_ok=True)
     store = Store(settings.database_url)
     store.migrate()
     metrics = GatewayMetrics(registry or CollectorRegistry())

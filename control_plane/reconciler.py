@@ -118,7 +118,7 @@ class Reconciler:
     async def reconcile_now(self, *, force: bool = False) -> ReconcileResult:
         async with self._lock:
             started = time.perf_counter()
-            world = await gather_world(self.store)
+            world = await gather_world(self.store, self.server.tls_cert)
             try:
                 spec = build_spec(world, self.server)
                 tree = render(spec)

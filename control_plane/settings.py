@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     run_dir: Path | None = Field(default=None, description="Unix sockets; default <home>/run")
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    http_redirect: bool = Field(default=True, description="With HTTPS on, redirect plain HTTP to it")
+    acme_webroot: Path | None = Field(default=None, description="HTTP-01 challenge files; default <home>/acme")
     upstream_ca_file: Path = Field(
         default=Path("/etc/ssl/certs/ca-certificates.crt"), description="CAs trusted for HTTPS instances"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import os
 import socket
@@ -60,7 +61,16 @@ async def resolve_hosts(configs: list[InstanceConfig]) -> dict[str, tuple[str, .
     return {h: r for h, r in zip([h for h in hosts if h], results, strict=True) if r}
 
 
-async def gather_world(store: Store) -> World:
+def file_fingerprint(path: str | None) -> str:
+    if not path:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""
+
+
+async def gather_world(store: Store, tls_cert: str | None = None) -> World:
     instances = await asyncio.to_thread(store.list_instances)
     routing = await asyncio.to_thread(store.get_routing)
     generation = await asyncio.to_thread(store.generation)
@@ -72,4 +82,5 @@ async def gather_world(store: Store) -> World:
         generation=generation,
         addresses=await resolve_hosts(configs),
         secrets=secrets_of(configs),
+        tls_fingerprint=file_fingerprint(tls_cert),
     )

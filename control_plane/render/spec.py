@@ -92,6 +92,8 @@ class World:
     addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # instance name -> secret value (references already resolved); missing: unresolvable reference.
     secrets: Mapping[str, str] = field(default_factory=dict)
+    # sha256 of the certificate in use: a renewed certificate changes the checksum, hence a reload.
+    tls_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class ServerSettings:
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
     log_socket: str | None = None  # unix datagram socket of the controller's log stream
+    http_redirect: bool = True  # with HTTPS on, plain HTTP redirects (but for ACME and /health)
+    acme_webroot: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class GatewaySpec:
     session_header: str
     generation: int
     excluded: tuple[tuple[str, str], ...]
+    tls_fingerprint: str = ""
 
     def address_names(self) -> dict[str, str]:
         """Upstream address -> instance name, for naming the instance that answered."""
@@ -325,4 +330,5 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
         session_header=world.routing.session_header,
         generation=world.generation,
         excluded=tuple(sorted(excluded.items())),
+        tls_fingerprint=world.tls_fingerprint,
     )
