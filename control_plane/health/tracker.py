@@ -43,6 +43,7 @@ def classify(status: int | None) -> str:
 class InstanceHealth:
     policy: HealthPolicy
     fingerprint: str
+    max_rpm: int = 0
     window: deque[br.Sample] = field(default_factory=lambda: deque(maxlen=WINDOW_MAX))
     breaker: br.Breaker = field(default_factory=br.Breaker)
     probes: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=PROBE_HISTORY))
@@ -124,15 +125,14 @@ class HealthTracker:
             fingerprint = config_fingerprint(config)
             entry = self.instances.get(name)
             if entry is None:
-                self.instances[name] = _adopt(
-                    InstanceHealth(config.health, fingerprint), state, now_mono, now_wall
-                )
-                continue
-            if entry.fingerprint != fingerprint:
+                entry = _adopt(InstanceHealth(config.health, fingerprint), state, now_mono, now_wall)
+                self.instances[name] = entry
+            elif entry.fingerprint != fingerprint:
                 entry.policy, entry.fingerprint = config.health, fingerprint
                 if entry.quarantined:
                     entry.quarantined = None
                     self._mark(name, membership=True)
+            entry.max_rpm = config.max_rpm
 
     def _mark(self, name: str, membership: bool = False) -> None:
         self.dirty.add(name)
@@ -270,6 +270,7 @@ class HealthTracker:
             "last_error_time": entry.last_error_time,
             "rate_limited_until": _utc(entry.rate_limited_until) if entry.rate_limited_until else None,
             "current_rpm": rpm,
+            "utilization_percentage": round(100 * rpm / entry.max_rpm, 1) if entry.max_rpm else 0.0,
             "total_requests": entry.total,
             "successful_requests": entry.successful,
             "last_used": entry.last_used,

@@ -40,6 +40,7 @@ from scripts.bench.systems import (
 )
 
 DUMMY_KEY = "sk-bench-client-0123456789"
+SYSLOG_DROP = "send() to syslog failed"  # nginx could not hand a log line to the controller
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ class Profile:
     budget_s: float
 
 
-FULL = Profile("full", 2, 10, 10, 100, 6, 15, 12, 50, 3, ((10, 10), (100, 50), (1000, 200)), 840)
-QUICK = Profile("quick", 1, 3, 3, 20, 3, 5, 6, 15, 1, ((10, 10), (100, 50), (1000, 200)), 170)
+SIZES = ((10, 10), (100, 50), (1000, 200))
+FULL = Profile("full", 2, 10, 10, 100, 6, 15, 12, 50, 3, SIZES, 840)
+QUICK = Profile("quick", 1, 2, 2, 15, 2, 4, 4, 10, 1, SIZES, 165)
+LITELLM_WARMUP_S = 6  # its first requests import modules lazily
 
 
 class Budget:
@@ -126,6 +129,7 @@ class Bench:
         self.procs = Procs(pid_file)
         self.sampler = Sampler()
         self.sampler.add(Group("client", lambda: children_named(os.getpid(), "wrk")))
+        self.sampler.add(Group("driver", lambda: [os.getpid()], recursive=False))
         self.results: dict[str, Any] = {
             "meta": {},
             "features": [],
@@ -354,7 +358,32 @@ class Bench:
         return usage
 
     def measure_target(self, target: Target, script_key: str) -> dict[str, Any]:
-        entry: dict[str, Any] = {"label": target.label, "rps": {}, "usage": {}, "machine_busy": {}}
+        entry: dict[str, Any] = {
+            "label": target.label,
+            "rps": {},
+            "usage": {},
+            "machine_busy": {},
+            "others_cores": {},
+        }
+        gw = self.gateway if target.key.startswith("gateway") else None
+        if gw is not None:
+            entry["log_stream_drops"] = {}
+            entry["reloads_during"] = {}
+
+        @contextlib.contextmanager
+        def phase(name: str) -> Any:
+            if gw is not None:
+                gw.error_log_count(SYSLOG_DROP)
+                reloads = gw.reloads()
+            with self.sampler.window() as window:
+                yield window
+            entry["usage"][name] = self._usage(target, window)
+            entry["machine_busy"][name] = round(window.machine_busy, 3)
+            entry["others_cores"][name] = round(window.others_cores, 2)
+            if gw is not None:
+                entry["log_stream_drops"][name] = gw.error_log_count(SYSLOG_DROP)
+                entry["reloads_during"][name] = gw.reloads() - reloads
+
         script = self.scripts[script_key]
         added_group = False
         if target.key == "nginx":
@@ -362,27 +391,26 @@ class Bench:
             added_group = True
         try:
             self.check(target)
-            load.run_wrk(target.chat_url, script, 16, 2, self.p.warmup_s)
+            warmup = max(self.p.warmup_s, LITELLM_WARMUP_S if target.key == "litellm" else 0)
+            load.run_wrk(target.chat_url, script, 16, 2, warmup)
             for conc in (16, 64):
-                with self.sampler.window() as window:
+                with phase(f"c{conc}") as window:
                     result = load.run_wrk(target.chat_url, script, conc, 2, self.p.duration_s)
                 entry["rps"][str(conc)] = result.to_dict()
-                entry["usage"][f"c{conc}"] = self._usage(target, window)
-                entry["machine_busy"][f"c{conc}"] = round(window.machine_busy, 3)
                 log(
                     f"{target.label}: c{conc} {result.rps:,.0f} req/s, failed {result.failed}, "
                     f"backend {self._cores(window, 'backend'):.2f} "
-                    f"cores, machine busy {window.machine_busy:.0%}"
+                    f"cores, machine busy {window.machine_busy:.0%}, other processes "
+                    f"{window.others_cores:.2f} cores"
+                    + (f", log records dropped {entry['log_stream_drops'][f'c{conc}']}" if gw else "")
                 )
-            with self.sampler.window() as window:
+            with phase("c1"):
                 lat = load.run_wrk(target.chat_url, script, 1, 1, self.p.latency_s)
             entry["latency_c1"] = lat.to_dict()
-            entry["usage"]["c1"] = self._usage(target, window)
             log(f"{target.label}: c1 p50 {lat.p50_ms:.3f} p90 {lat.p90_ms:.3f} p99 {lat.p99_ms:.3f} ms")
-            with self.sampler.window() as window:
+            with phase("stream"):
                 stream = load.measure_stream(target.chat_url, target.api_key, self.p.stream_samples)
             entry["stream"] = stream.to_dict()
-            entry["usage"]["stream"] = self._usage(target, window)
             log(
                 f"{target.label}: SSE TTFB p50 {stream.ttfb_ms.get('p50')} ms, TTLB p50 "
                 f"{stream.ttlb_ms.get('p50')} ms, {stream.events_per_answer} events, failed {stream.failed}"
@@ -394,8 +422,8 @@ class Bench:
             if added_group:
                 self.sampler.remove("nginx")
         peaks: dict[str, float] = {}
-        for phase in entry["usage"].values():
-            for group, use in phase.items():
+        for phase_usage in entry["usage"].values():
+            for group, use in phase_usage.items():
                 peaks[group] = max(peaks.get(group, 0.0), float(use["peak_rss_mb"]))
         entry["peak_rss_mb"] = peaks
         return entry

@@ -103,6 +103,7 @@ class Group:
 
     name: str
     roots: Callable[[], list[int]]
+    recursive: bool = True  # the roots' descendants count too
 
 
 @dataclass
@@ -129,6 +130,7 @@ class _Window:
     peak_procs: dict[str, int] = field(default_factory=dict)
     result: dict[str, GroupUsage] = field(default_factory=dict)
     machine_busy: float = 0.0  # fraction of all CPUs busy during the window
+    others_cores: float = 0.0  # CPU used by processes in no group (other work on the machine)
     seconds: float = 0.0
 
 
@@ -162,7 +164,8 @@ class Sampler:
             groups = list(self.groups.values())
         for group in groups:
             try:
-                pids = tree(group.roots(), stats)
+                roots = group.roots()
+                pids = tree(roots, stats) if group.recursive else [r for r in roots if r in stats]
             except Exception:  # a group whose roots are not readable right now
                 pids = []
             last = window.last.setdefault(group.name, {})
@@ -203,13 +206,20 @@ class Sampler:
             busy0, total0 = window.machine_start
             busy1, total1 = machine_ticks()
             window.machine_busy = (busy1 - busy0) / max(1, total1 - total0)
+            counted: dict[int, float] = {}
             for name in window.last:
-                ticks = sum(t - window.first[name].get(pid, 0) for pid, t in window.last[name].items())
+                ticks = 0
+                for pid, t in window.last[name].items():
+                    used = t - window.first[name].get(pid, 0)
+                    ticks += used
+                    counted[pid] = used / CLK_TCK / window.seconds
                 window.result[name] = GroupUsage(
                     cpu_cores=ticks / CLK_TCK / window.seconds,
                     peak_rss_mb=window.peak_rss.get(name, 0) / 2**20,
                     processes=window.peak_procs.get(name, 0),
                 )
+            cores = os.cpu_count() or 1
+            window.others_cores = max(0.0, window.machine_busy * cores - sum(counted.values()))
 
 
 class Procs:

@@ -221,6 +221,17 @@ def data_plane_table(results: dict[str, Any]) -> list[str]:
         "machine busy at c64",
         each(lambda e: fmt(100 * (_get(e, "machine_busy", "c64") or float("nan")), 0, "%")),
     )
+    row("other processes' CPU at c64 (cores)", each(lambda e: fmt(_get(e, "others_cores", "c64"), 2)))
+
+    def drops(e: Any) -> str:
+        per = e.get("log_stream_drops")
+        if per is None:
+            return "-"
+        sent = sum(int(_get(e, "rps", c, "requests") or 0) for c in ("16", "64"))
+        lost = int(per.get("c16", 0)) + int(per.get("c64", 0))
+        return f"{lost:,} of {sent:,}"
+
+    row("access-log records nginx could not send (c16 + c64)", each(drops))
     for s in systems:
         dp[s].pop("_groups", None)
     return lines

@@ -244,6 +244,7 @@ class GatewaySystem:
     def __init__(self, procs: Procs, extra_env: dict[str, str]) -> None:
         self.procs = procs
         self.https_port = free_port()
+        self._log_offset = 0
         env = {"ISHGW_HTTPS_PORT": str(self.https_port), **extra_env}
         self.gw = Gateway(extra_env=env)
         make_self_signed(self.gw.home / "ssl")
@@ -278,6 +279,23 @@ class GatewaySystem:
         pid = self.gw.nginx_master_pid()
         return [pid] if pid else []
 
+    def error_log_count(self, needle: str) -> int:
+        """Lines containing `needle` added to nginx's error.log since the last call."""
+        path = self.gw.home / "nginx" / "logs" / "error.log"
+        count = 0
+        with contextlib.suppress(OSError), path.open("rb") as handle:
+            handle.seek(self._log_offset)
+            for line in handle:
+                count += needle.encode() in line
+            self._log_offset = handle.tell()
+        return count
+
+    def reloads(self) -> int:
+        try:
+            return int(self.gw.status().get("reloads") or 0)
+        except Exception:  # status unreachable: counted as no information
+            return -1
+
     def live_dir(self) -> Path:
         return (self.gw.home / "nginx" / "live").resolve()
 
@@ -300,11 +318,16 @@ model_list:
       model: openai/{model}
       api_base: {backend}/v1
       api_key: sk-stub-1
+      # a price, as a real model has one: an unpriced model costs LiteLLM a zero-cost diagnostic per request
+      input_cost_per_token: 0.0000001
+      output_cost_per_token: 0.0000002
   - model_name: {model}
     litellm_params:
       model: openai/{model}
       api_base: {backend}/v1
       api_key: sk-stub-2
+      input_cost_per_token: 0.0000001
+      output_cost_per_token: 0.0000002
 router_settings:
   routing_strategy: simple-shuffle
   num_retries: 2

@@ -273,3 +273,10 @@ def test_probe_evaluation() -> None:
     assert lightrag is not None and lightrag.url == "http://h:9621/health"
     assert evaluate(lightrag, 200, b'{"status":"healthy"}', 1).outcome is Outcome.OK
     assert evaluate(lightrag, 200, b'{"status":"degraded"}', 1).outcome is Outcome.FAIL
+
+
+def test_utilization_against_max_rpm() -> None:
+    t = tracker_with(config(max_rpm=10))
+    for i in range(5):
+        t.observe(record("127.0.0.0:1", 200, at=1000.0 + i), now_mono=1)
+    assert t.state_fields("a", 1010, 1)["utilization_percentage"] == 50.0
