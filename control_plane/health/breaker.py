@@ -125,6 +125,7 @@ def tick(b: Breaker, now: float) -> Breaker:
 def recover(b: Breaker) -> Breaker:
     """Active probes say the instance is back: an open breaker stops waiting out its cool-down."""
     if b.state is BreakerState.OPEN:
-        return replace(b, state=BreakerState.HALF_OPEN, half_open_successes=0, consecutive_failures=0,
-                       cooldown_factor=1)
+        return replace(
+            b, state=BreakerState.HALF_OPEN, half_open_successes=0, consecutive_failures=0, cooldown_factor=1
+        )
     return b

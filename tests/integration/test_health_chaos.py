@@ -65,8 +65,10 @@ def three(gw: Gateway, stubs: dict[str, StubServer]) -> list[StubServer]:
 
 def test_killed_instance_leaves_and_returns(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
     n0, _, _ = three(gateway, stubs)
-    wait_for(lambda: gateway.admin.get("/admin/instances/n0/state").json()["health_status"] == "healthy",
-             what="n0 healthy")
+    wait_for(
+        lambda: gateway.admin.get("/admin/instances/n0/state").json()["health_status"] == "healthy",
+        what="n0 healthy",
+    )
     with Load(gateway.url, "m", sdk=False, seconds=40) as load:
         wait_for(lambda: load.total > 100, what="load running")
         killed = time.monotonic()
@@ -79,13 +81,21 @@ def test_killed_instance_leaves_and_returns(gateway: Gateway, stubs: dict[str, S
         wait_for(lambda: in_pool(gateway, "n0"), timeout=1.0 * 2 + 5, what="n0 back in the pool")
         back_after = time.monotonic() - restarted
         wait_for(lambda: load.last_seen.get("n0", 0) > restarted, what="n0 serving again")
-    report("kill 1 of 3", out_after_s=round(out_after, 2), reason=reason, back_after_s=round(back_after, 2),
-           requests=load.total, client_errors=len(load.failures))
+    report(
+        "kill 1 of 3",
+        out_after_s=round(out_after, 2),
+        reason=reason,
+        back_after_s=round(back_after, 2),
+        requests=load.total,
+        client_errors=len(load.failures),
+    )
     assert "unhealthy" in reason or "breaker open" in reason
     assert load.failures == []
 
 
-def test_hanging_instance_is_retried_and_breaker_opens(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
+def test_hanging_instance_is_retried_and_breaker_opens(
+    gateway: Gateway, stubs: dict[str, StubServer]
+) -> None:
     a, b = start_stub(stubs, "fine"), start_stub(stubs, "hangs")
     register(gateway, "fine", a)
     register(gateway, "hangs", b, timeout_seconds=1, health={**FAST, "probe_interval_s": 60})
@@ -93,14 +103,22 @@ def test_hanging_instance_is_retried_and_breaker_opens(gateway: Gateway, stubs: 
     b.set_mode("stall")
     with Load(gateway.url, "m", sdk=False, threads=4, seconds=30) as load:
         started = time.monotonic()
-        wait_for(lambda: gateway.admin.get("/admin/instances/hangs/state").json()["breaker_state"] == "open",
-                 timeout=15, what="breaker open")
+        wait_for(
+            lambda: gateway.admin.get("/admin/instances/hangs/state").json()["breaker_state"] == "open",
+            timeout=15,
+            what="breaker open",
+        )
         opened_after = time.monotonic() - started
         served_before = load.total
         wait_for(lambda: load.total > served_before + 100, what="traffic after the breaker opened")
     slowest = max(load.latencies)
-    report("hanging instance", breaker_open_after_s=round(opened_after, 2), requests=load.total,
-           client_errors=len(load.failures), slowest_s=round(slowest, 2))
+    report(
+        "hanging instance",
+        breaker_open_after_s=round(opened_after, 2),
+        requests=load.total,
+        client_errors=len(load.failures),
+        slowest_s=round(slowest, 2),
+    )
     assert load.failures == []
     assert slowest < 1 + 2  # one read timeout, then the retry elsewhere
 
@@ -126,8 +144,13 @@ def test_half_failing_instance_breaker_cycle(gateway: Gateway, stubs: dict[str, 
         wait_for(lambda: breaker() == "half_open", timeout=10, what="half-open")
         wait_for(lambda: breaker() == "closed", timeout=15, what="closed again")
         closed_after = time.monotonic() - healed
-    report("503 on half the requests", breaker_open_after_s=round(opened, 2),
-           closed_after_recovery_s=round(closed_after, 2), requests=load.total, client_errors=len(load.failures))
+    report(
+        "503 on half the requests",
+        breaker_open_after_s=round(opened, 2),
+        closed_after_recovery_s=round(closed_after, 2),
+        requests=load.total,
+        client_errors=len(load.failures),
+    )
     assert load.failures == []
 
 
@@ -184,15 +207,23 @@ def test_reload_every_half_second_under_load(gateway: Gateway, stubs: dict[str, 
                 stop.wait(0.5)
 
     thread = threading.Thread(target=reloader, daemon=True)
-    with Load(gateway.url, "m", sdk=True, seconds=15, threads=3) as sdk_load, \
-            Load(gateway.url, "m", sdk=False, retry_transport=False, seconds=15, threads=3) as raw_load:
+    with (
+        Load(gateway.url, "m", sdk=True, seconds=15, threads=3) as sdk_load,
+        Load(gateway.url, "m", sdk=False, retry_transport=False, seconds=15, threads=3) as raw_load,
+    ):
         thread.start()
         wait_for(lambda: reloads[0] >= 20, timeout=30, what="20 reloads")
         stop.set()
         thread.join(10)
-    report("reload every 0.5 s", reloads=reloads[0], sdk_requests=sdk_load.total,
-           sdk_failures=len(sdk_load.failures), raw_requests=raw_load.total, raw_failures=len(raw_load.failures),
-           raw_failure_rate=f"{len(raw_load.failures) / max(1, raw_load.total):.4%}")
+    report(
+        "reload every 0.5 s",
+        reloads=reloads[0],
+        sdk_requests=sdk_load.total,
+        sdk_failures=len(sdk_load.failures),
+        raw_requests=raw_load.total,
+        raw_failures=len(raw_load.failures),
+        raw_failure_rate=f"{len(raw_load.failures) / max(1, raw_load.total):.4%}",
+    )
     assert sdk_load.failures == []
     assert sdk_load.total > 100 and raw_load.total > 100
 
@@ -205,7 +236,9 @@ def test_stream_survives_reloads_and_a_dying_upstream_is_an_error(
     gateway.wait_applied()
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="k", max_retries=0)
     stream = client.chat.completions.create(
-        model="m", messages=[], stream=True,
+        model="m",
+        messages=[],
+        stream=True,
         extra_headers={"X-Stub-Chunks": "40", "X-Stub-Chunk-Delay-Ms": "50"},
     )
     chunks, finished = 0, None
@@ -238,8 +271,12 @@ def test_controller_killed_under_load(stubs: dict[str, StubServer]) -> None:
             wait_for(lambda: load.total > served + 300, what="serving without the controller")
             gw.start_controller()
             status = gw.status()
-        report("controller killed", requests=load.total, client_errors=len(load.failures),
-               reloads_after_restart=status["reloads"])
+        report(
+            "controller killed",
+            requests=load.total,
+            client_errors=len(load.failures),
+            reloads_after_restart=status["reloads"],
+        )
         assert load.failures == []
         assert status["checksum"] == checksum and status["reloads"] == 0
 
@@ -251,7 +288,10 @@ def test_pool_down_goes_to_fallback_then_503(gateway: Gateway, stubs: dict[str, 
     r = gateway.admin.put("/admin/routing", json={"fallbacks": {"llama": ["gpt-mini"]}})
     assert r.status_code == 200, r.text
     gateway.wait_applied()
-    assert gateway.client.post("/v1/chat/completions", json={"model": "llama"}).headers["X-Backend-Name"] == "local"
+    assert (
+        gateway.client.post("/v1/chat/completions", json={"model": "llama"}).headers["X-Backend-Name"]
+        == "local"
+    )
 
     local.kill()  # before the controller notices: nginx's own failure goes down the chain
     r = gateway.client.post("/v1/chat/completions", json={"model": "llama"})
@@ -267,5 +307,7 @@ def test_pool_down_goes_to_fallback_then_503(gateway: Gateway, stubs: dict[str, 
     r = gateway.client.post("/v1/chat/completions", json={"model": "llama"})
     took = time.monotonic() - started
     report("whole chain down", answer=r.status_code, took_s=round(took, 3))
-    assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["type"] == "overloaded_error"
+    assert (
+        r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["type"] == "overloaded_error"
+    )
     assert took < 5
