@@ -106,11 +106,16 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     reconciler = app[keys.RECONCILER]
     await reconciler.reconcile_now()  # adopts what runs when the checksum matches: no reload
-    task = asyncio.create_task(reconciler.run(), name="reconciler")
+    tasks = [
+        asyncio.create_task(reconciler.run(), name="reconciler"),
+        asyncio.create_task(reconciler.watch_generation(), name="generation-watch"),
+    ]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
@@ -131,6 +136,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         max_wait_s=settings.reconcile_max_wait_s,
         min_reload_interval_s=settings.reload_min_interval_s,
         resync_interval_s=settings.resync_interval_s,
+        generation_poll_s=settings.generation_poll_s,
     )
     app = web.Application(middlewares=[error_middleware, auth_middleware])
     app[keys.SETTINGS] = settings

@@ -50,6 +50,7 @@ class ReconcileTiming:
     min_reload_interval_s: float = 0.5
     resync_interval_s: float = 30.0
     live_timeout_s: float = 5.0
+    generation_poll_s: float = 2.0
 
 
 class Reconciler:
@@ -101,6 +102,19 @@ class Reconciler:
                 await self.reconcile_now()
             except Exception:  # the loop must survive anything; the error is in the result
                 log.exception("reconcile failed")
+
+    async def watch_generation(self) -> None:
+        """Several gateway nodes share one PostgreSQL registry: a change made through another node's API
+        shows up here as a new configuration generation."""
+        while True:
+            await asyncio.sleep(self.timing.generation_poll_s)
+            try:
+                generation = await asyncio.to_thread(self.store.generation)
+            except Exception:  # the database may be briefly away; the next poll tries again
+                log.warning("could not read the configuration generation", exc_info=True)
+                continue
+            if self._spec is not None and generation != self._spec.generation:
+                self.request("registry changed")
 
     async def _debounce(self) -> None:
         start = self._first_dirty or time.monotonic()

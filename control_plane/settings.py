@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     reconcile_max_wait_s: float = Field(default=1.0, ge=0.0, le=30.0)
     reload_min_interval_s: float = Field(default=0.5, ge=0.0, le=60.0)
     resync_interval_s: float = Field(default=30.0, ge=1.0, le=3600.0)
+    generation_poll_s: float = Field(
+        default=2.0, ge=0.1, le=3600.0, description="How often to look for registry changes made by other nodes"
+    )
     generations_kept: int = Field(default=5, ge=2, le=100)
 
     @field_validator("status_allow", mode="before")

@@ -7,6 +7,7 @@ import pytest
 
 from tests.backends.stub_llm import StubServer
 from tests.integration.gateway import Gateway
+from tests.integration.postgres import postgres_server  # noqa: F401  (a session fixture for every module)
 
 pytestmark = pytest.mark.integration
 
@@ -36,3 +37,4 @@ def start_stub(stubs: dict[str, StubServer], name: str, **kw: object) -> StubSer
     stub = StubServer(name=name, **kw).start()  # type: ignore[arg-type]
     stubs[name] = stub
     return stub
+
