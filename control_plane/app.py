@@ -144,7 +144,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[keys.ADMIN_KEY] = admin_key(settings)
     reconciler = Reconciler(store, nginx, server_settings(settings), metrics, timing)
     app[keys.RECONCILER] = reconciler
-    app[keys.HEALTH] = HealthService(store, reconciler, log_socket_path(settings), settings.probes_enabled)
+    app[keys.HEALTH] = HealthService(
+        store, reconciler, log_socket_path(settings), settings.probes_enabled, metrics
+    )
     setup_routes(app)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it

@@ -33,3 +33,18 @@ class GatewayMetrics:
         self.excluded = Gauge(
             "ishgw_instances_excluded", "instances left out of every pool", registry=registry
         )
+        self.instance_available = Gauge(
+            "ishgw_instance_available", "1 when the instance takes traffic", ["instance"], registry=registry
+        )
+        self.upstream_attempts = Counter(
+            "ishgw_upstream_attempts_total",
+            "attempts per instance from nginx's log stream, by what they say about the instance",
+            ["instance", "outcome"],
+            registry=registry,
+        )
+        self.log_records = Counter(
+            "ishgw_log_records_total", "access log records received from nginx", registry=registry
+        )
+        self.probes = Counter(
+            "ishgw_probes_total", "active probes by outcome", ["instance", "outcome"], registry=registry
+        )

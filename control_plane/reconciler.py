@@ -238,6 +238,10 @@ class Reconciler:
         self.metrics.pool_members.clear()
         for pool in spec.pools:
             self.metrics.pool_members.labels(pool.name, pool.model).set(len(pool.members))
+        self.metrics.instance_available.clear()
+        excluded = dict(spec.excluded)
+        for name in {m.instance for p in spec.pools for m in p.members} | set(excluded):
+            self.metrics.instance_available.labels(name).set(0 if name in excluded else 1)
 
     # --- views ----------------------------------------------------------------------------------
     def status(self) -> dict[str, object]:

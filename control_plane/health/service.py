@@ -15,7 +15,8 @@ import aiohttp
 from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
-from control_plane.health.tracker import HealthTracker
+from control_plane.health.tracker import HealthTracker, classify
+from control_plane.metrics import GatewayMetrics
 from control_plane.reconciler import Reconciler
 from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store
@@ -30,8 +31,14 @@ FLUSH_INTERVAL_S = 0.5
 
 class HealthService:
     def __init__(
-        self, store: Store, reconciler: Reconciler, log_socket: Path, probes_enabled: bool = True
+        self,
+        store: Store,
+        reconciler: Reconciler,
+        log_socket: Path,
+        probes_enabled: bool = True,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.reconciler = reconciler
         self.log_socket = log_socket
@@ -63,6 +70,12 @@ class HealthService:
     def on_log(self, record: LogRecord) -> None:
         self.records += 1
         self.tracker.observe(record, time.monotonic())
+        if self.metrics is not None:
+            self.metrics.log_records.inc()
+            for attempt in record.attempts:
+                name = self.tracker.addresses.get(attempt.address)
+                if name is not None:
+                    self.metrics.upstream_attempts.labels(name, classify(attempt.status)).inc()
 
     # --- active -----------------------------------------------------------------------------------
     async def probe_now(self, name: str) -> ProbeResult:
@@ -71,8 +84,13 @@ class HealthService:
             fresh = await asyncio.to_thread(self.store.get_instance, name)  # raises NotFound
             config = fresh[0]
         result = await self._probe(config)
-        self.tracker.probe(name, result, time.time())
+        self._record_probe(name, result)
         return result
+
+    def _record_probe(self, name: str, result: ProbeResult) -> None:
+        self.tracker.probe(name, result, time.time())
+        if self.metrics is not None:
+            self.metrics.probes.labels(name, str(result.outcome)).inc()
 
     async def _probe(self, config: InstanceConfig) -> ProbeResult:
         request = probe_request(config, self.secrets.get(config.name))
@@ -102,7 +120,7 @@ class HealthService:
         try:
             config = self.configs.get(name)
             if config is not None:
-                self.tracker.probe(name, await self._probe(config), time.time())
+                self._record_probe(name, await self._probe(config))
         finally:
             self._in_flight.discard(name)
 
