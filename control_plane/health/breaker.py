@@ -1,19 +1,19 @@
-"""Circuit breaker per instance: pure transitions over an immutable value.
+"""Circuit breaker per instance: pure transitions over an immutable value, O(1) per request.
 
 closed --(N consecutive failures | error rate over window | latency far above baseline)--> open
-open --(cool-down elapsed)--> half_open  (served at a low weight)
+open --(cool-down elapsed, or probes see it recovered)--> half_open  (served at a low weight)
 half_open --(M successes)--> closed;  half_open --(failure)--> open, with a doubled cool-down (bounded)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from control_plane.registry.models import BreakerState, HealthPolicy
 
 MAX_COOLDOWN_FACTOR = 16
-BASELINE_ALPHA = 0.05  # EWMA weight of one successful latency sample
+BASELINE_ALPHA = 0.02  # slow EWMA: what normal latency is
+RECENT_ALPHA = 0.2  # fast EWMA: what latency is now
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,22 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class WindowStats:
+    """The sliding window as the caller keeps it incrementally: counts and latency averages."""
+
+    count: int
+    failures: int
+    recent_ms: float | None = None  # fast EWMA of successful latency: what it is now
+    baseline_ms: float | None = None  # slow EWMA that degraded samples do not teach: what is normal
+
+
+@dataclass(frozen=True)
 class Breaker:
     state: BreakerState = BreakerState.CLOSED
     consecutive_failures: int = 0
     half_open_successes: int = 0
     open_until: float = 0.0
     cooldown_factor: int = 1
-    baseline_ms: float | None = None
     reason: str | None = None
 
 
@@ -45,71 +54,59 @@ def _trip(b: Breaker, now: float, policy: HealthPolicy, reason: str, factor: int
     )
 
 
-def _learn(baseline: float | None, latency_ms: float, policy: HealthPolicy) -> float:
-    """EWMA of normal latency. Degraded samples do not teach it, or it would chase the degradation."""
-    if baseline is None:
-        return latency_ms
-    if latency_ms > baseline * policy.latency_factor:
+def ewma(current: float | None, value: float, alpha: float) -> float:
+    return value if current is None else current * (1 - alpha) + value * alpha
+
+
+def learn_baseline(baseline: float | None, latency_ms: float, policy: HealthPolicy) -> float:
+    """Normal latency. Degraded samples do not teach it, or it would chase the degradation."""
+    if baseline is not None and latency_ms > baseline * policy.latency_factor:
         return baseline
-    return baseline * (1 - BASELINE_ALPHA) + latency_ms * BASELINE_ALPHA
+    return ewma(baseline, latency_ms, BASELINE_ALPHA)
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def window_verdict(window: Iterable[Sample], baseline_ms: float | None, policy: HealthPolicy) -> str | None:
+def window_verdict(stats: WindowStats, policy: HealthPolicy) -> str | None:
     """Why the recent window should open the breaker, or None."""
-    samples = list(window)
-    if len(samples) < policy.breaker_min_requests:
+    if stats.count < policy.breaker_min_requests:
         return None
-    failures = sum(1 for s in samples if not s.ok)
-    if failures / len(samples) >= policy.breaker_error_rate:
-        return f"error rate {failures}/{len(samples)} over {policy.breaker_window_s:g}s"
-    latencies = [s.latency_ms for s in samples if s.ok]
-    if baseline_ms and latencies:
-        p50 = _median(latencies)
-        if p50 > policy.latency_floor_ms and p50 > baseline_ms * policy.latency_factor:
-            factor = policy.latency_factor
-            return f"latency p50 {p50:.0f} ms is over {factor:g}x its baseline {baseline_ms:.0f} ms"
+    if stats.failures / stats.count >= policy.breaker_error_rate:
+        return f"error rate {stats.failures}/{stats.count} over {policy.breaker_window_s:g}s"
+    recent, baseline = stats.recent_ms, stats.baseline_ms
+    degraded = (
+        recent is not None
+        and baseline
+        and recent > max(policy.latency_floor_ms, baseline * policy.latency_factor)
+    )
+    if degraded:
+        factor = policy.latency_factor
+        return f"latency {recent:.0f} ms is over {factor:g}x its baseline {baseline:.0f} ms"
     return None
 
 
-def observe(b: Breaker, sample: Sample, window: Iterable[Sample], policy: HealthPolicy) -> Breaker:
-    """Fold one request outcome into the breaker. ``window`` includes ``sample``."""
+def observe(b: Breaker, sample: Sample, stats: WindowStats, policy: HealthPolicy) -> Breaker:
+    """Fold one request outcome into the breaker. ``stats`` already counts ``sample``."""
     if b.state is BreakerState.OPEN:
         return b  # traffic that was already in flight says nothing new
     if sample.ok:
-        b = replace(b, consecutive_failures=0, baseline_ms=_learn(b.baseline_ms, sample.latency_ms, policy))
+        if b.consecutive_failures:
+            b = replace(b, consecutive_failures=0)
         if b.state is BreakerState.HALF_OPEN:
             b = replace(b, half_open_successes=b.half_open_successes + 1)
             if b.half_open_successes >= policy.breaker_half_open_successes:
                 # Recovered: whatever latency it serves at now is its new normal.
                 return replace(
-                    b,
-                    state=BreakerState.CLOSED,
-                    half_open_successes=0,
-                    cooldown_factor=1,
-                    reason=None,
-                    baseline_ms=None,
+                    b, state=BreakerState.CLOSED, half_open_successes=0, cooldown_factor=1, reason=None
                 )
             return b
     else:
         b = replace(b, consecutive_failures=b.consecutive_failures + 1)
         if b.state is BreakerState.HALF_OPEN:
-            return _trip(
-                b,
-                sample.at,
-                policy,
-                "failed while half-open",
-                min(b.cooldown_factor * 2, MAX_COOLDOWN_FACTOR),
-            )
+            factor = min(b.cooldown_factor * 2, MAX_COOLDOWN_FACTOR)
+            return _trip(b, sample.at, policy, "failed while half-open", factor)
         if b.consecutive_failures >= policy.breaker_consecutive_failures:
             return _trip(b, sample.at, policy, f"{b.consecutive_failures} consecutive failures", 1)
     if b.state is BreakerState.CLOSED:
-        reason = window_verdict(window, b.baseline_ms, policy)
+        reason = window_verdict(stats, policy)
         if reason is not None:
             return _trip(b, sample.at, policy, reason, 1)
     return b

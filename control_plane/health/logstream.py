@@ -55,6 +55,9 @@ def _status(text: str) -> int | None:
 def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, ...]:
     if not addresses or addresses == "-":
         return ()
+    if "," not in addresses and " : " not in addresses:  # the common case: one attempt
+        seconds = _number(times)
+        return (Attempt(addresses, _status(statuses), None if seconds is None else seconds * 1000),)
     addrs = _SPLIT.split(addresses)
     codes = _SPLIT.split(statuses) if statuses else []
     durations = _SPLIT.split(times) if times else []
@@ -78,7 +81,7 @@ def parse_datagram(data: bytes) -> LogRecord | None:
         return None
     if not isinstance(raw, dict):
         return None
-    fields = {k: str(v) for k, v in raw.items()}
+    fields = raw  # escape=json makes every value a string
     return LogRecord(
         at=_number(fields.get("t", "")) or 0.0,
         request_id=fields.get("rid", ""),

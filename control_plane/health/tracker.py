@@ -44,7 +44,11 @@ class InstanceHealth:
     policy: HealthPolicy
     fingerprint: str
     max_rpm: int = 0
-    window: deque[br.Sample] = field(default_factory=lambda: deque(maxlen=WINDOW_MAX))
+    window: deque[br.Sample] = field(default_factory=deque)
+    window_failures: int = 0
+    window_ok_latency_ms: float = 0.0  # sum over the successful samples in the window
+    recent_ms: float | None = None
+    baseline_ms: float | None = None
     breaker: br.Breaker = field(default_factory=br.Breaker)
     probes: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=PROBE_HISTORY))
     probe_ok_streak: int = 0
@@ -58,15 +62,31 @@ class InstanceHealth:
     errors: int = 0
     last_error: str | None = None
     last_error_time: datetime | None = None
-    last_used: datetime | None = None
+    last_used_at: float = 0.0  # unix seconds
     discovered: tuple[str, ...] = ()
     probe_latency_ms: float | None = None
     last_probe_at: datetime | None = None
-    recent: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))  # request times (unix)
+    per_second: deque[list[int]] = field(default_factory=deque)  # [unix second, requests], last 60 s
 
 
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
+
+
+def _count_second(buckets: deque[list[int]], second: int) -> None:
+    if buckets and buckets[-1][0] == second:
+        buckets[-1][1] += 1
+    else:
+        buckets.append([second, 1])
+    while buckets and buckets[0][0] <= second - 60:
+        buckets.popleft()
+
+
+def _forget(entry: InstanceHealth, sample: br.Sample) -> None:
+    if sample.ok:
+        entry.window_ok_latency_ms -= sample.latency_ms
+    else:
+        entry.window_failures -= 1
 
 
 def _adopt(entry: InstanceHealth, state: InstanceState, now_mono: float, now_wall: float) -> InstanceHealth:
@@ -77,11 +97,8 @@ def _adopt(entry: InstanceHealth, state: InstanceState, now_mono: float, now_wal
         state.successful_requests,
         state.error_count,
     )
-    entry.last_error, entry.last_error_time, entry.last_used = (
-        state.last_error,
-        state.last_error_time,
-        state.last_used,
-    )
+    entry.last_error, entry.last_error_time = state.last_error, state.last_error_time
+    entry.last_used_at = state.last_used.timestamp() if state.last_used else 0.0
     entry.discovered = tuple(state.discovered_models)
     if state.rate_limited_until is not None:
         entry.rate_limited_until = state.rate_limited_until.timestamp()
@@ -150,8 +167,8 @@ class HealthTracker:
                 continue  # the client gave up first: that says nothing about the instance
             verdict = classify(attempt.status)
             entry.total += 1
-            entry.recent.append(record.at)
-            entry.last_used = _utc(record.at)
+            _count_second(entry.per_second, int(record.at))
+            entry.last_used_at = record.at
             self.dirty.add(name)
             if verdict == "rate_limited":
                 wait = (
@@ -176,15 +193,27 @@ class HealthTracker:
             self._fold(name, entry, br.Sample(now_mono, ok, attempt.response_ms or 0.0))
 
     def _fold(self, name: str, entry: InstanceHealth, sample: br.Sample) -> None:
+        """Slide the window (O(1) amortised: running counts, no copies) and step the breaker."""
+        window = entry.window
         horizon = sample.at - entry.policy.breaker_window_s
-        entry.window.append(sample)
-        while entry.window and entry.window[0].at < horizon:
-            entry.window.popleft()
-        before = entry.breaker.state
-        entry.breaker = br.observe(entry.breaker, sample, entry.window, entry.policy)
-        if entry.breaker.state is not before:
+        while window and (window[0].at < horizon or len(window) >= WINDOW_MAX):
+            _forget(entry, window.popleft())
+        window.append(sample)
+        if sample.ok:
+            entry.window_ok_latency_ms += sample.latency_ms
+            entry.recent_ms = br.ewma(entry.recent_ms, sample.latency_ms, br.RECENT_ALPHA)
+            entry.baseline_ms = br.learn_baseline(entry.baseline_ms, sample.latency_ms, entry.policy)
+        else:
+            entry.window_failures += 1
+        before = entry.breaker
+        stats = br.WindowStats(len(window), entry.window_failures, entry.recent_ms, entry.baseline_ms)
+        entry.breaker = br.observe(before, sample, stats, entry.policy)
+        if entry.breaker.state is not before.state:
             if entry.breaker.state is BreakerState.CLOSED:
-                entry.window.clear()
+                # Recovered: the latency it serves at now is its new normal.
+                window.clear()
+                entry.window_failures, entry.window_ok_latency_ms = 0, 0.0
+                entry.baseline_ms = entry.recent_ms
             self._mark(name, membership=True)
 
     def _rate_limit(self, name: str, entry: InstanceHealth, at: float, wait: float | None) -> None:
@@ -255,9 +284,9 @@ class HealthTracker:
     def state_fields(self, name: str, now_wall: float, now_mono: float) -> dict[str, object]:
         """The observed fields of InstanceState this tracker owns."""
         entry = self.instances[name]
-        minute = now_wall - 60
-        rpm = sum(1 for t in entry.recent if t >= minute)
-        latencies = [s.latency_ms for s in entry.window if s.ok]
+        minute = int(now_wall) - 60
+        rpm = sum(count for second, count in entry.per_second if second > minute)
+        ok_samples = len(entry.window) - entry.window_failures
         open_left = entry.breaker.open_until - now_mono
         return {
             "health_status": entry.health,
@@ -273,8 +302,8 @@ class HealthTracker:
             "utilization_percentage": round(100 * rpm / entry.max_rpm, 1) if entry.max_rpm else 0.0,
             "total_requests": entry.total,
             "successful_requests": entry.successful,
-            "last_used": entry.last_used,
-            "avg_latency_ms": round(sum(latencies) / len(latencies), 2) if latencies else 0.0,
+            "last_used": _utc(entry.last_used_at) if entry.last_used_at else None,
+            "avg_latency_ms": round(entry.window_ok_latency_ms / ok_samples, 2) if ok_samples else 0.0,
             "discovered_models": list(entry.discovered),
             "breaker_state": entry.breaker.state,
             "breaker_open_until": _utc(now_wall + open_left)

@@ -24,13 +24,16 @@ POLICY = HealthPolicy(breaker_consecutive_failures=3, breaker_min_requests=10, b
 
 
 def run(samples: list[tuple[float, bool, float]], policy: HealthPolicy = POLICY) -> br.Breaker:
+    """Feed samples with window counts kept the way the tracker keeps them."""
     b = br.Breaker()
-    window: list[br.Sample] = []
-    for at, ok, ms in samples:
-        sample = br.Sample(at, ok, ms)
-        window.append(sample)
-        b = br.observe(b, sample, window, policy)
+    failures = 0
+    for count, (at, ok, ms) in enumerate(samples, start=1):
+        failures += not ok
+        b = br.observe(b, br.Sample(at, ok, ms), br.WindowStats(count, failures), policy)
     return b
+
+
+NO_STATS = br.WindowStats(0, 0)
 
 
 def test_consecutive_failures_open() -> None:
@@ -46,19 +49,30 @@ def test_error_rate_over_window_opens() -> None:
     assert b.state is BreakerState.OPEN and "error rate" in (b.reason or "")
 
 
-def test_latency_degradation_opens() -> None:
+def test_error_rate_needs_the_minimum_sample() -> None:
+    assert run([(float(i), i % 2 == 0, 10.0) for i in range(9)]).state is BreakerState.CLOSED
+
+
+def test_latency_degradation_opens_and_baseline_does_not_chase_it() -> None:
     policy = HealthPolicy(breaker_min_requests=10, latency_factor=5, latency_floor_ms=100)
-    fast = [(float(i), True, 20.0) for i in range(50)]
+    recent: float | None = None
+    baseline: float | None = None
     b = br.Breaker()
-    window: list[br.Sample] = []
-    for at, ok, ms in fast:
-        window.append(br.Sample(at, ok, ms))
-        b = br.observe(b, window[-1], window, policy)
-    window.clear()
-    for i in range(10):
-        window.append(br.Sample(100.0 + i, True, 2000.0))
-        b = br.observe(b, window[-1], window, policy)
+    for i, ms in enumerate([20.0] * 50 + [2000.0] * 20):
+        recent = br.ewma(recent, ms, br.RECENT_ALPHA)
+        baseline = br.learn_baseline(baseline, ms, policy)
+        b = br.observe(b, br.Sample(float(i), True, ms), br.WindowStats(60, 0, recent, baseline), policy)
+        if b.state is BreakerState.OPEN:
+            break
     assert b.state is BreakerState.OPEN and "latency" in (b.reason or "")
+    assert baseline == pytest.approx(20.0)
+
+
+def test_slow_but_under_the_floor_is_fine() -> None:
+    policy = HealthPolicy(breaker_min_requests=10, latency_factor=5, latency_floor_ms=1000)
+    stats = br.WindowStats(60, 0, recent_ms=500.0, baseline_ms=20.0)
+    assert br.window_verdict(stats, policy) is None
+    assert br.window_verdict(br.WindowStats(60, 0, recent_ms=1500.0, baseline_ms=20.0), policy)
 
 
 def test_open_half_open_closed_cycle() -> None:
@@ -67,25 +81,45 @@ def test_open_half_open_closed_cycle() -> None:
     b = br.tick(b, 5.0)
     assert b.state is BreakerState.HALF_OPEN
     for i in range(POLICY.breaker_half_open_successes):
-        b = br.observe(b, br.Sample(6 + i, True, 10), [], POLICY)
+        b = br.observe(b, br.Sample(6 + i, True, 10), NO_STATS, POLICY)
     assert b.state is BreakerState.CLOSED and b.cooldown_factor == 1
 
 
 def test_failure_while_half_open_reopens_with_longer_cooldown() -> None:
     b = br.tick(run([(0, False, 0)] * 3), 5.0)
-    b = br.observe(b, br.Sample(6, False, 0), [], POLICY)
+    b = br.observe(b, br.Sample(6, False, 0), NO_STATS, POLICY)
     assert b.state is BreakerState.OPEN and b.cooldown_factor == 2 and b.open_until == 6 + 10
+
+
+def test_probe_recovery_skips_the_cooldown() -> None:
+    b = br.tick(run([(0, False, 0)] * 3), 5.0)
+    b = br.observe(b, br.Sample(6, False, 0), NO_STATS, POLICY)
+    assert br.recover(b).state is BreakerState.HALF_OPEN and br.recover(b).cooldown_factor == 1
+    assert br.recover(br.Breaker()) == br.Breaker()
 
 
 @given(st.lists(st.tuples(st.booleans(), st.floats(min_value=0, max_value=1e5)), max_size=200))
 def test_breaker_invariants(outcomes: list[tuple[bool, float]]) -> None:
     b = br.Breaker()
-    window: list[br.Sample] = []
+    count = failures = 0
     for i, (ok, ms) in enumerate(outcomes):
-        window.append(br.Sample(float(i), ok, ms))
-        b = br.tick(br.observe(b, window[-1], window, POLICY), float(i))
+        count, failures = count + 1, failures + (not ok)
+        b = br.tick(
+            br.observe(b, br.Sample(float(i), ok, ms), br.WindowStats(count, failures), POLICY), float(i)
+        )
         assert 1 <= b.cooldown_factor <= br.MAX_COOLDOWN_FACTOR
         assert (b.state is BreakerState.OPEN) == (b.open_until > i)
+
+
+def test_tracker_window_counts_stay_exact() -> None:
+    t = tracker_with(config(health=HealthPolicy(breaker_window_s=10, breaker_min_requests=1000)))
+    for i in range(100):
+        status = 500 if i % 4 == 0 else 200
+        t.observe(record("127.0.0.0:1", status, at=1000.0 + i), now_mono=float(i))
+    entry = t.instances["a"]
+    assert len(entry.window) == 11  # samples within the last 10 s, inclusive
+    assert entry.window_failures == sum(1 for s in entry.window if not s.ok)
+    assert entry.window_ok_latency_ms == pytest.approx(sum(s.latency_ms for s in entry.window if s.ok))
 
 
 @pytest.mark.parametrize(
