@@ -7,7 +7,9 @@ import sys
 
 from aiohttp import web
 
+from control_plane.admin_tls import AdminTlsError, admin_ssl_context
 from control_plane.app import create_app
+from control_plane.jwt_keys import JwtConfigError
 from control_plane.settings import Settings
 
 
@@ -17,7 +19,13 @@ def main() -> None:
     )
     settings = Settings()
     host, port = settings.admin_host_port
-    web.run_app(create_app(settings), host=host, port=port, access_log=None, print=None)
+    try:
+        ssl_context = admin_ssl_context(settings)
+        app = create_app(settings)
+    except (AdminTlsError, JwtConfigError) as exc:
+        logging.getLogger("control_plane").error("refusing to start: %s", exc)
+        sys.exit(2)
+    web.run_app(app, host=host, port=port, access_log=None, print=None, ssl_context=ssl_context)
 
 
 if __name__ == "__main__":

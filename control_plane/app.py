@@ -17,13 +17,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from control_plane import jwt_keys
 from control_plane.api import keys
-from control_plane.api.middleware import auth_middleware, error_middleware
+from control_plane.api.audit import AUDIT, address_filter_middleware, audit_middleware
+from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
 from control_plane.api.routes import setup_routes
+from control_plane.edge_settings import edge_policy
 from control_plane.health.service import HealthService
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import NginxProcess
 from control_plane.reconciler import Reconciler, ReconcileTiming
+from control_plane.registry.audit import AuditLog
 from control_plane.registry.store import Store
 from control_plane.render.spec import ServerSettings
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
@@ -87,6 +91,7 @@ def server_settings(settings: Settings) -> ServerSettings:
         log_socket=str(log_socket_path(settings)) if settings.log_stream_enabled else None,
         http_redirect=settings.http_redirect,
         acme_webroot=str(acme_webroot(settings)),
+        edge=edge_policy(settings, settings.client_max_body_size_mb),
     )
 
 
@@ -126,6 +131,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     settings.sockets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.sockets_dir, 0o711)
     (acme_webroot(settings) / ".well-known" / "acme-challenge").mkdir(parents=True, exist_ok=True)
+    server = server_settings(settings)
+    if not settings.auth_required:
+        log.warning("ISHGW_AUTH_REQUIRED=false: the data plane serves clients without an API key")
+    jwt_keys.load(server.edge.jwt_files)  # refuse to start with unusable JWT key files (JwtConfigError)
     store = Store(settings.database_url)
     store.migrate()
     metrics = GatewayMetrics(registry or CollectorRegistry())
@@ -138,11 +147,17 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         resync_interval_s=settings.resync_interval_s,
         generation_poll_s=settings.generation_poll_s,
     )
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app = web.Application(
+        middlewares=[error_middleware, address_filter_middleware, auth_middleware, audit_middleware]
+    )
+    app[AUTH_THROTTLE] = AuthThrottle(
+        limit=settings.admin_auth_failure_limit, window_s=settings.admin_auth_failure_window_s
+    )
+    app[AUDIT] = AuditLog(store, settings.audit_keep)
     app[keys.SETTINGS] = settings
     app[keys.STORE] = store
     app[keys.ADMIN_KEY] = admin_key(settings)
-    reconciler = Reconciler(store, nginx, server_settings(settings), metrics, timing)
+    reconciler = Reconciler(store, nginx, server, metrics, timing)
     app[keys.RECONCILER] = reconciler
     app[keys.HEALTH] = HealthService(
         store, reconciler, log_socket_path(settings), settings.probes_enabled, metrics

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 
+from control_plane import certs
 from control_plane.errors import ReloadFailed
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import NginxProcess
@@ -132,9 +133,10 @@ class Reconciler:
     async def reconcile_now(self, *, force: bool = False) -> ReconcileResult:
         async with self._lock:
             started = time.perf_counter()
-            world = await gather_world(self.store, self.server.tls_cert)
+            world = await gather_world(self.store, self.server.tls_cert, self.server.edge.jwt_files)
+            server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
             try:
-                spec = build_spec(world, self.server)
+                spec = build_spec(world, server)
                 tree = render(spec)
             except UnsafeValue as exc:
                 return self._finish(False, False, None, world.generation, f"render refused: {exc}", started)
@@ -266,4 +268,5 @@ class Reconciler:
                 for p in (spec.pools if spec else ())
             ],
             "excluded": dict(spec.excluded) if spec else {},
+            "tls": certs.tls_status(self.server.tls_cert),
         }

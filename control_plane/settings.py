@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from control_plane.edge_settings import EdgeSettings
 
 # Unix socket paths are limited to 107 bytes on Linux; shim sockets live in run_dir.
 MAX_RUN_DIR_LEN = 80
 
 
-class Settings(BaseSettings):
+class Settings(EdgeSettings):
     """Gateway settings. Defaults give a working single-node gateway under ``home``."""
 
     model_config = SettingsConfigDict(env_prefix="ISHGW_", extra="ignore")
@@ -31,7 +34,14 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     http_redirect: bool = Field(default=True, description="With HTTPS on, redirect plain HTTP to it")
-    acme_webroot: Path | None = Field(default=None, description="HTTP-01 challenge files; default <home>/acme")
+    acme_webroot: Path | None = Field(
+        default=None, description="HTTP-01 challenge files; default <home>/acme"
+    )
+    # Read by ssl/letsencrypt-setup.sh (with ISHGW_DOMAIN); stored in gateway.env like every setting.
+    acme_server: str = Field(
+        default="https://acme-v02.api.letsencrypt.org/directory", description="ACME directory URL"
+    )
+    email: str | None = Field(default=None, description="ACME account e-mail for ssl/letsencrypt-setup.sh")
     upstream_ca_file: Path = Field(
         default=Path("/etc/ssl/certs/ca-certificates.crt"), description="CAs trusted for HTTPS instances"
     )
@@ -40,14 +50,19 @@ class Settings(BaseSettings):
     log_stream_enabled: bool = Field(default=True, description="nginx access log stream to the controller")
     expose_instance_headers: bool = True
     client_max_body_size_mb: int = Field(default=16, ge=1, le=1024)
-    status_allow: list[str] = Field(default_factory=list, description="Extra CIDRs for /nginx_status")
+    status_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra CIDRs for /nginx_status"
+    )
 
     reconcile_debounce_s: float = Field(default=0.15, ge=0.0, le=10.0)
     reconcile_max_wait_s: float = Field(default=1.0, ge=0.0, le=30.0)
     reload_min_interval_s: float = Field(default=0.5, ge=0.0, le=60.0)
     resync_interval_s: float = Field(default=30.0, ge=1.0, le=3600.0)
     generation_poll_s: float = Field(
-        default=2.0, ge=0.1, le=3600.0, description="How often to look for registry changes made by other nodes"
+        default=2.0,
+        ge=0.1,
+        le=3600.0,
+        description="How often to look for registry changes made by other nodes",
     )
     generations_kept: int = Field(default=5, ge=2, le=100)
 

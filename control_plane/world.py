@@ -11,9 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from control_plane import providers
+from control_plane import jwt_keys, providers
+from control_plane.registry.client_keys import ClientKeyStore
 from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store
+from control_plane.render.edge import JwtFiles
 from control_plane.render.spec import World
 
 
@@ -70,8 +72,10 @@ def file_fingerprint(path: str | None) -> str:
         return ""
 
 
-async def gather_world(store: Store, tls_cert: str | None = None) -> World:
+async def gather_world(store: Store, tls_cert: str | None = None, jwt_files: JwtFiles | None = None) -> World:
     instances = await asyncio.to_thread(store.list_instances)
+    client_keys = await asyncio.to_thread(ClientKeyStore(store).list)
+    jwt = await asyncio.to_thread(jwt_keys.load_or_none, jwt_files or JwtFiles())
     routing = await asyncio.to_thread(store.get_routing)
     generation = await asyncio.to_thread(store.generation)
     configs = [c for c, _ in instances]
@@ -83,4 +87,6 @@ async def gather_world(store: Store, tls_cert: str | None = None) -> World:
         addresses=await resolve_hosts(configs),
         secrets=secrets_of(configs),
         tls_fingerprint=file_fingerprint(tls_cert),
+        client_keys=tuple(client_keys),
+        jwt=jwt,
     )

@@ -39,7 +39,7 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_HOME           $DEFAULT_HOME                 state: database, nginx tree, certificates, logs
   ISHGW_HTTP_PORT      8080                                 HTTP listener (address: ISHGW_LISTEN_ADDRESS=0.0.0.0)
   ISHGW_HTTPS_PORT     8443                                 HTTPS listener; 0 switches HTTPS off
-  ISHGW_ADMIN_LISTEN   127.0.0.1:9000                       admin API; keep it on loopback
+  ISHGW_ADMIN_LISTEN   127.0.0.1:9000                       admin API; HTTPS only beyond loopback
   ISHGW_ADMIN_API_KEY  generated                            unset: created once in \$ISHGW_HOME/secrets/admin_api_key
   ISHGW_DB_URL         sqlite:///\$ISHGW_HOME/ishgw.db       or postgresql+psycopg://user:pass@host/db
   ISHGW_NGINX_USER     www-data when run as root            user of the nginx worker processes
@@ -126,7 +126,8 @@ load_settings() {
     NGINX_ERROR_LOG="$NGINX_PREFIX/logs/error.log"
     KEY_FILE="$HOME_DIR/secrets/admin_api_key"
     PROVIDER_ENV="$HOME_DIR/provider.env"
-    ADMIN_URL="http://$(client_host "${CFG[ISHGW_ADMIN_LISTEN]%:*}"):${CFG[ISHGW_ADMIN_LISTEN]##*:}"
+    local admin_host="${CFG[ISHGW_ADMIN_LISTEN]%:*}"
+    ADMIN_URL="$(admin_scheme "$admin_host")://$(client_host "$admin_host"):${CFG[ISHGW_ADMIN_LISTEN]##*:}"
     local gw_host
     gw_host="$(client_host "${CFG[ISHGW_LISTEN_ADDRESS]:-0.0.0.0}")"
     HTTP_URL="http://$gw_host:${CFG[ISHGW_HTTP_PORT]}"
@@ -136,6 +137,21 @@ load_settings() {
 }
 
 valid_port() { [[ "$1" =~ ^[0-9]{1,5}$ ]] && [ "$1" -ge "$2" ] && [ "$1" -le 65535 ]; }
+
+# admin_scheme HOST: the controller serves the admin API over TLS beyond loopback or with ISHGW_ADMIN_TLS=true
+# (control_plane/admin_tls.py).
+admin_scheme() {
+    local host="${1#[}"
+    host="${host%]}"
+    case "${CFG[ISHGW_ADMIN_TLS]:-}" in
+        true | True | 1 | yes | on) echo https; return ;;
+        false | False | 0 | no | off) echo http; return ;;
+    esac
+    case "$host" in
+        127.* | ::1 | localhost) echo http ;;
+        *) echo https ;;
+    esac
+}
 
 # client_host ADDRESS: where a local client connects to reach a listener bound to ADDRESS.
 client_host() {
@@ -248,7 +264,9 @@ nginx_workers() { ps --ppid "$1" -o pid=,args= 2>/dev/null | awk '/worker proces
 # --- probes ---------------------------------------------------------------------------------------------
 
 http_get() { curl -fsS --noproxy '*' --max-time 2 -H 'Connection: close' "$@" 2>/dev/null; }
-admin_healthy() { http_get -o /dev/null "$ADMIN_URL/admin/health"; }
+# The admin certificate is the gateway's (often self-signed) and names no loopback address: -k for HTTPS.
+admin_http_get() { if [[ "$ADMIN_URL" == https://* ]]; then http_get -k "$@"; else http_get "$@"; fi; }
+admin_healthy() { admin_http_get -o /dev/null "$ADMIN_URL/admin/health"; }
 gateway_healthy() {
     http_get -o /dev/null "$HTTP_URL/health" || return 1
     if tls_enabled; then http_get -k -o /dev/null "$HTTPS_URL/health" || return 1; fi
@@ -266,7 +284,7 @@ admin_key() {
 admin_get() {
     local key
     key="$(admin_key)" || return 1
-    printf 'X-Admin-API-Key: %s\n' "$key" | http_get -H @- "$ADMIN_URL$1"
+    printf 'X-Admin-API-Key: %s\n' "$key" | admin_http_get -H @- "$ADMIN_URL$1"
 }
 
 show_log_tail() {
@@ -426,8 +444,11 @@ cmd_deploy() {
     fi
     wait_ready
 
-    if tls_enabled && ! openssl x509 -in "$TLS_CERT" -noout -checkend $((14 * 86400)) >/dev/null; then
-        log "warning: the certificate $TLS_CERT expires within 14 days ($(openssl x509 -in "$TLS_CERT" -noout -enddate))"
+    local renew_days="${ISHGW_CERT_RENEW_DAYS:-14}"
+    [[ "$renew_days" =~ ^[0-9]+$ ]] || renew_days=14
+    if tls_enabled && ! openssl x509 -in "$TLS_CERT" -noout -checkend $((renew_days * 86400)) >/dev/null; then
+        log "warning: the certificate $TLS_CERT expires within $renew_days days ($(openssl x509 -in "$TLS_CERT" -noout -enddate)):" \
+            "renew it (Let's Encrypt: ssl/letsencrypt-setup.sh; self-signed: ssl/generate-certs.sh, then POST /admin/reload)"
     fi
     print_summary
 }

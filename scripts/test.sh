@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib/functions.sh"
 cd "$ISHGW_ROOT"
 
-ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql
+ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan
 ensure_venv test
 
 log "ruff"

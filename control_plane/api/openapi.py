@@ -548,8 +548,10 @@ def _runtime_paths() -> Schema:
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document for the admin API."""
+    from control_plane.api import openapi_edge  # it builds on the helpers above
+
     paths: Schema = {}
-    for part in (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths):
+    for part in (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths):
         paths.update(part())
     return {
         "openapi": "3.1.0",
@@ -563,8 +565,8 @@ def build_openapi() -> dict[str, Any]:
         "tags": [{"name": "admin"}],
         "paths": paths,
         "components": {
-            "schemas": _schemas(),
-            "parameters": _parameters(),
+            "schemas": dict(sorted({**_schemas(), **openapi_edge.schemas()}.items())),
+            "parameters": {**_parameters(), **openapi_edge.parameters()},
             "responses": _responses(),
             "securitySchemes": SECURITY_SCHEMES,
         },

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from datetime import datetime
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from aiohttp import web
@@ -18,6 +18,8 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
+from control_plane.api import audit as audit_api
+from control_plane.api import client_keys as keys_api
 from control_plane.api.keys import HEALTH, RECONCILER, STORE
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
@@ -511,6 +513,12 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/admin/routing", put_routing, "put_routing"),
     Route("GET", "/admin/status", status, "status"),
     Route("POST", "/admin/reload", reload, "reload"),
+    Route("GET", "/admin/keys", keys_api.list_keys, "list_keys"),
+    Route("POST", "/admin/keys", keys_api.create_key, "create_key"),
+    Route("GET", f"/admin/keys/{keys_api.KEY_ID_PARAM}", keys_api.get_key, "get_key"),
+    Route("PUT", f"/admin/keys/{keys_api.KEY_ID_PARAM}", keys_api.update_key, "update_key"),
+    Route("DELETE", f"/admin/keys/{keys_api.KEY_ID_PARAM}", keys_api.delete_key, "delete_key"),
+    Route("GET", "/admin/audit", audit_api.list_audit, "list_audit"),
 )
 
 

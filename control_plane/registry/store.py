@@ -87,6 +87,32 @@ settings = Table(
     Column("value", Text, nullable=False),
 )
 
+# Client API keys (migration 2): only the sha256 of a key is stored; the rest is in ``data`` (JSON).
+client_keys = Table(
+    "client_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("data", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Admin audit trail (migration 2): who changed what, when; never a secret.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("actor", String(64), nullable=False),
+    Column("client_ip", String(64), nullable=False),
+    Column("method", String(16), nullable=False),
+    Column("path", String(512), nullable=False),
+    Column("target", String(255), nullable=True),
+    Column("status", Integer, nullable=False),
+)
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -104,9 +130,15 @@ def _migration_1(conn: Connection) -> None:
         conn.execute(insert(settings).values(key=GENERATION_KEY, value=_dumps(0)))
 
 
+def _migration_2(conn: Connection) -> None:
+    """Client API keys and the admin audit log."""
+    metadata.create_all(conn, tables=[client_keys, audit_log], checkfirst=True)
+
+
 # Ordered, append-only. Each runs in its own transaction and is recorded in schema_migrations.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
+    (2, _migration_2),
 ]
 
 

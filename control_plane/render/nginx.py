@@ -10,14 +10,15 @@ from pathlib import Path
 
 import jinja2
 
+from control_plane.render.edge import js_files
 from control_plane.render.quoting import js_literal, nginx_quote
 from control_plane.render.spec import GatewaySpec
 
 NGINX_DIR = Path(__file__).resolve().parents[2] / "nginx"
 CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
 # Files holding provider credentials.
-SECRET_FILES = frozenset({"shims.conf"})
-TEMPLATES = ("nginx.conf", "http.conf", "pools.conf", "shims.conf", "servers.conf")
+SECRET_FILES = frozenset({"shims.conf", "clients.js"})  # clients.js: the JWT HS256 secret
+TEMPLATES = ("nginx.conf", "http.conf", "edge.conf", "pools.conf", "shims.conf", "servers.conf")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def render(spec: GatewaySpec) -> RenderedTree:
     files = {f"{name}": env.get_template(f"{name}.j2").render(context) for name in TEMPLATES}
     files["routes.js"] = "// Generated routing data.\nexport default " + js_literal(routes_data(spec)) + ";\n"
     files["gateway.js"] = (NGINX_DIR / "njs" / "gateway.js").read_text()
+    files.update(js_files(spec.edge))
     checksum = tree_checksum(files)
     return RenderedTree(
         files={k: v.replace(CHECKSUM_PLACEHOLDER, checksum) for k, v in files.items()},

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from control_plane import providers
@@ -22,6 +23,10 @@ from control_plane.registry.models import (
     Strategy,
     config_fingerprint,
 )
+from control_plane.render.edge import EdgePolicy, EdgeSpec, JwtKeys, build_edge
+
+if TYPE_CHECKING:
+    from control_plane.registry.client_keys import ClientKey
 
 # Strategies under which nginx accepts `backup` servers (the next priority tier).
 BACKUP_CAPABLE = frozenset({Strategy.ROUND_ROBIN, Strategy.WEIGHTED, Strategy.LEAST_CONNECTIONS})
@@ -94,6 +99,9 @@ class World:
     secrets: Mapping[str, str] = field(default_factory=dict)
     # sha256 of the certificate in use: a renewed certificate changes the checksum, hence a reload.
     tls_fingerprint: str = ""
+    # Client API keys (hashes only) and JWT verification keys read from the configured files.
+    client_keys: tuple[ClientKey, ...] = ()
+    jwt: JwtKeys | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,10 @@ class ServerSettings:
     worker_rlimit_nofile: int = 65535
     log_socket: str | None = None  # unix datagram socket of the controller's log stream
     http_redirect: bool = True  # with HTTPS on, plain HTTP redirects (but for ACME and /health)
+    edge: EdgePolicy = field(default_factory=EdgePolicy)  # client auth, limits, IP filters
     acme_webroot: str | None = None
+    # Issuer chain for OCSP stapling; set per reconcile (control_plane.certs) only when stapling can work.
+    tls_trusted_certificate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,7 @@ class GatewaySpec:
     generation: int
     excluded: tuple[tuple[str, str], ...]
     tls_fingerprint: str = ""
+    edge: EdgeSpec = field(default_factory=EdgeSpec)
 
     def address_names(self) -> dict[str, str]:
         """Upstream address -> instance name, for naming the instance that answered."""
@@ -331,4 +343,5 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
         generation=world.generation,
         excluded=tuple(sorted(excluded.items())),
         tls_fingerprint=world.tls_fingerprint,
+        edge=build_edge(server.edge, world.client_keys, world.jwt, providers.ENDPOINTS),
     )

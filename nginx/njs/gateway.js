@@ -1,6 +1,7 @@
 // ISH Gateway router (njs). Reads the model from the JSON body with a real JSON parse, resolves aliases,
 // and hands the request to the pool's named location. Data comes from the generated routes.js.
 import routes from 'routes.js';
+import auth from 'auth.js';
 
 var RETRY_AFTER = '5';
 
@@ -19,7 +20,7 @@ function errorBody(family, status, type, message, extra) {
 function fail(r, family, status, type, message, extra) {
     r.headersOut['Content-Type'] = 'application/json';
     r.headersOut['X-Request-ID'] = r.variables.gw_request_id;
-    if (status === 503 || status === 429) {
+    if ((status === 503 || status === 429) && !r.headersOut['Retry-After']) {
         r.headersOut['Retry-After'] = RETRY_AFTER;
     }
     r.return(status, errorBody(family, status, type, message, extra));
@@ -43,11 +44,22 @@ function lookup(table, model) {
     return undefined;
 }
 
-function route(r) {
+// 401 in the client's API style, with the challenge RFC 6750 asks for.
+function unauthorized(r, family, verdict) {
+    r.headersOut['WWW-Authenticate'] = 'Bearer realm="ish-gateway"'
+        + (verdict.reason === 'missing' ? '' : ', error="invalid_token"');
+    fail(r, family, 401, 'authentication_error', verdict.message);
+}
+
+async function route(r) {
     var ep = endpointOf(r);
     var family = ep ? ep.family : 'openai';
     if (!ep) {
         return fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + r.uri);
+    }
+    var client = await auth.authenticate(r);
+    if (!client.ok) {
+        return unauthorized(r, family, client);
     }
     if (r.method !== 'POST') {
         r.headersOut['Allow'] = 'POST';
@@ -73,6 +85,10 @@ function route(r) {
         return fail(r, family, 404, 'not_found_error',
             'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
             {available_models: available});
+    }
+    if (!auth.allows(client, model, asked)) {
+        return fail(r, family, 403, 'permission_error',
+            'This API key may not use the model ' + JSON.stringify(asked));
     }
     r.variables.gw_base_model = model;
     r.variables.gw_family = ep.family;
@@ -122,14 +138,14 @@ function next(r) {
     hop(r, ep, table, body, Number(r.variables.gw_hop || 0) + 1);
 }
 
-function servedModels(family) {
+function servedModels(family, client) {
     var names = {};
     Object.keys(routes.pools).forEach(function (key) {
         if (key.split('|')[0] !== family) {
             return;
         }
         Object.keys(routes.pools[key]).forEach(function (m) {
-            if (routes.pools[key][m]) {
+            if (routes.pools[key][m] && auth.allows(client, m)) {
                 names[m] = true;
             }
         });
@@ -142,30 +158,84 @@ function sendJson(r, status, value) {
     r.return(status, JSON.stringify(value));
 }
 
-function models(r) {
-    if (r.headersIn['anthropic-version']) {
-        var data = servedModels('anthropic').map(function (m) {
+async function models(r) {
+    var anthropic = Boolean(r.headersIn['anthropic-version']);
+    var client = await auth.authenticate(r);
+    if (!client.ok) {
+        return unauthorized(r, anthropic ? 'anthropic' : 'openai', client);
+    }
+    if (anthropic) {
+        var data = servedModels('anthropic', client).map(function (m) {
             return {type: 'model', id: m, display_name: m, created_at: '1970-01-01T00:00:00Z'};
         });
         return sendJson(r, 200, {data: data, has_more: false,
             first_id: data.length ? data[0].id : null, last_id: data.length ? data[data.length - 1].id : null});
     }
     var created = routes.created;
-    sendJson(r, 200, {object: 'list', data: servedModels('openai').map(function (m) {
+    sendJson(r, 200, {object: 'list', data: servedModels('openai', client).map(function (m) {
         return {id: m, object: 'model', created: created, owned_by: 'ish-gateway'};
     })});
 }
 
-function tags(r) {
-    sendJson(r, 200, {models: servedModels('ollama').map(function (m) {
+async function tags(r) {
+    var client = await auth.authenticate(r);
+    if (!client.ok) {
+        return unauthorized(r, 'ollama', client);
+    }
+    sendJson(r, 200, {models: servedModels('ollama', client).map(function (m) {
         return {name: m, model: m, modified_at: '1970-01-01T00:00:00Z', size: 0, digest: '',
             details: {format: '', family: '', families: null, parameter_size: '', quantization_level: ''}};
     })});
 }
 
-function notFound(r) {
+function version(r) {
+    sendJson(r, 200, {version: '0.5.0'});
+}
+
+async function notFound(r) {
     var family = r.uri.indexOf('/api/') === 0 ? 'ollama' : 'openai';
+    var client = await auth.authenticate(r);
+    if (!client.ok) {
+        return unauthorized(r, family, client);
+    }
     fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + r.uri);
+}
+
+// The API family of any request, for answers made outside the router (limits, address filter).
+function anyFamily(r) {
+    var ep = endpointOf(r);
+    if (ep) {
+        return ep.family;
+    }
+    if (r.uri.indexOf('/api/') === 0) {
+        return 'ollama';
+    }
+    return r.headersIn['anthropic-version'] ? 'anthropic' : 'openai';
+}
+
+// error_page 429 target: limit_req / limit_conn said no.
+function rateLimited(r) {
+    var wait = auth.retryAfter(r);
+    r.headersOut['Retry-After'] = String(wait);
+    fail(r, anyFamily(r), 429, 'rate_limit_error',
+        'Too many requests: a rate or concurrency limit of this gateway was reached; retry in ' + wait + ' s');
+}
+
+// error_page 403 target: the client's address is not allowed.
+function denied(r) {
+    fail(r, anyFamily(r), 403, 'permission_error', 'Requests from this address are not allowed');
+}
+
+// Header families nginx's proxy_hide_header cannot name with a wildcard (see render/edge.py).
+var LEAKY = /^(x-ratelimit-|anthropic-ratelimit-|openai-|x-ms-|x-envoy-|cf-|x-kong-)/i;
+
+function hideHeaders(r) {
+    var names = Object.keys(r.headersOut);
+    for (var i = 0; i < names.length; i++) {
+        if (LEAKY.test(names[i])) {
+            delete r.headersOut[names[i]];
+        }
+    }
 }
 
 function familyOfRequest(r) {
@@ -204,4 +274,5 @@ function attempts(r) {
 }
 
 export default {route, next, models, tags, notFound: notFound, not_found: notFound, unavailable,
-    too_large: tooLarge, instance, attempts, errorBody};
+    too_large: tooLarge, instance, attempts, errorBody, client_id: auth.clientId, client_rpm: auth.clientRpm,
+    rate_limited: rateLimited, denied, hide_headers: hideHeaders, version};

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import statistics
 import subprocess
 import time
@@ -150,12 +151,27 @@ def reconcile_scaling(
     return results
 
 
-def _models_listed(port: int, model: str) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+class NotAllowed(RuntimeError):
+    """The gateway refused the poll itself (auth): waiting longer cannot help."""
+
+
+def _models_listed(port: int, model: str, api_key: str, tls: bool) -> bool:
+    conn: http.client.HTTPConnection
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
-        conn.request("GET", "/v1/models", headers={"Connection": "close"})
+        headers = {"Connection": "close", "Authorization": f"Bearer {api_key}"}
+        conn.request("GET", "/v1/models", headers=headers)
         response = conn.getresponse()
-        data = json.loads(response.read() or b"{}")
+        body = response.read()
+        if response.status in (401, 403):
+            raise NotAllowed(f"GET /v1/models -> {response.status}: {body[:200]!r}")
+        data = json.loads(body or b"{}")
         return any(item.get("id") == model for item in data.get("data", []))
     finally:
         conn.close()
@@ -182,9 +198,16 @@ class LiveResult:
 
 
 def api_change_to_live(
-    system: GatewaySystem, backend_url: str, changes: int, timeout_s: float = 10.0, max_seconds: float = 120.0
+    system: GatewaySystem,
+    backend_url: str,
+    changes: int,
+    api_key: str,
+    tls: bool = False,
+    timeout_s: float = 10.0,
+    max_seconds: float = 120.0,
 ) -> LiveResult:
-    """POST an instance for a new model; poll the gateway's /v1/models (fresh connection, every 5 ms)
+    """POST an instance for a new model; poll the gateway's /v1/models (fresh connection, every 5 ms;
+    over HTTPS when `tls`)
     until the model is listed. Changes are spaced by RELOAD_GAP_S after the previous one went live."""
     admin = system.gw.admin
     samples: list[float] = []
@@ -211,7 +234,8 @@ def api_change_to_live(
         seen = False
         while time.monotonic() < until:
             try:
-                if _models_listed(system.gw.http_port, model):
+                port = system.https_port if tls else system.gw.http_port
+                if _models_listed(port, model, api_key, tls):
                     seen = True
                     break
             except (OSError, ValueError, http.client.HTTPException):

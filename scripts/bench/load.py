@@ -117,6 +117,9 @@ def run_wrk(
         raise RuntimeError(f"wrk gave no result (exit {proc.returncode}): {proc.stdout}\n{proc.stderr}")
     data = json.loads(line.split(" ", 1)[1])
     duration = data["duration_us"] / 1e6
+    if data["requests"] == 0:  # no answer in time: no latency to report
+        for key in ("p50_us", "p90_us", "p99_us", "mean_us", "max_us"):
+            data[key] = float("nan")
     return WrkResult(
         connections=connections,
         threads=threads,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -20,11 +21,12 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -41,6 +43,8 @@ from scripts.bench.systems import (
 
 DUMMY_KEY = "sk-bench-client-0123456789"
 SYSLOG_DROP = "send() to syslog failed"  # nginx could not hand a log line to the controller
+NOISE_CORES = 0.25  # CPU taken by processes outside the benchmark above which a measurement is repeated
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class Profile:
 
 SIZES = ((10, 10), (100, 50), (1000, 200))
 FULL = Profile("full", 2, 10, 10, 100, 6, 15, 12, 50, 3, SIZES, 840)
-QUICK = Profile("quick", 1, 2, 2, 15, 2, 4, 4, 10, 1, SIZES, 165)
+QUICK = Profile("quick", 1, 2, 2, 15, 2, 4, 4, 10, 1, SIZES, 170)
 LITELLM_WARMUP_S = 6  # its first requests import modules lazily
 
 
@@ -145,6 +149,7 @@ class Bench:
         self.gateway: GatewaySystem | None = None
         self.litellm: LiteLLM | None = None
         self.gateway_key: str = DUMMY_KEY
+        self.gateway_env: dict[str, str] = {}
         self.scripts: dict[str, Path] = {}
 
     def note(self, text: str) -> None:
@@ -199,6 +204,7 @@ class Bench:
         from control_plane.settings import Settings
 
         env, notes = features.settings_env()
+        self.gateway_env = env
         defaults = Settings.model_fields
         # production timing, not the test harness's faster reload interval
         env["ISHGW_RELOAD_MIN_INTERVAL_S"] = str(defaults["reload_min_interval_s"].default)
@@ -370,19 +376,36 @@ class Bench:
             entry["log_stream_drops"] = {}
             entry["reloads_during"] = {}
 
-        @contextlib.contextmanager
-        def phase(name: str) -> Any:
-            if gw is not None:
-                gw.error_log_count(SYSLOG_DROP)
-                reloads = gw.reloads()
-            with self.sampler.window() as window:
-                yield window
+        entry["remeasured"] = {}
+
+        def measured(name: str, run: Callable[[], T]) -> tuple[T, Any]:
+            """Run one measurement in a sampler window; when other processes on the machine took more
+            than NOISE_CORES during it, run it once more and keep the less disturbed of the two."""
+            best: tuple[T, Any, int, int] | None = None
+            for attempt in range(2):
+                if gw is not None:
+                    gw.error_log_count(SYSLOG_DROP)
+                    reloads = gw.reloads()
+                with self.sampler.window() as window:
+                    result = run()
+                drops = gw.error_log_count(SYSLOG_DROP) if gw is not None else 0
+                reloaded = gw.reloads() - reloads if gw is not None else 0
+                if best is None or window.others_cores < best[1].others_cores:
+                    best = (result, window, drops, reloaded)
+                if window.others_cores <= NOISE_CORES:
+                    break
+                if attempt == 0:
+                    log(f"{target.label} {name}: other processes took {window.others_cores:.2f} cores: again")
+                    entry["remeasured"][name] = round(window.others_cores, 2)
+            assert best is not None
+            result, window, drops, reloaded = best
             entry["usage"][name] = self._usage(target, window)
             entry["machine_busy"][name] = round(window.machine_busy, 3)
             entry["others_cores"][name] = round(window.others_cores, 2)
             if gw is not None:
-                entry["log_stream_drops"][name] = gw.error_log_count(SYSLOG_DROP)
-                entry["reloads_during"][name] = gw.reloads() - reloads
+                entry["log_stream_drops"][name] = drops
+                entry["reloads_during"][name] = reloaded
+            return result, window
 
         script = self.scripts[script_key]
         added_group = False
@@ -394,8 +417,10 @@ class Bench:
             warmup = max(self.p.warmup_s, LITELLM_WARMUP_S if target.key == "litellm" else 0)
             load.run_wrk(target.chat_url, script, 16, 2, warmup)
             for conc in (16, 64):
-                with phase(f"c{conc}") as window:
-                    result = load.run_wrk(target.chat_url, script, conc, 2, self.p.duration_s)
+                result, window = measured(
+                    f"c{conc}",
+                    functools.partial(load.run_wrk, target.chat_url, script, conc, 2, self.p.duration_s),
+                )
                 entry["rps"][str(conc)] = result.to_dict()
                 log(
                     f"{target.label}: c{conc} {result.rps:,.0f} req/s, failed {result.failed}, "
@@ -404,13 +429,19 @@ class Bench:
                     f"{window.others_cores:.2f} cores"
                     + (f", log records dropped {entry['log_stream_drops'][f'c{conc}']}" if gw else "")
                 )
-            with phase("c1"):
-                lat = load.run_wrk(target.chat_url, script, 1, 1, self.p.latency_s)
+            lat, _ = measured(
+                "c1", functools.partial(load.run_wrk, target.chat_url, script, 1, 1, self.p.latency_s)
+            )
             entry["latency_c1"] = lat.to_dict()
             log(f"{target.label}: c1 p50 {lat.p50_ms:.3f} p90 {lat.p90_ms:.3f} p99 {lat.p99_ms:.3f} ms")
-            with phase("stream"):
-                stream = load.measure_stream(target.chat_url, target.api_key, self.p.stream_samples)
+            stream, _ = measured(
+                "stream",
+                functools.partial(
+                    load.measure_stream, target.chat_url, target.api_key, self.p.stream_samples
+                ),
+            )
             entry["stream"] = stream.to_dict()
+            self.check(target)  # wrk counts a 3xx as success: the target must still answer 200
             log(
                 f"{target.label}: SSE TTFB p50 {stream.ttfb_ms.get('p50')} ms, TTLB p50 "
                 f"{stream.ttlb_ms.get('p50')} ms, {stream.events_per_answer} events, failed {stream.failed}"
@@ -458,8 +489,11 @@ class Bench:
                 url = base + "/v1/chat/completions"
                 script = self.scripts[script_key]
                 load.run_wrk(url, script, 64, 2, self.p.warmup_s)
-                with self.sampler.window() as window:
-                    result = load.run_wrk(url, script, 64, 2, self.p.static_s)
+                for _ in range(2):  # once more when other processes took the CPU (NOISE_CORES)
+                    with self.sampler.window() as window:
+                        result = load.run_wrk(url, script, 64, 2, self.p.static_s)
+                    if window.others_cores <= NOISE_CORES:
+                        break
                 lat = load.run_wrk(url, script, 1, 1, max(2.0, self.p.static_s / 2))
                 cpu = (
                     sum(window.result[g].cpu_cores for g in groups if g in window.result) if groups else None
@@ -467,6 +501,7 @@ class Bench:
                 rows.append(
                     {
                         "label": label,
+                        "requests": result.requests,
                         "rps": result.rps,
                         "failed": result.failed,
                         "p50_ms": lat.p50_ms,
@@ -597,11 +632,30 @@ class Bench:
 
     # --- control plane ---------------------------------------------------------------------------
     def control_plane(self) -> None:
+        """On a gateway of its own in production shape (HTTPS on, plain HTTP redirecting, every feature
+        setting as above): API changes go live over HTTPS, and the rendered tree is the one production has."""
         assert self.gateway and self.backend
-        gw = self.gateway
+        self.gateway.stop()  # the data-plane gateway is done: its probes and reloads would only add noise
+        env = {k: v for k, v in self.gateway_env.items() if k != "ISHGW_HTTP_REDIRECT"}
+        gw = GatewaySystem(self.procs, env)
+        self.gateway = gw
+        try:
+            self._control_plane(gw, env)
+        finally:
+            gw.adopt_nginx()
+
+    def _control_plane(self, gw: GatewaySystem, env: dict[str, str]) -> None:
+        assert self.backend
+        key, _ = features.create_client_key(gw.gw.admin)
+        log(f"control-plane gateway: https :{gw.https_port} (HTTP redirects), admin :{gw.gw.admin_port}")
         log(f"--- admin API change -> live, {self.p.live_changes} changes")
         live = control.api_change_to_live(
-            gw, self.backend.url, self.p.live_changes, max_seconds=self.budget.left() - 40
+            gw,
+            self.backend.url,
+            self.p.live_changes,
+            key or DUMMY_KEY,
+            tls=True,
+            max_seconds=self.budget.left() - 40,
         )
         self.results["control_plane"]["api_to_live"] = live.to_dict()
         summary = live.to_dict()
@@ -610,16 +664,18 @@ class Bench:
             f"timeouts {live.timeouts}"
         )
         sizes = list(self.p.sizes)
-        if self.budget.left() < 45:
+        if self.budget.left() < 25:
             sizes = [s for s in sizes if s[0] < 1000]
             self.note("1,000-instance case skipped: time budget")
         log(f"--- reconcile time at {sizes}")
         from control_plane.app import server_settings
         from control_plane.settings import Settings
 
-        server = server_settings(Settings(home=gw.gw.home, http_port=gw.gw.http_port, https_port=0))
+        # the controller's own settings (same environment), so the in-process render is the same tree
+        pinned = {k.removeprefix("ISHGW_").lower(): v for k, v in env.items()}
+        pinned.update(home=str(gw.gw.home), http_port=str(gw.gw.http_port), https_port=str(gw.https_port))
+        server = server_settings(Settings.model_validate(pinned))
         scaling = control.reconcile_scaling(gw, self.backend.url, sizes, self.p.scale_reps, server)
-        gw.adopt_nginx()
         self.results["control_plane"]["scaling"] = [s.to_dict() for s in scaling]
         for s in scaling:
             log(
@@ -647,6 +703,8 @@ class Bench:
             except Exception as exc:
                 self.note(f"{name} failed: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
+        if self.gateway is not None and any("failed" in n for n in self.results["notes"]):
+            log("controller and nginx logs (tail):\n" + self.gateway.gw.logs()[-3000:])
 
     def backend_note(self) -> None:
         dp = self.results["data_plane"]
@@ -691,6 +749,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--litellm-venv", default=str(Path.home() / ".cache/ishgw-bench/litellm-venv"))
     parser.add_argument("--litellm-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-litellm", default="", metavar="REASON", help="do not measure LiteLLM")
+    parser.add_argument(
+        "--readme", action="store_true", help="put the figures into README.md's ## Performance section"
+    )
     parser.add_argument("--pid-file", default=os.environ.get("ISHGW_BENCH_PIDFILE", ""))
     return parser.parse_args(argv)
 
@@ -724,9 +785,22 @@ def main(argv: list[str] | None = None) -> int:
     if bench.results["data_plane"]:
         bench.backend_note()
     bench.results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
-    text = write_results(bench.results, Path(args.out_dir))
+    out_dir = Path(args.out_dir)
+    if code == 130:  # an interrupted run never replaces the last complete one
+        bench.results["targets"] = report.evaluate_targets(bench.results)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "partial.json").write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+        log(f"interrupted: partial results in {out_dir}/partial.json; latest.* left as they were")
+        return code
+    text = write_results(bench.results, out_dir)
     print(text)
-    log(f"wrote {args.out_dir}/latest.json and latest.md in {bench.results['meta']['elapsed_s']} s")
+    if args.readme:
+        readme = ROOT / "README.md"
+        if readme.exists() and report.update_readme(readme, bench.results):
+            log("updated the figures in README.md (## Performance)")
+        else:
+            log("README.md has no bench markers in its ## Performance section: not touched")
+    log(f"wrote {out_dir}/latest.json and latest.md in {bench.results['meta']['elapsed_s']} s")
     return code
 
 

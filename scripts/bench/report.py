@@ -144,6 +144,17 @@ GATEWAY_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def rps_cell(run: Any) -> str:
+    """Requests/s, flagged when more than 1% of the requests failed (the figure then means little)."""
+    if not isinstance(run, dict):
+        return "n/a"
+    text = fmt(run.get("rps"), 0)
+    total, failed = run.get("requests") or 0, run.get("failed") or 0
+    if total and failed / total > 0.01:
+        text += f" ({100 * failed / total:.0f}% failed)"
+    return text
+
+
 def data_plane_table(results: dict[str, Any]) -> list[str]:
     dp = results.get("data_plane", {})
     systems = [s for s in SYSTEMS if s in dp]
@@ -163,8 +174,8 @@ def data_plane_table(results: dict[str, Any]) -> list[str]:
         return out
 
     direct = dp.get("direct", {})
-    row("requests/s, c16 (wrk -t2)", each(lambda e: fmt(_get(e, "rps", "16", "rps"), 0)))
-    row("requests/s, c64 (wrk -t2)", each(lambda e: fmt(_get(e, "rps", "64", "rps"), 0)))
+    row("requests/s, c16 (wrk -t2)", each(lambda e: rps_cell(_get(e, "rps", "16"))))
+    row("requests/s, c64 (wrk -t2)", each(lambda e: rps_cell(_get(e, "rps", "64"))))
     row(
         "failed requests in those runs",
         each(lambda e: fmt((_get(e, "rps", "16", "failed") or 0) + (_get(e, "rps", "64", "failed") or 0), 0)),
@@ -193,11 +204,11 @@ def data_plane_table(results: dict[str, Any]) -> list[str]:
     for s in systems:
         dp[s].setdefault("_groups", GATEWAY_GROUPS.get(s, ()))
     row(
-        "proxy CPU at c64 (cores)",
+        "proxy processes' CPU at c64 (cores; gateway: nginx + controller)",
         each(lambda e: fmt(_usage(e, "c64", e["_groups"])[0], 2) if e["_groups"] else "-"),
     )
     row(
-        "proxy peak RSS (MB)",
+        "proxy processes' peak RSS (MB)",
         each(lambda e: fmt(_usage(e, "c64", e["_groups"])[1], 1) if e["_groups"] else "-"),
     )
     row(
@@ -265,7 +276,7 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["| | requests/s c64 | p50 c1 (ms) | proxy CPU (cores) |", "|---|---|---|---|"]
         for row in static["rows"]:
             out.append(
-                f"| {row['label']} | {fmt(row.get('rps'), 0)} | {fmt(row.get('p50_ms'), 3)} | "
+                f"| {row['label']} | {rps_cell(row)} | {fmt(row.get('p50_ms'), 3)} | "
                 f"{fmt(row.get('cpu_cores'), 2) if row.get('cpu_cores') is not None else '-'} |"
             )
         if static.get("ratio") is not None:
@@ -323,8 +334,8 @@ def markdown(results: dict[str, Any]) -> str:
             ):
                 c = scenario.get(ckey)
                 if c:
-                    detail = c.get("errors") or {}
-                    extra = f" {detail}" if detail and any(detail.values()) else ""
+                    detail = {k: v for k, v in (c.get("errors") or {}).items() if v}
+                    extra = f" ({', '.join(f'{k} {v}' for k, v in detail.items())})" if detail else ""
                     out.append(f"| {title} | {client} | {c.get('requests')} | {c.get('failed')}{extra} |")
             if scenario.get("reloads") is not None:
                 out.append(
@@ -335,7 +346,79 @@ def markdown(results: dict[str, Any]) -> str:
     if feats:
         out += ["", "Gateway features during the runs:", ""]
         out += [f"- {f['name']}: **{f['state']}** ({f['how']})" for f in feats]
+    again = {
+        k: e.get("remeasured") for k, e in (results.get("data_plane") or {}).items() if e.get("remeasured")
+    }
+    if again:
+        out += [
+            "",
+            "Measured twice because other processes took more than 0.25 cores during the first try (the less "
+            "disturbed try is kept): " + "; ".join(f"{k} {sorted(v)}" for k, v in again.items()) + ".",
+        ]
     notes = results.get("notes") or []
     if notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
+
+
+README_BEGIN = "<!-- bench:begin (written by scripts/bench.sh --readme) -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_block(results: dict[str, Any]) -> str:
+    """The figures the README shows: the data-plane table, the targets, control plane and reloads in brief."""
+    meta = results.get("meta", {})
+    machine = meta.get("machine", {})
+    command = "scripts/bench.sh" + (" --quick" if meta.get("mode") == "quick" else "")
+    out = [
+        README_BEGIN,
+        f"Last run: {meta.get('date', '?')}, `{command}`, {machine.get('cpu_model', '?')} "
+        f"({machine.get('cores', '?')} cores), {machine.get('os', '?')}, commit {meta.get('git_commit', '?')}"
+        f"{' + local changes' if meta.get('git_dirty') else ''}. Full report: `bench/results/latest.md`.",
+        "",
+    ]
+    out += data_plane_table(results)
+    out += ["", "| target (issue 5) | wanted | measured | |", "|---|---|---|---|"]
+    for t in results.get("targets", []):
+        out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
+    cp = results.get("control_plane", {})
+    scaling = cp.get("scaling") or []
+    if scaling:
+        parts = [
+            f"{s['instances']:,} instances / {s['pools']} pools {fmt(s.get('median_ms'), 0)} ms "
+            f"({fmt(s.get('rendered_kb'), 0)} KB rendered)"
+            for s in scaling
+            if s.get("reconcile_ms")
+        ]
+        thousand: dict[str, Any] = next((s for s in scaling if s.get("instances") == 1000), {})
+        out += [
+            "",
+            "Reconcile (render + `nginx -t` + swap + reload + live): " + "; ".join(parts) + ". "
+            f"Controller RSS with 1,000 instances: {fmt(thousand.get('controller_rss_mb'), 0)} MB.",
+        ]
+    storm = (results.get("reliability") or {}).get("reload_storm") or {}
+    if storm.get("wrk"):
+        wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]
+        out.append(
+            f"Reload every 0.5 s under load: wrk (no retries) {wrk['failed']} failed of "
+            f"{wrk['requests']:,}; openai SDK without retries {raw['failed']} of {raw['requests']:,}; "
+            f"with its default retries {sdk['failed']} of {sdk['requests']:,}."
+        )
+    out.append(README_END)
+    return "\n".join(out)
+
+
+def update_readme(path: Any, results: dict[str, Any]) -> bool:
+    """Replace the block between the markers inside README's "## Performance" section; nothing else."""
+    text = path.read_text()
+    section = text.find("\n## Performance")
+    if section < 0:
+        return False
+    end = text.find("\n## ", section + 1)
+    end = len(text) if end < 0 else end
+    begin = text.find(README_BEGIN, section, end)
+    stop = text.find(README_END, section, end)
+    if begin < 0 or stop < 0:
+        return False
+    path.write_text(text[:begin] + readme_block(results) + text[stop + len(README_END) :])
+    return True

@@ -265,7 +265,9 @@ def test_burst_of_changes_is_one_reload(gateway: Gateway, stubs: dict[str, StubS
     assert len(openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x").models.list().data) == 30
 
 
-def test_metrics_show_reloads_and_traffic_per_instance(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
+def test_metrics_show_reloads_and_traffic_per_instance(
+    gateway: Gateway, stubs: dict[str, StubServer]
+) -> None:
     register(gateway, "met", start_stub(stubs, "met"), ["m"])
     gateway.wait_applied()
     for _ in range(5):
@@ -274,7 +276,9 @@ def test_metrics_show_reloads_and_traffic_per_instance(gateway: Gateway, stubs: 
     def metrics() -> str:
         return gateway.admin.get("/metrics").text
 
-    wait_for(lambda: 'ishgw_upstream_attempts_total{instance="met",outcome="ok"} 5.0' in metrics(), what="counted")
+    wait_for(
+        lambda: 'ishgw_upstream_attempts_total{instance="met",outcome="ok"} 5.0' in metrics(), what="counted"
+    )
     text = metrics()
     assert "ishgw_config_last_reload_successful 1.0" in text
     assert 'ishgw_instance_available{instance="met"} 1.0' in text

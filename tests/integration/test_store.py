@@ -32,6 +32,7 @@ from control_plane.registry.store import Store, normalise_url
 from tests.integration.postgres import pg_admin as _pg_admin
 
 LITERAL_KEY = "sk-live-0123456789abcdef"
+LATEST = store_module.MIGRATIONS[-1][0]  # the schema version a fresh database migrates to
 
 # -- fixtures ------------------------------------------------------------------------------------------------
 
@@ -86,17 +87,17 @@ def count_rows(store: Store, table: str) -> int:
 def test_migrate_is_idempotent(db_url: str) -> None:
     s = Store(db_url)
     try:
-        assert s.migrate() == 1
-        assert s.migrate() == 1
+        assert s.migrate() == LATEST
+        assert s.migrate() == LATEST
         assert s.generation() == 0
-        assert count_rows(s, "schema_migrations") == 1
+        assert count_rows(s, "schema_migrations") == LATEST
         s.create_instance(cfg("a"))
     finally:
         s.close()
     # A restarted process migrates again: nothing changes, data survives.
     again = Store(db_url)
     try:
-        assert again.migrate() == 1
+        assert again.migrate() == LATEST
         assert names(again) == ["a"]
         assert again.generation() == 1
     finally:
@@ -123,8 +124,8 @@ def test_concurrent_migrate(db_url: str) -> None:
         thread.join(60)
     try:
         assert not failures
-        assert results == [1] * len(stores)
-        assert count_rows(stores[0], "schema_migrations") == 1
+        assert results == [LATEST] * len(stores)
+        assert count_rows(stores[0], "schema_migrations") == LATEST
         assert stores[0].generation() == 0
     finally:
         for s in stores:
@@ -134,18 +135,17 @@ def test_concurrent_migrate(db_url: str) -> None:
 def test_later_migrations_apply_in_order(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     s = Store(db_url)
     try:
-        assert s.migrate() == 1
+        assert s.migrate() == LATEST
         applied: list[int] = []
 
         def step(version: int) -> Any:
             return lambda conn: applied.append(version)
 
-        monkeypatch.setattr(
-            store_module, "MIGRATIONS", [*store_module.MIGRATIONS, (2, step(2)), (3, step(3))]
-        )
-        assert s.migrate() == 3
-        assert s.migrate() == 3
-        assert applied == [2, 3]
+        later = [(LATEST + 1, step(LATEST + 1)), (LATEST + 2, step(LATEST + 2))]
+        monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, *later])
+        assert s.migrate() == LATEST + 2
+        assert s.migrate() == LATEST + 2
+        assert applied == [LATEST + 1, LATEST + 2]
     finally:
         s.close()
 
@@ -470,7 +470,7 @@ def test_sqlite_existing_file_is_tightened(tmp_path: Path) -> None:
 def test_sqlite_in_memory(tmp_path: Path) -> None:
     s = Store("sqlite://")
     try:
-        assert s.migrate() == 1
+        assert s.migrate() == LATEST
         s.create_instance(cfg("a"))
         result: list[list[str]] = []
         thread = threading.Thread(target=lambda: result.append(names(s)))
@@ -489,5 +489,5 @@ def test_schema_tables(store: Store) -> None:
             .select_from(store_module.settings)
             .where(store_module.settings.c.key == "generation")
         ).scalar_one()
-    assert versions == [1]
+    assert versions == list(range(1, LATEST + 1))
     assert generation_rows == 1

@@ -1,0 +1,146 @@
+"""Admin API hardening: an address filter, and an audit trail of every change (who, what, when).
+
+The audit entry names the admin key by a fingerprint (first 12 hex digits of its sha256) and the client
+address; the target is a name or id, never a body. Entries go to the ``audit_log`` table and to the
+controller log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import ipaddress
+import json
+import logging
+from datetime import UTC, datetime
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from control_plane.api.client_keys import AUDIT_TARGET
+from control_plane.api.keys import SETTINGS
+from control_plane.api.middleware import presented_key
+from control_plane.errors import InvalidInput
+from control_plane.registry.audit import AuditEntry, AuditLog
+
+log = logging.getLogger("control_plane.audit")
+
+AUDIT = web.AppKey("audit", AuditLog)
+CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# -- address filter --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def address_allowed(remote: str | None, allow: tuple[str, ...], deny: tuple[str, ...]) -> bool:
+    """Deny wins; an empty allow list allows every address that is not denied."""
+    try:
+        address = ipaddress.ip_address((remote or "").split("%", 1)[0])
+    except ValueError:
+        return not allow and not deny
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in net for net in _networks(deny)):
+        return False
+    return not allow or any(address in net for net in _networks(allow))
+
+
+@web.middleware
+async def address_filter_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ISHGW_ADMIN_IP_ALLOW / ISHGW_ADMIN_IP_DENY for every route of the admin listener."""
+    settings = request.app[SETTINGS]
+    if not address_allowed(request.remote, tuple(settings.admin_ip_allow), tuple(settings.admin_ip_deny)):
+        return web.json_response({"error": "forbidden", "detail": "address not allowed"}, status=403)
+    return await handler(request)
+
+
+# -- audit -----------------------------------------------------------------------------------------------
+
+
+def fingerprint(key: str | None) -> str:
+    if not key:
+        return "anonymous"
+    return "key:" + hashlib.sha256(key.encode("utf-8", "backslashreplace")).hexdigest()[:12]
+
+
+def _target(request: web.Request, response: web.StreamResponse) -> str | None:
+    target = request.get(AUDIT_TARGET)
+    if isinstance(target, str):
+        return target
+    for name in ("name", "key_id"):
+        if name in request.match_info:
+            return request.match_info[name]
+    body = getattr(response, "body", None)
+    if response.status == 201 and isinstance(body, bytes):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            return str(data["name"])
+    return None
+
+
+async def _record(audit: AuditLog, entry: AuditEntry) -> None:
+    log.info(
+        "audit: %s %s target=%s status=%d by %s from %s",
+        entry.method,
+        entry.path,
+        entry.target or "-",
+        entry.status,
+        entry.actor,
+        entry.client_ip,
+    )
+    try:
+        await asyncio.to_thread(audit.record, entry)
+    except Exception:  # the change is made; a lost audit row must be loud, not fatal
+        log.exception("audit: could not store the entry")
+
+
+@web.middleware
+async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Record every successful change made through the admin API (inside authentication)."""
+    response = await handler(request)
+    audit = request.app.get(AUDIT)
+    if audit is None or request.method not in CHANGING_METHODS or not 200 <= response.status < 300:
+        return response
+    entry = AuditEntry(
+        at=datetime.now(UTC),
+        actor=fingerprint(presented_key(request.headers)),
+        client_ip=request.remote or "unknown",
+        method=request.method,
+        path=request.path,
+        target=_target(request, response),
+        status=response.status,
+    )
+    await _record(audit, entry)
+    return response
+
+
+def _int_query(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise InvalidInput([{"field": name, "message": f"must be an integer {low}-{high}"}])
+    return value
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    """Newest first; ``before`` (an entry id) pages back."""
+    limit = _int_query(request, "limit", 100, 1, 1000) or 100
+    before = _int_query(request, "before", None, 1, 2**62)
+    audit = request.app.get(AUDIT)
+    entries = await asyncio.to_thread(audit.recent, limit, before) if audit else []
+    return web.json_response({"entries": [entry.to_json() for entry in entries]})

@@ -1,0 +1,102 @@
+"""Admin API for client API keys: /admin/keys. The secret is in the creation answer (field ``key``) only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from control_plane.api.keys import RECONCILER, STORE
+from control_plane.errors import InvalidInput
+from control_plane.registry.client_keys import (
+    UPDATABLE_KEY_FIELDS,
+    ClientKey,
+    ClientKeySettings,
+    ClientKeyStore,
+    check_key_id,
+)
+
+T = TypeVar("T")
+KEY_ID_PARAM = "{key_id}"
+AUDIT_TARGET = web.RequestKey("audit_target", str)  # what the audit log names as the change's target
+
+
+async def _run(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args)
+
+
+def _keys(request: web.Request) -> ClientKeyStore:
+    return ClientKeyStore(request.app[STORE])
+
+
+def _key_id(request: web.Request) -> str:
+    key_id = request.match_info["key_id"]
+    try:
+        check_key_id(key_id)
+    except ValueError as exc:
+        raise InvalidInput([{"field": "key_id", "message": str(exc)}]) from None
+    request[AUDIT_TARGET] = key_id
+    return key_id
+
+
+def _changed(request: web.Request, reason: str) -> None:
+    request.app[RECONCILER].request(reason)
+
+
+def _target(request: web.Request, key: ClientKey) -> None:
+    request[AUDIT_TARGET] = f"{key.id} ({key.name})"
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    keys = await _run(_keys(request).list)
+    return web.json_response({"keys": [key.public() for key in keys]})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    from control_plane.api.routes import _read_object, validate_strict
+
+    settings = validate_strict(ClientKeySettings, await _read_object(request))
+    key, secret = await _run(_keys(request).create, settings)
+    _target(request, key)
+    _changed(request, f"client key {key.id} created")
+    return web.json_response({**key.public(), "key": secret}, status=201)
+
+
+async def get_key(request: web.Request) -> web.Response:
+    key = await _run(_keys(request).get, _key_id(request))
+    return web.json_response(key.public())
+
+
+def _update(keys: ClientKeyStore, key_id: str, changes: dict[str, Any]) -> ClientKey:
+    from control_plane.api.routes import validate_strict
+
+    current = keys.get(key_id)
+    merged = {**current.model_dump(mode="json", include=set(UPDATABLE_KEY_FIELDS)), **changes}
+    settings = validate_strict(ClientKeySettings, merged)
+    return keys.update(key_id, settings.model_dump())
+
+
+async def update_key(request: web.Request) -> web.Response:
+    """Partial update: the given fields replace the current ones; the secret never changes."""
+    from control_plane.api.routes import _read_object
+
+    key_id = _key_id(request)
+    changes = await _read_object(request)
+    unknown = [
+        {"field": str(k), "message": "unknown field"} for k in changes if k not in UPDATABLE_KEY_FIELDS
+    ]
+    if unknown:
+        raise InvalidInput(unknown)
+    key = await _run(_update, _keys(request), key_id, changes)
+    _target(request, key)
+    _changed(request, f"client key {key.id} updated")
+    return web.json_response(key.public())
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    key = await _run(_keys(request).delete, _key_id(request))
+    _target(request, key)
+    _changed(request, f"client key {key.id} deleted")
+    return web.Response(status=204)

@@ -1,0 +1,150 @@
+"""OpenAPI parts for client keys (/admin/keys) and the audit log (/admin/audit); merged by build_openapi."""
+
+from __future__ import annotations
+
+import copy
+
+from pydantic.json_schema import models_json_schema
+
+from control_plane.api.openapi import (
+    BODY_ERRORS,
+    REF,
+    Schema,
+    _body,
+    _errors,
+    _object,
+    _ok,
+    _op,
+    _pattern,
+    _ref,
+)
+from control_plane.registry import validators as v
+from control_plane.registry.client_keys import KEY_ID_RE, MODEL_PATTERN_RE, ClientKeySettings
+
+DATE_TIME: Schema = {"type": "string", "format": "date-time"}
+
+
+def _settings_schema() -> Schema:
+    _, top = models_json_schema([(ClientKeySettings, "validation")], ref_template=REF)
+    schema: Schema = top["$defs"]["ClientKeySettings"]
+    props = schema["properties"]
+    props["name"].update(_pattern(v.NAME_RE))
+    props["allowed_models"]["items"] = _pattern(MODEL_PATTERN_RE)
+    props["expires_at"] = {
+        "anyOf": [DATE_TIME, {"type": "null"}],
+        "default": None,
+        "description": props["expires_at"].get("description", ""),
+    }
+    schema["title"] = "NewClientKey"
+    return schema
+
+
+def schemas() -> dict[str, Schema]:
+    new = _settings_schema()
+    patch: Schema = {
+        "title": "ClientKeyPatch",
+        "description": "Partial update: the given fields replace the current ones. The secret never changes.",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": copy.deepcopy(new["properties"]),
+    }
+    public_props: Schema = {
+        "id": _pattern(KEY_ID_RE),
+        **copy.deepcopy(new["properties"]),
+        "key_prefix": {"type": "string", "description": "The first characters of the key"},
+        "key_last4": {"type": "string", "description": "The last 4 characters of the key"},
+        "created_at": DATE_TIME,
+        "updated_at": DATE_TIME,
+    }
+    for prop in public_props.values():
+        prop.pop("default", None)
+    public = _object(public_props, sorted(public_props))
+    created = copy.deepcopy(public)
+    created["properties"]["key"] = {
+        "type": "string",
+        "description": "The secret: shown in this answer only, never again",
+    }
+    created["required"] = sorted([*created["required"], "key"])
+    entry = _object(
+        {
+            "id": {"type": "integer"},
+            "at": DATE_TIME,
+            "actor": {"type": "string", "description": "key:<sha256 prefix> of the admin key used"},
+            "client_ip": {"type": "string"},
+            "method": {"type": "string"},
+            "path": {"type": "string"},
+            "target": {"type": ["string", "null"]},
+            "status": {"type": "integer"},
+        },
+        ["id", "at", "actor", "client_ip", "method", "path", "target", "status"],
+    )
+    return {
+        "NewClientKey": new,
+        "ClientKeyPatch": patch,
+        "ClientKey": public,
+        "CreatedClientKey": created,
+        "ClientKeyList": _object({"keys": {"type": "array", "items": _ref("ClientKey")}}, ["keys"]),
+        "AuditEntry": entry,
+        "AuditList": _object({"entries": {"type": "array", "items": _ref("AuditEntry")}}, ["entries"]),
+    }
+
+
+def parameters() -> Schema:
+    return {
+        "KeyId": {"name": "key_id", "in": "path", "required": True, "schema": _pattern(KEY_ID_RE)},
+        "AuditLimit": {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        },
+        "AuditBefore": {
+            "name": "before",
+            "in": "query",
+            "required": False,
+            "description": "Only entries with a smaller id (paging back)",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 2**62},
+        },
+    }
+
+
+def paths() -> Schema:
+    key_param = [_ref("KeyId", "parameters")]
+    return {
+        "/admin/keys": {
+            "get": _op(
+                "list_keys",
+                "List client API keys (never the secrets)",
+                {**_ok("Keys", "ClientKeyList"), **_errors()},
+            ),
+            "post": _op(
+                "create_key",
+                "Create a client API key; the answer holds its secret (field key), once",
+                {**_ok("Created", "CreatedClientKey", "201"), **_errors(409, *BODY_ERRORS)},
+                requestBody=_body("NewClientKey"),
+            ),
+        },
+        "/admin/keys/{key_id}": {
+            "parameters": key_param,
+            "get": _op("get_key", "One client API key", {**_ok("The key", "ClientKey"), **_errors(404, 422)}),
+            "put": _op(
+                "update_key",
+                "Change a client API key (partial)",
+                {**_ok("The updated key", "ClientKey"), **_errors(404, 409, *BODY_ERRORS)},
+                requestBody=_body("ClientKeyPatch"),
+            ),
+            "delete": _op(
+                "delete_key",
+                "Delete a client API key",
+                {"204": {"description": "Deleted"}, **_errors(404, 422)},
+            ),
+        },
+        "/admin/audit": {
+            "get": _op(
+                "list_audit",
+                "Changes made through this API, newest first (no secrets)",
+                {**_ok("Audit entries", "AuditList"), **_errors(422)},
+                parameters=[_ref("AuditLimit", "parameters"), _ref("AuditBefore", "parameters")],
+            ),
+        },
+    }

@@ -1,0 +1,275 @@
+"""The secure edge as plain values: client keys and JWT keys, limits, IP filters. Pure, like build_spec.
+
+build_edge(world parts, policy) -> EdgeSpec; the templates (edge.conf.j2, edge.j2) and the generated
+clients.js render it. nginx runs limit_req in the preaccess phase, before any content handler, so the
+client's identity for the per-key limits comes from ``js_set`` functions (auth.js) over the request headers:
+``$gw_client_id`` (the key id) and ``$gw_client_rpm`` (its rate). Keys are grouped by rate: one
+limit_req_zone per distinct rate, keyed by a map that is the key id only for keys of that rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from control_plane.providers import Endpoint, Kind
+from control_plane.render.quoting import js_literal
+
+if TYPE_CHECKING:
+    from control_plane.registry.client_keys import ClientKey
+
+NJS_DIR = Path(__file__).resolve().parents[2] / "nginx" / "njs"
+CLASSES = ("chat", "embeddings", "uploads")
+# Upstream response headers that tell a client which provider, account, deployment or proxy answered.
+# nginx hides Server, Date, X-Pad and X-Accel-* itself; prefixes are removed by auth.js (hideHeaders).
+LEAKY_HEADERS = (
+    "openai-organization",
+    "openai-processing-ms",
+    "openai-version",
+    "openai-project",
+    "openai-model",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+    "anthropic-organization-id",
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
+    "request-id",
+    "cf-ray",
+    "cf-cache-status",
+    "server",
+    "x-powered-by",
+    "via",
+    "alt-svc",
+    "set-cookie",
+    "azureml-model-session",
+    "apim-request-id",
+    "x-ms-region",
+    "x-ms-client-request-id",
+    "x-ms-deployment-name",
+    "x-ms-rai-invoked",
+    "x-envoy-upstream-service-time",
+    "strict-transport-security",
+    # hop-by-hop (RFC 9110 7.6.1) beyond Connection/Transfer-Encoding, which nginx handles itself
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "trailer",
+    "upgrade",
+)
+LEAKY_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "openai-", "x-ms-", "x-envoy-", "cf-", "x-kong-")
+# Request headers that are hop-by-hop, or credentials meant for a proxy: never forwarded upstream.
+HOP_BY_HOP_REQUEST = ("Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connection", "Proxy-Authorization")
+
+
+@dataclass(frozen=True)
+class ClassLimit:
+    """Limits of one endpoint class (chat, embeddings, uploads), per client (key, or IP without one)."""
+
+    name: str
+    rpm: int
+    burst: int
+    body_mb: int
+    body_timeout_s: int
+    send_timeout_s: int
+
+
+DEFAULT_CLASSES = (
+    ClassLimit("chat", 3000, 300, 16, 60, 300),
+    ClassLimit("embeddings", 12000, 1000, 16, 60, 60),
+    ClassLimit("uploads", 120, 20, 16, 300, 60),
+)
+
+
+@dataclass(frozen=True)
+class JwtFiles:
+    hs256_secret: str | None = None
+    public_keys: str | None = None
+    jwks: str | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.hs256_secret or self.public_keys or self.jwks)
+
+
+@dataclass(frozen=True)
+class EdgePolicy:
+    """The settings the edge renders from (ISHGW_*; see edge_settings.py)."""
+
+    auth_required: bool = True
+    key_burst: int = 10
+    ip_rpm: int = 6000
+    ip_burst: int = 500
+    classes: tuple[ClassLimit, ...] = DEFAULT_CLASSES
+    conn_per_key: int = 256
+    conn_per_ip: int = 512
+    ip_allow: tuple[str, ...] = ()
+    ip_deny: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    jwt_files: JwtFiles = JwtFiles()
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: int = 30
+    jwt_default_rpm: int = 600
+    jwt_rpm_tiers: tuple[int, ...] = (60, 600, 6000)
+
+    def limit(self, name: str) -> ClassLimit:
+        return next(c for c in self.classes if c.name == name)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A JWT verification key as WebCrypto imports it in njs 0.7.9 (SPKI DER; JWK import is not there)."""
+
+    alg: str  # RS256 | ES256
+    spki_b64: str
+    kid: str | None = None
+
+
+@dataclass(frozen=True)
+class JwtKeys:
+    """JWT key material read from the configured files (effects fill it in; see jwt_keys.py)."""
+
+    hs256_secret: str | None = None
+    public_keys: tuple[PublicKey, ...] = ()
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.hs256_secret or self.public_keys)
+
+
+@dataclass(frozen=True)
+class RenderedKey:
+    id: str
+    key_hash: str
+    models: tuple[str, ...]
+    rpm: int
+    expires: int  # epoch seconds; 0: never
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    policy: EdgePolicy = EdgePolicy()
+    keys: tuple[RenderedKey, ...] = ()
+    jwt: JwtKeys | None = None
+    # Rates (requests per minute) with a per-key limit_req zone each: the keys' own and the JWT tiers.
+    key_rates: tuple[int, ...] = ()
+    class_of_path: tuple[tuple[str, str], ...] = field(default=())
+
+    def class_limit(self, path: str) -> ClassLimit | None:
+        name = dict(self.class_of_path).get(path)
+        return self.policy.limit(name) if name else None
+
+    @property
+    def leaky_headers(self) -> tuple[str, ...]:
+        return LEAKY_HEADERS
+
+    @property
+    def hop_by_hop_request(self) -> tuple[str, ...]:
+        return HOP_BY_HOP_REQUEST
+
+
+def endpoint_class(endpoint: Endpoint) -> str:
+    """chat or embeddings by what the endpoint does. No routed endpoint takes uploads (multipart) yet:
+    the uploads class is configured and rendered for the day one does."""
+    return "embeddings" if endpoint.kind is Kind.EMBEDDING else "chat"
+
+
+def _epoch(value: datetime | None) -> int:
+    return int(value.timestamp()) if value is not None else 0
+
+
+def build_edge(
+    policy: EdgePolicy, keys: Iterable[ClientKey], jwt: JwtKeys | None, endpoints: Iterable[Endpoint]
+) -> EdgeSpec:
+    rendered = tuple(
+        sorted(
+            (
+                RenderedKey(
+                    id=key.id,
+                    key_hash=key.key_hash,
+                    models=tuple(key.allowed_models),
+                    rpm=key.rpm_limit,
+                    expires=_epoch(key.expires_at),
+                    enabled=key.enabled,
+                )
+                for key in keys
+            ),
+            key=lambda k: k.id,
+        )
+    )
+    jwt = jwt if jwt is not None and jwt.usable else None
+    rates = {k.rpm for k in rendered if k.enabled and k.rpm > 0}
+    if jwt is not None:
+        rates |= set(policy.jwt_rpm_tiers)
+        if policy.jwt_default_rpm:
+            rates.add(policy.jwt_default_rpm)
+    return EdgeSpec(
+        policy=policy,
+        keys=rendered,
+        jwt=jwt,
+        key_rates=tuple(sorted(rates)),
+        class_of_path=tuple(sorted((e.path, endpoint_class(e)) for e in endpoints)),
+    )
+
+
+def clients_data(edge: EdgeSpec) -> dict[str, object]:
+    """What auth.js reads (generated clients.js). Holds the HS256 secret: a SECRET_FILES member."""
+    policy = edge.policy
+    jwt: dict[str, object] | None = None
+    if edge.jwt is not None:
+        jwt = {
+            "hs256": edge.jwt.hs256_secret or "",
+            "keys": [{"alg": k.alg, "spki": k.spki_b64, "kid": k.kid} for k in edge.jwt.public_keys],
+            "audience": policy.jwt_audience or "",
+            "issuer": policy.jwt_issuer or "",
+            "leeway": policy.jwt_leeway_s,
+            "default_rpm": policy.jwt_default_rpm,
+            "tiers": sorted(set(policy.jwt_rpm_tiers)),
+        }
+    return {
+        "required": policy.auth_required,
+        "keys": {
+            k.key_hash: {
+                "id": k.id,
+                "models": list(k.models),
+                "rpm": k.rpm,
+                "exp": k.expires,
+                "enabled": k.enabled,
+            }
+            for k in edge.keys
+        },
+        "jwt": jwt,
+        "retry": {
+            "ip": policy.ip_rpm,
+            "classes": {c.name: c.rpm for c in policy.classes},
+            "paths": dict(edge.class_of_path),
+        },
+    }
+
+
+def js_files(edge: EdgeSpec) -> dict[str, str]:
+    """The njs auth module (static) and its generated data."""
+    return {
+        "auth.js": (NJS_DIR / "auth.js").read_text(),
+        "clients.js": "// Generated client keys and JWT settings.\nexport default "
+        + js_literal(clients_data(edge))
+        + ";\n",
+    }
