@@ -153,18 +153,6 @@ admin_scheme() {
     esac
 }
 
-# client_host ADDRESS: where a local client connects to reach a listener bound to ADDRESS.
-client_host() {
-    local host="${1#[}"
-    host="${host%]}"
-    case "$host" in
-        "" | "0.0.0.0" | "*") echo "127.0.0.1" ;;
-        "::") echo "[::1]" ;;
-        *:*) echo "[$host]" ;;
-        *) echo "$host" ;;
-    esac
-}
-
 tls_enabled() { [ "${CFG[ISHGW_HTTPS_PORT]}" != 0 ] && [ -f "$TLS_CERT" ] && [ -f "$TLS_KEY" ]; }
 
 # gateway.env: sorted NAME=value lines, written atomically (0600) and only when the content changes.

@@ -40,18 +40,6 @@ gw_setting() {
     printf '%s' "${value:-$2}"
 }
 
-# client_host ADDRESS: where a local client connects to reach a listener bound to ADDRESS.
-client_host() {
-    local host="${1#[}"
-    host="${host%]}"
-    case "$host" in
-        "" | "0.0.0.0" | "*") echo "127.0.0.1" ;;
-        "::") echo "[::1]" ;;
-        *:*) echo "[$host]" ;;
-        *) echo "$host" ;;
-    esac
-}
-
 admin_listen="$(gw_setting ISHGW_ADMIN_LISTEN 127.0.0.1:9000)"
 admin_url="http://$(client_host "${admin_listen%:*}"):${admin_listen##*:}"
 key="$(gw_setting ISHGW_ADMIN_API_KEY "")"

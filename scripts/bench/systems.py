@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts.bench.procs import Procs, read_stat
+from tests import tls_util
 from tests.integration.gateway import Gateway, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,30 +213,7 @@ class PlainNginx:
 
 
 def make_self_signed(directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(directory / "key.pem"),
-            "-out",
-            str(directory / "cert.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    os.chmod(directory / "key.pem", 0o600)
+    tls_util.make_self_signed(directory / "cert.pem", directory / "key.pem")
 
 
 class GatewaySystem:

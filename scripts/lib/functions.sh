@@ -48,6 +48,18 @@ ensure_venv() {
     export ISHGW_VENV
 }
 
+# client_host ADDRESS: where a local client connects to reach a listener bound to ADDRESS.
+client_host() {
+    local host="${1#[}"
+    host="${host%]}"
+    case "$host" in
+        "" | "0.0.0.0" | "*") echo "127.0.0.1" ;;
+        "::") echo "[::1]" ;;
+        *:*) echo "[$host]" ;;
+        *) echo "$host" ;;
+    esac
+}
+
 # shellcheck disable=SC2034 # used by the scripts that source this file
 RUNTIME_APT_PACKAGES=(nginx libnginx-mod-http-js openssl ca-certificates curl python3-venv)
 

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.backends.stub_llm import StubServer
 from tests.integration.gateway import ROOT, Gateway, free_port
+from tests.tls_util import make_self_signed
 
 HS256_SECRET = "an-hs256-secret-for-tests-0123456789abcdef"
 AUDIENCE = "ish-gateway-tests"
@@ -599,26 +600,7 @@ def test_unusable_jwt_keys_refuse_start(tmp_path: Path) -> None:
 
 def test_admin_tls_serves_https(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    make_self_signed(cert, key)
     gw = Gateway(
         extra_env={
             "ISHGW_ADMIN_TLS": "true",

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import ssl
-import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,6 +34,7 @@ from control_plane.render.edge import EdgePolicy, JwtFiles, JwtKeys, PublicKey, 
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.spec import ServerSettings, World, build_spec
 from control_plane.settings import Settings
+from tests.tls_util import make_self_signed
 from tests.unit.test_render import parse_directives
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -437,28 +437,7 @@ def test_admin_tls_rules(tmp_path: Path) -> None:
     with pytest.raises(AdminTlsError):
         admin_ssl_context(Settings(home=home, admin_listen="0.0.0.0:9000", admin_tls=False))
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=admin",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    make_self_signed(cert, key, "admin", days=1)
     context = admin_ssl_context(
         Settings(home=home, admin_listen="[::]:9000", admin_tls_cert=cert, admin_tls_key=key)
     )
