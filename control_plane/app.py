@@ -88,7 +88,7 @@ def server_settings(settings: Settings) -> ServerSettings:
         status_allow=tuple(settings.status_allow),
         upstream_ca_file=str(settings.upstream_ca_file),
         worker_rlimit_nofile=min(65535, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
-        log_socket=str(log_socket_path(settings)) if settings.log_stream_enabled else None,
+        log_server=settings.log_listen if settings.log_stream_enabled else None,
         http_redirect=settings.http_redirect,
         acme_webroot=str(acme_webroot(settings)),
         edge=edge_policy(settings, settings.client_max_body_size_mb),
@@ -97,10 +97,6 @@ def server_settings(settings: Settings) -> ServerSettings:
 
 def acme_webroot(settings: Settings) -> Path:
     return settings.acme_webroot or settings.home / "acme"
-
-
-def log_socket_path(settings: Settings) -> Path:
-    return settings.sockets_dir / "log.sock"
 
 
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -160,7 +156,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     reconciler = Reconciler(store, nginx, server, metrics, timing)
     app[keys.RECONCILER] = reconciler
     app[keys.HEALTH] = HealthService(
-        store, reconciler, log_socket_path(settings), settings.probes_enabled, metrics
+        store, reconciler, settings.log_host_port, settings.probes_enabled, metrics
     )
     setup_routes(app)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))

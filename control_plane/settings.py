@@ -47,6 +47,11 @@ class Settings(EdgeSettings):
     )
 
     probes_enabled: bool = Field(default=True, description="Active health probes")
+    log_listen: str = Field(
+        default="127.0.0.1:9514",
+        pattern=r"^127\.0\.0\.1:[0-9]{1,5}$",
+        description="Loopback UDP address where the controller receives nginx's access log stream",
+    )
     log_stream_enabled: bool = Field(default=True, description="nginx access log stream to the controller")
     expose_instance_headers: bool = True
     client_max_body_size_mb: int = Field(default=16, ge=1, le=1024)
@@ -84,6 +89,11 @@ class Settings(EdgeSettings):
     @property
     def sockets_dir(self) -> Path:
         return self.run_dir or self.home / "run"
+
+    @property
+    def log_host_port(self) -> tuple[str, int]:
+        host, _, port = self.log_listen.rpartition(":")
+        return host, int(port)
 
     @property
     def admin_host_port(self) -> tuple[str, int]:

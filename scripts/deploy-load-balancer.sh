@@ -40,6 +40,7 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_HTTP_PORT      8080                                 HTTP listener (address: ISHGW_LISTEN_ADDRESS=0.0.0.0)
   ISHGW_HTTPS_PORT     8443                                 HTTPS listener; 0 switches HTTPS off
   ISHGW_ADMIN_LISTEN   127.0.0.1:9000                       admin API; HTTPS only beyond loopback
+  ISHGW_LOG_LISTEN     127.0.0.1:9514                       UDP, nginx's access log stream to the controller
   ISHGW_ADMIN_API_KEY  generated                            unset: created once in \$ISHGW_HOME/secrets/admin_api_key
   ISHGW_DB_URL         sqlite:///\$ISHGW_HOME/ishgw.db       or postgresql+psycopg://user:pass@host/db
   ISHGW_NGINX_USER     www-data when run as root            user of the nginx worker processes

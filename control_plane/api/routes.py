@@ -279,8 +279,13 @@ async def check_instance(request: web.Request) -> web.Response:
     result = await health.probe_now(name)
     await health.flush()
     return web.json_response(
-        {"name": name, "outcome": str(result.outcome), "detail": result.detail,
-         "latency_ms": round(result.latency_ms, 2), "models": list(result.models)}
+        {
+            "name": name,
+            "outcome": str(result.outcome),
+            "detail": result.detail,
+            "latency_ms": round(result.latency_ms, 2),
+            "models": list(result.models),
+        }
     )
 
 

@@ -8,7 +8,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 
@@ -34,14 +33,14 @@ class HealthService:
         self,
         store: Store,
         reconciler: Reconciler,
-        log_socket: Path,
+        log_listen: tuple[str, int],
         probes_enabled: bool = True,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
         self.reconciler = reconciler
-        self.log_socket = log_socket
+        self.log_listen = log_listen
         self.probes_enabled = probes_enabled
         self.tracker = HealthTracker()
         self.configs: dict[str, InstanceConfig] = {}
@@ -170,7 +169,7 @@ class HealthService:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_PROBES_IN_FLIGHT, ttl_dns_cache=60)
         )
-        transport = await logstream.listen(self.log_socket, self.on_log)
+        transport = await logstream.listen(*self.log_listen, self.on_log)
         tasks = [asyncio.create_task(self.run_flusher(), name="health-flusher")]
         if self.probes_enabled:
             tasks.append(asyncio.create_task(self.run_prober(), name="prober"))

@@ -57,7 +57,6 @@ def routes_data(spec: GatewaySpec) -> dict[str, object]:
         "pools": pools,
         "aliases": dict(spec.aliases),
         "fallbacks": {model: list(chain) for model, chain in spec.fallbacks},
-        "instances": spec.address_names(),
         "created": 1700000000 + spec.generation,
     }
 

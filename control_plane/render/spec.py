@@ -123,7 +123,7 @@ class ServerSettings:
     js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
-    log_socket: str | None = None  # unix datagram socket of the controller's log stream
+    log_server: str | None = None  # "127.0.0.1:port": the controller's UDP syslog receiver
     http_redirect: bool = True  # with HTTPS on, plain HTTP redirects (but for ACME and /health)
     edge: EdgePolicy = field(default_factory=EdgePolicy)  # client auth, limits, IP filters
     acme_webroot: str | None = None

@@ -252,27 +252,7 @@ function tooLarge(r) {
     fail(r, familyOfRequest(r), 413, 'request_too_large', 'The request body is larger than the gateway accepts');
 }
 
-function upstreamList(r) {
-    var raw = r.variables.upstream_addr;
-    if (!raw) {
-        return [];
-    }
-    return raw.split(/, | : /);
-}
-
-function instance(r) {
-    var list = upstreamList(r);
-    if (!list.length) {
-        return '';
-    }
-    return routes.instances[list[list.length - 1]] || '';
-}
-
-function attempts(r) {
-    var n = upstreamList(r).length;
-    return n ? String(n) : '';
-}
 
 export default {route, next, models, tags, notFound: notFound, not_found: notFound, unavailable,
-    too_large: tooLarge, instance, attempts, errorBody, client_id: auth.clientId, client_rpm: auth.clientRpm,
+    too_large: tooLarge, errorBody, client_id: auth.clientId, client_rpm: auth.clientRpm,
     rate_limited: rateLimited, denied, hide_headers: hideHeaders, version};

@@ -467,7 +467,7 @@ class Bench:
     def static_backend(self) -> None:
         """Supplement: the same comparison with a backend that costs almost nothing (nginx return 200)."""
         assert self.nginx and self.gateway
-        if self.budget.left() < 60:
+        if self.budget.left() < 25:
             self.note("static-backend supplement skipped: time budget")
             return
         gw = self.gateway
@@ -655,7 +655,7 @@ class Bench:
             self.p.live_changes,
             key or DUMMY_KEY,
             tls=True,
-            max_seconds=self.budget.left() - 40,
+            max_seconds=max(15.0, self.budget.left() - 30),
         )
         self.results["control_plane"]["api_to_live"] = live.to_dict()
         summary = live.to_dict()

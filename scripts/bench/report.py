@@ -399,6 +399,7 @@ def readme_block(results: dict[str, Any]) -> str:
     storm = (results.get("reliability") or {}).get("reload_storm") or {}
     if storm.get("wrk"):
         wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]
+        out.append("")
         out.append(
             f"Reload every 0.5 s under load: wrk (no retries) {wrk['failed']} failed of "
             f"{wrk['requests']:,}; openai SDK without retries {raw['failed']} of {raw['requests']:,}; "

@@ -202,8 +202,13 @@ def edge(backend: StubServer, leaky: str, jwt_keys: Keys) -> Iterator[Gateway]:
                 instance_type="both",
             )
             assert response.status_code == 201, response.text
+        # A credentialed (cloud-like) instance: its shim strips whole header families as well.
         response = gw.add_instance(
-            name="leaky", provider_type="openai_compatible", api_base=leaky, supported_models=["leaky-model"]
+            name="leaky",
+            provider_type="openai_compatible",
+            api_base=leaky,
+            supported_models=["leaky-model"],
+            api_key="sk-leaky-provider-0123",
         )
         assert response.status_code == 201, response.text
         gw.wait_applied()

@@ -117,7 +117,7 @@ def representative_tree(directory: Path) -> Path:
         tls_key=str(directory / "key.pem"),
         acme_webroot=str(directory / "acme"),
         status_allow=("10.0.0.0/8",),
-        log_socket=str(directory / "run" / "log.sock"),
+        log_server="127.0.0.1:9514",
         edge=EdgePolicy(
             ip_allow=("10.0.0.0/8", "192.168.0.0/16", "127.0.0.1/32"),
             ip_deny=("10.66.0.0/16",),

@@ -132,7 +132,8 @@ def test_routes_data_marks_unavailable_models() -> None:
     data = routes_data(spec_for(configs))
     table = data["pools"]["ollama|chat"]  # type: ignore[index]
     assert table["up"].startswith("p_") and table["down"] == ""
-    assert data["instances"] == {"127.0.0.1:1": "a"}
+    assert "instances" not in data  # instance names come from an nginx map, not from njs
+    assert '"127.0.0.1:1" "a";' in render(spec_for(configs)).files["http.conf"]
 
 
 def test_baseline_directive_set() -> None:
