@@ -231,7 +231,8 @@ def build_edge(
 
 
 def clients_data(edge: EdgeSpec) -> dict[str, object]:
-    """What auth.js reads (generated clients.js). Holds the HS256 secret: a SECRET_FILES member."""
+    """What auth.js reads (generated clients.js; the keys are in lookup.conf). Holds the HS256 secret: a
+    SECRET_FILES member. Small and of fixed size: njs evaluates it on every request."""
     policy = edge.policy
     jwt: dict[str, object] | None = None
     if edge.jwt is not None:
@@ -246,16 +247,6 @@ def clients_data(edge: EdgeSpec) -> dict[str, object]:
         }
     return {
         "required": policy.auth_required,
-        "keys": {
-            k.key_hash: {
-                "id": k.id,
-                "models": list(k.models),
-                "rpm": k.rpm,
-                "exp": k.expires,
-                "enabled": k.enabled,
-            }
-            for k in edge.keys
-        },
         "jwt": jwt,
         "retry": {
             "ip": policy.ip_rpm,
@@ -269,7 +260,7 @@ def js_files(edge: EdgeSpec) -> dict[str, str]:
     """The njs auth module (static) and its generated data."""
     return {
         "auth.js": (NJS_DIR / "auth.js").read_text(),
-        "clients.js": "// Generated client keys and JWT settings.\nexport default "
+        "clients.js": "// Generated JWT settings and limit rates (client keys: lookup.conf).\nexport default "
         + js_literal(clients_data(edge))
         + ";\n",
     }

@@ -11,14 +11,24 @@ from pathlib import Path
 import jinja2
 
 from control_plane.render.edge import js_files
-from control_plane.render.quoting import js_literal, nginx_quote
+from control_plane.render.lookup_table import lookup_entries
+from control_plane.render.quoting import nginx_quote
 from control_plane.render.spec import GatewaySpec
 
 NGINX_DIR = Path(__file__).resolve().parents[2] / "nginx"
 CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
-# Files holding provider credentials.
-SECRET_FILES = frozenset({"shims.conf", "clients.js"})  # clients.js: the JWT HS256 secret
-TEMPLATES = ("nginx.conf", "http.conf", "edge.conf", "pools.conf", "shims.conf", "servers.conf")
+# Files holding credentials: provider keys (shims.conf), the JWT HS256 secret (clients.js), client key
+# hashes (lookup.conf).
+SECRET_FILES = frozenset({"shims.conf", "clients.js", "lookup.conf"})
+TEMPLATES = (
+    "nginx.conf",
+    "http.conf",
+    "lookup.conf",
+    "edge.conf",
+    "pools.conf",
+    "shims.conf",
+    "servers.conf",
+)
 
 
 @dataclass(frozen=True)
@@ -47,26 +57,12 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def routes_data(spec: GatewaySpec) -> dict[str, object]:
-    """What the njs router needs: endpoints, model -> pool tables, aliases, address -> instance."""
-    pools: dict[str, dict[str, str]] = {}
-    for pool in spec.pools:
-        pools.setdefault(f"{pool.family}|{pool.kind}", {})[pool.model] = pool.name if pool.members else ""
-    return {
-        "endpoints": {e.path: {"family": str(e.family), "kind": str(e.kind)} for e in spec.endpoints},
-        "pools": pools,
-        "aliases": dict(spec.aliases),
-        "fallbacks": {model: list(chain) for model, chain in spec.fallbacks},
-        "created": 1700000000 + spec.generation,
-    }
-
-
 def render(spec: GatewaySpec) -> RenderedTree:
     env = _environment()
-    context = {"spec": spec, "s": spec.server, "gen_dir_token": '"."'}
+    context = {"spec": spec, "s": spec.server, "gen_dir_token": '"."', "lookup": lookup_entries(spec)}
     files = {f"{name}": env.get_template(f"{name}.j2").render(context) for name in TEMPLATES}
-    files["routes.js"] = "// Generated routing data.\nexport default " + js_literal(routes_data(spec)) + ";\n"
-    files["gateway.js"] = (NGINX_DIR / "njs" / "gateway.js").read_text()
+    for module in ("gateway.js", "table.js"):
+        files[module] = (NGINX_DIR / "njs" / module).read_text()
     files.update(js_files(spec.edge))
     checksum = tree_checksum(files)
     return RenderedTree(

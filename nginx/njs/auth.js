@@ -1,4 +1,5 @@
-// ISH Gateway client authentication (njs 0.7.9). Imported by gateway.js; data from the generated clients.js.
+// ISH Gateway client authentication (njs 0.7.9). Imported by gateway.js; data from the generated clients.js
+// and, for API keys, lookup.conf (table.js).
 //
 // A client presents an API key or a JWT in Authorization: Bearer, x-api-key (Anthropic style) or api-key
 // (Azure style). API keys are looked up by their sha256. JWTs: HS256 is verified synchronously (HMAC);
@@ -6,6 +7,7 @@
 // (authenticate), while identify() (also used by js_set for the limit zones, which run before any
 // content handler) checks everything else and keys the limits by the token's hash until then.
 import clients from 'clients.js';
+import table from 'table.js';
 
 var nodeCrypto = require('crypto');
 var JWT_RE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
@@ -54,18 +56,23 @@ function equal(a, b) {
     return diff === 0;
 }
 
-function checkKey(token) {
-    var entry = clients.keys[sha256hex(token)];
+// Keys are looked up by their sha256 in lookup.conf: "k:<hash>" -> "<id> <rpm> <expires> <enabled>".
+function checkKey(r, token) {
+    var hash = sha256hex(token);
+    var entry = table.get(r, 'k:' + hash);
     if (!entry) {
         return reject('invalid', 'The API key is not valid');
     }
-    if (!entry.enabled) {
+    var fields = entry.split(' ');
+    if (fields[3] !== '1') {
         return reject('disabled', 'The API key is disabled');
     }
-    if (entry.exp && entry.exp <= now()) {
+    var exp = Number(fields[2]);
+    if (exp && exp <= now()) {
         return reject('expired', 'The API key has expired');
     }
-    return accept(entry.id, entry.rpm ? String(entry.rpm) : '', entry.models.length ? entry.models : null, null);
+    var models = table.list(r, 'km:' + hash);
+    return accept(fields[0], fields[1] !== '0' ? fields[1] : '', models.length ? models : null, null);
 }
 
 function decodePart(part) {
@@ -169,7 +176,7 @@ function evaluate(r) {
     } else if (clients.jwt && JWT_RE.test(token)) {
         verdict = checkJwt(token);
     } else {
-        verdict = checkKey(token);
+        verdict = checkKey(r, token);
     }
     // Running open (ISHGW_AUTH_REQUIRED=false): a valid credential still brings its limits and models;
     // anything else is an anonymous client.

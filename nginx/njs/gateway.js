@@ -1,9 +1,10 @@
 // ISH Gateway router (njs). Reads the model from the JSON body with a real JSON parse, resolves aliases,
-// and hands the request to the pool's named location. Data comes from the generated routes.js.
-import routes from 'routes.js';
+// and hands the request to the pool's named location. Routing data: nginx maps (table.js, lookup.conf).
+import table from 'table.js';
 import auth from 'auth.js';
 
 var RETRY_AFTER = '5';
+var MODEL_RE = /^[A-Za-z0-9][A-Za-z0-9._:\/@+-]{0,127}$/;  // control_plane/registry/validators.py
 
 function errorBody(family, status, type, message, extra) {
     if (family === 'anthropic') {
@@ -26,20 +27,30 @@ function fail(r, family, status, type, message, extra) {
     r.return(status, errorBody(family, status, type, message, extra));
 }
 
+// {family, kind, key} of the endpoint the request came in on (map $uri $gw_endpoint), or undefined.
 function endpointOf(r) {
-    return routes.endpoints[r.uri];
+    var value = r.variables.gw_endpoint;
+    if (!value) {
+        return undefined;
+    }
+    var parts = value.split(' ');
+    return {family: parts[0], kind: parts[1], key: parts[0] + '|' + parts[1]};
 }
 
-function lookup(table, model) {
-    if (table[model] !== undefined) {
-        return model;
-    }
+// {model, pool} for a model an endpoint kind knows (pool '' when no instance is available), else undefined.
+function lookup(r, kind, model) {
     // Ollama names: "llama3" means "llama3:latest" and the other way round.
-    if (model.indexOf(':') < 0 && table[model + ':latest'] !== undefined) {
-        return model + ':latest';
+    var names = [model];
+    if (model.indexOf(':') < 0) {
+        names.push(model + ':latest');
+    } else if (model.endsWith(':latest')) {
+        names.push(model.slice(0, -7));
     }
-    if (model.endsWith(':latest') && table[model.slice(0, -7)] !== undefined) {
-        return model.slice(0, -7);
+    for (var i = 0; i < names.length; i++) {
+        var pool = table.get(r, 'p:' + kind + '|' + table.key(names[i]));
+        if (pool) {
+            return {model: names[i], pool: pool === '-' ? '' : pool};
+        }
     }
     return undefined;
 }
@@ -78,37 +89,38 @@ async function route(r) {
     if (typeof asked !== 'string' || asked.length === 0) {
         return fail(r, family, 400, 'invalid_request_error', 'The request names no model (field "model")');
     }
-    var table = routes.pools[ep.family + '|' + ep.kind] || {};
-    var model = lookup(table, routes.aliases[asked] || asked);
-    if (model === undefined) {
-        var available = Object.keys(table).filter(function (m) { return table[m]; }).sort();
+    var found = MODEL_RE.test(asked) ? lookup(r, ep.key, table.get(r, 'a:' + table.key(asked)) || asked) : undefined;
+    if (found === undefined) {
+        var available = table.list(r, 'l:' + ep.key);
         return fail(r, family, 404, 'not_found_error',
             'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
             {available_models: available});
     }
+    var model = found.model;
     if (!auth.allows(client, model, asked)) {
         return fail(r, family, 403, 'permission_error',
             'This API key may not use the model ' + JSON.stringify(asked));
     }
     r.variables.gw_base_model = model;
     r.variables.gw_family = ep.family;
-    hop(r, ep, table, body, 0);
+    hop(r, ep, body, 0);
 }
 
 // The models to try for a base model: itself, then its fallbacks in order.
-function chainOf(model) {
-    return [model].concat(routes.fallbacks[model] || []);
+function chainOf(r, model) {
+    return [model].concat(table.list(r, 'f:' + table.key(model)));
 }
 
 // Send the request to the first available pool in the chain from position `from`.
-function hop(r, ep, table, body, from) {
-    var chain = chainOf(r.variables.gw_base_model);
+function hop(r, ep, body, from) {
+    var chain = chainOf(r, r.variables.gw_base_model);
     for (var i = from; i < chain.length; i++) {
-        var model = lookup(table, chain[i]);
-        var pool = model === undefined ? '' : table[model];
-        if (!pool) {
+        var found = lookup(r, ep.key, chain[i]);
+        if (!found || !found.pool) {
             continue;
         }
+        var model = found.model;
+        var pool = found.pool;
         r.variables.gw_hop = String(i);
         r.variables.gw_model = model;
         if (model !== body.model) {
@@ -128,29 +140,18 @@ function next(r) {
     if (!ep || !r.variables.gw_base_model) {
         return unavailable(r);
     }
-    var table = routes.pools[ep.family + '|' + ep.kind] || {};
     var body;
     try {
         body = JSON.parse(r.requestText || '');
     } catch (e) {
         return unavailable(r);
     }
-    hop(r, ep, table, body, Number(r.variables.gw_hop || 0) + 1);
+    hop(r, ep, body, Number(r.variables.gw_hop || 0) + 1);
 }
 
-function servedModels(family, client) {
-    var names = {};
-    Object.keys(routes.pools).forEach(function (key) {
-        if (key.split('|')[0] !== family) {
-            return;
-        }
-        Object.keys(routes.pools[key]).forEach(function (m) {
-            if (routes.pools[key][m] && auth.allows(client, m)) {
-                names[m] = true;
-            }
-        });
-    });
-    return Object.keys(names).sort();
+// The models of an API family with an available instance that this client may use, sorted.
+function servedModels(r, family, client) {
+    return table.list(r, 'l:' + family).filter(function (m) { return auth.allows(client, m); });
 }
 
 function sendJson(r, status, value) {
@@ -165,14 +166,14 @@ async function models(r) {
         return unauthorized(r, anthropic ? 'anthropic' : 'openai', client);
     }
     if (anthropic) {
-        var data = servedModels('anthropic', client).map(function (m) {
+        var data = servedModels(r, 'anthropic', client).map(function (m) {
             return {type: 'model', id: m, display_name: m, created_at: '1970-01-01T00:00:00Z'};
         });
         return sendJson(r, 200, {data: data, has_more: false,
             first_id: data.length ? data[0].id : null, last_id: data.length ? data[data.length - 1].id : null});
     }
-    var created = routes.created;
-    sendJson(r, 200, {object: 'list', data: servedModels('openai', client).map(function (m) {
+    var created = Number(table.get(r, 'created'));
+    sendJson(r, 200, {object: 'list', data: servedModels(r, 'openai', client).map(function (m) {
         return {id: m, object: 'model', created: created, owned_by: 'ish-gateway'};
     })});
 }
@@ -182,7 +183,7 @@ async function tags(r) {
     if (!client.ok) {
         return unauthorized(r, 'ollama', client);
     }
-    sendJson(r, 200, {models: servedModels('ollama', client).map(function (m) {
+    sendJson(r, 200, {models: servedModels(r, 'ollama', client).map(function (m) {
         return {name: m, model: m, modified_at: '1970-01-01T00:00:00Z', size: 0, digest: '',
             details: {format: '', family: '', families: null, parameter_size: '', quantization_level: ''}};
     })});

@@ -37,4 +37,3 @@ def start_stub(stubs: dict[str, StubServer], name: str, **kw: object) -> StubSer
     stub = StubServer(name=name, **kw).start()  # type: ignore[arg-type]
     stubs[name] = stub
     return stub
-

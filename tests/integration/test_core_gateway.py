@@ -136,6 +136,29 @@ def test_gateway_errors_are_json_in_the_clients_style(gateway: Gateway, stubs: d
     assert c.get("/v1/chat/completions").status_code == 405
 
 
+def test_model_names_resolve_exactly(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
+    """Case matters (nginx maps do not see it), Ollama's ":latest" is implied, aliases resolve."""
+    register(gateway, "lower", start_stub(stubs, "lower"), ["qwen"])
+    register(gateway, "upper", start_stub(stubs, "upper"), ["Qwen"])
+    register(gateway, "tagged", start_stub(stubs, "tagged"), ["phi3:latest"])
+    routing = gateway.admin.get("/admin/routing").json()
+    routing["model_aliases"] = {"Fast": "qwen"}
+    assert gateway.admin.put("/admin/routing", json=routing).status_code == 200
+    gateway.wait_applied()
+
+    def answered_by(model: str) -> str:
+        r = gateway.client.post("/v1/chat/completions", json={"model": model, "messages": []})
+        return r.headers.get("X-ISHGW-Instance", str(r.status_code))
+
+    assert answered_by("qwen") == "lower" and answered_by("Qwen") == "upper"
+    assert answered_by("QWEN") == "404" and answered_by("fast") == "404"
+    assert answered_by("Fast") == "lower"
+    assert answered_by("phi3") == "tagged" and answered_by("phi3:latest") == "tagged"
+    assert answered_by("q^wen") == "404" and answered_by("qwen\n") == "404"
+    listed = gateway.client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["Qwen", "phi3:latest", "qwen"]
+
+
 def test_request_id_passthrough_and_instance_headers(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
     stub = start_stub(stubs, "r1")
     register(gateway, "r1", stub, ["m"])

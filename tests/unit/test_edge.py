@@ -228,13 +228,10 @@ def test_one_zone_per_distinct_rate() -> None:
     health = servers.split("location = /health {", 1)[1].split("}", 1)[0]
     assert "limit_req" not in health
     data = json.loads(files["clients.js"].split("export default ", 1)[1].rstrip().rstrip(";"))
-    assert data["keys"][hash_key("secret-3")] == {
-        "id": "key_0000000000000003",
-        "models": [],
-        "rpm": 600,
-        "exp": 0,
-        "enabled": True,
-    }
+    assert "keys" not in data  # clients.js is evaluated per request: keys live in lookup.conf
+    lookup = files["lookup.conf"]
+    assert f'"k:{hash_key("secret-3")}" "key_0000000000000003 600 0 1";' in lookup
+    assert f'"km:{hash_key("secret-3")}:0"' not in lookup  # no model list: every model
     assert data["required"] is True and data["jwt"] is None
 
 
@@ -243,7 +240,7 @@ def test_secrets_only_in_secret_files() -> None:
     files = edge_tree(
         (client_key(1, 60),), JwtKeys(hs256_secret=secret, public_keys=(PublicKey("ES256", "QUJD", "k"),))
     )
-    assert "clients.js" in SECRET_FILES
+    assert {"clients.js", "lookup.conf"} <= SECRET_FILES
     assert [name for name, text in files.items() if secret in text] == ["clients.js"]
     assert all("secret-1" not in text for text in files.values())  # keys leave as hashes only
 

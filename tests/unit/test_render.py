@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
 import string
 import tempfile
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import crossplane
 import pytest
@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
-from control_plane.render.nginx import SECRET_FILES, render, routes_data
+from control_plane.render.lookup_table import CHUNK_CHARS, chunked, lookup_entries, table_key
+from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.quoting import UnsafeValue, nginx_quote
 from control_plane.render.spec import ServerSettings, World, build_spec
 
@@ -129,10 +130,9 @@ def test_routes_data_marks_unavailable_models() -> None:
             enabled=False,
         ),
     ]
-    data = routes_data(spec_for(configs))
-    table = data["pools"]["ollama|chat"]  # type: ignore[index]
-    assert table["up"].startswith("p_") and table["down"] == ""
-    assert "instances" not in data  # instance names come from an nginx map, not from njs
+    entries = dict(lookup_entries(spec_for(configs)))
+    assert entries["p:ollama|chat|up"].startswith("p_") and entries["p:ollama|chat|down"] == "-"
+    assert entries["l:ollama|chat:0"] == entries["l:ollama:0"] == "up"  # listings: available models only
     assert '"127.0.0.1:1" "a";' in render(spec_for(configs)).files["http.conf"]
 
 
@@ -218,6 +218,39 @@ def test_random_registry_content_cannot_inject_directives(
     assert counts["proxy_set_header"] == empty["proxy_set_header"] + sum(
         PROXY_HEADERS_PER_POOL * LOCATIONS_PER_POOL for p in spec.pools if p.members
     ) + sum(3 + len(s.headers) for s in spec.shims)
-    # The generated JS data is JSON: it parses back to exactly routes_data.
-    body = tree.files["routes.js"].split("export default ", 1)[1].rstrip().rstrip(";")
-    assert json.loads(body) == json.loads(json.dumps(routes_data(spec)))
+    # The lookup map holds exactly lookup_entries, whatever the names (crossplane unquotes them).
+    lookup = crossplane_map(tree.files["lookup.conf"], "$gw_route")
+    assert lookup == dict(lookup_entries(spec)) | {"volatile": None, "default": ""}
+
+
+def parse_text(text: str) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "one.conf"
+        path.write_text(text)
+        parsed = crossplane.parse(str(path), single=True, check_ctx=False, check_args=False)
+    assert parsed["errors"] == [], parsed["errors"]
+    return parsed["config"][0]["parsed"]  # type: ignore[no-any-return]
+
+
+def crossplane_map(text: str, variable: str) -> dict[str, str | None]:
+    """The entries of the map that sets ``variable``, as nginx reads them."""
+    for directive in parse_text(text):
+        if directive["directive"] == "map" and directive["args"][1] == variable:
+            return {d["directive"]: (d["args"][0] if d["args"] else None) for d in directive["block"]}
+    raise AssertionError(f"no map sets {variable}")
+
+
+def test_table_keys_keep_case_apart() -> None:
+    # nginx matches map strings ignoring case; distinct names must stay distinct keys.
+    names = ["llama3", "Llama3", "LLAMA3", "lLama3"]
+    assert len({table_key(n).lower() for n in names}) == len(set(names))
+    assert table_key("Qwen2.5:7B") == "^Qwen2.5:7^B"
+
+
+def test_lists_are_chunked_below_the_token_limit() -> None:
+    names = [f"model-{i:04d}-" + "x" * 100 for i in range(100)]
+    chunks = list(chunked("l:openai", names))
+    assert [k for k, _ in chunks] == [f"l:openai:{n}" for n in range(len(chunks))]
+    assert all(len(v) <= CHUNK_CHARS for _, v in chunks)
+    assert " ".join(v for _, v in chunks).split(" ") == names
+    assert list(chunked("l:x", [])) == []
