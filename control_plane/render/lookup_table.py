@@ -7,13 +7,13 @@ requests/s). An nginx map is a hash built once at reload: njs sets $gw_q to a ke
 in a key passes through `table_key`, which marks capitals with '^' (a character no model name has).
 
 Keys (njs side: nginx/njs/table.js):
-  p:<family>|<kind>|<model>   pool of a model for an endpoint kind; "-" when no instance is available
-  a:<name>                    the model an alias stands for
+  p:<family>|<kind>|<name>    "<pool> <model>" for every name a client may send for a model (its own,
+                              aliases, Ollama's ":latest" spellings); pool "-": no instance available
   f:<model>:<n>               its fallback chain, space separated, in chunks
   l:<family>|<kind>:<n>       models with an available pool for an endpoint kind, in chunks
   l:<family>:<n>              the same for every kind of a family (model listings)
-  k:<sha256 of a client key>  "<id> <rpm> <expires epoch> <enabled 0|1>"
-  km:<sha256>:<n>             the key's allowed model patterns, in chunks
+  k:<sha256 of a client key>  "<id> <rpm> <expires epoch> <enabled 0|1> <allowed model patterns...>"
+                              (patterns "+": too many for one value, they are in km:<sha256>:<n>)
   created                     the "created" time /v1/models reports
 """
 
@@ -51,18 +51,42 @@ def chunked(key: str, names: Iterable[str]) -> Iterator[Entry]:
         yield f"{key}:{n}", " ".join(chunk)
 
 
+def _spellings(model: str) -> tuple[str, ...]:
+    """Other names a client may use for a model: Ollama reads "llama3" as "llama3:latest" and back."""
+    if model.endswith(":latest"):
+        return (model.removesuffix(":latest"),)
+    return () if ":" in model else (f"{model}:latest",)
+
+
+def resolution_table(spec: GatewaySpec) -> dict[str, dict[str, str]]:
+    """Per endpoint kind: every name a client may send -> "<pool or -> <model>". Exact model names win
+    over other spellings; aliases win over both (as an alias is meant to)."""
+    tables: dict[str, dict[str, str]] = {}
+    for pool in spec.pools:
+        table = tables.setdefault(f"{pool.family}|{pool.kind}", {})
+        table[pool.model] = f"{pool.name if pool.members else NO_POOL} {pool.model}"
+    for table in tables.values():
+        models = list(table)
+        for model in models:
+            for name in _spellings(model):
+                table.setdefault(name, table[model])
+        for alias, target in spec.aliases:
+            if target in table:
+                table[alias] = table[target]
+    return tables
+
+
 def route_entries(spec: GatewaySpec) -> Iterator[Entry]:
     served: dict[str, set[str]] = {}
+    for kind, table in sorted(resolution_table(spec).items()):
+        for name, value in table.items():
+            yield f"p:{kind}|{table_key(name)}", value
     for pool in spec.pools:
-        kind = f"{pool.family}|{pool.kind}"
-        yield f"p:{kind}|{table_key(pool.model)}", pool.name if pool.members else NO_POOL
         if pool.members:
-            served.setdefault(kind, set()).add(pool.model)
+            served.setdefault(f"{pool.family}|{pool.kind}", set()).add(pool.model)
             served.setdefault(str(pool.family), set()).add(pool.model)
     for kind, models in sorted(served.items()):
         yield from chunked(f"l:{kind}", sorted(models))
-    for alias, target in spec.aliases:
-        yield f"a:{table_key(alias)}", target
     for model, chain in spec.fallbacks:
         yield from chunked(f"f:{table_key(model)}", chain)
     yield "created", str(1700000000 + spec.generation)
@@ -70,8 +94,13 @@ def route_entries(spec: GatewaySpec) -> Iterator[Entry]:
 
 def key_entries(edge: EdgeSpec) -> Iterator[Entry]:
     for key in edge.keys:
-        yield f"k:{key.key_hash}", f"{key.id} {key.rpm} {key.expires or 0} {int(key.enabled)}"
-        yield from chunked(f"km:{key.key_hash}", key.models)
+        head = f"{key.id} {key.rpm} {key.expires or 0} {int(key.enabled)}"
+        models = " ".join(key.models)
+        if len(head) + 1 + len(models) <= CHUNK_CHARS:
+            yield f"k:{key.key_hash}", f"{head} {models}".rstrip()
+        else:
+            yield f"k:{key.key_hash}", f"{head} +"
+            yield from chunked(f"km:{key.key_hash}", key.models)
 
 
 def lookup_entries(spec: GatewaySpec) -> list[Entry]:

@@ -56,7 +56,7 @@ function equal(a, b) {
     return diff === 0;
 }
 
-// Keys are looked up by their sha256 in lookup.conf: "k:<hash>" -> "<id> <rpm> <expires> <enabled>".
+// Keys are looked up by their sha256 in lookup.conf: "k:<hash>" -> "<id> <rpm> <expires> <enabled> <models>".
 function checkKey(r, token) {
     var hash = sha256hex(token);
     var entry = table.get(r, 'k:' + hash);
@@ -71,7 +71,7 @@ function checkKey(r, token) {
     if (exp && exp <= now()) {
         return reject('expired', 'The API key has expired');
     }
-    var models = table.list(r, 'km:' + hash);
+    var models = fields[4] === '+' ? table.list(r, 'km:' + hash) : fields.slice(4);
     return accept(fields[0], fields[1] !== '0' ? fields[1] : '', models.length ? models : null, null);
 }
 

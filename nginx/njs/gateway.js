@@ -37,22 +37,20 @@ function endpointOf(r) {
     return {family: parts[0], kind: parts[1], key: parts[0] + '|' + parts[1]};
 }
 
-// {model, pool} for a model an endpoint kind knows (pool '' when no instance is available), else undefined.
-function lookup(r, kind, model) {
-    // Ollama names: "llama3" means "llama3:latest" and the other way round.
-    var names = [model];
-    if (model.indexOf(':') < 0) {
-        names.push(model + ':latest');
-    } else if (model.endsWith(':latest')) {
-        names.push(model.slice(0, -7));
+// {model, pool} a requested name resolves to for an endpoint kind, or undefined when it is not served.
+// One map lookup: aliases and Ollama's ":latest" spellings are expanded when the table is rendered
+// (control_plane/render/lookup_table.py). pool is '' when no instance of the model is available.
+function resolve(r, kind, name) {
+    if (typeof name !== 'string' || !MODEL_RE.test(name)) {
+        return undefined;
     }
-    for (var i = 0; i < names.length; i++) {
-        var pool = table.get(r, 'p:' + kind + '|' + table.key(names[i]));
-        if (pool) {
-            return {model: names[i], pool: pool === '-' ? '' : pool};
-        }
+    var value = table.get(r, 'p:' + kind + '|' + table.key(name));
+    if (!value) {
+        return undefined;
     }
-    return undefined;
+    var space = value.indexOf(' ');
+    var pool = value.slice(0, space);
+    return {model: value.slice(space + 1), pool: pool === '-' ? '' : pool};
 }
 
 // 401 in the client's API style, with the challenge RFC 6750 asks for.
@@ -89,64 +87,65 @@ async function route(r) {
     if (typeof asked !== 'string' || asked.length === 0) {
         return fail(r, family, 400, 'invalid_request_error', 'The request names no model (field "model")');
     }
-    var found = MODEL_RE.test(asked) ? lookup(r, ep.key, table.get(r, 'a:' + table.key(asked)) || asked) : undefined;
+    var found = resolve(r, ep.key, asked);
     if (found === undefined) {
         var available = table.list(r, 'l:' + ep.key);
         return fail(r, family, 404, 'not_found_error',
             'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
             {available_models: available});
     }
-    var model = found.model;
-    if (!auth.allows(client, model, asked)) {
+    if (!auth.allows(client, found.model, asked)) {
         return fail(r, family, 403, 'permission_error',
             'This API key may not use the model ' + JSON.stringify(asked));
     }
-    r.variables.gw_base_model = model;
-    r.variables.gw_family = ep.family;
-    hop(r, ep, body, 0);
+    if (found.pool) {
+        return send(r, body, found, 0);
+    }
+    hop(r, ep, body, found.model, 1);
 }
 
-// The models to try for a base model: itself, then its fallbacks in order.
-function chainOf(r, model) {
-    return [model].concat(table.list(r, 'f:' + table.key(model)));
+// Hand the request to a pool; the body is rewritten when the model's name differs from the client's.
+function send(r, body, found, position) {
+    if (position) {
+        r.variables.gw_hop = String(position);
+    }
+    r.variables.gw_model = found.model;
+    if (found.model !== body.model) {
+        body.model = found.model;
+        r.variables.gw_body = JSON.stringify(body);
+        return r.internalRedirect('@' + found.pool + '_rw');
+    }
+    return r.internalRedirect('@' + found.pool);
 }
 
-// Send the request to the first available pool in the chain from position `from`.
-function hop(r, ep, body, from) {
-    var chain = chainOf(r, r.variables.gw_base_model);
-    for (var i = from; i < chain.length; i++) {
-        var found = lookup(r, ep.key, chain[i]);
-        if (!found || !found.pool) {
-            continue;
+// Send the request to the first available fallback of `base` from position `from` (1: the first one).
+function hop(r, ep, body, base, from) {
+    var chain = table.list(r, 'f:' + table.key(base));
+    for (var i = from; i <= chain.length; i++) {
+        var found = resolve(r, ep.key, chain[i - 1]);
+        if (found && found.pool) {
+            return send(r, body, found, i);
         }
-        var model = found.model;
-        var pool = found.pool;
-        r.variables.gw_hop = String(i);
-        r.variables.gw_model = model;
-        if (model !== body.model) {
-            body.model = model;
-            r.variables.gw_body = JSON.stringify(body);
-            return r.internalRedirect('@' + pool + '_rw');
-        }
-        return r.internalRedirect('@' + pool);
     }
     return fail(r, ep.family, 503, 'overloaded_error',
-        'No instance of model ' + JSON.stringify(r.variables.gw_base_model) + ' is available right now');
+        'No instance of model ' + JSON.stringify(base) + ' is available right now');
 }
 
 // error_page target of a pool that could not answer: the next model in the fallback chain, or a 503.
 function next(r) {
     var ep = endpointOf(r);
-    if (!ep || !r.variables.gw_base_model) {
-        return unavailable(r);
-    }
     var body;
     try {
         body = JSON.parse(r.requestText || '');
     } catch (e) {
         return unavailable(r);
     }
-    hop(r, ep, body, Number(r.variables.gw_hop || 0) + 1);
+    // The client's body, as sent: its model resolves to the chain's base model again.
+    var found = ep && body ? resolve(r, ep.key, body.model) : undefined;
+    if (!found) {
+        return unavailable(r);
+    }
+    hop(r, ep, body, found.model, Number(r.variables.gw_hop || 0) + 1);
 }
 
 // The models of an API family with an available instance that this client may use, sorted.
@@ -241,7 +240,7 @@ function hideHeaders(r) {
 
 function familyOfRequest(r) {
     var ep = endpointOf(r);
-    return ep ? ep.family : (r.variables.gw_family || 'openai');
+    return ep ? ep.family : 'openai';
 }
 
 function unavailable(r) {

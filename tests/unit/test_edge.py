@@ -31,6 +31,7 @@ from control_plane.registry.client_keys import ClientKey, hash_key
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.registry.store import Store
 from control_plane.render.edge import EdgePolicy, JwtFiles, JwtKeys, PublicKey, build_edge, clients_data
+from control_plane.render.lookup_table import key_entries
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.spec import ServerSettings, World, build_spec
 from control_plane.settings import Settings
@@ -230,8 +231,7 @@ def test_one_zone_per_distinct_rate() -> None:
     data = json.loads(files["clients.js"].split("export default ", 1)[1].rstrip().rstrip(";"))
     assert "keys" not in data  # clients.js is evaluated per request: keys live in lookup.conf
     lookup = files["lookup.conf"]
-    assert f'"k:{hash_key("secret-3")}" "key_0000000000000003 600 0 1";' in lookup
-    assert f'"km:{hash_key("secret-3")}:0"' not in lookup  # no model list: every model
+    assert f'"k:{hash_key("secret-3")}" "key_0000000000000003 600 0 1";' in lookup  # no list: all models
     assert data["required"] is True and data["jwt"] is None
 
 
@@ -445,3 +445,13 @@ def test_admin_tls_rules(tmp_path: Path) -> None:
     (home / "ssl" / "cert.pem").write_bytes(cert.read_bytes())
     (home / "ssl" / "key.pem").write_bytes(key.read_bytes())
     assert admin_ssl_context(Settings(home=home, admin_listen="0.0.0.0:9000")) is not None
+
+
+def test_key_model_lists_inline_or_in_chunks() -> None:
+    short = client_key(1, 60, models=["gpt-4o", "llama*"])
+    long = client_key(2, 60, enabled=False, models=[f"model-{i:03d}-{'x' * 40}" for i in range(200)])
+    entries = dict(key_entries(build_edge(EdgePolicy(), (short, long), JwtKeys(), [])))
+    assert entries[f"k:{short.key_hash}"] == "key_0000000000000001 60 0 1 gpt-4o llama*"
+    assert entries[f"k:{long.key_hash}"] == "key_0000000000000002 60 0 0 +"
+    chunks = [entries[k] for k in sorted(entries) if k.startswith(f"km:{long.key_hash}:")]
+    assert len(chunks) > 1 and " ".join(chunks).split(" ") == long.allowed_models

@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
-from control_plane.render.lookup_table import CHUNK_CHARS, chunked, lookup_entries, table_key
+from control_plane.render.lookup_table import (
+    CHUNK_CHARS,
+    chunked,
+    lookup_entries,
+    resolution_table,
+    table_key,
+)
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.quoting import UnsafeValue, nginx_quote
 from control_plane.render.spec import ServerSettings, World, build_spec
@@ -131,7 +137,8 @@ def test_routes_data_marks_unavailable_models() -> None:
         ),
     ]
     entries = dict(lookup_entries(spec_for(configs)))
-    assert entries["p:ollama|chat|up"].startswith("p_") and entries["p:ollama|chat|down"] == "-"
+    pool, model = entries["p:ollama|chat|up"].split(" ")
+    assert pool.startswith("p_") and model == "up" and entries["p:ollama|chat|down"] == "- down"
     assert entries["l:ollama|chat:0"] == entries["l:ollama:0"] == "up"  # listings: available models only
     assert '"127.0.0.1:1" "a";' in render(spec_for(configs)).files["http.conf"]
 
@@ -254,3 +261,26 @@ def test_lists_are_chunked_below_the_token_limit() -> None:
     assert all(len(v) <= CHUNK_CHARS for _, v in chunks)
     assert " ".join(v for _, v in chunks).split(" ") == names
     assert list(chunked("l:x", [])) == []
+
+
+def test_every_name_a_client_may_send_resolves_in_one_lookup() -> None:
+    configs = [
+        InstanceConfig(
+            name="a",
+            provider_type="ollama",
+            api_base="http://127.0.0.1:1",
+            supported_models=["phi3:latest", "llama3", "llama3:latest", "qwen"],
+        )
+    ]
+    routing = RoutingConfig(model_aliases={"fast": "phi3", "llama3": "qwen", "ghost": "nowhere"})
+    table = resolution_table(spec_for(configs, routing))["ollama|chat"]
+    served = {name: value.split(" ")[1] for name, value in table.items()}
+    assert served == {
+        "phi3:latest": "phi3:latest",
+        "phi3": "phi3:latest",  # Ollama's implied tag
+        "llama3": "qwen",  # an alias wins over a model of the same name
+        "llama3:latest": "llama3:latest",  # an exact name wins over another spelling
+        "qwen": "qwen",
+        "qwen:latest": "qwen",
+        "fast": "phi3:latest",  # an alias of a spelling
+    }
