@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+from prometheus_client import Counter
 
 from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
@@ -50,6 +51,7 @@ class HealthService:
         self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
         self._session: aiohttp.ClientSession | None = None
         self.records = 0
+        self._attempt_counters: dict[tuple[str, str], Counter] = {}
         reconciler.observers.append(self.on_world)
 
     # --- registry view, called by the reconciler after each pass ----------------------------------
@@ -74,7 +76,16 @@ class HealthService:
             for attempt in record.attempts:
                 name = self.tracker.addresses.get(attempt.address)
                 if name is not None:
-                    self.metrics.upstream_attempts.labels(name, classify(attempt.status)).inc()
+                    self._attempt_counter(name, classify(attempt.status)).inc()
+
+    def _attempt_counter(self, name: str, outcome: str) -> Counter:
+        """The labelled child, looked up once: labels() costs more than the increment, per record."""
+        counter = self._attempt_counters.get((name, outcome))
+        if counter is None:
+            assert self.metrics is not None
+            counter = self.metrics.upstream_attempts.labels(name, outcome)
+            self._attempt_counters[(name, outcome)] = counter
+        return counter
 
     # --- active -----------------------------------------------------------------------------------
     async def probe_now(self, name: str) -> ProbeResult:

@@ -10,10 +10,17 @@ from control_plane.health.logstream import LogRecord
 
 
 def datagram(n: int) -> bytes:
-    return (
-        f'<190>Nov 23 11:00:00 ishgw: {{"t":"1700000000.5","rid":"r{n}","pool":"p_x","model":"m","st":"200",'
-        f'"rt":"0.012","ua":"127.0.0.1:1","us":"200","urt":"0.010","ra":"","ram":"","bs":"10","uri":"/v1/x"}}'
-    ).encode()
+    return logstream.format_line(
+        msec="1700000000.5",
+        request_id=f"r{n}",
+        pool="p_x",
+        model="m",
+        status="200",
+        request_time="0.012",
+        upstream_addr="127.0.0.1:1",
+        upstream_status="200",
+        upstream_response_time="0.010",
+    )
 
 
 async def receive_burst(count: int) -> list[LogRecord]:

@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from control_plane.health import breaker as br
-from control_plane.health.logstream import LogRecord, parse_attempts, parse_datagram, retry_after_seconds
+from control_plane.health.logstream import (
+    LogRecord,
+    format_line,
+    parse_attempts,
+    parse_datagram,
+    retry_after_seconds,
+)
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.tracker import HealthTracker, classify
 from control_plane.registry.models import (
@@ -145,10 +151,17 @@ def test_what_counts_against_an_instance(status: int | None, verdict: str) -> No
 
 
 def test_parse_datagram_and_attempt_lists() -> None:
-    line = (
-        b'<190>Nov 23 11:00:00 ishgw: {"t":"1700000000.5","rid":"r1","pool":"p_x","model":"m","st":"200",'
-        b'"rt":"0.012","ua":"127.0.0.1:1, unix:/r/i_a.sock : 127.0.0.1:2","us":"502, 429 : 200",'
-        b'"urt":"0.001, 0.002 : 0.009","ra":"","ram":"","bs":"10","uri":"/v1/chat/completions"}'
+    line = format_line(
+        msec="1700000000.5",
+        request_id="r1",
+        pool="p_x",
+        model="m",
+        status="200",
+        request_time="0.012",
+        upstream_addr="127.0.0.1:1, unix:/r/i_a.sock : 127.0.0.1:2",
+        upstream_status="502, 429 : 200",
+        upstream_response_time="0.001, 0.002 : 0.009",
+        client_id="key_0123456789abcdef",
     )
     record = parse_datagram(line)
     assert record is not None
@@ -158,7 +171,10 @@ def test_parse_datagram_and_attempt_lists() -> None:
         ("127.0.0.1:2", 200),
     ]
     assert record.attempts[2].response_ms == pytest.approx(9.0)
-    assert parse_datagram(b"<190>other: {}") is None
+    assert record.status == 200 and record.request_ms == pytest.approx(12.0)
+    assert record.key_id == "key_0123456789abcdef" and record.retry_after == ""
+    assert parse_datagram(line.replace(b"ishgw:", b"other:")) is None
+    assert parse_datagram(line + b"\textra") is None  # another field layout: not ours
     assert parse_datagram(b"garbage") is None
     assert parse_attempts("-", "-", "-") == ()
 
