@@ -7,8 +7,8 @@ requests/s). An nginx map is a hash built once at reload: njs sets $gw_q to a ke
 in a key passes through `table_key`, which marks capitals with '^' (a character no model name has).
 
 Keys (njs side: nginx/njs/table.js):
-  p:<family>|<kind>|<name>    "<pool> <model>" for every name a client may send for a model (its own,
-                              aliases, Ollama's ":latest" spellings); pool "-": no instance available
+  p:<family>|<kind>|<name>    "<pool> <profile> <model>" for every name a client may send for a model
+                              (its own, aliases, Ollama's ":latest" spellings); "- -": none available
   f:<model>:<n>               its fallback chain, space separated, in chunks
   l:<family>|<kind>:<n>       models with an available pool for an endpoint kind, in chunks
   l:<family>:<n>              the same for every kind of a family (model listings)
@@ -59,12 +59,14 @@ def _spellings(model: str) -> tuple[str, ...]:
 
 
 def resolution_table(spec: GatewaySpec) -> dict[str, dict[str, str]]:
-    """Per endpoint kind: every name a client may send -> "<pool or -> <model>". Exact model names win
+    """Per endpoint kind: every name a client may send -> "<pool> <proxy profile> <model>" ("- -": no
+    instance available). Exact model names win
     over other spellings; aliases win over both (as an alias is meant to)."""
     tables: dict[str, dict[str, str]] = {}
     for pool in spec.pools:
         table = tables.setdefault(f"{pool.family}|{pool.kind}", {})
-        table[pool.model] = f"{pool.name if pool.members else NO_POOL} {pool.model}"
+        where = f"{pool.name} {pool.profile.name}" if pool.members else f"{NO_POOL} {NO_POOL}"
+        table[pool.model] = f"{where} {pool.model}"
     for table in tables.values():
         models = list(table)
         for model in models:

@@ -43,6 +43,22 @@ class Member:
     fail_timeout_s: int = 10
 
 
+@dataclass(frozen=True, order=True)
+class ProxyProfile:
+    """The proxy settings pools share. One named location per profile serves every pool with it
+    (proxy_pass http://$gw_pool), so a pool costs the configuration only its upstream block."""
+
+    family: ApiFamily
+    kind: Kind
+    tries: int
+    read_timeout_s: int
+    total_timeout_s: int
+
+    @property
+    def name(self) -> str:
+        return f"x_{self.family}_{self.kind}_{self.tries}_{self.read_timeout_s}_{self.total_timeout_s}"
+
+
 @dataclass(frozen=True)
 class Pool:
     name: str
@@ -59,6 +75,10 @@ class Pool:
     @property
     def available(self) -> bool:
         return bool(self.members)
+
+    @property
+    def profile(self) -> ProxyProfile:
+        return ProxyProfile(self.family, self.kind, self.tries, self.read_timeout_s, self.total_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,10 @@ class GatewaySpec:
     excluded: tuple[tuple[str, str], ...]
     tls_fingerprint: str = ""
     edge: EdgeSpec = field(default_factory=EdgeSpec)
+
+    def profiles(self) -> list[ProxyProfile]:
+        """The distinct proxy profiles of the pools that have members, in a stable order."""
+        return sorted({pool.profile for pool in self.pools if pool.members})
 
     def address_names(self) -> dict[str, str]:
         """Upstream address -> instance name, for naming the instance that answered."""

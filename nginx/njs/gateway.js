@@ -37,7 +37,7 @@ function endpointOf(r) {
     return {family: parts[0], kind: parts[1], key: parts[0] + '|' + parts[1]};
 }
 
-// {model, pool} a requested name resolves to for an endpoint kind, or undefined when it is not served.
+// {model, pool, location} a requested name resolves to for an endpoint kind, or undefined when it is not served.
 // One map lookup: aliases and Ollama's ":latest" spellings are expanded when the table is rendered
 // (control_plane/render/lookup_table.py). pool is '' when no instance of the model is available.
 function resolve(r, kind, name) {
@@ -48,9 +48,9 @@ function resolve(r, kind, name) {
     if (!value) {
         return undefined;
     }
-    var space = value.indexOf(' ');
-    var pool = value.slice(0, space);
-    return {model: value.slice(space + 1), pool: pool === '-' ? '' : pool};
+    var parts = value.split(' ');
+    var available = parts[0] !== '-';
+    return {model: parts[2], pool: available ? parts[0] : '', location: available ? '@' + parts[1] : ''};
 }
 
 // 401 in the client's API style, with the challenge RFC 6750 asks for.
@@ -119,12 +119,13 @@ function send(r, body, found, position) {
         r.variables.gw_hop = String(position);
     }
     r.variables.gw_model = found.model;
+    r.variables.gw_pool = found.pool;
     if (found.model !== body.model) {
         body.model = found.model;
         r.variables.gw_body = JSON.stringify(body);
-        return r.internalRedirect('@' + found.pool + '_rw');
+        return r.internalRedirect(found.location + '_rw');
     }
-    return r.internalRedirect('@' + found.pool);
+    return r.internalRedirect(found.location);
 }
 
 // Send the request to the first available fallback of `base` from position `from` (1: the first one).

@@ -19,8 +19,8 @@ HIGH = 10**6  # "set high enough not to bind"
 
 # Boolean settings that switch a production feature on: name pattern -> feature label.
 BOOL_FEATURES: tuple[tuple[str, str], ...] = (
-    (r"log_stream", "JSON access log stream to the controller"),
-    (r"access_log", "JSON access log stream to the controller"),
+    (r"log_stream", "access log stream to the controller"),
+    (r"access_log", "access log stream to the controller"),
     (r"probes?_enabled", "active health probes"),
     (r"auth_required|client_(auth|key)|require_(client_)?key|api_keys?_required", "client key check"),
     (r"rate_limit", "rate limits"),
@@ -34,7 +34,7 @@ LIVE_EVIDENCE: tuple[tuple[str, str], ...] = (
     ("TLS listener (HTTP/1.1 + h2, TLS 1.2/1.3)", r"listen [^;]* ssl"),
     ("njs model routing (JSON body parse, aliases, pool map)", r"js_content gw\.route"),
     ("retries across instances (proxy_next_upstream)", r"proxy_next_upstream_tries [2-9]"),
-    ("JSON access log stream to the controller", r"access_log \"?syslog:"),
+    ("access log stream to the controller", r"access_log \"?syslog:"),
     ("rate limits (limit_req / limit_conn)", r"\blimit_(req|conn) "),
     ("client key check in nginx", r"(auth_request|js_access|gw\.auth|gw\.client_id)"),
     ("IP allow / deny lists", r"allow \"?127\.0\.0\.0/8"),

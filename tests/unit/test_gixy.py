@@ -29,6 +29,9 @@ SKIPPED_CHECKS = {
     # about the cost of stat() calls without open_file_cache; that location is hit a few times per
     # renewal, and caching open files there could serve a stale challenge token.
     "try_files_is_evil_too",
+    # proxy_pass http://$gw_upstream names an upstream{} block, always (a map of the rendered pools with
+    # an upstream as default): nginx never resolves a name at request time, so no resolver is needed.
+    "missing_resolver",
 }
 
 

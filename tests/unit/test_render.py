@@ -30,8 +30,8 @@ from control_plane.render.spec import ServerSettings, World, build_spec
 
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-PROXY_HEADERS_PER_POOL = 14  # the proxy_common macro in servers.conf.j2 (6 of them from edge.j2)
-LOCATIONS_PER_POOL = 2  # as sent, and with the body rewritten (alias or fallback)
+PROXY_HEADERS_PER_LOCATION = 14  # the proxy_common macro in servers.conf.j2 (6 of them from edge.j2)
+LOCATIONS_PER_PROFILE = 2  # as sent, and with the body rewritten (alias or fallback)
 
 
 def spec_for(configs: list[InstanceConfig], routing: RoutingConfig | None = None):  # type: ignore[no-untyped-def]
@@ -137,8 +137,9 @@ def test_routes_data_marks_unavailable_models() -> None:
         ),
     ]
     entries = dict(lookup_entries(spec_for(configs)))
-    pool, model = entries["p:ollama|chat|up"].split(" ")
-    assert pool.startswith("p_") and model == "up" and entries["p:ollama|chat|down"] == "- down"
+    pool, profile, model = entries["p:ollama|chat|up"].split(" ")
+    assert pool.startswith("p_") and profile.startswith("x_ollama_chat_") and model == "up"
+    assert entries["p:ollama|chat|down"] == "- - down"
     assert entries["l:ollama|chat:0"] == entries["l:ollama:0"] == "up"  # listings: available models only
     assert '"127.0.0.1:1" "a";' in render(spec_for(configs)).files["http.conf"]
 
@@ -150,7 +151,7 @@ def test_baseline_directive_set() -> None:
         )
     ]
     counts = parse_directives(render(spec_for(configs)).files)
-    assert counts["upstream"] == 2  # chat via /api and via /v1
+    assert counts["upstream"] == 2 + 1  # chat via /api and via /v1, and gw_no_pool
     assert counts["server"] >= 3  # the client server and one line per upstream member
 
 
@@ -217,13 +218,16 @@ def test_random_registry_content_cannot_inject_directives(
     empty = empty_counts()
     assert counts["upstream"] == empty["upstream"] + sum(1 for p in spec.pools if p.members) + len(spec.shims)
     assert counts["map"] == empty["map"] + sum(1 for s in spec.shims if s.maps_deployments)
-    assert counts["location"] == empty["location"] + sum(
-        LOCATIONS_PER_POOL for p in spec.pools if p.members
-    ) + sum(len(s.routes) + 1 for s in spec.shims)
+    # Pools share a named location per proxy profile; each pool is one upstream block.
+    profiles = spec.profiles()
+    assert len(profiles) <= sum(1 for p in spec.pools if p.members)
+    assert counts["location"] == empty["location"] + LOCATIONS_PER_PROFILE * len(profiles) + sum(
+        len(s.routes) + 1 for s in spec.shims
+    )
     assert counts["listen"] == 1 + len(spec.shims)
-    assert counts["proxy_set_body"] == sum(1 for p in spec.pools if p.members)
-    assert counts["proxy_set_header"] == empty["proxy_set_header"] + sum(
-        PROXY_HEADERS_PER_POOL * LOCATIONS_PER_POOL for p in spec.pools if p.members
+    assert counts["proxy_set_body"] == len(profiles)
+    assert counts["proxy_set_header"] == empty["proxy_set_header"] + (
+        PROXY_HEADERS_PER_LOCATION * LOCATIONS_PER_PROFILE * len(profiles)
     ) + sum(3 + len(s.headers) for s in spec.shims)
     # The lookup map holds exactly lookup_entries, whatever the names (crossplane unquotes them).
     lookup = crossplane_map(tree.files["lookup.conf"], "$gw_route")
@@ -274,7 +278,7 @@ def test_every_name_a_client_may_send_resolves_in_one_lookup() -> None:
     ]
     routing = RoutingConfig(model_aliases={"fast": "phi3", "llama3": "qwen", "ghost": "nowhere"})
     table = resolution_table(spec_for(configs, routing))["ollama|chat"]
-    served = {name: value.split(" ")[1] for name, value in table.items()}
+    served = {name: value.split(" ")[2] for name, value in table.items()}
     assert served == {
         "phi3:latest": "phi3:latest",
         "phi3": "phi3:latest",  # Ollama's implied tag
