@@ -1,9 +1,10 @@
-"""nginx's access log stream, one syslog datagram per request: parsing (pure) and the receiver (effect)."""
+"""nginx's JSON access log, one syslog datagram per request: parsing (pure) and the receiver (effect)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -37,23 +38,23 @@ class LogRecord(NamedTuple):  # a NamedTuple: a tenth of a frozen dataclass's co
     key_id: str = ""
 
 
-# The fields of the log_format gw_log in http.conf.j2, in order, tab-separated.
-FIELDS = (
-    "msec",
-    "request_id",
-    "pool",
-    "model",
-    "status",
-    "request_time",
-    "upstream_addr",
-    "upstream_status",
-    "upstream_response_time",
-    "retry_after",
-    "retry_after_ms",
-    "bytes_sent",
-    "uri",
-    "client_id",
-)
+# The keys of the JSON line of log_format gw_log in http.conf.j2, by what they hold.
+FIELDS = {
+    "msec": "t",
+    "request_id": "rid",
+    "pool": "pool",
+    "model": "model",
+    "status": "st",
+    "request_time": "rt",
+    "upstream_addr": "ua",
+    "upstream_status": "us",
+    "upstream_response_time": "urt",
+    "retry_after": "ra",
+    "retry_after_ms": "ram",
+    "bytes_sent": "bs",
+    "uri": "uri",
+    "client_id": "key",
+}
 _MARK = f"{LOG_TAG}: "
 
 
@@ -62,7 +63,7 @@ def format_line(**values: str) -> bytes:
     unknown = set(values) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown log fields: {sorted(unknown)}")
-    message = "\t".join(values.get(name, "") for name in FIELDS)
+    message = json.dumps({key: values.get(name, "") for name, key in FIELDS.items()}, separators=(",", ":"))
     return f"<190>Nov 23 11:00:00 {_MARK}{message}".encode()
 
 
@@ -100,21 +101,24 @@ def parse_datagram(data: bytes) -> LogRecord | None:
     start = text.find(_MARK)
     if start < 0:
         return None
-    fields = text[start + len(_MARK) :].rstrip("\n").split("\t")
-    if len(fields) != len(FIELDS):
+    try:
+        fields = json.loads(text[start + len(_MARK) :])
+    except ValueError:
         return None
-    at, rid, pool, model, status, request_time, addresses, statuses, times, ra, ram, _, _, key = fields
+    if not isinstance(fields, dict):
+        return None
+    get = fields.get  # escape=json makes every value a string
     return LogRecord(
-        at=_number(at) or 0.0,
-        request_id=rid,
-        pool=pool,
-        model=model,
-        status=_status(status) or 0,
-        request_ms=(_number(request_time) or 0.0) * 1000,
-        attempts=parse_attempts(addresses, statuses, times),
-        retry_after=ra,
-        retry_after_ms=ram,
-        key_id=key,
+        at=_number(get("t", "")) or 0.0,
+        request_id=get("rid", ""),
+        pool=get("pool", ""),
+        model=get("model", ""),
+        status=_status(get("st", "")) or 0,
+        request_ms=(_number(get("rt", "")) or 0.0) * 1000,
+        attempts=parse_attempts(get("ua", ""), get("us", ""), get("urt", "")),
+        retry_after=get("ra", ""),
+        retry_after_ms=get("ram", ""),
+        key_id=get("key", ""),
     )
 
 

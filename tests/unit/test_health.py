@@ -174,7 +174,8 @@ def test_parse_datagram_and_attempt_lists() -> None:
     assert record.status == 200 and record.request_ms == pytest.approx(12.0)
     assert record.key_id == "key_0123456789abcdef" and record.retry_after == ""
     assert parse_datagram(line.replace(b"ishgw:", b"other:")) is None
-    assert parse_datagram(line + b"\textra") is None  # another field layout: not ours
+    assert parse_datagram(line[:-1]) is None  # cut short: not JSON
+    assert parse_datagram(line.split(b": ", 1)[0] + b": [1, 2]") is None  # JSON, not an object
     assert parse_datagram(b"garbage") is None
     assert parse_attempts("-", "-", "-") == ()
 
