@@ -58,7 +58,9 @@ class HealthService:
     def on_world(self, world: World, spec: GatewaySpec) -> None:
         self.configs = {c.name: c for c, _ in world.instances}
         self.secrets = dict(world.secrets)
-        self.tracker.sync(list(world.instances), spec.address_names(), time.monotonic(), time.time())
+        self.tracker.sync(
+            list(world.instances), spec.address_names(), time.monotonic(), time.time(), spec.shim_pools()
+        )
         now = time.monotonic()
         for name in list(self._due):
             if name not in self.configs:

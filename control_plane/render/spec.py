@@ -169,6 +169,10 @@ class GatewaySpec:
         """The distinct proxy profiles of the pools that have members, in a stable order."""
         return sorted({pool.profile for pool in self.pools if pool.members})
 
+    def shim_pools(self) -> dict[str, str]:
+        """A shim's upstream name (what $proxy_host holds in its log lines) -> its instance."""
+        return {f"x_{shim.id}": shim.instance for shim in self.shims}
+
     def address_names(self) -> dict[str, str]:
         """Upstream address -> instance name, for naming the instance that answered."""
         names: dict[str, str] = {}

@@ -194,6 +194,40 @@ def test_429_retried_elsewhere_keeps_the_client_whole(gateway: Gateway, stubs: d
     assert limited.requests() == []  # no traffic while rate-limited
 
 
+def test_retried_429_of_a_cloud_instance_keeps_its_retry_after(
+    gateway: Gateway, stubs: dict[str, StubServer]
+) -> None:
+    """A credentialed instance (behind its shim) answers 429 with Retry-After: 4 and nginx retries the
+    request on another instance: the client sees a 200, and the instance is out for 4 s, not 20."""
+    limited, other = start_stub(stubs, "cloud"), start_stub(stubs, "local")
+    r = gateway.add_instance(
+        name="cloud",
+        provider_type="openai",
+        api_base=limited.url + "/v1",
+        api_key="sk-cloud-provider-0001",
+        supported_models=["m"],
+        health={**FAST, "probe_interval_s": 60},
+    )
+    assert r.status_code == 201, r.text
+    register(gateway, "local", other, health={**FAST, "probe_interval_s": 60})
+    gateway.wait_applied()
+    wait_for(lambda: in_pool(gateway, "cloud") and in_pool(gateway, "local"), what="both in pool")
+    limited.set_mode("status", status=429, retry_after="4")
+    answers = []
+    for _ in range(20):  # round robin: some requests try the cloud instance first
+        answers.append(gateway.client.post("/v1/chat/completions", json={"model": "m"}).status_code)
+        if limited.requests():
+            break
+    assert limited.requests() and set(answers) == {200}
+    marked = time.monotonic()
+    wait_for(lambda: not in_pool(gateway, "cloud"), timeout=3, what="rate-limited out of the pool")
+    limited.set_mode("ok")
+    wait_for(lambda: in_pool(gateway, "cloud"), timeout=15, what="back after its Retry-After")
+    back = time.monotonic() - marked
+    report("429 Retry-After: 4 on a retried attempt (shim)", out_for_s=round(back, 2))
+    assert 4 - 1.0 <= back < 10  # the instance's 4 s, not the 20 s default
+
+
 def test_reload_every_half_second_under_load(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
     three(gateway, stubs)
     stop = threading.Event()
