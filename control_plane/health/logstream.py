@@ -12,6 +12,8 @@ from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import NamedTuple
 
+import orjson
+
 log = logging.getLogger(__name__)
 
 # The nginx side of this contract: the log_format in http.conf.j2.
@@ -56,6 +58,7 @@ FIELDS = {
     "client_id": "key",
 }
 _MARK = f"{LOG_TAG}: "
+_MARK_BYTES = _MARK.encode()
 
 
 def format_line(**values: str) -> bytes:
@@ -97,14 +100,17 @@ def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, 
 
 def parse_datagram(data: bytes) -> LogRecord | None:
     """One syslog datagram (RFC 3164 framing from nginx) -> LogRecord, or None when it is not ours."""
-    text = data.decode("utf-8", errors="replace")
-    start = text.find(_MARK)
+    start = data.find(_MARK_BYTES)
     if start < 0:
         return None
+    body = data[start + len(_MARK_BYTES) :]
     try:
-        fields = json.loads(text[start + len(_MARK) :])
-    except ValueError:
-        return None
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # a value that is not UTF-8 (escape=json passes such bytes through): keep the record
+            fields = orjson.loads(body.decode("utf-8", errors="replace"))
+        except orjson.JSONDecodeError:
+            return None
     if not isinstance(fields, dict):
         return None
     get = fields.get  # escape=json makes every value a string
