@@ -180,15 +180,14 @@ class LogReceiver:
         except Exception:  # one bad record must not stop the stream
             log.exception("log record handling failed")
 
-    def drain(self) -> int:
-        """Handle every datagram already queued (at most MAX_BATCH); how many there were."""
-        for count in range(MAX_BATCH):
+    def drain(self) -> None:
+        """Handle every datagram already queued (at most MAX_BATCH)."""
+        for _ in range(MAX_BATCH):
             try:
                 data = self.sock.recv(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                return count
+                return
             self.handle(data)
-        return MAX_BATCH
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

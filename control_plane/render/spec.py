@@ -46,7 +46,7 @@ class Member:
 @dataclass(frozen=True, order=True)
 class ProxyProfile:
     """The proxy settings pools share. One named location per profile serves every pool with it
-    (proxy_pass http://$gw_pool), so a pool costs the configuration only its upstream block."""
+    (proxy_pass http://$gw_upstream), so a pool costs the configuration only its upstream block."""
 
     family: ApiFamily
     kind: Kind
@@ -104,6 +104,11 @@ class Shim:
     read_timeout_s: int
     maps_deployments: bool = False
 
+    @property
+    def upstream(self) -> str:
+        """Its upstream block's name: also what $proxy_host holds in the shim's log lines."""
+        return f"x_{self.id}"
+
 
 @dataclass(frozen=True)
 class World:
@@ -150,6 +155,11 @@ class ServerSettings:
     # Issuer chain for OCSP stapling; set per reconcile (control_plane.certs) only when stapling can work.
     tls_trusted_certificate: str | None = None
 
+    @property
+    def log_target(self) -> str:
+        """The access_log destination of the log stream (log_server must be set)."""
+        return f"syslog:server={self.log_server},tag=ishgw,nohostname"
+
 
 @dataclass(frozen=True)
 class GatewaySpec:
@@ -171,7 +181,7 @@ class GatewaySpec:
 
     def shim_pools(self) -> dict[str, str]:
         """A shim's upstream name (what $proxy_host holds in its log lines) -> its instance."""
-        return {f"x_{shim.id}": shim.instance for shim in self.shims}
+        return {shim.upstream: shim.instance for shim in self.shims}
 
     def address_names(self) -> dict[str, str]:
         """Upstream address -> instance name, for naming the instance that answered."""
