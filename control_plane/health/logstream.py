@@ -38,6 +38,11 @@ class LogRecord(NamedTuple):  # a NamedTuple: a tenth of a frozen dataclass's co
     retry_after: str
     retry_after_ms: str
     key_id: str = ""
+    # A 429 that nginx did not retry in place (its pool's _429 location): which attempt, and its headers.
+    # nginx's own variables carry only the last attempt's headers.
+    limited_index: int = -1
+    limited_retry_after: str = ""
+    limited_retry_after_ms: str = ""
 
 
 # The keys of the JSON line of log_format gw_log in http.conf.j2, by what they hold.
@@ -56,6 +61,9 @@ FIELDS = {
     "bytes_sent": "bs",
     "uri": "uri",
     "client_id": "key",
+    "limited_upstream_addr": "xua",
+    "limited_retry_after": "xra",
+    "limited_retry_after_ms": "xram",
 }
 _MARK = f"{LOG_TAG}: "
 _MARK_BYTES = _MARK.encode()
@@ -98,6 +106,13 @@ def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, 
     return tuple(attempts)
 
 
+def _last_index(addresses: str) -> int:
+    """The index of the last attempt in an $upstream_addr value; -1 when empty."""
+    if not addresses or addresses == "-":
+        return -1
+    return len(_SPLIT.split(addresses)) - 1
+
+
 def parse_datagram(data: bytes) -> LogRecord | None:
     """One syslog datagram (RFC 3164 framing from nginx) -> LogRecord, or None when it is not ours."""
     start = data.find(_MARK_BYTES)
@@ -125,6 +140,9 @@ def parse_datagram(data: bytes) -> LogRecord | None:
         retry_after=get("ra", ""),
         retry_after_ms=get("ram", ""),
         key_id=get("key", ""),
+        limited_index=_last_index(get("xua", "")),
+        limited_retry_after=get("xra", ""),
+        limited_retry_after_ms=get("xram", ""),
     )
 
 

@@ -120,6 +120,16 @@ def _adopt(entry: InstanceHealth, state: InstanceState, now_mono: float, now_wal
     return entry
 
 
+def _attempt_retry_after(record: LogRecord, index: int) -> float | None:
+    """Seconds an attempt's 429 asked for, where the log line kept its headers: the last attempt's, and
+    the one nginx handed to the pool's _429 location; None for a 429 retried in place."""
+    if index == len(record.attempts) - 1:
+        return retry_after_seconds(record.retry_after, record.retry_after_ms, record.at)
+    if index == record.limited_index:
+        return retry_after_seconds(record.limited_retry_after, record.limited_retry_after_ms, record.at)
+    return None
+
+
 class HealthTracker:
     def __init__(self) -> None:
         self.instances: dict[str, InstanceHealth] = {}
@@ -182,12 +192,7 @@ class HealthTracker:
             entry.last_used_at = record.at
             self.dirty.add(name)
             if verdict == "rate_limited":
-                wait = (
-                    retry_after_seconds(record.retry_after, record.retry_after_ms, record.at)
-                    if index == last
-                    else None
-                )
-                self._rate_limit(name, entry, record.at, wait)
+                self._rate_limit(name, entry, record.at, _attempt_retry_after(record, index))
                 continue
             if verdict == "credential":
                 entry.quarantined = f"credential rejected (HTTP {attempt.status})"

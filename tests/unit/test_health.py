@@ -180,6 +180,24 @@ def test_parse_datagram_and_attempt_lists() -> None:
     assert parse_datagram(line.split(b": ", 1)[0] + b": [1, 2]") is None  # JSON, not an object
     assert parse_datagram(b"garbage") is None
     assert parse_attempts("-", "-", "-") == ()
+    assert record.limited_index == -1  # no 429 went to a pool's _429 location
+
+
+def test_parse_datagram_keeps_the_intercepted_429() -> None:
+    """The pool's _429 location logged the attempts up to the 429 it caught and that answer's headers."""
+    line = format_line(
+        status="200",
+        upstream_addr="127.0.0.1:1, 127.0.0.1:2 : 127.0.0.1:3",
+        upstream_status="502, 429 : 200",
+        upstream_response_time="0.001, 0.002 : 0.009",
+        limited_upstream_addr="127.0.0.1:1, 127.0.0.1:2",
+        limited_retry_after="7",
+        limited_retry_after_ms="",
+    )
+    record = parse_datagram(line)
+    assert record is not None
+    assert record.limited_index == 1 and record.attempts[1].status == 429
+    assert (record.limited_retry_after, record.limited_retry_after_ms) == ("7", "")
 
 
 @pytest.mark.parametrize(
@@ -274,6 +292,21 @@ def test_shim_report_sets_the_cooldown_of_a_retried_429() -> None:
     plain = tracker_with(config("a"))  # no shim report: the default cooldown
     plain.observe(record("127.0.0.0:1, 127.0.0.9:1", 429), now_mono=1)
     assert plain.instances["a"].rate_limited_until == 1000.0 + DEFAULT_429_COOLDOWN_S
+
+
+def test_intercepted_429_sets_the_cooldown_of_the_attempt_it_belongs_to() -> None:
+    """The 429 caught by the pool's _429 location keeps its Retry-After (2 s) for that attempt; a 429
+    nginx retried in place after it has none in the line (default); the last attempt's own header
+    (5 s) is its own."""
+    t = tracker_with(config("a"), config("b"), config("c"))
+    line = record("127.0.0.0:1 : 127.0.0.1:1, 127.0.0.2:1", 429, ra="5")._replace(
+        attempts=parse_attempts("127.0.0.0:1 : 127.0.0.1:1, 127.0.0.2:1", "429 : 429, 429", "0 : 0, 0"),
+        limited_index=0,
+        limited_retry_after="2",
+    )
+    t.observe(line, now_mono=1)
+    until = {name: t.instances[name].rate_limited_until for name in "abc"}
+    assert until == {"a": 1002.0, "b": 1000.0 + DEFAULT_429_COOLDOWN_S, "c": 1005.0}
 
 
 def test_tracker_quarantines_on_401_until_config_changes() -> None:

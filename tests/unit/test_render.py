@@ -26,12 +26,17 @@ from control_plane.render.lookup_table import (
 )
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.quoting import UnsafeValue, nginx_quote
-from control_plane.render.spec import ServerSettings, World, build_spec
+from control_plane.render.spec import ProxyProfile, ServerSettings, World, build_spec
 
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 PROXY_HEADERS_PER_LOCATION = 14  # the proxy_common macro in servers.conf.j2 (6 of them from edge.j2)
 LOCATIONS_PER_PROFILE = 2  # as sent, and with the body rewritten (alias or fallback)
+
+
+def locations_of(profile: ProxyProfile) -> int:
+    """A profile that retries has each location twice: the second takes over after a 429."""
+    return LOCATIONS_PER_PROFILE * (2 if profile.tries > 1 else 1)
 
 
 def spec_for(configs: list[InstanceConfig], routing: RoutingConfig | None = None):  # type: ignore[no-untyped-def]
@@ -155,6 +160,43 @@ def test_baseline_directive_set() -> None:
     assert counts["server"] >= 3  # the client server and one line per upstream member
 
 
+def test_a_retrying_pool_hands_its_first_429_to_a_location_that_keeps_its_retry_after() -> None:
+    """nginx exposes only the last attempt's headers, so a 429 is not retried in place: the pool's
+    location sends it to its _429 twin, which records the answer's Retry-After and then retries."""
+
+    def ollama(name: str) -> InstanceConfig:
+        return InstanceConfig(
+            name=name, provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+        )
+
+    def locations(spec: Any) -> dict[str, dict[str, list[list[str]]]]:
+        found: dict[str, dict[str, list[list[str]]]] = {}
+        for d in parse_text(render(spec).files["servers.conf"]):
+            for inner in d.get("block", []):
+                if inner["directive"] == "location" and inner["args"][0].startswith("@x_"):
+                    directives: dict[str, list[list[str]]] = {}
+                    for x in inner["block"]:
+                        directives.setdefault(x["directive"], []).append(x["args"])
+                    found[inner["args"][0]] = directives
+        return found
+
+    two = locations(spec_for([ollama("a"), ollama("b")]))
+    main = [name for name in two if not name.endswith("_429")]
+    assert main and all(name + "_429" in two for name in main)
+    for name in main:
+        first, after = two[name], two[name + "_429"]
+        assert ["429", "=", name + "_429"] in first["error_page"]
+        assert "http_429" not in first["proxy_next_upstream"][0]
+        assert "http_429" in after["proxy_next_upstream"][0]
+        assert ["$gw_429_ra", "$upstream_http_retry_after"] in after["set"]
+        assert ["$gw_429_ua", "$upstream_addr"] in after["set"]
+        assert not any("429" in args for args in after["error_page"])  # no loop: retried in place
+        assert first["proxy_next_upstream_tries"] == after["proxy_next_upstream_tries"]
+    one = locations(spec_for([ollama("a")]))  # one try: the 429 is the answer, its headers in the line
+    assert one and not any(name.endswith("_429") for name in one)
+    assert all("http_429" in d["proxy_next_upstream"][0] for d in one.values())
+
+
 # --- property: registry content never changes the directive set it was not meant to change -----
 
 hostile_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
@@ -221,14 +263,13 @@ def test_random_registry_content_cannot_inject_directives(
     # Pools share a named location per proxy profile; each pool is one upstream block.
     profiles = spec.profiles()
     assert len(profiles) <= sum(1 for p in spec.pools if p.members)
-    assert counts["location"] == empty["location"] + LOCATIONS_PER_PROFILE * len(profiles) + sum(
-        len(s.routes) + 1 for s in spec.shims
-    )
+    locations = sum(locations_of(profile) for profile in profiles)
+    assert counts["location"] == empty["location"] + locations + sum(len(s.routes) + 1 for s in spec.shims)
     assert counts["listen"] == 1 + len(spec.shims)
-    assert counts["proxy_set_body"] == len(profiles)
-    assert counts["proxy_set_header"] == empty["proxy_set_header"] + (
-        PROXY_HEADERS_PER_LOCATION * LOCATIONS_PER_PROFILE * len(profiles)
-    ) + sum(3 + len(s.headers) for s in spec.shims)
+    assert counts["proxy_set_body"] == locations // LOCATIONS_PER_PROFILE
+    shim_headers = sum(3 + len(s.headers) for s in spec.shims)
+    added_headers = PROXY_HEADERS_PER_LOCATION * locations + shim_headers
+    assert counts["proxy_set_header"] == empty["proxy_set_header"] + added_headers
     # The lookup map holds exactly lookup_entries, whatever the names (crossplane unquotes them).
     lookup = crossplane_map(tree.files["lookup.conf"], "$gw_route")
     assert lookup == dict(lookup_entries(spec)) | {"volatile": None, "default": ""}
