@@ -1,5 +1,5 @@
-"""Control-plane figures, driven through the admin API of a running gateway:
-reconcile time at 10 / 100 / 1,000 instances, rendered size, controller RSS, and API change -> live."""
+"""Control-plane figures, driven through the admin API of a running gateway: reconcile time at
+10 / 100 / 1,000 instances, rendered size, controller RSS, API change -> live, and what probing costs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from control_plane.registry.models import InstanceConfig, InstanceState, Routing
 from control_plane.render.nginx import render
 from control_plane.render.spec import World, build_spec
 from scripts.bench.load import percentile
-from scripts.bench.procs import vm_status
+from scripts.bench.procs import CLK_TCK, read_stat, vm_status
 from scripts.bench.systems import GatewaySystem
 
 RELOAD_GAP_S = 0.6  # > reload_min_interval_s (0.5), so no measurement includes the reload rate limit
@@ -149,6 +149,51 @@ def reconcile_scaling(
         except Exception as exc:  # reported, the run goes on
             result.error = f"{type(exc).__name__}: {exc}"
     return results
+
+
+@dataclass
+class ProbeCost:
+    """The controller's CPU while it probes a registry of idle instances (no data-plane traffic), and
+    how many probes it completed in that window (ishgw_probes_total)."""
+
+    instances: int
+    seconds: float
+    probes: int
+    controller_cores: float
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["probes_per_s"] = round(self.probes / self.seconds, 1) if self.seconds else None
+        return data
+
+
+def probes_total(system: GatewaySystem) -> float:
+    """The sum of ishgw_probes_total over every instance and outcome, from the controller's /metrics."""
+    text = system.gw.admin.get("/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ishgw_probes_total{")
+    )
+
+
+def probe_cost(system: GatewaySystem, instances: int, seconds: float) -> ProbeCost:
+    """Controller CPU over `seconds` (at least one probe interval) with `instances` registered."""
+    result = ProbeCost(instances=instances, seconds=seconds, probes=0, controller_cores=0.0)
+    pids = system.controller_pids()
+    if not pids:
+        result.error = "controller not running"
+        return result
+    before, probed = read_stat(pids[0]), probes_total(system)
+    started = time.monotonic()
+    time.sleep(seconds)  # a measuring window, not a wait for a condition
+    after, elapsed = read_stat(pids[0]), time.monotonic() - started
+    result.probes = round(probes_total(system) - probed)
+    if before is None or after is None:
+        result.error = "controller exited"
+        return result
+    result.seconds = round(elapsed, 1)
+    result.controller_cores = round((after.ticks - before.ticks) / CLK_TCK / elapsed, 3)
+    return result
 
 
 class NotAllowed(RuntimeError):

@@ -61,11 +61,12 @@ class Profile:
     scale_reps: int
     sizes: tuple[tuple[int, int], ...]
     budget_s: float
+    probe_window_s: float  # at least one probe interval (10 s by default)
 
 
 SIZES = ((10, 10), (100, 50), (1000, 200))
-FULL = Profile("full", 2, 10, 10, 100, 6, 15, 12, 50, 3, SIZES, 840)
-QUICK = Profile("quick", 1, 2, 2, 15, 2, 4, 4, 10, 1, SIZES, 170)
+FULL = Profile("full", 2, 10, 10, 100, 6, 15, 12, 50, 3, SIZES, 840, 20)
+QUICK = Profile("quick", 1, 2, 2, 15, 2, 4, 4, 10, 1, SIZES, 170, 10)
 LITELLM_WARMUP_S = 6  # its first requests import modules lazily
 
 
@@ -677,6 +678,12 @@ class Bench:
         server = server_settings(Settings.model_validate(pinned))
         scaling = control.reconcile_scaling(gw, self.backend.url, sizes, self.p.scale_reps, server)
         self.results["control_plane"]["scaling"] = [s.to_dict() for s in scaling]
+        largest = max((s.instances for s in scaling if not s.error), default=0)
+        if largest and self.budget.left() > self.p.probe_window_s + 10:
+            log(f"--- probing {largest} idle instances, {self.p.probe_window_s:.0f} s")
+            cost = control.probe_cost(gw, largest, self.p.probe_window_s)
+            self.results["control_plane"]["probing"] = cost.to_dict()
+            log(f"probing: {cost.probes} probes, controller {cost.controller_cores} cores")
         for s in scaling:
             log(
                 f"{s.instances} instances / {s.pools} pools: reconcile {s.reconcile_ms} ms, "

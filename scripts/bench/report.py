@@ -119,6 +119,15 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def probing_sentence(probing: dict[str, Any]) -> str:
+    return (
+        f"Active probes: {probing['instances']:,} idle instances, each probed every 10 s (default "
+        f"interval): {probing['probes']:,} probes in {fmt(probing.get('seconds'), 0)} s "
+        f"({fmt(probing.get('probes_per_s'), 0)}/s); the controller used "
+        f"{fmt(probing.get('controller_cores'), 2)} of a core meanwhile (/proc, utime + stime)."
+    )
+
+
 def _mark(met: bool | None) -> str:
     return "n/a" if met is None else ("met" if met else "**missed**")
 
@@ -305,6 +314,9 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fmt(s.get('rendered_kb'), 0)} KB in {s.get('rendered_files')} files | "
                 f"{fmt(s.get('controller_rss_mb'), 0)} MB |"
             )
+    probing = cp.get("probing")
+    if probing and not probing.get("error"):
+        out.append(f"\n{probing_sentence(probing)}")
     live = cp.get("api_to_live")
     if live:
         out.append(
@@ -396,6 +408,9 @@ def readme_block(results: dict[str, Any]) -> str:
             "Reconcile (render + `nginx -t` + swap + reload + live): " + "; ".join(parts) + ". "
             f"Controller RSS with 1,000 instances: {fmt(thousand.get('controller_rss_mb'), 0)} MB.",
         ]
+    probing = cp.get("probing")
+    if probing and not probing.get("error"):
+        out += ["", probing_sentence(probing)]
     storm = (results.get("reliability") or {}).get("reload_storm") or {}
     if storm.get("wrk"):
         wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]

@@ -364,7 +364,12 @@ def test_pool_down_goes_to_fallback_then_503(gateway: Gateway, stubs: dict[str, 
     r = gateway.client.post("/v1/chat/completions", json={"model": "llama"})
     assert r.status_code == 200 and r.headers["X-Backend-Name"] == "cloud"
     assert cloud.requests()[-1]["json"]["model"] == "gpt-mini"  # the body was rewritten for the fallback
-    wait_for(lambda: not in_pool(gateway, "local", "llama"), timeout=10, what="local out")
+    try:
+        wait_for(lambda: not in_pool(gateway, "local", "llama"), timeout=10, what="local out")
+    except AssertionError as exc:  # seen once in a full run: say what the controller knew
+        state = gateway.admin.get("/admin/instances/local/state").json()
+        health = gateway.admin.get("/admin/instances/local/health").json()
+        raise AssertionError(f"{exc}\nstate: {state}\nhealth: {health}") from exc
     gateway.wait_applied()
     r = gateway.client.post("/v1/chat/completions", json={"model": "llama"})
     assert r.status_code == 200 and r.headers["X-Backend-Name"] == "cloud"
