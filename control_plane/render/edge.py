@@ -1,7 +1,7 @@
 """The secure edge as plain values: client keys and JWT keys, limits, IP filters. Pure, like build_spec.
 
 build_edge(world parts, policy) -> EdgeSpec; the templates (edge.conf.j2, edge.j2) and the generated
-clients.js render it. nginx runs limit_req in the preaccess phase, before any content handler, so the
+clients.json render it. nginx runs limit_req in the preaccess phase, before any content handler, so the
 client's identity for the per-key limits comes from ``js_set`` functions (auth.js) over the request headers:
 ``$gw_client_id`` (the key id) and ``$gw_client_rpm`` (its rate). Keys are grouped by rate: one
 limit_req_zone per distinct rate, keyed by a map that is the key id only for keys of that rate.
@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from control_plane.providers import Endpoint, Kind
@@ -21,7 +20,6 @@ from control_plane.render.quoting import js_literal
 if TYPE_CHECKING:
     from control_plane.registry.client_keys import ClientKey
 
-NJS_DIR = Path(__file__).resolve().parents[2] / "nginx" / "njs"
 CLASSES = ("chat", "embeddings", "uploads")
 # Upstream response headers that tell a client which provider, account, deployment or proxy answered.
 # nginx hides Server, Date, X-Pad and X-Accel-* itself; prefixes are removed by auth.js (hideHeaders).
@@ -231,8 +229,8 @@ def build_edge(
 
 
 def clients_data(edge: EdgeSpec) -> dict[str, object]:
-    """What auth.js reads (generated clients.js; the keys are in lookup.conf). Holds the HS256 secret: a
-    SECRET_FILES member. Small and of fixed size: njs evaluates it on every request."""
+    """What auth.js reads (clients.json; the keys are in lookup.conf). Holds the HS256 secret: a
+    SECRET_FILES member. Small and of fixed size."""
     policy = edge.policy
     jwt: dict[str, object] | None = None
     if edge.jwt is not None:
@@ -256,11 +254,7 @@ def clients_data(edge: EdgeSpec) -> dict[str, object]:
     }
 
 
-def js_files(edge: EdgeSpec) -> dict[str, str]:
-    """The njs auth module (static) and its generated data."""
-    return {
-        "auth.js": (NJS_DIR / "auth.js").read_text(),
-        "clients.js": "// Generated JWT settings and limit rates (client keys: lookup.conf).\nexport default "
-        + js_literal(clients_data(edge))
-        + ";\n",
-    }
+def preloaded_files(edge: EdgeSpec) -> dict[str, str]:
+    """The settings auth.js reads as the preloaded object `clients` (js_preload_object: parsed once, shared
+    by every request, where a generated module would be rebuilt on each)."""
+    return {"clients.json": js_literal(clients_data(edge)) + "\n"}

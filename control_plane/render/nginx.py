@@ -10,16 +10,17 @@ from pathlib import Path
 
 import jinja2
 
-from control_plane.render.edge import js_files
+from control_plane.render import njs
+from control_plane.render.edge import preloaded_files
 from control_plane.render.lookup_table import lookup_entries
 from control_plane.render.quoting import nginx_quote
 from control_plane.render.spec import GatewaySpec
 
 NGINX_DIR = Path(__file__).resolve().parents[2] / "nginx"
 CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
-# Files holding credentials: provider keys (shims.conf), the JWT HS256 secret (clients.js), client key
+# Files holding credentials: provider keys (shims.conf), the JWT HS256 secret (clients.json), client key
 # hashes (lookup.conf).
-SECRET_FILES = frozenset({"shims.conf", "clients.js", "lookup.conf"})
+SECRET_FILES = frozenset({"shims.conf", "clients.json", "lookup.conf"})
 TEMPLATES = (
     "nginx.conf",
     "http.conf",
@@ -61,9 +62,8 @@ def render(spec: GatewaySpec) -> RenderedTree:
     env = _environment()
     context = {"spec": spec, "s": spec.server, "gen_dir_token": '"."', "lookup": lookup_entries(spec)}
     files = {f"{name}": env.get_template(f"{name}.j2").render(context) for name in TEMPLATES}
-    for module in ("gateway.js", "table.js"):
-        files[module] = (NGINX_DIR / "njs" / module).read_text()
-    files.update(js_files(spec.edge))
+    files[njs.MODULE] = njs.njs_module()
+    files.update(preloaded_files(spec.edge))
     checksum = tree_checksum(files)
     return RenderedTree(
         files={k: v.replace(CHECKSUM_PLACEHOLDER, checksum) for k, v in files.items()},

@@ -1,18 +1,17 @@
-// ISH Gateway client authentication (njs 0.7.9). Imported by gateway.js; data from the generated clients.js
-// and, for API keys, lookup.conf (table.js).
+// ISH Gateway client authentication (njs 0.7.9). A fragment of the one njs module the renderer writes
+// (control_plane/render/njs.py); settings from the preloaded object `clients` (generated clients.json,
+// js_preload_object: shared, not rebuilt per request) and, for API keys, lookup.conf (table.js).
 //
 // A client presents an API key or a JWT in Authorization: Bearer, x-api-key (Anthropic style) or api-key
 // (Azure style). API keys are looked up by their sha256. JWTs: HS256 is verified synchronously (HMAC);
 // RS256/ES256 need WebCrypto, which is asynchronous, so they are verified in the content phase
 // (authenticate), while identify() (also used by js_set for the limit zones, which run before any
 // content handler) checks everything else and keys the limits by the token's hash until then.
-import clients from 'clients.js';
-import table from 'table.js';
-
 var nodeCrypto = require('crypto');
 var JWT_RE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 var BEARER_RE = /^\s*Bearer\s+(\S+)\s*$/i;
-var cache = {rid: null, value: null};
+var cachedRid = null;  // identify()'s verdict for this request
+var cachedVerdict = null;
 
 function sha256hex(text) {
     return nodeCrypto.createHash('sha256').update(text).digest('hex');
@@ -42,7 +41,9 @@ function reject(reason, message) {
     return {ok: false, reason: reason, message: message, id: '', rpm: '', models: null, pending: null};
 }
 
-var ANONYMOUS = accept('', '', null, null);
+function anonymous() {
+    return accept('', '', null, null);
+}
 
 // Equal strings in time independent of where they differ.
 function equal(a, b) {
@@ -59,7 +60,7 @@ function equal(a, b) {
 // Keys are looked up by their sha256 in lookup.conf: "k:<hash>" -> "<id> <rpm> <expires> <enabled> <models>".
 function checkKey(r, token) {
     var hash = sha256hex(token);
-    var entry = table.get(r, 'k:' + hash);
+    var entry = tableGet(r, 'k:' + hash);
     if (!entry) {
         return reject('invalid', 'The API key is not valid');
     }
@@ -71,7 +72,7 @@ function checkKey(r, token) {
     if (exp && exp <= now()) {
         return reject('expired', 'The API key has expired');
     }
-    var models = fields[4] === '+' ? table.list(r, 'km:' + hash) : fields.slice(4);
+    var models = fields[4] === '+' ? tableList(r, 'km:' + hash) : fields.slice(4);
     return accept(fields[0], fields[1] !== '0' ? fields[1] : '', models.length ? models : null, null);
 }
 
@@ -101,10 +102,16 @@ function tokenRate(claim) {
     return String(pick);
 }
 
+// A loop, not filter(): the arrays of a preloaded object have no Array methods.
 function keysFor(alg, kid) {
-    return clients.jwt.keys.filter(function (k) {
-        return k.alg === alg && (!kid || !k.kid || k.kid === kid);
-    });
+    var all = clients.jwt.keys;
+    var out = [];
+    for (var i = 0; i < all.length; i++) {
+        if (all[i].alg === alg && (!kid || !all[i].kid || all[i].kid === kid)) {
+            out.push(all[i]);
+        }
+    }
+    return out;
 }
 
 function tokenModels(claim) {
@@ -180,16 +187,17 @@ function evaluate(r) {
     }
     // Running open (ISHGW_AUTH_REQUIRED=false): a valid credential still brings its limits and models;
     // anything else is an anonymous client.
-    return verdict.ok || clients.required ? verdict : ANONYMOUS;
+    return verdict.ok || clients.required ? verdict : anonymous();
 }
 
 // The verdict on the request's credential without WebCrypto (cached per request).
 function identify(r) {
     var rid = r.variables.request_id;
-    if (cache.rid !== rid) {
-        cache = {rid: rid, value: evaluate(r)};
+    if (cachedRid !== rid) {
+        cachedVerdict = evaluate(r);
+        cachedRid = rid;
     }
-    return cache.value;
+    return cachedVerdict;
 }
 
 function pemParams(alg) {
@@ -229,7 +237,7 @@ async function authenticate(r) {
     if (await verifySignature(verdict.pending)) {
         return verdict;
     }
-    return clients.required ? reject('invalid', 'The token signature is not valid') : ANONYMOUS;
+    return clients.required ? reject('invalid', 'The token signature is not valid') : anonymous();
 }
 
 function bare(model) {
@@ -264,10 +272,6 @@ function clientRpm(r) {
     return identify(r).rpm;
 }
 
-function required() {
-    return clients.required;
-}
-
 // Seconds until the tightest limit that applies to this request lets one more through.
 function retryAfter(r) {
     var rates = [];
@@ -287,5 +291,3 @@ function retryAfter(r) {
     }
     return Math.max(1, Math.ceil(60 / Math.min.apply(null, rates)));
 }
-
-export default {identify, authenticate, allows, clientId, clientRpm, required, retryAfter};

@@ -1,7 +1,7 @@
 // ISH Gateway router (njs). Reads the model from the JSON body with a real JSON parse, resolves aliases,
 // and hands the request to the pool's named location. Routing data: nginx maps (table.js, lookup.conf).
-import table from 'table.js';
-import auth from 'auth.js';
+// The last fragment of the one njs module the renderer writes (control_plane/render/njs.py), after
+// table.js and auth.js, whose functions it calls; only this fragment exports.
 
 var RETRY_AFTER = '5';
 var MODEL_RE = /^[A-Za-z0-9][A-Za-z0-9._:\/@+-]{0,127}$/;  // control_plane/registry/validators.py
@@ -44,7 +44,7 @@ function resolve(r, kind, name) {
     if (typeof name !== 'string' || !MODEL_RE.test(name)) {
         return undefined;
     }
-    var value = table.get(r, 'p:' + kind + '|' + table.key(name));
+    var value = tableGet(r, 'p:' + kind + '|' + tableKey(name));
     if (!value) {
         return undefined;
     }
@@ -63,9 +63,9 @@ function unauthorized(r, family, verdict) {
 // js_content of every API endpoint. Synchronous unless a token's signature needs WebCrypto: an awaited
 // promise costs every request about 10 us of CPU.
 function route(r) {
-    var verdict = auth.identify(r);
+    var verdict = identify(r);
     if (verdict.pending) {
-        return auth.authenticate(r).then(function (client) { routeAs(r, client); });
+        return authenticate(r).then(function (client) { routeAs(r, client); });
     }
     routeAs(r, verdict);
 }
@@ -98,12 +98,12 @@ function routeAs(r, client) {
     }
     var found = resolve(r, ep.key, asked);
     if (found === undefined) {
-        var available = table.list(r, 'l:' + ep.key);
+        var available = tableList(r, 'l:' + ep.key);
         return fail(r, family, 404, 'not_found_error',
             'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
             {available_models: available});
     }
-    if (!auth.allows(client, found.model, asked)) {
+    if (!allows(client, found.model, asked)) {
         return fail(r, family, 403, 'permission_error',
             'This API key may not use the model ' + JSON.stringify(asked));
     }
@@ -130,7 +130,7 @@ function send(r, body, found, position) {
 
 // Send the request to the first available fallback of `base` from position `from` (1: the first one).
 function hop(r, ep, body, base, from) {
-    var chain = table.list(r, 'f:' + table.key(base));
+    var chain = tableList(r, 'f:' + tableKey(base));
     for (var i = from; i <= chain.length; i++) {
         var found = resolve(r, ep.key, chain[i - 1]);
         if (found && found.pool) {
@@ -160,7 +160,7 @@ function next(r) {
 
 // The models of an API family with an available instance that this client may use, sorted.
 function servedModels(r, family, client) {
-    return table.list(r, 'l:' + family).filter(function (m) { return auth.allows(client, m); });
+    return tableList(r, 'l:' + family).filter(function (m) { return allows(client, m); });
 }
 
 function sendJson(r, status, value) {
@@ -170,7 +170,7 @@ function sendJson(r, status, value) {
 
 async function models(r) {
     var anthropic = Boolean(r.headersIn['anthropic-version']);
-    var client = await auth.authenticate(r);
+    var client = await authenticate(r);
     if (!client.ok) {
         return unauthorized(r, anthropic ? 'anthropic' : 'openai', client);
     }
@@ -181,14 +181,14 @@ async function models(r) {
         return sendJson(r, 200, {data: data, has_more: false,
             first_id: data.length ? data[0].id : null, last_id: data.length ? data[data.length - 1].id : null});
     }
-    var created = Number(table.get(r, 'created'));
+    var created = Number(tableGet(r, 'created'));
     sendJson(r, 200, {object: 'list', data: servedModels(r, 'openai', client).map(function (m) {
         return {id: m, object: 'model', created: created, owned_by: 'ish-gateway'};
     })});
 }
 
 async function tags(r) {
-    var client = await auth.authenticate(r);
+    var client = await authenticate(r);
     if (!client.ok) {
         return unauthorized(r, 'ollama', client);
     }
@@ -204,7 +204,7 @@ function version(r) {
 
 async function notFound(r) {
     var family = r.uri.indexOf('/api/') === 0 ? 'ollama' : 'openai';
-    var client = await auth.authenticate(r);
+    var client = await authenticate(r);
     if (!client.ok) {
         return unauthorized(r, family, client);
     }
@@ -225,7 +225,7 @@ function anyFamily(r) {
 
 // error_page 429 target: limit_req / limit_conn said no.
 function rateLimited(r) {
-    var wait = auth.retryAfter(r);
+    var wait = retryAfter(r);
     r.headersOut['Retry-After'] = String(wait);
     fail(r, anyFamily(r), 429, 'rate_limit_error',
         'Too many requests: a rate or concurrency limit of this gateway was reached; retry in ' + wait + ' s');
@@ -263,6 +263,13 @@ function tooLarge(r) {
 }
 
 
-export default {route, next, models, tags, notFound: notFound, not_found: notFound, unavailable,
-    too_large: tooLarge, errorBody, client_id: auth.clientId, client_rpm: auth.clientRpm,
-    rate_limited: rateLimited, denied, hide_headers: hideHeaders, version};
+// Answers made here rather than by an instance, by the name the location put in $gw_answer. One entry
+// point instead of one export each: every property of the export object costs every request (njs 0.7).
+function answer(r) {
+    var handlers = {models: models, tags: tags, version: version, not_found: notFound, next: next,
+        unavailable: unavailable, too_large: tooLarge, rate_limited: rateLimited, denied: denied};
+    var handler = handlers[r.variables.gw_answer];
+    return handler ? handler(r) : unavailable(r);
+}
+
+export default {route, answer, client_id: clientId, client_rpm: clientRpm, hide_headers: hideHeaders};

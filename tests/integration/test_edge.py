@@ -314,8 +314,8 @@ def test_secrets_are_in_0600_files_only(edge: Gateway) -> None:
     live = (edge.home / "nginx" / "live").resolve()
     assert stat.S_IMODE(live.stat().st_mode) == 0o700
     holders = [p.name for p in live.iterdir() if HS256_SECRET in p.read_text()]
-    assert holders == ["clients.js"]
-    assert stat.S_IMODE((live / "clients.js").stat().st_mode) == 0o600
+    assert holders == ["clients.json"]
+    assert stat.S_IMODE((live / "clients.json").stat().st_mode) == 0o600
 
 
 def test_key_limited_to_a_model(edge: Gateway) -> None:

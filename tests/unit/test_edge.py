@@ -223,13 +223,17 @@ def test_one_zone_per_distinct_rate() -> None:
     # Every client-facing API location has the guard; /health, /nginx_status and named locations do not.
     servers = files["servers.conf"]
     api_locations = servers.count("js_content gw.route;") + 4  # + /v1/models, /api/tags, /api/version, /
+    assert (
+        sum(servers.count(f"set $gw_answer {name};") for name in ("models", "tags", "version", "not_found"))
+        == 4
+    )
     assert servers.count("limit_req zone=gw_key_60 ") == api_locations
     assert servers.count("limit_req zone=gw_ip ") == api_locations
     assert servers.count("error_page 429 = @gw_limited;") == api_locations
     health = servers.split("location = /health {", 1)[1].split("}", 1)[0]
     assert "limit_req" not in health
-    data = json.loads(files["clients.js"].split("export default ", 1)[1].rstrip().rstrip(";"))
-    assert "keys" not in data  # clients.js is evaluated per request: keys live in lookup.conf
+    data = json.loads(files["clients.json"])
+    assert "keys" not in data  # keys live in lookup.conf
     lookup = files["lookup.conf"]
     assert f'"k:{hash_key("secret-3")}" "key_0000000000000003 600 0 1";' in lookup  # no list: all models
     assert data["required"] is True and data["jwt"] is None
@@ -240,8 +244,8 @@ def test_secrets_only_in_secret_files() -> None:
     files = edge_tree(
         (client_key(1, 60),), JwtKeys(hs256_secret=secret, public_keys=(PublicKey("ES256", "QUJD", "k"),))
     )
-    assert {"clients.js", "lookup.conf"} <= SECRET_FILES
-    assert [name for name, text in files.items() if secret in text] == ["clients.js"]
+    assert {"clients.json", "lookup.conf"} <= SECRET_FILES
+    assert [name for name, text in files.items() if secret in text] == ["clients.json"]
     assert all("secret-1" not in text for text in files.values())  # keys leave as hashes only
 
 
