@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark of issue 5, one command: scripts/bench.sh [--quick] [driver options]
 #
-# Installs what it needs (wrk, nginx + njs from Debian; the project's virtualenv; LiteLLM's proxy into its
+# Installs what it needs (wrk, valgrind, nginx + njs from Debian; the project's virtualenv; LiteLLM's proxy into its
 # own virtualenv at ${ISHGW_BENCH_LITELLM_VENV:-$HOME/.cache/ishgw-bench/litellm-venv}), then runs the
 # Python driver (scripts/bench/), which measures direct / plain nginx / the gateway (TLS off and on) /
 # LiteLLM on 127.0.0.1 and writes bench/results/latest.json and latest.md.
@@ -54,7 +54,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" wrk
+ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" wrk valgrind
 ensure_venv test
 
 # LiteLLM's proxy in a virtualenv of its own: its pins must not touch the gateway's environment.

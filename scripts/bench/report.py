@@ -119,6 +119,14 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def njs_sentence(cost: dict[str, Any]) -> str:
+    return (
+        f"njs module start, instructions per request under cachegrind (`python -m scripts.bench.njs_cost`): "
+        f"{cost['module_start']:,} for the gateway's module over a trivial one "
+        f"({cost['gateway']:,} vs {cost['trivial']:,} for the whole request through nginx, proxy included)."
+    )
+
+
 def probing_sentence(probing: dict[str, Any]) -> str:
     return (
         f"Active probes: {probing['instances']:,} idle instances, each probed every 10 s (default "
@@ -290,6 +298,8 @@ def markdown(results: dict[str, Any]) -> str:
             )
         if static.get("ratio") is not None:
             out.append(f"\nGateway / plain nginx with the static backend: {fmt(static['ratio'], 3)}x.")
+    if results.get("njs_cost"):
+        out += ["", njs_sentence(results["njs_cost"])]
     out += ["", "Targets (issue 5):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
@@ -411,6 +421,8 @@ def readme_block(results: dict[str, Any]) -> str:
     probing = cp.get("probing")
     if probing and not probing.get("error"):
         out += ["", probing_sentence(probing)]
+    if results.get("njs_cost"):
+        out += ["", njs_sentence(results["njs_cost"])]
     storm = (results.get("reliability") or {}).get("reload_storm") or {}
     if storm.get("wrk"):
         wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]
