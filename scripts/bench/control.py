@@ -177,12 +177,15 @@ def probes_total(system: GatewaySystem) -> float:
 
 
 def probe_cost(system: GatewaySystem, instances: int, seconds: float) -> ProbeCost:
-    """Controller CPU over `seconds` (at least one probe interval) with `instances` registered."""
+    """Controller CPU over `seconds` (at least one probe interval) with `instances` registered, after as
+    long again to settle: new instances are probed within a second of their import, and their first
+    verdicts (healthy after `rise` probes) cost reconciles that are not the price of probing."""
     result = ProbeCost(instances=instances, seconds=seconds, probes=0, controller_cores=0.0)
     pids = system.controller_pids()
     if not pids:
         result.error = "controller not running"
         return result
+    time.sleep(seconds)  # settling, as above
     before, probed = read_stat(pids[0]), probes_total(system)
     started = time.monotonic()
     time.sleep(seconds)  # a measuring window, not a wait for a condition

@@ -679,8 +679,8 @@ class Bench:
         scaling = control.reconcile_scaling(gw, self.backend.url, sizes, self.p.scale_reps, server)
         self.results["control_plane"]["scaling"] = [s.to_dict() for s in scaling]
         largest = max((s.instances for s in scaling if not s.error), default=0)
-        if largest and self.budget.left() > self.p.probe_window_s + 10:
-            log(f"--- probing {largest} idle instances, {self.p.probe_window_s:.0f} s")
+        if largest and self.budget.left() > 2 * self.p.probe_window_s + 10:
+            log(f"--- probing {largest} idle instances: settle, then measure {self.p.probe_window_s:.0f} s")
             cost = control.probe_cost(gw, largest, self.p.probe_window_s)
             self.results["control_plane"]["probing"] = cost.to_dict()
             log(f"probing: {cost.probes} probes, controller {cost.controller_cores} cores")

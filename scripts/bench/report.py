@@ -131,7 +131,7 @@ def probing_sentence(probing: dict[str, Any]) -> str:
     return (
         f"Active probes: {probing['instances']:,} idle instances, each probed every 10 s (default "
         f"interval): {probing['probes']:,} probes in {fmt(probing.get('seconds'), 0)} s "
-        f"({fmt(probing.get('probes_per_s'), 0)}/s); the controller used "
+        f"({fmt(probing.get('probes_per_s'), 0)}/s, after as long to settle); the controller used "
         f"{fmt(probing.get('controller_cores'), 2)} of a core meanwhile (/proc, utime + stime)."
     )
 
