@@ -10,7 +10,8 @@
 var nodeCrypto = require('crypto');
 var JWT_RE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 var BEARER_RE = /^\s*Bearer\s+(\S+)\s*$/i;
-var cachedRid = null;  // identify()'s verdict for this request
+// identify()'s verdict. Module state lives for one request: njs 0.7 gives each request its own VM (and a
+// new one after an internal redirect), so no request can see another's verdict.
 var cachedVerdict = null;
 
 function sha256hex(text) {
@@ -192,10 +193,8 @@ function evaluate(r) {
 
 // The verdict on the request's credential without WebCrypto (cached per request).
 function identify(r) {
-    var rid = r.variables.request_id;
-    if (cachedRid !== rid) {
+    if (cachedVerdict === null) {
         cachedVerdict = evaluate(r);
-        cachedRid = rid;
     }
     return cachedVerdict;
 }

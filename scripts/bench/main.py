@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from scripts.bench import control, features, load, njs_cost, report
+from scripts.bench import control, features, instructions, load, report
 from scripts.bench.procs import Group, Procs, Sampler, children_named
 from scripts.bench.systems import (
     ROOT,
@@ -693,19 +693,19 @@ class Bench:
             )
 
     # --- the whole run ---------------------------------------------------------------------------
-    def njs_cost(self) -> None:
-        """Instructions the njs module's start costs a request (cachegrind): deterministic, so a change to
-        nginx/njs shows here even when timings drift."""
-        log("--- njs module start per request (cachegrind)")
+    def instruction_counts(self) -> None:
+        """Instructions per request under cachegrind (plain proxy, gateway, the njs module's start):
+        deterministic, so a change to the request path shows here even when timings drift."""
+        log("--- instructions per request (cachegrind)")
         try:
-            self.results["njs_cost"] = njs_cost.measure()
-            log(f"njs: {self.results['njs_cost']}")
+            self.results["instructions"] = instructions.measure()
+            log(f"instructions: {self.results['instructions']}")
         except Exception as exc:  # reported, the run goes on
-            self.note(f"njs instruction count failed: {type(exc).__name__}: {exc}")
+            self.note(f"instruction counts failed: {type(exc).__name__}: {exc}")
 
     def run(self) -> None:
         self.setup()
-        self.njs_cost()
+        self.instruction_counts()
         self.data_plane()
         self.static_backend()
         for name, step, needs in (

@@ -119,11 +119,14 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def njs_sentence(cost: dict[str, Any]) -> str:
+def instructions_sentence(counts: dict[str, Any]) -> str:
+    ratio = counts["gateway"] / counts["plain_proxy"] if counts.get("plain_proxy") else None
     return (
-        f"njs module start, instructions per request under cachegrind (`python -m scripts.bench.njs_cost`): "
-        f"{cost['module_start']:,} for the gateway's module over a trivial one "
-        f"({cost['gateway']:,} vs {cost['trivial']:,} for the whole request through nginx, proxy included)."
+        "Instructions per request under cachegrind (`python -m scripts.bench.instructions`; deterministic, "
+        f"static backend, same 1 KB request): plain nginx proxy {counts['plain_proxy']:,}, the gateway with "
+        f"everything on {counts['gateway']:,} ({fmt(ratio, 2)}x); of that, the njs module's start "
+        f"{counts['njs_module_start']:,} (its hand-over alone: {counts['gateway_njs']:,} against "
+        f"{counts['trivial_njs']:,} for a trivial module)."
     )
 
 
@@ -298,8 +301,8 @@ def markdown(results: dict[str, Any]) -> str:
             )
         if static.get("ratio") is not None:
             out.append(f"\nGateway / plain nginx with the static backend: {fmt(static['ratio'], 3)}x.")
-    if results.get("njs_cost"):
-        out += ["", njs_sentence(results["njs_cost"])]
+    if results.get("instructions"):
+        out += ["", instructions_sentence(results["instructions"])]
     out += ["", "Targets (issue 5):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
@@ -421,8 +424,8 @@ def readme_block(results: dict[str, Any]) -> str:
     probing = cp.get("probing")
     if probing and not probing.get("error"):
         out += ["", probing_sentence(probing)]
-    if results.get("njs_cost"):
-        out += ["", njs_sentence(results["njs_cost"])]
+    if results.get("instructions"):
+        out += ["", instructions_sentence(results["instructions"])]
     storm = (results.get("reliability") or {}).get("reload_storm") or {}
     if storm.get("wrk"):
         wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]

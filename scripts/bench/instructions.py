@@ -1,0 +1,278 @@
+"""Instructions per request under cachegrind: deterministic where timings on a shared VM drift 10-20 %.
+
+Two measurements, each nginx running as one process (master_process off) under valgrind, the backend a
+separate plain nginx answering a static chat completion, and each count taken at 200 and 1,200 requests
+(the difference over 1,000 requests is the per-request count, without start-up):
+
+- the request path: plain nginx proxy_pass with upstream keepalive, against the gateway's rendered tree
+  with everything on (client key, limit zones, njs routing, the JSON log stream over UDP, retries), for
+  the same ~1 KB chat request;
+- the njs module's start: njs 0.7 clones a VM per request and runs the module's top level in it again
+  (every function object, every export property, every object literal), so the gateway's module is
+  compared with a trivial one doing the same hand-over.
+
+    .venv/bin/python -m scripts.bench.instructions      (needs valgrind: apt-get install valgrind)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import http.client
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from control_plane.registry.client_keys import ClientKey
+from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
+from control_plane.render.edge import DEFAULT_CLASSES, EdgePolicy
+from control_plane.render.nginx import render
+from control_plane.render.njs import MODULE
+from control_plane.render.spec import ServerSettings, World, build_spec
+from scripts.bench.load import chat_body
+from scripts.bench.systems import STATIC_ANSWER
+from tests.integration.gateway import free_port
+
+FEW, MANY = 200, 1200
+KEY = "ishgw-instructions-bench-key-0123456789"
+MODEL = "m"
+JS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+HAND_OVER = "function go(r) { r.internalRedirect('@b'); }\n"
+TRIVIAL = HAND_OVER + "export default {go};\n"
+UNBOUND = 1_000_000  # a limit that never binds here (the most a key may have)
+
+
+def _conf(directory: Path, http: str) -> str:
+    return (
+        f"load_module {JS_MODULE};\n"
+        f"pid {directory}/nginx.pid; error_log {directory}/error.log;\n"
+        "events { worker_connections 256; }\n"
+        f"http {{ access_log off; client_body_temp_path {directory}/tmp;\n{http}\n}}\n"
+    )
+
+
+def static_backend_conf(directory: Path, port: int) -> str:
+    answer = STATIC_ANSWER.replace("'", "\\'")
+    return _conf(
+        directory,
+        f"server {{ listen 127.0.0.1:{port}; keepalive_requests 100000;\n"
+        f"  location / {{ default_type application/json; return 200 '{answer}'; }} }}",
+    )
+
+
+def plain_proxy_conf(directory: Path, port: int, backend: int) -> str:
+    return _conf(
+        directory,
+        f"upstream b {{ server 127.0.0.1:{backend}; keepalive 8; }}\n"
+        f"server {{ listen 127.0.0.1:{port};\n"
+        '  location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } }',
+    )
+
+
+def njs_conf(directory: Path, port: int, backend: int) -> str:
+    return _conf(
+        directory,
+        f"js_path {directory}; js_import m from main.js; js_preload_object clients from clients.json;\n"
+        f"upstream b {{ server 127.0.0.1:{backend}; keepalive 8; }}\n"
+        f"server {{ listen 127.0.0.1:{port}; location / {{ js_content m.go; }}\n"
+        '  location @b { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } }',
+    )
+
+
+def gateway_tree(prefix: Path, port: int, backend: int, log_port: int) -> dict[str, str]:
+    """The gateway's rendered tree: two instances of MODEL on the backend, one client key, limits high
+    enough never to bind, the log stream to `log_port`."""
+    configs = [
+        InstanceConfig(
+            name=f"i{n}",
+            provider_type="openai_compatible",
+            api_base=f"http://127.0.0.1:{backend}/v1",
+            supported_models=[MODEL],
+            retry_count=2,
+            max_rpm=UNBOUND,
+        )
+        for n in range(2)
+    ]
+    now = datetime.now(UTC)
+    key = ClientKey(
+        id="key_00000000000000b1",
+        name="bench",
+        key_hash=hashlib.sha256(KEY.encode()).hexdigest(),
+        key_prefix=KEY[:10],
+        key_last4=KEY[-4:],
+        rpm_limit=UNBOUND,
+        created_at=now,
+        updated_at=now,
+    )
+    policy = EdgePolicy(
+        ip_rpm=UNBOUND,
+        ip_burst=UNBOUND,
+        key_burst=UNBOUND,
+        classes=tuple(dataclasses.replace(c, rpm=UNBOUND, burst=UNBOUND) for c in DEFAULT_CLASSES),
+    )
+    world = World(
+        instances=tuple((c, InstanceState()) for c in configs),
+        routing=RoutingConfig(),
+        now=now,
+        addresses={"127.0.0.1": ("127.0.0.1",)},
+        client_keys=(key,),
+    )
+    server = ServerSettings(
+        prefix=str(prefix),
+        run_dir=str(prefix),
+        listen_address="127.0.0.1",
+        http_port=port,
+        worker_processes="1",
+        log_server=f"127.0.0.1:{log_port}",
+        edge=policy,
+    )
+    return render(build_spec(world, server)).files
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nginx did not listen on {port} within {seconds} s")
+
+
+def _stop(proc: subprocess.Popen[bytes], port: int) -> None:
+    """Fast shutdown. Under valgrind the signal only takes effect once nginx's event wait returns, so a
+    connection wakes it (a graceful stop would wait out nginx's keep-alive connections)."""
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.connect_ex(("127.0.0.1", port))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
+    if proc.poll() is None:
+        proc.kill()
+        raise RuntimeError("nginx did not stop")
+
+
+@contextlib.contextmanager
+def nginx(conf: Path, port: int, valgrind_out: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """nginx in the foreground as one process (under cachegrind when valgrind_out is given)."""
+    prefix = conf.parent
+    (prefix / "tmp").mkdir(exist_ok=True)
+    (prefix / "logs").mkdir(exist_ok=True)
+    command = ["nginx", "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off; master_process off;"]
+    if valgrind_out is not None:
+        command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={valgrind_out}"]
+        command += ["nginx", "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off; master_process off;"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        yield proc
+    finally:
+        _stop(proc, port)
+
+
+def instructions(
+    conf: Path, port: int, path: str, body: bytes, headers: dict[str, str], requests: int
+) -> int:
+    """Instructions nginx executed from start to exit, having served `requests` POSTs on one connection."""
+    out = conf.parent / "cachegrind.out"
+    with nginx(conf, port, out):
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(requests):
+            client.request("POST", path, body=body, headers=headers)
+            response = client.getresponse()
+            response.read()
+            if response.status != 200:
+                log = conf.parent / "error.log"
+                raise RuntimeError(
+                    f"HTTP {response.status}: {log.read_text()[-500:] if log.exists() else ''}"
+                )
+        client.close()
+    match = re.search(r"^summary: (\d+)", out.read_text(), re.M)
+    if match is None:
+        raise RuntimeError("no cachegrind summary")
+    return int(match.group(1))
+
+
+def per_request(conf: Path, port: int, path: str, body: bytes, headers: dict[str, str]) -> int:
+    many = instructions(conf, port, path, body, headers, MANY)
+    return (many - instructions(conf, port, path, body, headers, FEW)) // (MANY - FEW)
+
+
+def measure() -> dict[str, int]:
+    """Instructions per request: plain_proxy, gateway (the request path); trivial_njs, gateway_njs (the
+    njs hand-over alone) and njs_module_start (their difference)."""
+    if shutil.which("valgrind") is None:
+        raise RuntimeError("valgrind is not installed (apt-get install valgrind)")
+    counts: dict[str, int] = {}
+    json_headers = {"Content-Type": "application/json"}
+    with (
+        tempfile.TemporaryDirectory(prefix="ishgw-instructions-") as tmp,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as log_sink,
+    ):
+        root = Path(tmp)
+        log_sink.bind(("127.0.0.1", 0))  # the log stream's datagrams land here, unread
+        backend_port = free_port()
+        backend = root / "backend" / "nginx.conf"
+        backend.parent.mkdir()
+        backend.write_text(static_backend_conf(backend.parent, backend_port))
+        with nginx(backend, backend_port):
+            port = free_port()
+            plain = root / "plain" / "nginx.conf"
+            plain.parent.mkdir()
+            plain.write_text(plain_proxy_conf(plain.parent, port, backend_port))
+            body = chat_body(model=MODEL)
+            counts["plain_proxy"] = per_request(plain, port, "/v1/chat/completions", body, json_headers)
+
+            gateway = root / "gateway"  # prefix and configuration directory at once
+            gateway.mkdir()
+            tree = gateway_tree(gateway, port, backend_port, log_sink.getsockname()[1])
+            for name, text in tree.items():
+                (gateway / name).write_text(text)
+            headers = {**json_headers, "Authorization": f"Bearer {KEY}"}
+            counts["gateway"] = per_request(
+                gateway / "nginx.conf", port, "/v1/chat/completions", body, headers
+            )
+
+            modules = {"trivial_njs": TRIVIAL, "gateway_njs": with_hand_over(tree[MODULE])}
+            for name, module in modules.items():
+                directory = root / name
+                directory.mkdir()
+                (directory / "main.js").write_text(module)
+                (directory / "clients.json").write_text(tree["clients.json"])
+                (directory / "nginx.conf").write_text(njs_conf(directory, port, backend_port))
+                counts[name] = per_request(directory / "nginx.conf", port, "/", body, json_headers)
+    counts["njs_module_start"] = counts["gateway_njs"] - counts["trivial_njs"]
+    return counts
+
+
+def with_hand_over(module: str) -> str:
+    """The rendered module, also exporting a handler that does what TRIVIAL's does."""
+    body, export = module.rsplit("export default {", 1)
+    return body + HAND_OVER + "export default {go, " + export
+
+
+def main() -> int:
+    c = measure()
+    ratio = c["gateway"] / c["plain_proxy"]
+    print(
+        f"instructions per request: plain nginx proxy {c['plain_proxy']:,}; gateway {c['gateway']:,} "
+        f"({ratio:.2f}x). njs hand-over alone: trivial module {c['trivial_njs']:,}, the gateway's module "
+        f"{c['gateway_njs']:,}: its start costs {c['njs_module_start']:,}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
