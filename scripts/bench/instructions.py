@@ -172,8 +172,8 @@ def nginx(conf: Path, port: int, valgrind_out: Path | None = None) -> Iterator[s
     (prefix / "logs").mkdir(exist_ok=True)
     command = ["nginx", "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off; master_process off;"]
     if valgrind_out is not None:
-        command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={valgrind_out}"]
-        command += ["nginx", "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off; master_process off;"]
+        cachegrind = ["--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={valgrind_out}"]
+        command = ["valgrind", *cachegrind, *command]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port, proc)
