@@ -27,6 +27,14 @@ class Attempt(NamedTuple):
     response_ms: float | None
 
 
+class Limited(NamedTuple):
+    """A 429 answer as a pool's _429_<n> location noted it: which attempt, and its headers."""
+
+    attempt: int  # its index in LogRecord.attempts
+    retry_after: str
+    retry_after_ms: str
+
+
 class LogRecord(NamedTuple):  # a NamedTuple: a tenth of a frozen dataclass's construction cost
     at: float  # unix seconds
     request_id: str
@@ -38,11 +46,9 @@ class LogRecord(NamedTuple):  # a NamedTuple: a tenth of a frozen dataclass's co
     retry_after: str
     retry_after_ms: str
     key_id: str = ""
-    # A 429 that nginx did not retry in place (its pool's _429 location): which attempt, and its headers.
-    # nginx's own variables carry only the last attempt's headers.
-    limited_index: int = -1
-    limited_retry_after: str = ""
-    limited_retry_after_ms: str = ""
+    # 429s that nginx did not retry in place (a pool's _429_<n> locations): nginx's own variables carry
+    # only the last attempt's headers.
+    limited: tuple[Limited, ...] = ()
 
 
 # The keys of the JSON line of log_format gw_log in http.conf.j2, by what they hold.
@@ -61,9 +67,7 @@ FIELDS = {
     "bytes_sent": "bs",
     "uri": "uri",
     "client_id": "key",
-    "limited_upstream_addr": "xua",
-    "limited_retry_after": "xra",
-    "limited_retry_after_ms": "xram",
+    "limited_429s": "x429",
 }
 _MARK = f"{LOG_TAG}: "
 _MARK_BYTES = _MARK.encode()
@@ -106,11 +110,19 @@ def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, 
     return tuple(attempts)
 
 
-def _last_index(addresses: str) -> int:
-    """The index of the last attempt in an $upstream_addr value; -1 when empty."""
-    if not addresses or addresses == "-":
-        return -1
-    return len(_SPLIT.split(addresses)) - 1
+def parse_limited(text: str) -> tuple[Limited, ...]:
+    """$gw_429: "<$upstream_addr so far>|<Retry-After>|<retry-after-ms>;" per 429 caught. The addresses so
+    far end with the attempt that answered 429, so their count gives its index. Entries that do not
+    parse are skipped (their 429 gets the default cooldown)."""
+    if not text or text == "-":
+        return ()
+    found = []
+    for entry in text.split(";"):
+        addresses, _, headers = entry.partition("|")
+        retry_after, bar, retry_after_ms = headers.rpartition("|")
+        if addresses and bar:
+            found.append(Limited(len(_SPLIT.split(addresses)) - 1, retry_after, retry_after_ms))
+    return tuple(found)
 
 
 def parse_datagram(data: bytes) -> LogRecord | None:
@@ -140,9 +152,7 @@ def parse_datagram(data: bytes) -> LogRecord | None:
         retry_after=get("ra", ""),
         retry_after_ms=get("ram", ""),
         key_id=get("key", ""),
-        limited_index=_last_index(get("xua", "")),
-        limited_retry_after=get("xra", ""),
-        limited_retry_after_ms=get("xram", ""),
+        limited=parse_limited(get("x429", "")),
     )
 
 

@@ -50,6 +50,9 @@ class HealthService:
         self._in_flight: set[str] = set()
         self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
         self._session: aiohttp.ClientSession | None = None
+        # Set when a verdict may change membership: the flusher acts at once instead of at its next tick,
+        # so a rate-limited or failing instance leaves its pools sooner.
+        self._verdict = asyncio.Event()
         self.records = 0
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
         reconciler.observers.append(self.on_world)
@@ -73,6 +76,8 @@ class HealthService:
     def on_log(self, record: LogRecord) -> None:
         self.records += 1
         self.tracker.observe(record, time.monotonic())
+        if self.tracker.changed:
+            self._verdict.set()
         if self.metrics is not None:
             self.metrics.log_records.inc()
             for attempt in record.attempts:
@@ -101,6 +106,8 @@ class HealthService:
 
     def _record_probe(self, name: str, result: ProbeResult) -> None:
         self.tracker.probe(name, result, time.time())
+        if self.tracker.changed:
+            self._verdict.set()
         if self.metrics is not None:
             self.metrics.probes.labels(name, str(result.outcome)).inc()
 
@@ -171,7 +178,9 @@ class HealthService:
 
     async def run_flusher(self) -> None:
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._verdict.wait(), FLUSH_INTERVAL_S)
+            self._verdict.clear()
             try:
                 await self.flush()
             except Exception:  # keep flushing whatever one pass did

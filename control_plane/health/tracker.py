@@ -122,11 +122,12 @@ def _adopt(entry: InstanceHealth, state: InstanceState, now_mono: float, now_wal
 
 def _attempt_retry_after(record: LogRecord, index: int) -> float | None:
     """Seconds an attempt's 429 asked for, where the log line kept its headers: the last attempt's, and
-    the one nginx handed to the pool's _429 location; None for a 429 retried in place."""
+    those nginx handed to a pool's _429_<n> location; None for a 429 retried in place."""
     if index == len(record.attempts) - 1:
         return retry_after_seconds(record.retry_after, record.retry_after_ms, record.at)
-    if index == record.limited_index:
-        return retry_after_seconds(record.limited_retry_after, record.limited_retry_after_ms, record.at)
+    for limited in record.limited:
+        if limited.attempt == index:
+            return retry_after_seconds(limited.retry_after, limited.retry_after_ms, record.at)
     return None
 
 

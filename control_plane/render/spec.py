@@ -43,6 +43,9 @@ class Member:
     fail_timeout_s: int = 10
 
 
+MAX_429_LEVELS = 3  # rate-limited instances per request whose Retry-After is kept (see levels_429)
+
+
 @dataclass(frozen=True, order=True)
 class ProxyProfile:
     """The proxy settings pools share. One named location per profile serves every pool with it
@@ -57,6 +60,13 @@ class ProxyProfile:
     @property
     def name(self) -> str:
         return f"x_{self.family}_{self.kind}_{self.tries}_{self.read_timeout_s}_{self.total_timeout_s}"
+
+    @property
+    def levels_429(self) -> int:
+        """How many 429s in one request keep their own Retry-After. nginx exposes only the last attempt's
+        headers, so a 429 is not retried in place but handed (error_page) to the next of this many
+        twin locations, which logs it before retrying the pool; past the last, 429s are retried in place."""
+        return min(self.tries, MAX_429_LEVELS + 1) - 1
 
 
 @dataclass(frozen=True)

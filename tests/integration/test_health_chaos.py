@@ -261,6 +261,47 @@ def test_retried_429_keeps_the_instances_retry_after(
     assert 4 - 1.0 <= back < 10  # the instance's 4 s, not the 20 s default
 
 
+def test_two_429s_in_one_request_keep_their_own_retry_after(
+    gateway: Gateway, stubs: dict[str, StubServer]
+) -> None:
+    """Two plain local instances answer 429 (Retry-After 3 and 6) and one request meets both before the
+    third answers: each is out for its own time, not the 20 s default (a pool's _429_1 and _429_2
+    locations each note one)."""
+    names = ("slow3", "slow6", "fine")
+    for name in names:
+        register(gateway, name, start_stub(stubs, name), health={**FAST, "probe_interval_s": 60})
+    gateway.wait_applied()
+    wait_for(lambda: all(in_pool(gateway, n) for n in names), what="all in pool")
+    stubs["slow3"].set_mode("status", status=429, retry_after="3")
+    stubs["slow6"].set_mode("status", status=429, retry_after="6")
+
+    def request_ids(name: str) -> set[str]:
+        return {
+            r["headers"].get("x-request-id", "")
+            for r in stubs[name].requests()
+            if r["path"].endswith("/chat/completions")
+        }
+
+    answers = []
+    for _ in range(30):  # round robin: a request that tries both limited instances before the fine one
+        answers.append(gateway.client.post("/v1/chat/completions", json={"model": "m"}).status_code)
+        if request_ids("slow3") & request_ids("slow6"):
+            break
+    marked = time.monotonic()
+    assert request_ids("slow3") & request_ids("slow6") and set(answers) == {200}
+    wait_for(
+        lambda: not in_pool(gateway, "slow3") and not in_pool(gateway, "slow6"), timeout=3, what="both out"
+    )
+    for name in ("slow3", "slow6"):
+        stubs[name].set_mode("ok")
+    wait_for(lambda: in_pool(gateway, "slow3"), timeout=15, what="slow3 back")
+    back3 = time.monotonic() - marked
+    wait_for(lambda: in_pool(gateway, "slow6"), timeout=15, what="slow6 back")
+    back6 = time.monotonic() - marked
+    report("two 429s in one request, Retry-After 3 and 6", out_for_s=(round(back3, 2), round(back6, 2)))
+    assert 3 - 1.0 <= back3 < 6 and 6 - 1.0 <= back6 < 12  # each its own time, neither the 20 s default
+
+
 def test_reload_every_half_second_under_load(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
     three(gateway, stubs)
     stop = threading.Event()

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from control_plane.health import breaker as br
 from control_plane.health.logstream import (
+    Limited,
     LogRecord,
     format_line,
     parse_attempts,
     parse_datagram,
+    parse_limited,
     retry_after_seconds,
 )
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
@@ -180,24 +182,27 @@ def test_parse_datagram_and_attempt_lists() -> None:
     assert parse_datagram(line.split(b": ", 1)[0] + b": [1, 2]") is None  # JSON, not an object
     assert parse_datagram(b"garbage") is None
     assert parse_attempts("-", "-", "-") == ()
-    assert record.limited_index == -1  # no 429 went to a pool's _429 location
+    assert record.limited == ()  # no 429 went to a pool's _429_<n> location
 
 
-def test_parse_datagram_keeps_the_intercepted_429() -> None:
-    """The pool's _429 location logged the attempts up to the 429 it caught and that answer's headers."""
+def test_parse_datagram_keeps_the_intercepted_429s() -> None:
+    """Each _429_<n> location appended the attempts up to the 429 it caught and that answer's headers."""
     line = format_line(
         status="200",
-        upstream_addr="127.0.0.1:1, 127.0.0.1:2 : 127.0.0.1:3",
-        upstream_status="502, 429 : 200",
-        upstream_response_time="0.001, 0.002 : 0.009",
-        limited_upstream_addr="127.0.0.1:1, 127.0.0.1:2",
-        limited_retry_after="7",
-        limited_retry_after_ms="",
+        upstream_addr="127.0.0.1:1, 127.0.0.1:2 : 127.0.0.1:3 : 127.0.0.1:4",
+        upstream_status="502, 429 : 429 : 200",
+        upstream_response_time="0.001, 0.002 : 0.001 : 0.009",
+        limited_429s="127.0.0.1:1, 127.0.0.1:2|7|;"
+        "127.0.0.1:1, 127.0.0.1:2 : 127.0.0.1:3|Wed, 21 Oct 2026 07:28:30 GMT|1500;",
     )
     record = parse_datagram(line)
     assert record is not None
-    assert record.limited_index == 1 and record.attempts[1].status == 429
-    assert (record.limited_retry_after, record.limited_retry_after_ms) == ("7", "")
+    assert [(x.attempt, x.retry_after, x.retry_after_ms) for x in record.limited] == [
+        (1, "7", ""),
+        (2, "Wed, 21 Oct 2026 07:28:30 GMT", "1500"),
+    ]
+    assert [record.attempts[x.attempt].status for x in record.limited] == [429, 429]
+    assert parse_limited("127.0.0.1:1 no bars;;") == ()  # what does not parse is skipped
 
 
 @pytest.mark.parametrize(
@@ -301,8 +306,7 @@ def test_intercepted_429_sets_the_cooldown_of_the_attempt_it_belongs_to() -> Non
     t = tracker_with(config("a"), config("b"), config("c"))
     line = record("127.0.0.0:1 : 127.0.0.1:1, 127.0.0.2:1", 429, ra="5")._replace(
         attempts=parse_attempts("127.0.0.0:1 : 127.0.0.1:1, 127.0.0.2:1", "429 : 429, 429", "0 : 0, 0"),
-        limited_index=0,
-        limited_retry_after="2",
+        limited=(Limited(0, "2", ""),),
     )
     t.observe(line, now_mono=1)
     until = {name: t.instances[name].rate_limited_until for name in "abc"}

@@ -26,7 +26,7 @@ from control_plane.render.lookup_table import (
 )
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.quoting import UnsafeValue, nginx_quote
-from control_plane.render.spec import ProxyProfile, ServerSettings, World, build_spec
+from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettings, World, build_spec
 
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -35,8 +35,8 @@ LOCATIONS_PER_PROFILE = 2  # as sent, and with the body rewritten (alias or fall
 
 
 def locations_of(profile: ProxyProfile) -> int:
-    """A profile that retries has each location twice: the second takes over after a 429."""
-    return LOCATIONS_PER_PROFILE * (2 if profile.tries > 1 else 1)
+    """A profile that retries has each location again per level of 429s whose Retry-After it keeps."""
+    return LOCATIONS_PER_PROFILE * (1 + profile.levels_429)
 
 
 def spec_for(configs: list[InstanceConfig], routing: RoutingConfig | None = None):  # type: ignore[no-untyped-def]
@@ -160,13 +160,18 @@ def test_baseline_directive_set() -> None:
     assert counts["server"] >= 3  # the client server and one line per upstream member
 
 
-def test_a_retrying_pool_hands_its_first_429_to_a_location_that_keeps_its_retry_after() -> None:
-    """nginx exposes only the last attempt's headers, so a 429 is not retried in place: the pool's
-    location sends it to its _429 twin, which records the answer's Retry-After and then retries."""
+def test_a_retrying_pool_hands_each_429_to_a_location_that_keeps_its_retry_after() -> None:
+    """nginx exposes only the last attempt's headers, so a pool does not retry a 429 in place: its
+    location sends it to a _429_1 twin, which notes the answer's Retry-After and retries the pool; that
+    one hands the next 429 to _429_2, and so on up to levels_429; the last retries 429s in place."""
 
     def ollama(name: str) -> InstanceConfig:
         return InstanceConfig(
-            name=name, provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+            name=name,
+            provider_type="ollama",
+            api_base="http://127.0.0.1:1",
+            supported_models=["m"],
+            retry_count=9,
         )
 
     def locations(spec: Any) -> dict[str, dict[str, list[list[str]]]]:
@@ -180,20 +185,26 @@ def test_a_retrying_pool_hands_its_first_429_to_a_location_that_keeps_its_retry_
                     found[inner["args"][0]] = directives
         return found
 
-    two = locations(spec_for([ollama("a"), ollama("b")]))
-    main = [name for name in two if not name.endswith("_429")]
-    assert main and all(name + "_429" in two for name in main)
-    for name in main:
-        first, after = two[name], two[name + "_429"]
-        assert ["429", "=", name + "_429"] in first["error_page"]
-        assert "http_429" not in first["proxy_next_upstream"][0]
-        assert "http_429" in after["proxy_next_upstream"][0]
-        assert ["$gw_429_ra", "$upstream_http_retry_after"] in after["set"]
-        assert ["$gw_429_ua", "$upstream_addr"] in after["set"]
-        assert not any("429" in args for args in after["error_page"])  # no loop: retried in place
-        assert first["proxy_next_upstream_tries"] == after["proxy_next_upstream_tries"]
+    note = ["$gw_429", "$gw_429$upstream_addr|$upstream_http_retry_after|$upstream_http_retry_after_ms;"]
+    for members in (2, 3, 6):
+        spec = spec_for([ollama(f"i{n}") for n in range(members)])
+        levels = min(members, MAX_429_LEVELS + 1) - 1
+        found = locations(spec)
+        firsts = [name for name in found if "_429_" not in name]
+        assert (
+            firsts and len(firsts) % LOCATIONS_PER_PROFILE == 0 and len(found) == len(firsts) * (1 + levels)
+        )
+        for first in firsts:
+            chain = [first] + [f"{first}_429_{n}" for n in range(1, levels + 1)]
+            for level, name in enumerate(chain):
+                d = found[name]
+                last = level == levels
+                assert ("http_429" in d["proxy_next_upstream"][0]) is last
+                assert (["429", "=", f"{first}_429_{level + 1}"] in d["error_page"]) is not last
+                assert (note in d.get("set", [])) is (level > 0)
+                assert d["proxy_next_upstream_tries"] == [[str(members)]]
     one = locations(spec_for([ollama("a")]))  # one try: the 429 is the answer, its headers in the line
-    assert one and not any(name.endswith("_429") for name in one)
+    assert one and not any("_429" in name for name in one)
     assert all("http_429" in d["proxy_next_upstream"][0] for d in one.values())
 
 
