@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_PROBES_IN_FLIGHT = 64
 SCHEDULER_TICK_S = 0.25
 FLUSH_INTERVAL_S = 0.5
+FLUSH_GAP_S = 0.1  # the least time between two flushes, however often verdicts change
 
 
 class HealthService:
@@ -185,6 +186,7 @@ class HealthService:
                 await self.flush()
             except Exception:  # keep flushing whatever one pass did
                 log.exception("health flush failed")
+            await asyncio.sleep(FLUSH_GAP_S)
 
     async def context(self) -> AsyncIterator[None]:
         """Start everything; stop it on exit (an aiohttp cleanup_ctx body)."""
