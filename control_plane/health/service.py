@@ -63,7 +63,7 @@ class HealthService:
         self.configs = {c.name: c for c, _ in world.instances}
         self.secrets = dict(world.secrets)
         self.tracker.sync(
-            list(world.instances), spec.address_names(), time.monotonic(), time.time(), spec.shim_pools()
+            list(world.instances), spec.address_names(), time.monotonic(), time.time()
         )
         now = time.monotonic()
         for name in list(self._due):

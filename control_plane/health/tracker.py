@@ -24,10 +24,8 @@ from control_plane.registry.models import (
 
 PROBE_HISTORY = 50
 WINDOW_MAX = 2000
+# A 429 whose Retry-After the log line does not carry (none sent, or past a pool's last _429_<n> level).
 DEFAULT_429_COOLDOWN_S = 20.0
-# A shim's report of a 429 (with the instance's own Retry-After) stands in for the main log line's
-# attempt list, which cannot carry the headers of an attempt nginx retried elsewhere, for this long.
-SHIM_REPORT_S = 5.0
 CREDENTIAL_STATUSES = frozenset({401, 402, 403})
 
 
@@ -59,7 +57,6 @@ class InstanceHealth:
     health: HealthStatus = HealthStatus.UNKNOWN
     unhealthy_since: datetime | None = None
     rate_limited_until: float = 0.0  # unix seconds
-    reported_429_at: float = 0.0  # unix seconds of the last 429 a shim reported with its Retry-After
     quarantined: str | None = None
     total: int = 0
     successful: int = 0
@@ -135,7 +132,6 @@ class HealthTracker:
     def __init__(self) -> None:
         self.instances: dict[str, InstanceHealth] = {}
         self.addresses: dict[str, str] = {}
-        self.shim_pools: dict[str, str] = {}  # a shim's upstream name ($proxy_host there) -> instance
         self.changed = False  # membership may differ: reconcile
         self.dirty: set[str] = set()  # state worth persisting
 
@@ -146,12 +142,10 @@ class HealthTracker:
         addresses: dict[str, str],
         now_mono: float,
         now_wall: float,
-        shim_pools: dict[str, str] | None = None,
     ) -> None:
         """Follow the registry: a new entry adopts the stored verdicts (a restart changes nothing);
         a changed configuration lifts a quarantine."""
         self.addresses = dict(addresses)
-        self.shim_pools = dict(shim_pools or {})
         current = {c.name: (c, s) for c, s in instances}
         for name in list(self.instances):
             if name not in current:
@@ -175,10 +169,6 @@ class HealthTracker:
 
     # --- passive: one request log line ------------------------------------------------------------
     def observe(self, record: LogRecord, now_mono: float) -> None:
-        shim = self.shim_pools.get(record.pool)
-        if shim is not None:
-            self._shim_429(shim, record)
-            return
         last = len(record.attempts) - 1
         for index, attempt in enumerate(record.attempts):
             name = self.addresses.get(attempt.address)
@@ -234,24 +224,9 @@ class HealthTracker:
             self._mark(name, membership=True)
 
     def _rate_limit(self, name: str, entry: InstanceHealth, at: float, wait: float | None) -> None:
-        if wait is None and abs(at - entry.reported_429_at) < SHIM_REPORT_S:
-            return  # the instance's shim reported this 429 with its own Retry-After
         until = at + (wait if wait is not None else DEFAULT_429_COOLDOWN_S)
         if until > entry.rate_limited_until + 0.5:
             self._limit_until(name, entry, at, until)
-
-    def _shim_429(self, name: str, record: LogRecord) -> None:
-        """A shim server logs the 429s it passed on, with the instance's own Retry-After: that also
-        covers attempts nginx then retried on another instance. The instance's word sets the time,
-        even when it is shorter than a default taken from the main log line before."""
-        entry = self.instances.get(name)
-        wait = retry_after_seconds(record.retry_after, record.retry_after_ms, record.at)
-        if entry is None or record.status != 429 or wait is None:
-            return
-        entry.reported_429_at = record.at
-        until = record.at + wait
-        if abs(until - entry.rate_limited_until) > 0.5:
-            self._limit_until(name, entry, record.at, until)
 
     def _limit_until(self, name: str, entry: InstanceHealth, at: float, until: float) -> None:
         entry.rate_limited_until = until

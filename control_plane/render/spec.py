@@ -116,7 +116,7 @@ class Shim:
 
     @property
     def upstream(self) -> str:
-        """Its upstream block's name: also what $proxy_host holds in the shim's log lines."""
+        """Its upstream block's name."""
         return f"x_{self.id}"
 
 
@@ -188,10 +188,6 @@ class GatewaySpec:
     def profiles(self) -> list[ProxyProfile]:
         """The distinct proxy profiles of the pools that have members, in a stable order."""
         return sorted({pool.profile for pool in self.pools if pool.members})
-
-    def shim_pools(self) -> dict[str, str]:
-        """A shim's upstream name (what $proxy_host holds in its log lines) -> its instance."""
-        return {shim.upstream: shim.instance for shim in self.shims}
 
     def address_names(self) -> dict[str, str]:
         """Upstream address -> instance name, for naming the instance that answered."""

@@ -254,51 +254,6 @@ def test_tracker_429_honours_retry_after_and_expires() -> None:
     assert t.changed and t.state_fields("a", 1020, 3)["rate_limited_until"] is None
 
 
-def test_shim_report_sets_the_cooldown_of_a_retried_429() -> None:
-    """nginx retried the 429 elsewhere: the main line has no Retry-After, the instance's shim has."""
-    t = HealthTracker()
-    t.sync(
-        [(config("a"), InstanceState()), (config("b"), InstanceState())],
-        {"unix:/r/a.sock": "a", "127.0.0.1:2": "b"},
-        0,
-        0,
-        {"x_aaaa": "a"},
-    )
-    retried = LogRecord(
-        1000.0,
-        "r",
-        "p_m",
-        "m",
-        200,
-        5.0,
-        parse_attempts("unix:/r/a.sock, 127.0.0.1:2", "429, 200", "0.001, 0.002"),
-        "",
-        "",
-    )
-    shim_line = LogRecord(
-        1000.0, "r", "x_aaaa", "", 429, 1.0, parse_attempts("10.0.0.1:443", "429", "0.001"), "", "3000"
-    )
-
-    def until(name: str) -> float:
-        return t.instances[name].rate_limited_until
-
-    t.observe(shim_line, now_mono=1)  # the shim's line comes first: its answer ended first
-    t.observe(retried, now_mono=1)
-    assert until("a") == 1003.0 and until("b") == 0.0  # retry-after-ms: 3 s, not the 20 s default
-    assert t.instances["a"].total == 1  # the shim's line is not a second request
-
-    late = HealthTracker()  # lines out of order: the instance's word still wins over the default
-    late.sync([(config("a"), InstanceState())], {"unix:/r/a.sock": "a"}, 0, 0, {"x_aaaa": "a"})
-    late.observe(retried, now_mono=1)
-    assert late.instances["a"].rate_limited_until == 1000.0 + DEFAULT_429_COOLDOWN_S
-    late.observe(shim_line, now_mono=1)
-    assert late.instances["a"].rate_limited_until == 1003.0
-
-    plain = tracker_with(config("a"))  # no shim report: the default cooldown
-    plain.observe(record("127.0.0.0:1, 127.0.0.9:1", 429), now_mono=1)
-    assert plain.instances["a"].rate_limited_until == 1000.0 + DEFAULT_429_COOLDOWN_S
-
-
 def test_intercepted_429_sets_the_cooldown_of_the_attempt_it_belongs_to() -> None:
     """The 429 caught by the pool's _429 location keeps its Retry-After (2 s) for that attempt; a 429
     nginx retried in place after it has none in the line (default); the last attempt's own header
