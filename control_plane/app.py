@@ -89,7 +89,8 @@ def server_settings(settings: Settings) -> ServerSettings:
         upstream_ca_file=str(settings.upstream_ca_file),
         worker_rlimit_nofile=min(65535, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
         log_server=settings.log_listen if settings.log_stream_enabled else None,
-        http_redirect=settings.http_redirect,
+        redirect_mode=settings.http_redirect,
+        http_redirect=settings.http_redirect == "true",
         acme_webroot=str(acme_webroot(settings)),
         edge=edge_policy(settings, settings.client_max_body_size_mb),
     )

@@ -141,13 +141,33 @@ def stapling_chain(cert: str | None) -> str | None:
     return chain_file(cert)
 
 
+def verifiable(cert: str | None) -> bool:
+    """True for a readable certificate that clients can check without being told about it (not the
+    self-signed default)."""
+    if not cert:
+        return False
+    try:
+        return not read_cert(cert).self_signed
+    except CertError:
+        return False
+
+
+def redirects(server: ServerSettings) -> bool:
+    """Whether plain HTTP redirects to HTTPS: ISHGW_HTTP_REDIRECT=true always (with HTTPS on), auto only
+    once the certificate is one clients can verify, so the self-signed default keeps the API on HTTP."""
+    if not server.https_port or server.redirect_mode == "false":
+        return False
+    return server.redirect_mode == "true" or verifiable(server.tls_cert)
+
+
 def with_tls_facts(server: ServerSettings) -> ServerSettings:
     """`server` with the certificate-dependent settings filled in for this reconcile: a renewed or newly
     linked certificate takes effect without restarting the controller."""
     trusted = stapling_chain(server.tls_cert) if server.https_port else None
-    if trusted == server.tls_trusted_certificate:
+    redirect = redirects(server)
+    if trusted == server.tls_trusted_certificate and redirect == server.http_redirect:
         return server
-    return dataclasses.replace(server, tls_trusted_certificate=trusted)
+    return dataclasses.replace(server, tls_trusted_certificate=trusted, http_redirect=redirect)
 
 
 def tls_status(cert: str | None, now: datetime | None = None) -> dict[str, object]:
@@ -178,3 +198,17 @@ def describe(cert: str, info: CertInfo, now: datetime, stapling: bool) -> dict[s
         "self_signed": info.self_signed,
         "ocsp_stapling": stapling,
     }
+
+
+def http_mode(server: ServerSettings) -> dict[str, object]:
+    """The `http` part of /admin/status: what plain HTTP does and why."""
+    redirect = redirects(server)
+    if redirect:
+        why = "set to true" if server.redirect_mode == "true" else "the certificate is verifiable"
+    elif not server.https_port:
+        why = "HTTPS is off"
+    elif server.redirect_mode == "false":
+        why = "set to false"
+    else:
+        why = "the certificate is self-signed"
+    return {"redirect": redirect, "mode": server.redirect_mode, "reason": why}

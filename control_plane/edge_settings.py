@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from control_plane.registry import validators as v
-from control_plane.render.edge import ClassLimit, EdgePolicy, JwtFiles
+from control_plane.render.edge import CLASS_DEFAULT_RPM, ClassLimit, EdgePolicy, JwtFiles
 
 CidrList = Annotated[list[str], NoDecode]
 MAX_RPM = 10**6
@@ -66,16 +66,29 @@ class EdgeSettings(BaseSettings):
 
     # -- limits (0 switches a limit off) -------------------------------------------------------------------
     limit_key_burst: int = Field(default=10, ge=0, le=MAX_RPM, description="Burst of every per-key limit")
-    limit_ip_rpm: int = Field(default=6000, ge=0, le=MAX_RPM, description="Requests per minute per IP")
+    key_default_rpm: int = Field(
+        default=0, ge=0, le=MAX_RPM, description="Rate of keys created without rpm_limit; 0: no limit"
+    )
+    limit_ip_rpm: int = Field(
+        default=6000, ge=0, le=MAX_RPM, description="Per address, for requests without a valid key"
+    )
     limit_ip_burst: int = Field(default=500, ge=0, le=MAX_RPM)
-    limit_chat_rpm: int = Field(default=3000, ge=0, le=MAX_RPM, description="Per client (key or IP)")
+    # Per endpoint class. Unset: the class default binds anonymous and failed-authentication traffic only
+    # (per address); set: it binds every client (per key, or per address without one).
+    limit_chat_rpm: int | None = Field(default=None, ge=0, le=MAX_RPM, description="Default 3000, anonymous")
     limit_chat_burst: int = Field(default=300, ge=0, le=MAX_RPM)
-    limit_embeddings_rpm: int = Field(default=12000, ge=0, le=MAX_RPM, description="Per client (key or IP)")
+    limit_embeddings_rpm: int | None = Field(
+        default=None, ge=0, le=MAX_RPM, description="Default 12000, anonymous"
+    )
     limit_embeddings_burst: int = Field(default=1000, ge=0, le=MAX_RPM)
-    limit_uploads_rpm: int = Field(default=120, ge=0, le=MAX_RPM, description="Per client (key or IP)")
+    limit_uploads_rpm: int | None = Field(
+        default=None, ge=0, le=MAX_RPM, description="Default 120, anonymous"
+    )
     limit_uploads_burst: int = Field(default=20, ge=0, le=MAX_RPM)
     limit_conn_per_key: int = Field(default=256, ge=0, le=MAX_CONN, description="Concurrent requests per key")
-    limit_conn_per_ip: int = Field(default=512, ge=0, le=MAX_CONN, description="Concurrent requests per IP")
+    limit_conn_per_ip: int = Field(
+        default=512, ge=0, le=MAX_CONN, description="Concurrent requests per IP without a valid key"
+    )
     chat_max_body_mb: int | None = Field(default=None, ge=1, le=1024, description="Default: client_max_body")
     embeddings_max_body_mb: int | None = Field(default=None, ge=1, le=1024)
     uploads_max_body_mb: int | None = Field(default=None, ge=1, le=1024)
@@ -151,12 +164,17 @@ def edge_policy(settings: EdgeSettings, default_body_mb: int) -> EdgePolicy:
     """The rendered part of these settings."""
     s = settings
 
-    def cls(name: str, rpm: int, burst: int, body: int | None, body_t: int, send_t: int) -> ClassLimit:
-        return ClassLimit(name, rpm, burst, body or default_body_mb, body_t, send_t)
+    def cls(
+        name: str, rpm: int | None, burst: int, body: int | None, body_t: int, send_t: int
+    ) -> ClassLimit:
+        anonymous_only = rpm is None
+        rate = CLASS_DEFAULT_RPM[name] if rpm is None else rpm
+        return ClassLimit(name, rate, burst, body or default_body_mb, body_t, send_t, anonymous_only)
 
     return EdgePolicy(
         auth_required=s.auth_required,
         key_burst=s.limit_key_burst,
+        key_default_rpm=s.key_default_rpm,
         ip_rpm=s.limit_ip_rpm,
         ip_burst=s.limit_ip_burst,
         classes=(

@@ -21,6 +21,7 @@ from control_plane.errors import ReloadFailed
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import NginxProcess
 from control_plane.registry.store import Store
+from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, render
 from control_plane.render.quoting import UnsafeValue
 from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
@@ -78,6 +79,8 @@ class Reconciler:
         self._reloads = 0
         self._failures = 0
         self._reasons: list[str] = []
+        # API calls waiting for the pass that includes their write (read your writes).
+        self._waiters: list[asyncio.Future[ReconcileResult]] = []
         # Called with (world, spec) after every pass: the health service follows the registry this way.
         self.observers: list[Callable[[World, GatewaySpec], None]] = []
 
@@ -89,6 +92,14 @@ class Reconciler:
             self._reasons.append(reason)
         self._dirty.set()
 
+    async def apply(self, reason: str) -> ReconcileResult:
+        """Mark the world dirty and wait for the pass that includes this change: when it returns ok,
+        nginx serves the change on fresh connections. The write must be committed before the call."""
+        waiter: asyncio.Future[ReconcileResult] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.request(reason)
+        return await asyncio.shield(waiter)
+
     async def run(self) -> None:
         """The loop. Coalesces a burst of requests into one reconcile; never dies on an error."""
         while True:
@@ -96,13 +107,22 @@ class Reconciler:
                 await asyncio.wait_for(self._dirty.wait(), timeout=self.timing.resync_interval_s)
             except TimeoutError:
                 self.request("resync")
-            await self._debounce()
+            if self._waiters:
+                self._dirty.clear()  # someone waits: apply now; writes arriving meanwhile join the next pass
+            else:
+                await self._debounce()
             reasons, self._reasons, self._first_dirty = self._reasons, [], None
+            waiters, self._waiters = self._waiters, []
             log.debug("reconcile for %s", ", ".join(reasons))
             try:
-                await self.reconcile_now()
-            except Exception:  # the loop must survive anything; the error is in the result
+                result = await self.reconcile_now()
+            except Exception as exc:  # the loop must survive anything; the error is in the result
                 log.exception("reconcile failed")
+                error = f"reconcile failed: {type(exc).__name__}"
+                result = self._finish(False, False, None, -1, error, time.perf_counter())
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(result)
 
     async def watch_generation(self) -> None:
         """Several gateway nodes share one PostgreSQL registry: a change made through another node's API
@@ -269,4 +289,6 @@ class Reconciler:
             ],
             "excluded": dict(spec.excluded) if spec else {},
             "tls": certs.tls_status(self.server.tls_cert),
+            "http": certs.http_mode(self.server),
+            "limits": limits_in_force(self.server.edge),
         }

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from control_plane.edge_settings import EdgeSettings
+
+RedirectMode = Literal["auto", "true", "false"]
+_BOOL_WORDS = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
 
 # Unix socket paths are limited to 107 bytes on Linux; shim sockets live in run_dir.
 MAX_RUN_DIR_LEN = 80
@@ -33,7 +36,11 @@ class Settings(EdgeSettings):
     run_dir: Path | None = Field(default=None, description="Unix sockets; default <home>/run")
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    http_redirect: bool = Field(default=True, description="With HTTPS on, redirect plain HTTP to it")
+    http_redirect: RedirectMode = Field(
+        default="auto",
+        description="Redirect plain HTTP to HTTPS: auto (only with a certificate clients can verify, "
+        "not the self-signed default), true, false",
+    )
     acme_webroot: Path | None = Field(
         default=None, description="HTTP-01 challenge files; default <home>/acme"
     )
@@ -70,6 +77,16 @@ class Settings(EdgeSettings):
         description="How often to look for registry changes made by other nodes",
     )
     generations_kept: int = Field(default=5, ge=2, le=100)
+
+    @field_validator("http_redirect", mode="before")
+    @classmethod
+    def _redirect_word(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return _BOOL_WORDS.get(word, word)
+        return value
 
     @field_validator("status_allow", mode="before")
     @classmethod

@@ -46,6 +46,10 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_NGINX_USER     www-data when run as root            user of the nginx worker processes
   ISHGW_VENV           <repo>/.venv                         virtualenv the controller runs from
   ISHGW_DOMAIN         (none)                               extra names for the self-signed certificate
+  ISHGW_HTTP_REDIRECT  auto                                 plain HTTP -> HTTPS: auto (only once the certificate is
+                                                            one clients can verify, e.g. Let's Encrypt; with the
+                                                            self-signed default HTTP serves the API), true, false
+  ISHGW_KEY_DEFAULT_RPM 0                                   rate of client keys created without rpm_limit (0: none)
   Every other ISHGW_* setting of the controller (see README.md) is passed through and stored the same way.
   A variable set to the empty string drops a stored value (back to the default).
   Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600).
@@ -400,7 +404,7 @@ cmd_deploy() {
 
     ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}"
     ISHGW_VENV="${CFG[ISHGW_VENV]}"
-    ensure_venv ""
+    ensure_venv clients test # the SDKs the README shows; the test install has them too
     warn_unknown_settings
 
     if [ -n "${CFG[ISHGW_TLS_CERT]:-}${CFG[ISHGW_TLS_KEY]:-}" ] && ! tls_enabled && [ "${CFG[ISHGW_HTTPS_PORT]}" != 0 ]; then
@@ -442,19 +446,42 @@ cmd_deploy() {
     print_summary
 }
 
+# http_redirects: 0 when plain HTTP answers the API with a redirect to HTTPS (what the controller decided
+# from ISHGW_HTTP_REDIRECT and the certificate; /admin/status "http").
+http_redirects() {
+    local json
+    json="$(admin_get /admin/status 2>/dev/null)" || return 1
+    "$PYTHON" -c 'import json, sys; sys.exit(0 if (json.load(sys.stdin).get("http") or {}).get("redirect") else 1)' \
+        <<<"$json"
+}
+
 print_summary() {
     local key_where="$KEY_FILE"
     [ -z "${CFG[ISHGW_ADMIN_API_KEY]:-}" ] || key_where="ISHGW_ADMIN_API_KEY in $GATEWAY_ENV"
     echo "ISH Gateway is running (home $HOME_DIR)"
-    echo "  gateway      $HTTP_URL/v1  (health: $HTTP_URL/health)"
+    if http_redirects; then
+        echo "  gateway      $HTTP_URL redirects to HTTPS (ISHGW_HTTP_REDIRECT; health: $HTTP_URL/health)"
+    else
+        echo "  gateway      $HTTP_URL/v1  (health: $HTTP_URL/health)"
+    fi
     if tls_enabled; then
-        echo "  gateway TLS  $HTTPS_URL/v1  (certificate $TLS_CERT)"
+        echo "  gateway TLS  $HTTPS_URL/v1  (certificate $TLS_CERT$(self_signed_hint))"
     fi
     echo "  admin API    $ADMIN_URL/admin/  (header X-Admin-API-Key)"
     echo "  admin key    $key_where"
     echo "  settings     $GATEWAY_ENV"
     echo "  logs         $CONTROLLER_LOG, $NGINX_ERROR_LOG"
     echo "  next         $PROG status | logs -f | stop"
+}
+
+# self_signed_hint: how clients trust the self-signed default (nothing for a CA-issued certificate).
+self_signed_hint() {
+    local subject issuer
+    subject="$(openssl x509 -in "$TLS_CERT" -noout -subject 2>/dev/null | sed 's/^subject=//')"
+    issuer="$(openssl x509 -in "$TLS_CERT" -noout -issuer 2>/dev/null | sed 's/^issuer=//')"
+    if [ -n "$subject" ] && [ "$subject" = "$issuer" ]; then
+        printf '; self-signed: curl --cacert %s, SSL_CERT_FILE=%s for the SDKs' "$TLS_CERT" "$TLS_CERT"
+    fi
 }
 
 cmd_stop() {
@@ -478,6 +505,14 @@ inst = s.get("instances") or {}
 print(f"config      checksum {s.get('checksum') or '-'}, generation {s.get('generation')}"
       f" ({applied.get('generation', '-')} applied), {inst.get('enabled', 0)} of {inst.get('total', 0)}"
       f" instances enabled, {s.get('reloads', 0)} reloads, {s.get('reload_failures', 0)} failed")
+http = s.get("http") or {}
+if http:
+    does = "redirects to HTTPS" if http.get("redirect") else "serves the API"
+    print(f"http        plain HTTP {does} (ISHGW_HTTP_REDIRECT={http.get('mode')}: {http.get('reason')})")
+limits = s.get("limits") or {}
+for who, values in limits.items():
+    shown = ", ".join(f"{k} {v}" for k, v in values.items())
+    print(f"limits      {who.replace('_', ' ')}: {shown}")
 failed = bool(last) and not last.get("ok", True)
 if failed:
     print(f"            LAST RELOAD FAILED at {last.get('at')}: {last.get('error')}")

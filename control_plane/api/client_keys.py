@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from control_plane.api.keys import RECONCILER, STORE
+from control_plane.api.apply import apply_change, respond, wants_wait
+from control_plane.api.keys import STORE
 from control_plane.errors import InvalidInput
 from control_plane.registry.client_keys import (
     UPDATABLE_KEY_FIELDS,
@@ -41,10 +42,6 @@ def _key_id(request: web.Request) -> str:
     return key_id
 
 
-def _changed(request: web.Request, reason: str) -> None:
-    request.app[RECONCILER].request(reason)
-
-
 def _target(request: web.Request, key: ClientKey) -> None:
     request[AUDIT_TARGET] = f"{key.id} ({key.name})"
 
@@ -57,11 +54,12 @@ async def list_keys(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     from control_plane.api.routes import _read_object, validate_strict
 
+    wait = wants_wait(request)
     settings = validate_strict(ClientKeySettings, await _read_object(request))
     key, secret = await _run(_keys(request).create, settings)
     _target(request, key)
-    _changed(request, f"client key {key.id} created")
-    return web.json_response({**key.public(), "key": secret}, status=201)
+    applied = await apply_change(request, f"client key {key.id} created", wait)
+    return respond(applied, {**key.public(), "key": secret}, 201)
 
 
 async def get_key(request: web.Request) -> web.Response:
@@ -83,6 +81,7 @@ async def update_key(request: web.Request) -> web.Response:
     from control_plane.api.routes import _read_object
 
     key_id = _key_id(request)
+    wait = wants_wait(request)
     changes = await _read_object(request)
     unknown = [
         {"field": str(k), "message": "unknown field"} for k in changes if k not in UPDATABLE_KEY_FIELDS
@@ -91,12 +90,13 @@ async def update_key(request: web.Request) -> web.Response:
         raise InvalidInput(unknown)
     key = await _run(_update, _keys(request), key_id, changes)
     _target(request, key)
-    _changed(request, f"client key {key.id} updated")
-    return web.json_response(key.public())
+    applied = await apply_change(request, f"client key {key.id} updated", wait)
+    return respond(applied, key.public(), 200)
 
 
 async def delete_key(request: web.Request) -> web.Response:
-    key = await _run(_keys(request).delete, _key_id(request))
+    key_id = _key_id(request)
+    wait = wants_wait(request)
+    key = await _run(_keys(request).delete, key_id)
     _target(request, key)
-    _changed(request, f"client key {key.id} deleted")
-    return web.Response(status=204)
+    return respond(await apply_change(request, f"client key {key.id} deleted", wait), None, 204)

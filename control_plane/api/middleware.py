@@ -35,7 +35,8 @@ class ApiError(Exception):
 
 
 def _body(error: str, detail: object = None) -> dict[str, object]:
-    return {"error": error} if detail is None else {"error": error, "detail": detail}
+    """Every admin error has both fields: a stable code and what went wrong."""
+    return {"error": error, "detail": error.replace("_", " ") if detail is None else detail}
 
 
 def _message(msg: str) -> str:
@@ -55,7 +56,14 @@ def _http_exception_response(exc: web.HTTPException) -> web.Response:
         k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")
     }
     error = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
-    return web.json_response(_body(error), status=exc.status, headers=headers)
+    detail = f"{exc.reason}: {request_line(exc)}" if exc.status in (404, 405) else exc.reason
+    return web.json_response(_body(error, detail), status=exc.status, headers=headers)
+
+
+def request_line(exc: web.HTTPException) -> str:
+    if exc.status == 405 and "Allow" in exc.headers:
+        return f"allowed methods are {exc.headers['Allow']}"
+    return "no such admin route (GET /admin/openapi.json lists them)"
 
 
 def error_response(exc: Exception) -> web.StreamResponse:
@@ -73,7 +81,9 @@ def error_response(exc: Exception) -> web.StreamResponse:
     if isinstance(exc, web.HTTPException):
         return _http_exception_response(exc)
     log.exception("unhandled error in admin API", exc_info=exc)
-    return web.json_response(_body("internal_error"), status=500)
+    return web.json_response(
+        _body("internal_error", "the controller failed to answer; its log has the details"), status=500
+    )
 
 
 @web.middleware
@@ -185,7 +195,11 @@ def _needs_auth(request: web.Request) -> bool:
 
 
 def _unauthorized() -> web.Response:
-    return web.json_response(_body("unauthorized"), status=401, headers={"WWW-Authenticate": "Bearer"})
+    return web.json_response(
+        _body("unauthorized", f"send the admin key in {KEY_HEADER} or Authorization: Bearer"),
+        status=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def _throttled(retry_after: int) -> web.Response:

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from control_plane.health.probes import Outcome
 from control_plane.registry import importers
 from control_plane.registry import validators as v
 from control_plane.registry.models import (
@@ -258,7 +259,7 @@ def _runtime_schemas() -> dict[str, Schema]:
         "ProbeResult": _object(
             {
                 "name": {"type": "string"},
-                "outcome": {"enum": ["ok", "fail", "credential_rejected", "rate_limited"]},
+                "outcome": {"enum": [str(o) for o in Outcome]},
                 "detail": {"type": "string"},
                 "latency_ms": {"type": "number"},
                 "models": {"type": "array", "items": {"type": "string"}},
@@ -310,6 +311,13 @@ def _parameters() -> Schema:
             "required": False,
             "schema": {"type": "string", "enum": ["json", "yaml"], "default": "json"},
         },
+        "Wait": {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "description": "true: answer once nginx serves the change (read your writes); false: 202 at once",
+            "schema": {"type": "string", "enum": ["true", "false", "1", "0"], "default": "true"},
+        },
     }
 
 
@@ -340,6 +348,17 @@ def _responses() -> Schema:
         "PayloadTooLarge": _error("The body is larger than the server accepts"),
         "UnsupportedMediaType": _error("The body's Content-Type is not accepted"),
         "InvalidInput": _error("Validation failed; nothing was changed", "ValidationError"),
+        "Accepted": {
+            "description": "Stored, but nginx does not serve it yet (?wait=false, or the reconcile failed: "
+            "GET /admin/status); the usual answer's fields, plus these",
+            "content": _json(
+                {
+                    "type": "object",
+                    "required": ["applied", "detail"],
+                    "properties": {"applied": {"const": False}, "detail": {"type": "string"}},
+                }
+            ),
+        },
         "TooManyRequests": _error(
             "Too many failed authentications from this address",
             headers={"Retry-After": _header("Seconds until the window ends", {"type": "integer"})},
@@ -546,6 +565,32 @@ def _runtime_paths() -> Schema:
     }
 
 
+# Operations that change what nginx serves: they wait for it (control_plane/api/apply.py).
+APPLYING_OPERATIONS = frozenset(
+    {
+        "create_instance",
+        "migrate_instances",
+        "delete_instance",
+        "update_instance_config",
+        "put_instance_state",
+        "import_config",
+        "put_routing",
+        "create_key",
+        "update_key",
+        "delete_key",
+    }
+)
+
+
+def _with_apply(paths: Schema) -> Schema:
+    for item in paths.values():
+        for operation in item.values():
+            if isinstance(operation, dict) and operation.get("operationId") in APPLYING_OPERATIONS:
+                operation["parameters"] = [*operation.get("parameters", []), _ref("Wait", "parameters")]
+                operation["responses"]["202"] = _ref("Accepted", "responses")
+    return paths
+
+
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document for the admin API."""
     from control_plane.api import openapi_edge  # it builds on the helpers above
@@ -553,6 +598,7 @@ def build_openapi() -> dict[str, Any]:
     paths: Schema = {}
     for part in (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths):
         paths.update(part())
+    paths = _with_apply(paths)
     return {
         "openapi": "3.1.0",
         "info": {

@@ -20,6 +20,7 @@ from pydantic_core import to_jsonable_python
 
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
+from control_plane.api.apply import apply_change, respond, wants_wait
 from control_plane.api.keys import HEALTH, RECONCILER, STORE
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
@@ -58,10 +59,6 @@ async def _run(fn: Callable[..., T], *args: Any) -> T:
 
 def _store(request: web.Request) -> Store:
     return request.app[STORE]
-
-
-def _changed(request: web.Request, reason: str) -> None:
-    request.app[RECONCILER].request(reason)
 
 
 def _invalid(field: str, message: str) -> InvalidInput:
@@ -191,14 +188,15 @@ def _create(store: Store, config: InstanceConfig) -> Pair:
 
 
 async def create_instance(request: web.Request) -> web.Response:
+    wait = wants_wait(request)
     data = await _read_object(request)
     if is_masked(data.get("api_key")):
         raise _invalid("api_key", "is a masked value; send the real key or a reference env:NAME / file:/path")
     config = validate_strict(InstanceConfig, data)
     check_unreserved([config.name])
     pair = await _run(_create, _store(request), config)
-    _changed(request, f"instance {config.name} created")
-    return web.json_response(_item(*pair), status=201)
+    applied = await apply_change(request, f"instance {config.name} created", wait)
+    return respond(applied, _item(*pair), 201)
 
 
 async def get_instance(request: web.Request) -> web.Response:
@@ -208,9 +206,9 @@ async def get_instance(request: web.Request) -> web.Response:
 
 async def delete_instance(request: web.Request) -> web.Response:
     name = _path_name(request)
+    wait = wants_wait(request)
     await _run(_store(request).delete_instance, name)
-    _changed(request, f"instance {name} deleted")
-    return web.Response(status=204)
+    return respond(await apply_change(request, f"instance {name} deleted", wait), None, 204)
 
 
 async def get_config(request: web.Request) -> web.Response:
@@ -241,14 +239,16 @@ def merge_config(current: InstanceConfig, changes: dict[str, Any]) -> InstanceCo
 
 async def update_config(request: web.Request) -> web.Response:
     name = _path_name(request)
+    wait = wants_wait(request)
     changes = check_patch(name, await _read_object(request))
     store = _store(request)
     current, _ = await _run(store.get_instance, name)
     updated = merge_config(current, changes)
-    if updated != current:
-        await _run(store.replace_config, updated)
-        _changed(request, f"instance {name} configuration updated")
-    return web.json_response(config_json(updated))
+    if updated == current:
+        return web.json_response(config_json(updated))
+    await _run(store.replace_config, updated)
+    applied = await apply_change(request, f"instance {name} configuration updated", wait)
+    return respond(applied, config_json(updated), 200)
 
 
 async def get_state(request: web.Request) -> web.Response:
@@ -266,10 +266,11 @@ def _set_status(store: Store, name: str, update: StateUpdate) -> InstanceState:
 
 async def put_state(request: web.Request) -> web.Response:
     name = _path_name(request)
+    wait = wants_wait(request)
     update = validate_strict(StateUpdate, await _read_json(request))
     state = await _run(_set_status, _store(request), name, update)
-    _changed(request, f"instance {name} status {update.status.value}")
-    return web.json_response(state.model_dump(mode="json"))
+    applied = await apply_change(request, f"instance {name} status {update.status.value}", wait)
+    return respond(applied, state.model_dump(mode="json"), 200)
 
 
 async def check_instance(request: web.Request) -> web.Response:
@@ -371,13 +372,14 @@ def _apply_migration(store: Store, parsed: Migration, merge: bool) -> None:
 
 async def migrate(request: web.Request) -> web.Response:
     merge = _choice(request, "mode", MODES) == "merge"
+    wait = wants_wait(request)
     body = await _read_json(request)
     store = _store(request)
     parsed = parse_migration(body, await _run(_existing, store))
     await _run(_apply_migration, store, parsed, merge)
-    _changed(request, "migration imported")
     names = [config.name for config, _ in parsed]
-    return web.json_response({"imported": names, "count": len(names)})
+    applied = await apply_change(request, "migration imported", wait)
+    return respond(applied, {"imported": names, "count": len(names)}, 200)
 
 
 def _export(store: Store, fmt: str) -> str:
@@ -415,12 +417,13 @@ def _import(store: Store, doc: dict[str, Any], merge: bool) -> tuple[int, int]:
 
 async def import_config(request: web.Request) -> web.Response:
     merge = _choice(request, "mode", MODES) == "merge"
+    wait = wants_wait(request)
     if request.content_type not in JSON_TYPES | YAML_TYPES:
         raise ApiError(415, "unsupported_media_type", "expected application/json or application/yaml")
     doc = await _read_document(request)
     count, generation = await _run(_import, _store(request), doc, merge)
-    _changed(request, "configuration imported")
-    return web.json_response({"imported": count, "generation": generation})
+    applied = await apply_change(request, "configuration imported", wait)
+    return respond(applied, {"imported": count, "generation": generation}, 200)
 
 
 # -- routing, status, reload, health, openapi ------------------------------------------------------------
@@ -432,10 +435,11 @@ async def get_routing(request: web.Request) -> web.Response:
 
 
 async def put_routing(request: web.Request) -> web.Response:
+    wait = wants_wait(request)
     routing = validate_strict(RoutingConfig, await _read_json(request))
     await _run(_store(request).set_routing, routing)
-    _changed(request, "routing updated")
-    return web.json_response(routing.model_dump(mode="json"))
+    applied = await apply_change(request, "routing updated", wait)
+    return respond(applied, routing.model_dump(mode="json"), 200)
 
 
 def _counts(store: Store) -> tuple[int, int, int]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from urllib.parse import urlsplit
 
 from control_plane import providers
-from control_plane.providers import DEFAULT_AZURE_API_VERSION
 from control_plane.registry.models import InstanceConfig, ProviderType
 
 LIGHTRAG_TAG = "probe=lightrag"
@@ -19,6 +19,12 @@ class Outcome(StrEnum):
     FAIL = "fail"
     CREDENTIAL = "credential_rejected"
     RATE_LIMITED = "rate_limited"
+    # The instance answered, but not on the probe's path: says nothing about its health.
+    UNSUPPORTED = "probe_path_unsupported"
+
+
+# Answers that mean "no such endpoint here", not "down".
+UNSUPPORTED_STATUSES = frozenset({404, 405, 501})
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class ProbeRequest:
     headers: dict[str, str]
     models_from: str  # "ollama" | "data" | "none"
     lenient: bool = False  # reachable is enough (no list endpoint)
+    reachable: bool = False  # an operator's probe_path: any 2xx is healthy
 
 
 @dataclass(frozen=True)
@@ -36,31 +43,30 @@ class ProbeResult:
     latency_ms: float
     models: tuple[str, ...] = field(default_factory=tuple)
     retry_after_s: float | None = None
+    http_status: int | None = None  # None: no HTTP answer (connection refused, timeout, TLS)
 
 
 def probe_request(config: InstanceConfig, secret: str | None) -> ProbeRequest | None:
+    """What to ask: the model list by the same path mapping as traffic (providers.models_path), or the
+    operator's ``health.probe_path`` on the instance's origin."""
     base = providers.base_url(config)
     if base is None:
         return None
     headers = providers.auth_headers(config, secret)
     parts = urlsplit(base)
     root = f"{parts.scheme}://{parts.netloc}"
+    if config.health.probe_path:
+        return ProbeRequest(root + config.health.probe_path, headers, "none", lenient=False, reachable=True)
     if LIGHTRAG_TAG in config.tags:
         return ProbeRequest(f"{root}/health", headers, "none")
+    path = providers.models_path(config)
     match config.provider_type:
         case ProviderType.OLLAMA:
-            return ProbeRequest(f"{base}/api/tags", headers, "ollama")
-        case ProviderType.ANTHROPIC:
-            return ProbeRequest(f"{base}/v1/models", headers, "data")
-        case ProviderType.AZURE:
-            version = config.api_version or DEFAULT_AZURE_API_VERSION
-            return ProbeRequest(f"{base}/openai/models?api-version={version}", headers, "data")
+            return ProbeRequest(root + path, headers, "ollama")
         case ProviderType.PERPLEXITY:
-            return ProbeRequest(f"{base}/models", headers, "none", lenient=True)
-        case ProviderType.VLLM if not parts.path:
-            return ProbeRequest(f"{base}/v1/models", headers, "data")
+            return ProbeRequest(root + path, headers, "none", lenient=True)
         case _:
-            return ProbeRequest(f"{base}/models", headers, "data")
+            return ProbeRequest(root + path, headers, "data")
 
 
 def _models(body: bytes, kind: str) -> tuple[str, ...]:
@@ -93,14 +99,30 @@ def evaluate(
     request: ProbeRequest, status: int, body: bytes, latency_ms: float, retry_after_s: float | None = None
 ) -> ProbeResult:
     """Read one probe answer."""
+    result = _outcome(request, status, body, latency_ms, retry_after_s)
+    return dataclasses.replace(result, http_status=status)
+
+
+def _outcome(
+    request: ProbeRequest, status: int, body: bytes, latency_ms: float, retry_after_s: float | None
+) -> ProbeResult:
     if status in (401, 402, 403):
         return ProbeResult(Outcome.CREDENTIAL, f"HTTP {status}: credential rejected", latency_ms)
     if status == 429:
         return ProbeResult(Outcome.RATE_LIMITED, "HTTP 429", latency_ms, retry_after_s=retry_after_s)
+    if request.reachable and 200 <= status < 300:
+        return ProbeResult(Outcome.OK, f"HTTP {status}", latency_ms)
     if status == 200:
         if request.models_from == "none" and request.url.endswith("/health") and not _lightrag_ok(body):
             return ProbeResult(Outcome.FAIL, "health endpoint did not report a healthy status", latency_ms)
         return ProbeResult(Outcome.OK, "HTTP 200", latency_ms, _models(body, request.models_from))
     if request.lenient and status < 500:
         return ProbeResult(Outcome.OK, f"HTTP {status} (reachable)", latency_ms)
+    if status in UNSUPPORTED_STATUSES:
+        return ProbeResult(
+            Outcome.UNSUPPORTED,
+            f"HTTP {status} from {urlsplit(request.url).path}: the probe path is not served here "
+            "(set health.probe_path); traffic decides this instance's health",
+            latency_ms,
+        )
     return ProbeResult(Outcome.FAIL, f"HTTP {status}", latency_ms)

@@ -106,7 +106,7 @@ class HealthService:
         return result
 
     def _record_probe(self, name: str, result: ProbeResult) -> None:
-        self.tracker.probe(name, result, time.time())
+        self.tracker.probe(name, result, time.time(), time.monotonic())
         if self.tracker.changed:
             self._verdict.set()
         if self.metrics is not None:

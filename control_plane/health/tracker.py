@@ -6,6 +6,7 @@ flusher) feed it and persist what it decides. `changed` tells them when membersh
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,6 +65,7 @@ class InstanceHealth:
     last_error: str | None = None
     last_error_time: datetime | None = None
     last_used_at: float = 0.0  # unix seconds
+    last_traffic_ok_at: float | None = None  # monotonic: the last request this instance answered well
     discovered: tuple[str, ...] = ()
     probe_latency_ms: float | None = None
     last_probe_at: datetime | None = None
@@ -193,6 +195,7 @@ class HealthTracker:
             ok = verdict == "ok"
             if ok:
                 entry.successful += 1
+                entry.last_traffic_ok_at = now_mono
             else:
                 entry.errors += 1
                 entry.last_error = f"HTTP {attempt.status}" if attempt.status else "no response"
@@ -234,10 +237,14 @@ class HealthTracker:
         self._mark(name, membership=True)
 
     # --- active: probes ---------------------------------------------------------------------------
-    def probe(self, name: str, result: ProbeResult, now_wall: float) -> None:
+    def probe(self, name: str, result: ProbeResult, now_wall: float, now_mono: float | None = None) -> None:
         entry = self.instances.get(name)
         if entry is None:
             return
+        if result.outcome is Outcome.FAIL and self._traffic_vouches(entry, result, now_mono):
+            result = dataclasses.replace(
+                result, outcome=Outcome.UNSUPPORTED, detail=f"{result.detail}; ignored: real traffic succeeds"
+            )
         entry.probes.append(
             {
                 "at": _utc(now_wall).isoformat(),
@@ -248,6 +255,8 @@ class HealthTracker:
         )
         entry.probe_latency_ms, entry.last_probe_at = result.latency_ms, _utc(now_wall)
         self.dirty.add(name)
+        if result.outcome is Outcome.UNSUPPORTED:
+            return  # neither healthy nor unhealthy: the log stream's verdict decides
         if result.outcome is Outcome.RATE_LIMITED:
             self._rate_limit(name, entry, now_wall, result.retry_after_s)
             return
@@ -269,6 +278,14 @@ class HealthTracker:
             entry.probe_ok_streak = 0
             entry.last_error, entry.last_error_time = f"probe: {result.detail}", _utc(now_wall)
         self._probe_verdict(name, entry, now_wall)
+
+    @staticmethod
+    def _traffic_vouches(entry: InstanceHealth, result: ProbeResult, now_mono: float | None) -> bool:
+        """An HTTP-level probe failure never outvotes real traffic that succeeded in the same window
+        (a probe that cannot reach the instance at all still counts)."""
+        if result.http_status is None or now_mono is None or entry.last_traffic_ok_at is None:
+            return False
+        return now_mono - entry.last_traffic_ok_at <= entry.policy.breaker_window_s
 
     def _probe_verdict(self, name: str, entry: InstanceHealth, now_wall: float) -> None:
         if entry.health is not HealthStatus.HEALTHY and entry.probe_ok_streak >= entry.policy.rise:

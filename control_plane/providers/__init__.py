@@ -140,22 +140,45 @@ def auth_headers(config: InstanceConfig, secret: str | None) -> dict[str, str]:
     return headers
 
 
+def _base_path(config: InstanceConfig) -> str:
+    return urlsplit(base_url(config) or "").path.rstrip("/")
+
+
+def openai_prefix(config: InstanceConfig) -> str:
+    """The provider-side path that a client's ``/v1`` stands for (OpenAI family, not Azure)."""
+    base_path = _base_path(config)
+    if config.provider_type is ProviderType.OLLAMA:
+        return base_path + "/v1"
+    return base_path if base_path else provider_of(config).default_openai_prefix
+
+
+def models_path(config: InstanceConfig) -> str:
+    """The provider's model list, by the same path mapping as traffic: what an active probe asks."""
+    base_path = _base_path(config)
+    match config.provider_type:
+        case ProviderType.OLLAMA:
+            return base_path + "/api/tags"
+        case ProviderType.ANTHROPIC:
+            return base_path + "/v1/models"
+        case ProviderType.AZURE:
+            version = config.api_version or DEFAULT_AZURE_API_VERSION
+            return f"{base_path}/openai/models?api-version={version}"
+        case _:
+            return openai_prefix(config) + "/models"
+
+
 def upstream_path(config: InstanceConfig, endpoint: Endpoint, deployment: str | None = None) -> str:
     """The provider-side path (with query where needed) for a client endpoint.
 
     For Azure the deployment is a placeholder filled per request; pass it when known.
     """
-    base = base_url(config) or ""
-    base_path = urlsplit(base).path.rstrip("/")
+    base_path = _base_path(config)
     if config.provider_type is ProviderType.AZURE:
         version = config.api_version or DEFAULT_AZURE_API_VERSION
         suffix = endpoint.path.removeprefix("/v1")
         return f"{base_path}/openai/deployments/{deployment or '{deployment}'}{suffix}?api-version={version}"
     if endpoint.family is ApiFamily.OPENAI:
-        prefix = base_path if base_path else provider_of(config).default_openai_prefix
-        if config.provider_type is ProviderType.OLLAMA:
-            prefix = base_path + "/v1"
-        return prefix + endpoint.path.removeprefix("/v1")
+        return openai_prefix(config) + endpoint.path.removeprefix("/v1")
     return base_path + endpoint.path
 
 

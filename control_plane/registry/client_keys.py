@@ -67,7 +67,12 @@ class ClientKeySettings(BaseModel):
     allowed_models: list[ModelPattern] = Field(
         default_factory=list, max_length=512, description="Model names or 'prefix*' patterns; empty: all"
     )
-    rpm_limit: int = Field(default=600, ge=0, le=10**6, description="Requests per minute; 0: no key limit")
+    rpm_limit: int | None = Field(
+        default=None,
+        ge=0,
+        le=10**6,
+        description="Requests per minute; 0: no key limit; null: ISHGW_KEY_DEFAULT_RPM (default 0: none)",
+    )
     tpm_limit: int = Field(default=0, ge=0, le=10**10, description="Tokens per minute (stored; 0: none)")
     expires_at: datetime | None = Field(default=None, description="RFC 3339 with a timezone; null: never")
     enabled: bool = True

@@ -78,6 +78,13 @@ class HealthPolicy(BaseModel):
     latency_floor_ms: float = Field(
         default=1000.0, ge=0, le=600_000, description="Ignore degradation below this"
     )
+    probe_path: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*$",
+        description="Path (and query) probed on the instance's origin instead of its model list; "
+        "any 2xx answer is healthy",
+    )
 
 
 class BreakerState(StrEnum):

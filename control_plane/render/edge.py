@@ -78,7 +78,8 @@ HOP_BY_HOP_REQUEST = ("Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connectio
 
 @dataclass(frozen=True)
 class ClassLimit:
-    """Limits of one endpoint class (chat, embeddings, uploads), per client (key, or IP without one)."""
+    """Limits of one endpoint class (chat, embeddings, uploads). The rate counts per client (key, or IP
+    without one); a default rate (``anonymous_only``) binds only requests without a valid key."""
 
     name: str
     rpm: int
@@ -86,8 +87,15 @@ class ClassLimit:
     body_mb: int
     body_timeout_s: int
     send_timeout_s: int
+    anonymous_only: bool = True
+
+    @property
+    def setting(self) -> str:
+        return f"ISHGW_LIMIT_{self.name.upper()}_RPM"
 
 
+# What a class limit is when its ISHGW_LIMIT_<CLASS>_RPM is unset (then it binds anonymous traffic only).
+CLASS_DEFAULT_RPM = {"chat": 3000, "embeddings": 12000, "uploads": 120}
 DEFAULT_CLASSES = (
     ClassLimit("chat", 3000, 300, 16, 60, 300),
     ClassLimit("embeddings", 12000, 1000, 16, 60, 60),
@@ -112,6 +120,7 @@ class EdgePolicy:
 
     auth_required: bool = True
     key_burst: int = 10
+    key_default_rpm: int = 0  # for keys without their own rpm_limit
     ip_rpm: int = 6000
     ip_burst: int = 500
     classes: tuple[ClassLimit, ...] = DEFAULT_CLASSES
@@ -204,7 +213,7 @@ def build_edge(
                     id=key.id,
                     key_hash=key.key_hash,
                     models=tuple(key.allowed_models),
-                    rpm=key.rpm_limit,
+                    rpm=policy.key_default_rpm if key.rpm_limit is None else key.rpm_limit,
                     expires=_epoch(key.expires_at),
                     enabled=key.enabled,
                 )
@@ -248,10 +257,30 @@ def clients_data(edge: EdgeSpec) -> dict[str, object]:
         "jwt": jwt,
         "retry": {
             "ip": policy.ip_rpm,
-            "classes": {c.name: c.rpm for c in policy.classes},
+            "classes": {
+                c.name: {"rpm": c.rpm, "all": not c.anonymous_only, "setting": c.setting}
+                for c in policy.classes
+            },
             "paths": dict(edge.class_of_path),
+            "conn_key": policy.conn_per_key,
+            "conn_ip": policy.conn_per_ip,
         },
     }
+
+
+def limits_in_force(policy: EdgePolicy) -> dict[str, object]:
+    """The gateway's own limits as /admin/status and `deploy-load-balancer.sh status` show them."""
+    anonymous: dict[str, object] = {"per_address_rpm": policy.ip_rpm, "concurrent": policy.conn_per_ip}
+    keyed: dict[str, object] = {
+        "per_key_rpm": "the key's rpm_limit (0: none)",
+        "burst": policy.key_burst,
+        "concurrent": policy.conn_per_key,
+    }
+    for c in policy.classes:
+        (anonymous if c.anonymous_only else keyed)[f"{c.name}_rpm"] = c.rpm
+        if not c.anonymous_only:
+            anonymous[f"{c.name}_rpm"] = c.rpm
+    return {"with_valid_key": keyed, "without_valid_key": anonymous}
 
 
 def preloaded_files(edge: EdgeSpec) -> dict[str, str]:

@@ -159,7 +159,10 @@ class ServerSettings:
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
     log_server: str | None = None  # "127.0.0.1:port": the controller's UDP syslog receiver
-    http_redirect: bool = True  # with HTTPS on, plain HTTP redirects (but for ACME and /health)
+    # With HTTPS on, plain HTTP redirects (but for ACME and /health). Resolved per reconcile from
+    # redirect_mode ("auto": only with a certificate clients can verify) by control_plane.certs.
+    http_redirect: bool = False
+    redirect_mode: str = "auto"
     edge: EdgePolicy = field(default_factory=EdgePolicy)  # client auth, limits, IP filters
     acme_webroot: str | None = None
     # Issuer chain for OCSP stapling; set per reconcile (control_plane.certs) only when stapling can work.

@@ -271,22 +271,35 @@ function clientRpm(r) {
     return identify(r).rpm;
 }
 
-// Seconds until the tightest limit that applies to this request lets one more through.
-function retryAfter(r) {
-    var rates = [];
-    var rpm = Number(identify(r).rpm);
-    if (rpm) {
-        rates.push(rpm);
+// The limit that said no, named with the setting that raises it, and the seconds until it lets one more
+// request through. A key is the unit of quota: a client with a valid key meets its key's limits (and a
+// class limit only where an operator set one); per-address limits bind requests without a valid key.
+function bindingLimit(r) {
+    var client = identify(r);
+    var retry = clients.retry;
+    var keyed = client.id !== '';
+    if (r.variables.limit_conn_status === 'REJECTED') {
+        return {wait: 1, text: keyed
+            ? 'this client already has ' + retry.conn_key + ' requests in progress (ISHGW_LIMIT_CONN_PER_KEY)'
+            : 'this address already has ' + retry.conn_ip + ' requests in progress without a valid key '
+                + '(ISHGW_LIMIT_CONN_PER_IP)'};
     }
-    if (clients.retry.ip) {
-        rates.push(clients.retry.ip);
+    var best = {rpm: 0, text: 'a rate limit of this gateway'};
+    var consider = function (rpm, text) {
+        if (rpm && (!best.rpm || rpm < best.rpm)) {
+            best = {rpm: rpm, text: text};
+        }
+    };
+    if (keyed) {
+        consider(Number(client.rpm), 'the limit of ' + client.rpm + ' requests per minute of this key or token '
+            + '(its rpm_limit: PUT /admin/keys/<id>; JWT: the rpm claim)');
+    } else {
+        consider(retry.ip, retry.ip + ' requests per minute per address without a valid key (ISHGW_LIMIT_IP_RPM)');
     }
-    var cls = clients.retry.paths[r.uri];
-    if (cls && clients.retry.classes[cls]) {
-        rates.push(clients.retry.classes[cls]);
+    var cls = retry.classes[retry.paths[r.uri]];
+    if (cls && (cls.all || !keyed)) {
+        consider(cls.rpm, cls.rpm + ' requests per minute for this endpoint class per '
+            + (keyed ? 'key' : 'address without a valid key') + ' (' + cls.setting + ')');
     }
-    if (!rates.length || r.variables.limit_conn_status === 'REJECTED') {
-        return 1;
-    }
-    return Math.max(1, Math.ceil(60 / Math.min.apply(null, rates)));
+    return {wait: best.rpm ? Math.max(1, Math.ceil(60 / best.rpm)) : 1, text: best.text};
 }

@@ -99,8 +99,10 @@ function routeAs(r, client) {
     var found = resolve(r, ep.key, asked);
     if (found === undefined) {
         var available = tableList(r, 'l:' + ep.key);
+        var served = available.length ? 'Available: ' + available.join(', ')
+            : 'No ' + ep.kind + ' model is served here for ' + r.uri;
         return fail(r, family, 404, 'not_found_error',
-            'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
+            'The model ' + JSON.stringify(asked) + ' is not served here. ' + served,
             {available_models: available});
     }
     if (!allows(client, found.model, asked)) {
@@ -225,10 +227,10 @@ function anyFamily(r) {
 
 // error_page 429 target: limit_req / limit_conn said no.
 function rateLimited(r) {
-    var wait = retryAfter(r);
-    r.headersOut['Retry-After'] = String(wait);
+    var limit = bindingLimit(r);
+    r.headersOut['Retry-After'] = String(limit.wait);
     fail(r, anyFamily(r), 429, 'rate_limit_error',
-        'Too many requests: a rate or concurrency limit of this gateway was reached; retry in ' + wait + ' s');
+        'Too many requests: the gateway\'s limit was reached: ' + limit.text + '; retry in ' + limit.wait + ' s');
 }
 
 // error_page 403 target: the client's address is not allowed.

@@ -28,15 +28,21 @@ ensure_apt_packages() {
     fi
 }
 
-# ensure_venv EXTRAS: a virtualenv at $ISHGW_VENV (default .venv) with the project installed.
+# ensure_venv EXTRAS [SUPERSET...]: a virtualenv at $ISHGW_VENV (default .venv) with the project installed
+# with EXTRAS; an install with one of the SUPERSET extras (which include EXTRAS) counts as well.
 ensure_venv() {
-    local extras="${1:-}" venv="${ISHGW_VENV:-$ISHGW_ROOT/.venv}" stamp
+    local extras="${1:-}" venv="${ISHGW_VENV:-$ISHGW_ROOT/.venv}" stamp candidate
     local python="${ISHGW_PYTHON:-python3}"
     if [ ! -x "$venv/bin/python" ]; then
         log "creating virtualenv $venv"
         "$python" -m venv "$venv" || die "python3 -m venv failed (apt-get install python3-venv)"
     fi
     stamp="$venv/.ishgw-installed${extras:+-$extras}"
+    for candidate in "${@:2}"; do
+        if [ -f "$venv/.ishgw-installed-$candidate" ] && [ ! "$ISHGW_ROOT/pyproject.toml" -nt "$venv/.ishgw-installed-$candidate" ]; then
+            stamp="$venv/.ishgw-installed-$candidate"
+        fi
+    done
     if [ ! -f "$stamp" ] || [ "$ISHGW_ROOT/pyproject.toml" -nt "$stamp" ]; then
         log "installing the project into $venv${extras:+ (with $extras)}"
         "$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true

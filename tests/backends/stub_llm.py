@@ -111,6 +111,9 @@ class StubConfig:
     answer_bytes: int = 300
     embedding_dim: int = 16
     record: bool = True
+    # Serve the API only under this prefix (404 elsewhere), as llama.cpp, LM Studio or TGI serve /v1/...
+    api_prefix: str = ""
+    model_list: bool = True  # False: GET .../models and /api/tags answer 404 (a server without a list)
 
 
 @dataclass
@@ -360,6 +363,10 @@ class StubApp:
             return self.requests_endpoint(request)
 
         handler = self._route(method, path)
+        if self.cfg.api_prefix and not path.startswith(self.cfg.api_prefix + "/"):
+            handler = None
+        if not self.cfg.model_list and method == "GET" and (path.endswith("/models") or path == "/api/tags"):
+            handler = None
         raw = await request.read() if request.body_exists else b""
         body: Any = None
         bad_json: str | None = None
@@ -1119,6 +1126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer-bytes", type=int, default=_env_int("STUB_ANSWER_BYTES", 300))
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--no-record", dest="record", action="store_false", help="disable the /_requests log")
+    p.add_argument("--api-prefix", default="", help="serve the API only under this path prefix, e.g. /v1")
+    p.add_argument("--no-model-list", dest="model_list", action="store_false", help="404 for model lists")
     return p.parse_args(argv)
 
 
@@ -1133,6 +1142,8 @@ def main(argv: list[str] | None = None) -> None:
         answer_bytes=max(1, args.answer_bytes),
         embedding_dim=max(1, args.embedding_dim),
         record=args.record,
+        api_prefix=args.api_prefix.rstrip("/"),
+        model_list=args.model_list,
     )
     if args.processes <= 1:
         _run_worker(cfg, args.host, args.port, False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -32,6 +33,8 @@ import httpx
 import pytest
 
 from control_plane import certs
+from control_plane.render.spec import ServerSettings
+from control_plane.settings import Settings
 from tests.integration.gateway import ROOT, Gateway, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -99,6 +102,32 @@ def test_self_signed_certificate_gets_no_stapling(tmp_path: Path) -> None:
     assert 800 <= int(status["days_left"]) <= 825  # type: ignore[call-overload]
     assert certs.tls_status(None) == {"enabled": False}
     assert "error" in certs.tls_status(str(tmp_path / "missing.pem"))
+
+
+def test_plain_http_redirects_only_with_a_certificate_clients_can_verify(tmp_path: Path) -> None:
+    """ISHGW_HTTP_REDIRECT=auto (the default): the self-signed default keeps the API on plain HTTP, as the
+    quick start says; a CA-issued certificate (Let's Encrypt) turns the redirect on; true/false force it."""
+    run(GENERATE, tmp_path / "self")
+    (tmp_path / "ca").mkdir()
+    _, issued, _ = make_ca(tmp_path / "ca")
+    self_signed = str(tmp_path / "self" / "cert.pem")
+    server = ServerSettings(prefix="/x", run_dir="/x", https_port=8443)
+    expected = {
+        ("auto", self_signed): False,
+        ("auto", str(issued)): True,
+        ("true", self_signed): True,
+        ("false", str(issued)): False,
+    }
+    for (mode, cert), redirect in expected.items():
+        settings = dataclasses.replace(server, tls_cert=cert, redirect_mode=mode)
+        assert certs.redirects(settings) is redirect, (mode, cert)
+        assert certs.with_tls_facts(settings).http_redirect is redirect
+        assert certs.http_mode(settings)["redirect"] is redirect
+    no_https = dataclasses.replace(server, https_port=0, tls_cert=str(issued), redirect_mode="true")
+    assert certs.redirects(no_https) is False
+    assert Settings(http_redirect="1").http_redirect == "true"  # type: ignore[arg-type]
+    assert Settings(http_redirect="FALSE").http_redirect == "false"  # type: ignore[arg-type]
+    assert Settings().http_redirect == "auto"
 
 
 # --- a local ACME CA ----------------------------------------------------------------------------------------
@@ -402,7 +431,7 @@ def tls_env() -> Iterator[Env]:
     https_port = free_port()
     gateway = Gateway(
         home=home,
-        extra_env={"ISHGW_HTTPS_PORT": str(https_port), "ISHGW_HTTP_REDIRECT": "true"},
+        extra_env={"ISHGW_HTTPS_PORT": str(https_port)},  # ISHGW_HTTP_REDIRECT: auto, the default
     )
     # What deploy writes: the scripts read the running gateway's settings from gateway.env.
     settings = {k: gateway.env[k] for k in gateway.env if k.startswith("ISHGW_") and k != "ISHGW_HOME"}
@@ -423,25 +452,18 @@ def tls_env() -> Iterator[Env]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-# --- HTTP: redirect everything but ACME and /health -------------------------------------------------------
+# --- HTTP with the self-signed default: the API on plain HTTP (no redirect into an untrusted certificate)
 
 
-def test_http_redirects_to_https_except_acme_and_health(tls_env: Env) -> None:
+def test_self_signed_default_serves_the_api_on_plain_http(tls_env: Env) -> None:
     gw = tls_env.gateway
     client = httpx.Client(base_url=gw.url, follow_redirects=False, trust_env=False, timeout=5)
-    response = client.get("/v1/models?x=1", headers={"Host": DOMAIN})
-    assert response.status_code == 301
-    assert response.headers["location"] == f"https://{DOMAIN}:{tls_env.https_port}/v1/models?x=1"
-    assert client.post("/v1/chat/completions", headers={"Host": DOMAIN}).status_code == 301
-    assert client.get("/health").status_code == 200
-    assert client.get("/.well-known/acme-challenge/missing").status_code == 404  # not a redirect
-    challenge = gw.home / "acme" / ".well-known" / "acme-challenge" / "token-1"
-    challenge.write_text("token-1.thumbprint")
-    answer = client.get("/.well-known/acme-challenge/token-1")
-    assert (answer.status_code, answer.text) == (200, "token-1.thumbprint")
-    assert answer.headers["content-type"].startswith("text/plain")
-    assert "strict-transport-security" not in answer.headers  # HSTS only over HTTPS
-    challenge.unlink()
+    assert client.get("/v1/models").status_code == 401  # the API itself (no key), not a 301
+    assert gw.status()["http"] == {
+        "redirect": False,
+        "mode": "auto",
+        "reason": "the certificate is self-signed",
+    }
     client.close()
 
 
@@ -523,6 +545,29 @@ def cron_command(cron: str) -> str:
     match = re.match(r"^(\S+\s+){5}root\s+(.*)$", lines[0])
     assert match is not None, lines[0]
     return match.group(2)
+
+
+# --- HTTP once the certificate is CA-issued: redirect everything but ACME and /health ---------------------
+
+
+def test_http_redirects_to_https_except_acme_and_health(tls_env: Env) -> None:
+    gw = tls_env.gateway
+    assert gw.status()["http"]["redirect"] is True  # auto: pebble's certificate is one clients can verify
+    client = httpx.Client(base_url=gw.url, follow_redirects=False, trust_env=False, timeout=5)
+    response = client.get("/v1/models?x=1", headers={"Host": DOMAIN})
+    assert response.status_code == 301
+    assert response.headers["location"] == f"https://{DOMAIN}:{tls_env.https_port}/v1/models?x=1"
+    assert client.post("/v1/chat/completions", headers={"Host": DOMAIN}).status_code == 301
+    assert client.get("/health").status_code == 200
+    assert client.get("/.well-known/acme-challenge/missing").status_code == 404  # not a redirect
+    challenge = gw.home / "acme" / ".well-known" / "acme-challenge" / "token-1"
+    challenge.write_text("token-1.thumbprint")
+    answer = client.get("/.well-known/acme-challenge/token-1")
+    assert (answer.status_code, answer.text) == (200, "token-1.thumbprint")
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert "strict-transport-security" not in answer.headers  # HSTS only over HTTPS
+    challenge.unlink()
+    client.close()
 
 
 def test_ocsp_response_is_stapled(tls_env: Env) -> None:

@@ -129,9 +129,14 @@ class FakeReconciler:
     reasons: list[str] = field(default_factory=list)
     result: FakeResult = field(default_factory=lambda: FakeResult(True, True, "abc", 1, None))
     forced: list[bool] = field(default_factory=list)
+    applied: FakeResult = field(default_factory=lambda: FakeResult(True, True, "abc", 1, None))
 
     def request(self, reason: str) -> None:
         self.reasons.append(reason)
+
+    async def apply(self, reason: str) -> FakeResult:
+        self.reasons.append(reason)
+        return self.applied
 
     async def reconcile_now(self, *, force: bool = False) -> FakeResult:
         self.forced.append(force)
@@ -225,7 +230,7 @@ async def test_missing_and_wrong_key_are_401(api: Api) -> None:
     ):
         status, body, resp_headers = await api.call("GET", "/admin/instances", auth=False, headers=headers)
         assert status == 401
-        assert body == {"error": "unauthorized"}
+        assert body["error"] == "unauthorized" and "X-Admin-API-Key" in body["detail"]
         assert resp_headers["WWW-Authenticate"] == "Bearer"
 
 
@@ -245,11 +250,13 @@ async def test_public_routes_need_no_key(api: Api) -> None:
 
 
 async def test_unknown_routes_answer_json(api: Api) -> None:
+    """Every error has `error` (a stable code) and `detail` (what went wrong), as the README promises."""
     assert (await api.call("GET", "/admin/nope", auth=False))[0] == 401
-    assert (await api.call("GET", "/admin/nope"))[:2] == (404, {"error": "not_found"})
-    assert (await api.call("GET", "/elsewhere", auth=False))[:2] == (404, {"error": "not_found"})
+    for path, auth in (("/admin/nope", True), ("/elsewhere", False)):
+        status, body, _ = await api.call("GET", path, auth=auth)
+        assert (status, body["error"]) == (404, "not_found") and "openapi.json" in body["detail"]
     status, body, headers = await api.call("PATCH", "/admin/routing")
-    assert (status, body) == (405, {"error": "method_not_allowed"})
+    assert (status, body["error"]) == (405, "method_not_allowed") and "PUT" in body["detail"]
     assert "PUT" in headers["Allow"]
 
 
@@ -487,7 +494,8 @@ async def test_body_errors(api: Api) -> None:
 async def test_unexpected_errors_are_500_without_traceback(api: Api) -> None:
     api.store.fail_with = RuntimeError("database is on fire at /secret/path")
     status, body, _ = await api.call("GET", "/admin/instances")
-    assert (status, body) == (500, {"error": "internal_error"})
+    assert (status, body["error"]) == (500, "internal_error")
+    assert set(body) == {"error", "detail"} and "/secret/path" not in body["detail"]
 
 
 async def test_trailing_newline_is_rejected(api: Api) -> None:

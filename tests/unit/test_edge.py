@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -310,6 +311,10 @@ class Recorder:
     def request(self, reason: str) -> None:
         self.reasons.append(reason)
 
+    async def apply(self, reason: str) -> SimpleNamespace:
+        self.reasons.append(reason)
+        return SimpleNamespace(ok=True)
+
 
 @dataclass
 class Api:
@@ -349,7 +354,7 @@ async def test_key_lifecycle(api: Api) -> None:
     )
     assert status == 201
     secret = created["key"]
-    assert secret.startswith("ishgw-") and created["rpm_limit"] == 600 and created["enabled"] is True
+    assert secret.startswith("ishgw-") and created["rpm_limit"] is None and created["enabled"] is True
     assert created["key_prefix"] == secret[:10] and created["key_last4"] == secret[-4:]
     assert "key_hash" not in created
     assert api.store.generation() == generation + 1 and api.reconciler.reasons

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from control_plane import providers
 from control_plane.health import breaker as br
 from control_plane.health.logstream import (
     Limited,
@@ -370,3 +372,94 @@ def test_utilization_against_max_rpm() -> None:
     for i in range(5):
         t.observe(record("127.0.0.0:1", 200, at=1000.0 + i), now_mono=1)
     assert t.state_fields("a", 1010, 1)["utilization_percentage"] == 50.0
+
+
+# -- probe paths: one mapping for probes and traffic (issue: openai_compatible without a path) -------------
+
+PROBE_CASES = [
+    # provider, api_base, the probe's path
+    ("openai_compatible", "http://h:1", "/v1/models"),
+    ("openai_compatible", "http://h:1/", "/v1/models"),
+    ("openai_compatible", "http://h:1/v1", "/v1/models"),
+    ("openai_compatible", "http://h:1/api/v2", "/api/v2/models"),
+    ("vllm", "http://h:1", "/v1/models"),
+    ("vllm", "http://h:1/v1", "/v1/models"),
+    ("vllm", None, "/v1/models"),
+    ("openai", None, "/v1/models"),
+    ("openai", "https://proxy.example/openai/v1", "/openai/v1/models"),
+    ("perplexity", None, "/models"),
+    ("zai", None, "/api/paas/v4/models"),
+    ("ollama", "http://h:1", "/api/tags"),
+    ("ollama", "http://h:1/ollama", "/ollama/api/tags"),
+    ("anthropic", None, "/v1/models"),
+    ("anthropic", "http://h:1/claude", "/claude/v1/models"),
+    ("azure", "https://r.openai.azure.com", "/openai/models?api-version=2024-10-21"),
+]
+
+
+@pytest.mark.parametrize(("provider", "base", "path"), PROBE_CASES)
+def test_probe_and_traffic_paths_agree(provider: str, base: str | None, path: str) -> None:
+    """The probe asks the model list where traffic goes: the same prefix as the chat endpoint's path."""
+    c = InstanceConfig(name="x", provider_type=provider, api_base=base)  # type: ignore[arg-type]
+    request = probe_request(c, None)
+    assert request is not None
+    parts = urlsplit(request.url)
+    assert parts.path + (f"?{parts.query}" if parts.query else "") == path
+    assert request.url.startswith(f"{urlsplit(providers.base_url(c)).scheme}://")
+    if provider == "azure":
+        return  # deployments: /openai/deployments/<d>/... against /openai/models, both under api_base
+    family = {"ollama": "ollama", "anthropic": "anthropic"}.get(provider, "openai")
+    listing = {"ollama": "/api/tags", "anthropic": "/v1/models", "openai": "/models"}[family]
+    endpoints = [e for e in providers.endpoints_for(c) if e.family == family]
+    assert endpoints
+    for endpoint in endpoints:
+        suffix = endpoint.path.removeprefix("/v1") if family == "openai" else endpoint.path
+        traffic_prefix = providers.upstream_path(c, endpoint).removesuffix(suffix)
+        assert traffic_prefix == path.removesuffix(listing), endpoint.path
+
+
+def test_probe_path_setting_and_unsupported_answers() -> None:
+    c = InstanceConfig(
+        name="x", provider_type="openai_compatible", api_base="http://h:1", health={"probe_path": "/healthz"}
+    )
+    request = probe_request(c, None)
+    assert request is not None and request.url == "http://h:1/healthz"
+    assert evaluate(request, 204, b"", 1.0).outcome is Outcome.OK
+    plain = InstanceConfig(name="y", provider_type="openai_compatible", api_base="http://h:1")
+    default = probe_request(plain, None)
+    assert default is not None
+    for status in (404, 405, 501):
+        result = evaluate(default, status, b"", 1.0)
+        assert result.outcome is Outcome.UNSUPPORTED and "probe_path" in result.detail
+        assert result.http_status == status
+    assert evaluate(default, 500, b"", 1.0).outcome is Outcome.FAIL
+    with pytest.raises(ValueError, match="probe_path"):
+        InstanceConfig(name="z", provider_type="vllm", health={"probe_path": "healthz\n"})
+
+
+def test_unsupported_probes_never_change_health() -> None:
+    t = tracker_with(config())
+    unsupported = ProbeResult(Outcome.UNSUPPORTED, "HTTP 404", 1.0, http_status=404)
+    for _ in range(POLICY.fall * 3):
+        t.probe("a", unsupported, 0, 0)
+    assert t.instances["a"].health is HealthStatus.UNKNOWN and not t.changed
+
+
+def test_http_probe_failures_never_outvote_successful_traffic() -> None:
+    t = tracker_with(config())
+    t.observe(record("127.0.0.0:1", 200), now_mono=100)
+    http_fail = ProbeResult(Outcome.FAIL, "HTTP 500", 1.0, http_status=500)
+    for i in range(POLICY.fall * 2):
+        t.probe("a", http_fail, 0, 100 + i)
+    assert t.instances["a"].health is HealthStatus.UNKNOWN
+    assert "real traffic succeeds" in str(t.history("a")[-1]["detail"])
+    # A probe that gets no HTTP answer at all still counts, and so does an HTTP failure once traffic is old.
+    refused = ProbeResult(Outcome.FAIL, "refused", 1.0)
+    for _ in range(POLICY.fall):
+        t.probe("a", refused, 0, 101)
+    assert t.instances["a"].health is HealthStatus.UNHEALTHY
+    t2 = tracker_with(config())
+    t2.observe(record("127.0.0.0:1", 200), now_mono=100)
+    for _ in range(POLICY.fall):
+        t2.probe("a", http_fail, 0, 100 + POLICY.breaker_window_s + 1)
+    assert t2.instances["a"].health is HealthStatus.UNHEALTHY
