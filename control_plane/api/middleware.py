@@ -204,7 +204,11 @@ def _unauthorized() -> web.Response:
 
 def _throttled(retry_after: int) -> web.Response:
     return web.json_response(
-        _body("too_many_requests", "too many failed authentications"),
+        _body(
+            "too_many_requests",
+            "too many failed authentications from this address (ISHGW_ADMIN_AUTH_FAILURE_LIMIT per "
+            "ISHGW_ADMIN_AUTH_FAILURE_WINDOW_S)",
+        ),
         status=429,
         headers={"Retry-After": str(retry_after)},
     )
