@@ -20,7 +20,7 @@ from typing import NamedTuple
 from control_plane.registry import validators as v
 
 MAX_SECRET_FILE = 64 * 1024
-_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=")
+_ENV_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=")  # as deploy reads it (read_env_file)
 RESERVED_ENV_PREFIX = "ISHGW_"
 
 
