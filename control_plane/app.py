@@ -123,11 +123,12 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def prepare_secret_dirs(settings: Settings) -> None:
-    """The default home of provider secret files: root's alone (0700)."""
-    if settings.secret_dirs is None:
-        for path in settings.secret_directories:
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(path, 0o700)
+    """secrets/ and the default home of provider secret files, secrets/providers/: root's alone (0700)."""
+    secrets_dir = settings.home / "secrets"
+    paths = [secrets_dir, secrets_dir / "providers"] if settings.secret_dirs is None else [secrets_dir]
+    for path in paths:
+        path.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:

@@ -200,7 +200,7 @@ def test_secret_references_stay_where_provider_secrets_live(
     gw = secrets_gateway
     backend = start_stub(stubs, "cloud")
     secrets = gw.home / "secrets" / "providers"
-    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    assert stat.S_IMODE(secrets.stat().st_mode) == stat.S_IMODE(secrets.parent.stat().st_mode) == 0o700
     (secrets / "escape").symlink_to("/etc/passwd")
     refused = {
         "file:/etc/passwd": "not inside ISHGW_SECRET_DIRS",
