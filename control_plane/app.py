@@ -24,6 +24,7 @@ from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middl
 from control_plane.api.routes import setup_routes
 from control_plane.edge_settings import edge_policy
 from control_plane.health.service import HealthService
+from control_plane.local_access import Workers, nginx_workers, prepare_socket_dir
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import NginxProcess
 from control_plane.reconciler import Reconciler, ReconcileTiming
@@ -68,10 +69,11 @@ def tls_files(settings: Settings) -> tuple[str | None, str | None]:
     return None, None
 
 
-def server_settings(settings: Settings) -> ServerSettings:
+def server_settings(settings: Settings, workers: Workers | None = None) -> ServerSettings:
     run_dir = settings.sockets_dir
     if len(str(run_dir)) > MAX_RUN_DIR_LEN:
         raise ValueError(f"ISHGW_RUN_DIR {run_dir} is too long for unix sockets (max {MAX_RUN_DIR_LEN})")
+    workers = workers or nginx_workers(settings.nginx_user)
     cert, key = tls_files(settings)
     return ServerSettings(
         prefix=str(settings.nginx_dir),
@@ -81,14 +83,15 @@ def server_settings(settings: Settings) -> ServerSettings:
         https_port=settings.https_port if cert else 0,
         tls_cert=cert,
         tls_key=key,
-        nginx_user=settings.nginx_user,
+        nginx_user=workers.user,
+        nginx_group=workers.group,
         worker_processes=settings.nginx_worker_processes,
         client_max_body_size_mb=settings.client_max_body_size_mb,
         expose_instance_headers=settings.expose_instance_headers,
         status_allow=tuple(settings.status_allow),
         upstream_ca_file=str(settings.upstream_ca_file),
         worker_rlimit_nofile=min(65535, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
-        log_server=settings.log_listen if settings.log_stream_enabled else None,
+        log_server=settings.log_address if settings.log_stream_enabled else None,
         redirect_mode=settings.http_redirect,
         http_redirect=settings.http_redirect == "true",
         acme_webroot=str(acme_webroot(settings)),
@@ -120,15 +123,26 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+def prepare_secret_dirs(settings: Settings) -> None:
+    """secrets/ and the default home of provider secret files, secrets/providers/: root's alone (0700)."""
+    secrets_dir = settings.home / "secrets"
+    paths = [secrets_dir, secrets_dir / "providers"] if settings.secret_dirs is None else [secrets_dir]
+    for path in paths:
+        path.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+
+
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
-    # Traversable but not listable: nginx workers (an unprivileged user) reach the shim sockets in run/;
-    # everything secret below home (secrets/, the database, generations/) is 0600/0700 on its own.
+    # Traversable but not listable: nginx workers (an unprivileged user) pass through home to run/, which
+    # only they and the controller may traverse (local_access); everything secret below home (secrets/, the
+    # database, generations/) is 0600/0700 on its own.
     settings.home.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.home, 0o711)
-    settings.sockets_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.sockets_dir, 0o711)
+    workers = nginx_workers(settings.nginx_user)
+    prepare_socket_dir(settings.sockets_dir, workers.gid)
+    prepare_secret_dirs(settings)
     (acme_webroot(settings) / ".well-known" / "acme-challenge").mkdir(parents=True, exist_ok=True)
-    server = server_settings(settings)
+    server = server_settings(settings, workers)
     if not settings.auth_required:
         log.warning("ISHGW_AUTH_REQUIRED=false: the data plane serves clients without an API key")
     jwt_keys.load(server.edge.jwt_files)  # refuse to start with unusable JWT key files (JwtConfigError)
@@ -154,10 +168,16 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[keys.SETTINGS] = settings
     app[keys.STORE] = store
     app[keys.ADMIN_KEY] = admin_key(settings)
-    reconciler = Reconciler(store, nginx, server, metrics, timing)
+    reconciler = Reconciler(store, nginx, server, metrics, timing, settings.secret_policy())
     app[keys.RECONCILER] = reconciler
     app[keys.HEALTH] = HealthService(
-        store, reconciler, settings.log_host_port, settings.probes_enabled, metrics
+        store,
+        reconciler,
+        settings.log_address,
+        settings.probes_enabled,
+        metrics,
+        log_group=workers.gid,
+        max_retry_after_s=settings.max_retry_after_s,
     )
     setup_routes(app)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))

@@ -25,6 +25,7 @@ from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, render
 from control_plane.render.quoting import UnsafeValue
 from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
+from control_plane.secret_refs import SecretPolicy
 from control_plane.world import gather_world
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,10 @@ class Reconciler:
         server: ServerSettings,
         metrics: GatewayMetrics,
         timing: ReconcileTiming | None = None,
+        secret_policy: SecretPolicy | None = None,
     ) -> None:
         self.store = store
+        self.secret_policy = secret_policy or SecretPolicy()
         self.nginx = nginx
         self.server = server
         self.metrics = metrics
@@ -153,7 +156,9 @@ class Reconciler:
     async def reconcile_now(self, *, force: bool = False) -> ReconcileResult:
         async with self._lock:
             started = time.perf_counter()
-            world = await gather_world(self.store, self.server.tls_cert, self.server.edge.jwt_files)
+            world = await gather_world(
+                self.store, self.server.tls_cert, self.server.edge.jwt_files, self.secret_policy
+            )
             server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
             try:
                 spec = build_spec(world, server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from control_plane.edge_settings import EdgeSettings
+from control_plane.secret_refs import SecretPolicy
 
 RedirectMode = Literal["auto", "true", "false"]
 _BOOL_WORDS = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
@@ -54,12 +56,21 @@ class Settings(EdgeSettings):
     )
 
     probes_enabled: bool = Field(default=True, description="Active health probes")
-    log_listen: str = Field(
-        default="127.0.0.1:9514",
-        pattern=r"^127\.0\.0\.1:[0-9]{1,5}$",
-        description="Loopback UDP address where the controller receives nginx's access log stream",
+    log_listen: str | None = Field(
+        default=None,
+        pattern=r"^(?:127\.0\.0\.1:[0-9]{1,5}|unix:/[A-Za-z0-9._/-]{1,100})$",
+        description="Where the controller receives nginx's access log stream: unix:/path (a datagram socket"
+        " only the nginx workers may write to; default unix:<run_dir>/log.sock) or 127.0.0.1:PORT (UDP,"
+        " which any local user can write to)",
     )
     log_stream_enabled: bool = Field(default=True, description="nginx access log stream to the controller")
+    max_retry_after_s: float = Field(
+        default=300.0, ge=1.0, le=86400.0, description="Longest rate limit a provider's Retry-After may set"
+    )
+    secret_dirs: Annotated[list[Path], NoDecode] | None = Field(
+        default=None,
+        description="Directories file: secret references may point into; default <home>/secrets/providers",
+    )
     expose_instance_headers: bool = True
     client_max_body_size_mb: int = Field(default=16, ge=1, le=1024)
     status_allow: Annotated[list[str], NoDecode] = Field(
@@ -88,7 +99,7 @@ class Settings(EdgeSettings):
             return _BOOL_WORDS.get(word, word)
         return value
 
-    @field_validator("status_allow", mode="before")
+    @field_validator("status_allow", "secret_dirs", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
@@ -108,9 +119,21 @@ class Settings(EdgeSettings):
         return self.run_dir or self.home / "run"
 
     @property
-    def log_host_port(self) -> tuple[str, int]:
-        host, _, port = self.log_listen.rpartition(":")
-        return host, int(port)
+    def log_address(self) -> str:
+        """The log stream's address: "unix:/path" or "127.0.0.1:PORT"."""
+        return self.log_listen or f"unix:{self.sockets_dir / 'log.sock'}"
+
+    @property
+    def secret_directories(self) -> list[Path]:
+        return [self.home / "secrets" / "providers"] if self.secret_dirs is None else self.secret_dirs
+
+    @property
+    def provider_env_file(self) -> Path:
+        return self.home / "provider.env"
+
+    def secret_policy(self) -> SecretPolicy:
+        """Where api_key references may point: ISHGW_SECRET_DIRS, the names provider.env defines."""
+        return SecretPolicy(tuple(self.secret_directories), self.provider_env_file, os.environ)
 
     @property
     def admin_host_port(self) -> tuple[str, int]:

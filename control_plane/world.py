@@ -5,40 +5,31 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
-import os
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from control_plane import jwt_keys, providers
+from control_plane import jwt_keys, providers, secret_refs
 from control_plane.registry.client_keys import ClientKeyStore
 from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store
 from control_plane.render.edge import JwtFiles
 from control_plane.render.spec import World
+from control_plane.secret_refs import SecretPolicy
 
 
-def resolve_secret(value: str) -> str | None:
-    """A literal key is itself; env:NAME and file:/path are read now. None when unresolvable."""
-    if value.startswith("env:"):
-        return os.environ.get(value[4:]) or None
-    if value.startswith("file:"):
-        try:
-            return Path(value[5:]).read_text().strip() or None
-        except OSError:
-            return None
-    return value
-
-
-def secrets_of(configs: list[InstanceConfig]) -> dict[str, str]:
-    resolved = {}
+def secrets_of(configs: list[InstanceConfig], policy: SecretPolicy) -> tuple[dict[str, str], dict[str, str]]:
+    """instance -> secret, and instance -> why its reference cannot be used (never a secret fragment)."""
+    resolved, problems = {}, {}
     for config in configs:
         if config.api_key:
-            secret = resolve_secret(config.api_key)
+            secret, problem = secret_refs.resolve(config.api_key, policy)
             if secret is not None:
                 resolved[config.name] = secret
-    return resolved
+            else:
+                problems[config.name] = problem or "api_key could not be resolved"
+    return resolved, problems
 
 
 async def resolve_host(host: str, timeout: float = 3.0) -> tuple[str, ...]:
@@ -72,20 +63,27 @@ def file_fingerprint(path: str | None) -> str:
         return ""
 
 
-async def gather_world(store: Store, tls_cert: str | None = None, jwt_files: JwtFiles | None = None) -> World:
+async def gather_world(
+    store: Store,
+    tls_cert: str | None = None,
+    jwt_files: JwtFiles | None = None,
+    secret_policy: SecretPolicy | None = None,
+) -> World:
     instances = await asyncio.to_thread(store.list_instances)
     client_keys = await asyncio.to_thread(ClientKeyStore(store).list)
     jwt = await asyncio.to_thread(jwt_keys.load_or_none, jwt_files or JwtFiles())
     routing = await asyncio.to_thread(store.get_routing)
     generation = await asyncio.to_thread(store.generation)
     configs = [c for c, _ in instances]
+    secrets, problems = await asyncio.to_thread(secrets_of, configs, secret_policy or SecretPolicy())
     return World(
         instances=tuple(instances),
         routing=routing,
         now=datetime.now(UTC),
         generation=generation,
         addresses=await resolve_hosts(configs),
-        secrets=secrets_of(configs),
+        secrets=secrets,
+        secret_problems=problems,
         tls_fingerprint=file_fingerprint(tls_cert),
         client_keys=tuple(client_keys),
         jwt=jwt,

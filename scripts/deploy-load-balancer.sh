@@ -40,10 +40,14 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_HTTP_PORT      8080                                 HTTP listener (address: ISHGW_LISTEN_ADDRESS=0.0.0.0)
   ISHGW_HTTPS_PORT     8443                                 HTTPS listener; 0 switches HTTPS off
   ISHGW_ADMIN_LISTEN   127.0.0.1:9000                       admin API; HTTPS only beyond loopback
-  ISHGW_LOG_LISTEN     127.0.0.1:9514                       UDP, nginx's access log stream to the controller
+  ISHGW_LOG_LISTEN     unix:\$ISHGW_HOME/run/log.sock        nginx's access log stream to the controller: a unix
+                                                            datagram socket only the nginx workers may write to,
+                                                            or 127.0.0.1:PORT (UDP: any local user can write to it)
+  ISHGW_MAX_RETRY_AFTER_S 300                               longest rate limit a provider's Retry-After sets
   ISHGW_ADMIN_API_KEY  generated                            unset: created once in \$ISHGW_HOME/secrets/admin_api_key
   ISHGW_DB_URL         sqlite:///\$ISHGW_HOME/ishgw.db       or postgresql+psycopg://user:pass@host/db
-  ISHGW_NGINX_USER     www-data when run as root            user of the nginx worker processes
+  ISHGW_NGINX_USER     www-data when run as root            user of the nginx worker processes; only its group
+                                                            may reach \$ISHGW_HOME/run (the unix sockets)
   ISHGW_VENV           <repo>/.venv                         virtualenv the controller runs from
   ISHGW_DOMAIN         (none)                               extra names for the self-signed certificate
   ISHGW_HTTP_REDIRECT  auto                                 plain HTTP -> HTTPS: auto (only once the certificate is
@@ -52,7 +56,9 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_KEY_DEFAULT_RPM 0                                   rate of client keys created without rpm_limit (0: none)
   Every other ISHGW_* setting of the controller (see README.md) is passed through and stored the same way.
   A variable set to the empty string drops a stored value (back to the default).
-  Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600).
+  Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600;
+  only the names defined there, never ISHGW_*); those referenced as file:/path must lie inside ISHGW_SECRET_DIRS
+  (comma separated, default \$ISHGW_HOME/secrets/providers, mode 0700).
 
 Timeouts of this script (not stored): ISHGW_START_TIMEOUT=$START_TIMEOUT s, ISHGW_STOP_TIMEOUT=$STOP_TIMEOUT s.
 status exits 0 when everything runs, 1 when a component is down, 2 when the last reload failed (nginx serves

@@ -18,10 +18,11 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
+from control_plane import secret_refs
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
 from control_plane.api.apply import apply_change, respond, wants_wait
-from control_plane.api.keys import HEALTH, RECONCILER, STORE
+from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
 from control_plane.errors import InvalidInput, ReloadFailed
@@ -30,6 +31,7 @@ from control_plane.registry import validators as v
 from control_plane.registry.models import (
     InstanceConfig,
     InstanceState,
+    OperatorStatus,
     RoutingConfig,
     StateUpdate,
     is_masked,
@@ -187,6 +189,18 @@ def _create(store: Store, config: InstanceConfig) -> Pair:
     return store.get_instance(config.name)
 
 
+def check_secret_refs(request: web.Request, keys: list[tuple[str, str | None]]) -> None:
+    """Each (field, api_key): a reference must point where provider secrets may live (secret_refs)."""
+    policy = request.app[SETTINGS].secret_policy()
+    errors = [
+        {"field": field, "message": problem}
+        for field, key in keys
+        if (problem := secret_refs.check_reference(key, policy)) is not None
+    ]
+    if errors:
+        raise InvalidInput(errors)
+
+
 async def create_instance(request: web.Request) -> web.Response:
     wait = wants_wait(request)
     data = await _read_object(request)
@@ -194,6 +208,7 @@ async def create_instance(request: web.Request) -> web.Response:
         raise _invalid("api_key", "is a masked value; send the real key or a reference env:NAME / file:/path")
     config = validate_strict(InstanceConfig, data)
     check_unreserved([config.name])
+    await asyncio.to_thread(check_secret_refs, request, [("api_key", config.api_key)])
     pair = await _run(_create, _store(request), config)
     applied = await apply_change(request, f"instance {config.name} created", wait)
     return respond(applied, _item(*pair), 201)
@@ -246,6 +261,8 @@ async def update_config(request: web.Request) -> web.Response:
     updated = merge_config(current, changes)
     if updated == current:
         return web.json_response(config_json(updated))
+    if updated.api_key != current.api_key:
+        await asyncio.to_thread(check_secret_refs, request, [("api_key", updated.api_key)])
     await _run(store.replace_config, updated)
     applied = await apply_change(request, f"instance {name} configuration updated", wait)
     return respond(applied, config_json(updated), 200)
@@ -268,6 +285,12 @@ async def put_state(request: web.Request) -> web.Response:
     name = _path_name(request)
     wait = wants_wait(request)
     update = validate_strict(StateUpdate, await _read_json(request))
+    health = request.app.get(HEALTH)
+    if update.status is OperatorStatus.ACTIVE and health is not None:
+        # The operator's word lifts a rate limit or an open breaker (and the log says so).
+        await _run(_store(request).get_instance, name)  # NotFound first
+        health.clear(name, "state set to active")
+        await health.flush()
     state = await _run(_set_status, _store(request), name, update)
     applied = await apply_change(request, f"instance {name} status {update.status.value}", wait)
     return respond(applied, state.model_dump(mode="json"), 200)
@@ -363,6 +386,16 @@ def parse_migration(body: Any, existing: dict[str, InstanceConfig]) -> Migration
     return parsed
 
 
+def migration_keys(body: Any, parsed: Migration) -> list[tuple[str, str | None]]:
+    """(field, api_key) per parsed instance, in the request body's terms (parsed keeps the body's order)."""
+    if isinstance(body, dict) and "instance_configs" in body:
+        fields = [f"instance_configs.{key}.api_key" for key in body["instance_configs"]]
+    else:
+        prefix = "ollama_instances" if isinstance(body, dict) else ""
+        fields = [f"{prefix}[{index}].api_key" for index in range(len(parsed))]
+    return [(field, config.api_key) for field, (config, _) in zip(fields, parsed, strict=False)]
+
+
 def _apply_migration(store: Store, parsed: Migration, merge: bool) -> None:
     store.replace_all([config for config, _ in parsed], None, merge=merge)
     for config, state in parsed:
@@ -376,6 +409,7 @@ async def migrate(request: web.Request) -> web.Response:
     body = await _read_json(request)
     store = _store(request)
     parsed = parse_migration(body, await _run(_existing, store))
+    await asyncio.to_thread(check_secret_refs, request, migration_keys(body, parsed))
     await _run(_apply_migration, store, parsed, merge)
     names = [config.name for config, _ in parsed]
     applied = await apply_change(request, "migration imported", wait)
@@ -407,10 +441,12 @@ async def _read_document(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _import(store: Store, doc: dict[str, Any], merge: bool) -> tuple[int, int]:
+def _import(request: web.Request, doc: dict[str, Any], merge: bool) -> tuple[int, int]:
+    store = _store(request)
     configs, routing = importers.parse_document(doc, _existing(store))
     check_document_types(doc)
     check_unreserved([config.name for config in configs], "instances")
+    check_secret_refs(request, [(f"instances[{i}].api_key", c.api_key) for i, c in enumerate(configs)])
     store.replace_all(configs, routing, merge=merge)
     return len(configs), store.generation()
 
@@ -421,7 +457,7 @@ async def import_config(request: web.Request) -> web.Response:
     if request.content_type not in JSON_TYPES | YAML_TYPES:
         raise ApiError(415, "unsupported_media_type", "expected application/json or application/yaml")
     doc = await _read_document(request)
-    count, generation = await _run(_import, _store(request), doc, merge)
+    count, generation = await _run(_import, request, doc, merge)
     applied = await apply_change(request, "configuration imported", wait)
     return respond(applied, {"imported": count, "generation": generation}, 200)
 

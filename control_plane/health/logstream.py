@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import socket
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import NamedTuple
 
 import orjson
@@ -184,7 +187,7 @@ MAX_DATAGRAM = 65_535
 
 
 class LogReceiver:
-    """The loopback UDP syslog receiver: datagrams -> LogRecord -> sink, in batches."""
+    """The syslog receiver (unix or loopback UDP datagrams): datagrams -> LogRecord -> sink, in batches."""
 
     def __init__(self, sock: socket.socket, sink: Callable[[LogRecord], None]) -> None:
         self.sock = sock
@@ -225,8 +228,8 @@ class LogReceiver:
             await asyncio.sleep(BATCH_INTERVAL_S)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The receiver's UDP socket, non-blocking, with a large receive buffer."""
+def bind_udp(host: str, port: int) -> socket.socket:
+    """A loopback UDP socket, non-blocking, with a large receive buffer. Any local user can send to it."""
     host = host.strip("[]")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -243,8 +246,73 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def listen(host: str, port: int, sink: Callable[[LogRecord], None]) -> LogReceiver:
-    """Bind the loopback UDP syslog receiver and start reading; close() stops it."""
-    receiver = LogReceiver(bind(host, port), sink)
+# A unix datagram socket queues at most net.unix.max_dgram_qlen datagrams (10 on a kernel without systemd's
+# 512), fixed when the socket is made; past that nginx drops lines. Each nginx worker can have ~160 lines in
+# flight (its send buffer), so the queue is never the limit at this length.
+UNIX_QUEUE_LEN = 16384
+QLEN_SYSCTL = Path("/proc/sys/net/unix/max_dgram_qlen")
+
+
+@contextlib.contextmanager
+def _deep_unix_queue(sysctl: Path = QLEN_SYSCTL) -> Iterator[None]:
+    """Raise net.unix.max_dgram_qlen while the receiver's socket is made, and put it back at once: only
+    that socket gets the long queue. Needs root; otherwise a warning says what will happen."""
+    try:
+        current = int(sysctl.read_text())
+    except (OSError, ValueError):
+        yield
+        return
+    if current >= UNIX_QUEUE_LEN:
+        yield
+        return
+    try:
+        sysctl.write_text(str(UNIX_QUEUE_LEN))
+    except OSError:
+        log.warning(
+            "log stream: the unix socket will queue only %d lines (net.unix.max_dgram_qlen) and the"
+            " controller cannot raise that for its socket: nginx drops access-log lines under load. Run the"
+            " controller as root, or set net.unix.max_dgram_qlen to %d or more",
+            current,
+            UNIX_QUEUE_LEN,
+        )
+        yield
+        return
+    try:
+        yield
+    finally:
+        sysctl.write_text(str(current))
+
+
+def bind_unix(path: Path, group: int | None) -> socket.socket:
+    """A unix datagram socket that only its owner and ``group`` (the nginx workers) may write to (0660;
+    0600 without a group). A stale socket file from an earlier run is replaced."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    with _deep_unix_queue():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind(str(path))  # created under the umask (0755 with the usual 022): not writable by others
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, 0o660 if group is not None else 0o600)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind(address: str, group: int | None = None) -> socket.socket:
+    """The receiver's socket for "unix:/path" or "HOST:PORT" (UDP)."""
+    if address.startswith("unix:"):
+        return bind_unix(Path(address[5:]), group)
+    host, _, port = address.rpartition(":")
+    return bind_udp(host, int(port))
+
+
+async def listen(address: str, sink: Callable[[LogRecord], None], group: int | None = None) -> LogReceiver:
+    """Bind the receiver (see bind) and start reading; close() stops it."""
+    receiver = LogReceiver(bind(address, group), sink)
     receiver.start()
     return receiver

@@ -15,7 +15,7 @@ from prometheus_client import Counter
 from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
-from control_plane.health.tracker import HealthTracker, classify
+from control_plane.health.tracker import MAX_RETRY_AFTER_S, HealthTracker, classify
 from control_plane.metrics import GatewayMetrics
 from control_plane.reconciler import Reconciler
 from control_plane.registry.models import InstanceConfig
@@ -35,16 +35,19 @@ class HealthService:
         self,
         store: Store,
         reconciler: Reconciler,
-        log_listen: tuple[str, int],
+        log_address: str,
         probes_enabled: bool = True,
         metrics: GatewayMetrics | None = None,
+        log_group: int | None = None,
+        max_retry_after_s: float = MAX_RETRY_AFTER_S,
     ) -> None:
         self.metrics = metrics
         self.store = store
         self.reconciler = reconciler
-        self.log_listen = log_listen
+        self.log_address = log_address
+        self.log_group = log_group  # the nginx workers' group: the only one that may write to a unix socket
         self.probes_enabled = probes_enabled
-        self.tracker = HealthTracker()
+        self.tracker = HealthTracker(max_retry_after_s)
         self.configs: dict[str, InstanceConfig] = {}
         self.secrets: dict[str, str] = {}
         self._due: dict[str, float] = {}
@@ -97,13 +100,24 @@ class HealthService:
 
     # --- active -----------------------------------------------------------------------------------
     async def probe_now(self, name: str) -> ProbeResult:
+        """An operator's explicit check. Unless the instance answers 429 again, it lifts a rate limit (and,
+        when the probe succeeds, an open breaker): the operator asked, the instance answered."""
         config = self.configs.get(name)
         if config is None:
             fresh = await asyncio.to_thread(self.store.get_instance, name)  # raises NotFound
             config = fresh[0]
         result = await self._probe(config)
+        if result.outcome is not Outcome.RATE_LIMITED:
+            self.clear(name, f"explicit check ({result.detail})", breaker=result.outcome is Outcome.OK)
         self._record_probe(name, result)
         return result
+
+    def clear(self, name: str, why: str, breaker: bool = True) -> None:
+        """Lift the instance's rate limit (and open breaker) on an operator's word, and say so in the log."""
+        lifted = self.tracker.clear(name, breaker)
+        if lifted:
+            log.info("instance %s: %s lifted by the operator: %s", name, " and ".join(lifted), why)
+            self._verdict.set()
 
     def _record_probe(self, name: str, result: ProbeResult) -> None:
         self.tracker.probe(name, result, time.time(), time.monotonic())
@@ -193,7 +207,7 @@ class HealthService:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_PROBES_IN_FLIGHT, ttl_dns_cache=60)
         )
-        transport = await logstream.listen(*self.log_listen, self.on_log)
+        transport = await logstream.listen(self.log_address, self.on_log, self.log_group)
         tasks = [asyncio.create_task(self.run_flusher(), name="health-flusher")]
         if self.probes_enabled:
             tasks.append(asyncio.create_task(self.run_prober(), name="prober"))

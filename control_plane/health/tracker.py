@@ -27,6 +27,9 @@ PROBE_HISTORY = 50
 WINDOW_MAX = 2000
 # A 429 whose Retry-After the log line does not carry (none sent, or past a pool's last _429_<n> level).
 DEFAULT_429_COOLDOWN_S = 20.0
+# The longest rate limit a Retry-After may set (ISHGW_MAX_RETRY_AFTER_S): an instance comes back after this
+# at the latest, whatever a provider (or anything that reached the log stream) said.
+MAX_RETRY_AFTER_S = 300.0
 CREDENTIAL_STATUSES = frozenset({401, 402, 403})
 
 
@@ -131,7 +134,8 @@ def _attempt_retry_after(record: LogRecord, index: int) -> float | None:
 
 
 class HealthTracker:
-    def __init__(self) -> None:
+    def __init__(self, max_retry_after_s: float = MAX_RETRY_AFTER_S) -> None:
+        self.max_retry_after_s = max_retry_after_s
         self.instances: dict[str, InstanceHealth] = {}
         self.addresses: dict[str, str] = {}
         self.changed = False  # membership may differ: reconcile
@@ -227,7 +231,7 @@ class HealthTracker:
             self._mark(name, membership=True)
 
     def _rate_limit(self, name: str, entry: InstanceHealth, at: float, wait: float | None) -> None:
-        until = at + (wait if wait is not None else DEFAULT_429_COOLDOWN_S)
+        until = at + min(wait if wait is not None else DEFAULT_429_COOLDOWN_S, self.max_retry_after_s)
         if until > entry.rate_limited_until + 0.5:
             self._limit_until(name, entry, at, until)
 
@@ -235,6 +239,25 @@ class HealthTracker:
         entry.rate_limited_until = until
         entry.last_error, entry.last_error_time = "HTTP 429", _utc(at)
         self._mark(name, membership=True)
+
+    # --- the operator -----------------------------------------------------------------------------
+    def clear(self, name: str, breaker: bool = True) -> list[str]:
+        """The operator says the instance may serve (state active, or an explicit check): lift its rate
+        limit and, with ``breaker``, let an open breaker through (half-open: a trickle of traffic that
+        closes it again). Returns what was lifted, for the log."""
+        entry = self.instances.get(name)
+        if entry is None:
+            return []
+        lifted = []
+        if entry.rate_limited_until:
+            lifted.append(f"rate limit until {_utc(entry.rate_limited_until).isoformat()}")
+            entry.rate_limited_until = 0.0
+        if breaker and entry.breaker.state is BreakerState.OPEN:
+            lifted.append(f"open breaker ({entry.breaker.reason or 'no reason'})")
+            entry.breaker = br.recover(entry.breaker)
+        if lifted:
+            self._mark(name, membership=True)
+        return lifted
 
     # --- active: probes ---------------------------------------------------------------------------
     def probe(self, name: str, result: ProbeResult, now_wall: float, now_mono: float | None = None) -> None:

@@ -100,7 +100,11 @@ class InstanceConfig(BaseModel):
 
     name: Name
     provider_type: ProviderType
-    api_key: str | None = Field(default=None, description="Literal key or a reference env:NAME / file:/path")
+    api_key: str | None = Field(
+        default=None,
+        description="Literal key, or a reference env:NAME (a name $ISHGW_HOME/provider.env defines, never"
+        " ISHGW_*) / file:/path (a file inside ISHGW_SECRET_DIRS)",
+    )
     api_base: str | None = Field(default=None, description="Provider default when empty")
     api_version: str | None = None
     priority: int = Field(default=1, ge=0, le=100, description="Lower is preferred")

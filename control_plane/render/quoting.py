@@ -15,8 +15,13 @@ class UnsafeValue(ValueError):
 
 
 def _escape(text: str) -> str:
-    if _FORBIDDEN.search(text):
-        raise UnsafeValue(f"refusing to render a value with a control character or '$': {text[:40]!r}")
+    found = _FORBIDDEN.search(text)
+    if found:
+        # The value itself is never shown: it may be a credential.
+        raise UnsafeValue(
+            f"refusing to render a value with a control character or '$'"
+            f" (character {found.start() + 1} of {len(text)})"
+        )
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 

@@ -132,6 +132,8 @@ class World:
     addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # instance name -> secret value (references already resolved); missing: unresolvable reference.
     secrets: Mapping[str, str] = field(default_factory=dict)
+    # instance name -> why its api_key cannot be used (never a fragment of the secret).
+    secret_problems: Mapping[str, str] = field(default_factory=dict)
     # sha256 of the certificate in use: a renewed certificate changes the checksum, hence a reload.
     tls_fingerprint: str = ""
     # Client API keys (hashes only) and JWT verification keys read from the configured files.
@@ -151,6 +153,7 @@ class ServerSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     nginx_user: str | None = None
+    nginx_group: str | None = None  # with nginx_user: the workers' group (the unix sockets' directory's)
     worker_processes: str = "auto"
     client_max_body_size_mb: int = 16
     expose_instance_headers: bool = True
@@ -158,7 +161,7 @@ class ServerSettings:
     js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
-    log_server: str | None = None  # "127.0.0.1:port": the controller's UDP syslog receiver
+    log_server: str | None = None  # the controller's syslog receiver: "unix:/path" or "127.0.0.1:port" (UDP)
     # With HTTPS on, plain HTTP redirects (but for ACME and /health). Resolved per reconcile from
     # redirect_mode ("auto": only with a certificate clients can verify) by control_plane.certs.
     http_redirect: bool = False
@@ -221,6 +224,8 @@ def exclusion_reason(config: InstanceConfig, state: InstanceState, world: World)
         return "draining"
     if state.status is OperatorStatus.MAINTENANCE:
         return "maintenance"
+    if config.api_key and config.name not in world.secrets:
+        return world.secret_problems.get(config.name, "api_key reference could not be resolved")
     if state.health_status is HealthStatus.UNHEALTHY:
         since = f" since {state.unhealthy_since.isoformat()}" if state.unhealthy_since else ""
         return f"unhealthy{since}"
@@ -237,8 +242,6 @@ def exclusion_reason(config: InstanceConfig, state: InstanceState, world: World)
     host = urlsplit(base).hostname or ""
     if not world.addresses.get(host):
         return f"host {host} did not resolve"
-    if config.api_key and config.name not in world.secrets:
-        return "api_key reference could not be resolved"
     return None
 
 

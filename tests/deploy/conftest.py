@@ -19,8 +19,6 @@ import httpx
 import pytest
 import testinfra
 
-from tests.integration.gateway import free_udp_port
-
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "deploy-load-balancer.sh"
 
@@ -46,7 +44,6 @@ class Deployment:
     https_port: int
     admin_port: int
     workers: int = 2
-    log_port: int = field(default_factory=free_udp_port)
     host: Any = field(default_factory=lambda: testinfra.get_host("local://"))
 
     @property
@@ -56,7 +53,6 @@ class Deployment:
             "ISHGW_HTTP_PORT": str(self.http_port),
             "ISHGW_HTTPS_PORT": str(self.https_port),
             "ISHGW_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
-            "ISHGW_LOG_LISTEN": f"127.0.0.1:{self.log_port}",
             "ISHGW_NGINX_WORKER_PROCESSES": str(self.workers),
             "ISHGW_VENV": sys.prefix,
         }

@@ -27,12 +27,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
     """Poll until predicate() is truthy; fail with `what` after timeout."""
     deadline = time.monotonic() + timeout
@@ -63,7 +57,6 @@ class Gateway:
             "ISHGW_HTTPS_PORT": "0",
             "ISHGW_LISTEN_ADDRESS": "127.0.0.1",
             "ISHGW_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
-            "ISHGW_LOG_LISTEN": f"127.0.0.1:{free_udp_port()}",
             "ISHGW_ADMIN_API_KEY": self.admin_key,
             "ISHGW_NGINX_WORKER_PROCESSES": "2",
             "ISHGW_RELOAD_MIN_INTERVAL_S": "0.2",

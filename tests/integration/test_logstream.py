@@ -1,9 +1,13 @@
-"""The log receiver on a real loopback UDP socket: every datagram of a burst arrives, batches drain."""
+"""The log receiver on real sockets (unix datagram, the default, and loopback UDP): every datagram of a burst
+arrives, batches drain."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import stat
+from pathlib import Path
 
 from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
@@ -23,15 +27,20 @@ def datagram(n: int) -> bytes:
     )
 
 
-async def receive_burst(count: int) -> list[LogRecord]:
+async def receive_burst(count: int, address: str) -> list[LogRecord]:
     records: list[LogRecord] = []
-    receiver = await logstream.listen("127.0.0.1", 0, records.append)
-    port = receiver.sock.getsockname()[1]
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
-            sender.sendto(b"not a log line", ("127.0.0.1", port))
+    receiver = await logstream.listen(address, records.append)
+    family = socket.AF_UNIX if address.startswith("unix:") else socket.AF_INET
+
+    def send_all() -> None:  # in a thread: a unix socket's sender blocks while the queue is full
+        with socket.socket(family, socket.SOCK_DGRAM) as sender:
+            sender.connect(receiver.sock.getsockname())
+            sender.send(b"not a log line")
             for n in range(count):
-                sender.sendto(datagram(n), ("127.0.0.1", port))
+                sender.send(datagram(n))
+
+    try:
+        await asyncio.to_thread(send_all)
         for _ in range(500):  # bounded wait for the condition, 10 s at most
             if len(records) >= count:
                 break
@@ -41,10 +50,36 @@ async def receive_burst(count: int) -> list[LogRecord]:
     return records
 
 
-def test_a_burst_arrives_whole_and_in_order() -> None:
-    records = asyncio.run(receive_burst(5000))
+def test_a_burst_arrives_whole_and_in_order_over_udp() -> None:
+    records = asyncio.run(receive_burst(5000, "127.0.0.1:0"))
     assert [r.request_id for r in records] == [f"r{n}" for n in range(5000)]
     assert records[0].attempts[0].response_ms == 10.0
+
+
+def test_a_burst_arrives_whole_over_the_unix_socket(tmp_path: Path) -> None:
+    """A blocking sender (as fast as the receiver drains) loses nothing."""
+    records = asyncio.run(receive_burst(5000, f"unix:{tmp_path / 'log.sock'}"))
+    assert [r.request_id for r in records] == [f"r{n}" for n in range(5000)]
+
+
+def test_the_unix_socket_queues_more_than_the_kernel_default(tmp_path: Path) -> None:
+    """Unread, the socket takes what one sender's buffer holds (~160 lines), not 10."""
+    path = tmp_path / "log.sock"
+    sock = logstream.bind(f"unix:{path}")
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600  # no group given: the owner alone
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(str(path))
+            sender.setblocking(False)
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                for n in range(1000):
+                    sender.send(datagram(n))
+                    sent += 1
+        assert sent > 100, sent
+        assert int(logstream.QLEN_SYSCTL.read_text()) < logstream.UNIX_QUEUE_LEN  # put back at once
+    finally:
+        sock.close()
 
 
 def test_a_handler_error_does_not_stop_the_stream() -> None:
@@ -56,7 +91,7 @@ def test_a_handler_error_does_not_stop_the_stream() -> None:
             if record.request_id == "r1":
                 raise RuntimeError("boom")
 
-        receiver = await logstream.listen("127.0.0.1", 0, sink)
+        receiver = await logstream.listen("127.0.0.1:0", sink)
         port = receiver.sock.getsockname()[1]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             for n in range(3):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -186,10 +187,12 @@ class Api:
 
 
 @pytest.fixture
-async def api(aiohttp_client: Any) -> Api:
+async def api(aiohttp_client: Any, tmp_path: Path) -> Api:
     store, reconciler, clock = FakeStore(), FakeReconciler(), Clock()
     app = web.Application(middlewares=[error_middleware, auth_middleware])
-    app[SETTINGS] = Settings()
+    # The provider credentials instances may reference as env:NAME (the values do not matter here).
+    (tmp_path / "provider.env").write_text("OPENAI_KEY=x\nB_KEY=y\n")
+    app[SETTINGS] = Settings(home=tmp_path)
     app[STORE] = store  # type: ignore[assignment]
     app[RECONCILER] = reconciler  # type: ignore[assignment]
     app[ADMIN_KEY] = ADMIN

@@ -463,3 +463,31 @@ def test_http_probe_failures_never_outvote_successful_traffic() -> None:
     for _ in range(POLICY.fall):
         t2.probe("a", http_fail, 0, 100 + POLICY.breaker_window_s + 1)
     assert t2.instances["a"].health is HealthStatus.UNHEALTHY
+
+
+def test_a_retry_after_longer_than_the_cap_is_cut_to_it() -> None:
+    """ISHGW_MAX_RETRY_AFTER_S: whatever a provider (or anything in the log stream) asks, an instance is
+    back after the cap; the probe's Retry-After too."""
+    t = tracker_with(config())
+    t.max_retry_after_s = 300
+    t.observe(record("127.0.0.0:1", 429, ra="600"), now_mono=1)
+    assert t.instances["a"].rate_limited_until == 1000 + 300
+    t.instances["a"].rate_limited_until = 0
+    t.probe("a", ProbeResult(Outcome.RATE_LIMITED, "HTTP 429", 1.0, retry_after_s=86400), now_wall=2000)
+    assert t.instances["a"].rate_limited_until == 2000 + 300
+
+
+def test_the_operator_lifts_a_rate_limit_and_an_open_breaker() -> None:
+    t = tracker_with(config(), config("b"))
+    t.observe(record("127.0.0.0:1", 429, ra="60"), now_mono=1)
+    for _ in range(POLICY.breaker_consecutive_failures):
+        t.observe(record("127.0.0.1:1", 502), now_mono=1)
+    assert t.instances["b"].breaker.state is BreakerState.OPEN
+    t.changed = False
+    assert t.clear("a") == ["rate limit until 1970-01-01T00:17:40+00:00"]
+    assert t.changed and t.state_fields("a", 1001, 1)["rate_limited_until"] is None
+    assert t.clear("b", breaker=False) == [] and t.instances["b"].breaker.state is BreakerState.OPEN
+    (lifted,) = t.clear("b")
+    assert lifted.startswith("open breaker (3 consecutive failures")
+    assert t.instances["b"].breaker.state is BreakerState.HALF_OPEN
+    assert t.clear("a") == [] and t.clear("ghost") == []
