@@ -78,7 +78,7 @@ def _target(request: web.Request, response: web.StreamResponse) -> str | None:
         if name in request.match_info:
             return request.match_info[name]
     body = getattr(response, "body", None)
-    if response.status == 201 and isinstance(body, bytes):
+    if response.status in (201, 202) and isinstance(body, bytes):  # 202: created, not yet served
         try:
             data = json.loads(body)
         except ValueError:
