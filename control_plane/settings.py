@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from control_plane.edge_settings import EdgeSettings
+from control_plane.edge_settings import EdgeSettings, check_server_name
 
 # Unix socket paths are limited to 107 bytes on Linux; shim sockets live in run_dir.
 MAX_RUN_DIR_LEN = 80
@@ -34,6 +34,12 @@ class Settings(EdgeSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     http_redirect: bool = Field(default=True, description="With HTTPS on, redirect plain HTTP to it")
+    domain: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Names clients use for the gateway (comma separated host names or IP addresses): the "
+        "HTTP->HTTPS redirect goes to one of them, never to a client's Host; also read by the certificate "
+        "scripts",
+    )
     acme_webroot: Path | None = Field(
         default=None, description="HTTP-01 challenge files; default <home>/acme"
     )
@@ -71,12 +77,17 @@ class Settings(EdgeSettings):
     )
     generations_kept: int = Field(default=5, ge=2, le=100)
 
-    @field_validator("status_allow", mode="before")
+    @field_validator("status_allow", "domain", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("domain")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        return [check_server_name(name) for name in value]
 
     @property
     def database_url(self) -> str:

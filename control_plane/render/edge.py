@@ -74,6 +74,9 @@ LEAKY_HEADERS = (
 LEAKY_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "openai-", "x-ms-", "x-envoy-", "cf-", "x-kong-")
 # Request headers that are hop-by-hop, or credentials meant for a proxy: never forwarded upstream.
 HOP_BY_HOP_REQUEST = ("Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connection", "Proxy-Authorization")
+# Request headers of the client that are none of a provider's business: its cookies, the gateway's admin
+# key, and its own claims about its address (the gateway sends its own view, or none).
+PRIVATE_REQUEST = ("Cookie", "X-Admin-API-Key", "Forwarded", "X-Forwarded-Host")
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class EdgePolicy:
     ip_allow: tuple[str, ...] = ()
     ip_deny: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
+    forward_client_ip: bool = True  # X-Forwarded-For / X-Real-IP: $remote_addr, else none
     jwt_files: JwtFiles = JwtFiles()
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
@@ -182,6 +186,10 @@ class EdgeSpec:
     @property
     def hop_by_hop_request(self) -> tuple[str, ...]:
         return HOP_BY_HOP_REQUEST
+
+    @property
+    def private_request(self) -> tuple[str, ...]:
+        return PRIVATE_REQUEST
 
 
 def endpoint_class(endpoint: Endpoint) -> str:

@@ -160,6 +160,7 @@ class ServerSettings:
     worker_rlimit_nofile: int = 65535
     log_server: str | None = None  # "127.0.0.1:port": the controller's UDP syslog receiver
     http_redirect: bool = True  # with HTTPS on, plain HTTP redirects (but for ACME and /health)
+    domains: tuple[str, ...] = ()  # ISHGW_DOMAIN: where the redirect may send a client
     edge: EdgePolicy = field(default_factory=EdgePolicy)  # client auth, limits, IP filters
     acme_webroot: str | None = None
     # Issuer chain for OCSP stapling; set per reconcile (control_plane.certs) only when stapling can work.

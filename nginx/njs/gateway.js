@@ -5,6 +5,48 @@
 
 var RETRY_AFTER = '5';
 var MODEL_RE = /^[A-Za-z0-9][A-Za-z0-9._:\/@+-]{0,127}$/;  // control_plane/registry/validators.py
+var ECHO_MAX = 256;  // characters of a client's value an error message repeats
+
+// A client's value as an error message quotes it: JSON-quoted, at most ECHO_MAX characters of it.
+function shown(value) {
+    var text = String(value);
+    return JSON.stringify(text.length > ECHO_MAX ? text.slice(0, ECHO_MAX) + '\u2026' : text);
+}
+
+// Does the body repeat the top-level key `name`? JSON.parse keeps the last one, a backend may read the
+// first. The full scan (strings skipped by one regex) only runs when the text could hold a repeat: a
+// second '"name"', or any escape (a key may spell the name with \u escapes).
+var TOKEN_RE = /"(?:[^"\\]|\\.)*"|[{}\[\]:,]/g;
+
+function repeatsKey(text, name) {
+    var quoted = '"' + name + '"';
+    var first = text.indexOf(quoted);
+    if (text.indexOf(quoted, first + 1) < 0 && text.indexOf('\\') < 0) {
+        return false;
+    }
+    var depth = 0;
+    var expectKey = false;
+    var seen = 0;
+    var m;
+    TOKEN_RE.lastIndex = 0;
+    while ((m = TOKEN_RE.exec(text)) !== null) {
+        var t = m[0];
+        if (t === '{' || t === '[') {
+            depth++;
+            expectKey = t === '{' && depth === 1;
+        } else if (t === '}' || t === ']') {
+            depth--;
+        } else if (t === ',') {
+            expectKey = depth === 1;
+        } else if (t !== ':' && expectKey) {
+            expectKey = false;
+            if (JSON.parse(t) === name && ++seen > 1) {
+                return true;
+            }
+        }
+    }
+    return false;
+}
 
 function errorBody(family, status, type, message, extra) {
     if (family === 'anthropic') {
@@ -74,14 +116,14 @@ function routeAs(r, client) {
     var ep = endpointOf(r);
     var family = ep ? ep.family : 'openai';
     if (!ep) {
-        return fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + r.uri);
+        return fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + shown(r.uri));
     }
     if (!client.ok) {
         return unauthorized(r, family, client);
     }
     if (r.method !== 'POST') {
         r.headersOut['Allow'] = 'POST';
-        return fail(r, family, 405, 'invalid_request_error', 'Use POST for ' + r.uri);
+        return fail(r, family, 405, 'invalid_request_error', 'Use POST for ' + shown(r.uri));
     }
     var body;
     try {
@@ -96,16 +138,20 @@ function routeAs(r, client) {
     if (typeof asked !== 'string' || asked.length === 0) {
         return fail(r, family, 400, 'invalid_request_error', 'The request names no model (field "model")');
     }
+    if (repeatsKey(r.requestText, 'model')) {
+        return fail(r, family, 400, 'invalid_request_error', 'The request names its model more than once '
+            + '(field "model")');
+    }
     var found = resolve(r, ep.key, asked);
     if (found === undefined) {
-        var available = tableList(r, 'l:' + ep.key);
+        // Only the models this client may use: a key limited to some models learns nothing of the others.
+        var available = tableList(r, 'l:' + ep.key).filter(function (m) { return allows(client, m); });
         return fail(r, family, 404, 'not_found_error',
-            'The model ' + JSON.stringify(asked) + ' is not served here. Available: ' + available.join(', '),
+            'The model ' + shown(asked) + ' is not served here. Available: ' + available.join(', '),
             {available_models: available});
     }
     if (!allows(client, found.model, asked)) {
-        return fail(r, family, 403, 'permission_error',
-            'This API key may not use the model ' + JSON.stringify(asked));
+        return fail(r, family, 403, 'permission_error', 'This API key may not use the model ' + shown(asked));
     }
     if (found.pool) {
         return send(r, body, found, 0);
@@ -208,7 +254,7 @@ async function notFound(r) {
     if (!client.ok) {
         return unauthorized(r, family, client);
     }
-    fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + r.uri);
+    fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + shown(r.uri));
 }
 
 // The API family of any request, for answers made outside the router (limits, address filter).
@@ -229,6 +275,12 @@ function rateLimited(r) {
     r.headersOut['Retry-After'] = String(wait);
     fail(r, anyFamily(r), 429, 'rate_limit_error',
         'Too many requests: a rate or concurrency limit of this gateway was reached; retry in ' + wait + ' s');
+}
+
+// js_set $gw_auth_body: the 401 answer to a request whose headers bring no valid credential, which
+// nginx sends with `return` (servers.conf.j2) so that the body is never read.
+function authBody(r) {
+    return errorBody(anyFamily(r), 401, 'authentication_error', identify(r).message);
 }
 
 // error_page 403 target: the client's address is not allowed.
@@ -272,4 +324,5 @@ function answer(r) {
     return handler ? handler(r) : unavailable(r);
 }
 
-export default {route, answer, client_id: clientId, client_rpm: clientRpm, hide_headers: hideHeaders};
+export default {route, answer, client_id: clientId, client_rpm: clientRpm, auth_fail: authFail,
+    auth_body: authBody, hide_headers: hideHeaders};

@@ -30,7 +30,7 @@ from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettin
 
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-PROXY_HEADERS_PER_LOCATION = 14  # the proxy_common macro in servers.conf.j2 (6 of them from edge.j2)
+PROXY_HEADERS_PER_LOCATION = 19  # the proxy_common macro in servers.conf.j2 (12 of them from edge.j2)
 LOCATIONS_PER_PROFILE = 2  # as sent, and with the body rewritten (alias or fallback)
 
 
