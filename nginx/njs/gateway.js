@@ -13,39 +13,21 @@ function shown(value) {
     return JSON.stringify(text.length > ECHO_MAX ? text.slice(0, ECHO_MAX) + '\u2026' : text);
 }
 
-// Does the body repeat the top-level key `name`? JSON.parse keeps the last one, a backend may read the
-// first. The full scan (strings skipped by one regex) only runs when the text could hold a repeat: a
-// second '"name"', or any escape (a key may spell the name with \u escapes).
-var TOKEN_RE = /"(?:[^"\\]|\\.)*"|[{}\[\]:,]/g;
+// A JSON string spelling "model" (letters possibly \u-escaped) and a colon: a key named model, at any depth.
+var MODEL_KEYS = /"(?:m|\\u006[dD])(?:o|\\u006[fF])(?:d|\\u0064)(?:e|\\u0065)(?:l|\\u006[cC])"(?=\s*:)/g;
 
-function repeatsKey(text, name) {
-    var quoted = '"' + name + '"';
-    var first = text.indexOf(quoted);
-    if (text.indexOf(quoted, first + 1) < 0 && text.indexOf('\\') < 0) {
+// Does the body name "model" more than once at its top level? JSON.parse keeps the last, a backend may
+// read the first. Only a body with two or more keys named model anywhere is looked at again: each such key
+// is renamed "\u0001<n>" (distinct, so nothing collapses) and the body parsed once more, natively; a
+// loop over the text in JavaScript would hold the worker for seconds on a large body.
+function repeatsModel(text) {
+    var keys = text.match(MODEL_KEYS);
+    if (keys === null || keys.length < 2) {
         return false;
     }
-    var depth = 0;
-    var expectKey = false;
-    var seen = 0;
-    var m;
-    TOKEN_RE.lastIndex = 0;
-    while ((m = TOKEN_RE.exec(text)) !== null) {
-        var t = m[0];
-        if (t === '{' || t === '[') {
-            depth++;
-            expectKey = t === '{' && depth === 1;
-        } else if (t === '}' || t === ']') {
-            depth--;
-        } else if (t === ',') {
-            expectKey = depth === 1;
-        } else if (t !== ':' && expectKey) {
-            expectKey = false;
-            if (JSON.parse(t) === name && ++seen > 1) {
-                return true;
-            }
-        }
-    }
-    return false;
+    var n = 0;
+    var renamed = JSON.parse(text.replace(MODEL_KEYS, function () { return '"\\u0001' + (n++) + '"'; }));
+    return Object.keys(renamed).filter(function (k) { return k.charCodeAt(0) === 1; }).length > 1;
 }
 
 function errorBody(family, status, type, message, extra) {
@@ -138,7 +120,7 @@ function routeAs(r, client) {
     if (typeof asked !== 'string' || asked.length === 0) {
         return fail(r, family, 400, 'invalid_request_error', 'The request names no model (field "model")');
     }
-    if (repeatsKey(r.requestText, 'model')) {
+    if (repeatsModel(r.requestText)) {
         return fail(r, family, 400, 'invalid_request_error', 'The request names its model more than once '
             + '(field "model")');
     }

@@ -166,6 +166,10 @@ def test_a_repeated_model_field_is_refused(secured: Secured, backend: StubServer
     r = secured.client.post(CHAT, content=fine, headers=headers)
     assert r.status_code == 200, r.text
     assert len(seen_by_backend(backend, "dup-ok")) == 1
+    # A key that merely ends in '"model"' is another key.
+    odd = '{"x\\"model":1,"model":"m","messages":[],"marker":"dup-odd"}'
+    assert json.loads(odd)["model"] == "m"
+    assert secured.client.post(CHAT, content=odd, headers=headers).status_code == 200
 
 
 # -- 6 -------------------------------------------------------------------------------------------------------
