@@ -24,7 +24,11 @@ class Settings(EdgeSettings):
     https_port: int = Field(default=8443, ge=0, le=65535, description="0 switches HTTPS off")
     listen_address: str = Field(default="0.0.0.0", description="Address nginx binds for clients")
     admin_listen: str = Field(default="127.0.0.1:9000")
-    admin_api_key: str | None = Field(default=None, description="Generated and stored 0600 when unset")
+    # At least 20 characters: a wrong key is throttled, the right one never is (issue 19), so a short key
+    # could be found by guessing fast enough.
+    admin_api_key: str | None = Field(
+        default=None, min_length=20, description="Generated and stored 0600 when unset; 20 characters or more"
+    )
     db_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite under home")
 
     nginx_binary: str = "nginx"

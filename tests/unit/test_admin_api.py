@@ -271,6 +271,12 @@ async def test_failed_authentications_are_throttled(api: Api) -> None:
     assert (await api.call("GET", "/admin/status", auth=False, headers=wrong))[0] == 401
 
 
+def test_admin_key_setting_is_long_enough_to_resist_guessing() -> None:
+    with pytest.raises(ValueError, match="admin_api_key"):
+        Settings(admin_api_key="short-key-123")
+    assert Settings(admin_api_key=ADMIN).admin_api_key == ADMIN
+
+
 def test_throttle_is_bounded() -> None:
     clock = Clock()
     throttle = AuthThrottle(limit=2, window_s=60, max_entries=3, clock=clock)

@@ -31,7 +31,15 @@ from control_plane.registry.audit import AuditLog
 from control_plane.registry.client_keys import ClientKey, hash_key
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.registry.store import Store
-from control_plane.render.edge import EdgePolicy, JwtFiles, JwtKeys, PublicKey, build_edge, clients_data
+from control_plane.render.edge import (
+    EdgePolicy,
+    JwtFiles,
+    JwtKeys,
+    PublicKey,
+    address_geo,
+    build_edge,
+    clients_data,
+)
 from control_plane.render.lookup_table import key_entries
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.spec import ServerSettings, World, build_spec
@@ -232,7 +240,7 @@ def test_one_zone_per_distinct_rate() -> None:
     assert servers.count("limit_req zone=gw_ip ") == api_locations
     assert servers.count("error_page 429 = @gw_limited;") == api_locations
     # Every one but /api/version refuses a request without a valid credential before reading its body.
-    assert servers.count("if ($gw_auth_fail) {") == servers.count("return 401 $gw_auth_body;")
+    assert servers.count("if ($gw_auth_refuse) {") == servers.count("return 401 $gw_auth_body;")
     assert servers.count("return 401 $gw_auth_body;") == api_locations - 1
     health = servers.split("location = /health {", 1)[1].split("}", 1)[0]
     assert "limit_req" not in health
@@ -265,10 +273,32 @@ def test_address_rules_and_real_ip_render() -> None:
     assert "set_real_ip_from" not in edge_tree(())["servers.conf"]  # default: no proxy is trusted
 
 
+def test_address_rules_as_a_geo_block_keep_deny_first() -> None:
+    """The early 401 skips addresses the allow/deny rules refuse; geo must agree with deny-first order."""
+    assert address_geo((), ()) == ("0", ())
+    default, entries = address_geo(
+        ("10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16"), ("10.0.0.0/9", "2001:db8::/32")
+    )
+    assert default == "1"  # an allow list denies everything else
+    assert dict(entries) == {
+        "10.0.0.0/8": "0",
+        "10.1.0.0/16": "1",  # allowed, but inside a denied network: deny comes first
+        "192.168.0.0/16": "0",
+        "10.0.0.0/9": "1",
+        "2001:db8::/32": "1",
+    }
+    files = edge_tree((), ip_allow=("10.0.0.0/8",), ip_deny=("10.9.0.0/16",))
+    assert (
+        'geo $gw_address_refused {\n    default 1;\n    "10.0.0.0/8" 0;\n    "10.9.0.0/16" 1;\n}'
+        in files["edge.conf"]
+    )
+    assert "geo " not in edge_tree(())["edge.conf"]
+
+
 def test_upstream_header_policy_in_every_pool_location() -> None:
     files = edge_tree((client_key(1, 60),))
     counts = parse_directives(files)
-    pools = files["servers.conf"].count("proxy_pass http://$gw_upstream$uri$is_args$args;")
+    pools = files["servers.conf"].count("proxy_pass http://$gw_upstream$gw_upstream_path$is_args$args;")
     assert pools > 0
     # The client's cookies, the admin key and its claims about its address never reach a provider; the
     # gateway's own view of the address does (ISHGW_FORWARD_CLIENT_IP, default true).
