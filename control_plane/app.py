@@ -94,6 +94,7 @@ def server_settings(settings: Settings, workers: Workers | None = None) -> Serve
         log_server=settings.log_address if settings.log_stream_enabled else None,
         redirect_mode=settings.http_redirect,
         http_redirect=settings.http_redirect == "true",
+        domains=tuple(settings.domain),
         acme_webroot=str(acme_webroot(settings)),
         edge=edge_policy(settings, settings.client_max_body_size_mb),
     )
@@ -158,8 +159,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         resync_interval_s=settings.resync_interval_s,
         generation_poll_s=settings.generation_poll_s,
     )
+    # The audit middleware wraps authentication: it records refused admin keys as well as changes.
     app = web.Application(
-        middlewares=[error_middleware, address_filter_middleware, auth_middleware, audit_middleware]
+        middlewares=[error_middleware, address_filter_middleware, audit_middleware, auth_middleware]
     )
     app[AUTH_THROTTLE] = AuthThrottle(
         limit=settings.admin_auth_failure_limit, window_s=settings.admin_auth_failure_window_s

@@ -32,6 +32,17 @@ def check_cidrs(values: list[str]) -> list[str]:
     return [v.check_cidr(value) for value in values]
 
 
+def check_server_name(name: str) -> str:
+    """A host name or IP address clients reach the gateway by (ISHGW_DOMAIN), lower case."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not v.HOSTNAME_RE.fullmatch(name):
+        raise ValueError(f"{name[:80]!r} is neither a host name nor an IP address")
+    return name.lower()
+
+
 def is_loopback(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True
@@ -104,6 +115,11 @@ class EdgeSettings(BaseSettings):
     ip_deny: CidrList = Field(default_factory=list, description="Data plane: never these (checked first)")
     trusted_proxies: CidrList = Field(
         default_factory=list, description="Proxies whose X-Forwarded-For gives the real client IP"
+    )
+    forward_client_ip: bool = Field(
+        default=True,
+        description="Tell providers the client's address (X-Forwarded-For, X-Real-IP: the address the "
+        "gateway sees, never the client's own headers); false sends neither",
     )
     admin_ip_allow: CidrList = Field(default_factory=list, description="Admin API: only these (empty: all)")
     admin_ip_deny: CidrList = Field(default_factory=list, description="Admin API: never these")
@@ -208,6 +224,7 @@ def edge_policy(settings: EdgeSettings, default_body_mb: int) -> EdgePolicy:
         ip_allow=tuple(s.ip_allow),
         ip_deny=tuple(s.ip_deny),
         trusted_proxies=tuple(s.trusted_proxies),
+        forward_client_ip=s.forward_client_ip,
         jwt_files=JwtFiles(
             hs256_secret=str(s.jwt_hs256_secret_file) if s.jwt_hs256_secret_file else None,
             public_keys=str(s.jwt_public_keys_file) if s.jwt_public_keys_file else None,

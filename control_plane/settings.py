@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from control_plane.edge_settings import EdgeSettings
+from control_plane.edge_settings import EdgeSettings, check_server_name
 from control_plane.secret_refs import SecretPolicy
 
 RedirectMode = Literal["auto", "true", "false"]
@@ -29,7 +29,11 @@ class Settings(EdgeSettings):
     https_port: int = Field(default=8443, ge=0, le=65535, description="0 switches HTTPS off")
     listen_address: str = Field(default="0.0.0.0", description="Address nginx binds for clients")
     admin_listen: str = Field(default="127.0.0.1:9000")
-    admin_api_key: str | None = Field(default=None, description="Generated and stored 0600 when unset")
+    # At least 20 characters: a wrong key is throttled, the right one never is (issue 19), so a short key
+    # could be found by guessing fast enough.
+    admin_api_key: str | None = Field(
+        default=None, min_length=20, description="Generated and stored 0600 when unset; 20 characters or more"
+    )
     db_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite under home")
 
     nginx_binary: str = "nginx"
@@ -42,6 +46,12 @@ class Settings(EdgeSettings):
         default="auto",
         description="Redirect plain HTTP to HTTPS: auto (only with a certificate clients can verify, "
         "not the self-signed default), true, false",
+    )
+    domain: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Names clients use for the gateway (comma separated host names or IP addresses): the "
+        "HTTP->HTTPS redirect goes to one of them, never to a client's Host; also read by the certificate "
+        "scripts",
     )
     acme_webroot: Path | None = Field(
         default=None, description="HTTP-01 challenge files; default <home>/acme"
@@ -99,12 +109,17 @@ class Settings(EdgeSettings):
             return _BOOL_WORDS.get(word, word)
         return value
 
-    @field_validator("status_allow", "secret_dirs", mode="before")
+    @field_validator("status_allow", "secret_dirs", "domain", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("domain")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        return [check_server_name(name) for name in value]
 
     @property
     def database_url(self) -> str:

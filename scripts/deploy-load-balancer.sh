@@ -28,7 +28,7 @@ CONTROLLER_PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Knobs of this script only: never persisted, never passed to the controller.
 SCRIPT_ONLY=(ISHGW_ROOT ISHGW_PYTHON ISHGW_START_TIMEOUT ISHGW_STOP_TIMEOUT ISHGW_CERT_RENEW_DAYS)
 # Settings this script reads besides the controller's own (Settings in control_plane/settings.py).
-SCRIPT_SETTINGS=(ISHGW_VENV ISHGW_DOMAIN)
+SCRIPT_SETTINGS=(ISHGW_VENV)
 
 usage() {
     sed -n '2,9s/^# \{0,1\}//p' "$0"
@@ -49,7 +49,10 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_NGINX_USER     www-data when run as root            user of the nginx worker processes; only its group
                                                             may reach \$ISHGW_HOME/run (the unix sockets)
   ISHGW_VENV           <repo>/.venv                         virtualenv the controller runs from
-  ISHGW_DOMAIN         (none)                               extra names for the self-signed certificate
+  ISHGW_DOMAIN         (none)                               names clients use (comma separated): extra names for the
+                                                            self-signed certificate, the only HTTP->HTTPS redirect targets
+  ISHGW_FORWARD_CLIENT_IP true                              providers get X-Forwarded-For/X-Real-IP (the address nginx
+                                                            sees); false: neither
   ISHGW_HTTP_REDIRECT  auto                                 plain HTTP -> HTTPS: auto (only once the certificate is
                                                             one clients can verify, e.g. Let's Encrypt; with the
                                                             self-signed default HTTP serves the API), true, false

@@ -1,4 +1,5 @@
-"""Admin API hardening: an address filter, and an audit trail of every change (who, what, when).
+"""Admin API hardening: an address filter, and an audit trail of every change (who, what, when) and of
+every refused admin key (from where, when).
 
 The audit entry names the admin key by a fingerprint (first 12 hex digits of its sha256) and the client
 address; the target is a name or id, never a body. Entries go to the ``audit_log`` table and to the
@@ -20,7 +21,7 @@ from aiohttp.typedefs import Handler
 
 from control_plane.api.client_keys import AUDIT_TARGET
 from control_plane.api.keys import SETTINGS
-from control_plane.api.middleware import presented_key
+from control_plane.api.middleware import AUTH_FAILED, presented_key
 from control_plane.errors import InvalidInput
 from control_plane.registry.audit import AuditEntry, AuditLog
 
@@ -104,20 +105,29 @@ async def _record(audit: AuditLog, entry: AuditEntry) -> None:
         log.exception("audit: could not store the entry")
 
 
+def _audited(request: web.Request, response: web.StreamResponse) -> bool:
+    if request.get(AUTH_FAILED):
+        return True
+    return request.method in CHANGING_METHODS and 200 <= response.status < 300
+
+
 @web.middleware
 async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Record every successful change made through the admin API (inside authentication)."""
+    """Record every successful change made through the admin API, and every refused admin key (around
+    authentication: actor "unauthenticated", never a trace of the key tried). Throttled attempts (429)
+    are not recorded one by one: the failures that led to the throttle are."""
     response = await handler(request)
     audit = request.app.get(AUDIT)
-    if audit is None or request.method not in CHANGING_METHODS or not 200 <= response.status < 300:
+    if audit is None or not _audited(request, response):
         return response
+    failed = bool(request.get(AUTH_FAILED))
     entry = AuditEntry(
         at=datetime.now(UTC),
-        actor=fingerprint(presented_key(request.headers)),
+        actor="unauthenticated" if failed else fingerprint(presented_key(request.headers)),
         client_ip=request.remote or "unknown",
         method=request.method,
         path=request.path,
-        target=_target(request, response),
+        target=None if failed else _target(request, response),
         status=response.status,
     )
     await _record(audit, entry)

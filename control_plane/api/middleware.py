@@ -109,8 +109,10 @@ class _Failures:
 class AuthThrottle:
     """Counts failed authentications per client address in fixed windows; bounded in size.
 
-    After ``limit`` failures inside ``window_s`` seconds the address gets 429 until the window ends,
-    whatever key it presents (otherwise the answer would still be an oracle for guessing).
+    After ``limit`` failures inside ``window_s`` seconds the address gets 429 for every wrong key until
+    the window ends. The right key always passes: a throttle that also refused it would let anyone who
+    can reach the listener lock the operator out. Guessing gains nothing from that: the admin key is
+    long and random, and a wrong guess meets 429 exactly like a wrong guess before.
     """
 
     def __init__(
@@ -214,20 +216,24 @@ def _throttled(retry_after: int) -> web.Response:
     )
 
 
+# Set on a request whose admin key was refused (401): the audit middleware records the attempt.
+AUTH_FAILED = web.RequestKey("auth_failed", bool)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every admin route but the public ones needs the admin key; failures are throttled per address."""
-    if not _needs_auth(request):
+    """Every admin route but the public ones needs the admin key; failures are throttled per address,
+    the right key never is."""
+    if not _needs_auth(request) or key_matches(presented_key(request.headers), request.app[ADMIN_KEY]):
         return await handler(request)
     throttle = request.app[AUTH_THROTTLE]
     client = request.remote or "unknown"
     wait = throttle.retry_after(client)
     if wait is not None:
         return _throttled(wait)
-    if not key_matches(presented_key(request.headers), request.app[ADMIN_KEY]):
-        throttle.record_failure(client)
-        return _unauthorized()
-    return await handler(request)
+    throttle.record_failure(client)
+    request[AUTH_FAILED] = True
+    return _unauthorized()
 
 
 MIDDLEWARES = (error_middleware, auth_middleware)

@@ -438,6 +438,7 @@ async def _read_document(request: web.Request) -> dict[str, Any]:
     data = await _read_json(request)
     if not isinstance(data, dict):
         raise _invalid("body", "document must be a JSON object")
+    importers.check_depth(data)
     return data
 
 

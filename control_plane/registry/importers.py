@@ -8,7 +8,9 @@ raises one ``InvalidInput`` listing all problems, each with a field path such as
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,6 +32,12 @@ from control_plane.registry.models import (
 
 DOCUMENT_VERSION = 1
 FORMATS = ("json", "yaml")
+# A registry document nests a few levels (instances[2].supported_models[0]); anything deeper is refused
+# before it reaches code that recurses.
+MAX_DEPTH = 32
+# libyaml's parser: fast, and it refuses absurd nesting itself (PyYAML's pure-Python scanner spends seconds
+# on 10,000 nested '[' before it fails).
+SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 PROVIDER_ALIASES: dict[str, ProviderType] = {
     "azure_openai": ProviderType.AZURE,
@@ -49,6 +57,7 @@ CONFIG_FIELDS = frozenset(InstanceConfig.model_fields)
 STATE_FIELDS = frozenset(InstanceState.model_fields)
 
 Errors = list[dict[str, str]]
+log = logging.getLogger(__name__)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -120,11 +129,53 @@ def dump(document: dict[str, Any], fmt: str) -> str:
     return yaml.safe_dump(document, sort_keys=True, default_flow_style=False, allow_unicode=True)
 
 
+def _members(value: Any) -> list[Any] | None:
+    if isinstance(value, dict):
+        return list(value.values())
+    return value if isinstance(value, list) else None
+
+
+def nesting_depth(data: Any) -> int:
+    """How deeply lists and objects nest in ``data`` (a scalar: 0; a cycle: unbounded). Iterative, and
+    each container is measured once: YAML aliases share one object however often it is referenced."""
+    depth: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        value, closing = stack.pop()
+        members = _members(value)
+        if members is None or (id(value) in depth and not closing):
+            continue
+        if closing:
+            open_.discard(id(value))
+            depth[id(value)] = 1 + max((depth.get(id(m), 0) for m in members), default=0)
+            continue
+        if id(value) in open_:
+            return sys.maxsize  # a YAML alias to an enclosing node
+        open_.add(id(value))
+        stack.append((value, True))
+        stack.extend((m, False) for m in members)
+    return depth.get(id(data), 0)
+
+
+def _too_deep(what: str) -> InvalidInput:
+    # One line, where a parser's RecursionError left some thousand lines of traceback per request.
+    log.warning("refused a %s nested more than %d levels deep", what, MAX_DEPTH)
+    return InvalidInput([{"field": "body", "message": f"nested more than {MAX_DEPTH} levels deep"}])
+
+
+def check_depth(data: Any) -> None:
+    if nesting_depth(data) > MAX_DEPTH:
+        raise _too_deep("document")
+
+
 def load(text: str, fmt: str) -> dict[str, Any]:
     """Parse JSON or YAML text into an object; anything else is InvalidInput on ``body``."""
     _check_format(fmt)
     try:
-        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        data = json.loads(text) if fmt == "json" else yaml.load(text, Loader=SAFE_LOADER)
+    except RecursionError:
+        raise _too_deep(f"{fmt} document") from None
     except json.JSONDecodeError as exc:
         # Position only: the document may hold secrets, so no snippet of it goes back.
         message = f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
@@ -133,11 +184,14 @@ def load(text: str, fmt: str) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "syntax error"
+        if "nesting depth" in problem:  # libyaml's own limit
+            raise _too_deep("yaml document") from None
         raise InvalidInput([{"field": "body", "message": f"invalid YAML{where}: {problem}"}]) from None
     if not isinstance(data, dict):
         raise InvalidInput(
             [{"field": "body", "message": f"document must be an object, got {_type_name(data)}"}]
         )
+    check_depth(data)
     return data
 
 

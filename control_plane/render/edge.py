@@ -9,6 +9,7 @@ limit_req_zone per distinct rate, keyed by a map that is the key id only for key
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -74,6 +75,9 @@ LEAKY_HEADERS = (
 LEAKY_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "openai-", "x-ms-", "x-envoy-", "cf-", "x-kong-")
 # Request headers that are hop-by-hop, or credentials meant for a proxy: never forwarded upstream.
 HOP_BY_HOP_REQUEST = ("Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connection", "Proxy-Authorization")
+# Request headers of the client that are none of a provider's business: its cookies, the gateway's admin
+# key, and its own claims about its address (the gateway sends its own view, or none).
+PRIVATE_REQUEST = ("Cookie", "X-Admin-API-Key", "Forwarded", "X-Forwarded-Host")
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class EdgePolicy:
     ip_allow: tuple[str, ...] = ()
     ip_deny: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
+    forward_client_ip: bool = True  # X-Forwarded-For / X-Real-IP: $remote_addr, else none
     jwt_files: JwtFiles = JwtFiles()
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
@@ -191,6 +196,30 @@ class EdgeSpec:
     @property
     def hop_by_hop_request(self) -> tuple[str, ...]:
         return HOP_BY_HOP_REQUEST
+
+    @property
+    def private_request(self) -> tuple[str, ...]:
+        return PRIVATE_REQUEST
+
+    @property
+    def address_refused(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The data-plane address rules (ISHGW_IP_DENY first, then ISHGW_IP_ALLOW, then deny all when an
+        allow list exists) as a geo block: (default, ((cidr, "1" refused | "0" allowed), ...)). geo takes
+        the most specific match, so an allowed network inside a denied one is marked refused."""
+        return address_geo(self.policy.ip_allow, self.policy.ip_deny)
+
+
+def address_geo(allow: Iterable[str], deny: Iterable[str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    allow, deny = tuple(allow), tuple(deny)
+    denied = [ipaddress.ip_network(cidr, strict=False) for cidr in deny]
+
+    def inside_denied(cidr: str) -> bool:
+        net = ipaddress.ip_network(cidr, strict=False)
+        return any(net.version == d.version and net.subnet_of(d) for d in denied)  # type: ignore[arg-type]
+
+    entries = {cidr: "1" if inside_denied(cidr) else "0" for cidr in allow}
+    entries.update((cidr, "1") for cidr in deny)
+    return ("1" if allow else "0"), tuple(entries.items())
 
 
 def endpoint_class(endpoint: Endpoint) -> str:

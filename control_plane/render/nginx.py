@@ -38,6 +38,12 @@ class RenderedTree:
     checksum: str
 
 
+def _bracket_ipv6(value: object) -> str:
+    """A host as a URL authority writes it: an IPv6 address in brackets."""
+    text = str(value)
+    return f"[{text}]" if ":" in text else text
+
+
 def _comment(value: object) -> str:
     """Safe inside a '#' comment: one line, no control characters."""
     return re.sub(r"[\x00-\x1f\x7f]", "?", str(value))
@@ -55,6 +61,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["q"] = nginx_quote
     env.filters["comment"] = _comment
+    env.filters["bracket_ipv6"] = _bracket_ipv6
     return env
 
 

@@ -166,6 +166,7 @@ class ServerSettings:
     # redirect_mode ("auto": only with a certificate clients can verify) by control_plane.certs.
     http_redirect: bool = False
     redirect_mode: str = "auto"
+    domains: tuple[str, ...] = ()  # ISHGW_DOMAIN: where the redirect may send a client
     edge: EdgePolicy = field(default_factory=EdgePolicy)  # client auth, limits, IP filters
     acme_webroot: str | None = None
     # Issuer chain for OCSP stapling; set per reconcile (control_plane.certs) only when stapling can work.

@@ -218,13 +218,27 @@ async function verifySignature(pending) {
             var key = await crypto.subtle.importKey('spki', Buffer.from(keys[i].spki, 'base64'), params[0],
                 false, ['verify']);
             if (await crypto.subtle.verify(params[1], key, signature, data)) {
-                return true;
+                break;
             }
         } catch (e) {
             // a key that cannot verify this signature: try the next one
         }
     }
-    return false;
+    if (i > 0) {
+        await clearSslErrors();  // keys[0..i-1] did not verify it
+    }
+    return i < keys.length;
+}
+
+// A signature that does not verify leaves OpenSSL's per-thread error queue filled (njs 0.7.9 does not
+// clear it), and nginx's next TLS operation in this worker logs "[alert] ignoring stale global SSL error".
+// njs empties the queue when a WebCrypto call throws, so one import that must fail clears it.
+async function clearSslErrors() {
+    try {
+        await crypto.subtle.importKey('spki', Buffer.alloc(1), pemParams('RS256')[0], false, ['verify']);
+    } catch (e) {
+        // expected: the queue is empty now
+    }
 }
 
 // The full verdict, signatures included. Resolves to {ok, id, rpm, models} or {ok: false, reason, message}.
@@ -269,6 +283,14 @@ function clientId(r) {
 
 function clientRpm(r) {
     return identify(r).rpm;
+}
+
+// js_set $gw_auth_fail: why the headers alone refuse the request ('missing', 'invalid', 'expired',
+// 'disabled'), '' when they do not. An RS256/ES256 token passes here: its signature is checked in the
+// content phase, after the body is read (WebCrypto is asynchronous, js_set is not).
+function authFail(r) {
+    var verdict = identify(r);
+    return verdict.ok ? '' : verdict.reason;
 }
 
 // The limit that said no, named with the setting that raises it, and the seconds until it lets one more

@@ -5,6 +5,30 @@
 
 var RETRY_AFTER = '5';
 var MODEL_RE = /^[A-Za-z0-9][A-Za-z0-9._:\/@+-]{0,127}$/;  // control_plane/registry/validators.py
+var ECHO_MAX = 256;  // characters of a client's value an error message repeats
+
+// A client's value as an error message quotes it: JSON-quoted, at most ECHO_MAX characters of it.
+function shown(value) {
+    var text = String(value);
+    return JSON.stringify(text.length > ECHO_MAX ? text.slice(0, ECHO_MAX) + '\u2026' : text);
+}
+
+// A JSON string spelling "model" (letters possibly \u-escaped) and a colon: a key named model, at any depth.
+var MODEL_KEYS = /"(?:m|\\u006[dD])(?:o|\\u006[fF])(?:d|\\u0064)(?:e|\\u0065)(?:l|\\u006[cC])"(?=\s*:)/g;
+
+// Does the body name "model" more than once at its top level? JSON.parse keeps the last, a backend may
+// read the first. Only a body with two or more keys named model anywhere is looked at again: each such key
+// is renamed "\u0001<n>" (distinct, so nothing collapses) and the body parsed once more, natively; a
+// loop over the text in JavaScript would hold the worker for seconds on a large body.
+function repeatsModel(text) {
+    var keys = text.match(MODEL_KEYS);
+    if (keys === null || keys.length < 2) {
+        return false;
+    }
+    var n = 0;
+    var renamed = JSON.parse(text.replace(MODEL_KEYS, function () { return '"\\u0001' + (n++) + '"'; }));
+    return Object.keys(renamed).filter(function (k) { return k.charCodeAt(0) === 1; }).length > 1;
+}
 
 function errorBody(family, status, type, message, extra) {
     if (family === 'anthropic') {
@@ -74,14 +98,14 @@ function routeAs(r, client) {
     var ep = endpointOf(r);
     var family = ep ? ep.family : 'openai';
     if (!ep) {
-        return fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + r.uri);
+        return fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + shown(r.uri));
     }
     if (!client.ok) {
         return unauthorized(r, family, client);
     }
     if (r.method !== 'POST') {
         r.headersOut['Allow'] = 'POST';
-        return fail(r, family, 405, 'invalid_request_error', 'Use POST for ' + r.uri);
+        return fail(r, family, 405, 'invalid_request_error', 'Use POST for ' + shown(r.uri));
     }
     var body;
     try {
@@ -96,18 +120,22 @@ function routeAs(r, client) {
     if (typeof asked !== 'string' || asked.length === 0) {
         return fail(r, family, 400, 'invalid_request_error', 'The request names no model (field "model")');
     }
+    if (repeatsModel(r.requestText)) {
+        return fail(r, family, 400, 'invalid_request_error', 'The request names its model more than once '
+            + '(field "model")');
+    }
     var found = resolve(r, ep.key, asked);
     if (found === undefined) {
-        var available = tableList(r, 'l:' + ep.key);
+        // Only the models this client may use: a key limited to some models learns nothing of the others.
+        var available = tableList(r, 'l:' + ep.key).filter(function (m) { return allows(client, m); });
         var served = available.length ? 'Available: ' + available.join(', ')
             : 'No ' + ep.kind + ' model is served here for ' + r.uri;
         return fail(r, family, 404, 'not_found_error',
-            'The model ' + JSON.stringify(asked) + ' is not served here. ' + served,
+            'The model ' + shown(asked) + ' is not served here. ' + served,
             {available_models: available});
     }
     if (!allows(client, found.model, asked)) {
-        return fail(r, family, 403, 'permission_error',
-            'This API key may not use the model ' + JSON.stringify(asked));
+        return fail(r, family, 403, 'permission_error', 'This API key may not use the model ' + shown(asked));
     }
     if (found.pool) {
         return send(r, body, found, 0);
@@ -210,7 +238,7 @@ async function notFound(r) {
     if (!client.ok) {
         return unauthorized(r, family, client);
     }
-    fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + r.uri);
+    fail(r, family, 404, 'not_found_error', 'Unknown endpoint ' + shown(r.uri));
 }
 
 // The API family of any request, for answers made outside the router (limits, address filter).
@@ -231,6 +259,12 @@ function rateLimited(r) {
     r.headersOut['Retry-After'] = String(limit.wait);
     fail(r, anyFamily(r), 429, 'rate_limit_error',
         'Too many requests: the gateway\'s limit was reached: ' + limit.text + '; retry in ' + limit.wait + ' s');
+}
+
+// js_set $gw_auth_body: the 401 answer to a request whose headers bring no valid credential, which
+// nginx sends with `return` (servers.conf.j2) so that the body is never read.
+function authBody(r) {
+    return errorBody(anyFamily(r), 401, 'authentication_error', identify(r).message);
 }
 
 // error_page 403 target: the client's address is not allowed.
@@ -274,4 +308,5 @@ function answer(r) {
     return handler ? handler(r) : unavailable(r);
 }
 
-export default {route, answer, client_id: clientId, client_rpm: clientRpm, hide_headers: hideHeaders};
+export default {route, answer, client_id: clientId, client_rpm: clientRpm, auth_fail: authFail,
+    auth_body: authBody, hide_headers: hideHeaders};

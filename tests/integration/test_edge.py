@@ -474,6 +474,11 @@ def test_real_ip_from_trusted_proxy_and_ip_deny(edge: Gateway) -> None:
     r = edge.client.post(CHAT, json=chat("model-a"), headers=denied)
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
     assert "address" in r.json()["error"]["message"]
+    # Without a key as well: the early 401 (issue 19) is not for addresses the rules refuse.
+    r = edge.client.post(CHAT, json=chat("model-a"), headers={"X-Forwarded-For": "203.0.113.9"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    r = edge.client.post(CHAT, json=chat("model-a"), headers={"X-Forwarded-For": "198.51.100.7"})
+    assert r.status_code == 401
     allowed = {"X-Forwarded-For": "198.51.100.7", **bearer(key)}
     assert edge.client.post(CHAT, json=chat("model-a"), headers=allowed).status_code == 200
     # The health check is not the client API: it stays reachable.

@@ -431,7 +431,7 @@ def tls_env() -> Iterator[Env]:
     https_port = free_port()
     gateway = Gateway(
         home=home,
-        extra_env={"ISHGW_HTTPS_PORT": str(https_port)},  # ISHGW_HTTP_REDIRECT: auto, the default
+        extra_env={"ISHGW_HTTPS_PORT": str(https_port), "ISHGW_DOMAIN": DOMAIN},  # ISHGW_HTTP_REDIRECT: auto
     )
     # What deploy writes: the scripts read the running gateway's settings from gateway.env.
     settings = {k: gateway.env[k] for k in gateway.env if k.startswith("ISHGW_") and k != "ISHGW_HOME"}
@@ -558,6 +558,11 @@ def test_http_redirects_to_https_except_acme_and_health(tls_env: Env) -> None:
     assert response.status_code == 301
     assert response.headers["location"] == f"https://{DOMAIN}:{tls_env.https_port}/v1/models?x=1"
     assert client.post("/v1/chat/completions", headers={"Host": DOMAIN}).status_code == 301
+    # Issue 19: never to the client's Host, only to a configured name (ISHGW_DOMAIN).
+    for host in ("evil.example", "evil.example:8443", f"{DOMAIN}.evil.example", "127.0.0.1"):
+        response = client.get("/v1/models", headers={"Host": host})
+        assert response.status_code == 301
+        assert response.headers["location"] == f"https://{DOMAIN}:{tls_env.https_port}/v1/models", host
     assert client.get("/health").status_code == 200
     assert client.get("/.well-known/acme-challenge/missing").status_code == 404  # not a redirect
     challenge = gw.home / "acme" / ".well-known" / "acme-challenge" / "token-1"

@@ -269,12 +269,22 @@ async def test_failed_authentications_are_throttled(api: Api) -> None:
             0
         ] == 401
     api.clock.now += 20
-    status, body, headers = await api.call("GET", "/admin/status")  # even the right key: no oracle
+    wrong = {"X-Admin-API-Key": "y"}
+    status, body, headers = await api.call("GET", "/admin/status", auth=False, headers=wrong)
     assert status == 429 and body["error"] == "too_many_requests"
     assert headers["Retry-After"] == "40"
+    # Issue 19: the right key is never throttled (ten wrong guesses must not lock the operator out).
+    assert (await api.call("GET", "/admin/status"))[0] == 200
+    assert (await api.call("GET", "/admin/status", auth=False, headers=wrong))[0] == 429
     assert (await api.call("GET", "/admin/health", auth=False))[0] == 200  # public routes stay open
     api.clock.now += 41
-    assert (await api.call("GET", "/admin/status"))[0] == 200
+    assert (await api.call("GET", "/admin/status", auth=False, headers=wrong))[0] == 401
+
+
+def test_admin_key_setting_is_long_enough_to_resist_guessing() -> None:
+    with pytest.raises(ValueError, match="admin_api_key"):
+        Settings(admin_api_key="short-key-123")
+    assert Settings(admin_api_key=ADMIN).admin_api_key == ADMIN
 
 
 def test_throttle_is_bounded() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,15 @@ from control_plane.registry.audit import AuditLog
 from control_plane.registry.client_keys import ClientKey, hash_key
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.registry.store import Store
-from control_plane.render.edge import EdgePolicy, JwtFiles, JwtKeys, PublicKey, build_edge, clients_data
+from control_plane.render.edge import (
+    EdgePolicy,
+    JwtFiles,
+    JwtKeys,
+    PublicKey,
+    address_geo,
+    build_edge,
+    clients_data,
+)
 from control_plane.render.lookup_table import key_entries
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.spec import ServerSettings, World, build_spec
@@ -231,6 +240,9 @@ def test_one_zone_per_distinct_rate() -> None:
     assert servers.count("limit_req zone=gw_key_60 ") == api_locations
     assert servers.count("limit_req zone=gw_ip ") == api_locations
     assert servers.count("error_page 429 = @gw_limited;") == api_locations
+    # Every one but /api/version refuses a request without a valid credential before reading its body.
+    assert servers.count("if ($gw_auth_refuse) {") == servers.count("return 401 $gw_auth_body;")
+    assert servers.count("return 401 $gw_auth_body;") == api_locations - 1
     health = servers.split("location = /health {", 1)[1].split("}", 1)[0]
     assert "limit_req" not in health
     data = json.loads(files["clients.json"])
@@ -255,18 +267,53 @@ def test_address_rules_and_real_ip_render() -> None:
         (), ip_allow=("10.0.0.0/8",), ip_deny=("10.9.0.0/16",), trusted_proxies=("192.168.1.0/24",)
     )
     servers = files["servers.conf"]
-    chat = servers.split('location = "/v1/chat/completions" {', 1)[1].split("}", 1)[0]
+    chat = servers.split('location = "/v1/chat/completions" {', 1)[1].split("\n    }\n", 1)[0]
     lines = [line.strip() for line in chat.splitlines() if line.strip().startswith(("allow", "deny"))]
     assert lines == ['deny "10.9.0.0/16";', 'allow "10.0.0.0/8";', "deny all;"]
     assert 'set_real_ip_from "192.168.1.0/24";' in servers and "real_ip_recursive on;" in servers
     assert "set_real_ip_from" not in edge_tree(())["servers.conf"]  # default: no proxy is trusted
 
 
+def test_address_rules_as_a_geo_block_keep_deny_first() -> None:
+    """The early 401 skips addresses the allow/deny rules refuse; geo must agree with deny-first order."""
+    assert address_geo((), ()) == ("0", ())
+    default, entries = address_geo(
+        ("10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16"), ("10.0.0.0/9", "2001:db8::/32")
+    )
+    assert default == "1"  # an allow list denies everything else
+    assert dict(entries) == {
+        "10.0.0.0/8": "0",
+        "10.1.0.0/16": "1",  # allowed, but inside a denied network: deny comes first
+        "192.168.0.0/16": "0",
+        "10.0.0.0/9": "1",
+        "2001:db8::/32": "1",
+    }
+    files = edge_tree((), ip_allow=("10.0.0.0/8",), ip_deny=("10.9.0.0/16",))
+    assert (
+        'geo $gw_address_refused {\n    default 1;\n    "10.0.0.0/8" 0;\n    "10.9.0.0/16" 1;\n}'
+        in files["edge.conf"]
+    )
+    assert "geo " not in edge_tree(())["edge.conf"]
+
+
 def test_upstream_header_policy_in_every_pool_location() -> None:
     files = edge_tree((client_key(1, 60),))
     counts = parse_directives(files)
-    pools = files["servers.conf"].count("proxy_pass http://$gw_upstream;")
+    pools = files["servers.conf"].count("proxy_pass http://$gw_upstream$gw_upstream_path$is_args$args;")
     assert pools > 0
+    # The client's cookies, the admin key and its claims about its address never reach a provider; the
+    # gateway's own view of the address does (ISHGW_FORWARD_CLIENT_IP, default true).
+    lines = Counter(line.strip() for line in files["servers.conf"].splitlines())
+    for name in ("Cookie", "X-Admin-API-Key", "Forwarded", "Authorization", "x-api-key", "api-key"):
+        assert lines[f'proxy_set_header {name} "";'] == pools, name
+    assert lines["proxy_set_header X-Forwarded-For $remote_addr;"] == pools
+    assert lines["proxy_set_header X-Real-IP $remote_addr;"] == pools
+    assert "$proxy_add_x_forwarded_for" not in files["servers.conf"]
+    quiet = Counter(
+        line.strip() for line in edge_tree((), forward_client_ip=False)["servers.conf"].splitlines()
+    )
+    assert quiet['proxy_set_header X-Forwarded-For "";'] == quiet['proxy_set_header X-Real-IP "";'] == pools
+    assert not any("$remote_addr" in line for line in quiet if line.startswith("proxy_set_header"))
     # Header families are dropped by njs in the shims only (none here): no second njs VM per request.
     assert counts["js_header_filter"] == files["shims.conf"].count("proxy_pass ")
     hidden = Counter(
@@ -334,8 +381,8 @@ async def api(aiohttp_client: Any) -> Api:
     store = Store("sqlite://")
     store.migrate()
     reconciler = Recorder()
-    app = web.Application(
-        middlewares=[error_middleware, address_filter_middleware, auth_middleware, audit_middleware]
+    app = web.Application(  # the order of control_plane/app.py
+        middlewares=[error_middleware, address_filter_middleware, audit_middleware, auth_middleware]
     )
     app[SETTINGS] = Settings(admin_ip_deny=["10.0.0.0/8"])
     app[STORE] = store
@@ -420,6 +467,31 @@ async def test_audit_records_changes_not_secrets(api: Api) -> None:
     older = (await api.call("GET", "/admin/audit", params={"before": str(entries[1]["id"])}))[1]["entries"]
     assert older == entries[2:]
     assert (await api.call("GET", "/admin/audit", params={"limit": "0"}))[0] == 422
+
+
+async def test_refused_admin_keys_are_audited_and_never_lock_out_the_right_one(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="control_plane.audit")
+    guesses = [f"guess-{n}-of-the-admin-key" for n in range(12)]
+    statuses = [(await api.call("GET", "/admin/keys", headers={"X-Admin-API-Key": g}))[0] for g in guesses]
+    assert statuses == [401] * 10 + [429] * 2  # ISHGW_ADMIN_AUTH_FAILURE_LIMIT default 10
+    status, listed = await api.call("GET", "/admin/keys")  # the right key, from the same address
+    assert status == 200 and "keys" in listed
+    entries = (await api.call("GET", "/admin/audit"))[1]["entries"]
+    refused = [e for e in entries if e["actor"] == "unauthenticated"]
+    # Every refused key (the throttled ones are answered, not recorded one by one): address and time.
+    assert len(refused) == 10 and len(entries) == 10
+    assert all(
+        (e["method"], e["path"], e["status"], e["client_ip"], e["target"])
+        == ("GET", "/admin/keys", 401, "127.0.0.1", None)
+        and e["at"]
+        for e in refused
+    )
+    written = json.dumps(entries) + caplog.text
+    assert not any(g in written for g in guesses)
+    assert not any(hashlib.sha256(g.encode()).hexdigest()[:12] in written for g in guesses)
+    assert "audit: GET /admin/keys target=- status=401 by unauthenticated from 127.0.0.1" in caplog.text
 
 
 async def test_admin_address_filter(api: Api) -> None:

@@ -30,7 +30,7 @@ from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettin
 
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-PROXY_HEADERS_PER_LOCATION = 14  # the proxy_common macro in servers.conf.j2 (6 of them from edge.j2)
+PROXY_HEADERS_PER_LOCATION = 19  # the proxy_common macro in servers.conf.j2 (12 of them from edge.j2)
 LOCATIONS_PER_PROFILE = 2  # as sent, and with the body rewritten (alias or fallback)
 
 
@@ -341,3 +341,41 @@ def test_every_name_a_client_may_send_resolves_in_one_lookup() -> None:
         "qwen:latest": "qwen",
         "fast": "phi3:latest",  # an alias of a spelling
     }
+
+
+def test_redirect_goes_to_configured_names_or_the_local_address() -> None:
+    """Issue 19: the HTTP->HTTPS redirect never takes its host from the client's Host header."""
+    https = {"https_port": 8443, "tls_cert": "/c.pem", "tls_key": "/k.pem", "http_redirect": True}
+
+    def servers(**server: Any) -> str:
+        settings = ServerSettings(prefix="/p", run_dir="/r", **{**https, **server})
+        return render(build_spec(World((), RoutingConfig(), NOW), settings)).files["servers.conf"]
+
+    plain = servers()
+    assert "return 301 https://$gw_redirect_host:8443$request_uri;" in plain
+    assert "$host:" not in plain and "map $server_addr $gw_redirect_host {" in plain
+    assert '"~:" "[$server_addr]";' in plain  # an IPv6 address in brackets
+    named = servers(domains=("gw.example.org", "2001:db8::1"))
+    block = named.split("map $host $gw_redirect_host {", 1)[1].split("}", 1)[0]
+    assert [line.strip() for line in block.strip().splitlines()] == [
+        'default "gw.example.org";',
+        '"gw.example.org" "gw.example.org";',
+        '"2001:db8::1" "[2001:db8::1]";',
+    ]
+    assert "gw_redirect_host" not in servers(http_redirect=False)
+
+
+@pytest.mark.parametrize("value", ["gw.example.org,2001:db8::1", " GW.Example.org "])
+def test_domain_setting_accepts_names_and_addresses(value: str) -> None:
+    from control_plane.settings import Settings
+
+    names = Settings(domain=value).domain  # type: ignore[arg-type]
+    assert names[0] == "gw.example.org"
+
+
+@pytest.mark.parametrize("value", ["evil example", "a$b.example", "-x.example", "x.example\nlisten 1"])
+def test_domain_setting_refuses_what_is_no_host(value: str) -> None:
+    from control_plane.settings import Settings
+
+    with pytest.raises(ValidationError, match="domain"):
+        Settings(domain=value)  # type: ignore[arg-type]
