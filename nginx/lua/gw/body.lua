@@ -1,0 +1,312 @@
+-- The model a JSON request body names, found without building the document (issue 11).
+--
+-- A structural scan over the bytes: top-level keys and scalars are checked against JSON's grammar,
+-- nested objects and arrays are skipped by matching brackets with strings honoured (escapes checked,
+-- raw control characters refused), and only the top-level "model" string is decoded. What the scan
+-- cannot see (a missing comma deep inside "messages") is left to the backend, which parses the body.
+-- Pure: no ngx.* use, so busted runs it under plain LuaJIT (nginx/lua/spec/body_spec.lua) and
+-- tests/unit/test_lua_body.py checks it against Python's json on generated bodies.
+--
+--   local body = require("gw.body")
+--   local model, err = body.model(text)  -- model: the decoded string (UTF-8), or nil and one of body.ERR
+
+local byte, char, find, sub = string.byte, string.char, string.find, string.sub
+local concat, floor, tonumber = table.concat, math.floor, tonumber
+
+local _M = {}
+
+-- Why a body names no usable model. Values are stable names for error messages and logs.
+local ERR = {
+    invalid = "invalid_json",            -- not JSON as far as the scan can tell (incl. an empty body)
+    not_object = "not_object",           -- JSON, but not an object at the top
+    no_model = "no_model",               -- an object without a top-level "model" key
+    not_string = "model_not_string",     -- "model" is there but its value is not a string
+    repeated = "model_repeated",         -- "model" is a top-level key more than once (issue 19 item 5)
+    too_deep = "too_deep",               -- nested deeper than MAX_DEPTH
+}
+_M.ERR = ERR
+
+-- Objects and arrays nested deeper than this are refused (lua-cjson's default decode_max_depth).
+local MAX_DEPTH = 1000
+_M.MAX_DEPTH = MAX_DEPTH
+
+local QUOTE, BACKSLASH, COMMA, COLON = 34, 92, 44, 58
+local LBRACE, RBRACE, LBRACKET = 123, 125, 91
+local SPACE, TAB, LF, CR = 32, 9, 10, 13
+local LOWER_U = 117
+
+local NON_WS = "[^ \t\n\r]"
+local STRING_STOP = "[\"\\%z\1-\31]"      -- what ends a run of plain string bytes
+local STRUCTURE = "[\"{}%[%]]"            -- what a nested value's skip stops at
+local HEX4 = "^%x%x%x%x"
+local SIMPLE_ESCAPE = {}                  -- byte after a backslash -> the character it stands for
+for c, v in pairs({['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r",
+                   t = "\t"}) do
+    SIMPLE_ESCAPE[byte(c)] = v
+end
+
+-- Openers of the containers being skipped, by depth. Scratch reused by every call: the scan never
+-- yields, so one worker runs one scan at a time; sized once here so a call allocates nothing.
+local open_at = {}
+for depth = 1, MAX_DEPTH do
+    open_at[depth] = 0
+end
+
+-- Index of the first non-whitespace byte at or after i, or nil at the end.
+local function skip_ws(text, i)
+    local c = byte(text, i)
+    if c == SPACE or c == LF or c == CR or c == TAB then
+        return find(text, NON_WS, i + 1)
+    end
+    return c and i
+end
+
+-- i: the byte after an opening quote. Returns the index of the closing quote and whether the string
+-- holds escapes, or nil when it is unterminated or holds a raw control character or a bad escape.
+local function string_end(text, i)
+    local escaped = false
+    while true do
+        local j = find(text, STRING_STOP, i)
+        if not j then
+            return nil
+        end
+        local c = byte(text, j)
+        if c == QUOTE then
+            return j, escaped
+        elseif c ~= BACKSLASH then
+            return nil                    -- a raw control character
+        end
+        escaped = true
+        c = byte(text, j + 1)
+        if SIMPLE_ESCAPE[c] then
+            i = j + 2
+        elseif c == LOWER_U and find(text, HEX4, j + 2) then
+            i = j + 6
+        else
+            return nil
+        end
+    end
+end
+
+-- i: an opening bracket or brace at depth (the enclosing containers). Returns the index after its
+-- match, or nil and an error.
+local function container_end(text, i, depth)
+    local base = depth
+    depth = depth + 1
+    if depth > MAX_DEPTH then
+        return nil, ERR.too_deep
+    end
+    open_at[depth] = byte(text, i)
+    i = i + 1
+    while true do
+        local j = find(text, STRUCTURE, i)
+        if not j then
+            return nil, ERR.invalid
+        end
+        local c = byte(text, j)
+        if c == QUOTE then
+            local e = string_end(text, j + 1)
+            if not e then
+                return nil, ERR.invalid
+            end
+            i = e + 1
+        elseif c == LBRACE or c == LBRACKET then
+            depth = depth + 1
+            if depth > MAX_DEPTH then
+                return nil, ERR.too_deep
+            end
+            open_at[depth] = c
+            i = j + 1
+        else
+            if open_at[depth] ~= c - 2 then   -- "]" is "[" + 2, "}" is "{" + 2
+                return nil, ERR.invalid
+            end
+            depth = depth - 1
+            if depth == base then
+                return j + 1
+            end
+            i = j + 1
+        end
+    end
+end
+
+-- i: the first byte of a number, true, false or null. Returns the index after it, or nil.
+local function scalar_end(text, i)
+    local c = byte(text, i)
+    if c == 116 then                      -- t
+        return find(text, "^true", i) and i + 4
+    elseif c == 102 then                  -- f
+        return find(text, "^false", i) and i + 5
+    elseif c == 110 then                  -- n
+        return find(text, "^null", i) and i + 4
+    end
+    local _, e = find(text, "^%-?[1-9]%d*", i)
+    if not e then
+        _, e = find(text, "^%-?0", i)
+        if not e then
+            return nil
+        end
+    end
+    local _, f = find(text, "^%.%d+", e + 1)
+    e = f or e
+    _, f = find(text, "^[eE][%+%-]?%d+", e + 1)
+    return (f or e) + 1
+end
+
+-- Any JSON value starting at i, inside depth containers: the index after it, or nil and an error.
+local function value_end(text, i, depth)
+    local c = byte(text, i)
+    if c == QUOTE then
+        local e = string_end(text, i + 1)
+        return e and e + 1, ERR.invalid
+    elseif c == LBRACE or c == LBRACKET then
+        return container_end(text, i, depth)
+    end
+    return scalar_end(text, i), ERR.invalid
+end
+
+-- A code point as UTF-8; a lone surrogate as its three-byte form (as lua-cjson and Python's
+-- "surrogatepass" do).
+local function utf8(cp)
+    if cp < 0x80 then
+        return char(cp)
+    elseif cp < 0x800 then
+        return char(0xC0 + floor(cp / 0x40), 0x80 + cp % 0x40)
+    elseif cp < 0x10000 then
+        return char(0xE0 + floor(cp / 0x1000), 0x80 + floor(cp / 0x40) % 0x40, 0x80 + cp % 0x40)
+    end
+    return char(0xF0 + floor(cp / 0x40000), 0x80 + floor(cp / 0x1000) % 0x40,
+        0x80 + floor(cp / 0x40) % 0x40, 0x80 + cp % 0x40)
+end
+
+-- The string between s and e (inclusive, already checked by string_end) with its escapes resolved.
+local function decode(text, s, e)
+    local raw = sub(text, s, e)
+    local out, n, i = {}, 0, 1
+    while true do
+        local j = find(raw, "\\", i, true)
+        if not j then
+            n = n + 1
+            out[n] = sub(raw, i)
+            return concat(out, "", 1, n)
+        end
+        n = n + 1
+        out[n] = sub(raw, i, j - 1)
+        local c = byte(raw, j + 1)
+        if c == LOWER_U then
+            local cp = tonumber(sub(raw, j + 2, j + 5), 16)
+            i = j + 6
+            if cp >= 0xD800 and cp <= 0xDBFF
+                    and byte(raw, i) == BACKSLASH and byte(raw, i + 1) == LOWER_U then
+                local low = tonumber(sub(raw, i + 2, i + 5), 16)
+                if low >= 0xDC00 and low <= 0xDFFF then
+                    cp = 0x10000 + (cp - 0xD800) * 0x400 + (low - 0xDC00)
+                    i = i + 6
+                end
+            end
+            n = n + 1
+            out[n] = utf8(cp)
+        else
+            n = n + 1
+            out[n] = SIMPLE_ESCAPE[c]
+            i = j + 2
+        end
+    end
+end
+
+-- Is the key between the quotes at q and e "model" (also when spelled with escapes)?
+local function is_model_key(text, q, e, escaped)
+    if not escaped then
+        return e - q == 6 and find(text, "^model", q + 1) ~= nil
+    end
+    -- five characters, each at most a six-byte \uXXXX: longer keys cannot be "model"
+    return e - q <= 31 and decode(text, q + 1, e - 1) == "model"
+end
+
+-- The top-level "model" string of a JSON request body: model, or nil and one of ERR. The whole body
+-- is scanned (a repeated key or a fault after "model" counts); an invalid body is reported as such
+-- before what it names.
+function _M.model(text)
+    if text == nil then
+        return nil, ERR.invalid
+    end
+    local i = skip_ws(text, 1)
+    if not i then
+        return nil, ERR.invalid
+    end
+    if byte(text, i) ~= LBRACE then
+        local e, err = value_end(text, i, 0)
+        if not e then
+            return nil, err
+        end
+        if find(text, NON_WS, e) then
+            return nil, ERR.invalid
+        end
+        return nil, ERR.not_object
+    end
+    local count, ms, me, mescaped = 0, nil, nil, false
+    i = skip_ws(text, i + 1)
+    if i and byte(text, i) == RBRACE then
+        i = i + 1
+    else
+        while true do
+            if not i or byte(text, i) ~= QUOTE then
+                return nil, ERR.invalid
+            end
+            local ke, kescaped = string_end(text, i + 1)
+            if not ke then
+                return nil, ERR.invalid
+            end
+            local is_model = is_model_key(text, i, ke, kescaped)
+            i = skip_ws(text, ke + 1)
+            if not i or byte(text, i) ~= COLON then
+                return nil, ERR.invalid
+            end
+            i = skip_ws(text, i + 1)
+            if not i then
+                return nil, ERR.invalid
+            end
+            local e, err
+            if is_model then
+                count = count + 1
+                if byte(text, i) == QUOTE then
+                    e, mescaped = string_end(text, i + 1)
+                    ms, me = i + 1, e and e - 1
+                    e, err = e and e + 1, ERR.invalid
+                else
+                    ms = nil
+                    e, err = value_end(text, i, 1)
+                end
+            else
+                e, err = value_end(text, i, 1)
+            end
+            if not e then
+                return nil, err
+            end
+            i = skip_ws(text, e)
+            local c = i and byte(text, i)
+            if c == RBRACE then
+                i = i + 1
+                break
+            elseif c ~= COMMA then
+                return nil, ERR.invalid
+            end
+            i = skip_ws(text, i + 1)
+        end
+    end
+    if find(text, NON_WS, i) then
+        return nil, ERR.invalid
+    end
+    if count == 0 then
+        return nil, ERR.no_model
+    elseif count > 1 then
+        return nil, ERR.repeated
+    elseif not ms then
+        return nil, ERR.not_string
+    elseif mescaped then
+        return decode(text, ms, me)
+    end
+    return sub(text, ms, me)
+end
+
+return _M
