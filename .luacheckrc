@@ -4,3 +4,4 @@ max_line_length = 110      -- as ruff's for the Python
 -- Pure modules: no ngx.* (busted runs them under plain LuaJIT), so only LuaJIT's globals are known.
 files["nginx/lua/gw/body.lua"] = { std = "luajit" }
 files["nginx/lua/spec"] = { std = "+busted" }
+files["tests/unit/lua_body_driver.lua"] = { std = "luajit" }
