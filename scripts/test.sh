@@ -6,8 +6,10 @@ set -euo pipefail
 source "$(dirname "$0")/lib/functions.sh"
 cd "$ISHGW_ROOT"
 
-# luajit, lua-busted, lua-check: the Lua request path's pure modules (nginx/lua/), tested outside nginx.
-ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan luajit lua-busted lua-check
+# luajit2, lua-busted, lua-check: the Lua request path's pure modules (nginx/lua/), tested outside nginx
+# under OpenResty's LuaJIT, the one Debian's libnginx-mod-http-lua prefers. Not Debian's `luajit`: it
+# conflicts with luajit2 and installing it would swap nginx's LuaJIT for the upstream one.
+ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan luajit2 lua-busted lua-check
 ensure_venv test
 
 log "ruff"

@@ -60,7 +60,7 @@ class LuaBody:
 def lua_body() -> Iterator[LuaBody]:
     luajit = shutil.which("luajit")
     if luajit is None:
-        pytest.fail("luajit is not installed (scripts/test.sh installs Debian's luajit)")
+        pytest.fail("luajit is not installed (scripts/test.sh installs Debian's luajit2, OpenResty's LuaJIT)")
     driver = LuaBody(luajit)
     yield driver
     driver.close()
