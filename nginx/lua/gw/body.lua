@@ -41,7 +41,6 @@ local LBRACE, RBRACE, LBRACKET = 123, 125, 91
 local SPACE, TAB, LF, CR = 32, 9, 10, 13
 local LOWER_U = 117
 
-local NON_WS = "[^ \t\n\r]"
 local HEX4 = "^%x%x%x%x"
 local SIMPLE_ESCAPE = {}                  -- byte after a backslash -> the character it stands for
 for c, v in pairs({['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r",
@@ -65,11 +64,13 @@ local function reset_cursors()
     at_quote, at_backslash, at_lbrace, at_rbrace, at_lbracket, at_rbracket = 0, 0, 0, 0, 0, 0
 end
 
--- Index of the first non-whitespace byte at or after i, or nil at the end.
+-- Index of the first non-whitespace byte at or after i, or nil at the end. A byte loop: runs of
+-- whitespace are short, and a pattern find would stop LuaJIT's trace.
 local function skip_ws(text, i)
     local c = byte(text, i)
-    if c == SPACE or c == LF or c == CR or c == TAB then
-        return find(text, NON_WS, i + 1)
+    while c == SPACE or c == LF or c == CR or c == TAB do
+        i = i + 1
+        c = byte(text, i)
     end
     return c and i
 end
@@ -166,27 +167,60 @@ local function container_end(text, i, depth)
     end
 end
 
--- i: the first byte of a number, true, false or null. Returns the index after it, or nil.
-local function scalar_end(text, i)
+-- Index after the run of digits starting at i (i itself when there is none).
+local function digits_end(text, i)
     local c = byte(text, i)
-    if c == 116 then                      -- t
-        return find(text, "^true", i) and i + 4
-    elseif c == 102 then                  -- f
-        return find(text, "^false", i) and i + 5
-    elseif c == 110 then                  -- n
-        return find(text, "^null", i) and i + 4
+    while c and c >= 48 and c <= 57 do
+        i = i + 1
+        c = byte(text, i)
     end
-    local _, e = find(text, "^%-?[1-9]%d*", i)
-    if not e then
-        _, e = find(text, "^%-?0", i)
-        if not e then
+    return i
+end
+
+-- i: the first byte of a number, true, false or null. Returns the index after it, or nil. Bytes, not
+-- patterns: a pattern find costs a C call and stops LuaJIT's trace.
+local function scalar_end(text, i)
+    local c1, c2, c3, c4, c5 = byte(text, i, i + 4)
+    if c1 == 116 then                     -- true
+        return c2 == 114 and c3 == 117 and c4 == 101 and i + 4 or nil
+    elseif c1 == 102 then                 -- false
+        return c2 == 97 and c3 == 108 and c4 == 115 and c5 == 101 and i + 5 or nil
+    elseif c1 == 110 then                 -- null
+        return c2 == 117 and c3 == 108 and c4 == 108 and i + 4 or nil
+    end
+    local c = c1
+    if c == 45 then                       -- -
+        i = i + 1
+        c = c2
+    end
+    if c == 48 then                       -- a leading 0 stands alone
+        i = i + 1
+    elseif c and c >= 49 and c <= 57 then
+        i = digits_end(text, i + 1)
+    else
+        return nil
+    end
+    if byte(text, i) == 46 then           -- .digits
+        local e = digits_end(text, i + 1)
+        if e == i + 1 then
             return nil
         end
+        i = e
     end
-    local _, f = find(text, "^%.%d+", e + 1)
-    e = f or e
-    _, f = find(text, "^[eE][%+%-]?%d+", e + 1)
-    return (f or e) + 1
+    c = byte(text, i)
+    if c == 101 or c == 69 then           -- e or E, a sign, digits
+        i = i + 1
+        c = byte(text, i)
+        if c == 43 or c == 45 then
+            i = i + 1
+        end
+        local e = digits_end(text, i)
+        if e == i then
+            return nil
+        end
+        i = e
+    end
+    return i
 end
 
 -- Any JSON value starting at i, inside depth containers: the index after it, or nil and an error.
@@ -253,7 +287,8 @@ end
 -- Is the key between the quotes at q and e "model" (also when spelled with escapes)?
 local function is_model_key(text, q, e, escaped)
     if not escaped then
-        return e - q == 6 and find(text, "^model", q + 1) ~= nil
+        local m, o, d, e2, l = byte(text, q + 1, q + 5)
+        return e - q == 6 and m == 109 and o == 111 and d == 100 and e2 == 101 and l == 108
     end
     -- five characters, each at most a six-byte \uXXXX: longer keys cannot be "model"
     return e - q <= 31 and decode(text, q + 1, e - 1) == "model"
@@ -276,7 +311,7 @@ function _M.model(text)
         if not e then
             return nil, err
         end
-        if find(text, NON_WS, e) then
+        if skip_ws(text, e) then
             return nil, ERR.invalid
         end
         return nil, ERR.not_object
@@ -331,7 +366,7 @@ function _M.model(text)
             i = skip_ws(text, i + 1)
         end
     end
-    if find(text, NON_WS, i) then
+    if skip_ws(text, i) then
         return nil, ERR.invalid
     end
     if count == 0 then
