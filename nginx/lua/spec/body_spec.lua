@@ -38,6 +38,12 @@ describe("gw.body.model", function()
             assert.same({ err = ERR.no_model }, scan('{"content":"\\"model\\":\\"x\\"","a":"model"}'))
         end)
 
+        it("after numbers and literals of every form JSON has", function()
+            local text = '{"a":-0,"b":0.0,"c":1E5,"d":12e-3,"e":-7.25E+10,'
+                .. '"f":true,"g":false,"h":null,"model":"m"}'
+            assert.same("m", scan(text))
+        end)
+
         it("the empty string as the model (the router decides what a name may be)", function()
             assert.same("", scan('{"model":""}'))
         end)
@@ -157,6 +163,10 @@ describe("gw.body.model", function()
             ["NaN"] = '{"model":"m","n":NaN}',
             ["Infinity"] = '{"model":"m","n":Infinity}',
             ["a misspelt literal"] = '{"model":"m","n":tru}',
+            ["a literal cut short at the end"] = '{"model":"m","n":fals',
+            ["a literal run on"] = '{"model":"m","n":nullx}',
+            ["an exponent sign without digits"] = '{"model":"m","n":1e+}',
+            ["a plus sign"] = '{"model":"m","n":+1}',
             ["single quotes"] = "{'model':'m'}",
             ["a byte-order mark"] = '\xEF\xBB\xBF{"model":"m"}',
             ["garbage"] = "model=m",
