@@ -6,13 +6,20 @@ set -euo pipefail
 source "$(dirname "$0")/lib/functions.sh"
 cd "$ISHGW_ROOT"
 
-ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan
+# luajit2, lua-busted, lua-check: the Lua request path's pure modules (nginx/lua/), tested outside nginx
+# under OpenResty's LuaJIT, the one Debian's libnginx-mod-http-lua prefers. Not Debian's `luajit`: it
+# conflicts with luajit2 and installing it would swap nginx's LuaJIT for the upstream one.
+ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan luajit2 lua-busted lua-check
 ensure_venv test
 
 log "ruff"
 "$ISHGW_VENV/bin/ruff" check .
 log "mypy"
 "$ISHGW_VENV/bin/mypy" control_plane
+log "luacheck"
+luacheck --no-color -q nginx/lua tests/unit/lua_body_driver.lua
+log "busted (LuaJIT, .busted)"
+busted --output=plainTerminal
 log "pytest"
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
 exec "$ISHGW_VENV/bin/pytest" -q -p no:cacheprovider "$@"

@@ -1,0 +1,7 @@
+-- luacheck's settings for the Lua request path (nginx/lua/): `luacheck nginx/lua` from the repository root.
+std = "ngx_lua"            -- LuaJIT 2.1 plus the ngx API of lua-nginx-module
+max_line_length = 110      -- as ruff's for the Python
+-- Pure modules: no ngx.* (busted runs them under plain LuaJIT), so only LuaJIT's globals are known.
+files["nginx/lua/gw/body.lua"] = { std = "luajit" }
+files["nginx/lua/spec"] = { std = "+busted" }
+files["tests/unit/lua_body_driver.lua"] = { std = "luajit" }

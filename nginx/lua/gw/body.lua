@@ -1,0 +1,384 @@
+-- The model a JSON request body names, found without building the document (issue 11).
+--
+-- A structural scan over the bytes: top-level keys and scalars are checked against JSON's grammar,
+-- nested objects and arrays are skipped by matching brackets with strings honoured (escapes checked),
+-- and only the top-level "model" string is decoded. What the scan cannot see (a missing comma deep
+-- inside "messages", a raw control character in a string, which Python's json only refuses when
+-- strict) is left to the backend, which parses the body anyway.
+--
+-- Cost: bytes are found with plain string.find (memchr speed, ~0.05 us a KB here) from cursors that only
+-- move forward, never with a pattern class, which LuaJIT matches a byte at a time (~20 us a KB): a
+-- body is searched about once per kind of byte that matters (" \ { } [ ]), whatever its shape.
+-- Pure: no ngx.* use, so busted runs it under plain LuaJIT (nginx/lua/spec/body_spec.lua) and
+-- tests/unit/test_lua_body.py checks it against Python's json on generated bodies.
+--
+--   local body = require("gw.body")
+--   local model, err = body.model(text)  -- model: the decoded string (UTF-8), or nil and one of body.ERR
+
+local byte, char, find, sub = string.byte, string.char, string.find, string.sub
+local concat, floor, min, tonumber = table.concat, math.floor, math.min, tonumber
+local NONE = math.huge                    -- a cursor's value when no such byte is left
+
+local _M = {}
+
+-- Why a body names no usable model. Values are stable names for error messages and logs.
+local ERR = {
+    invalid = "invalid_json",            -- not JSON as far as the scan can tell (incl. an empty body)
+    not_object = "not_object",           -- JSON, but not an object at the top
+    no_model = "no_model",               -- an object without a top-level "model" key
+    not_string = "model_not_string",     -- "model" is there but its value is not a string
+    repeated = "model_repeated",         -- "model" is a top-level key more than once (issue 19 item 5)
+    too_deep = "too_deep",               -- nested deeper than MAX_DEPTH
+}
+_M.ERR = ERR
+
+-- Objects and arrays nested deeper than this are refused (lua-cjson's default decode_max_depth).
+local MAX_DEPTH = 1000
+_M.MAX_DEPTH = MAX_DEPTH
+
+local QUOTE, BACKSLASH, COMMA, COLON = 34, 92, 44, 58
+local LBRACE, RBRACE, LBRACKET = 123, 125, 91
+local SPACE, TAB, LF, CR = 32, 9, 10, 13
+local LOWER_U = 117
+
+local HEX4 = "^%x%x%x%x"
+local SIMPLE_ESCAPE = {}                  -- byte after a backslash -> the character it stands for
+for c, v in pairs({['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r",
+                   t = "\t"}) do
+    SIMPLE_ESCAPE[byte(c)] = v
+end
+
+-- Openers of the containers being skipped, by depth. Scratch reused by every call: the scan never
+-- yields, so one worker runs one scan at a time; sized once here so a call allocates nothing.
+local open_at = {}
+for depth = 1, MAX_DEPTH do
+    open_at[depth] = 0
+end
+
+-- Where the next quote, backslash, brace and bracket are, at or after the scan's position (NONE when
+-- there is none left). Reset by each call; a cursor is searched again only once the scan has passed
+-- it, and the scan only moves forward.
+local at_quote, at_backslash, at_lbrace, at_rbrace, at_lbracket, at_rbracket
+
+local function reset_cursors()
+    at_quote, at_backslash, at_lbrace, at_rbrace, at_lbracket, at_rbracket = 0, 0, 0, 0, 0, 0
+end
+
+-- Index of the first non-whitespace byte at or after i, or nil at the end. A byte loop: runs of
+-- whitespace are short, and a pattern find would stop LuaJIT's trace.
+local function skip_ws(text, i)
+    local c = byte(text, i)
+    while c == SPACE or c == LF or c == CR or c == TAB do
+        i = i + 1
+        c = byte(text, i)
+    end
+    return c and i
+end
+
+-- i: the byte after an opening quote. Returns the index of the closing quote and whether the string
+-- holds escapes, or nil when it is unterminated or holds a bad escape.
+local function string_end(text, i)
+    local escaped = false
+    while true do
+        if at_quote < i then
+            at_quote = find(text, '"', i, true) or NONE
+        end
+        if at_backslash < i then
+            at_backslash = find(text, "\\", i, true) or NONE
+        end
+        if at_backslash > at_quote then
+            if at_quote == NONE then
+                return nil
+            end
+            return at_quote, escaped
+        end
+        local j = at_backslash
+        local c = byte(text, j + 1)
+        if SIMPLE_ESCAPE[c] then
+            i = j + 2
+        elseif c == LOWER_U and find(text, HEX4, j + 2) then
+            i = j + 6
+        else
+            return nil
+        end
+        escaped = true
+    end
+end
+
+-- The next quote, brace or bracket at or after i, or NONE.
+local function next_structure(text, i)
+    if at_quote < i then
+        at_quote = find(text, '"', i, true) or NONE
+    end
+    if at_lbrace < i then
+        at_lbrace = find(text, "{", i, true) or NONE
+    end
+    if at_rbrace < i then
+        at_rbrace = find(text, "}", i, true) or NONE
+    end
+    if at_lbracket < i then
+        at_lbracket = find(text, "[", i, true) or NONE
+    end
+    if at_rbracket < i then
+        at_rbracket = find(text, "]", i, true) or NONE
+    end
+    return min(at_quote, at_lbrace, at_rbrace, at_lbracket, at_rbracket)
+end
+
+-- i: an opening bracket or brace inside depth containers. Returns the index after its match, or nil
+-- and an error.
+local function container_end(text, i, depth)
+    local base = depth
+    depth = depth + 1
+    if depth > MAX_DEPTH then
+        return nil, ERR.too_deep
+    end
+    open_at[depth] = byte(text, i)
+    i = i + 1
+    while true do
+        local j = next_structure(text, i)
+        if j == NONE then
+            return nil, ERR.invalid
+        end
+        local c = byte(text, j)
+        if c == QUOTE then
+            local e = string_end(text, j + 1)
+            if not e then
+                return nil, ERR.invalid
+            end
+            i = e + 1
+        elseif c == LBRACE or c == LBRACKET then
+            depth = depth + 1
+            if depth > MAX_DEPTH then
+                return nil, ERR.too_deep
+            end
+            open_at[depth] = c
+            i = j + 1
+        else
+            if open_at[depth] ~= c - 2 then   -- "]" is "[" + 2, "}" is "{" + 2
+                return nil, ERR.invalid
+            end
+            depth = depth - 1
+            if depth == base then
+                return j + 1
+            end
+            i = j + 1
+        end
+    end
+end
+
+-- Index after the run of digits starting at i (i itself when there is none).
+local function digits_end(text, i)
+    local c = byte(text, i)
+    while c and c >= 48 and c <= 57 do
+        i = i + 1
+        c = byte(text, i)
+    end
+    return i
+end
+
+-- i: the first byte of a number, true, false or null. Returns the index after it, or nil. Bytes, not
+-- patterns: a pattern find costs a C call and stops LuaJIT's trace.
+local function scalar_end(text, i)
+    local c1, c2, c3, c4, c5 = byte(text, i, i + 4)
+    if c1 == 116 then                     -- true
+        return c2 == 114 and c3 == 117 and c4 == 101 and i + 4 or nil
+    elseif c1 == 102 then                 -- false
+        return c2 == 97 and c3 == 108 and c4 == 115 and c5 == 101 and i + 5 or nil
+    elseif c1 == 110 then                 -- null
+        return c2 == 117 and c3 == 108 and c4 == 108 and i + 4 or nil
+    end
+    local c = c1
+    if c == 45 then                       -- -
+        i = i + 1
+        c = c2
+    end
+    if c == 48 then                       -- a leading 0 stands alone
+        i = i + 1
+    elseif c and c >= 49 and c <= 57 then
+        i = digits_end(text, i + 1)
+    else
+        return nil
+    end
+    if byte(text, i) == 46 then           -- .digits
+        local e = digits_end(text, i + 1)
+        if e == i + 1 then
+            return nil
+        end
+        i = e
+    end
+    c = byte(text, i)
+    if c == 101 or c == 69 then           -- e or E, a sign, digits
+        i = i + 1
+        c = byte(text, i)
+        if c == 43 or c == 45 then
+            i = i + 1
+        end
+        local e = digits_end(text, i)
+        if e == i then
+            return nil
+        end
+        i = e
+    end
+    return i
+end
+
+-- Any JSON value starting at i, inside depth containers: the index after it, or nil and an error.
+local function value_end(text, i, depth)
+    local c = byte(text, i)
+    if c == QUOTE then
+        local e = string_end(text, i + 1)
+        return e and e + 1, ERR.invalid
+    elseif c == LBRACE or c == LBRACKET then
+        return container_end(text, i, depth)
+    end
+    return scalar_end(text, i), ERR.invalid
+end
+
+-- A code point as UTF-8; a lone surrogate as its three-byte form (as lua-cjson and Python's
+-- "surrogatepass" do).
+local function utf8(cp)
+    if cp < 0x80 then
+        return char(cp)
+    elseif cp < 0x800 then
+        return char(0xC0 + floor(cp / 0x40), 0x80 + cp % 0x40)
+    elseif cp < 0x10000 then
+        return char(0xE0 + floor(cp / 0x1000), 0x80 + floor(cp / 0x40) % 0x40, 0x80 + cp % 0x40)
+    end
+    return char(0xF0 + floor(cp / 0x40000), 0x80 + floor(cp / 0x1000) % 0x40,
+        0x80 + floor(cp / 0x40) % 0x40, 0x80 + cp % 0x40)
+end
+
+-- The string between s and e (inclusive, already checked by string_end) with its escapes resolved.
+local function decode(text, s, e)
+    local raw = sub(text, s, e)
+    local out, n, i = {}, 0, 1
+    while true do
+        local j = find(raw, "\\", i, true)
+        if not j then
+            n = n + 1
+            out[n] = sub(raw, i)
+            return concat(out, "", 1, n)
+        end
+        n = n + 1
+        out[n] = sub(raw, i, j - 1)
+        local c = byte(raw, j + 1)
+        if c == LOWER_U then
+            local cp = tonumber(sub(raw, j + 2, j + 5), 16)
+            i = j + 6
+            if cp >= 0xD800 and cp <= 0xDBFF
+                    and byte(raw, i) == BACKSLASH and byte(raw, i + 1) == LOWER_U then
+                local low = tonumber(sub(raw, i + 2, i + 5), 16)
+                if low >= 0xDC00 and low <= 0xDFFF then
+                    cp = 0x10000 + (cp - 0xD800) * 0x400 + (low - 0xDC00)
+                    i = i + 6
+                end
+            end
+            n = n + 1
+            out[n] = utf8(cp)
+        else
+            n = n + 1
+            out[n] = SIMPLE_ESCAPE[c]
+            i = j + 2
+        end
+    end
+end
+
+-- Is the key between the quotes at q and e "model" (also when spelled with escapes)?
+local function is_model_key(text, q, e, escaped)
+    if not escaped then
+        local m, o, d, e2, l = byte(text, q + 1, q + 5)
+        return e - q == 6 and m == 109 and o == 111 and d == 100 and e2 == 101 and l == 108
+    end
+    -- five characters, each at most a six-byte \uXXXX: longer keys cannot be "model"
+    return e - q <= 31 and decode(text, q + 1, e - 1) == "model"
+end
+
+-- The top-level "model" string of a JSON request body: model, or nil and one of ERR. The whole body
+-- is scanned (a repeated key or a fault after "model" counts); an invalid body is reported as such
+-- before what it names.
+function _M.model(text)
+    if text == nil then
+        return nil, ERR.invalid
+    end
+    reset_cursors()
+    local i = skip_ws(text, 1)
+    if not i then
+        return nil, ERR.invalid
+    end
+    if byte(text, i) ~= LBRACE then
+        local e, err = value_end(text, i, 0)
+        if not e then
+            return nil, err
+        end
+        if skip_ws(text, e) then
+            return nil, ERR.invalid
+        end
+        return nil, ERR.not_object
+    end
+    local count, ms, me, mescaped = 0, nil, nil, false
+    i = skip_ws(text, i + 1)
+    if i and byte(text, i) == RBRACE then
+        i = i + 1
+    else
+        while true do
+            if not i or byte(text, i) ~= QUOTE then
+                return nil, ERR.invalid
+            end
+            local ke, kescaped = string_end(text, i + 1)
+            if not ke then
+                return nil, ERR.invalid
+            end
+            local is_model = is_model_key(text, i, ke, kescaped)
+            i = skip_ws(text, ke + 1)
+            if not i or byte(text, i) ~= COLON then
+                return nil, ERR.invalid
+            end
+            i = skip_ws(text, i + 1)
+            if not i then
+                return nil, ERR.invalid
+            end
+            local e, err
+            if is_model then
+                count = count + 1
+                if byte(text, i) == QUOTE then
+                    e, mescaped = string_end(text, i + 1)
+                    ms, me = i + 1, e and e - 1
+                    e, err = e and e + 1, ERR.invalid
+                else
+                    ms = nil
+                    e, err = value_end(text, i, 1)
+                end
+            else
+                e, err = value_end(text, i, 1)
+            end
+            if not e then
+                return nil, err
+            end
+            i = skip_ws(text, e)
+            local c = i and byte(text, i)
+            if c == RBRACE then
+                i = i + 1
+                break
+            elseif c ~= COMMA then
+                return nil, ERR.invalid
+            end
+            i = skip_ws(text, i + 1)
+        end
+    end
+    if skip_ws(text, i) then
+        return nil, ERR.invalid
+    end
+    if count == 0 then
+        return nil, ERR.no_model
+    elseif count > 1 then
+        return nil, ERR.repeated
+    elseif not ms then
+        return nil, ERR.not_string
+    elseif mescaped then
+        return decode(text, ms, me)
+    end
+    return sub(text, ms, me)
+end
+
+return _M
