@@ -15,4 +15,7 @@ log "mypy"
 "$ISHGW_VENV/bin/mypy" control_plane
 log "pytest"
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
-exec "$ISHGW_VENV/bin/pytest" -q -p no:cacheprovider "$@"
+# -rA: a summary line for every outcome (a failure's reason without scrolling back); --durations: the slowest.
+# A failing integration test's report also carries its gateways' controller and nginx error log tails
+# (tests/conftest.py).
+exec "$ISHGW_VENV/bin/pytest" -q -p no:cacheprovider -rA --durations=15 "$@"

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import testinfra
 
+from tests import diagnostics
 from tests.integration.gateway import free_udp_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,12 +120,14 @@ def deployment() -> Iterator[Deployment]:
     home = Path(tempfile.mkdtemp(prefix="ishgw-deploy-", dir="/tmp"))
     deployment = Deployment(home, *free_ports(3))
     stopped = False
+    diagnostics.register(f"deployment {home}", deployment)
     try:
         result = deployment.run("deploy")
         if result.returncode != 0:
             pytest.fail(f"deploy failed: {describe(result)}\n{deployment.logs()}")
         yield deployment
     finally:
+        diagnostics.unregister(deployment)
         stop = deployment.run("stop")
         stopped = stop.returncode == 0
         if not stopped:

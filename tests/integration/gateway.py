@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests import diagnostics
+
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
@@ -95,6 +97,7 @@ class Gateway:
 
     def start_controller(self) -> None:
         log = open(self.home / "controller.log", "ab")  # noqa: SIM115 - lives as long as the process
+        diagnostics.register(f"gateway {self.home}", self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "control_plane"], cwd=ROOT, env=self.env, stdout=log, stderr=log
         )
@@ -163,6 +166,7 @@ class Gateway:
         return "\n".join(parts)
 
     def stop(self) -> None:
+        diagnostics.unregister(self)
         self.stop_controller()
         pid = self.nginx_master_pid()
         if pid:
