@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,19 +19,10 @@ import pytest
 import testinfra
 
 from tests import diagnostics
-from tests.integration.gateway import free_udp_port
+from tests.integration.gateway import free_ports, free_udp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "deploy-load-balancer.sh"
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports (all bound at once, so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def base_env() -> dict[str, str]:

@@ -29,6 +29,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports (all bound at once: two free_port() calls in a row may return one port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,8 +64,7 @@ class Gateway:
 
     def __init__(self, extra_env: dict[str, str] | None = None, home: Path | None = None) -> None:
         self.home = home or Path(tempfile.mkdtemp(prefix="ishgw-", dir="/tmp"))
-        self.http_port = free_port()
-        self.admin_port = free_port()
+        self.http_port, self.admin_port = free_ports(2)
         self.admin_key = "test-admin-key-0123456789"
         self.env = {
             **os.environ,
