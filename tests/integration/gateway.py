@@ -142,15 +142,25 @@ class Gateway:
         sockets and idle connections, so the wait also lasts until exactly the configured number of nginx's
         children are not shutting down."""
 
+        seen: dict[str, object] = {}
+
         def applied() -> str | None:
             status = self.status()
             health = self.health()
+            seen.update(health=health, accepting_workers=self.accepting_workers(), status=status)
             same = health.get("generation") == status["generation"] and (
                 health["checksum"] == status["checksum"] == status["desired_checksum"]
             )
-            return str(health["checksum"]) if same and self.accepting_workers() == self.workers else None
+            return str(health["checksum"]) if same and seen["accepting_workers"] == self.workers else None
 
-        return wait_for(applied, timeout=timeout, what="configuration applied")
+        try:
+            return wait_for(applied, timeout=timeout, what="configuration applied")
+        except AssertionError as exc:  # say what was seen last: a slow reload, a failed one, old workers
+            last = {k: v for k, v in seen.items() if k != "status"}
+            if isinstance(status := seen.get("status"), dict):
+                keys = ("generation", "checksum", "desired_checksum", "applied", "last_reload")
+                last["status"] = {k: status.get(k) for k in keys}
+            raise AssertionError(f"{exc}\nlast seen: {last}") from exc
 
     @property
     def workers(self) -> int:
