@@ -77,6 +77,7 @@ class Reconciler:
         self._lock = asyncio.Lock()
         self._last_reload_at = 0.0
         self._spec: GatewaySpec | None = None
+        self._desired: str | None = None  # the checksum of the tree self._spec renders to
         self._applied: ReconcileResult | None = None
         self._last: ReconcileResult | None = None
         self._reloads = 0
@@ -165,7 +166,7 @@ class Reconciler:
                 tree = render(spec)
             except UnsafeValue as exc:
                 return self._finish(False, False, None, world.generation, f"render refused: {exc}", started)
-            self._spec = spec
+            self._spec, self._desired = spec, tree.checksum
             self._publish_spec_metrics(spec)
             for observer in self.observers:
                 observer(world, spec)
@@ -275,6 +276,10 @@ class Reconciler:
         spec = self._spec
         return {
             "checksum": self.nginx.running_checksum(),
+            # What the pools below render to: equal to "checksum" once they are what nginx runs. A health
+            # verdict changes the pools (and this) without a new generation, so only this tells that a
+            # reload is still to come.
+            "desired_checksum": self._desired,
             "applied": self._applied.to_dict() if self._applied else None,
             "last_reload": self._last.to_dict() if self._last else None,
             "reloads": self._reloads,

@@ -22,4 +22,7 @@ log "busted (LuaJIT, .busted)"
 busted --output=plainTerminal
 log "pytest"
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
-exec "$ISHGW_VENV/bin/pytest" -q -p no:cacheprovider "$@"
+# -rA: a summary line for every outcome (a failure's reason without scrolling back); --durations: the slowest.
+# A failing integration test's report also carries its gateways' controller and nginx error log tails
+# (tests/conftest.py).
+exec "$ISHGW_VENV/bin/pytest" -q -p no:cacheprovider -rA --durations=15 "$@"

@@ -49,6 +49,9 @@ ensure_venv() {
         "$venv/bin/pip" install -q -e "$ISHGW_ROOT${extras:+[$extras]}" 2>&1 | grep -v '^WARNING: Location' >&2 || true
         "$venv/bin/python" -c 'import control_plane' || die "installing the project failed"
         touch "$stamp"
+        # With extras the project itself is installed too: a later ensure_venv "" (the deploy tests run
+        # deploy-load-balancer.sh on this venv) has nothing to do, instead of a pip install inside a test.
+        [ -z "$extras" ] || touch "$venv/.ishgw-installed"
     fi
     ISHGW_VENV="$venv"
     export ISHGW_VENV

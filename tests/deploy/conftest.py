@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,17 +18,11 @@ import httpx
 import pytest
 import testinfra
 
+from tests import diagnostics
+from tests.integration.gateway import free_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "deploy-load-balancer.sh"
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports (all bound at once, so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def base_env() -> dict[str, str]:
@@ -115,12 +108,14 @@ def deployment() -> Iterator[Deployment]:
     home = Path(tempfile.mkdtemp(prefix="ishgw-deploy-", dir="/tmp"))
     deployment = Deployment(home, *free_ports(3))
     stopped = False
+    diagnostics.register(f"deployment {home}", deployment)
     try:
         result = deployment.run("deploy")
         if result.returncode != 0:
             pytest.fail(f"deploy failed: {describe(result)}\n{deployment.logs()}")
         yield deployment
     finally:
+        diagnostics.unregister(deployment)
         stop = deployment.run("stop")
         stopped = stop.returncode == 0
         if not stopped:

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests import diagnostics
+
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
@@ -25,6 +27,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports (all bound at once: two free_port() calls in a row may return one port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
@@ -47,8 +58,7 @@ class Gateway:
 
     def __init__(self, extra_env: dict[str, str] | None = None, home: Path | None = None) -> None:
         self.home = home or Path(tempfile.mkdtemp(prefix="ishgw-", dir="/tmp"))
-        self.http_port = free_port()
-        self.admin_port = free_port()
+        self.http_port, self.admin_port = free_ports(2)
         self.admin_key = "test-admin-key-0123456789"
         self.env = {
             **os.environ,
@@ -88,6 +98,7 @@ class Gateway:
 
     def start_controller(self) -> None:
         log = open(self.home / "controller.log", "ab")  # noqa: SIM115 - lives as long as the process
+        diagnostics.register(f"gateway {self.home}", self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "control_plane"], cwd=ROOT, env=self.env, stdout=log, stderr=log
         )
@@ -112,19 +123,55 @@ class Gateway:
         return self.admin.post("/admin/instances", json=config)
 
     def wait_applied(self, timeout: float = 5.0) -> str:
-        """Wait until nginx serves the configuration generation the registry is at; return the checksum."""
-        streak = [0]
+        """Wait until nginx serves the configuration generation the registry is at, with the pools
+        /admin/status shows (a health verdict changes those without a new generation: desired_checksum),
+        and nothing else serves; return the checksum.
+
+        /health answering the new checksum shows that a new worker runs, not that the old ones stopped
+        serving: after a reload the master forks the new workers, sleeps 100 ms, then tells the old ones to
+        shut down, and an old worker that has not yet handled that signal still accepts on the shared
+        (reuseport) sockets and still answers requests on its keep-alive connections with the old
+        configuration. An old worker titles itself "is shutting down" just before it closes its listening
+        sockets and idle connections, so the wait also lasts until exactly the configured number of nginx's
+        children are not shutting down."""
+
+        seen: dict[str, object] = {}
 
         def applied() -> str | None:
             status = self.status()
             health = self.health()
-            same = (
-                health.get("generation") == status["generation"] and health["checksum"] == status["checksum"]
+            seen.update(health=health, accepting_workers=self.accepting_workers(), status=status)
+            same = health.get("generation") == status["generation"] and (
+                health["checksum"] == status["checksum"] == status["desired_checksum"]
             )
-            streak[0] = streak[0] + 1 if same else 0
-            return str(health["checksum"]) if streak[0] >= 3 else None
+            return str(health["checksum"]) if same and seen["accepting_workers"] == self.workers else None
 
-        return wait_for(applied, timeout=timeout, what="configuration applied")
+        try:
+            return wait_for(applied, timeout=timeout, what="configuration applied")
+        except AssertionError as exc:  # say what was seen last: a slow reload, a failed one, old workers
+            last = {k: v for k, v in seen.items() if k != "status"}
+            if isinstance(status := seen.get("status"), dict):
+                keys = ("generation", "checksum", "desired_checksum", "applied", "last_reload")
+                last["status"] = {k: status.get(k) for k in keys}
+            raise AssertionError(f"{exc}\nlast seen: {last}") from exc
+
+    @property
+    def workers(self) -> int:
+        configured = self.env["ISHGW_NGINX_WORKER_PROCESSES"]
+        return (os.cpu_count() or 1) if configured == "auto" else int(configured)
+
+    def accepting_workers(self) -> int | None:
+        """How many of the nginx master's children may take a request: every child except old workers
+        shutting down after a reload (a child just forked, still titled as the master, counts)."""
+        master = self.nginx_master_pid()
+        if master is None:
+            return None
+        count = 0
+        for child in self._children(master):
+            with contextlib.suppress(OSError):  # exited meanwhile
+                title = Path(f"/proc/{child}/cmdline").read_bytes()
+                count += bool(title) and b"shutting down" not in title
+        return count
 
     def nginx_master_pid(self) -> int | None:
         try:
@@ -156,6 +203,7 @@ class Gateway:
         return "\n".join(parts)
 
     def stop(self) -> None:
+        diagnostics.unregister(self)
         self.stop_controller()
         pid = self.nginx_master_pid()
         if pid:
@@ -163,9 +211,32 @@ class Gateway:
             with contextlib.suppress(AssertionError):
                 wait_for(lambda: self.nginx_master_pid() is None, timeout=10, what="nginx exit")
             if self.nginx_master_pid():
-                os.kill(pid, signal.SIGKILL)
+                self._kill_nginx(pid)
         self.admin.close()
         self.client.close()
+
+    def _kill_nginx(self, master: int) -> None:
+        """nginx did not quit: a worker stuck in a handler never handles the master's QUIT, and killing the
+        master alone would leave it behind, busy, for the rest of the suite. Kill the master and its
+        children, and say so: a worker that does not come back to its event loop is a bug to find."""
+        children = self._children(master)
+        print(
+            f"nginx under {self.home} did not quit in 10 s; killing master {master} and {children}",
+            file=sys.stderr,
+        )
+        for pid in (master, *children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    @staticmethod
+    def _children(parent: int) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(entry.name))
+        return found
 
     def __enter__(self) -> Gateway:
         try:

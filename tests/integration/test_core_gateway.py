@@ -282,14 +282,19 @@ def test_burst_of_changes_is_one_reload(gateway: Gateway, stubs: dict[str, StubS
     stub = start_stub(stubs, "burst")
     gateway.wait_applied()
     before = gateway.status()["reloads"]
+    started = time.monotonic()
     for i in range(30):  # ?wait=false: the bulk path; each call answers 202 at once
         config = {"name": f"burst-{i}", "provider_type": "ollama", "api_base": stub.url}
         created = gateway.admin.post(
             "/admin/instances?wait=false", json={**config, "supported_models": [f"m{i}"]}
         )
         assert created.status_code == 202 and created.headers["X-ISHGW-Applied"] == "pending"
+    burst_s = time.monotonic() - started
     gateway.wait_applied(timeout=5)
-    assert gateway.status()["reloads"] - before <= 3
+    # Changes merge into at most one reload per ISHGW_RECONCILE_MAX_WAIT_S (1 s) the burst lasts, and one
+    # after it: 30 changes sent within a second make 2 or 3 reloads, not 30, however slow the machine.
+    reloads = gateway.status()["reloads"] - before
+    assert reloads <= 2 + int(burst_s / 1.0), (reloads, burst_s)
     pytest.importorskip("openai")
     assert len(openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x").models.list().data) == 30
 

@@ -35,6 +35,7 @@ import pytest
 from control_plane import certs
 from control_plane.render.spec import ServerSettings
 from control_plane.settings import Settings
+from tests import diagnostics
 from tests.integration.gateway import ROOT, Gateway, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -704,6 +705,7 @@ def test_deploy_warns_when_the_certificate_expires_within_14_days() -> None:
         "-keyout", home / "ssl" / "key.pem", "-out", home / "ssl" / "cert.pem",
     )  # fmt: skip
     deployment = Deployment(home, *free_ports(3))
+    diagnostics.register(f"deployment {home}", deployment)
     try:
         result = deployment.run("deploy")
         assert result.returncode == 0, describe(result)
@@ -711,6 +713,7 @@ def test_deploy_warns_when_the_certificate_expires_within_14_days() -> None:
         tls = deployment.admin("/admin/status", key=deployment.admin_key).json()["tls"]
         assert tls["days_left"] in (4, 5) and tls["expires_soon"] is True and tls["self_signed"] is True
     finally:
+        diagnostics.unregister(deployment)
         stopped = deployment.run("stop").returncode == 0
         if stopped:
             shutil.rmtree(home, ignore_errors=True)
