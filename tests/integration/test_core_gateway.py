@@ -199,12 +199,14 @@ def test_add_and_delete_under_load_without_failures(gateway: Gateway, stubs: dic
     with Load(gateway.url, "m") as load:
         wait_for(lambda: load.seen["base"] > 50, what="load running")
         added_at = time.monotonic()
-        register(gateway, "extra", extra, ["m"])
-        wait_for(lambda: "extra" in load.first_seen, timeout=2.0, what="new instance taking traffic")
+        register(gateway, "extra", extra, ["m"])  # returns once nginx serves it (read your writes)
+        # A condition, not a speed goal (the benchmark times "admin API change live"): a loaded machine
+        # may take longer than any fixed deadline to show the next answers.
+        wait_for(lambda: "extra" in load.first_seen, what="new instance taking traffic")
         took = load.first_seen["extra"] - added_at
         assert gateway.admin.delete("/admin/instances/extra").status_code == 204
         deleted_at = time.monotonic()
-        gateway.wait_applied(timeout=2.0)
+        gateway.wait_applied()
         wait_for(lambda: load.seen["base"] > 50 + 200, what="more traffic after delete")
         settle = time.monotonic()
         wait_for(lambda: time.monotonic() - settle > 0.3 and load.last_seen["base"] > settle, what="traffic")
