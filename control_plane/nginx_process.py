@@ -28,6 +28,22 @@ class TestResult:
     output: str
 
 
+def children(parent: int) -> list[int]:
+    """Pids whose parent is ``parent`` (from /proc/<pid>/stat)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(entry.name))
+    return found
+
+
+def worker_count(worker_processes: str) -> int:
+    """nginx's number of workers for a `worker_processes` value ("auto": one per CPU)."""
+    return (os.cpu_count() or 1) if worker_processes == "auto" else int(worker_processes)
+
+
 class NginxProcess:
     def __init__(self, prefix: Path, binary: str = "nginx", generations_kept: int = 5) -> None:
         self.prefix = prefix
@@ -116,6 +132,19 @@ class NginxProcess:
             temp.unlink()
         temp.symlink_to(Path("generations") / checksum)
         os.replace(temp, self.live)
+
+    def accepting_workers(self) -> int | None:
+        """How many of the master's children may still take a request: all but the old workers shutting
+        down after a reload (a child just forked, still titled as the master, counts). None: no master."""
+        master = self.master_pid()
+        if master is None:
+            return None
+        count = 0
+        for child in children(master):
+            with contextlib.suppress(OSError):  # exited meanwhile
+                title = Path(f"/proc/{child}/cmdline").read_bytes()
+                count += bool(title) and b"shutting down" not in title
+        return count
 
     async def signal_reload(self) -> None:
         """HUP the running master, or start nginx (daemonised, so it outlives the controller)."""

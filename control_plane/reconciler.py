@@ -19,7 +19,7 @@ import aiohttp
 from control_plane import certs
 from control_plane.errors import ReloadFailed
 from control_plane.metrics import GatewayMetrics
-from control_plane.nginx_process import NginxProcess
+from control_plane.nginx_process import NginxProcess, worker_count
 from control_plane.registry.store import Store
 from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, render
@@ -203,13 +203,17 @@ class Reconciler:
 
     async def _wait_live(self, checksum: str) -> bool:
         """True once nginx answers /health with the new checksum on several fresh connections in a row
-        (old workers may still accept for a moment after the HUP)."""
+        and every old worker has begun to shut down."""
         host = (
             "127.0.0.1"
             if self.server.listen_address in ("0.0.0.0", "*", "::")
             else self.server.listen_address
         )
         url = f"http://{host}:{self.server.http_port}/health"
+        # Live means also that no old worker still takes requests: after a HUP the master forks the new
+        # workers, then tells the old ones to stop, and until an old worker has handled that it still
+        # answers on its keep-alive connections with the old configuration (read your writes would break).
+        workers = worker_count(self.server.worker_processes)
         deadline = time.monotonic() + self.timing.live_timeout_s
         timeout = aiohttp.ClientTimeout(total=1)
         streak = 0
@@ -220,7 +224,7 @@ class Reconciler:
                     async with session.get(url, headers={"Connection": "close"}) as response:
                         seen = (await response.json(content_type=None)).get("checksum")
                 streak = streak + 1 if seen == checksum else 0
-                if streak >= LIVE_STREAK:
+                if streak >= LIVE_STREAK and self.nginx.accepting_workers() in (None, workers):
                     return True
                 await asyncio.sleep(0.01 if streak else 0.02)
         return False

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from control_plane.nginx_process import NginxProcess, worker_count
+from control_plane.nginx_process import children as nginx_children
 from tests import diagnostics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,21 +159,11 @@ class Gateway:
 
     @property
     def workers(self) -> int:
-        configured = self.env["ISHGW_NGINX_WORKER_PROCESSES"]
-        return (os.cpu_count() or 1) if configured == "auto" else int(configured)
+        return worker_count(self.env["ISHGW_NGINX_WORKER_PROCESSES"])
 
     def accepting_workers(self) -> int | None:
-        """How many of the nginx master's children may take a request: every child except old workers
-        shutting down after a reload (a child just forked, still titled as the master, counts)."""
-        master = self.nginx_master_pid()
-        if master is None:
-            return None
-        count = 0
-        for child in self._children(master):
-            with contextlib.suppress(OSError):  # exited meanwhile
-                title = Path(f"/proc/{child}/cmdline").read_bytes()
-                count += bool(title) and b"shutting down" not in title
-        return count
+        """How many of the nginx master's children may take a request (see NginxProcess)."""
+        return NginxProcess(self.home / "nginx").accepting_workers()
 
     def nginx_master_pid(self) -> int | None:
         try:
@@ -219,7 +211,7 @@ class Gateway:
         """nginx did not quit: a worker stuck in a handler never handles the master's QUIT, and killing the
         master alone would leave it behind, busy, for the rest of the suite. Kill the master and its
         children, and say so: a worker that does not come back to its event loop is a bug to find."""
-        children = self._children(master)
+        children = nginx_children(master)
         print(
             f"nginx under {self.home} did not quit in 10 s; killing master {master} and {children}",
             file=sys.stderr,
@@ -227,16 +219,6 @@ class Gateway:
         for pid in (master, *children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-    @staticmethod
-    def _children(parent: int) -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, IndexError, ValueError):
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                        found.append(int(entry.name))
-        return found
 
     def __enter__(self) -> Gateway:
         try:
