@@ -152,12 +152,21 @@ def verifiable(cert: str | None) -> bool:
         return False
 
 
+def redirect_decision(server: ServerSettings) -> tuple[bool, str]:
+    """Whether plain HTTP redirects to HTTPS, and why: ISHGW_HTTP_REDIRECT=true always (with HTTPS on),
+    auto only once the certificate is one clients can verify, so the self-signed default keeps the API on
+    HTTP."""
+    if not server.https_port:
+        return False, "HTTPS is off"
+    if server.redirect_mode != "auto":
+        return server.redirect_mode == "true", f"set to {server.redirect_mode}"
+    if verifiable(server.tls_cert):
+        return True, "the certificate is verifiable"
+    return False, "the certificate is self-signed"
+
+
 def redirects(server: ServerSettings) -> bool:
-    """Whether plain HTTP redirects to HTTPS: ISHGW_HTTP_REDIRECT=true always (with HTTPS on), auto only
-    once the certificate is one clients can verify, so the self-signed default keeps the API on HTTP."""
-    if not server.https_port or server.redirect_mode == "false":
-        return False
-    return server.redirect_mode == "true" or verifiable(server.tls_cert)
+    return redirect_decision(server)[0]
 
 
 def with_tls_facts(server: ServerSettings) -> ServerSettings:
@@ -202,13 +211,5 @@ def describe(cert: str, info: CertInfo, now: datetime, stapling: bool) -> dict[s
 
 def http_mode(server: ServerSettings) -> dict[str, object]:
     """The `http` part of /admin/status: what plain HTTP does and why."""
-    redirect = redirects(server)
-    if redirect:
-        why = "set to true" if server.redirect_mode == "true" else "the certificate is verifiable"
-    elif not server.https_port:
-        why = "HTTPS is off"
-    elif server.redirect_mode == "false":
-        why = "set to false"
-    else:
-        why = "the certificate is self-signed"
+    redirect, why = redirect_decision(server)
     return {"redirect": redirect, "mode": server.redirect_mode, "reason": why}

@@ -10,7 +10,6 @@ with ``X-ISHGW-Applied: pending``.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -25,15 +24,7 @@ NOT_APPLIED = (
     "the change is stored, but nginx does not serve it yet; GET /admin/status shows last_reload, "
     "and the next reconcile tries again"
 )
-
-
-@dataclass(frozen=True)
-class Applied:
-    state: str  # "true" | "false" | "pending"
-
-    @property
-    def done(self) -> bool:
-        return self.state == "true"
+PENDING = "stored; nginx serves it within about a second (GET /admin/status)"
 
 
 def wants_wait(request: web.Request) -> bool:
@@ -43,28 +34,33 @@ def wants_wait(request: web.Request) -> bool:
     return WAIT_VALUES[value]
 
 
-async def apply_change(request: web.Request, reason: str, wait: bool) -> Applied:
-    """Tell the reconciler about a committed write and, with ``wait`` (from ``wants_wait``, read before
-    the write so a bad value changes nothing), wait until nginx serves it."""
+async def _applied(request: web.Request, reason: str, wait: bool) -> str:
+    """The X-ISHGW-Applied value: "true" once nginx serves the write, "false" when the pass failed or took
+    too long, "pending" without waiting."""
     reconciler = request.app[RECONCILER]
     if not wait:
         reconciler.request(reason)
-        return Applied("pending")
+        return "pending"
     try:
         result = await asyncio.wait_for(reconciler.apply(reason), APPLY_TIMEOUT_S)
     except TimeoutError:
-        return Applied("false")
-    return Applied("true" if result.ok else "false")
+        return "false"
+    return "true" if result.ok else "false"
 
 
-def respond(applied: Applied, body: dict[str, Any] | None, status: int) -> web.Response:
-    """The handler's answer, or 202 (with ``applied: false`` and why) when nginx does not serve it yet."""
-    headers = {APPLIED_HEADER: applied.state}
-    if applied.done:
+async def answer_applied(
+    request: web.Request, reason: str, wait: bool, body: dict[str, Any] | None, status: int
+) -> web.Response:
+    """Tell the reconciler about a committed write and answer: with ``wait`` (from ``wants_wait``, read
+    before the write so a bad value changes nothing) once nginx serves it with the handler's ``body`` and
+    ``status``, else 202 with ``applied: false`` and why."""
+    state = await _applied(request, reason, wait)
+    headers = {APPLIED_HEADER: state}
+    if state == "true":
         if body is None:
             return web.Response(status=status, headers=headers)
         return web.json_response(body, status=status, headers=headers)
-    extra: dict[str, Any] = {"applied": False, "detail": NOT_APPLIED if applied.state == "false" else None}
-    if applied.state == "pending":
-        extra["detail"] = "stored; nginx serves it within about a second (GET /admin/status)"
-    return web.json_response({**(body or {}), **extra}, status=202, headers=headers)
+    detail = PENDING if state == "pending" else NOT_APPLIED
+    return web.json_response(
+        {**(body or {}), "applied": False, "detail": detail}, status=202, headers=headers
+    )

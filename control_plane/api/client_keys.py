@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from control_plane.api.apply import apply_change, respond, wants_wait
+from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.keys import STORE
 from control_plane.errors import InvalidInput
 from control_plane.registry.client_keys import (
@@ -58,8 +58,9 @@ async def create_key(request: web.Request) -> web.Response:
     settings = validate_strict(ClientKeySettings, await _read_object(request))
     key, secret = await _run(_keys(request).create, settings)
     _target(request, key)
-    applied = await apply_change(request, f"client key {key.id} created", wait)
-    return respond(applied, {**key.public(), "key": secret}, 201)
+    return await answer_applied(
+        request, f"client key {key.id} created", wait, {**key.public(), "key": secret}, 201
+    )
 
 
 async def get_key(request: web.Request) -> web.Response:
@@ -90,8 +91,7 @@ async def update_key(request: web.Request) -> web.Response:
         raise InvalidInput(unknown)
     key = await _run(_update, _keys(request), key_id, changes)
     _target(request, key)
-    applied = await apply_change(request, f"client key {key.id} updated", wait)
-    return respond(applied, key.public(), 200)
+    return await answer_applied(request, f"client key {key.id} updated", wait, key.public(), 200)
 
 
 async def delete_key(request: web.Request) -> web.Response:
@@ -99,4 +99,4 @@ async def delete_key(request: web.Request) -> web.Response:
     wait = wants_wait(request)
     key = await _run(_keys(request).delete, key_id)
     _target(request, key)
-    return respond(await apply_change(request, f"client key {key.id} deleted", wait), None, 204)
+    return await answer_applied(request, f"client key {key.id} deleted", wait, None, 204)

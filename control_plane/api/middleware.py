@@ -56,11 +56,11 @@ def _http_exception_response(exc: web.HTTPException) -> web.Response:
         k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")
     }
     error = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
-    detail = f"{exc.reason}: {request_line(exc)}" if exc.status in (404, 405) else exc.reason
+    detail = f"{exc.reason}: {_route_hint(exc)}" if exc.status in (404, 405) else exc.reason
     return web.json_response(_body(error, detail), status=exc.status, headers=headers)
 
 
-def request_line(exc: web.HTTPException) -> str:
+def _route_hint(exc: web.HTTPException) -> str:
     if exc.status == 405 and "Allow" in exc.headers:
         return f"allowed methods are {exc.headers['Allow']}"
     return "no such admin route (GET /admin/openapi.json lists them)"

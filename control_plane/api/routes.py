@@ -21,7 +21,7 @@ from pydantic_core import to_jsonable_python
 from control_plane import secret_refs
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
-from control_plane.api.apply import apply_change, respond, wants_wait
+from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
@@ -210,8 +210,7 @@ async def create_instance(request: web.Request) -> web.Response:
     check_unreserved([config.name])
     await asyncio.to_thread(check_secret_refs, request, [("api_key", config.api_key)])
     pair = await _run(_create, _store(request), config)
-    applied = await apply_change(request, f"instance {config.name} created", wait)
-    return respond(applied, _item(*pair), 201)
+    return await answer_applied(request, f"instance {config.name} created", wait, _item(*pair), 201)
 
 
 async def get_instance(request: web.Request) -> web.Response:
@@ -223,7 +222,7 @@ async def delete_instance(request: web.Request) -> web.Response:
     name = _path_name(request)
     wait = wants_wait(request)
     await _run(_store(request).delete_instance, name)
-    return respond(await apply_change(request, f"instance {name} deleted", wait), None, 204)
+    return await answer_applied(request, f"instance {name} deleted", wait, None, 204)
 
 
 async def get_config(request: web.Request) -> web.Response:
@@ -264,8 +263,9 @@ async def update_config(request: web.Request) -> web.Response:
     if updated.api_key != current.api_key:
         await asyncio.to_thread(check_secret_refs, request, [("api_key", updated.api_key)])
     await _run(store.replace_config, updated)
-    applied = await apply_change(request, f"instance {name} configuration updated", wait)
-    return respond(applied, config_json(updated), 200)
+    return await answer_applied(
+        request, f"instance {name} configuration updated", wait, config_json(updated), 200
+    )
 
 
 async def get_state(request: web.Request) -> web.Response:
@@ -292,8 +292,9 @@ async def put_state(request: web.Request) -> web.Response:
         health.clear(name, "state set to active")
         await health.flush()
     state = await _run(_set_status, _store(request), name, update)
-    applied = await apply_change(request, f"instance {name} status {update.status.value}", wait)
-    return respond(applied, state.model_dump(mode="json"), 200)
+    return await answer_applied(
+        request, f"instance {name} status {update.status.value}", wait, state.model_dump(mode="json"), 200
+    )
 
 
 async def check_instance(request: web.Request) -> web.Response:
@@ -412,8 +413,9 @@ async def migrate(request: web.Request) -> web.Response:
     await asyncio.to_thread(check_secret_refs, request, migration_keys(body, parsed))
     await _run(_apply_migration, store, parsed, merge)
     names = [config.name for config, _ in parsed]
-    applied = await apply_change(request, "migration imported", wait)
-    return respond(applied, {"imported": names, "count": len(names)}, 200)
+    return await answer_applied(
+        request, "migration imported", wait, {"imported": names, "count": len(names)}, 200
+    )
 
 
 def _export(store: Store, fmt: str) -> str:
@@ -459,8 +461,9 @@ async def import_config(request: web.Request) -> web.Response:
         raise ApiError(415, "unsupported_media_type", "expected application/json or application/yaml")
     doc = await _read_document(request)
     count, generation = await _run(_import, request, doc, merge)
-    applied = await apply_change(request, "configuration imported", wait)
-    return respond(applied, {"imported": count, "generation": generation}, 200)
+    return await answer_applied(
+        request, "configuration imported", wait, {"imported": count, "generation": generation}, 200
+    )
 
 
 # -- routing, status, reload, health, openapi ------------------------------------------------------------
@@ -475,8 +478,7 @@ async def put_routing(request: web.Request) -> web.Response:
     wait = wants_wait(request)
     routing = validate_strict(RoutingConfig, await _read_json(request))
     await _run(_store(request).set_routing, routing)
-    applied = await apply_change(request, "routing updated", wait)
-    return respond(applied, routing.model_dump(mode="json"), 200)
+    return await answer_applied(request, "routing updated", wait, routing.model_dump(mode="json"), 200)
 
 
 def _counts(store: Store) -> tuple[int, int, int]:

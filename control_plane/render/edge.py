@@ -101,9 +101,9 @@ class ClassLimit:
 # What a class limit is when its ISHGW_LIMIT_<CLASS>_RPM is unset (then it binds anonymous traffic only).
 CLASS_DEFAULT_RPM = {"chat": 3000, "embeddings": 12000, "uploads": 120}
 DEFAULT_CLASSES = (
-    ClassLimit("chat", 3000, 300, 16, 60, 300),
-    ClassLimit("embeddings", 12000, 1000, 16, 60, 60),
-    ClassLimit("uploads", 120, 20, 16, 300, 60),
+    ClassLimit("chat", CLASS_DEFAULT_RPM["chat"], 300, 16, 60, 300),
+    ClassLimit("embeddings", CLASS_DEFAULT_RPM["embeddings"], 1000, 16, 60, 60),
+    ClassLimit("uploads", CLASS_DEFAULT_RPM["uploads"], 20, 16, 300, 60),
 )
 
 
@@ -306,9 +306,9 @@ def limits_in_force(policy: EdgePolicy) -> dict[str, object]:
         "concurrent": policy.conn_per_key,
     }
     for c in policy.classes:
-        (anonymous if c.anonymous_only else keyed)[f"{c.name}_rpm"] = c.rpm
+        anonymous[f"{c.name}_rpm"] = c.rpm
         if not c.anonymous_only:
-            anonymous[f"{c.name}_rpm"] = c.rpm
+            keyed[f"{c.name}_rpm"] = c.rpm
     return {"with_valid_key": keyed, "without_valid_key": anonymous}
 
 
