@@ -74,6 +74,9 @@ class EdgeSettings(BaseSettings):
         default_factory=lambda: [60, 600, 6000],
         description="Rates a token's 'rpm' claim is rounded down to (each one is a limit_req zone)",
     )
+    jwt_cache_size: int = Field(
+        default=10000, ge=1, le=1_000_000, description="JWT verdicts each nginx worker keeps (until exp)"
+    )
 
     # -- limits (0 switches a limit off) -------------------------------------------------------------------
     limit_key_burst: int = Field(default=10, ge=0, le=MAX_RPM, description="Burst of every per-key limit")
@@ -235,4 +238,5 @@ def edge_policy(settings: EdgeSettings, default_body_mb: int) -> EdgePolicy:
         jwt_leeway_s=s.jwt_leeway_s,
         jwt_default_rpm=s.jwt_default_rpm,
         jwt_rpm_tiers=tuple(s.jwt_rpm_tiers),
+        jwt_cache_size=s.jwt_cache_size,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from control_plane.errors import ReloadFailed
 from control_plane.render.nginx import RenderedTree
+from control_plane.render.spec import GENERATIONS_DIR
 
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
@@ -52,7 +53,7 @@ class NginxProcess:
 
     @property
     def generations(self) -> Path:
-        return self.prefix / "generations"
+        return self.prefix / GENERATIONS_DIR
 
     @property
     def live(self) -> Path:
@@ -104,6 +105,7 @@ class NginxProcess:
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir(mode=0o700)
         for name, text in tree.files.items():
+            (temp / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(temp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)

@@ -1,9 +1,9 @@
 """The secure edge as plain values: client keys and JWT keys, limits, IP filters. Pure, like build_spec.
 
 build_edge(world parts, policy) -> EdgeSpec; the templates (edge.conf.j2, edge.j2) and the generated
-clients.json render it. nginx runs limit_req in the preaccess phase, before any content handler, so the
-client's identity for the per-key limits comes from ``js_set`` functions (auth.js) over the request headers:
-``$gw_client_id`` (the key id) and ``$gw_client_rpm`` (its rate). Keys are grouped by rate: one
+clients.json (render/lua_data.py) render it. nginx runs limit_req in the preaccess phase, before the body is
+read, so the client's identity for the per-key limits comes from gw.gateway.identify (rewrite_by_lua) over
+the request headers: ``$gw_client_id`` (the key id) and ``$gw_client_rpm`` (its rate). Keys are grouped by rate: one
 limit_req_zone per distinct rate, keyed by a map that is the key id only for keys of that rate.
 """
 
@@ -16,14 +16,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from control_plane.providers import Endpoint, Kind
-from control_plane.render.quoting import js_literal
 
 if TYPE_CHECKING:
     from control_plane.registry.client_keys import ClientKey
 
 CLASSES = ("chat", "embeddings", "uploads")
 # Upstream response headers that tell a client which provider, account, deployment or proxy answered.
-# nginx hides Server, Date, X-Pad and X-Accel-* itself; prefixes are removed by auth.js (hideHeaders).
+# nginx hides Server, Date, X-Pad and X-Accel-* itself; LEAKY_PREFIXES are removed by gw.gateway.hide_headers.
 LEAKY_HEADERS = (
     "openai-organization",
     "openai-processing-ms",
@@ -140,6 +139,7 @@ class EdgePolicy:
     jwt_leeway_s: int = 30
     jwt_default_rpm: int = 600
     jwt_rpm_tiers: tuple[int, ...] = (60, 600, 6000)
+    jwt_cache_size: int = 10000  # verdicts per nginx worker (resty.lrucache)
 
     def limit(self, name: str) -> ClassLimit:
         return next(c for c in self.classes if c.name == name)
@@ -147,7 +147,7 @@ class EdgePolicy:
 
 @dataclass(frozen=True)
 class PublicKey:
-    """A JWT verification key as WebCrypto imports it in njs 0.7.9 (SPKI DER; JWK import is not there)."""
+    """A JWT verification key as gw.crypto loads it: SPKI DER (d2i_PUBKEY), base64."""
 
     alg: str  # RS256 | ES256
     spki_b64: str
@@ -266,37 +266,6 @@ def build_edge(
     )
 
 
-def clients_data(edge: EdgeSpec) -> dict[str, object]:
-    """What auth.js reads (clients.json; the keys are in lookup.conf). Holds the HS256 secret: a
-    SECRET_FILES member. Small and of fixed size."""
-    policy = edge.policy
-    jwt: dict[str, object] | None = None
-    if edge.jwt is not None:
-        jwt = {
-            "hs256": edge.jwt.hs256_secret or "",
-            "keys": [{"alg": k.alg, "spki": k.spki_b64, "kid": k.kid} for k in edge.jwt.public_keys],
-            "audience": policy.jwt_audience or "",
-            "issuer": policy.jwt_issuer or "",
-            "leeway": policy.jwt_leeway_s,
-            "default_rpm": policy.jwt_default_rpm,
-            "tiers": sorted(set(policy.jwt_rpm_tiers)),
-        }
-    return {
-        "required": policy.auth_required,
-        "jwt": jwt,
-        "retry": {
-            "ip": policy.ip_rpm,
-            "classes": {
-                c.name: {"rpm": c.rpm, "all": not c.anonymous_only, "setting": c.setting}
-                for c in policy.classes
-            },
-            "paths": dict(edge.class_of_path),
-            "conn_key": policy.conn_per_key,
-            "conn_ip": policy.conn_per_ip,
-        },
-    }
-
-
 def limits_in_force(policy: EdgePolicy) -> dict[str, object]:
     """The gateway's own limits as /admin/status and `deploy-load-balancer.sh status` show them."""
     anonymous: dict[str, object] = {"per_address_rpm": policy.ip_rpm, "concurrent": policy.conn_per_ip}
@@ -310,9 +279,3 @@ def limits_in_force(policy: EdgePolicy) -> dict[str, object]:
         if not c.anonymous_only:
             keyed[f"{c.name}_rpm"] = c.rpm
     return {"with_valid_key": keyed, "without_valid_key": anonymous}
-
-
-def preloaded_files(edge: EdgeSpec) -> dict[str, str]:
-    """The settings auth.js reads as the preloaded object `clients` (js_preload_object: parsed once, shared
-    by every request, where a generated module would be rebuilt on each)."""
-    return {"clients.json": js_literal(clients_data(edge)) + "\n"}

@@ -10,21 +10,18 @@ from pathlib import Path
 
 import jinja2
 
-from control_plane.render import njs
-from control_plane.render.edge import preloaded_files
-from control_plane.render.lookup_table import lookup_entries
-from control_plane.render.quoting import nginx_quote
-from control_plane.render.spec import GatewaySpec
+from control_plane.render.lua_data import data_files
+from control_plane.render.quoting import lua_string, nginx_quote
+from control_plane.render.spec import CHECKSUM_PLACEHOLDER, GatewaySpec
 
 NGINX_DIR = Path(__file__).resolve().parents[2] / "nginx"
-CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
-# Files holding credentials: provider keys (shims.conf), the JWT HS256 secret (clients.json), client key
-# hashes (lookup.conf).
-SECRET_FILES = frozenset({"shims.conf", "clients.json", "lookup.conf"})
+LUA_DIR = NGINX_DIR / "lua"
+# Files holding credentials: provider keys (shims.conf), the JWT HS256 secret and client key hashes
+# (clients.json).
+SECRET_FILES = frozenset({"shims.conf", "clients.json"})
 TEMPLATES = (
     "nginx.conf",
     "http.conf",
-    "lookup.conf",
     "edge.conf",
     "pools.conf",
     "shims.conf",
@@ -62,15 +59,25 @@ def _environment() -> jinja2.Environment:
     env.filters["q"] = nginx_quote
     env.filters["comment"] = _comment
     env.filters["bracket_ipv6"] = _bracket_ipv6
+    env.filters["lua_string"] = lua_string
     return env
+
+
+@cache
+def lua_code() -> dict[str, str]:
+    """The request path's Lua modules (nginx/lua/gw/*.lua), as files of the tree: the checksum covers the
+    code nginx runs, and a tree is complete in itself. Specs and test drivers stay out."""
+    return {
+        f"lua/gw/{path.name}": path.read_text() for path in sorted((LUA_DIR / "gw").glob("*.lua"))
+    }
 
 
 def render(spec: GatewaySpec) -> RenderedTree:
     env = _environment()
-    context = {"spec": spec, "s": spec.server, "gen_dir_token": '"."', "lookup": lookup_entries(spec)}
+    context = {"spec": spec, "s": spec.server}
     files = {f"{name}": env.get_template(f"{name}.j2").render(context) for name in TEMPLATES}
-    files[njs.MODULE] = njs.njs_module()
-    files.update(preloaded_files(spec.edge))
+    files.update(lua_code())
+    files.update(data_files(spec))
     checksum = tree_checksum(files)
     return RenderedTree(
         files={k: v.replace(CHECKSUM_PLACEHOLDER, checksum) for k, v in files.items()},

@@ -1,13 +1,13 @@
-"""The one quoting function for every value rendered into nginx configuration or njs data."""
+"""The one quoting function for every value rendered into nginx configuration or Lua code."""
 
 from __future__ import annotations
 
-import json
 import re
 
 # A value nginx would read as a variable ('$'), or anything that could end a string, a directive or a
 # line, is refused outright: values are validated at the API boundary, this is the second line.
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f$]")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x23\x25-\x7e]*")
 
 
 class UnsafeValue(ValueError):
@@ -38,6 +38,10 @@ def nginx_quote(value: object, variables: tuple[str, ...] = ()) -> str:
     return '"' + "".join(p if re.fullmatch(pattern, p) else _escape(p) for p in pieces) + '"'
 
 
-def js_literal(value: object) -> str:
-    """A JSON value, safe as a JavaScript expression (no U+2028/2029, no '</')."""
-    return json.dumps(value, ensure_ascii=True, sort_keys=True, separators=(",", ":")).replace("</", "<\\/")
+def lua_string(value: object) -> str:
+    """A Lua string literal inside an nginx *_by_lua_block, for settings such as a path (registry values
+    reach Lua as JSON data, never as code): printable ASCII only, '"' and '\\' escaped."""
+    text = str(value)
+    if not _PRINTABLE_ASCII.fullmatch(text):
+        raise UnsafeValue("refusing to render a Lua string with a character outside printable ASCII or '$'")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

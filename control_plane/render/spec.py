@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 # Strategies under which nginx accepts `backup` servers (the next priority tier).
 BACKUP_CAPABLE = frozenset({Strategy.ROUND_ROBIN, Strategy.WEIGHTED, Strategy.LEAST_CONNECTIONS})
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# Replaced in every rendered file by the tree's checksum (render/nginx.py), which also names the
+# directory the tree is written to under <prefix>/GENERATIONS_DIR (nginx_process.py).
+CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
+GENERATIONS_DIR = "generations"
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,13 @@ class ServerSettings:
     client_max_body_size_mb: int = 16
     expose_instance_headers: bool = True
     status_allow: tuple[str, ...] = ()
-    js_module: str = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+    # Debian's libnginx-mod-http-ndk and libnginx-mod-http-lua, in the order nginx must load them.
+    lua_modules: tuple[str, ...] = (
+        "/usr/lib/nginx/modules/ndk_http_module.so",
+        "/usr/lib/nginx/modules/ngx_http_lua_module.so",
+    )
+    lua_shm_usage_mb: int = 16
+    lua_shm_state_mb: int = 4
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
     log_server: str | None = None  # the controller's syslog receiver: "unix:/path" or "127.0.0.1:port" (UDP)
@@ -171,6 +181,12 @@ class ServerSettings:
     acme_webroot: str | None = None
     # Issuer chain for OCSP stapling; set per reconcile (control_plane.certs) only when stapling can work.
     tls_trusted_certificate: str | None = None
+
+    @property
+    def tree_dir(self) -> str:
+        """Where the rendered tree lives once written (control_plane.nginx_process: generations/<checksum>;
+        the checksum placeholder is filled in by render)."""
+        return f"{self.prefix.rstrip('/')}/{GENERATIONS_DIR}/{CHECKSUM_PLACEHOLDER}"
 
     @property
     def log_target(self) -> str:

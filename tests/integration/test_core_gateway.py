@@ -26,7 +26,8 @@ def register(gw: Gateway, name: str, stub: StubServer, models: list[str], **kw: 
 
 def rendered_tree(gw: Gateway) -> dict[str, bytes]:
     live = gw.home / "nginx" / "live"
-    return {p.name: p.read_bytes() for p in sorted(live.resolve().iterdir())}
+    tree = live.resolve()
+    return {str(p.relative_to(tree)): p.read_bytes() for p in sorted(tree.rglob("*")) if p.is_file()}
 
 
 def test_official_sdks_through_the_gateway(gateway: Gateway, stubs: dict[str, StubServer]) -> None:

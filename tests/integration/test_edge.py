@@ -315,7 +315,7 @@ def test_only_hashes_are_stored_and_rendered(edge: Gateway) -> None:
 def test_secrets_are_in_0600_files_only(edge: Gateway) -> None:
     live = (edge.home / "nginx" / "live").resolve()
     assert stat.S_IMODE(live.stat().st_mode) == 0o700
-    holders = [p.name for p in live.iterdir() if HS256_SECRET in p.read_text()]
+    holders = [p.name for p in live.rglob("*") if p.is_file() and HS256_SECRET in p.read_text()]
     assert holders == ["clients.json"]
     assert stat.S_IMODE((live / "clients.json").stat().st_mode) == 0o600
 

@@ -262,6 +262,7 @@ def test_a_secret_that_is_no_header_value_excludes_its_instance_only(
         "error.log": (gw.home / "nginx" / "logs" / "error.log").read_text(errors="replace"),
     }
     for tree in (gw.home / "nginx" / "generations").iterdir():
-        for path in tree.iterdir():
-            seen[str(path)] = path.read_text(errors="replace")
+        for path in tree.rglob("*"):
+            if path.is_file():
+                seen[str(path)] = path.read_text(errors="replace")
     assert [where for where, text in seen.items() if "CANARY" in text] == []

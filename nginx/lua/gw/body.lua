@@ -13,7 +13,9 @@
 -- tests/unit/test_lua_body.py checks it against Python's json on generated bodies.
 --
 --   local body = require("gw.body")
---   local model, err = body.model(text)  -- model: the decoded string (UTF-8), or nil and one of body.ERR
+--   local model, err, ms, me = body.model(text)  -- model: the decoded string (UTF-8), or nil and one of
+--                                                -- body.ERR; ms..me: where its characters are in text
+--   text = body.with_model(text, ms, me, "other-model")
 
 local byte, char, find, sub = string.byte, string.char, string.find, string.sub
 local concat, floor, min, tonumber = table.concat, math.floor, math.min, tonumber
@@ -376,9 +378,15 @@ function _M.model(text)
     elseif not ms then
         return nil, ERR.not_string
     elseif mescaped then
-        return decode(text, ms, me)
+        return decode(text, ms, me), nil, ms, me
     end
-    return sub(text, ms, me)
+    return sub(text, ms, me), nil, ms, me
+end
+
+-- text with the top-level model's string (its bytes ms..me, as model() returned them) replaced by
+-- `model`, which must need no JSON escape (a registry model name). Everything else stays as sent.
+function _M.with_model(text, ms, me, model)
+    return sub(text, 1, ms - 1) .. model .. sub(text, me + 1)
 end
 
 return _M

@@ -1,0 +1,316 @@
+-- The request path's entry points, called from the rendered configuration:
+--   init(dir)       init_by_lua (http.conf): load the tree's routes.json and clients.json, once per (re)load
+--   identify()      rewrite_by_lua of every API location: the client's identity for the limit zones that
+--                   run next, and the 401 of a request its headers refuse (its body never read)
+--   route()         content_by_lua of every routed endpoint: the model from the body, aliases, the pool,
+--                   the fallback chain, the client's permissions; hands the request to a pool location
+--   answer(name)    content_by_lua of the answers the gateway gives itself (listings, errors, next pool)
+--   hide_headers()  header_filter_by_lua of the shim servers: provider header families never reach clients
+-- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
+-- Data loaded by init lives in this module's upvalues for the life of the configuration; nothing of a
+-- request is kept here (ngx.ctx carries the verdict from identify to route within a request).
+local cjson = require("cjson.safe")
+local lrucache = require("resty.lrucache")
+local answers = require("gw.answers")
+local body = require("gw.body")
+local crypto = require("gw.crypto")
+local identity = require("gw.identity")
+
+local ngx = ngx
+local var, req, header = ngx.var, ngx.req, ngx.header
+local find, lower, pairs, tonumber = string.find, string.lower, pairs, tonumber
+local concat = table.concat
+local quote, shown = answers.quote, answers.shown
+
+local _M = {}
+
+local RETRY_AFTER = "5"  -- seconds, on a 503 or a 429 of the gateway's own that has no better figure
+
+-- Set by init; the same for every request of this configuration.
+local endpoints, resolve_tables, served, fallbacks, created, leaky  -- routes.json
+local retry, address_rules, client_identity                        -- clients.json
+
+local function read_json(path)
+    local file, err = io.open(path, "rb")
+    if not file then
+        error("gw: cannot read " .. path .. ": " .. tostring(err))
+    end
+    local text = file:read("*a")
+    file:close()
+    local value, derr = cjson.decode(text)
+    if type(value) ~= "table" then
+        error("gw: " .. path .. " is not a JSON object: " .. tostring(derr))
+    end
+    return value
+end
+
+function _M.init(dir)
+    local routes = read_json(dir .. "/routes.json")
+    local clients = read_json(dir .. "/clients.json")
+    endpoints, resolve_tables, served = routes.endpoints, routes.resolve, routes.served
+    fallbacks, created, leaky = routes.fallbacks, routes.created, routes.leaky_prefixes
+    retry, address_rules = clients.retry, clients.address_rules
+    local problems
+    client_identity, problems = identity.new(clients, {
+        now = ngx.time,
+        crypto = crypto,
+        cache = lrucache.new(clients.jwt_cache_size or 10000),  -- one per worker: forked from here
+    })
+    for _, problem in ipairs(problems or {}) do
+        ngx.log(ngx.WARN, "gw: JWT key not used: ", problem)
+    end
+end
+
+-- The API family of any request, for answers made outside the router (limits, address filter, 401).
+local function family_of_request()
+    local uri = var.uri
+    local ep = endpoints[uri]
+    if ep then
+        return ep.family
+    elseif find(uri, "/api/", 1, true) == 1 then
+        return "ollama"
+    elseif var.http_anthropic_version then
+        return "anthropic"
+    end
+    return "openai"
+end
+
+-- Answer with a JSON body and end the request (any phase).
+local function send_json(status, text)
+    ngx.status = status
+    header["Content-Type"] = "application/json"
+    header["Content-Length"] = #text
+    ngx.print(text)
+    return ngx.exit(ngx.HTTP_OK)
+end
+
+local function fail(family, status, kind, message, available)
+    header["X-Request-ID"] = var.gw_request_id
+    if (status == 503 or status == 429) and not header["Retry-After"] then
+        header["Retry-After"] = RETRY_AFTER
+    end
+    return send_json(status, answers.error_body(family, status, kind, message, available))
+end
+
+-- 401 in the client's API style, with the challenge RFC 6750 asks for. The body is discarded unread.
+local function unauthorized(verdict)
+    req.discard_body()
+    header["WWW-Authenticate"] = verdict.reason == "missing" and 'Bearer realm="ish-gateway"'
+        or 'Bearer realm="ish-gateway", error="invalid_token"'
+    return fail(family_of_request(), 401, "authentication_error", verdict.message)
+end
+
+function _M.identify()
+    local token = identity.presented(var.http_authorization, var.http_x_api_key, var.http_api_key)
+    local verdict = client_identity:check(token)
+    if verdict.ok then
+        if verdict.id ~= "" then
+            var.gw_client_id = verdict.id
+            var.gw_client_rpm = verdict.rpm
+        end
+        ngx.ctx.verdict = verdict
+        return
+    end
+    if address_rules and var.gw_address_refused == "1" then
+        return  -- the allow/deny rules answer it (403) in the access phase
+    end
+    return unauthorized(verdict)
+end
+
+-- Where a name goes for an endpoint kind: {model, pool, location} (pool "" when no instance of the model
+-- is available), or nil when the name is not served. Aliases and ":latest" spellings are in the table.
+local function resolve(key, name)
+    local table_ = resolve_tables[key]
+    return table_ and table_[name]
+end
+
+-- The models in `names` this client may use.
+local function allowed(verdict, names)
+    if not verdict.models then
+        return names or {}
+    end
+    local out = {}
+    for _, name in ipairs(names or {}) do
+        if identity.allows(verdict, name) then
+            out[#out + 1] = name
+        end
+    end
+    return out
+end
+
+-- Hand the request to a pool; the body is rewritten when the model's own name differs from the one
+-- the body names (an alias, a ":latest" spelling, a fallback).
+local function send(text, ms, me, named, found, position, base)
+    if position > 0 then
+        var.gw_hop = position
+        var.gw_base = base
+    end
+    var.gw_model = found.model
+    var.gw_pool = found.pool
+    if found.model ~= named then
+        req.set_body_data(body.with_model(text, ms, me, found.model))
+    end
+    return ngx.exec(found.location)
+end
+
+-- Send the request to the first available fallback of `base` from position `from` (1: the first one).
+local function hop(ep, text, ms, me, named, base, from)
+    local chain = fallbacks[base]
+    if chain then
+        for i = from, #chain do
+            local found = resolve(ep.key, chain[i])
+            if found and found.pool ~= "" then
+                return send(text, ms, me, named, found, i, base)
+            end
+        end
+    end
+    return fail(ep.family, 503, "overloaded_error",
+        "No instance of model " .. quote(base) .. " is available right now")
+end
+
+local BODY_ERRORS = {
+    [body.ERR.invalid] = "The request body is not valid JSON",
+    [body.ERR.too_deep] = "The request body is not valid JSON",
+    [body.ERR.not_object] = "The request body must be a JSON object",
+    [body.ERR.repeated] = 'The request names its model more than once (field "model")',
+}
+local NO_MODEL = 'The request names no model (field "model")'
+
+-- The request body as text: in memory (client_body_buffer_size is the body limit), "" when empty.
+local function body_text()
+    req.read_body()
+    local text = req.get_body_data()
+    if text then
+        return text
+    end
+    local path = req.get_body_file()
+    if not path then
+        return ""
+    end
+    local file = io.open(path, "rb")
+    if not file then
+        return ""
+    end
+    text = file:read("*a")
+    file:close()
+    return text or ""
+end
+
+function _M.route()
+    local uri = var.uri
+    local ep = endpoints[uri]
+    local family = ep.family
+    if req.get_method() ~= "POST" then
+        header["Allow"] = "POST"
+        return fail(family, 405, "invalid_request_error", "Use POST for " .. shown(uri))
+    end
+    local text = body_text()
+    local named, err, ms, me = body.model(text)
+    if not named or named == "" then
+        return fail(family, 400, "invalid_request_error", BODY_ERRORS[err] or NO_MODEL)
+    end
+    local verdict = ngx.ctx.verdict
+    local found = resolve(ep.key, named)
+    if not found then
+        -- Only the models this client may use: a key limited to some models learns nothing of the others.
+        local available = allowed(verdict, served[ep.key])
+        local listing = #available > 0 and ("Available: " .. concat(available, ", "))
+            or ("No " .. ep.kind .. " model is served here for " .. uri)
+        return fail(family, 404, "not_found_error",
+            "The model " .. shown(named) .. " is not served here. " .. listing, available)
+    end
+    if not identity.allows(verdict, found.model, named) then
+        return fail(family, 403, "permission_error", "This API key may not use the model " .. shown(named))
+    end
+    if found.pool ~= "" then
+        return send(text, ms, me, named, found, 0)
+    end
+    return hop(ep, text, ms, me, named, found.model, 1)
+end
+
+-- Answers made here rather than by an instance, by the name the location gives.
+local handlers = {}
+
+function handlers.unavailable()
+    return fail(family_of_request(), 503, "overloaded_error",
+        "No instance of model " .. quote(var.gw_model or "") .. " could answer; retry later")
+end
+
+-- error_page target of a pool that could not answer: the next model in the fallback chain, or a 503.
+-- The body is the one the pool was sent: its model is the pool's; the chain's base is in $gw_base
+-- once a fallback was taken, else it is the pool's model.
+function handlers.next()
+    local ep = endpoints[var.uri]
+    local text = ep and req.get_body_data()
+    local named, _, ms, me
+    if text then
+        named, _, ms, me = body.model(text)
+    end
+    if not named then
+        return handlers.unavailable()
+    end
+    local position = tonumber(var.gw_hop) or 0
+    local base = position > 0 and var.gw_base or var.gw_model
+    return hop(ep, text, ms, me, named, base, position + 1)
+end
+
+function handlers.models()
+    local verdict = ngx.ctx.verdict
+    if var.http_anthropic_version then
+        return send_json(200, answers.anthropic_models(allowed(verdict, served.anthropic)))
+    end
+    return send_json(200, answers.openai_models(allowed(verdict, served.openai), created))
+end
+
+function handlers.tags()
+    return send_json(200, answers.ollama_tags(allowed(ngx.ctx.verdict, served.ollama)))
+end
+
+function handlers.version()
+    return send_json(200, '{"version":"0.5.0"}')
+end
+
+function handlers.not_found()
+    local family = find(var.uri, "/api/", 1, true) == 1 and "ollama" or "openai"
+    return fail(family, 404, "not_found_error", "Unknown endpoint " .. shown(var.uri))
+end
+
+function handlers.too_large()
+    return fail(family_of_request(), 413, "request_too_large",
+        "The request body is larger than the gateway accepts")
+end
+
+-- error_page 429 target: limit_req / limit_conn said no. The verdict's ngx.ctx is gone after the
+-- redirect; the identity is still in $gw_client_id and $gw_client_rpm.
+function handlers.rate_limited()
+    local id = var.gw_client_id
+    local wait, text = answers.binding_limit(retry, id ~= "", var.gw_client_rpm,
+        var.limit_conn_status == "REJECTED", retry.paths[var.uri])
+    header["Retry-After"] = wait
+    return fail(family_of_request(), 429, "rate_limit_error",
+        "Too many requests: the gateway's limit was reached: " .. text .. "; retry in " .. wait .. " s")
+end
+
+-- error_page 403 target: the client's address is not allowed.
+function handlers.denied()
+    return fail(family_of_request(), 403, "permission_error", "Requests from this address are not allowed")
+end
+
+function _M.answer(name)
+    return (handlers[name] or handlers.unavailable)()
+end
+
+-- Response header families (x-ms-*, cf-*, openai-*, ...) nginx's proxy_hide_header cannot name by prefix.
+function _M.hide_headers()
+    for name in pairs(ngx.resp.get_headers(0, true)) do
+        local low = lower(name)
+        for i = 1, #leaky do
+            if find(low, leaky[i], 1, true) == 1 then
+                header[name] = nil
+                break
+            end
+        end
+    end
+end
+
+return _M
