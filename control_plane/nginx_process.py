@@ -45,6 +45,16 @@ def worker_count(worker_processes: str) -> int:
     return (os.cpu_count() or 1) if worker_processes == "auto" else int(worker_processes)
 
 
+def write_files(directory: Path, files: dict[str, str]) -> None:
+    """A rendered tree's files (names may hold subdirectories: lua/gw/...) into a fresh ``directory``:
+    files 0600, directories 0700 (some hold credentials)."""
+    for name, text in files.items():
+        (directory / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+
+
 class NginxProcess:
     def __init__(self, prefix: Path, binary: str = "nginx", generations_kept: int = 5) -> None:
         self.prefix = prefix
@@ -104,11 +114,7 @@ class NginxProcess:
         temp = self.generations / f".tmp-{tree.checksum}-{os.getpid()}"
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir(mode=0o700)
-        for name, text in tree.files.items():
-            (temp / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(temp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
+        write_files(temp, tree.files)
         os.replace(temp, final)
         return final
 

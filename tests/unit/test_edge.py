@@ -39,9 +39,8 @@ from control_plane.render.edge import (
     PublicKey,
     address_geo,
     build_edge,
-    clients_data,
 )
-from control_plane.render.lookup_table import key_entries
+from control_plane.render.lua_data import clients_data
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.spec import ServerSettings, World, build_spec
 from control_plane.settings import Settings
@@ -232,24 +231,32 @@ def test_one_zone_per_distinct_rate() -> None:
     assert counts["limit_req_zone"] == 2 + 1 + 3  # per rate, per IP, per class
     # Every client-facing API location has the guard; /health, /nginx_status and named locations do not.
     servers = files["servers.conf"]
-    api_locations = servers.count("js_content gw.route;") + 4  # + /v1/models, /api/tags, /api/version, /
+    api_locations = servers.count('content_by_lua_block { require("gw.gateway").route() }') + 4
+    # + /v1/models, /api/tags, /api/version, /
     assert (
-        sum(servers.count(f"set $gw_answer {name};") for name in ("models", "tags", "version", "not_found"))
+        sum(
+            servers.count(f'content_by_lua_block {{ require("gw.gateway").answer("{name}") }}')
+            for name in ("models", "tags", "version", "not_found")
+        )
         == 4
     )
     assert servers.count("limit_req zone=gw_key_60 ") == api_locations
     assert servers.count("limit_req zone=gw_ip ") == api_locations
     assert servers.count("error_page 429 = @gw_limited;") == api_locations
-    # Every one but /api/version refuses a request without a valid credential before reading its body.
-    assert servers.count("if ($gw_auth_refuse) {") == servers.count("return 401 $gw_auth_body;")
-    assert servers.count("return 401 $gw_auth_body;") == api_locations - 1
+    # Every one but /api/version identifies the client (and refuses one without a valid credential)
+    # before the limits, in the rewrite phase.
+    assert servers.count('rewrite_by_lua_block { require("gw.gateway").identify() }') == api_locations - 1
     health = servers.split("location = /health {", 1)[1].split("}", 1)[0]
-    assert "limit_req" not in health
+    assert "limit_req" not in health and "lua" not in health
     data = json.loads(files["clients.json"])
-    assert "keys" not in data  # keys live in lookup.conf
-    lookup = files["lookup.conf"]
-    assert f'"k:{hash_key("secret-3")}" "key_0000000000000003 600 0 1";' in lookup  # no list: all models
-    assert data["required"] is True and data["jwt"] is None
+    assert data["keys"][hash_key("secret-3")] == {
+        "id": "key_0000000000000003",
+        "rpm": 600,
+        "expires": 0,
+        "enabled": True,
+        "models": [],  # no list: all models
+    }
+    assert data["required"] is True and "jwt" not in data
 
 
 def test_secrets_only_in_secret_files() -> None:
@@ -257,7 +264,7 @@ def test_secrets_only_in_secret_files() -> None:
     files = edge_tree(
         (client_key(1, 60),), JwtKeys(hs256_secret=secret, public_keys=(PublicKey("ES256", "QUJD", "k"),))
     )
-    assert {"clients.json", "lookup.conf"} <= SECRET_FILES
+    assert "clients.json" in SECRET_FILES
     assert [name for name, text in files.items() if secret in text] == ["clients.json"]
     assert all("secret-1" not in text for text in files.values())  # keys leave as hashes only
 
@@ -314,8 +321,8 @@ def test_upstream_header_policy_in_every_pool_location() -> None:
     )
     assert quiet['proxy_set_header X-Forwarded-For "";'] == quiet['proxy_set_header X-Real-IP "";'] == pools
     assert not any("$remote_addr" in line for line in quiet if line.startswith("proxy_set_header"))
-    # Header families are dropped by njs in the shims only (none here): no second njs VM per request.
-    assert counts["js_header_filter"] == files["shims.conf"].count("proxy_pass ")
+    # Header families are dropped by Lua in the shims only (none here): instances without a shim send none.
+    assert counts["header_filter_by_lua_block"] == files["shims.conf"].count("proxy_pass ")
     hidden = Counter(
         line.strip() for line in files["servers.conf"].splitlines() if "proxy_hide_header" in line
     )
@@ -339,7 +346,7 @@ def test_clients_data_for_jwt() -> None:
     data = clients_data(edge)
     assert data["jwt"] == {
         "hs256": "s" * 40,
-        "keys": [{"alg": "RS256", "spki": "QUJD", "kid": None}],
+        "keys": [{"alg": "RS256", "spki": "QUJD"}],  # no kid: absent, never null
         "audience": "aud",
         "issuer": "iss",
         "leeway": 30,
@@ -529,11 +536,13 @@ def test_admin_tls_rules(tmp_path: Path) -> None:
     assert admin_ssl_context(Settings(home=home, admin_listen="0.0.0.0:9000")) is not None
 
 
-def test_key_model_lists_inline_or_in_chunks() -> None:
+def test_key_model_lists_whole_in_clients_json() -> None:
+    """However long a key's model list, it is one JSON list (nginx maps needed chunks; Lua data does not)."""
     short = client_key(1, 60, models=["gpt-4o", "llama*"])
     long = client_key(2, 60, enabled=False, models=[f"model-{i:03d}-{'x' * 40}" for i in range(200)])
-    entries = dict(key_entries(build_edge(EdgePolicy(), (short, long), JwtKeys(), [])))
-    assert entries[f"k:{short.key_hash}"] == "key_0000000000000001 60 0 1 gpt-4o llama*"
-    assert entries[f"k:{long.key_hash}"] == "key_0000000000000002 60 0 0 +"
-    chunks = [entries[k] for k in sorted(entries) if k.startswith(f"km:{long.key_hash}:")]
-    assert len(chunks) > 1 and " ".join(chunks).split(" ") == long.allowed_models
+    keys = clients_data(build_edge(EdgePolicy(), (short, long), JwtKeys(), []))["keys"]
+    assert isinstance(keys, dict)
+    assert keys[short.key_hash] == {
+        "id": "key_0000000000000001", "rpm": 60, "expires": 0, "enabled": True, "models": ["gpt-4o", "llama*"]
+    }
+    assert keys[long.key_hash]["enabled"] is False and keys[long.key_hash]["models"] == long.allowed_models

@@ -19,6 +19,7 @@ import pytest
 from control_plane.registry.client_keys import ClientKey, hash_key
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.render.edge import EdgePolicy, JwtKeys, PublicKey
+from control_plane.nginx_process import write_files
 from control_plane.render.nginx import render
 from control_plane.render.spec import ServerSettings, World, build_spec
 
@@ -133,8 +134,7 @@ def representative_tree(directory: Path) -> Path:
         ),
     )
     tree = render(build_spec(world, server))
-    for name, text in tree.files.items():
-        (directory / name).write_text(text)
+    write_files(directory, tree.files)
     return directory / "nginx.conf"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import string
 import tempfile
 from collections import Counter
@@ -17,13 +18,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
-from control_plane.render.lookup_table import (
-    CHUNK_CHARS,
-    chunked,
-    lookup_entries,
-    resolution_table,
-    table_key,
-)
+from control_plane.render.lua_data import resolution_table, routes_data
 from control_plane.render.nginx import SECRET_FILES, render
 from control_plane.render.quoting import UnsafeValue, nginx_quote
 from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettings, World, build_spec
@@ -31,7 +26,7 @@ from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettin
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 PROXY_HEADERS_PER_LOCATION = 19  # the proxy_common macro in servers.conf.j2 (12 of them from edge.j2)
-LOCATIONS_PER_PROFILE = 2  # as sent, and with the body rewritten (alias or fallback)
+LOCATIONS_PER_PROFILE = 1  # the body is rewritten by Lua (alias or fallback), not by a second location
 
 
 def locations_of(profile: ProxyProfile) -> int:
@@ -142,11 +137,15 @@ def test_routes_data_marks_unavailable_models() -> None:
             enabled=False,
         ),
     ]
-    entries = dict(lookup_entries(spec_for(configs)))
-    pool, profile, model = entries["p:ollama|chat|up"].split(" ")
-    assert pool.startswith("p_") and profile.startswith("x_ollama_chat_") and model == "up"
-    assert entries["p:ollama|chat|down"] == "- - down"
-    assert entries["l:ollama|chat:0"] == entries["l:ollama:0"] == "up"  # listings: available models only
+    data = routes_data(spec_for(configs))
+    resolve = data["resolve"]
+    assert isinstance(resolve, dict)
+    up = resolve["ollama|chat"]["up"]
+    assert up["pool"].startswith("p_") and up["location"].startswith("@x_ollama_chat_") and up["model"] == "up"
+    assert resolve["ollama|chat"]["down"] == {"model": "down", "pool": "", "location": ""}
+    served = data["served"]
+    assert isinstance(served, dict)
+    assert served["ollama|chat"] == served["ollama"] == ["up"]  # listings: available models only
     assert '"127.0.0.1:1" "a";' in render(spec_for(configs)).files["http.conf"]
 
 
@@ -278,13 +277,12 @@ def test_random_registry_content_cannot_inject_directives(
     locations = sum(locations_of(profile) for profile in profiles)
     assert counts["location"] == empty["location"] + locations + sum(len(s.routes) + 1 for s in spec.shims)
     assert counts["listen"] == 1 + len(spec.shims)
-    assert counts["proxy_set_body"] == locations // LOCATIONS_PER_PROFILE
+    assert counts["proxy_set_body"] == 0
     shim_headers = sum(3 + len(s.headers) for s in spec.shims)
     added_headers = PROXY_HEADERS_PER_LOCATION * locations + shim_headers
     assert counts["proxy_set_header"] == empty["proxy_set_header"] + added_headers
-    # The lookup map holds exactly lookup_entries, whatever the names (crossplane unquotes them).
-    lookup = crossplane_map(tree.files["lookup.conf"], "$gw_route")
-    assert lookup == dict(lookup_entries(spec)) | {"volatile": None, "default": ""}
+    # Registry names reach Lua only as data: the routing file is exactly routes_data, whatever the names.
+    assert json.loads(tree.files["routes.json"]) == json.loads(json.dumps(routes_data(spec)))
 
 
 def parse_text(text: str) -> list[dict[str, Any]]:
@@ -304,22 +302,6 @@ def crossplane_map(text: str, variable: str) -> dict[str, str | None]:
     raise AssertionError(f"no map sets {variable}")
 
 
-def test_table_keys_keep_case_apart() -> None:
-    # nginx matches map strings ignoring case; distinct names must stay distinct keys.
-    names = ["llama3", "Llama3", "LLAMA3", "lLama3"]
-    assert len({table_key(n).lower() for n in names}) == len(set(names))
-    assert table_key("Qwen2.5:7B") == "^Qwen2.5:7^B"
-
-
-def test_lists_are_chunked_below_the_token_limit() -> None:
-    names = [f"model-{i:04d}-" + "x" * 100 for i in range(100)]
-    chunks = list(chunked("l:openai", names))
-    assert [k for k, _ in chunks] == [f"l:openai:{n}" for n in range(len(chunks))]
-    assert all(len(v) <= CHUNK_CHARS for _, v in chunks)
-    assert " ".join(v for _, v in chunks).split(" ") == names
-    assert list(chunked("l:x", [])) == []
-
-
 def test_every_name_a_client_may_send_resolves_in_one_lookup() -> None:
     configs = [
         InstanceConfig(
@@ -331,7 +313,7 @@ def test_every_name_a_client_may_send_resolves_in_one_lookup() -> None:
     ]
     routing = RoutingConfig(model_aliases={"fast": "phi3", "llama3": "qwen", "ghost": "nowhere"})
     table = resolution_table(spec_for(configs, routing))["ollama|chat"]
-    served = {name: value.split(" ")[2] for name, value in table.items()}
+    served = {name: value["model"] for name, value in table.items()}
     assert served == {
         "phi3:latest": "phi3:latest",
         "phi3": "phi3:latest",  # Ollama's implied tag
