@@ -7,29 +7,8 @@ ffi.cdef([[
 unsigned long ERR_peek_error(void);
 ]])
 
-local function hex(s)
-    return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
-end
-
-local function unhex(h)
-    return (h:gsub("%x%x", function(x) return string.char(tonumber(x, 16)) end))
-end
-
--- Test-only base64url encoder (the module only decodes).
-local B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-local function b64url(s)
-    local out = {}
-    for i = 1, #s, 3 do
-        local a, b, c = s:byte(i, i + 2)
-        local v = a * 65536 + (b or 0) * 256 + (c or 0)
-        local n = c and 4 or (b and 3 or 2)
-        for k = 1, n do
-            local d = math.floor(v / 2 ^ (18 - 6 * (k - 1))) % 64
-            out[#out + 1] = B64URL:sub(d + 1, d + 1)
-        end
-    end
-    return table.concat(out)
-end
+local helpers = require("spec.helpers")
+local hex, unhex, b64url = helpers.hex, helpers.unhex, helpers.b64url
 
 local function errors_left()
     return tonumber(crypto.lib.ERR_peek_error())
