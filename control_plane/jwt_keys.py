@@ -1,7 +1,8 @@
 """JWT verification keys from files: an HS256 secret, PEM public keys, a JWKS document.
 
 gw.crypto (LuaJIT FFI to OpenSSL) loads public keys as SPKI DER (d2i_PUBKEY), so JWKS keys are converted
-here to SPKI DER with a small DER encoder; PEM keys are checked (RSA >= 2048 bits, EC on P-256) and passed on as DER.
+here to SPKI DER with a small DER encoder; PEM keys are checked (RSA >= 2048 bits, EC on P-256) and passed
+on as DER.
 """
 
 from __future__ import annotations

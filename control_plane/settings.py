@@ -84,10 +84,16 @@ class Settings(EdgeSettings):
     expose_instance_headers: bool = True
     client_max_body_size_mb: int = Field(default=16, ge=1, le=1024)
     lua_shm_usage_mb: int = Field(
-        default=16, ge=1, le=4096, description="nginx shared memory for usage counters (lua_shared_dict gw_usage)"
+        default=16,
+        ge=1,
+        le=4096,
+        description="MiB of nginx shared memory for usage counters (lua_shared_dict gw_usage)",
     )
     lua_shm_state_mb: int = Field(
-        default=4, ge=1, le=1024, description="nginx shared memory for request-path state (lua_shared_dict gw_state)"
+        default=4,
+        ge=1,
+        le=1024,
+        description="MiB of nginx shared memory for request-path state (lua_shared_dict gw_state)",
     )
     status_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra CIDRs for /nginx_status"

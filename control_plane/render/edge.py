@@ -3,8 +3,8 @@
 build_edge(world parts, policy) -> EdgeSpec; the templates (edge.conf.j2, edge.j2) and the generated
 clients.json (render/lua_data.py) render it. nginx runs limit_req in the preaccess phase, before the body is
 read, so the client's identity for the per-key limits comes from gw.gateway.identify (rewrite_by_lua) over
-the request headers: ``$gw_client_id`` (the key id) and ``$gw_client_rpm`` (its rate). Keys are grouped by rate: one
-limit_req_zone per distinct rate, keyed by a map that is the key id only for keys of that rate.
+the request headers: ``$gw_client_id`` (the key id) and ``$gw_client_rpm`` (its rate). Keys are grouped by
+rate: one limit_req_zone per distinct rate, keyed by a map that is the key id only for keys of that rate.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ clients.json (a SECRET_FILES member: key hashes and the HS256 secret)
 from __future__ import annotations
 
 import json
+
 from control_plane.render.edge import LEAKY_PREFIXES, EdgeSpec
 from control_plane.render.spec import GatewaySpec
 

@@ -70,7 +70,10 @@ client_host() {
 }
 
 # shellcheck disable=SC2034 # used by the scripts that source this file
-RUNTIME_APT_PACKAGES=(nginx libnginx-mod-http-js openssl ca-certificates curl python3-venv)
+# The request path: Debian's lua-nginx-module (with the NDK it needs), lua-cjson, lua-resty-core (which the
+# module requires) and lua-resty-lrucache.
+RUNTIME_APT_PACKAGES=(nginx libnginx-mod-http-lua libnginx-mod-http-ndk lua-cjson lua-resty-core lua-resty-lrucache
+    openssl ca-certificates curl python3-venv)
 
 # now_ms: milliseconds since the epoch (EPOCHREALTIME's separator follows the locale: keep only digits).
 now_ms() {

@@ -1,4 +1,4 @@
-"""Issue 4 (clients, limits, headers and hardening), end to end: real controller, real nginx + njs."""
+"""Issue 4 (clients, limits, headers and hardening), end to end: real controller, real nginx + Lua."""
 
 from __future__ import annotations
 
@@ -308,8 +308,8 @@ def test_only_hashes_are_stored_and_rendered(edge: Gateway) -> None:
             assert secret.encode() not in path.read_bytes(), path
     live = (edge.home / "nginx" / "live").resolve()
     digest = __import__("hashlib").sha256(secret.encode()).hexdigest()
-    assert digest in (live / "lookup.conf").read_text()
-    assert stat.S_IMODE((live / "lookup.conf").stat().st_mode) == 0o600
+    assert digest in (live / "clients.json").read_text()
+    assert stat.S_IMODE((live / "clients.json").stat().st_mode) == 0o600
 
 
 def test_secrets_are_in_0600_files_only(edge: Gateway) -> None:

@@ -1,4 +1,4 @@
-"""Issue 19 (attack run), the client-side items: real controller, real nginx + njs, a stub backend.
+"""Issue 19 (attack run), the client-side items: real controller, real nginx + Lua, a stub backend.
 
 One gateway as deployed by default: HTTPS with a (self-signed) certificate, plain HTTP redirecting to it,
 client keys required, RS256 tokens accepted. Every check talks to it over 127.0.0.1.

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from control_plane.nginx_process import write_files
 from control_plane.registry.client_keys import ClientKey, hash_key
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.render.edge import EdgePolicy, JwtKeys, PublicKey
-from control_plane.nginx_process import write_files
 from control_plane.render.nginx import render
 from control_plane.render.spec import ServerSettings, World, build_spec
 
@@ -33,11 +33,6 @@ SKIPPED_CHECKS = {
     # proxy_pass http://$gw_upstream names an upstream{} block, always (a map of the rendered pools with
     # an upstream as default): nginx never resolves a name at request time, so no resolver is needed.
     "missing_resolver",
-    # The API locations answer a request without a valid credential with `return 401` before the body is
-    # read (issue 19), and return runs before allow/deny. That return is conditional on $gw_auth_refuse,
-    # which is empty for every address the same allow/deny rules refuse (a geo block rendered from them,
-    # tests/unit/test_edge.py): those still get their 403 from allow/deny.
-    "return_bypasses_allow_deny",
 }
 
 

@@ -141,7 +141,8 @@ def test_routes_data_marks_unavailable_models() -> None:
     resolve = data["resolve"]
     assert isinstance(resolve, dict)
     up = resolve["ollama|chat"]["up"]
-    assert up["pool"].startswith("p_") and up["location"].startswith("@x_ollama_chat_") and up["model"] == "up"
+    assert up["pool"].startswith("p_") and up["location"].startswith("@x_ollama_chat_")
+    assert up["model"] == "up"
     assert resolve["ollama|chat"]["down"] == {"model": "down", "pool": "", "location": ""}
     served = data["served"]
     assert isinstance(served, dict)

@@ -7,7 +7,7 @@ local cjson = require("cjson")
 
 local encode = cjson.encode
 local byte, gsub, sub, tostring = string.byte, string.gsub, string.sub, tostring
-local concat, ceil, max = table.concat, math.ceil, math.max
+local concat, ceil, max, tonumber = table.concat, math.ceil, math.max, tonumber
 
 local _M = {}
 
@@ -81,18 +81,19 @@ function _M.anthropic_models(names)
             .. ',"created_at":"1970-01-01T00:00:00Z"}'
     end
     local n = #names
-    return '{"data":[' .. concat(out, ",") .. '],"has_more":false,"first_id":'
-        .. (n > 0 and quote(names[1]) or "null") .. ',"last_id":' .. (n > 0 and quote(names[n]) or "null") .. "}"
+    local first, last = n > 0 and quote(names[1]) or "null", n > 0 and quote(names[n]) or "null"
+    return '{"data":[' .. concat(out, ",") .. '],"has_more":false,"first_id":' .. first
+        .. ',"last_id":' .. last .. "}"
 end
 
--- GET /api/tags, Ollama's style.
+-- GET /api/tags, Ollama's style: what follows each model's name.
+local OLLAMA_TAG_REST = ',"modified_at":"1970-01-01T00:00:00Z","size":0,"digest":"","details":{"format":"",'
+    .. '"family":"","families":null,"parameter_size":"","quantization_level":""}}'
 function _M.ollama_tags(names)
     local out = {}
     for i = 1, #names do
         local name = quote(names[i])
-        out[i] = '{"name":' .. name .. ',"model":' .. name .. ',"modified_at":"1970-01-01T00:00:00Z","size":0,'
-            .. '"digest":"","details":{"format":"","family":"","families":null,"parameter_size":"",'
-            .. '"quantization_level":""}}'
+        out[i] = '{"name":' .. name .. ',"model":' .. name .. OLLAMA_TAG_REST
     end
     return '{"models":[' .. concat(out, ",") .. "]}"
 end
@@ -122,7 +123,8 @@ function _M.binding_limit(retry, keyed, rpm, conn_rejected, class)
         consider(tonumber(rpm), "the limit of " .. rpm .. " requests per minute of this key or token "
             .. "(its rpm_limit: PUT /admin/keys/<id>; JWT: the rpm claim)")
     else
-        consider(retry.ip, retry.ip .. " requests per minute per address without a valid key (ISHGW_LIMIT_IP_RPM)")
+        consider(retry.ip, retry.ip .. " requests per minute per address without a valid key "
+            .. "(ISHGW_LIMIT_IP_RPM)")
     end
     local cls = class and retry.classes[class]
     if cls and (cls.all or not keyed) then
