@@ -32,14 +32,14 @@ KEY_ROUTE = re.compile(r"^/admin/(client[-_]?keys|keys|api[-_]keys|clients|consu
 KEY_FIELD = re.compile(r"(^|_)(key|secret|token)$", re.I)
 LIVE_EVIDENCE: tuple[tuple[str, str], ...] = (
     ("TLS listener (HTTP/1.1 + h2, TLS 1.2/1.3)", r"listen [^;]* ssl"),
-    ("njs model routing (JSON body parse, aliases, pool map)", r"js_content gw\.route"),
+    ("Lua model routing (JSON body scan, aliases, pool map)", r"require\(\"gw\.gateway\"\)\.route\(\)"),
     ("retries across instances (proxy_next_upstream)", r"proxy_next_upstream_tries [2-9]"),
     ("access log stream to the controller", r"access_log \"?syslog:"),
     ("rate limits (limit_req / limit_conn)", r"\blimit_(req|conn) "),
-    ("client key check in nginx", r"(auth_request|js_access|gw\.auth|gw\.client_id)"),
+    ("client key check in nginx", r"require\(\"gw\.gateway\"\)\.identify\(\)"),
     ("IP allow / deny lists", r"allow \"?127\.0\.0\.0/8"),
     ("security headers", r"add_header (Strict-Transport-Security|X-Content-Type-Options)"),
-    ("fallback chains (body rewrite)", r"proxy_set_body \$gw_body"),
+    ("fallback chains (body rewrite)", r"\"fallbacks\":\{\""),
 )
 
 

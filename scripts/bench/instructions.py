@@ -5,11 +5,12 @@ separate plain nginx answering a static chat completion, and each count taken at
 (the difference over 1,000 requests is the per-request count, without start-up):
 
 - the request path: plain nginx proxy_pass with upstream keepalive, against the gateway's rendered tree
-  with everything on (client key, limit zones, njs routing, the JSON log stream over a unix socket,
-  retries), for the same ~1 KB chat request;
-- the njs module's start: njs 0.7 clones a VM per request and runs the module's top level in it again
-  (every function object, every export property, every object literal), so the gateway's module is
-  compared with a trivial one doing the same hand-over.
+  with everything on (client key, limit zones, Lua routing, the JSON log stream over a unix socket,
+  instance headers, retries), for the same ~1 KB chat request;
+- the split: the same tree with one part switched off at a time (the log stream, the client key, the
+  limit zones, the instance/attempt headers), and two trivial Lua locations that read the body and hand
+  the request over, one of them also scanning the body for its model (gw.body): each difference is what
+  that part costs.
 
     .venv/bin/python -m scripts.bench.instructions      (needs valgrind: apt-get install valgrind)
 """
@@ -32,11 +33,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from control_plane.nginx_process import NginxProcess, write_files
 from control_plane.registry.client_keys import ClientKey
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.render.edge import DEFAULT_CLASSES, EdgePolicy
-from control_plane.render.nginx import render
-from control_plane.render.njs import MODULE
+from control_plane.render.nginx import LUA_DIR, render
 from control_plane.render.spec import ServerSettings, World, build_spec
 from scripts.bench.load import chat_body
 from scripts.bench.systems import STATIC_ANSWER
@@ -45,16 +46,17 @@ from tests.integration.gateway import free_port
 FEW, MANY = 200, 1200
 KEY = "ishgw-instructions-bench-key-0123456789"
 MODEL = "m"
-JS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
-HAND_OVER = "function go(r) { r.internalRedirect('@b'); }\n"
-TRIVIAL = HAND_OVER + "export default {go};\n"
+LUA_MODULES = ServerSettings(prefix="/", run_dir="/").lua_modules
 UNBOUND = 1_000_000  # a limit that never binds here (the most a key may have)
+# Two trivial Lua hand-overs: read the body, then (SCAN only) find its model, then the pool location.
+HAND_OVER = 'ngx.req.read_body(); ngx.exec("@b")'
+SCAN = 'ngx.req.read_body(); require("gw.body").model(ngx.req.get_body_data()); ngx.exec("@b")'
 
 
 def _conf(directory: Path, http: str) -> str:
+    modules = "".join(f"load_module {module};\n" for module in LUA_MODULES)
     return (
-        f"load_module {JS_MODULE};\n"
-        f"pid {directory}/nginx.pid; error_log {directory}/error.log;\n"
+        modules + f"pid {directory}/nginx.pid; error_log {directory}/error.log;\n"
         "events { worker_connections 256; }\n"
         f"http {{ access_log off; client_body_temp_path {directory}/tmp;\n{http}\n}}\n"
     )
@@ -78,19 +80,58 @@ def plain_proxy_conf(directory: Path, port: int, backend: int) -> str:
     )
 
 
-def njs_conf(directory: Path, port: int, backend: int) -> str:
+def lua_conf(directory: Path, port: int, backend: int, handler: str) -> str:
     return _conf(
         directory,
-        f"js_path {directory}; js_import m from main.js; js_preload_object clients from clients.json;\n"
+        f'lua_package_path "{LUA_DIR}/?.lua;;";\n'
         f"upstream b {{ server 127.0.0.1:{backend}; keepalive 8; }}\n"
-        f"server {{ listen 127.0.0.1:{port}; location / {{ js_content m.go; }}\n"
+        f"server {{ listen 127.0.0.1:{port}; client_body_buffer_size 16m; client_body_in_single_buffer on;\n"
+        f"  location / {{ content_by_lua_block {{ {handler} }} }}\n"
         '  location @b { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } }',
     )
 
 
-def gateway_tree(prefix: Path, port: int, backend: int, log_server: str) -> dict[str, str]:
-    """The gateway's rendered tree: two instances of MODEL on the backend, one client key, limits high
-    enough never to bind, the log stream to `log_server` ("unix:/path", as the controller's default)."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The gateway's tree with parts switched off, to split its cost."""
+
+    log: bool = True
+    key: bool = True
+    limits: bool = True
+    headers: bool = True
+
+
+FULL = Variant()
+VARIANTS = {
+    "gateway_no_log": Variant(log=False),
+    "gateway_no_key": Variant(key=False),
+    "gateway_no_limits": Variant(limits=False),
+    "gateway_no_headers": Variant(headers=False),
+}
+
+
+def _policy(variant: Variant) -> EdgePolicy:
+    if not variant.limits:
+        return EdgePolicy(
+            auth_required=variant.key,
+            ip_rpm=0,
+            conn_per_key=0,
+            conn_per_ip=0,
+            classes=tuple(dataclasses.replace(c, rpm=0) for c in DEFAULT_CLASSES),
+        )
+    return EdgePolicy(
+        auth_required=variant.key,
+        ip_rpm=UNBOUND,
+        ip_burst=UNBOUND,
+        key_burst=UNBOUND,
+        classes=tuple(dataclasses.replace(c, rpm=UNBOUND, burst=UNBOUND) for c in DEFAULT_CLASSES),
+    )
+
+
+def gateway_tree(prefix: Path, port: int, backend: int, log_server: str, variant: Variant = FULL) -> Path:
+    """The gateway's rendered tree, written where the controller would write it under `prefix`: two
+    instances of MODEL on the backend, one client key, limits high enough never to bind, the log stream to
+    `log_server` ("unix:/path", as the controller's default). Returns its nginx.conf."""
     configs = [
         InstanceConfig(
             name=f"i{n}",
@@ -109,22 +150,16 @@ def gateway_tree(prefix: Path, port: int, backend: int, log_server: str) -> dict
         key_hash=hashlib.sha256(KEY.encode()).hexdigest(),
         key_prefix=KEY[:10],
         key_last4=KEY[-4:],
-        rpm_limit=UNBOUND,
+        rpm_limit=UNBOUND if variant.limits else 0,
         created_at=now,
         updated_at=now,
-    )
-    policy = EdgePolicy(
-        ip_rpm=UNBOUND,
-        ip_burst=UNBOUND,
-        key_burst=UNBOUND,
-        classes=tuple(dataclasses.replace(c, rpm=UNBOUND, burst=UNBOUND) for c in DEFAULT_CLASSES),
     )
     world = World(
         instances=tuple((c, InstanceState()) for c in configs),
         routing=RoutingConfig(),
         now=now,
         addresses={"127.0.0.1": ("127.0.0.1",)},
-        client_keys=(key,),
+        client_keys=(key,) if variant.key else (),
     )
     server = ServerSettings(
         prefix=str(prefix),
@@ -132,10 +167,17 @@ def gateway_tree(prefix: Path, port: int, backend: int, log_server: str) -> dict
         listen_address="127.0.0.1",
         http_port=port,
         worker_processes="1",
-        log_server=log_server,
-        edge=policy,
+        log_server=log_server if variant.log else None,
+        expose_instance_headers=variant.headers,
+        edge=_policy(variant),
     )
-    return render(build_spec(world, server)).files
+    tree = render(build_spec(world, server))
+    nginx_process = NginxProcess(prefix)
+    nginx_process.prepare()
+    directory = nginx_process.generations / tree.checksum
+    directory.mkdir(mode=0o700)
+    write_files(directory, tree.files)
+    return directory / "nginx.conf"
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
@@ -237,12 +279,13 @@ def log_sink(directory: Path) -> Iterator[str]:
 
 
 def measure() -> dict[str, int]:
-    """Instructions per request: plain_proxy, gateway (the request path); trivial_njs, gateway_njs (the
-    njs hand-over alone) and njs_module_start (their difference)."""
+    """Instructions per request: plain_proxy, gateway (the request path), the VARIANTS, lua_hand_over and
+    lua_scan; and the split: log_line, identity, limits, instance_headers, body_scan."""
     if shutil.which("valgrind") is None:
         raise RuntimeError("valgrind is not installed (apt-get install valgrind)")
     counts: dict[str, int] = {}
     json_headers = {"Content-Type": "application/json"}
+    path = "/v1/chat/completions"
     with (
         tempfile.TemporaryDirectory(prefix="ishgw-instructions-") as tmp,
         log_sink(Path(tmp)) as log_server,
@@ -258,34 +301,38 @@ def measure() -> dict[str, int]:
             plain.parent.mkdir()
             plain.write_text(plain_proxy_conf(plain.parent, port, backend_port))
             body = chat_body(model=MODEL)
-            counts["plain_proxy"] = per_request(plain, port, "/v1/chat/completions", body, json_headers)
+            counts["plain_proxy"] = per_request(plain, port, path, body, json_headers)
 
-            gateway = root / "gateway"  # prefix and configuration directory at once
-            gateway.mkdir()
-            tree = gateway_tree(gateway, port, backend_port, log_server)
-            for name, text in tree.items():
-                (gateway / name).write_text(text)
-            headers = {**json_headers, "Authorization": f"Bearer {KEY}"}
-            counts["gateway"] = per_request(
-                gateway / "nginx.conf", port, "/v1/chat/completions", body, headers
-            )
+            keyed = {**json_headers, "Authorization": f"Bearer {KEY}"}
+            for name, variant in {"gateway": FULL, **VARIANTS}.items():
+                conf = gateway_tree(root / name, port, backend_port, log_server, variant)
+                counts[name] = per_request(conf, port, path, body, keyed if variant.key else json_headers)
 
-            modules = {"trivial_njs": TRIVIAL, "gateway_njs": with_hand_over(tree[MODULE])}
-            for name, module in modules.items():
+            for name, handler in {"lua_hand_over": HAND_OVER, "lua_scan": SCAN}.items():
                 directory = root / name
                 directory.mkdir()
-                (directory / "main.js").write_text(module)
-                (directory / "clients.json").write_text(tree["clients.json"])
-                (directory / "nginx.conf").write_text(njs_conf(directory, port, backend_port))
+                (directory / "nginx.conf").write_text(lua_conf(directory, port, backend_port, handler))
                 counts[name] = per_request(directory / "nginx.conf", port, "/", body, json_headers)
-    counts["njs_module_start"] = counts["gateway_njs"] - counts["trivial_njs"]
+    full = counts["gateway"]
+    counts["log_line"] = full - counts["gateway_no_log"]
+    counts["identity"] = full - counts["gateway_no_key"]
+    counts["limits"] = full - counts["gateway_no_limits"]
+    counts["instance_headers"] = full - counts["gateway_no_headers"]
+    counts["body_scan"] = counts["lua_scan"] - counts["lua_hand_over"]
     return counts
 
 
-def with_hand_over(module: str) -> str:
-    """The rendered module, also exporting a handler that does what TRIVIAL's does."""
-    body, export = module.rsplit("export default {", 1)
-    return body + HAND_OVER + "export default {go, " + export
+SPLIT = (
+    ("body_scan", "the body's model scan (gw.body)"),
+    ("identity", "client identity (key sha256, verdict, variables)"),
+    ("limits", "limit zones"),
+    ("log_line", "the JSON log line"),
+    ("instance_headers", "X-ISHGW-Instance/-Attempts"),
+)
+
+
+def split_text(c: dict[str, int]) -> str:
+    return "; ".join(f"{label} {c[name]:,}" for name, label in SPLIT if name in c)
 
 
 def main() -> int:
@@ -293,8 +340,8 @@ def main() -> int:
     ratio = c["gateway"] / c["plain_proxy"]
     print(
         f"instructions per request: plain nginx proxy {c['plain_proxy']:,}; gateway {c['gateway']:,} "
-        f"({ratio:.2f}x). njs hand-over alone: trivial module {c['trivial_njs']:,}, the gateway's module "
-        f"{c['gateway_njs']:,}: its start costs {c['njs_module_start']:,}"
+        f"({ratio:.2f}x). Lua hand-over alone (read body, exec): {c['lua_hand_over']:,}. "
+        f"Split: {split_text(c)}"
     )
     return 0
 

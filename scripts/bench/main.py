@@ -116,9 +116,9 @@ def machine_info() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     nginx = _sh("nginx", "-v").replace("nginx version: ", "")
-    njs = _sh("dpkg-query", "-W", "-f=${Version}", "libnginx-mod-http-js")
+    lua = _sh("dpkg-query", "-W", "-f=${Version}", "libnginx-mod-http-lua")
     wrk = _sh("dpkg-query", "-W", "-f=${Version}", "wrk")
-    return {"nginx": nginx, "njs module": njs, "wrk": wrk, "python": platform.python_version()}
+    return {"nginx": nginx, "lua module": lua, "wrk": wrk, "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------------------------------- measuring

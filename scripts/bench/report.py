@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from scripts.bench.instructions import split_text
+
 SYSTEMS = ("direct", "nginx", "gateway", "gateway_tls", "litellm")
 
 
@@ -124,9 +126,8 @@ def instructions_sentence(counts: dict[str, Any]) -> str:
     return (
         "Instructions per request under cachegrind (`python -m scripts.bench.instructions`; deterministic, "
         f"static backend, same 1 KB request): plain nginx proxy {counts['plain_proxy']:,}, the gateway with "
-        f"everything on {counts['gateway']:,} ({fmt(ratio, 2)}x); of that, the njs module's start "
-        f"{counts['njs_module_start']:,} (its hand-over alone: {counts['gateway_njs']:,} against "
-        f"{counts['trivial_njs']:,} for a trivial module)."
+        f"everything on {counts['gateway']:,} ({fmt(ratio, 2)}x). A trivial Lua hand-over (read the body, "
+        f"exec the pool location) costs {counts['lua_hand_over']:,}; the split: {split_text(counts)}."
     )
 
 
