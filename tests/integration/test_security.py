@@ -346,6 +346,30 @@ def test_a_forged_rs256_token_is_refused(secured: Secured) -> None:
             assert fresh.post(CHAT, json=chat("m"), headers=bearer(key)).status_code == 200
     assert secured.client.post(CHAT, json=chat("m"), headers=bearer(genuine)).status_code == 200
     assert secured.error_log().count(STALE_SSL) == before
+    # Verified in the rewrite phase (issue 11): a forged RS256 token is refused before its body is read.
+    with slow_post(secured, f"Authorization: Bearer {forged}\r\n", 15_000_000) as sock:
+        answer = answer_within(sock, 2.0)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"signature" in answer, answer[:300]
+
+
+def test_a_verified_subject_shares_one_bucket_across_its_tokens(secured: Secured) -> None:
+    """Every RS256 token is verified before the limits count it, so its zone is keyed by iss+sub, not by
+    the token: a client cannot get more requests by minting more tokens, nor spend another subject's."""
+    now = int(time.time())
+
+    def token(sub: str, exp: int) -> str:
+        claims = {"sub": sub, "aud": AUDIENCE, "exp": exp, "rpm": 60}
+        return str(jwt.encode(claims, secured.signer, algorithm="RS256"))
+
+    first, second = token("alice", now + 300), token("alice", now + 301)
+    assert first != second
+    # 60 per minute with a burst of 10 (ISHGW_LIMIT_KEY_BURST): each token alone would stay under it with 10.
+    statuses = [
+        secured.client.post(CHAT, json=chat("m"), headers=bearer(t)).status_code
+        for t in [first] * 10 + [second] * 10
+    ]
+    assert set(statuses) == {200, 429} and statuses[:10] == [200] * 10, statuses
+    assert secured.client.post(CHAT, json=chat("m"), headers=bearer(token("bob", now + 300))).status_code == 200
 
 
 # -- 9: the admin API ----------------------------------------------------------------------------------------
