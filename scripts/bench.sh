@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark of issue 5, one command: scripts/bench.sh [--quick] [driver options]
 #
-# Installs what it needs (wrk, valgrind, nginx + njs from Debian; the project's virtualenv; LiteLLM's proxy into its
-# own virtualenv at ${ISHGW_BENCH_LITELLM_VENV:-$HOME/.cache/ishgw-bench/litellm-venv}), then runs the
+# Installs what it needs (wrk, valgrind, nginx + its Lua module from Debian; the project's virtualenv;
+# LiteLLM's proxy into its own virtualenv at ${ISHGW_BENCH_LITELLM_VENV:-$HOME/.cache/ishgw-bench/litellm-venv}), then runs the
 # Python driver (scripts/bench/), which measures direct / plain nginx / the gateway (TLS off and on) /
 # LiteLLM on 127.0.0.1 and writes bench/results/latest.json and latest.md.
 # Default run: within 15 minutes on 2 cores; --quick: within 3 (installs not counted).

@@ -1,5 +1,6 @@
--- Who a request comes from: its API key or JWT, checked in the rewrite phase (issue 11; the port of
--- nginx/njs/auth.js, same verdicts and messages, with RS256/ES256 now verified synchronously here).
+-- Who a request comes from: its API key or JWT, checked in the rewrite phase (issue 11; the port of the
+-- first request path's njs auth module, same verdicts and messages, with RS256/ES256 now verified
+-- synchronously here).
 --
 -- Pure: no ngx.* use. The settings (clients.json, decoded by the caller), the clock, the crypto module
 -- and the verdict cache are handed in, so busted runs it under plain LuaJIT

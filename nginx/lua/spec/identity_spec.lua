@@ -1,4 +1,4 @@
--- gw.identity: API keys and JWTs to verdicts, as nginx/njs/auth.js (nginx/lua/gw/identity.lua).
+-- gw.identity: API keys and JWTs to verdicts (nginx/lua/gw/identity.lua).
 local cjson = require("cjson")
 local crypto = require("gw.crypto")
 local identity = require("gw.identity")
