@@ -21,6 +21,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from tests.backends.stub_llm import StubServer
-from tests.integration.gateway import Gateway, free_ports
+from tests.integration.gateway import Gateway, free_ports, wait_for
 from tests.tls_util import make_self_signed
 
 CHAT = "/v1/chat/completions"
@@ -510,6 +511,60 @@ def test_hsts_on_every_https_answer(attacked: Attacked, backend: StubServer) -> 
     # The control: plain HTTP never sends it (a browser must not pin a name from an unauthenticated answer).
     plain = httpx.get(f"{attacked.gw.url}/health", timeout=5)
     assert plain.status_code == 200 and "strict-transport-security" not in plain.headers
+
+
+def handshake(port: int, version: ssl.TLSVersion, ciphers: str = "ALL") -> tuple[str, str] | None:
+    """(protocol, cipher) a client offering only `version` and `ciphers` gets, or None when refused."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: offering them is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = version
+    context.set_ciphers(f"{ciphers}:@SECLEVEL=0")
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+            context.wrap_socket(sock) as conn,
+        ):
+            return str(conn.version()), conn.cipher()[0]
+    except (ssl.SSLError, ConnectionResetError):
+        return None
+
+
+WEAK_OFFERS = [
+    (ssl.TLSVersion.TLSv1, "ALL"),
+    (ssl.TLSVersion.TLSv1_1, "ALL"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-SHA"),  # CBC
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES256-SHA384"),  # CBC
+    (ssl.TLSVersion.TLSv1_2, "AECDH-AES128-SHA"),  # anonymous
+]
+
+
+def test_only_tls12_and_tls13_with_ecdhe_and_aead(attacked: Attacked, tmp_path: Path) -> None:
+    port = attacked.https_port
+    for version, ciphers in WEAK_OFFERS:
+        assert handshake(port, version, ciphers) is None, (version, ciphers)
+    tls12 = handshake(port, ssl.TLSVersion.TLSv1_2)
+    assert tls12 is not None and tls12[0] == "TLSv1.2", tls12
+    assert tls12[1].startswith("ECDHE-") and re.search("GCM|CHACHA20", tls12[1]), tls12
+    tls13 = handshake(port, ssl.TLSVersion.TLSv1_3)
+    assert tls13 is not None and tls13[0] == "TLSv1.3" and re.search("GCM|CHACHA20", tls13[1]), tls13
+    # The control: a server that allows them gets each weak offer through (the client really offers it).
+    make_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem")
+    control = free_ports(1)[0]
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{control}", "-cert", str(tmp_path / "cert.pem"),
+         "-key", str(tmp_path / "key.pem"), "-min_protocol", "TLSv1", "-cipher", "ALL:@SECLEVEL=0", "-www"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: handshake(control, ssl.TLSVersion.TLSv1_2), timeout=10, what="openssl s_server")
+        for version, ciphers in WEAK_OFFERS:
+            assert handshake(control, version, ciphers) is not None, (version, ciphers)
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def read_until(proc: subprocess.Popen[bytes], done: Callable[[bytes], bool], seconds: float) -> bytes:
