@@ -247,6 +247,9 @@ def test_scan_agrees_with_python_json(lua_body: LuaBody) -> None:
     @example('{"model":"m","a":[}]}')
     @example('[{"model":"m"}]')
     @example("")
+    @example('{"model":"m","messages":[{"a":[1,NaN]}]}')  # issue 19: nested NaN/Infinity are not JSON
+    @example('{"model":"m","b":{"c":-Infinity}}')
+    @example('{"model":"m","a":["NaN",{"Infinity":"x"}]}')
     def agrees(text: str) -> None:
         want = expected(text)
         seen[want[0] if want[0] == "ok" else want[1].decode()] += 1

@@ -2,7 +2,9 @@
 --
 -- A structural scan over the bytes: top-level keys and scalars are checked against JSON's grammar,
 -- nested objects and arrays are skipped by matching brackets with strings honoured (escapes checked),
--- and only the top-level "model" string is decoded. What the scan cannot see (a missing comma deep
+-- and only the top-level "model" string is decoded. NaN and Infinity are refused wherever they stand
+-- outside a string (no JSON token outside strings holds those letters; a backend whose parser takes
+-- them would read numbers no JSON client can send). What the scan cannot see (a missing comma deep
 -- inside "messages", a raw control character in a string, which Python's json only refuses when
 -- strict) is left to the backend, which parses the body anyway.
 --
@@ -61,9 +63,23 @@ end
 -- there is none left). Reset by each call; a cursor is searched again only once the scan has passed
 -- it, and the scan only moves forward.
 local at_quote, at_backslash, at_lbrace, at_rbrace, at_lbracket, at_rbracket
+-- ... and the next "NaN" and "Infinity" (issue 19: a nested NaN reached the backend).
+local at_nan, at_infinity
 
 local function reset_cursors()
     at_quote, at_backslash, at_lbrace, at_rbrace, at_lbracket, at_rbracket = 0, 0, 0, 0, 0, 0
+    at_nan, at_infinity = 0, 0
+end
+
+-- Does NaN or Infinity start in text[i..j-1], a stretch the scan knows is outside any string?
+local function bare_constant(text, i, j)
+    if at_nan < i then
+        at_nan = find(text, "NaN", i, true) or NONE
+    end
+    if at_infinity < i then
+        at_infinity = find(text, "Infinity", i, true) or NONE
+    end
+    return at_nan < j or at_infinity < j
 end
 
 -- Index of the first non-whitespace byte at or after i, or nil at the end. A byte loop: runs of
@@ -139,7 +155,7 @@ local function container_end(text, i, depth)
     i = i + 1
     while true do
         local j = next_structure(text, i)
-        if j == NONE then
+        if j == NONE or bare_constant(text, i, j) then
             return nil, ERR.invalid
         end
         local c = byte(text, j)

@@ -54,6 +54,12 @@ describe("gw.body.model", function()
                 assert.same("m", scan('{"a":{"b":"\1\t\31"},"model":"m"}'))
             end)
 
+        it("with NaN and Infinity inside strings, keys and values, nested or not", function()
+            local text = '{"NaN":"Infinity","a":[{"NaN":["NaN","-Infinity","x NaN y"]}],'
+                .. '"b":{"Infinity":"\\"NaN"},"model":"m"}'
+            assert.same("m", scan(text))
+        end)
+
         it("with brackets, braces and escaped quotes or backslashes inside strings", function()
             assert.same("m", scan('{"a":["]","}","[","{","\\"]","\\\\"],"b":"x\\\\","model":"m"}'))
             assert.same('\\"', scan('{"model":"\\\\\\""}'))
@@ -162,6 +168,11 @@ describe("gw.body.model", function()
             ["an empty exponent"] = '{"model":"m","n":1e}',
             ["NaN"] = '{"model":"m","n":NaN}',
             ["Infinity"] = '{"model":"m","n":Infinity}',
+            ["NaN nested in an array"] = '{"model":"m","messages":[{"role":"user"},[1,NaN]]}',
+            ["NaN nested in an object"] = '{"a":{"b":{"c":NaN}},"model":"m"}',
+            ["-Infinity nested"] = '{"model":"m","logit_bias":{"1":-Infinity}}',
+            ["Infinity after a nested string"] = '{"model":"m","a":["x", Infinity ]}',
+            ["NaN after a string that names NaN"] = '{"model":"m","a":["NaN",NaN]}',
             ["a misspelt literal"] = '{"model":"m","n":tru}',
             ["a literal cut short at the end"] = '{"model":"m","n":fals',
             ["a literal run on"] = '{"model":"m","n":nullx}',
