@@ -120,8 +120,8 @@ describe("gw.answers", function()
             assert.same(1, wait)
             assert.matches("256 requests in progress %(ISHGW_LIMIT_CONN_PER_KEY%)", text)
             local _, anonymous = answers.binding_limit(retry, false, "", true, "chat")
-            assert.matches("512 requests in progress without a valid key (ISHGW_LIMIT_CONN_PER_IP)", anonymous,
-                1, true)
+            assert.matches("512 requests in progress without a valid key (ISHGW_LIMIT_CONN_PER_IP)",
+                anonymous, 1, true)
         end)
 
         it("a keyed client meets its key's rate, not a default class rate", function()
