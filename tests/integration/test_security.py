@@ -10,6 +10,7 @@ import json
 import select
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +83,9 @@ def secured(backend: StubServer, tmp_path_factory: pytest.TempPathFactory) -> It
         )
     )
     https_port = free_port()
-    home = Path(tmp_path_factory.mktemp("home"))
+    # Under /tmp like the harness's own homes: pytest's base directory is 0700, so nginx's workers could
+    # not reach the log stream's socket in it. Gateway.stop removes it.
+    home = Path(tempfile.mkdtemp(prefix="ishgw-sec-", dir="/tmp"))
     make_self_signed(home / "ssl" / "cert.pem", home / "ssl" / "key.pem")
     env = {
         "ISHGW_AUTH_REQUIRED": "true",
