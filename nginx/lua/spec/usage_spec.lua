@@ -261,13 +261,11 @@ describe("gw.usage", function()
         end)
 
         it("OpenAI's own final chunk, with the token details", function()
-            local text = 'data: {"id":"chatcmpl-B","object":"chat.completion.chunk","created":1,"model":'
-                .. '"gpt-4o",'
-                .. '"service_tier":"default","system_fingerprint":"fp_1","choices":[],"usage":{"prompt_t'
-                .. 'okens":'
-                .. '1117,"completion_tokens":46,"total_tokens":1163,"prompt_tokens_details":{"cached_tokens":'
-                .. '1024,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_toke'
-                .. 'ns":0,'
+            local text = 'data: {"id":"chatcmpl-B","object":"chat.completion.chunk","created":1,'
+                .. '"model":"gpt-4o","service_tier":"default","system_fingerprint":"fp_1","choices":[],'
+                .. '"usage":{"prompt_tokens":1117,"completion_tokens":46,"total_tokens":1163,'
+                .. '"prompt_tokens_details":{"cached_tokens":1024,"audio_tokens":0},'
+                .. '"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,'
                 .. '"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"obfuscation":"x"}\n\n'
                 .. "data: [DONE]\n\n"
             check_all("openai_sse", text, reported(1117, 46, 1163, { cache_read_tokens = 1024 }))
@@ -276,9 +274,9 @@ describe("gw.usage", function()
         it("usage in every chunk (vLLM's continuous usage): the last one", function()
             local text = ""
             for i = 1, 5 do
-                text = text .. 'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_'
-                    .. 'tokens":'
-                    .. '4,"completion_tokens":' .. i .. ',"total_tokens":' .. (4 + i) .. "}}\n\n"
+                text = text .. 'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'
+                    .. '"usage":{"prompt_tokens":4,"completion_tokens":' .. i
+                    .. ',"total_tokens":' .. (4 + i) .. "}}\n\n"
             end
             check_all("openai_sse", text .. "data: [DONE]\n\n", reported(4, 5))
         end)
@@ -288,8 +286,8 @@ describe("gw.usage", function()
                 .. '"x_groq":{"id":"req_1","usage":{"prompt_tokens":20,"completion_tokens":8,'
                 .. '"total_tokens":28}}}\n\ndata: [DONE]\n\n'
             check_all("openai_sse", groq, reported(20, 8))
-            local spaced = 'data: {"choices": [], "usage" :\t{ "prompt_tokens": 3, "completion_tokens": '
-                .. '4 }}\n\n'
+            local spaced = 'data: {"choices": [], "usage" :\t{ "prompt_tokens": 3,'
+                .. ' "completion_tokens": 4 }}\n\n'
             check_all("openai_sse", spaced, reported(3, 4))
         end)
 
@@ -322,15 +320,13 @@ describe("gw.usage", function()
 
     describe("Anthropic SSE", function()
         -- As Anthropic's documentation shows it: spaces after colons and commas, a ping, cache counts.
-        local text = 'event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_1", "'
-            .. 'type": '
-            .. '"message", "role": "assistant", "content": [], "model": "claude-sonnet-4-5", "stop_reaso'
-            .. 'n": null, '
-            .. '"stop_sequence": null, "usage": {"input_tokens": 25, "cache_creation_input_tokens": 100, '
+        local text = 'event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_1", '
+            .. '"type": "message", "role": "assistant", "content": [], "model": "claude-sonnet-4-5", '
+            .. '"stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, '
+            .. '"cache_creation_input_tokens": 100, '
             .. '"cache_read_input_tokens": 2000, "output_tokens": 1}}}\n\n'
-            .. 'event: content_block_start\ndata: {"type": "content_block_start", "index": 0, "content_b'
-            .. 'lock": '
-            .. '{"type": "text", "text": ""}}\n\n'
+            .. 'event: content_block_start\ndata: {"type": "content_block_start", "index": 0, '
+            .. '"content_block": {"type": "text", "text": ""}}\n\n'
             .. 'event: ping\ndata: {"type": "ping"}\n\n'
             .. 'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": '
             .. '{"type": "text_delta", "text": "Hello \\"usage\\": {}"}}\n\n'
@@ -349,17 +345,16 @@ describe("gw.usage", function()
         end)
 
         it("counts a message_delta gives for input and cache replace message_start's (cumulative)", function()
-            local delta = 'event: message_delta\ndata: {"type":"message_delta","delta":{},"usage":{"inpu'
-                .. 't_tokens":'
-                .. '30,"cache_creation_input_tokens":0,"cache_read_input_tokens":2000,"output_tokens":20'
-                .. '}}\n\n'
+            local delta = 'event: message_delta\ndata: {"type":"message_delta","delta":{},"usage":'
+                .. '{"input_tokens":30,"cache_creation_input_tokens":0,"cache_read_input_tokens":2000,'
+                .. '"output_tokens":20}}\n\n'
             local expected = reported(2030, 20, 2050, { cache_creation_tokens = 0, cache_read_tokens = 2000 })
             check_all("anthropic_sse", text .. delta, expected, { every_max = 0 })
         end)
 
         it("ignores usage outside message_start and message_delta, and malformed events", function()
-            local noise = 'event: other\ndata: {"type":"other","usage":{"input_tokens":999,"output_token'
-                .. 's":999}}\n\n'
+            local noise = 'event: other\ndata: {"type":"other","usage":{"input_tokens":999,'
+                .. '"output_tokens":999}}\n\n'
                 .. 'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":\n\n'
             check_all("anthropic_sse", noise .. text .. noise,
                 reported(2125, 15, 2140, { cache_creation_tokens = 100, cache_read_tokens = 2000 }),
@@ -394,9 +389,8 @@ describe("gw.usage", function()
 
         it("not a usage key nested deeper (an Anthropic tool_use input), nor one inside a string", function()
             local text = '{"content":[{"type":"tool_use","input":{"usage":{"input_tokens":999,'
-                .. '"output_tokens":999}}},{"type":"text","text":"\\"usage\\":{\\"input_tokens\\":1} ['
-                .. '{\\\\"}],'
-                .. '"note":"usage","meta":{"usage":{"input_tokens":5}},"usage":{"input_tokens":12,'
+                .. '"output_tokens":999}}},{"type":"text","text":"\\"usage\\":{\\"input_tokens\\":1}'
+                .. ' [{\\\\"}],"note":"usage","meta":{"usage":{"input_tokens":5}},"usage":{"input_tokens":12,'
                 .. '"output_tokens":6}}'
             check_all("anthropic_json", text, reported(12, 6))
             local nested_only = '{"content":[{"input":{"usage":{"input_tokens":999,"output_tokens":1}}}],'
@@ -571,9 +565,8 @@ describe("gw.usage", function()
             local tail = "data: [DONE]\n\n"
             local only = "id: 7\n: about to report\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,"
                 .. "\"completion_tokens\":4}}\n\n"
-            local kept = "data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":1,\"completio"
-                .. "n_tokens\":1}}"
-                .. "\n\n"
+            local kept = "data: {\"choices\":[{\"delta\":{}}],"
+                .. "\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n"
             for _, pieces in ipairs(chunkings(head .. kept .. only .. tail)) do
                 local filter = usage.openai_sse_filter(true)
                 assert.same(head .. kept .. tail, run(filter, pieces))
