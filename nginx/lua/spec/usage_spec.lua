@@ -70,16 +70,27 @@ local function scan(format, pieces, opts)
 end
 
 -- Every chunking of text gives expected.
+local function flat_equal(a, b)
+    for k, v in pairs(a) do
+        if b[k] ~= v then
+            return false
+        end
+    end
+    for k in pairs(b) do
+        if a[k] == nil then
+            return false
+        end
+    end
+    return true
+end
+
 local function check_all(format, text, expected, opts)
     for _, pieces in ipairs(chunkings(text, opts)) do
         local got = scan(format, pieces, opts)
-        if not (got.source == expected.source and got.prompt_tokens == expected.prompt_tokens
-                and got.completion_tokens == expected.completion_tokens
-                and got.total_tokens == expected.total_tokens) then
-            assert.same({ expected = expected, pieces = #pieces }, { expected = got, pieces = #pieces })
+        if not flat_equal(expected, got) then
+            assert.same({ usage = expected, pieces = pieces }, { usage = got, pieces = pieces })
         end
     end
-    assert.same(expected, scan(format, { text }, opts))
 end
 
 local function reported(prompt, completion, total, extra)
@@ -100,6 +111,46 @@ end
 -- An OpenAI chunk's id and time, which differ between two answers of the stub.
 local function normalized(text)
     return (text:gsub('"id":"(%a+)%-%x+"', '"id":"%1-ID"'):gsub('"created":%d+', '"created":0'))
+end
+
+-- A random JSON value as text, with random whitespace, escapes, UTF-8, and nested "usage" decoys that no
+-- scanner may take for the answer's.
+local STRINGS = { "", "a", "stream", "stream_options", "usage", 'q"uote', "back\\slash", "\n\t",
+                  "h\xC3\xA9 \xE2\x82\xAC", "{[\"]}", "/", "\1", '"usage":{"prompt_tokens":1}' }
+local DECOY = '{"usage":{"prompt_tokens":999,"completion_tokens":999,"input_tokens":999,"output_tokens":999},'
+    .. '"eval_count":999,"prompt_eval_count":999}'
+
+local function ws()
+    local r = math.random(1, 6)
+    return r == 1 and " " or r == 2 and "\n  " or r == 3 and "\t" or r == 4 and "\r\n" or ""
+end
+
+local function str()
+    return cjson.encode(STRINGS[math.random(1, #STRINGS)])
+end
+
+local function value(depth)
+    local r = math.random(1, depth > 3 and 5 or 9)
+    if r == 1 then
+        return tostring(math.random(-1000, 1000))
+    elseif r == 2 then
+        return ({ "true", "false", "null", "1.5e3", "-0.25" })[math.random(1, 5)]
+    elseif r <= 5 then
+        return str()
+    elseif r == 6 then
+        local items = {}
+        for k = 1, math.random(0, 4) do
+            items[k] = ws() .. value(depth + 1) .. ws()
+        end
+        return "[" .. table.concat(items, ",") .. "]"
+    elseif r == 9 then
+        return DECOY
+    end
+    local members = {}
+    for k = 1, math.random(0, 4) do
+        members[k] = ws() .. str() .. ws() .. ":" .. ws() .. value(depth + 1) .. ws()
+    end
+    return "{" .. table.concat(members, ",") .. "}"
 end
 
 describe("gw.usage", function()
@@ -377,6 +428,7 @@ describe("gw.usage", function()
             local text = '{"done":false,"eval_count":100}\n{"done":true,"eval_count":\n'
                 .. '{"done":true,"prompt_eval_count":5,"eval_count":2}\n{"done":false}\n'
             check_all("ollama_ndjson", text, reported(5, 2))
+            check_all("ollama_ndjson", '{"done":false,"prompt_eval_count":5,"eval_count":2}\n', ESTIMATED)
         end)
     end)
 
@@ -396,6 +448,13 @@ describe("gw.usage", function()
             local nested_only = '{"content":[{"input":{"usage":{"input_tokens":999,"output_tokens":1}}}],'
                 .. '"meta":{"usage":{"input_tokens":5,"output_tokens":5}}}'
             check_all("anthropic_json", nested_only, ESTIMATED)
+            -- "usage" counts inside a top-level "response" or "message" object (the Responses API's
+            -- response.completed event, scanned when too long to keep), not inside the objects after it
+            check_all("openai_json", '{"response":{"id":"r","usage":{"input_tokens":4,"output_tokens":2}}}',
+                reported(4, 2))
+            check_all("openai_json", '{"response":{"id":"r"},'
+                .. '"meta":{"usage":{"input_tokens":4,"output_tokens":2}},'
+                .. '"message":[{"usage":{"input_tokens":4,"output_tokens":2}}]}', ESTIMATED)
         end)
 
         it("keys that only begin or end like usage are other keys", function()
@@ -420,6 +479,37 @@ describe("gw.usage", function()
             local text = '{"a":"\\\\","b":"\\"","c":"\\\\\\"}{[","d":"\\u0022usage\\u0022:{","e":["]}\\\\"],'
                 .. '"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}'
             check_all("openai_json", text, reported(5, 6))
+        end)
+        it("finds the top-level usage among nested decoys, cut anywhere (generated bodies)", function()
+            math.randomseed(5)
+            for round = 1, 300 do
+                local members = {}
+                for k = 1, math.random(0, 6) do
+                    local key = cjson.encode("k" .. k)
+                    members[#members + 1] = ws() .. key .. ws() .. ":" .. ws() .. value(1) .. ws()
+                end
+                local p, c = math.random(0, 100000), math.random(0, 5000)
+                local format, adds
+                if round % 3 == 0 then
+                    format = "openai_json"
+                    adds = { '"usage"' .. ws() .. ":" .. ws() .. '{"prompt_tokens":' .. p
+                        .. ',"completion_tokens":' .. c .. "," .. ws() .. '"total_tokens":' .. (p + c)
+                        .. ',"details":' .. value(2) .. "}" }
+                elseif round % 3 == 1 then
+                    format = "anthropic_json"
+                    adds = { '"usage":{"input_tokens":' .. p .. ',"output_tokens":' .. c .. "}" }
+                else
+                    format = "ollama_json"
+                    adds = { '"prompt_eval_count":' .. ws() .. p, '"eval_count"' .. ws() .. ":" .. c }
+                end
+                for _, add in ipairs(adds) do
+                    table.insert(members, math.random(1, #members + 1), ws() .. add .. ws())
+                end
+                local text = ws() .. "{" .. table.concat(members, ",") .. "}" .. ws()
+                assert.is_table(decode(text))
+                check_all(format, text, reported(p, c),
+                    { every_max = round <= 30 and 4096 or 0, random = 5, max_piece = 32 })
+            end
         end)
     end)
 
@@ -481,6 +571,7 @@ describe("gw.usage", function()
             local start = 'data: {"type":"message_start","message":{"usage":{"input_tokens":1}}}\n\n'
             local u = stream(usage.new("anthropic_sse"), start .. long, usage.LINE_MAX)
             assert.same("estimated", u.source)
+            assert.same(ESTIMATED, scan("anthropic_sse", { start .. long }))   -- also when it came whole
             local ndjson = '{"done":true,"pad":"' .. string.rep("z", 5 * MB) .. '","eval_count":3}\n'
             assert.same("estimated", stream(usage.new("ollama_ndjson"), ndjson, usage.LINE_MAX).source)
             -- what follows the long line is read again
@@ -594,6 +685,56 @@ describe("gw.usage", function()
             end
         end)
 
+        it("strips exactly what the gateway added and passes all else (generated streams)", function()
+            math.randomseed(77)
+            for round = 1, 200 do
+                local eol = math.random(1, 2) == 1 and "\n" or "\r\n"
+                local injected, plain = {}, {}
+                local function both(with, without)
+                    injected[#injected + 1] = with
+                    plain[#plain + 1] = without or with
+                end
+                if math.random(1, 4) == 1 then     -- Azure's first chunk: no choices, no usage
+                    both('data: {"choices":[],"created":0,"id":"","model":"","object":"",'
+                        .. '"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}'
+                        .. eol .. eol)
+                end
+                for k = 1, math.random(1, 8) do
+                    local r = math.random(1, 6)
+                    if r == 1 then
+                        both(": ping" .. eol .. eol)
+                    elseif r == 2 then
+                        both("event: x" .. eol .. "id: " .. k .. eol .. 'data: {"a":' .. value(2) .. "}"
+                            .. eol .. eol)
+                    elseif r == 3 then
+                        local chunk = '"id":"c","choices":[{"index":0,"delta":{"content":' .. str() .. "}}]"
+                        both('data: {"usage":null,' .. chunk .. "}" .. eol .. eol,
+                            "data: {" .. chunk .. "}" .. eol .. eol)
+                    else
+                        local chunk = 'data: {"id":"c","choices":[{"index":0,"delta":{"content":' .. str()
+                            .. "}}]"
+                        both(chunk .. ',"usage":null}' .. eol .. eol, chunk .. "}" .. eol .. eol)
+                    end
+                end
+                both((math.random(1, 3) == 1 and ": usage next" .. eol or "")
+                    .. 'data: {"id":"c","choices":[],"usage":{"prompt_tokens":' .. round
+                    .. ',"completion_tokens":3}}'
+                    .. eol .. eol, "")
+                both("data: [DONE]" .. eol .. eol)
+                local text, expected = table.concat(injected), table.concat(plain)
+                for _, pieces in ipairs(chunkings(text, { every_max = 700, random = 5, max_piece = 40 })) do
+                    local filter = usage.openai_sse_filter(true)
+                    local out = run(filter, pieces)
+                    if out ~= expected then
+                        assert.same(expected, out)
+                    end
+                    local u = filter:usage()
+                    assert.same({ round, 3 }, { u.prompt_tokens, u.completion_tokens })
+                    assert.same(text, run(usage.openai_sse_filter(false), pieces))
+                end
+            end
+        end)
+
         it("passes a line longer than line_max on as it comes, holding at most line_max bytes", function()
             local long = 'data: {"choices":[{"delta":{"content":"' .. string.rep("y", 5000) .. '"}}],"us'
                 .. 'age":null}\n\n'
@@ -678,38 +819,6 @@ describe("gw.usage", function()
             end
             assert.is_nil(usage.with_include_usage(nil))
         end)
-
-        -- A random JSON value as text, with random whitespace, escapes and UTF-8.
-        local STRINGS = { "", "a", "stream", "stream_options", "usage", 'q"uote', "back\\slash", "\n\t",
-                          "h\xC3\xA9 \xE2\x82\xAC", "{[\"]}", "/", "\1" }
-        local function ws()
-            local r = math.random(1, 6)
-            return r == 1 and " " or r == 2 and "\n  " or r == 3 and "\t" or ""
-        end
-        local function str()
-            return cjson.encode(STRINGS[math.random(1, #STRINGS)])
-        end
-        local function value(depth)
-            local r = math.random(1, depth > 3 and 5 or 8)
-            if r == 1 then
-                return tostring(math.random(-1000, 1000))
-            elseif r == 2 then
-                return ({ "true", "false", "null", "1.5e3", "-0.25" })[math.random(1, 5)]
-            elseif r <= 5 then
-                return str()
-            elseif r == 6 then
-                local items = {}
-                for k = 1, math.random(0, 4) do
-                    items[k] = ws() .. value(depth + 1) .. ws()
-                end
-                return "[" .. table.concat(items, ",") .. "]"
-            end
-            local members = {}
-            for k = 1, math.random(0, 4) do
-                members[k] = ws() .. str() .. ws() .. ":" .. ws() .. value(depth + 1) .. ws()
-            end
-            return "{" .. table.concat(members, ",") .. "}"
-        end
 
         it("changes no other byte and no other field (generated bodies)", function()
             math.randomseed(2024)
