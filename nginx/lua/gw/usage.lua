@@ -65,7 +65,7 @@ local LINE_MAX = 1024 * 1024              -- bytes of an incomplete SSE / NDJSON
 local CAPTURE_MAX = 64 * 1024             -- bytes of a captured JSON value ("usage": ~100 bytes)
 _M.LINE_MAX, _M.CAPTURE_MAX = LINE_MAX, CAPTURE_MAX
 
-local QUOTE, COLON, COMMA = 34, 58, 44
+local QUOTE, BACKSLASH, COLON, COMMA = 34, 92, 58, 44
 local LBRACE, RBRACE, LBRACKET, RBRACKET = 123, 125, 91, 93
 local SPACE, TAB, LF, CR = 32, 9, 10, 13
 
@@ -173,7 +173,7 @@ local function new_json(capture_max)
         object2 = false,        -- the container at depth 2 is an object
         parent = nil,           -- inside the value of this PARENT key (depth >= 2)
         in_str = false,
-        esc = false,            -- the previous chunk ended on a backslash inside a string
+        esc = false,            -- the previous chunk ended inside a string on an odd run of backslashes
         key_from = nil,         -- collecting the bytes of a possible key from here in this chunk
         key_parts = nil,        -- ... and these from earlier chunks
         mode = SCAN,
@@ -210,6 +210,35 @@ function Json:closed_string(k)
     end
 end
 
+-- The closing quote of a string in s, the first quote at or after q (nil: none) that follows an even
+-- run of backslashes (carry: the run before s's first byte was odd), or nil and whether s ends on an odd
+-- run (the next chunk's first byte is escaped).
+local function string_close(s, q, n, carry)
+    while q do
+        local k = q - 1
+        while k > 0 and byte(s, k) == BACKSLASH do
+            k = k - 1
+        end
+        local run = q - 1 - k
+        if k == 0 and carry then
+            run = run + 1
+        end
+        if run % 2 == 0 then
+            return q, false
+        end
+        q = find(s, '"', q + 1, true)
+    end
+    local k = n
+    while k > 0 and byte(s, k) == BACKSLASH do
+        k = k - 1
+    end
+    local run = n - k
+    if k == 0 and carry then
+        run = run + 1
+    end
+    return nil, run % 2 == 1
+end
+
 function Json:feed(s)
     if s == nil or s == "" then
         return
@@ -224,45 +253,33 @@ function Json:feed(s)
         self.key_from = 1
     end
     -- where the next byte of each kind is, at or after i (NONE: none left in this chunk)
-    local at_quote, at_backslash, at_lbrace, at_rbrace, at_lbracket, at_rbracket = 0, 0, 0, 0, 0, 0
+    local at_quote, at_lbrace, at_rbrace, at_lbracket, at_rbracket = 0, 0, 0, 0, 0
     while i <= n do
         if self.in_str then
-            if self.esc then                  -- the byte after a backslash that ended the last chunk
-                self.esc = false
-                i = i + 1
-            else
-                if at_quote < i then
-                    at_quote = find(s, '"', i, true) or NONE
+            -- The string ends at the first quote after an even run of backslashes: a string's bytes are
+            -- searched for quotes only, whatever its escapes (a run may begin in the previous chunk).
+            local q = find(s, '"', i, true)
+            if not q or (q > 1 and byte(s, q - 1) == BACKSLASH) or (q == 1 and self.esc) then
+                q, self.esc = string_close(s, q, n, self.esc)
+                if not q then                  -- continues in the next chunk
+                    break
                 end
-                if at_backslash < i then
-                    at_backslash = find(s, "\\", i, true) or NONE
+            end
+            self.in_str, self.esc = false, false
+            i = q + 1
+            local from = self.key_from
+            if from then
+                self.key_from = nil
+                local parts = self.key_parts
+                local k
+                if parts then
+                    self.key_parts = nil
+                    k = concat(parts) .. sub(s, from, q - 1)
+                elseif q - from <= KEY_MAX then
+                    k = sub(s, from, q - 1)
                 end
-                if at_backslash < at_quote then
-                    if at_backslash == n then
-                        self.esc = true
-                    end
-                    i = at_backslash + 2
-                elseif at_quote == NONE then
-                    i = n + 1
-                else
-                    local q = at_quote
-                    self.in_str = false
-                    i = q + 1
-                    local from = self.key_from
-                    if from then
-                        self.key_from = nil
-                        local parts = self.key_parts
-                        local k
-                        if parts then
-                            self.key_parts = nil
-                            k = concat(parts) .. sub(s, from, q - 1)
-                        elseif q - from <= KEY_MAX then
-                            k = sub(s, from, q - 1)
-                        end
-                        if k and #k <= KEY_MAX then
-                            self:closed_string(k)
-                        end
-                    end
+                if k and #k <= KEY_MAX then
+                    self:closed_string(k)
                 end
             end
         elseif self.mode == SCAN then

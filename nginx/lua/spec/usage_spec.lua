@@ -116,7 +116,8 @@ end
 -- A random JSON value as text, with random whitespace, escapes, UTF-8, and nested "usage" decoys that no
 -- scanner may take for the answer's.
 local STRINGS = { "", "a", "stream", "stream_options", "usage", 'q"uote', "back\\slash", "\n\t",
-                  "h\xC3\xA9 \xE2\x82\xAC", "{[\"]}", "/", "\1", '"usage":{"prompt_tokens":1}' }
+                  "h\xC3\xA9 \xE2\x82\xAC", "{[\"]}", "/", "\1", '"usage":{"prompt_tokens":1}',
+                  '\\"usage\\":{', '\\', '\\\\"', '"\\\\\\"' }
 local DECOY = '{"usage":{"prompt_tokens":999,"completion_tokens":999,"input_tokens":999,"output_tokens":999},'
     .. '"eval_count":999,"prompt_eval_count":999}'
 
@@ -722,7 +723,8 @@ describe("gw.usage", function()
                     .. eol .. eol, "")
                 both("data: [DONE]" .. eol .. eol)
                 local text, expected = table.concat(injected), table.concat(plain)
-                for _, pieces in ipairs(chunkings(text, { every_max = 700, random = 5, max_piece = 40 })) do
+                local opts = { every_max = round <= 20 and 4096 or 0, random = 10, max_piece = 40 }
+                for _, pieces in ipairs(chunkings(text, opts)) do
                     local filter = usage.openai_sse_filter(true)
                     local out = run(filter, pieces)
                     if out ~= expected then
