@@ -36,6 +36,16 @@
 -- counts its cached ones), and both cache counts are given apart (cache_creation_tokens,
 -- cache_read_tokens); OpenAI's prompt_tokens_details.cached_tokens is given as cache_read_tokens.
 --
+-- Not seen: a key spelled with escapes ("us\u0061ge": no provider writes one); a compressed body (the
+-- caller scans what the client is sent uncompressed, or asks the provider for identity encoding).
+--
+-- Cost (LuaJIT 2.1, one core, best of 5): a 448-byte chat answer 4 us (about what cjson.decode of it
+-- takes); an OpenAI stream of 6 events 9 us (2.5 us without a usage chunk to decode); Anthropic's 9 events
+-- 9 us; Ollama's 4 lines 4 us; a 5 MB JSON answer in 8 KB chunks 0.3 ms (a string is searched for quotes
+-- only, whatever its escapes; 8 ms with an escaped quote every 8 bytes), 4.4 MB of embeddings 0.4 ms, a
+-- 5 MB SSE stream 2.6 ms. The filter with stripping: 25 us for 6 events; with_include_usage 2 us a 1 KB
+-- body.
+--
 -- Pure: no ngx.* use, so busted runs it under plain LuaJIT (nginx/lua/spec/usage_spec.lua).
 --
 --   local usage = require("gw.usage")
