@@ -4,7 +4,8 @@
 -- scanners here take those chunks and keep only what they need, never the body:
 --   * JSON answers (application/json): a structural scan across chunks (strings, escapes and brackets
 --     honoured) that captures the value of the top-level "usage" key, or Ollama's top-level
---     "prompt_eval_count" and "eval_count", wherever they are in the document. Memory: the value being
+--     "prompt_eval_count" and "eval_count", wherever they are in the document; a document cut off before
+--     its end counts as reporting none (its counts may be missing or lose digits). Memory: the value being
 --     captured, at most CAPTURE_MAX bytes (a usage object is ~100 bytes); nothing else is kept, however
 --     large the body (an embeddings answer of 60 MB costs the same few KB as a chat answer).
 --   * SSE (text/event-stream) and NDJSON (Ollama's streams): line by line; only the current incomplete
@@ -57,10 +58,12 @@
 --     --  [cache_read_tokens =, cache_creation_tokens =]}, or {source = "estimated", bytes =} when the
 --     --  body reported none (the caller estimates from bytes; never a silent zero). bytes: all fed.
 --
---   -- An OpenAI stream whose request the gateway gave stream_options.include_usage:
+--   -- An OpenAI chat or completions stream:
 --   local text = usage.with_include_usage(request_body)     -- nil: leave the request (and answer) alone
 --   local f = usage.openai_sse_filter(text ~= nil)           -- strip what the client did not ask for
---   ngx.arg[1] = f:feed(chunk) ... ngx.arg[1] = f:finish()   -- bytes to pass on; f:usage() as finish()
+--   ngx.arg[1] = f:feed(ngx.arg[1])                          -- in body_filter: the bytes to pass on
+--   if ngx.arg[2] then ngx.arg[1] = ngx.arg[1] .. f:finish() end   -- the last held bytes at eof
+--   local u = f:usage()                                      -- as scanner:finish()
 local cjson = require("cjson.safe")
 
 local json_decode = cjson.decode
@@ -194,6 +197,7 @@ local function new_json(capture_max)
         cap_parts = nil,        -- ... and these bytes from earlier chunks (nil when it grew too long)
         cap_len = 0,
         found = {},             -- key -> value text (the last of each)
+        closed = false,         -- the top-level value ended
     }, Json)
 end
 
@@ -334,6 +338,9 @@ function Json:feed(s)
                 end
                 if d <= 1 then
                     self.parent = nil
+                    if d == 0 then
+                        self.closed = true
+                    end
                 end
                 if self.cap and d == self.cap_depth then
                     self:end_capture(s, j)
@@ -415,11 +422,11 @@ function Json:buffered()
     return self.cap_len + key
 end
 
--- The usage the document reported, or nil.
+-- The usage the document reported, or nil when it reported none or was cut off before its end (its
+-- top-level value never closed: the counts may be missing or have lost digits).
 function Json:result()
-    if self.mode == IN_SCALAR and self.cap then   -- a number ended by the end of the body
-        self.found[self.cap] = self.cap_parts and concat(self.cap_parts) or nil
-        self.cap, self.cap_parts, self.cap_len, self.mode = nil, nil, 0, SCAN
+    if not self.closed then
+        return nil
     end
     local found = self.found
     if found.usage then

@@ -252,6 +252,18 @@ describe("gw.usage", function()
             check_all("openai_json", fixture("openai_chat_cut.json"), ESTIMATED)
         end)
 
+        it("a JSON answer cut anywhere before its usage is complete", function()
+            local cases = { { "openai_chat.json", "openai_json" }, { "anthropic.json", "anthropic_json" },
+                            { "ollama_chat.json", "ollama_json" }, { "ollama_embed.json", "ollama_json" } }
+            for _, case in ipairs(cases) do
+                local text = fixture(case[1])
+                for at = 0, #text - 1 do                  -- also with the usage whole, but not the document
+                    assert.same({ at, ESTIMATED }, { at, scan(case[2], { text:sub(1, at) }) })
+                end
+                assert.same("reported", scan(case[2], { text }).source)
+            end
+        end)
+
         it("a stream cut anywhere before its usage line is complete", function()
             local text = fixture("openai_chat_stream_usage.sse")
             local usage_at = text:find('"choices":[]', 1, true)
@@ -463,11 +475,12 @@ describe("gw.usage", function()
                 .. '"eval_counts":3,"usage":{"prompt_tokens":4,"completion_tokens":0}}', reported(4, 0))
         end)
 
-        it("Ollama's counts as the document's last keys, before them, or ending the body", function()
+        it("Ollama's counts as the document's last keys, or before them", function()
             check_all("ollama_json", '{"prompt_eval_count":7,"eval_count":2,"response":"x"}', reported(7, 2))
             check_all("ollama_json", '{"response":"x","prompt_eval_count" : 7 ,\n"eval_count":\t2'
                 .. '}', reported(7, 2))
-            check_all("ollama_json", '{"eval_count":2', reported(0, 2))
+            check_all("ollama_json", '{"eval_count":2}', reported(0, 2))
+            check_all("ollama_json", '{"prompt_eval_count":6,"eval_count":12', ESTIMATED)  -- cut: 1 or 12?
             check_all("ollama_json", '{"prompt_eval_count":"7","eval_count":2.0}', reported(0, 2))
         end)
 
@@ -626,6 +639,9 @@ describe("gw.usage", function()
                 assert.equal(text, run(filter, { text }))
                 assert.same(scan("openai_sse", { text }).source, filter:usage().source)
             end
+            -- the Responses API has no stream_options: stripping changes none of its events
+            local responses = fixture("openai_responses_stream.sse")
+            assert.equal(responses, run(usage.openai_sse_filter(true), { responses }))
             local filter = usage.openai_sse_filter(false)
             run(filter, { fixture("openai_chat_stream_usage.sse") })
             assert.same({ 6, 3 }, { filter:usage().prompt_tokens, filter:usage().completion_tokens })
