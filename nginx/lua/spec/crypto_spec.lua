@@ -58,6 +58,19 @@ describe("gw.crypto", function()
         end)
     end)
 
+    describe("sha256", function()
+        it("is the same digest as 32 raw bytes", function()
+            for _, s in ipairs({ "", "abc", "\0\255\128 x", string.rep("a", 1000000) }) do
+                local raw = crypto.sha256(s)
+                assert.equal(32, #raw)
+                assert.equal(crypto.sha256_hex(s), (raw:gsub(".", function(c)
+                    return string.format("%02x", c:byte())
+                end)))
+            end
+            assert.equal(0, errors_left())
+        end)
+    end)
+
     describe("hmac_sha256", function()
         -- RFC 4231 section 4
         it("case 1 (20-byte key)", function()
