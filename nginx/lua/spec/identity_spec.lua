@@ -228,6 +228,17 @@ describe("gw.identity", function()
             assert.same(accepted("k", ""), id2:check(KEY_OK))
         end)
 
+        it("says whether a verdict can limit the models (restricts)", function()
+            assert.is_true(new().restricts)
+            assert.is_true(new(function(doc) doc.keys = {} end).restricts)  -- a JWT's claims may
+            assert.is_true(new(function(doc) doc.jwt = nil end).restricts)  -- key_ok has models
+            assert.is_false(new(function(doc)
+                doc.jwt = nil
+                doc.keys[sha(KEY_OK)].models = {}
+            end).restricts)
+            assert.is_false(identity.new(cjson.decode('{"required": true}'), { crypto = crypto }).restricts)
+        end)
+
         it("works with no keys at all ({} as cjson decodes it) or no keys field", function()
             local id2, problems = identity.new(cjson.decode('{"required": true, "keys": {}}'),
                 { crypto = crypto })
