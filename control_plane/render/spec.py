@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # directory the tree is written to under <prefix>/GENERATIONS_DIR (nginx_process.py).
 CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
 GENERATIONS_DIR = "generations"
+# X-ISHGW-Instance's allow-list: PCRE's and Python's "$" alike also match before a final newline.
+_INSTANCE_HEADER = re.compile(r"^(?P<instance>[A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,16 @@ class GatewaySpec:
         for pool in self.pools:
             for member in pool.members:
                 names.setdefault(member.address, member.instance)
+        return names
+
+    def instance_header_names(self) -> dict[str, str]:
+        """Upstream address -> the instance name as X-ISHGW-Instance carries it: what the header's
+        allow-list regex (PCRE, as nginx ran it per request) captures; names it refuses are left out."""
+        names: dict[str, str] = {}
+        for address, name in self.address_names().items():
+            match = _INSTANCE_HEADER.match(name)
+            if match:
+                names[address] = match.group("instance")
         return names
 
 
