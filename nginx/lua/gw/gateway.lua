@@ -103,6 +103,8 @@ local function unauthorized(verdict)
 end
 
 function _M.identify()
+    -- The request's id unless the client gave one (http.conf: $gw_request_id), cheaper than $request_id.
+    var.gw_rid = crypto.random_hex16()
     -- The other two headers are read only when Authorization brings no bearer token (each read costs).
     local token = identity.presented(var.http_authorization)
         or identity.presented(nil, var.http_x_api_key, var.http_api_key)
