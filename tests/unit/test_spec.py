@@ -253,3 +253,11 @@ def test_endpoint_paths_pass_the_upstream_path_allow_list() -> None:
     # edge.conf.j2 looks them up exactly in $gw_upstream_path, as the regular expression would give them.
     for endpoint in ENDPOINTS:
         assert re.fullmatch(r"/[A-Za-z0-9._~/-]{0,255}", endpoint.path)
+
+
+def test_model_header_names_leave_case_twins_and_map_parameters_to_the_regex() -> None:
+    spec = build_spec(
+        world(inst("a", supported_models=["Llama-3", "llama-3", "qwen2.5:7b", "default", "ok/x@1"])),
+        SERVER,
+    )
+    assert spec.model_header_names() == {"qwen2.5:7b": "qwen2.5:7b", "ok/x@1": "ok/x@1"}
