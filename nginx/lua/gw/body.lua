@@ -97,8 +97,12 @@ end
 -- Bytes of other kinds container_end steps over one by one before it searches for the next structure.
 local RUN = 64
 
--- What the skip of a nested value looks for, by byte: 1 a quote, 2 an opener, 3 a closer, nil the rest.
+-- What the skip of a nested value looks for, by byte: 1 a quote, 2 an opener, 3 a closer, 0 the rest.
+-- Every byte has an entry, so that the lookup is an array access in a trace.
 local KIND = {}
+for b = 0, 255 do
+    KIND[b] = 0
+end
 KIND[QUOTE], KIND[LBRACE], KIND[LBRACKET], KIND[RBRACE], KIND[RBRACKET] = 1, 2, 2, 3, 3
 
 -- Index of the first non-whitespace byte at or after i, or nil at the end. A byte loop: runs of
