@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,12 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # directory the tree is written to under <prefix>/GENERATIONS_DIR (nginx_process.py).
 CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
 GENERATIONS_DIR = "generations"
+# X-ISHGW-Instance's and X-ISHGW-Model's allow-lists (edge.conf.j2): PCRE's and Python's "$" alike also
+# match before a final newline.
+_INSTANCE_HEADER = re.compile(r"^(?P<instance>[A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
+_MODEL_HEADER = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127})$")
+# Source values an nginx map reads as its own parameters, quoted or not.
+_MAP_PARAMETERS = frozenset({"default", "hostnames", "include", "volatile"})
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,31 @@ class GatewaySpec:
         for pool in self.pools:
             for member in pool.members:
                 names.setdefault(member.address, member.instance)
+        return names
+
+    def model_header_names(self) -> dict[str, str]:
+        """Model -> the name as X-ISHGW-Model carries it (what the allow-list regex captures), for the
+        pools' models ($gw_model only ever holds one). nginx map strings match ignoring case, so names
+        that differ only by case are left to the regex, as are the map's parameter names."""
+        models = {pool.model for pool in self.pools}
+        folded: dict[str, int] = {}
+        for model in models:
+            folded[model.lower()] = folded.get(model.lower(), 0) + 1
+        names: dict[str, str] = {}
+        for model in models:
+            match = _MODEL_HEADER.match(model)
+            if match and folded[model.lower()] == 1 and model.lower() not in _MAP_PARAMETERS:
+                names[model] = match.group("model")
+        return names
+
+    def instance_header_names(self) -> dict[str, str]:
+        """Upstream address -> the instance name as X-ISHGW-Instance carries it: what the header's
+        allow-list regex (PCRE, as nginx ran it per request) captures; names it refuses are left out."""
+        names: dict[str, str] = {}
+        for address, name in self.address_names().items():
+            match = _INSTANCE_HEADER.match(name)
+            if match:
+                names[address] = match.group("instance")
         return names
 
 

@@ -231,7 +231,7 @@ def test_one_zone_per_distinct_rate() -> None:
     assert counts["limit_req_zone"] == 2 + 1 + 3  # per rate, per IP, per class
     # Every client-facing API location has the guard; /health, /nginx_status and named locations do not.
     servers = files["servers.conf"]
-    api_locations = servers.count('content_by_lua_block { require("gw.gateway").route() }') + 4
+    api_locations = servers.count('content_by_lua_block { require("gw.gateway").route("/') + 4
     # + /v1/models, /api/tags, /api/version, /
     assert (
         sum(

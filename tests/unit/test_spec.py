@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -240,3 +241,23 @@ def test_shorter_timeout_than_pool_mates_goes_through_a_shim() -> None:
     assert pool_of(spec).read_timeout_s == 300
     # Alone (or with equals) it stays direct.
     assert build_spec(world(inst("strict", timeout_seconds=2)), SERVER).shims == ()
+
+
+def test_instance_header_names_are_what_the_allow_list_captures() -> None:
+    spec = build_spec(world(inst("a"), inst("b-1.x_y", api_base="http://127.0.0.1:11435")), SERVER)
+    assert spec.address_names() == {"127.0.0.1:11434": "a", "127.0.0.1:11435": "b-1.x_y"}
+    assert spec.instance_header_names() == spec.address_names()
+
+
+def test_endpoint_paths_pass_the_upstream_path_allow_list() -> None:
+    # edge.conf.j2 looks them up exactly in $gw_upstream_path, as the regular expression would give them.
+    for endpoint in ENDPOINTS:
+        assert re.fullmatch(r"/[A-Za-z0-9._~/-]{0,255}", endpoint.path)
+
+
+def test_model_header_names_leave_case_twins_and_map_parameters_to_the_regex() -> None:
+    spec = build_spec(
+        world(inst("a", supported_models=["Llama-3", "llama-3", "qwen2.5:7b", "default", "ok/x@1"])),
+        SERVER,
+    )
+    assert spec.model_header_names() == {"qwen2.5:7b": "qwen2.5:7b", "ok/x@1": "ok/x@1"}

@@ -6,7 +6,9 @@
 -- URL alphabet nor unpadded input. Pure otherwise: no ngx.* use (nginx/lua/spec/crypto_spec.lua).
 --
 --   local crypto = require("gw.crypto")
+--   crypto.sha256(s)                     -- 32 raw bytes
 --   crypto.sha256_hex(s)                 -- 64 lowercase hex characters
+--   crypto.random_hex16()                -- 32 random lowercase hex characters (a request id)
 --   crypto.hmac_sha256(key, data)        -- 32 raw bytes
 --   crypto.b64url_decode(s)              -- unpadded base64url (JWT parts) -> bytes, or nil
 --   crypto.b64_decode(s)                 -- standard base64, padded or not -> bytes, or nil
@@ -15,7 +17,7 @@
 --   crypto.es256_der(raw64)              -- a JWT ES256 signature as DER ECDSA-Sig-Value, or nil
 --   crypto.constant_eq(a, b)             -- equal strings, in time independent of where they differ
 --
--- Scratch buffers and the one EVP_MD_CTX are module state shared by every call in a worker: nothing
+-- Scratch buffers and the EVP_MD_CTXs are module state shared by every call in a worker: nothing
 -- here yields, so a worker runs one call at a time.
 
 local ffi = require("ffi")
@@ -37,8 +39,9 @@ typedef struct ossl_lib_ctx_st OSSL_LIB_CTX;
 
 const EVP_MD *EVP_sha256(void);
 EVP_MD *EVP_MD_fetch(OSSL_LIB_CTX *ctx, const char *algorithm, const char *properties);
-int EVP_Digest(const void *data, size_t count, unsigned char *md, unsigned int *size,
-               const EVP_MD *type, ENGINE *impl);
+int EVP_DigestInit_ex2(EVP_MD_CTX *ctx, const EVP_MD *type, const void *params);
+int EVP_DigestUpdate(EVP_MD_CTX *ctx, const void *d, size_t cnt);
+int EVP_DigestFinal_ex(EVP_MD_CTX *ctx, unsigned char *md, unsigned int *s);
 unsigned char *HMAC(const EVP_MD *evp_md, const void *key, int key_len, const unsigned char *d,
                     size_t n, unsigned char *md, unsigned int *md_len);
 
@@ -57,6 +60,11 @@ int EVP_DigestVerify(EVP_MD_CTX *ctx, const unsigned char *sigret, size_t siglen
                      const unsigned char *tbs, size_t tbslen);
 
 void ERR_clear_error(void);
+int RAND_bytes(unsigned char *buf, int num);
+
+int SHA256_Init(void *c);
+int SHA256_Update(void *c, const void *data, size_t len);
+int SHA256_Final(unsigned char *md, void *c);
 ]])
 
 if pcall(function() return ffi.C.EVP_sha256 end) then
@@ -83,18 +91,77 @@ local md_len = ffi_new("unsigned int[1]")
 local hex_buf = ffi_new("unsigned char[64]")
 local HEX = ffi_new("const unsigned char[16]", { byte("0123456789abcdef", 1, 16) })
 
+-- One context for every sha256: EVP_Digest would allocate, initialise and free one per call (~450
+-- instructions more for a short key, OpenSSL 3 looking its parameters up each time).
+local sha_ctx = ffi_gc(C.EVP_MD_CTX_new(), C.EVP_MD_CTX_free)
+
+local function evp_digest(s)
+    if C.EVP_DigestInit_ex2(sha_ctx, SHA256, nil) ~= 1 or C.EVP_DigestUpdate(sha_ctx, s, #s) ~= 1
+            or C.EVP_DigestFinal_ex(sha_ctx, md_buf, md_len) ~= 1 then
+        C.ERR_clear_error()
+        error("sha256 failed")
+    end
+end
+
+-- OpenSSL's own SHA-256 without EVP where this libcrypto still exports it (OpenSSL 3 deprecates the
+-- low-level calls but keeps them): no provider dispatch and no allocation, ~650 instructions less than
+-- the EVP context for a short key. Its context, SHA256_CTX of <openssl/sha.h> (112 bytes), is held in a
+-- larger array and passed as void *, so that another module's declarations of these calls still fit.
+local digest = evp_digest
+if pcall(function() return C.SHA256_Init, C.SHA256_Update, C.SHA256_Final end) then
+    local sha_words = ffi_new("unsigned int[64]")
+    local sha_state = ffi_cast("void *", sha_words)  -- a plain pointer: sha_words is kept below
+    digest = function(s)
+        local _ = sha_words
+        if C.SHA256_Init(sha_state) ~= 1 or C.SHA256_Update(sha_state, s, #s) ~= 1
+                or C.SHA256_Final(md_buf, sha_state) ~= 1 then
+            error("sha256 failed")
+        end
+    end
+end
+
+-- The sha256 of s, 32 raw bytes.
+function _M.sha256(s)
+    digest(s)
+    return ffi_string(md_buf, 32)
+end
+
 -- The sha256 of s as 64 lowercase hex characters.
 function _M.sha256_hex(s)
-    if C.EVP_Digest(s, #s, md_buf, md_len, SHA256, nil) ~= 1 then
-        C.ERR_clear_error()
-        error("EVP_Digest failed")
-    end
+    digest(s)
     for i = 0, 31 do
         local b = md_buf[i]
         hex_buf[2 * i] = HEX[rshift(b, 4)]
         hex_buf[2 * i + 1] = HEX[band(b, 15)]
     end
     return ffi_string(hex_buf, 64)
+end
+
+-- Random bytes from OpenSSL, drawn a batch at a time: RAND_bytes costs ~6.7k instructions a call
+-- whatever the size up to a few KB (OpenSSL 3 looks its parameters up each time), ~70 per 16 bytes of
+-- a 4 KB batch. Filled on first use, in a worker: nginx's master never calls this, so workers forked
+-- from it never share bytes (and OpenSSL reseeds after a fork).
+local RANDOM_BATCH = 4096
+local random_buf = ffi_new("unsigned char[?]", RANDOM_BATCH)
+local random_used = RANDOM_BATCH
+
+-- 32 random lowercase hex characters (16 bytes): the form of nginx's $request_id, which calls
+-- RAND_bytes for each request.
+function _M.random_hex16()
+    if random_used + 16 > RANDOM_BATCH then
+        if C.RAND_bytes(random_buf, RANDOM_BATCH) ~= 1 then
+            C.ERR_clear_error()
+            error("RAND_bytes failed")
+        end
+        random_used = 0
+    end
+    for i = 0, 15 do
+        local b = random_buf[random_used + i]
+        hex_buf[2 * i] = HEX[rshift(b, 4)]
+        hex_buf[2 * i + 1] = HEX[band(b, 15)]
+    end
+    random_used = random_used + 16
+    return ffi_string(hex_buf, 32)
 end
 
 -- HMAC-SHA256 of data under key, 32 raw bytes.

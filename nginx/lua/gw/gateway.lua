@@ -2,13 +2,15 @@
 --   init(dir)       init_by_lua (http.conf): load the tree's routes.json and clients.json, once per (re)load
 --   identify()      rewrite_by_lua of every API location: the client's identity for the limit zones that
 --                   run next, and the 401 of a request its headers refuse (its body never read)
---   route()         content_by_lua of every routed endpoint: the model from the body, aliases, the pool,
---                   the fallback chain, the client's permissions; hands the request to a pool location
+--   route(uri)      content_by_lua of every routed endpoint, given its exact location's path ($uri): the
+--                   model from the body, aliases, the pool, the fallback chain, the client's permissions;
+--                   hands the request to a pool location
 --   answer(name)    content_by_lua of the answers the gateway gives itself (listings, errors, next pool)
 --   hide_headers()  header_filter_by_lua of the shim servers: provider header families never reach clients
 -- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
 -- Data loaded by init lives in this module's upvalues for the life of the configuration; nothing of a
--- request is kept here (ngx.ctx carries the verdict from identify to route within a request).
+-- request is kept here (ngx.ctx carries a verdict that limits the models from identify to route, within
+-- a request; a configuration whose verdicts cannot limit them does without ngx.ctx).
 local cjson = require("cjson.safe")
 local lrucache = require("resty.lrucache")
 local answers = require("gw.answers")
@@ -101,6 +103,8 @@ local function unauthorized(verdict)
 end
 
 function _M.identify()
+    -- The request's id unless the client gave one (http.conf: $gw_request_id), cheaper than $request_id.
+    var.gw_rid = crypto.random_hex16()
     -- The other two headers are read only when Authorization brings no bearer token (each read costs).
     local token = identity.presented(var.http_authorization)
         or identity.presented(nil, var.http_x_api_key, var.http_api_key)
@@ -110,13 +114,21 @@ function _M.identify()
             var.gw_client_id = verdict.id
             var.gw_client_rpm = verdict.rpm
         end
-        ngx.ctx.verdict = verdict
+        if verdict.models then
+            ngx.ctx.verdict = verdict
+        end
         return
     end
     if address_rules and var.gw_address_refused == "1" then
         return  -- the allow/deny rules answer it (403) in the access phase
     end
     return unauthorized(verdict)
+end
+
+-- The verdict identify found, as far as the models go: ngx.ctx holds only one that limits them (creating
+-- and reading ngx.ctx costs ~1k instructions a request, not spent when no verdict can limit them).
+local function verdict_of_request()
+    return client_identity.restricts and ngx.ctx.verdict or identity.ANONYMOUS
 end
 
 -- Where a name goes for an endpoint kind: {model, pool, location} (pool "" when no instance of the model
@@ -198,8 +210,7 @@ local function body_text()
     return text or ""
 end
 
-function _M.route()
-    local uri = var.uri
+function _M.route(uri)
     local ep = endpoints[uri]
     local family = ep.family
     if req.get_method() ~= "POST" then
@@ -211,7 +222,7 @@ function _M.route()
     if not named or named == "" then
         return fail(family, 400, "invalid_request_error", BODY_ERRORS[err] or NO_MODEL)
     end
-    local verdict = ngx.ctx.verdict
+    local verdict = verdict_of_request()
     local found = resolve(ep.key, named)
     if not found then
         -- Only the models this client may use: a key limited to some models learns nothing of the others.
@@ -257,7 +268,7 @@ function handlers.next()
 end
 
 function handlers.models()
-    local verdict = ngx.ctx.verdict
+    local verdict = verdict_of_request()
     if var.http_anthropic_version then
         return send_json(200, answers.anthropic_models(allowed(verdict, served.anthropic)))
     end
@@ -265,7 +276,7 @@ function handlers.models()
 end
 
 function handlers.tags()
-    return send_json(200, answers.ollama_tags(allowed(ngx.ctx.verdict, served.ollama)))
+    return send_json(200, answers.ollama_tags(allowed(verdict_of_request(), served.ollama)))
 end
 
 function handlers.version()

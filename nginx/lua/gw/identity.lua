@@ -12,6 +12,7 @@
 --   -- problems: what in clients was skipped (keys that do not parse...), one string each, for the log
 --   local token = identity.presented(authorization, x_api_key, api_key)   -- string or nil
 --   local verdict = id:check(token)
+--   id.restricts                                                          -- can a verdict carry models?
 --   identity.allows(verdict, model, asked)                                -- boolean
 --
 -- Verdicts are shared tables (constants, cached ones, one per API key): callers must not change them.
@@ -26,11 +27,15 @@ local cjson = require("cjson.safe")
 local bit = require("bit")
 local ffi = require("ffi")
 
-local byte, find, format, gmatch, lower, sub = string.byte, string.find, string.format, string.gmatch,
-    string.lower, string.sub
+local byte, char, find, format, gmatch, gsub, lower, sub = string.byte, string.char, string.find,
+    string.format, string.gmatch, string.gsub, string.lower, string.sub
 local bor, floor, huge, max, min = bit.bor, math.floor, math.huge, math.max, math.min
 local ipairs, pairs, tonumber, type = ipairs, pairs, tonumber, type
 local sort = table.sort
+
+local function hex_byte(h)
+    return char(tonumber(h, 16))
+end
 
 local null = cjson.null                   -- JSON null as cjson decodes it (a lightuserdata)
 
@@ -107,9 +112,13 @@ end
 
 local WHITESPACE = { " ", "\t", "\n", "\v", "\f", "\r" }
 
--- Index of the first whitespace byte of s at or after i, or nil: plain finds, memchr speed, where a
--- pattern class would match a byte at a time.
-local function first_space(s, i)
+ffi.cdef("size_t strcspn(const char *s, const char *reject);")
+local C = ffi.C
+local SPACES = " \t\n\v\f\r"
+
+-- first_space past a NUL byte: plain finds, memchr speed, where a pattern class would match a byte at
+-- a time.
+local function first_space_finds(s, i)
     local at
     for k = 1, #WHITESPACE do
         local j = find(s, WHITESPACE[k], i, true)
@@ -118,6 +127,18 @@ local function first_space(s, i)
         end
     end
     return at
+end
+
+-- Index of the first whitespace byte of s at or after i, or nil: libc's strcspn (one call; a Lua
+-- string ends in a NUL), unless a NUL inside s stopped it (nginx refuses those in header values).
+local function first_space(s, i)
+    local k = i + tonumber(C.strcspn(ffi.cast("const char *", s) + (i - 1), SPACES))
+    if k > #s then
+        return nil
+    elseif byte(s, k) ~= 0 then
+        return k
+    end
+    return first_space_finds(s, i)
 end
 
 -- The token of "Bearer <token>" (auth.js: /^\s*Bearer\s+(\S+)\s*$/i), or nil.
@@ -263,18 +284,20 @@ function _M.new(clients, opts)
         clients = {}
         problem("clients: not an object; every credential is refused")
     end
-    local sha256_hex, b64url_decode = crypto.sha256_hex, crypto.b64url_decode
+    local sha256, sha256_hex, b64url_decode = crypto.sha256, crypto.sha256_hex, crypto.b64url_decode
     local hmac_sha256, constant_eq, verify = crypto.hmac_sha256, crypto.constant_eq, crypto.verify
 
     local required = opt(clients.required) ~= false  -- only an explicit false lets anyone in
 
-    -- API keys by the sha256 of the key: what check() needs, the accepted verdict made once.
+    -- API keys by the sha256 of the key, raw (a plain key's lookup skips the hex) and in hex (a token
+    -- already hashed for the JWT cache): what check() needs, the accepted verdict made once.
     local keys = {}
     local listed = opt(clients.keys)
     if listed ~= nil and type(listed) ~= "table" then
         problem("keys: not an object")
         listed = nil
     end
+    local restricts = false           -- a key limited to some models
     for hash, e in pairs(listed or {}) do
         if type(hash) ~= "string" or not find(hash, "^%x+$") or #hash ~= 64 then
             problem(format("keys: %q is not a sha256 in hex; skipped", tostring(hash)))
@@ -282,17 +305,21 @@ function _M.new(clients, opts)
             problem(format("keys: the entry of %s has no id; skipped", hash))
         else
             local expires = tonumber(opt(e.expires)) or 0
-            keys[lower(hash)] = {
+            local entry = {
                 enabled = e.enabled == true,
                 expires = expires,
                 verdict = { ok = true, id = e.id, rpm = rpm_string(opt(e.rpm)),
                             models = model_list(opt(e.models)) },
             }
+            keys[lower(hash)] = entry
+            keys[gsub(hash, "%x%x", hex_byte)] = entry
+            restricts = restricts or entry.verdict.models ~= nil
         end
     end
 
+    -- hash: the token's sha256 in hex when already known.
     local function check_key(token, hash)
-        local e = keys[hash or sha256_hex(token)]
+        local e = keys[hash or sha256(token)]
         if not e then
             return REFUSED.key_invalid
         end
@@ -327,6 +354,7 @@ function _M.new(clients, opts)
                 end
                 return finish(check_key(token))
             end,
+            restricts = restricts,
         }, problems
     end
 
@@ -555,6 +583,7 @@ function _M.new(clients, opts)
             end
             return verdict
         end,
+        restricts = true,                 -- a token's claims may name models
     }, problems
 end
 

@@ -71,6 +71,13 @@ describe("gw.body.model", function()
             assert.same("m", scan(text))
         end)
 
+        it("after long runs of numbers inside containers, with structure after them", function()
+            local run = string.rep("-1.5e3, 7 ,", 50)
+            assert.same("m", scan('{"a":[' .. run .. '{"b":"]"},' .. run .. '[' .. run .. '0]],"model":"m"}'))
+            assert.same({ err = ERR.invalid }, scan('{"a":[' .. run .. '1},"model":"m"}'))
+            assert.same({ err = ERR.invalid }, scan('{"a":[' .. run .. '1'))
+        end)
+
         it("when the body holds many long strings", function()
             local long = string.rep("abc \\\" \\\\ ", 10000)
             assert.same("m", scan('{"messages":[{"content":"' .. long .. '"}],"model":"m"}'))

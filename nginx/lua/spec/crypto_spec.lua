@@ -58,6 +58,33 @@ describe("gw.crypto", function()
         end)
     end)
 
+    describe("random_hex16", function()
+        it("gives 32 lowercase hex characters, never the same twice, across batches", function()
+            local seen = {}
+            for _ = 1, 600 do                 -- more than two 4 KB batches of 16 bytes
+                local id = crypto.random_hex16()
+                assert.matches("^[0-9a-f]+$", id)
+                assert.equal(32, #id)
+                assert.is_nil(seen[id])
+                seen[id] = true
+            end
+            assert.equal(0, errors_left())
+        end)
+    end)
+
+    describe("sha256", function()
+        it("is the same digest as 32 raw bytes", function()
+            for _, s in ipairs({ "", "abc", "\0\255\128 x", string.rep("a", 1000000) }) do
+                local raw = crypto.sha256(s)
+                assert.equal(32, #raw)
+                assert.equal(crypto.sha256_hex(s), (raw:gsub(".", function(c)
+                    return string.format("%02x", c:byte())
+                end)))
+            end
+            assert.equal(0, errors_left())
+        end)
+    end)
+
     describe("hmac_sha256", function()
         -- RFC 4231 section 4
         it("case 1 (20-byte key)", function()

@@ -140,6 +140,12 @@ describe("gw.identity", function()
             assert.equal("tok", p("Bearer tok", "x", "y"))
         end)
 
+        it("with NUL bytes in the token (nginx refuses them; the scan does not stop at one)", function()
+            assert.equal("a\0b", p("Bearer a\0b "))
+            assert.equal("x", p("Bearer a\0b c", "x"))
+            assert.equal("x", p("Bearer \0 c", "x"))
+        end)
+
         it("falls through an Authorization header that is not one Bearer token", function()
             assert.equal("x", p("Basic dXNlcjpwYXNz", "x", "y"))
             assert.equal("x", p("Bearer a b", "x"))
@@ -226,6 +232,17 @@ describe("gw.identity", function()
                 {"id": "k", "rpm": null, "expires": null, "enabled": true, "models": null}}}]]):format(
                 sha(KEY_OK):upper())), { crypto = crypto })
             assert.same(accepted("k", ""), id2:check(KEY_OK))
+        end)
+
+        it("says whether a verdict can limit the models (restricts)", function()
+            assert.is_true(new().restricts)
+            assert.is_true(new(function(doc) doc.keys = {} end).restricts)  -- a JWT's claims may
+            assert.is_true(new(function(doc) doc.jwt = nil end).restricts)  -- key_ok has models
+            assert.is_false(new(function(doc)
+                doc.jwt = nil
+                doc.keys[sha(KEY_OK)].models = {}
+            end).restricts)
+            assert.is_false(identity.new(cjson.decode('{"required": true}'), { crypto = crypto }).restricts)
         end)
 
         it("works with no keys at all ({} as cjson decodes it) or no keys field", function()
