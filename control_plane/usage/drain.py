@@ -18,7 +18,7 @@ import aiohttp
 
 from control_plane.metrics import GatewayMetrics
 from control_plane.registry.usage import UsageStore
-from control_plane.usage.model import BadBatch, Bucket, parse_batch
+from control_plane.usage.model import Bucket, parse_batch
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,11 @@ class UsageDrain:
     async def _drain(self, session: aiohttp.ClientSession) -> str:
         try:
             batch = parse_batch(await self._fetch(session))
-        except (aiohttp.ClientError, OSError, RuntimeError, BadBatch, ValueError) as exc:
-            log.debug("usage drain: %s", exc)  # nginx not (yet) running, or reloading
+        except (aiohttp.ClientError, OSError) as exc:
+            log.debug("usage drain: %s", exc)  # nginx not (yet) running
+            return "failed"
+        except (RuntimeError, ValueError) as exc:  # BadBatch is a ValueError
+            log.warning("usage drain: %s", exc)  # nginx said no (busy, its zone full) or made no sense
             return "failed"
         if batch.id is None:
             return "empty"

@@ -8,6 +8,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import anthropic
@@ -18,6 +19,9 @@ import pytest
 from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
+from control_plane.registry.store import Store
+from control_plane.registry.usage import UsageStore
+from control_plane.usage.model import parse_batch
 from tests.backends.stub_llm import StubServer
 from tests.integration.conftest import start_stub
 from tests.integration.gateway import Gateway, wait_for
@@ -276,3 +280,47 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
         metrics = gw.admin.get("/metrics").text
         stored_prompt = _metric_sum(metrics, "ishgw_tokens_total", instance="claude", direction="prompt")
         assert 0 < stored_prompt <= expected[("claude", "claude-sonnet", "prompt")]
+
+
+def test_a_batch_written_but_not_acknowledged_is_counted_once(stubs: dict[str, StubServer]) -> None:
+    """The controller dies after writing a batch and before its ack: nginx hands the same batch out again
+    and the next controller stores it once (here the dead controller's write is made by the test, with the
+    registry's own code, on the gateway's database)."""
+    stub = start_stub(stubs, "u-once")
+    with Gateway(extra_env={"ISHGW_USAGE_DRAIN_INTERVAL_S": "0.3"}) as gw:
+        created = gw.add_instance(
+            name="once", provider_type="ollama", api_base=stub.url, supported_models=["m"]
+        )
+        assert created.status_code == 201, created.text
+        gw.wait_applied()
+
+        def send(n: int) -> None:
+            for _ in range(n):
+                answer = gw.client.post("/v1/chat/completions", json={"model": "m", "messages": HI_OLLAMA})
+                assert answer.status_code == 200, answer.text
+
+        def requests() -> int:
+            rows = _usage(gw, group_by="instance")["rows"]
+            return sum(int(row["requests"]) for row in rows)
+
+        send(5)
+        wait_for(lambda: requests() == 5, timeout=10, what="5 requests drained")
+        gw.kill_controller()
+        send(3)
+        drain = httpx.Client(transport=httpx.HTTPTransport(uds=str(gw.home / "run" / "usage.sock")))
+        pending = drain.get("http://ishgw/_ishgw/usage")
+        assert pending.status_code == 200 and pending.json()["id"], pending.text
+        assert sum(row[4] for row in pending.json()["rows"]) == 3  # (one row, or two across a minute)
+        store = Store(f"sqlite:///{gw.home / 'ishgw.db'}")
+        try:
+            assert UsageStore(store).record(parse_batch(pending.json()), datetime.now(UTC)) is not None
+        finally:
+            store.close()
+        send(2)
+        assert drain.get("http://ishgw/_ishgw/usage").json() == pending.json()  # the same, until its ack
+        gw.start_controller()
+        wait_for(lambda: requests() == 10, timeout=10, what="10 requests drained")
+        wait_for(lambda: drain.get("http://ishgw/_ishgw/usage").json()["id"] is None, timeout=5, what="acked")
+        assert requests() == 10
+        metrics = gw.admin.get("/metrics").text
+        assert _metric_sum(metrics, "ishgw_usage_drains_total", result="repeated") >= 1
