@@ -90,12 +90,16 @@ def _query(name: str, description: str, schema: Schema) -> Schema:
 
 
 def _usage_parameters() -> list[Schema]:
-    instant: Schema = {"type": "string", "description": "YYYY-MM-DD or ISO 8601 date-time (UTC unless given)"}
+    instant: Schema = {
+        "anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}],
+        "description": "YYYY-MM-DD or an ISO 8601 date-time (UTC unless it names a zone)",
+    }
+    group = "(?:key|instance|model|day)"
     return [
         _query(
             "group_by",
             "key, instance, model, day: one or more, comma separated (default key)",
-            {"type": "string", "default": "key"},
+            {"type": "string", "pattern": f"^{group}(?:,{group})*$", "default": "key"},
         ),
         _query("from", "Start (default: 30 days before to); a date is its day's start", instant),
         _query("to", "End, excluded (default: tomorrow 00:00 UTC); a date includes its day", instant),

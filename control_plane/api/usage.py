@@ -24,20 +24,25 @@ def _invalid(field: str, message: str) -> InvalidInput:
     return InvalidInput([{"field": field, "message": message}])
 
 
+LAST_T = 253_402_300_740  # 9999-12-31T23:59:00Z: times are kept within 1970-01-01 .. year 9999
+
+
 def _instant(field: str, text: str, *, end: bool) -> int:
     """A date (a whole day: `to` includes it) or an ISO 8601 date-time (UTC when it names no zone), in Unix
-    seconds rounded down to the minute."""
+    seconds rounded down to the minute, within 1970 .. 9999."""
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
             at = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            at += timedelta(days=1) if end else timedelta()
+            if end:
+                at = at + timedelta(days=1) if day < date.max else datetime.max.replace(tzinfo=UTC)
         else:
             at = datetime.fromisoformat(text)
             at = at if at.tzinfo else at.replace(tzinfo=UTC)
-    except ValueError:
+        t = int(at.timestamp())
+    except (ValueError, OverflowError):
         raise _invalid(field, "a date (YYYY-MM-DD) or an ISO 8601 date-time") from None
-    t = int(at.timestamp())
+    t = min(max(t, 0), LAST_T)
     return t - t % 60
 
 
@@ -46,6 +51,7 @@ def _iso(t: int) -> str:
 
 
 def _group_by(text: str) -> tuple[str, ...]:
+    """One or more of GROUPS, comma separated (a repeated one counts once)."""
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [name for name in names if name not in GROUPS]
     if unknown or not names:
@@ -71,8 +77,6 @@ def parse_query(request: web.Request, now: datetime) -> UsageQuery:
         if "from" in request.query
         else end - end % DAY_S - DEFAULT_DAYS * DAY_S
     )
-    if start >= end:
-        raise _invalid("from", "must be before to")
     return UsageQuery(
         start=start,
         end=end,

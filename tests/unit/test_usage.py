@@ -132,11 +132,15 @@ def test_the_time_range_defaults_to_30_whole_days_and_dates_are_whole_days() -> 
     minutes = _query("from=2026-12-01T10:00:30&to=2026-12-01T12:00:00%2B01:00&key=key_0123456789abcdef")
     assert (minutes.start, minutes.end, minutes.by_day) == (DAY + 10 * 3600, DAY + 11 * 3600, False)
     assert minutes.key == "key_0123456789abcdef"
+    # An empty or reversed range is no error (no rows); the ends of the calendar are kept within 1970-9999.
+    reversed_range = _query("from=2026-12-03&to=2026-12-01")
+    assert reversed_range.start > reversed_range.end
+    edges = _query("from=0001-01-01&to=9999-12-31")
+    assert (edges.start, edges.end) == (0, 253_402_300_740)
     for bad in (
         "from=yesterday",
         "group_by=colour",
         "group_by=",
-        "from=2026-12-02&to=2026-12-01",
         "instance=../x",
         "model=a%20b",
         "key=nope!",
