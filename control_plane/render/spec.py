@@ -152,6 +152,9 @@ class World:
     jwt: JwtKeys | None = None
 
 
+USAGE_SOCKET = "usage.sock"
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The parts of Settings the rendered tree depends on."""
@@ -194,6 +197,11 @@ class ServerSettings:
         """Where the rendered tree lives once written (control_plane.nginx_process: generations/<checksum>;
         the checksum placeholder is filled in by render)."""
         return f"{self.prefix.rstrip('/')}/{GENERATIONS_DIR}/{CHECKSUM_PLACEHOLDER}"
+
+    @property
+    def usage_socket(self) -> str:
+        """The unix socket of the usage counters' drain (servers.conf): the controller alone reaches it."""
+        return str(Path(self.run_dir) / USAGE_SOCKET)
 
     @property
     def log_target(self) -> str:

@@ -25,7 +25,8 @@ from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettin
 
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-PROXY_HEADERS_PER_LOCATION = 19  # the proxy_common macro in servers.conf.j2 (12 of them from edge.j2)
+# The proxy_common macro in servers.conf.j2 (12 of them from edge.j2) and proxy_location's Accept-Encoding.
+PROXY_HEADERS_PER_LOCATION = 20
 LOCATIONS_PER_PROFILE = 1  # the body is rewritten by Lua (alias or fallback), not by a second location
 
 
@@ -277,7 +278,7 @@ def test_random_registry_content_cannot_inject_directives(
     assert len(profiles) <= sum(1 for p in spec.pools if p.members)
     locations = sum(locations_of(profile) for profile in profiles)
     assert counts["location"] == empty["location"] + locations + sum(len(s.routes) + 1 for s in spec.shims)
-    assert counts["listen"] == 1 + len(spec.shims)
+    assert counts["listen"] == 2 + len(spec.shims)  # clients, the usage drain, the shims
     assert counts["proxy_set_body"] == 0
     shim_headers = sum(3 + len(s.headers) for s in spec.shims)
     added_headers = PROXY_HEADERS_PER_LOCATION * locations + shim_headers
