@@ -190,7 +190,11 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
     SDKs with a client key, with a reload after the first third and the controller killed (SIGKILL) after
     the second: /admin/usage sums exactly what the stand-ins reported, per instance and model, with the
     instances' rates; an answer that reports no usage is counted as estimated (bytes / 4)."""
-    env = {"ISHGW_AUTH_REQUIRED": "true", "ISHGW_USAGE_DRAIN_INTERVAL_S": "0.5"}
+    env = {
+        "ISHGW_AUTH_REQUIRED": "true",
+        "ISHGW_USAGE_ACCOUNTING": "true",
+        "ISHGW_USAGE_DRAIN_INTERVAL_S": "0.5",
+    }
     with Gateway(extra_env=env) as gw:
         secrets, ids = _setup(gw, stubs)
         gw.wait_applied()
@@ -287,7 +291,7 @@ def test_a_batch_written_but_not_acknowledged_is_counted_once(stubs: dict[str, S
     and the next controller stores it once (here the dead controller's write is made by the test, with the
     registry's own code, on the gateway's database)."""
     stub = start_stub(stubs, "u-once")
-    with Gateway(extra_env={"ISHGW_USAGE_DRAIN_INTERVAL_S": "0.3"}) as gw:
+    with Gateway(extra_env={"ISHGW_USAGE_ACCOUNTING": "true", "ISHGW_USAGE_DRAIN_INTERVAL_S": "0.3"}) as gw:
         created = gw.add_instance(
             name="once", provider_type="ollama", api_base=stub.url, supported_models=["m"]
         )

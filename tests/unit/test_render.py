@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import string
@@ -25,8 +26,9 @@ from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettin
 
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-# The proxy_common macro in servers.conf.j2 (12 of them from edge.j2) and proxy_location's Accept-Encoding.
-PROXY_HEADERS_PER_LOCATION = 20
+# The proxy_common macro in servers.conf.j2 (12 of them from edge.j2); usage accounting (off by default)
+# adds Accept-Encoding.
+PROXY_HEADERS_PER_LOCATION = 19
 LOCATIONS_PER_PROFILE = 1  # the body is rewritten by Lua (alias or fallback), not by a second location
 
 
@@ -363,3 +365,24 @@ def test_domain_setting_refuses_what_is_no_host(value: str) -> None:
 
     with pytest.raises(ValidationError, match="domain"):
         Settings(domain=value)  # type: ignore[arg-type]
+
+
+def test_usage_accounting_renders_counting_only_when_on() -> None:
+    configs = [
+        InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"])
+    ]
+    off = render(spec_for(configs)).files["servers.conf"]
+    assert "body_filter_by_lua_block" not in off and "log_by_lua_block" not in off
+    assert "/_ishgw/usage" in off  # the drain answers either way (an empty batch)
+    on_server = dataclasses.replace(SERVER, usage_accounting=True)
+    world = World(
+        instances=tuple((c, InstanceState()) for c in configs),
+        routing=RoutingConfig(),
+        now=NOW,
+        addresses={"127.0.0.1": ("127.0.0.1",)},
+    )
+    on = render(build_spec(world, on_server)).files["servers.conf"]
+    pools = on.count("proxy_pass http://$gw_upstream")
+    assert pools > 0
+    assert on.count('require("gw.gateway").count(') == on.count('require("gw.gateway").counted(') == pools
+    assert on.count('proxy_set_header Accept-Encoding "";') == pools
