@@ -369,7 +369,9 @@ def test_domain_setting_refuses_what_is_no_host(value: str) -> None:
 
 def test_usage_accounting_renders_counting_only_when_on() -> None:
     configs = [
-        InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"])
+        InstanceConfig(
+            name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+        )
     ]
     off = render(spec_for(configs)).files["servers.conf"]
     assert "body_filter_by_lua_block" not in off and "log_by_lua_block" not in off
