@@ -30,8 +30,10 @@ from control_plane.nginx_process import NginxProcess
 from control_plane.reconciler import Reconciler, ReconcileTiming
 from control_plane.registry.audit import AuditLog
 from control_plane.registry.store import Store
+from control_plane.registry.usage import UsageStore
 from control_plane.render.spec import ServerSettings
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
+from control_plane.usage.drain import UsageDrain
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ def server_settings(settings: Settings, workers: Workers | None = None) -> Serve
         worker_processes=settings.nginx_worker_processes,
         client_max_body_size_mb=settings.client_max_body_size_mb,
         lua_shm_usage_mb=settings.lua_shm_usage_mb,
+        usage_accounting=settings.usage_accounting,
         lua_shm_state_mb=settings.lua_shm_state_mb,
         expose_instance_headers=settings.expose_instance_headers,
         status_allow=tuple(settings.status_allow),
@@ -124,6 +127,11 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    async for _ in app[keys.USAGE_DRAIN].context():
+        yield
 
 
 def prepare_secret_dirs(settings: Settings) -> None:
@@ -183,9 +191,18 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         log_group=workers.gid,
         max_retry_after_s=settings.max_retry_after_s,
     )
+    app[keys.USAGE_DRAIN] = UsageDrain(
+        server.usage_socket,
+        UsageStore(store),
+        metrics,
+        settings.usage_drain_interval_s,
+        settings.usage_minute_retention_h,
+        settings.usage_day_retention_d,
+    )
     setup_routes(app)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)
+    app.cleanup_ctx.append(_usage_ctx)  # stopped first: its last drain runs while the store is open
     app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
     return app

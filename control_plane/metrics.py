@@ -48,3 +48,21 @@ class GatewayMetrics:
         self.probes = Counter(
             "ishgw_probes_total", "active probes by outcome", ["instance", "outcome"], registry=registry
         )
+        self.tokens = Counter(
+            "ishgw_tokens_total",
+            "tokens counted by nginx and stored, per instance, model and direction (prompt, completion)",
+            ["instance", "model", "direction"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "ishgw_cost_usd_total",
+            "cost of the stored usage at the instances' rates (USD)",
+            ["instance", "model"],
+            registry=registry,
+        )
+        self.usage_drains = Counter(
+            "ishgw_usage_drains_total",
+            "usage drains from nginx by result (stored, empty, repeated, failed)",
+            ["result"],
+            registry=registry,
+        )

@@ -95,6 +95,18 @@ class Settings(EdgeSettings):
         le=1024,
         description="MiB of nginx shared memory for request-path state (lua_shared_dict gw_state)",
     )
+    usage_accounting: bool = Field(
+        default=False,
+        description="Count token usage in nginx (pool locations scan answers). Off by default until its"
+        " cost per request comes down (about +76,000 instructions today: README, Usage accounting)",
+    )
+    usage_drain_interval_s: float = Field(
+        default=5.0, ge=0.2, le=300.0, description="How often the controller drains nginx's usage counters"
+    )
+    usage_minute_retention_h: float = Field(
+        default=48.0, ge=1.0, le=24 * 366, description="Hours minute usage buckets are kept"
+    )
+    usage_day_retention_d: int = Field(default=400, ge=1, le=36_600, description="Days day buckets are kept")
     status_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra CIDRs for /nginx_status"
     )

@@ -8,9 +8,11 @@ from control_plane.health.service import HealthService
 from control_plane.reconciler import Reconciler
 from control_plane.registry.store import Store
 from control_plane.settings import Settings
+from control_plane.usage.drain import UsageDrain
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 ADMIN_KEY = web.AppKey("admin_key", str)
 HEALTH = web.AppKey("health", HealthService)
+USAGE_DRAIN = web.AppKey("usage_drain", UsageDrain)

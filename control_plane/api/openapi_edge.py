@@ -39,6 +39,77 @@ def _settings_schema() -> Schema:
     return schema
 
 
+_COUNT: Schema = {"type": "integer", "minimum": 0}
+_USAGE_TOTALS: Schema = {
+    "requests": {**_COUNT, "description": "Requests answered through a pool (any status)"},
+    "prompt_tokens": _COUNT,
+    "completion_tokens": _COUNT,
+    "total_tokens": _COUNT,
+    "cost_usd": {"type": "number", "minimum": 0, "description": "At the instance's rates when written"},
+    "estimated_requests": {
+        **_COUNT,
+        "description": "Requests whose answer reported no usage: tokens estimated as bytes / 4",
+    },
+}
+_NULLABLE_TEXT: Schema = {"type": ["string", "null"]}
+
+
+def _usage_schemas() -> dict[str, Schema]:
+    row = _object(
+        {
+            "key": {**_NULLABLE_TEXT, "description": "Client key id; null: anonymous, or not grouped by key"},
+            "key_name": _NULLABLE_TEXT,
+            "instance": _NULLABLE_TEXT,
+            "model": _NULLABLE_TEXT,
+            "day": {"type": "string", "format": "date", "description": "With group_by=day (UTC)"},
+            **_USAGE_TOTALS,
+        },
+        ["key", "key_name", "instance", "model", *_USAGE_TOTALS],
+    )
+    period = _object({"from": DATE_TIME, "to": DATE_TIME, **_USAGE_TOTALS}, ["from", "to", *_USAGE_TOTALS])
+    return {
+        "UsageRow": row,
+        "UsageReport": _object(
+            {"rows": {"type": "array", "items": _ref("UsageRow")}, "from": DATE_TIME, "to": DATE_TIME},
+            ["rows", "from", "to"],
+        ),
+        "KeyUsage": _object(
+            {
+                "key": _pattern(KEY_ID_RE),
+                "key_name": {"type": "string"},
+                "today": period,
+                "month": copy.deepcopy(period),
+            },
+            ["key", "key_name", "today", "month"],
+        ),
+    }
+
+
+def _query(name: str, description: str, schema: Schema) -> Schema:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def _usage_parameters() -> list[Schema]:
+    instant: Schema = {
+        "anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}],
+        "description": "YYYY-MM-DD or an ISO 8601 date-time (UTC unless it names a zone)",
+    }
+    group = "(?:key|instance|model|day)"
+    return [
+        _query(
+            "group_by",
+            "key, instance, model, day: one or more, comma separated (default key)",
+            {"type": "string", "pattern": f"^{group}(?:,{group})*$", "default": "key"},
+        ),
+        _query("from", "Start (default: 30 days before to); a date is its day's start", instant),
+        _query("to", "End, excluded (default: tomorrow 00:00 UTC); a date includes its day", instant),
+        _query("key", "Only this client key id", _pattern(KEY_ID_RE)),
+        _query("instance", "Only this instance", _pattern(v.NAME_RE)),
+        _query("model", "Only this model", _pattern(v.MODEL_RE)),
+        _query("format", "json or csv", {"type": "string", "enum": ["json", "csv"], "default": "json"}),
+    ]
+
+
 def schemas() -> dict[str, Schema]:
     new = _settings_schema()
     patch: Schema = {
@@ -84,6 +155,7 @@ def schemas() -> dict[str, Schema]:
         "ClientKey": public,
         "CreatedClientKey": created,
         "ClientKeyList": _object({"keys": {"type": "array", "items": _ref("ClientKey")}}, ["keys"]),
+        **_usage_schemas(),
         "AuditEntry": entry,
         "AuditList": _object({"entries": {"type": "array", "items": _ref("AuditEntry")}}, ["entries"]),
     }
@@ -137,6 +209,32 @@ def paths() -> Schema:
                 "delete_key",
                 "Delete a client API key",
                 {"204": {"description": "Deleted"}, **_errors(404, 422)},
+            ),
+        },
+        "/admin/usage": {
+            "get": _op(
+                "get_usage",
+                "Token usage and cost summed by key, instance, model or day (whole days: day buckets, kept "
+                "longest; else minute buckets)",
+                {
+                    "200": {
+                        "description": "Usage rows",
+                        "content": {
+                            "application/json": {"schema": _ref("UsageReport")},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_errors(422),
+                },
+                parameters=_usage_parameters(),
+            ),
+        },
+        "/admin/keys/{key_id}/usage": {
+            "parameters": key_param,
+            "get": _op(
+                "get_key_usage",
+                "One client key's usage today and this month (UTC)",
+                {**_ok("The key's usage", "KeyUsage"), **_errors(404, 422)},
             ),
         },
         "/admin/audit": {

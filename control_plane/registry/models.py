@@ -119,7 +119,18 @@ class InstanceConfig(BaseModel):
     retry_count: int = Field(default=2, ge=0, le=10)
     instance_type: InstanceType = InstanceType.CHAT
     max_concurrent_requests: int = Field(default=0, ge=0, le=100_000, description="0: unlimited")
-    cost_per_1k_tokens: float = Field(default=0.0, ge=0, le=10_000)
+    cost_per_1k_tokens: float = Field(
+        default=0.0, ge=0, le=10_000, description="USD per 1,000 tokens, prompt and completion alike"
+    )
+    input_cost_per_1k_tokens: float | None = Field(
+        default=None, ge=0, le=10_000, description="USD per 1,000 prompt tokens; unset: cost_per_1k_tokens"
+    )
+    output_cost_per_1k_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="USD per 1,000 completion tokens; unset: cost_per_1k_tokens",
+    )
     quality_score: float = Field(default=0.0, ge=0, le=100)
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     health: HealthPolicy = Field(default_factory=HealthPolicy)

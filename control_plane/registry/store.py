@@ -24,11 +24,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -114,6 +117,39 @@ audit_log = Table(
 )
 
 
+
+def _usage_table(name: str) -> Table:
+    """Usage per (bucket start, key id, instance, model) (migration 3): minute and day buckets. ``start`` is
+    the bucket's first second (Unix time, UTC); key_id "" is an anonymous client."""
+    return Table(
+        name,
+        metadata,
+        Column("start", BigInteger, nullable=False),
+        Column("key_id", String(64), nullable=False),
+        Column("instance", String(255), nullable=False),
+        Column("model", String(255), nullable=False),
+        Column("requests", BigInteger, nullable=False),
+        Column("prompt_tokens", BigInteger, nullable=False),
+        Column("completion_tokens", BigInteger, nullable=False),
+        Column("estimated_requests", BigInteger, nullable=False),
+        Column("cost_usd", Float, nullable=False),
+        PrimaryKeyConstraint("start", "key_id", "instance", "model", name=f"pk_{name}"),
+    )
+
+
+usage_minute = _usage_table("usage_minute")
+usage_day = _usage_table("usage_day")
+
+# Drained usage batches (migration 3): each id once, written in the transaction of its rows, so a batch
+# nginx hands out again (its ack lost) is never counted twice.
+usage_batches = Table(
+    "usage_batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -135,10 +171,16 @@ def _migration_2(conn: Connection) -> None:
     metadata.create_all(conn, tables=[client_keys, audit_log], checkfirst=True)
 
 
+def _migration_3(conn: Connection) -> None:
+    """Usage accounting: minute and day buckets, drained batch ids."""
+    metadata.create_all(conn, tables=[usage_minute, usage_day, usage_batches], checkfirst=True)
+
+
 # Ordered, append-only. Each runs in its own transaction and is recorded in schema_migrations.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
+    (3, _migration_3),
 ]
 
 

@@ -152,6 +152,9 @@ class World:
     jwt: JwtKeys | None = None
 
 
+USAGE_SOCKET = "usage.sock"
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The parts of Settings the rendered tree depends on."""
@@ -175,6 +178,7 @@ class ServerSettings:
         "/usr/lib/nginx/modules/ngx_http_lua_module.so",
     )
     lua_shm_usage_mb: int = 16
+    usage_accounting: bool = False  # ISHGW_USAGE_ACCOUNTING: the pool locations count token usage
     lua_shm_state_mb: int = 4
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
@@ -194,6 +198,11 @@ class ServerSettings:
         """Where the rendered tree lives once written (control_plane.nginx_process: generations/<checksum>;
         the checksum placeholder is filled in by render)."""
         return f"{self.prefix.rstrip('/')}/{GENERATIONS_DIR}/{CHECKSUM_PLACEHOLDER}"
+
+    @property
+    def usage_socket(self) -> str:
+        """The unix socket of the usage counters' drain (servers.conf): the controller alone reaches it."""
+        return str(Path(self.run_dir) / USAGE_SOCKET)
 
     @property
     def log_target(self) -> str:

@@ -106,6 +106,8 @@ def test_only_the_nginx_workers_reach_the_shim_sockets(
     info = run.stat()  # nginx makes the socket 0666 itself: the directory keeps others out
     assert stat.S_IMODE(info.st_mode) == 0o710 and info.st_gid == grp.getgrnam(WORKER[1]).gr_gid
     assert chat(gw) == 200  # and the gateway still routes through it
+    # The usage drain (issue 12): a local user can neither read nor acknowledge the usage counters.
+    assert attempt_as(LOCAL_USER, run / "usage.sock", "stream") == str(errno.EACCES)
 
 
 # -- 2. the log stream ----------------------------------------------------------------------------------

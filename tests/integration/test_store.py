@@ -29,6 +29,8 @@ from control_plane.registry.models import (
     Strategy,
 )
 from control_plane.registry.store import Store, normalise_url
+from control_plane.registry.usage import UsageStore
+from control_plane.usage.model import DAY_S, Batch, UsageQuery, parse_batch
 from tests.integration.postgres import pg_admin as _pg_admin
 
 LITERAL_KEY = "sk-live-0123456789abcdef"
@@ -491,3 +493,37 @@ def test_schema_tables(store: Store) -> None:
         ).scalar_one()
     assert versions == list(range(1, LATEST + 1))
     assert generation_rows == 1
+
+
+# -- usage (issue 12) ----------------------------------------------------------------------------------------
+
+
+def _batch(batch_id: str, *rows: tuple[int, str, str, str, int, int, int, int]) -> Batch:
+    return parse_batch({"id": batch_id, "rows": [list(row) for row in rows]})
+
+
+def test_usage_batches_are_stored_once_in_minute_and_day_buckets(store: Store) -> None:
+    """A batch seen again (its ack lost) adds nothing; minutes of one day sum into its day bucket; the cost
+    is the instance's rates at the time of writing, input/output each falling back to cost_per_1k_tokens."""
+    store.create_instance(cfg("a", cost_per_1k_tokens=1.0, output_cost_per_1k_tokens=4.0))
+    usage = UsageStore(store)
+    day = 1_796_083_200  # a UTC midnight
+    now = datetime.fromtimestamp(day + 3600, UTC)
+    first = _batch("b1", (day, "k1", "a", "m", 2, 100, 50, 0), (day + 60, "k1", "a", "m", 1, 10, 5, 1))
+    stored = usage.record(first, now)
+    assert stored is not None and len(stored) == 2
+    assert usage.record(first, now) is None  # the same id again
+    assert usage.record(_batch("b2", (day + 60, "", "gone", "m", 3, 0, 0, 0)), now) is not None
+
+    by_day = usage.query(UsageQuery(start=day, end=day + DAY_S, group_by=("key", "instance")))
+    fields = ("key", "instance", "requests", "prompt_tokens", "completion_tokens")
+    summed = [tuple(r[f] for f in fields) for r in by_day]
+    assert summed == [(None, "gone", 3, 0, 0), ("k1", "a", 3, 110, 55)]
+    assert by_day[1]["cost_usd"] == pytest.approx((110 * 1.0 + 55 * 4.0) / 1000)
+    assert by_day[1]["estimated_requests"] == 1 and by_day[0]["cost_usd"] == 0
+    minute = usage.query(UsageQuery(start=day + 60, end=day + 120, group_by=("model",), key="k1"))
+    assert [(r["model"], r["requests"], r["total_tokens"]) for r in minute] == [("m", 1, 15)]
+
+    usage.prune(datetime.fromtimestamp(day + 49 * 3600, UTC), 48, 400)
+    assert usage.query(UsageQuery(start=day, end=day + 120, group_by=("key",))) == []
+    assert len(usage.query(UsageQuery(start=day, end=day + DAY_S, group_by=("key",)))) == 2

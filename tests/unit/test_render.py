@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import string
@@ -25,7 +26,9 @@ from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettin
 
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-PROXY_HEADERS_PER_LOCATION = 19  # the proxy_common macro in servers.conf.j2 (12 of them from edge.j2)
+# The proxy_common macro in servers.conf.j2 (12 of them from edge.j2); usage accounting (off by default)
+# adds Accept-Encoding.
+PROXY_HEADERS_PER_LOCATION = 19
 LOCATIONS_PER_PROFILE = 1  # the body is rewritten by Lua (alias or fallback), not by a second location
 
 
@@ -277,7 +280,7 @@ def test_random_registry_content_cannot_inject_directives(
     assert len(profiles) <= sum(1 for p in spec.pools if p.members)
     locations = sum(locations_of(profile) for profile in profiles)
     assert counts["location"] == empty["location"] + locations + sum(len(s.routes) + 1 for s in spec.shims)
-    assert counts["listen"] == 1 + len(spec.shims)
+    assert counts["listen"] == 2 + len(spec.shims)  # clients, the usage drain, the shims
     assert counts["proxy_set_body"] == 0
     shim_headers = sum(3 + len(s.headers) for s in spec.shims)
     added_headers = PROXY_HEADERS_PER_LOCATION * locations + shim_headers
@@ -362,3 +365,26 @@ def test_domain_setting_refuses_what_is_no_host(value: str) -> None:
 
     with pytest.raises(ValidationError, match="domain"):
         Settings(domain=value)  # type: ignore[arg-type]
+
+
+def test_usage_accounting_renders_counting_only_when_on() -> None:
+    configs = [
+        InstanceConfig(
+            name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+        )
+    ]
+    off = render(spec_for(configs)).files["servers.conf"]
+    assert "body_filter_by_lua_block" not in off and "log_by_lua_block" not in off
+    assert "/_ishgw/usage" in off  # the drain answers either way (an empty batch)
+    on_server = dataclasses.replace(SERVER, usage_accounting=True)
+    world = World(
+        instances=tuple((c, InstanceState()) for c in configs),
+        routing=RoutingConfig(),
+        now=NOW,
+        addresses={"127.0.0.1": ("127.0.0.1",)},
+    )
+    on = render(build_spec(world, on_server)).files["servers.conf"]
+    pools = on.count("proxy_pass http://$gw_upstream")
+    assert pools > 0
+    assert on.count('require("gw.gateway").count(') == on.count('require("gw.gateway").counted(') == pools
+    assert on.count('proxy_set_header Accept-Encoding "";') == pools

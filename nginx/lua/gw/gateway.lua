@@ -7,6 +7,9 @@
 --                   hands the request to a pool location
 --   answer(name)    content_by_lua of the answers the gateway gives itself (listings, errors, next pool)
 --   hide_headers()  header_filter_by_lua of the shim servers: provider header families never reach clients
+--   count(family)   body_filter_by_lua of the pool locations: the answer's token usage, scanned as it passes
+--                   (never changed); counted(family), their log_by_lua, adds it to the shared counters
+--   drain()         content_by_lua of the usage server: the pending usage batch (GET) and its ack (DELETE)
 -- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
 -- Data loaded by init lives in this module's upvalues for the life of the configuration; nothing of a
 -- request is kept here (ngx.ctx carries a verdict that limits the models from identify to route, within
@@ -17,6 +20,8 @@ local answers = require("gw.answers")
 local body = require("gw.body")
 local crypto = require("gw.crypto")
 local identity = require("gw.identity")
+local tally = require("gw.tally")
+local usage = require("gw.usage")
 
 local ngx = ngx
 local var, req, header = ngx.var, ngx.req, ngx.header
@@ -324,6 +329,86 @@ function _M.hide_headers()
             end
         end
     end
+end
+
+-- The counters (lua_shared_dict gw_usage); nil under `nginx -t` of a tree without it (never served).
+local counters = ngx.shared.gw_usage
+
+-- A response is scanned when it is a 2xx of a format gw.usage reads; every answered request is counted,
+-- an error answer with no tokens (providers bill none). The scanner lives in ngx.ctx: ngx.exec to the
+-- pool location cleared it, so each request starts with none.
+local function start_count(ctx, family)
+    local status = ngx.status
+    local scanner = false
+    if status >= 200 and status < 300 then
+        local format = usage.format_for(family, header["Content-Type"])
+        -- No format (an unknown content type): still a 2xx answer, estimated from its bytes.
+        scanner = usage.new(format or "openai_json")
+    end
+    ctx.gw_scanner = scanner
+    return scanner
+end
+
+local function record(scanner)
+    local u = scanner and scanner:finish() or nil
+    local prefix = tally.bucket(tally.minute(ngx.time()), var.gw_client_id or "", var.gw_instance or "",
+        var.gw_model or "")
+    local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
+    if tally.add(counters, prefix, u, request_bytes) then
+        ngx.log(ngx.WARN, "gw: usage counters evicted older entries: raise ISHGW_LUA_SHM_USAGE_MB")
+    end
+end
+
+function _M.count(family)
+    local ctx = ngx.ctx
+    local scanner = ctx.gw_scanner
+    if scanner == nil then
+        scanner = start_count(ctx, family)
+    end
+    local chunk = ngx.arg[1]
+    if scanner and chunk ~= "" then
+        scanner:feed(chunk)
+    end
+end
+
+-- log_by_lua of the pool locations: the request's usage into the counters, once, whether its answer
+-- ended or the client went away mid-answer (what was seen of it counts).
+function _M.counted(family)
+    local ctx = ngx.ctx
+    local scanner = ctx.gw_scanner
+    if scanner == nil then
+        scanner = start_count(ctx, family)
+    end
+    record(scanner)
+end
+
+local function batch_id()
+    local file = io.open("/dev/urandom", "rb")
+    local bytes = file and file:read(8) or tostring(ngx.now()) .. ngx.worker.pid()
+    if file then
+        file:close()
+    end
+    return (string.gsub(bytes, ".", function(c) return string.format("%02x", string.byte(c)) end))
+        .. "-" .. string.format("%d", ngx.now() * 1000)
+end
+
+-- GET /_ishgw/usage: the pending batch; DELETE /_ishgw/usage/<id>: its ack (204, or 404: not pending).
+function _M.drain()
+    local method = req.get_method()
+    if method == "GET" and var.uri == "/_ishgw/usage" then
+        local text, err = tally.batch(counters, ngx.time(), batch_id)
+        if not text then
+            return send_json(503, cjson.encode({ error = err }))
+        end
+        return send_json(200, text)
+    elseif method == "DELETE" then
+        local id = string.match(var.uri, "^/_ishgw/usage/([%w-]+)$")
+        if id and tally.ack(counters, id) then
+            return ngx.exit(204)
+        end
+        return send_json(404, '{"error":"no such pending batch"}')
+    end
+    return send_json(405, '{"error":"GET /_ishgw/usage or DELETE /_ishgw/usage/<id>"}')
 end
 
 return _M

@@ -1,0 +1,330 @@
+"""Issue 12, usage accounting end to end: nginx counts what the stand-in backends report, the controller
+drains it into the registry, /admin/usage answers it; a reload and a controller killed mid-run lose and
+double nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
+
+from control_plane.registry.store import Store
+from control_plane.registry.usage import UsageStore
+from control_plane.usage.model import parse_batch
+from tests.backends.stub_llm import StubServer
+from tests.integration.conftest import start_stub
+from tests.integration.gateway import Gateway, wait_for
+
+Usage = tuple[str, str, int, int]  # instance, model, prompt tokens, completion tokens (as the stub said)
+Call = Callable[[], Usage]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+HI_CLAUDE: list[MessageParam] = [{"role": "user", "content": "hi"}]
+HI_OLLAMA = [{"role": "user", "content": "hi"}]
+RATES = {"chat": (0.5, 0.5), "claude": (3.0, 15.0)}  # USD per 1,000 tokens: prompt, completion
+
+
+def _openai_calls(client: openai.OpenAI) -> list[Call]:
+    def chat() -> Usage:
+        u = client.chat.completions.create(model="llama3:8b", messages=HI).usage
+        assert u is not None
+        return "chat", "llama3:8b", u.prompt_tokens, u.completion_tokens
+
+    def chat_stream() -> Usage:
+        chunks = list(
+            client.chat.completions.create(
+                model="llama3:8b", messages=HI, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        u = chunks[-1].usage
+        assert u is not None and len(chunks) > 2
+        return "chat", "llama3:8b", u.prompt_tokens, u.completion_tokens
+
+    def completions() -> Usage:
+        u = client.completions.create(model="llama3:8b", prompt="say hi").usage
+        assert u is not None
+        return "chat", "llama3:8b", u.prompt_tokens, u.completion_tokens
+
+    def completions_stream() -> Usage:
+        chunks = list(
+            client.completions.create(
+                model="llama3:8b", prompt="say hi", stream=True, stream_options={"include_usage": True}
+            )
+        )
+        u = chunks[-1].usage
+        assert u is not None
+        return "chat", "llama3:8b", u.prompt_tokens, u.completion_tokens
+
+    def responses() -> Usage:
+        u = client.responses.create(model="llama3:8b", input="hi").usage
+        assert u is not None
+        return "chat", "llama3:8b", u.input_tokens, u.output_tokens
+
+    def responses_stream() -> Usage:
+        done = [e for e in client.responses.create(model="llama3:8b", input="hi", stream=True)]
+        final = [e for e in done if e.type == "response.completed"]
+        u = final[0].response.usage
+        assert u is not None
+        return "chat", "llama3:8b", u.input_tokens, u.output_tokens
+
+    def embeddings() -> Usage:
+        u = client.embeddings.create(model="nomic-embed", input=["a", "bb", "ccc"]).usage
+        return "chat", "nomic-embed", u.prompt_tokens, 0
+
+    return [chat, chat_stream, completions, completions_stream, responses, responses_stream, embeddings]
+
+
+def _anthropic_calls(client: anthropic.Anthropic) -> list[Call]:
+    def messages() -> Usage:
+        u = client.messages.create(model="claude-sonnet", max_tokens=64, messages=HI_CLAUDE).usage
+        return "claude", "claude-sonnet", u.input_tokens, u.output_tokens
+
+    def messages_stream() -> Usage:
+        with client.messages.stream(model="claude-sonnet", max_tokens=64, messages=HI_CLAUDE) as stream:
+            u = stream.get_final_message().usage
+        return "claude", "claude-sonnet", u.input_tokens, u.output_tokens
+
+    return [messages, messages_stream]
+
+
+def _ollama_calls(client: ollama.Client) -> list[Call]:
+    def chat() -> Usage:
+        r = client.chat(model="llama3:8b", messages=HI_OLLAMA, stream=False)
+        return "chat", "llama3:8b", r.prompt_eval_count or 0, r.eval_count or 0
+
+    def chat_stream() -> Usage:
+        parts = list(client.chat(model="llama3:8b", messages=HI_OLLAMA, stream=True))
+        last = parts[-1]
+        assert last.done and len(parts) > 2
+        return "chat", "llama3:8b", last.prompt_eval_count or 0, last.eval_count or 0
+
+    def generate() -> Usage:
+        r = client.generate(model="llama3:8b", prompt="say hi", stream=False)
+        return "chat", "llama3:8b", r.prompt_eval_count or 0, r.eval_count or 0
+
+    def generate_stream() -> Usage:
+        last = list(client.generate(model="llama3:8b", prompt="say hi", stream=True))[-1]
+        assert last.done
+        return "chat", "llama3:8b", last.prompt_eval_count or 0, last.eval_count or 0
+
+    def embed() -> Usage:
+        r = client.embed(model="nomic-embed", input=["one", "two two"])
+        assert r.prompt_eval_count
+        return "chat", "nomic-embed", r.prompt_eval_count, 0
+
+    return [chat, chat_stream, generate, generate_stream, embed]
+
+
+def _setup(gw: Gateway, stubs: dict[str, StubServer]) -> tuple[dict[str, str], dict[str, str]]:
+    """Two instances (Ollama-style serving the OpenAI and Ollama APIs, and Anthropic) with their rates; two
+    client keys. Answers ({key name: secret}, {key name: id})."""
+    chat, claude = start_stub(stubs, "u-chat"), start_stub(stubs, "u-claude")
+    created = gw.add_instance(
+        name="chat",
+        provider_type="ollama",
+        api_base=chat.url,
+        supported_models=["llama3:8b", "nomic-embed"],
+        instance_type="both",
+        cost_per_1k_tokens=RATES["chat"][0],
+    )
+    assert created.status_code == 201, created.text
+    created = gw.add_instance(
+        name="claude",
+        provider_type="anthropic",
+        api_base=claude.url,
+        api_key="sk-ant-provider-0001",
+        supported_models=["claude-sonnet"],
+        input_cost_per_1k_tokens=RATES["claude"][0],
+        output_cost_per_1k_tokens=RATES["claude"][1],
+    )
+    assert created.status_code == 201, created.text
+    secrets, ids = {}, {}
+    for name in ("app", "raw"):
+        key = gw.admin.post("/admin/keys", json={"name": name})
+        assert key.status_code == 201, key.text
+        secrets[name], ids[name] = key.json()["key"], key.json()["id"]
+    return secrets, ids
+
+
+def _calls(gw: Gateway, secret: str) -> list[Call]:
+    headers = {"Authorization": f"Bearer {secret}"}
+    return [
+        *_openai_calls(openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)),
+        *_anthropic_calls(anthropic.Anthropic(base_url=gw.url, api_key=secret, max_retries=0)),
+        *_ollama_calls(ollama.Client(host=gw.url, headers=headers)),
+    ]
+
+
+def _usage(gw: Gateway, **params: str) -> dict[str, Any]:
+    answer = gw.admin.get("/admin/usage", params=params)
+    assert answer.status_code == 200, answer.text
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def _by_instance_model(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, int, int]]:
+    return {
+        (r["instance"], r["model"]): (r["requests"], r["prompt_tokens"], r["completion_tokens"]) for r in rows
+    }
+
+
+def _metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServer]) -> None:
+    """60 requests over the four wire formats, streamed and not, through the openai, anthropic and ollama
+    SDKs with a client key, with a reload after the first third and the controller killed (SIGKILL) after
+    the second: /admin/usage sums exactly what the stand-ins reported, per instance and model, with the
+    instances' rates; an answer that reports no usage is counted as estimated (bytes / 4)."""
+    env = {
+        "ISHGW_AUTH_REQUIRED": "true",
+        "ISHGW_USAGE_ACCOUNTING": "true",
+        "ISHGW_USAGE_DRAIN_INTERVAL_S": "0.5",
+    }
+    with Gateway(extra_env=env) as gw:
+        secrets, ids = _setup(gw, stubs)
+        gw.wait_applied()
+        calls = _calls(gw, secrets["app"])
+        expected: Counter[tuple[str, str, str]] = Counter()
+        sent = 0
+
+        def run(n: int) -> None:
+            nonlocal sent
+            for i in range(n):
+                instance, model, prompt, completion = calls[(sent + i) % len(calls)]()
+                expected[(instance, model, "requests")] += 1
+                expected[(instance, model, "prompt")] += prompt
+                expected[(instance, model, "completion")] += completion
+            sent += n
+
+        run(20)
+        reload = gw.admin.post("/admin/reload")
+        assert reload.status_code == 200, reload.text
+        run(20)
+        gw.kill_controller()  # nginx keeps serving and counting; the next controller drains it all
+        run(10)
+        gw.start_controller()
+        run(10)
+        assert sent == 60
+
+        # One raw OpenAI stream that did not ask for usage: the stand-in reports none, so it is estimated
+        # from the bytes (a quarter of the request body and of the answer body, each rounded up).
+        body = json.dumps({"model": "llama3:8b", "messages": HI_OLLAMA, "stream": True}).encode()
+        raw_headers = {"Authorization": f"Bearer {secrets['raw']}", "Content-Type": "application/json"}
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", content=body, headers=raw_headers) as r:
+            assert r.status_code == 200
+            answer = b"".join(r.iter_bytes())
+        assert b'"usage"' not in answer
+
+        want = {
+            (instance, model): (
+                expected[(instance, model, "requests")],
+                expected[(instance, model, "prompt")],
+                expected[(instance, model, "completion")],
+            )
+            for instance, model, _ in expected
+        }
+
+        def drained() -> bool:
+            rows = _usage(gw, group_by="instance,model", key=ids["app"])["rows"]
+            return _by_instance_model(rows) == want
+
+        try:
+            wait_for(drained, timeout=20, interval=0.2, what="the usage drained")
+        except AssertionError:
+            pytest.fail(f"want {want}, have {_usage(gw, group_by='instance,model', key=ids['app'])}")
+
+        report = _usage(gw, group_by="key")
+        rows = {row["key"]: row for row in report["rows"]}
+        assert set(rows) == {ids["app"], ids["raw"]}
+        app = rows[ids["app"]]
+        assert app["key_name"] == "app" and app["requests"] == 60 and app["estimated_requests"] == 0
+        assert app["total_tokens"] == app["prompt_tokens"] + app["completion_tokens"]
+        cost = sum(
+            (expected[(i, m, "prompt")] * RATES[i][0] + expected[(i, m, "completion")] * RATES[i][1]) / 1000
+            for i, m in want
+        )
+        assert app["cost_usd"] == pytest.approx(cost, rel=1e-9)
+        raw = rows[ids["raw"]]
+        assert (raw["requests"], raw["estimated_requests"]) == (1, 1)
+        assert (raw["prompt_tokens"], raw["completion_tokens"]) == (
+            math.ceil(len(body) / 4),
+            math.ceil(len(answer) / 4),
+        )
+        assert report["from"].endswith("T00:00:00Z") and report["to"].endswith("T00:00:00Z")
+
+        by_day = _usage(gw, group_by="day")["rows"]
+        assert len(by_day) == 1 and by_day[0]["requests"] == 61 and by_day[0]["key"] is None
+
+        csv_answer = gw.admin.get("/admin/usage", params={"group_by": "key", "format": "csv"})
+        assert csv_answer.status_code == 200 and csv_answer.headers["Content-Type"].startswith("text/csv")
+        assert csv_answer.text.splitlines()[0].startswith("key,key_name,instance,model,day,requests")
+        assert f"{ids['app']},app,,,,60," in csv_answer.text
+
+        key_usage = gw.admin.get(f"/admin/keys/{ids['app']}/usage")
+        assert key_usage.status_code == 200, key_usage.text
+        assert key_usage.json()["today"]["requests"] == key_usage.json()["month"]["requests"] == 60
+        assert gw.admin.get("/admin/usage", params={"group_by": "colour"}).status_code == 422
+
+        # The restarted controller's counters hold what it stored itself: at most everything.
+        metrics = gw.admin.get("/metrics").text
+        stored_prompt = _metric_sum(metrics, "ishgw_tokens_total", instance="claude", direction="prompt")
+        assert 0 < stored_prompt <= expected[("claude", "claude-sonnet", "prompt")]
+
+
+def test_a_batch_written_but_not_acknowledged_is_counted_once(stubs: dict[str, StubServer]) -> None:
+    """The controller dies after writing a batch and before its ack: nginx hands the same batch out again
+    and the next controller stores it once (here the dead controller's write is made by the test, with the
+    registry's own code, on the gateway's database)."""
+    stub = start_stub(stubs, "u-once")
+    with Gateway(extra_env={"ISHGW_USAGE_ACCOUNTING": "true", "ISHGW_USAGE_DRAIN_INTERVAL_S": "0.3"}) as gw:
+        created = gw.add_instance(
+            name="once", provider_type="ollama", api_base=stub.url, supported_models=["m"]
+        )
+        assert created.status_code == 201, created.text
+        gw.wait_applied()
+
+        def send(n: int) -> None:
+            for _ in range(n):
+                answer = gw.client.post("/v1/chat/completions", json={"model": "m", "messages": HI_OLLAMA})
+                assert answer.status_code == 200, answer.text
+
+        def requests() -> int:
+            rows = _usage(gw, group_by="instance")["rows"]
+            return sum(int(row["requests"]) for row in rows)
+
+        send(5)
+        wait_for(lambda: requests() == 5, timeout=10, what="5 requests drained")
+        gw.kill_controller()
+        send(3)
+        drain = httpx.Client(transport=httpx.HTTPTransport(uds=str(gw.home / "run" / "usage.sock")))
+        pending = drain.get("http://ishgw/_ishgw/usage")
+        assert pending.status_code == 200 and pending.json()["id"], pending.text
+        assert sum(row[4] for row in pending.json()["rows"]) == 3  # (one row, or two across a minute)
+        store = Store(f"sqlite:///{gw.home / 'ishgw.db'}")
+        try:
+            assert UsageStore(store).record(parse_batch(pending.json()), datetime.now(UTC)) is not None
+        finally:
+            store.close()
+        send(2)
+        assert drain.get("http://ishgw/_ishgw/usage").json() == pending.json()  # the same, until its ack
+        gw.start_controller()
+        wait_for(lambda: requests() == 10, timeout=10, what="10 requests drained")
+        wait_for(lambda: drain.get("http://ishgw/_ishgw/usage").json()["id"] is None, timeout=5, what="acked")
+        assert requests() == 10
+        metrics = gw.admin.get("/metrics").text
+        assert _metric_sum(metrics, "ishgw_usage_drains_total", result="repeated") >= 1
