@@ -377,6 +377,8 @@ end
 -- The top-level "model" string of a JSON request body: model, or nil and one of ERR. The whole body
 -- is scanned (a repeated key or a fault after "model" counts); an invalid body is reported as such
 -- before what it names.
+_M.skip_ws = skip_ws
+
 function _M.model(text)
     if text == nil then
         return nil, ERR.invalid

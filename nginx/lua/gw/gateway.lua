@@ -351,20 +351,27 @@ end
 
 local function record(scanner)
     local u = scanner and scanner:finish() or nil
-    local prefix = tally.bucket(tally.minute(ngx.time()), var.gw_client_id or "", var.gw_instance or "",
-        var.gw_model or "")
+    -- The instance as X-ISHGW-Instance names it (http.conf: the map of $upstream_addr).
+    local prefix = tally.bucket(tally.minute(ngx.time()), var.gw_client_id or "",
+        var.gw_instance_header or "", var.gw_model or "")
     local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
     if tally.add(counters, prefix, u, request_bytes) then
         ngx.log(ngx.WARN, "gw: usage counters evicted older entries: raise ISHGW_LUA_SHM_USAGE_MB")
     end
 end
 
-function _M.count(family)
+-- The request's scanner (false: its answer is not scanned), made by the first phase that needs it.
+local function scanner_of(family)
     local ctx = ngx.ctx
     local scanner = ctx.gw_scanner
     if scanner == nil then
         scanner = start_count(ctx, family)
     end
+    return scanner
+end
+
+function _M.count(family)
+    local scanner = scanner_of(family)
     local chunk = ngx.arg[1]
     if scanner and chunk ~= "" then
         scanner:feed(chunk)
@@ -374,12 +381,7 @@ end
 -- log_by_lua of the pool locations: the request's usage into the counters, once, whether its answer
 -- ended or the client went away mid-answer (what was seen of it counts).
 function _M.counted(family)
-    local ctx = ngx.ctx
-    local scanner = ctx.gw_scanner
-    if scanner == nil then
-        scanner = start_count(ctx, family)
-    end
-    record(scanner)
+    record(scanner_of(family))
 end
 
 local function batch_id()

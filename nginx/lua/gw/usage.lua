@@ -83,14 +83,7 @@ local LBRACE, RBRACE, LBRACKET, RBRACKET = 123, 125, 91, 93
 local SPACE, TAB, LF, CR = 32, 9, 10, 13
 
 -- Index of the first non-whitespace byte at or after i, or nil at the end of s.
-local function skip_ws(s, i)
-    local c = byte(s, i)
-    while c == SPACE or c == LF or c == CR or c == TAB do
-        i = i + 1
-        c = byte(s, i)
-    end
-    return c and i
-end
+local skip_ws = require("gw.body").skip_ws
 
 ---------------------------------------------------------------------------------------------------
 -- Usage objects to results
@@ -450,6 +443,16 @@ local function sse_data(line)
     return sub(line, byte(line, 6) == SPACE and 7 or 6)
 end
 
+-- The event an SSE line carries when its data holds a usage object, decoded; nil for any other line.
+local function usage_event(line)
+    local data = sse_data(line)
+    if not data or not has_usage_object(data) then
+        return nil
+    end
+    local event = json_decode(data)
+    return type(event) == "table" and event or nil
+end
+
 -- Per format: the plain needle a line must hold to be looked at, and what to do with such a line.
 local LINES = {}
 
@@ -458,12 +461,8 @@ local NESTED = { "response", "x_groq" }    -- OpenAI SSE: where else an event's 
 LINES.openai_sse = {
     needle = '"usage"',
     line = function(self, line)
-        local data = sse_data(line)
-        if not data or not has_usage_object(data) then
-            return
-        end
-        local event = json_decode(data)
-        if type(event) ~= "table" then
+        local event = usage_event(line)
+        if not event then
             return
         end
         local u = event.usage
@@ -491,12 +490,8 @@ local ANTHROPIC_FIELDS = { "input_tokens", "cache_creation_input_tokens", "cache
 LINES.anthropic_sse = {
     needle = '"usage"',
     line = function(self, line)
-        local data = sse_data(line)
-        if not data or not has_usage_object(data) then
-            return
-        end
-        local event = json_decode(data)
-        if type(event) ~= "table" then
+        local event = usage_event(line)
+        if not event then
             return
         end
         local u
