@@ -178,8 +178,8 @@ class ServerSettings:
         "/usr/lib/nginx/modules/ngx_http_lua_module.so",
     )
     lua_shm_usage_mb: int = 16
-    usage_accounting: bool = False  # ISHGW_USAGE_ACCOUNTING: the pool locations count token usage
     lua_shm_state_mb: int = 4
+    usage_accounting: bool = False  # ISHGW_USAGE_ACCOUNTING: the pool locations count token usage
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
     log_server: str | None = None  # the controller's syslog receiver: "unix:/path" or "127.0.0.1:port" (UDP)

@@ -384,14 +384,9 @@ function _M.counted(family)
     record(scanner_of(family))
 end
 
+-- A pending batch's id: random (gw.crypto's pooled random bytes, as request ids) and the time it was made.
 local function batch_id()
-    local file = io.open("/dev/urandom", "rb")
-    local bytes = file and file:read(8) or tostring(ngx.now()) .. ngx.worker.pid()
-    if file then
-        file:close()
-    end
-    return (string.gsub(bytes, ".", function(c) return string.format("%02x", string.byte(c)) end))
-        .. "-" .. string.format("%d", ngx.now() * 1000)
+    return crypto.random_hex16() .. "-" .. string.format("%d", ngx.now() * 1000)
 end
 
 -- GET /_ishgw/usage: the pending batch; DELETE /_ishgw/usage/<id>: its ack (204, or 404: not pending).

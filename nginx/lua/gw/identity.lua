@@ -50,7 +50,7 @@ local function refusal(reason, message)
     return { ok = false, reason = reason, message = message }
 end
 
--- The refusals, one shared table each; their messages are auth.js's.
+-- The refusals, one shared table each; their messages are the njs request path's, unchanged.
 local REFUSED = {
     missing = refusal("missing", "No API key: send it as Authorization: Bearer <key>, x-api-key or api-key"),
     key_invalid = refusal("invalid", "The API key is not valid"),
@@ -141,7 +141,7 @@ local function first_space(s, i)
     return first_space_finds(s, i)
 end
 
--- The token of "Bearer <token>" (auth.js: /^\s*Bearer\s+(\S+)\s*$/i), or nil.
+-- The token of "Bearer <token>" (as /^\s*Bearer\s+(\S+)\s*$/i), or nil.
 local function bearer(h)
     local i = 1
     local c = byte(h, i)
