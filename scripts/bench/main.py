@@ -694,7 +694,7 @@ class Bench:
 
     # --- the whole run ---------------------------------------------------------------------------
     def instruction_counts(self) -> None:
-        """Instructions per request under cachegrind (plain proxy, gateway, the njs module's start):
+        """Instructions per request under cachegrind (plain proxy, the gateway, and the split by part):
         deterministic, so a change to the request path shows here even when timings drift."""
         log("--- instructions per request (cachegrind)")
         try:

@@ -505,9 +505,20 @@ def test_hsts_on_every_https_answer(attacked: Attacked, backend: StubServer) -> 
         assert str(r.status_code) == what.split()[0], (what, r.status_code, r.text[:200])
         assert r.headers.get_list("Strict-Transport-Security") == [HSTS], what
     # Answers nginx makes before any location: a request line it cannot parse, TRACE.
-    for head in (b"GARBAGE\r\n\r\n", f"TRACE {CHAT} HTTP/1.1\r\nHost: x\r\n\r\n".encode()):
+    # They answer JSON in the OpenAI style, not nginx's HTML page.
+    too_large = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 10_000}\r\n\r\n".encode()
+    too_long = f"GET /{'u' * 10_000} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    for head, code in (
+        (b"GARBAGE\r\n\r\n", b"400"),
+        (f"TRACE {CHAT} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), b"405"),
+        (too_large, b"400"),
+        (too_long, b"414"),
+    ):
         answer = attacked.raw(head)
-        assert answer.split(b" ", 2)[1] in (b"400", b"405") and HSTS.encode() in answer, answer[:300]
+        assert answer.split(b" ", 2)[1] == code and HSTS.encode() in answer, answer[:300]
+        headers, _, body = answer.partition(b"\r\n\r\n")
+        assert b"application/json" in headers and b"<html" not in body, answer[:300]
+        assert json.loads(body)["error"]["type"] == "invalid_request_error", body
     # The control: plain HTTP never sends it (a browser must not pin a name from an unauthenticated answer).
     plain = httpx.get(f"{attacked.gw.url}/health", timeout=5)
     assert plain.status_code == 200 and "strict-transport-security" not in plain.headers
