@@ -29,9 +29,12 @@ from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import NginxProcess
 from control_plane.reconciler import Reconciler, ReconcileTiming
 from control_plane.registry.audit import AuditLog
+from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
 from control_plane.render.spec import ServerSettings
+from control_plane.scaling.command import CommandDriver
+from control_plane.scaling.service import ScalingService
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
 from control_plane.usage.drain import UsageDrain
 
@@ -129,6 +132,11 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _scaling_ctx(app: web.Application) -> AsyncIterator[None]:
+    async for _ in app[keys.SCALING].context():
+        yield
+
+
 async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
     async for _ in app[keys.USAGE_DRAIN].context():
         yield
@@ -199,10 +207,24 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         settings.usage_minute_retention_h,
         settings.usage_day_retention_d,
     )
+    health = app[keys.HEALTH]
+    scaling = ScalingService(
+        ScalingStore(store),
+        store,
+        reconciler,
+        nginx,
+        CommandDriver(settings.home / "scaling", frozenset(settings.scaling_commands)),
+        health.probe_config,
+        lambda: health.tracker.addresses,
+        metrics.registry,
+    )
+    health.log_observers.append(scaling.on_log)
+    app[keys.SCALING] = scaling
     setup_routes(app)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)
+    app.cleanup_ctx.append(_scaling_ctx)  # after the reconciler: it applies through it
     app.cleanup_ctx.append(_usage_ctx)  # stopped first: its last drain runs while the store is open
     app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
     return app

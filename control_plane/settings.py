@@ -107,6 +107,11 @@ class Settings(EdgeSettings):
         default=48.0, ge=1.0, le=24 * 366, description="Hours minute usage buckets are kept"
     )
     usage_day_retention_d: int = Field(default=400, ge=1, le=36_600, description="Days day buckets are kept")
+    scaling_commands: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Absolute paths of the programs scaling groups may start (the command driver's argv[0]);"
+        " empty: the command driver starts nothing",
+    )
     status_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra CIDRs for /nginx_status"
     )
@@ -133,11 +138,19 @@ class Settings(EdgeSettings):
             return _BOOL_WORDS.get(word, word)
         return value
 
-    @field_validator("status_allow", "secret_dirs", "domain", mode="before")
+    @field_validator("status_allow", "secret_dirs", "domain", "scaling_commands", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("scaling_commands")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not os.path.isabs(path) or "\x00" in path:
+                raise ValueError(f"{path!r}: each entry is an absolute path")
         return value
 
     @field_validator("domain")

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from control_plane.api.apply import answer_applied, wants_wait
+from control_plane.api.bodies import read_object, validate_strict
 from control_plane.api.keys import STORE
 from control_plane.errors import InvalidInput
 from control_plane.registry.client_keys import (
@@ -52,10 +53,8 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    from control_plane.api.routes import _read_object, validate_strict
-
     wait = wants_wait(request)
-    settings = validate_strict(ClientKeySettings, await _read_object(request))
+    settings = validate_strict(ClientKeySettings, await read_object(request))
     key, secret = await _run(_keys(request).create, settings)
     _target(request, key)
     return await answer_applied(
@@ -69,8 +68,6 @@ async def get_key(request: web.Request) -> web.Response:
 
 
 def _update(keys: ClientKeyStore, key_id: str, changes: dict[str, Any]) -> ClientKey:
-    from control_plane.api.routes import validate_strict
-
     current = keys.get(key_id)
     merged = {**current.model_dump(mode="json", include=set(UPDATABLE_KEY_FIELDS)), **changes}
     settings = validate_strict(ClientKeySettings, merged)
@@ -79,11 +76,9 @@ def _update(keys: ClientKeyStore, key_id: str, changes: dict[str, Any]) -> Clien
 
 async def update_key(request: web.Request) -> web.Response:
     """Partial update: the given fields replace the current ones; the secret never changes."""
-    from control_plane.api.routes import _read_object
-
     key_id = _key_id(request)
     wait = wants_wait(request)
-    changes = await _read_object(request)
+    changes = await read_object(request)
     unknown = [
         {"field": str(k), "message": "unknown field"} for k in changes if k not in UPDATABLE_KEY_FIELDS
     ]

@@ -593,10 +593,11 @@ def _with_apply(paths: Schema) -> Schema:
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document for the admin API."""
-    from control_plane.api import openapi_edge  # it builds on the helpers above
+    from control_plane.api import openapi_edge, openapi_scaling  # they build on the helpers above
 
     paths: Schema = {}
-    for part in (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths):
+    parts = (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths)
+    for part in (*parts, openapi_scaling.paths):
         paths.update(part())
     paths = _with_apply(paths)
     return {
@@ -611,8 +612,10 @@ def build_openapi() -> dict[str, Any]:
         "tags": [{"name": "admin"}],
         "paths": paths,
         "components": {
-            "schemas": dict(sorted({**_schemas(), **openapi_edge.schemas()}.items())),
-            "parameters": {**_parameters(), **openapi_edge.parameters()},
+            "schemas": dict(
+                sorted({**_schemas(), **openapi_edge.schemas(), **openapi_scaling.schemas()}.items())
+            ),
+            "parameters": {**_parameters(), **openapi_edge.parameters(), **openapi_scaling.parameters()},
             "responses": _responses(),
             "securitySchemes": SECURITY_SCHEMES,
         },

@@ -21,8 +21,10 @@ from pydantic_core import to_jsonable_python
 from control_plane import secret_refs
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
+from control_plane.api import scaling as scaling_api
 from control_plane.api import usage as usage_api
 from control_plane.api.apply import answer_applied, wants_wait
+from control_plane.api.bodies import JSON_TYPES, read_json, read_object, validate_strict
 from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
@@ -43,7 +45,6 @@ from control_plane.registry.store import Store
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
-JSON_TYPES = frozenset({"application/json"})
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
 EXPORT_TYPES = {"json": "application/json", "yaml": "application/yaml"}
 MODES = ("merge", "replace")
@@ -92,42 +93,6 @@ def _choice(request: web.Request, param: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise _invalid(param, f"must be one of {', '.join(choices)}")
     return value
-
-
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
-
-
-def _number(token: str) -> int | float:
-    """JSON Schema counts 5.0 as an integer; so does the API (pydantic's strict mode would not)."""
-    value = float(token)
-    return int(value) if value.is_integer() else value
-
-
-def parse_json(raw: bytes) -> Any:
-    """Strict RFC 8259 JSON (no NaN/Infinity); anything unparsable is a 400."""
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_number)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
-
-
-async def _read_json(request: web.Request) -> Any:
-    if request.content_type not in JSON_TYPES:
-        raise ApiError(415, "unsupported_media_type", "expected Content-Type: application/json")
-    return parse_json(await request.read())
-
-
-async def _read_object(request: web.Request) -> dict[str, Any]:
-    data = await _read_json(request)
-    if not isinstance(data, dict):
-        raise _invalid("body", "must be a JSON object")
-    return data
-
-
-def validate_strict(model: type[M], data: Any) -> M:
-    """Validate JSON data exactly as the OpenAPI schema states it: no string-to-number coercion."""
-    return model.model_validate_json(json.dumps(data, default=str), strict=True)
 
 
 def _strict_errors(prefix: str, model: type[BaseModel], data: Any) -> list[dict[str, str]]:
@@ -204,7 +169,7 @@ def check_secret_refs(request: web.Request, keys: list[tuple[str, str | None]]) 
 
 async def create_instance(request: web.Request) -> web.Response:
     wait = wants_wait(request)
-    data = await _read_object(request)
+    data = await read_object(request)
     if is_masked(data.get("api_key")):
         raise _invalid("api_key", "is a masked value; send the real key or a reference env:NAME / file:/path")
     config = validate_strict(InstanceConfig, data)
@@ -255,7 +220,7 @@ def merge_config(current: InstanceConfig, changes: dict[str, Any]) -> InstanceCo
 async def update_config(request: web.Request) -> web.Response:
     name = _path_name(request)
     wait = wants_wait(request)
-    changes = check_patch(name, await _read_object(request))
+    changes = check_patch(name, await read_object(request))
     store = _store(request)
     current, _ = await _run(store.get_instance, name)
     updated = merge_config(current, changes)
@@ -285,7 +250,7 @@ def _set_status(store: Store, name: str, update: StateUpdate) -> InstanceState:
 async def put_state(request: web.Request) -> web.Response:
     name = _path_name(request)
     wait = wants_wait(request)
-    update = validate_strict(StateUpdate, await _read_json(request))
+    update = validate_strict(StateUpdate, await read_json(request))
     health = request.app.get(HEALTH)
     if update.status is OperatorStatus.ACTIVE and health is not None:
         # The operator's word lifts a rate limit or an open breaker (and the log says so).
@@ -408,7 +373,7 @@ def _apply_migration(store: Store, parsed: Migration, merge: bool) -> None:
 async def migrate(request: web.Request) -> web.Response:
     merge = _choice(request, "mode", MODES) == "merge"
     wait = wants_wait(request)
-    body = await _read_json(request)
+    body = await read_json(request)
     store = _store(request)
     parsed = parse_migration(body, await _run(_existing, store))
     await asyncio.to_thread(check_secret_refs, request, migration_keys(body, parsed))
@@ -438,7 +403,7 @@ async def _read_document(request: web.Request) -> dict[str, Any]:
         except UnicodeDecodeError:
             raise _invalid("body", "must be UTF-8 text") from None
         return importers.load(text, "yaml")
-    data = await _read_json(request)
+    data = await read_json(request)
     if not isinstance(data, dict):
         raise _invalid("body", "document must be a JSON object")
     importers.check_depth(data)
@@ -477,7 +442,7 @@ async def get_routing(request: web.Request) -> web.Response:
 
 async def put_routing(request: web.Request) -> web.Response:
     wait = wants_wait(request)
-    routing = validate_strict(RoutingConfig, await _read_json(request))
+    routing = validate_strict(RoutingConfig, await read_json(request))
     await _run(_store(request).set_routing, routing)
     return await answer_applied(request, "routing updated", wait, routing.model_dump(mode="json"), 200)
 
@@ -570,6 +535,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"/admin/keys/{keys_api.KEY_ID_PARAM}/usage", usage_api.get_key_usage, "get_key_usage"),
     Route("GET", "/admin/usage", usage_api.get_usage, "get_usage"),
     Route("GET", "/admin/audit", audit_api.list_audit, "list_audit"),
+    Route("GET", "/admin/scaling/groups", scaling_api.list_groups, "list_scaling_groups"),
+    Route("POST", "/admin/scaling/groups", scaling_api.create_group, "create_scaling_group"),
+    Route("GET", f"/admin/scaling/groups/{NAME_PARAM}", scaling_api.get_group, "get_scaling_group"),
+    Route("PUT", f"/admin/scaling/groups/{NAME_PARAM}", scaling_api.replace_group, "replace_scaling_group"),
+    Route("DELETE", f"/admin/scaling/groups/{NAME_PARAM}", scaling_api.delete_group, "delete_scaling_group"),
+    Route("GET", "/admin/scaling/events", scaling_api.list_events, "list_scaling_events"),
 )
 
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from prometheus_client import Counter
@@ -59,6 +59,8 @@ class HealthService:
         self._verdict = asyncio.Event()
         self.records = 0
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
+        # Also told of every log record (the autoscaler measures its members' traffic this way).
+        self.log_observers: list[Callable[[LogRecord], None]] = []
         reconciler.observers.append(self.on_world)
 
     # --- registry view, called by the reconciler after each pass ----------------------------------
@@ -79,6 +81,8 @@ class HealthService:
     # --- passive ----------------------------------------------------------------------------------
     def on_log(self, record: LogRecord) -> None:
         self.records += 1
+        for observer in self.log_observers:
+            observer(record)
         self.tracker.observe(record, time.monotonic())
         if self.tracker.changed:
             self._verdict.set()
@@ -125,6 +129,10 @@ class HealthService:
             self._verdict.set()
         if self.metrics is not None:
             self.metrics.probes.labels(name, str(result.outcome)).inc()
+
+    async def probe_config(self, config: InstanceConfig) -> ProbeResult:
+        """One probe of ``config`` (registered or not: the autoscaler's readiness check), not recorded."""
+        return await self._probe(config)
 
     async def _probe(self, config: InstanceConfig) -> ProbeResult:
         request = probe_request(config, self.secrets.get(config.name))

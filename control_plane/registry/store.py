@@ -149,6 +149,16 @@ usage_batches = Table(
     Column("at", DateTime(timezone=True), nullable=False, index=True),
 )
 
+# Scaling events (migration 4): every decision the autoscaler acted on, with what it measured.
+scaling_events = Table(
+    "scaling_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("group_name", String(255), nullable=False, index=True),
+    Column("data", Text, nullable=False),
+)
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -176,11 +186,17 @@ def _migration_3(conn: Connection) -> None:
     metadata.create_all(conn, tables=[usage_minute, usage_day, usage_batches], checkfirst=True)
 
 
+def _migration_4(conn: Connection) -> None:
+    """Autoscaling: the scaling events (groups live in ``settings``)."""
+    metadata.create_all(conn, tables=[scaling_events], checkfirst=True)
+
+
 # Ordered, append-only. Each runs in its own transaction and is recorded in schema_migrations.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
     (3, _migration_3),
+    (4, _migration_4),
 ]
 
 

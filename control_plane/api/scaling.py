@@ -1,0 +1,116 @@
+"""Admin API for autoscaling: /admin/scaling/groups (CRUD; one group with its members and its current
+evaluation) and /admin/scaling/events (newest first)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from control_plane.api.bodies import read_object, validate_strict
+from control_plane.api.keys import SCALING
+from control_plane.errors import InvalidInput, NotFound
+from control_plane.registry import validators as v
+from control_plane.scaling.model import ScalingGroup
+from control_plane.scaling.service import ScalingService
+
+EVENTS_MAX = 1000
+
+
+def _service(request: web.Request) -> ScalingService:
+    return request.app[SCALING]
+
+
+def _invalid(field: str, message: str) -> InvalidInput:
+    return InvalidInput([{"field": field, "message": message}])
+
+
+def _name(request: web.Request) -> str:
+    try:
+        return v.check_name(request.match_info["name"])
+    except ValueError as exc:
+        raise _invalid("name", str(exc)) from None
+
+
+async def _group_body(request: web.Request) -> ScalingGroup:
+    group = validate_strict(ScalingGroup, await read_object(request))
+    refused = _service(request).driver.refusal(group)
+    if refused:
+        raise _invalid("command.argv.0", refused)
+    return group
+
+
+def _view(service: ScalingService, group: ScalingGroup, detail: bool) -> dict[str, Any]:
+    view: dict[str, Any] = {"group": group.model_dump(mode="json")}
+    if detail:
+        view.update(service.status(group))
+    else:
+        view["members"] = len(service.registered(group.name))
+    return view
+
+
+async def _group(service: ScalingService, name: str) -> ScalingGroup:
+    groups = await asyncio.to_thread(service.scaling.groups)
+    if name not in groups:
+        raise NotFound(f"scaling group {name!r} not found")
+    return groups[name]
+
+
+async def list_groups(request: web.Request) -> web.Response:
+    service = _service(request)
+    groups = await asyncio.to_thread(service.scaling.groups)
+    return web.json_response({"groups": [_view(service, g, False) for g in groups.values()]})
+
+
+async def create_group(request: web.Request) -> web.Response:
+    service = _service(request)
+    group = await _group_body(request)
+    await asyncio.to_thread(service.scaling.create_group, group)
+    return web.json_response(_view(service, group, False), status=201)
+
+
+async def get_group(request: web.Request) -> web.Response:
+    service = _service(request)
+    group = await _group(service, _name(request))
+    return web.json_response(_view(service, group, True))
+
+
+async def replace_group(request: web.Request) -> web.Response:
+    service = _service(request)
+    name = _name(request)
+    group = await _group_body(request)
+    if group.name != name:
+        raise _invalid("name", "must equal the name in the path (a group cannot be renamed)")
+    await asyncio.to_thread(service.scaling.replace_group, group)
+    return web.json_response(_view(service, group, False))
+
+
+async def delete_group(request: web.Request) -> web.Response:
+    """The group goes at once; its members are drained and stopped by the autoscaler's next passes."""
+    service = _service(request)
+    await asyncio.to_thread(service.scaling.delete_group, _name(request))
+    return web.Response(status=204)
+
+
+def _int(request: web.Request, param: str, low: int, high: int, default: int | None) -> int | None:
+    text = request.query.get(param)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise _invalid(param, f"an integer from {low} to {high}")
+    return int(text)
+
+
+async def list_events(request: web.Request) -> web.Response:
+    service = _service(request)
+    group = request.query.get("group")
+    if group is not None:
+        try:
+            v.check_name(group)
+        except ValueError as exc:
+            raise _invalid("group", str(exc)) from None
+    limit = _int(request, "limit", 1, EVENTS_MAX, 100) or 100
+    before = _int(request, "before", 1, 2**62, None)
+    events = await asyncio.to_thread(service.scaling.events, group, limit, before)
+    return web.json_response({"events": events})

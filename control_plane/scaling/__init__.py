@@ -1,0 +1,1 @@
+"""Autoscaling: scaling groups that start and stop model servers from measured load (issue 16)."""
