@@ -131,7 +131,7 @@ def decide(group: ScalingGroup, signals: Signals, memory: Memory, now: float) ->
     all_under = all(
         (value := signals.values.get(name)) is None or value < t.scale_in_below for name, t in watched.items()
     )
-    under_since = (memory.all_under_since or now) if all_under else None
+    under_since = None if not all_under else now if memory.all_under_since is None else memory.all_under_since
     history = tuple(
         (t, r) for t, r in (*memory.rpm_history, (now, signals.rpm)) if now - t <= group.predictive_window_s
     )
@@ -184,7 +184,8 @@ def decide(group: ScalingGroup, signals: Signals, memory: Memory, now: float) ->
     if current > group.min_instances and in_left == 0 and under_since is not None:
         reason = f"every trigger under its scale_in_below for {now - under_since:.0f} s"
         return made("in", None, reason), new_memory
-    return made("hold", None, _hold_reason(group, current, held, out_left, in_left)), new_memory
+    over = [v for v in views if v.name in over_since]
+    return made("hold", None, _hold_reason(group, current, over, held, out_left, in_left)), new_memory
 
 
 def _predicted(
@@ -210,12 +211,20 @@ def _predicted(
 
 
 def _hold_reason(
-    group: ScalingGroup, current: int, held: list[TriggerView], out_left: float, in_left: float
+    group: ScalingGroup,
+    current: int,
+    over: list[TriggerView],
+    held: list[TriggerView],
+    out_left: float,
+    in_left: float,
 ) -> str:
     if held and current >= group.max_instances:
         return f"{held[0].name} over its threshold, at max_instances {group.max_instances}"
     if held:
         return f"{held[0].name} over its threshold, cooldown_out {out_left:.0f} s left"
+    if over:
+        first, sustain = over[0], group.sustain_s
+        return f"{first.name} over its threshold for {first.over_for_s:.0f} s of sustain_s {sustain:g}"
     if current > group.min_instances:
         return f"within thresholds; scale in possible in {in_left:.0f} s if every trigger stays under"
     return "within thresholds"

@@ -93,6 +93,13 @@ class InstanceTemplate(BaseModel):
 
     provider_type: ProviderType = ProviderType.OPENAI_COMPATIBLE
     api_path: str = Field(default="", max_length=128, pattern=r"^(/[A-Za-z0-9._~-]+)*$")
+
+    @field_validator("api_path")
+    @classmethod
+    def _no_dot_segments(cls, value: str) -> str:
+        if any(part in (".", "..") for part in value.split("/")):
+            raise ValueError("api_path has no '.' or '..' segment")
+        return value
     instance_type: InstanceType = InstanceType.CHAT
     weight: int = Field(default=1, ge=1, le=1000)
     priority: int = Field(default=1, ge=0, le=100)

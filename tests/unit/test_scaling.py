@@ -1,0 +1,214 @@
+"""The autoscaler's pure parts: group validation, measuring a window, deciding, the trend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from control_plane.scaling.decide import Memory, Sample, Signals, decide, measure, percentile, trend_rpm
+from control_plane.scaling.model import ScalingGroup, substitute
+
+
+def group(**changes: Any) -> ScalingGroup:
+    doc: dict[str, Any] = {
+        "name": "llama",
+        "models": ["llama3"],
+        "command": {"argv": ["/usr/bin/server", "--port", "{port}"]},
+        "min_instances": 1,
+        "max_instances": 4,
+        "cooldown_out_s": 30,
+        "cooldown_in_s": 60,
+        "evaluation_interval_s": 10,
+        "sustain_s": 10,
+        "template": {"max_concurrent_requests": 4},
+        "triggers": {"utilisation": {"scale_out_above": 0.8, "scale_in_below": 0.3}},
+    }
+    doc.update(changes)
+    return ScalingGroup.model_validate(doc)
+
+
+def signals(members: int, utilisation: float | None, rpm: float = 60.0) -> Signals:
+    return Signals(members=members, values={"utilisation": utilisation}, rpm=rpm)
+
+
+# --- the group document ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"min_instances": 5, "max_instances": 4}, "min_instances"),
+        ({"triggers": {"utilisation": {"scale_out_above": 0.5, "scale_in_below": 0.5}}}, "scale_in_below"),
+        ({"port_min": 30000, "port_max": 30001}, "port range"),
+        ({"name": "x" * 57}, "characters"),
+        ({"command": {"argv": []}}, "argv"),
+        ({"command": {"argv": ["/bin/a\x00b"]}}, "NUL"),
+        ({"command": {"argv": ["/bin/a"], "env": {"A=B": "c"}}}, "env"),
+        ({"template": {"api_path": "/v1/../x"}}, "api_path"),
+        ({"driver": "ssh"}, "driver"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_groups_are_refused_naming_the_problem(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        group(**changes)
+    assert field in str(caught.value)
+
+
+def test_member_config_and_placeholders() -> None:
+    g = group(template={"api_path": "/v1", "weight": 3, "max_concurrent_requests": 2})
+    config = g.member_config(2, 20002)
+    assert config.name == "llama-2"
+    assert config.api_base == "http://127.0.0.1:20002/v1"
+    assert config.supported_models == ["llama3"] and config.weight == 3
+    assert config.tags == ["scaling_group=llama"]
+    text = "--port={port} --name {name} #{index} {other}"
+    assert substitute(text, 9, "n", 2) == "--port=9 --name n #2 {other}"
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+
+
+def test_measure_little_law_p95_errors() -> None:
+    g = group()
+    now = 1000.0
+    # 60 attempts of 2 s each in the last 60 s: 120 busy seconds over 60 s = 2 in flight on average.
+    samples = [Sample(now - i, 2000.0, i % 10 != 0) for i in range(60)]
+    samples.append(Sample(now - 100, 99_999.0, False))  # outside the window
+    s = measure(g, samples, now, 60.0, members=1, unhealthy=0)
+    assert s.rpm == pytest.approx(60.0)
+    assert s.values["utilisation"] == pytest.approx(2 / 4)  # 2 in flight over 1 member x 4
+    assert s.values["p95_latency_ms"] == 2000.0
+    assert s.values["error_rate"] == pytest.approx(6 / 60)
+    idle = measure(g, [], now, 60.0, members=2, unhealthy=1)
+    assert idle.values["utilisation"] == 0.0 and idle.values["p95_latency_ms"] is None
+    assert idle.values["error_rate"] is None and idle.values["unhealthy_instances"] == 1.0
+
+
+def test_measure_by_rpm_when_only_max_rpm_is_set() -> None:
+    g = group(template={"max_rpm": 30})
+    samples = [Sample(100.0 - i, 10.0, True) for i in range(30)]
+    # 30 requests in 60 s: 30 per minute over 2 members x 30.
+    measured = measure(g, samples, 100.0, 60.0, members=2, unhealthy=0)
+    assert measured.values["utilisation"] == pytest.approx(0.5)
+    none = group(template={})
+    assert measure(none, samples, 100.0, 60.0, members=2, unhealthy=0).values["utilisation"] is None
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([5.0], 0.95) == 5.0
+    assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+# --- deciding ----------------------------------------------------------------------------------------------
+
+
+def test_scale_out_only_after_the_trigger_held_for_sustain_s() -> None:
+    g = group()
+    d, m = decide(g, signals(1, 0.9), Memory(), 0.0)
+    assert d.direction == "hold" and d.reason == "utilisation over its threshold for 0 s of sustain_s 10"
+    d, m = decide(g, signals(1, 0.9), m, 5.0)
+    assert d.direction == "hold"
+    d, m = decide(g, signals(1, 0.9), m, 10.0)
+    assert (d.direction, d.target, d.trigger) == ("out", 2, "utilisation")
+    assert "utilisation 0.9 > 0.8 for 10 s" in d.reason
+    assert d.triggers[0].value == 0.9 and d.triggers[0].over_for_s == 10.0
+
+
+def test_a_dip_restarts_the_sustain_clock() -> None:
+    g = group()
+    _, m = decide(g, signals(1, 0.9), Memory(), 0.0)
+    _, m = decide(g, signals(1, 0.5), m, 5.0)
+    d, m = decide(g, signals(1, 0.9), m, 10.0)
+    assert d.direction == "hold"
+    d, _ = decide(g, signals(1, 0.9), m, 20.0)
+    assert d.direction == "out"
+
+
+def test_cooldown_out_and_max_instances_hold() -> None:
+    g = group()
+    memory = Memory(over_since={"utilisation": 0.0}, last_out_at=50.0)
+    d, _ = decide(g, signals(2, 0.95), memory, 60.0)
+    assert d.direction == "hold" and d.cooldown_out_left_s == 20.0 and "cooldown_out" in d.reason
+    d, _ = decide(g, signals(2, 0.95), memory, 80.0)
+    assert d.direction == "out"
+    d, _ = decide(g, signals(4, 0.95), memory, 80.0)
+    assert d.direction == "hold" and "max_instances 4" in d.reason
+
+
+def test_scale_in_needs_every_trigger_under_for_cooldown_in_s() -> None:
+    g = group(triggers={
+        "utilisation": {"scale_out_above": 0.8, "scale_in_below": 0.3},
+        "p95_latency_ms": {"scale_out_above": 5000, "scale_in_below": 1000},
+    })
+    both_low = Signals(3, {"utilisation": 0.1, "p95_latency_ms": 200.0}, 10.0)
+    one_high = Signals(3, {"utilisation": 0.1, "p95_latency_ms": 3000.0}, 10.0)
+    d, m = decide(g, both_low, Memory(), 0.0)
+    assert d.direction == "hold" and d.cooldown_in_left_s == 60.0
+    d, m = decide(g, one_high, m, 30.0)  # in the band: neither out nor in, and the in clock restarts
+    assert d.direction == "hold" and m.all_under_since is None
+    d, m = decide(g, both_low, m, 40.0)
+    d, m = decide(g, both_low, m, 99.0)
+    assert d.direction == "hold"
+    d, m = decide(g, both_low, m, 100.0)
+    assert (d.direction, d.target) == ("in", 2)
+    d, _ = decide(g, Signals(1, {"utilisation": 0.0, "p95_latency_ms": None}, 0.0), m, 500.0)
+    assert d.direction == "hold"  # never below min_instances
+
+
+def test_no_scale_in_soon_after_a_scale_out() -> None:
+    g = group()
+    memory = Memory(all_under_since=0.0, last_out_at=90.0)
+    d, _ = decide(g, signals(2, 0.0), memory, 100.0)
+    assert d.direction == "hold" and d.cooldown_in_left_s == 50.0
+
+
+def test_bounds_come_first() -> None:
+    g = group(min_instances=2)
+    d, _ = decide(g, signals(0, None), Memory(last_out_at=1e9), 0.0)
+    assert (d.direction, d.target, d.trigger) == ("out", 2, "min_instances")
+    d, _ = decide(g, signals(6, 0.95), Memory(), 0.0)
+    assert (d.direction, d.target, d.trigger) == ("in", 4, "max_instances")
+
+
+def test_predictive_scale_out_ahead_of_the_threshold() -> None:
+    g = group(predictive=True, predictive_window_s=600)
+    memory = Memory(rpm_history=((0.0, 100.0), (10.0, 200.0), (20.0, 300.0)))
+    d, _ = decide(g, signals(1, 0.6, rpm=400.0), memory, 30.0)
+    assert d.direction == "out" and d.predictive and d.reason.startswith("predictive:")
+    flat = Memory(rpm_history=((0.0, 400.0), (10.0, 400.0), (20.0, 400.0)))
+    d, _ = decide(g, signals(1, 0.6, rpm=400.0), flat, 30.0)
+    assert d.direction == "hold" and not d.predictive
+    d, _ = decide(group(), signals(1, 0.6, rpm=400.0), memory, 30.0)
+    assert d.direction == "hold"  # predictive off
+
+
+def test_trend_rpm() -> None:
+    assert trend_rpm(((0.0, 10.0), (10.0, 20.0)), 20.0) is None
+    assert trend_rpm(((0.0, 10.0), (10.0, 20.0), (20.0, 30.0)), 40.0) == pytest.approx(50.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    members=st.integers(0, 8),
+    values=st.lists(st.one_of(st.none(), st.floats(0, 2)), min_size=20, max_size=20),
+)
+def test_decisions_stay_within_bounds_and_move_one_step(members: int, values: list[float | None]) -> None:
+    g = group()
+    memory = Memory()
+    for step, value in enumerate(values):
+        d, memory = decide(g, signals(members, value), memory, step * 10.0)
+        if d.trigger not in ("min_instances", "max_instances"):
+            assert g.min_instances <= d.target <= g.max_instances
+            assert abs(d.target - d.current) <= 1
+        if d.direction == "out":
+            memory = Memory(**{**memory.__dict__, "last_out_at": step * 10.0})
+            members = d.target
+        elif d.direction == "in":
+            memory = Memory(**{**memory.__dict__, "last_in_at": step * 10.0})
+            members = d.target
