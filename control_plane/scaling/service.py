@@ -135,6 +135,9 @@ class ScalingService:
         if not self.instances:
             return
         names = self.addresses()
+        # Stamped on arrival, not with the record's own time: a log stream running behind under load must
+        # not push its records out of a short window.
+        now = time.time()
         for attempt in record.attempts:
             name = names.get(attempt.address)
             entry = self.instances.get(name) if name is not None else None
@@ -143,7 +146,7 @@ class ScalingService:
             runtime = self.runtime.get(group_of(entry[0]) or "")
             if runtime is not None:
                 ok = classify(attempt.status) in ("ok", "rate_limited")
-                runtime.samples.append(Sample(record.at, attempt.response_ms or 0.0, ok))
+                runtime.samples.append(Sample(now, attempt.response_ms or 0.0, ok))
 
     # --- views --------------------------------------------------------------------------------------
     def registered(self, group: str) -> dict[str, tuple[InstanceConfig, InstanceState]]:

@@ -142,10 +142,12 @@ def test_cooldown_out_and_max_instances_hold() -> None:
 
 
 def test_scale_in_needs_every_trigger_under_for_cooldown_in_s() -> None:
-    g = group(triggers={
-        "utilisation": {"scale_out_above": 0.8, "scale_in_below": 0.3},
-        "p95_latency_ms": {"scale_out_above": 5000, "scale_in_below": 1000},
-    })
+    g = group(
+        triggers={
+            "utilisation": {"scale_out_above": 0.8, "scale_in_below": 0.3},
+            "p95_latency_ms": {"scale_out_above": 5000, "scale_in_below": 1000},
+        }
+    )
     both_low = Signals(3, {"utilisation": 0.1, "p95_latency_ms": 200.0}, 10.0)
     one_high = Signals(3, {"utilisation": 0.1, "p95_latency_ms": 3000.0}, 10.0)
     d, m = decide(g, both_low, Memory(), 0.0)
