@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from pydantic.json_schema import models_json_schema
 
-from control_plane.api.openapi import BODY_ERRORS, REF, Schema, _body, _errors, _object, _ok, _op, _ref
+from control_plane.api.openapi import (
+    BODY_ERRORS,
+    REF,
+    Schema,
+    _body,
+    _errors,
+    _object,
+    _ok,
+    _op,
+    _pattern,
+    _ref,
+)
+from control_plane.registry import validators as v
 from control_plane.scaling.model import ScalingGroup
 
 
@@ -46,12 +58,14 @@ def parameters() -> Schema:
         return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
     return {
-        "ScalingEventGroup": query("group", "Only this group's events", {"type": "string"}),
+        "ScalingEventGroup": query("group", "Only this group's events", _pattern(v.NAME_RE)),
         "ScalingEventLimit": query(
             "limit", "At most this many", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
         ),
         "ScalingEventBefore": query(
-            "before", "Only events with a smaller id (paging back)", {"type": "integer", "minimum": 1}
+            "before",
+            "Only events with a smaller id (paging back)",
+            {"type": "integer", "minimum": 1, "maximum": 2**62},
         ),
     }
 
