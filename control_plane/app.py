@@ -159,7 +159,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     jwt_keys.load(server.edge.jwt_files)  # refuse to start with unusable JWT key files (JwtConfigError)
     store = Store(settings.database_url)
     store.migrate()
-    metrics = GatewayMetrics(registry or CollectorRegistry())
+    metrics = GatewayMetrics(registry or CollectorRegistry(), settings.metrics_key_label)
     nginx = NginxProcess(settings.nginx_dir, settings.nginx_binary, settings.generations_kept)
     nginx.prepare()
     timing = ReconcileTiming(

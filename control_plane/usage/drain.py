@@ -48,12 +48,9 @@ class UsageDrain:
 
     def _count(self, stored: list[Bucket]) -> None:
         for b in stored:
-            if b.prompt_tokens:
-                self.metrics.tokens.labels(b.instance, b.model, "prompt").inc(b.prompt_tokens)
-            if b.completion_tokens:
-                self.metrics.tokens.labels(b.instance, b.model, "completion").inc(b.completion_tokens)
-            if b.cost_usd:
-                self.metrics.cost.labels(b.instance, b.model).inc(b.cost_usd)
+            self.metrics.count_usage(
+                b.instance, b.model, b.key, b.prompt_tokens, b.completion_tokens, b.cost_usd
+            )
 
     async def _fetch(self, session: aiohttp.ClientSession) -> object:
         async with session.get(DRAIN_URL) as answer:
