@@ -199,6 +199,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         settings.usage_minute_retention_h,
         settings.usage_day_retention_d,
     )
+    app[keys.USAGE_DRAIN].observers.append(app[keys.HEALTH].on_usage)  # instances' max_tpm
     setup_routes(app)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it

@@ -298,6 +298,8 @@ def exclusion_reason(config: InstanceConfig, state: InstanceState, world: World)
         return f"breaker open{until}"
     if state.rate_limited_until is not None and state.rate_limited_until > world.now:
         return f"rate-limited until {state.rate_limited_until.isoformat()}"
+    if state.rate_budget_until is not None and state.rate_budget_until > world.now:
+        return "rate_limit_budget"
     base = providers.base_url(config)
     if base is None:
         return "no api_base configured"

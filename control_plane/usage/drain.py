@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import aiohttp
@@ -45,6 +45,8 @@ class UsageDrain:
         self._session: aiohttp.ClientSession | None = None
         self._lock = asyncio.Lock()
         self._pruned_at = 0.0
+        # Called with the minute buckets of every batch stored (the health service: instances' max_tpm).
+        self.observers: list[Callable[[list[Bucket]], None]] = []
 
     def _count(self, stored: list[Bucket]) -> None:
         for b in stored:
@@ -87,6 +89,8 @@ class UsageDrain:
         stored = await asyncio.to_thread(self.usage.record, batch, datetime.now(UTC))
         if stored is not None:
             self._count(stored)
+            for observer in self.observers:
+                observer(stored)
         try:
             async with session.delete(f"{DRAIN_URL}/{batch.id}") as answer:
                 if answer.status not in (204, 404):

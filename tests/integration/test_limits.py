@@ -206,3 +206,39 @@ def test_a_key_over_its_tpm_limit_waits_for_the_window(stubs: dict[str, StubServ
         wait_for(free, timeout=wait + 3, interval=0.5, what="the tpm window freed")
         assert time.monotonic() - refused_at >= wait - 3  # not long before the Retry-After it was given
         assert _chat(secret, gw).status_code == 200
+
+
+def _pool(gw: Gateway) -> dict[str, Any]:
+    for pool in gw.status()["pools"]:
+        if pool["model"] == "llama3:8b" and pool["family"] == "openai" and pool["kind"] == "chat":
+            return pool  # type: ignore[no-any-return]
+    raise AssertionError("no llama3:8b pool")
+
+
+def test_an_instance_at_max_rpm_leaves_its_pool_and_comes_back(stubs: dict[str, StubServer]) -> None:
+    """Two instances of a model, one with max_rpm 5: once the log stream shows 5 requests to it in the last
+    60 s, the controller takes it out of the pool (reason rate_limit_budget) and the other serves; it is
+    back once the window frees."""
+    with Gateway(extra_env={**ENV, "ISHGW_PROBES_ENABLED": "false"}) as gw:
+        _instance(gw, stubs, "capped", max_rpm=5)
+        _instance(gw, stubs, "spare")
+        secret, _ = _key(gw, name="k")
+        gw.wait_applied()
+        served: list[str] = []
+        for _ in range(40):  # bounded: the first ~10 reach capped, in turn with spare
+            answer = _chat(secret, gw)
+            assert answer.status_code == 200, answer.text
+            served.append(answer.headers["X-ISHGW-Instance"])
+            if _pool(gw)["excluded"].get("capped") == "rate_limit_budget":
+                break
+        assert _pool(gw)["excluded"].get("capped") == "rate_limit_budget", served
+        out_at = time.monotonic()
+        assert served.count("capped") >= 5  # measured from the log stream: it reached its max_rpm
+        state = gw.admin.get("/admin/instances/capped").json()["state"]
+        assert state["rate_budget_until"] and state["current_rpm"] >= 5, state
+        gw.wait_applied()
+        assert {_chat(secret, gw).headers["X-ISHGW-Instance"] for _ in range(6)} == {"spare"}
+        wait_for(lambda: "capped" in _pool(gw)["instances"], timeout=65, interval=0.5, what="capped back")
+        assert time.monotonic() - out_at > 30  # not before its requests left the 60 s window
+        gw.wait_applied()
+        assert "capped" in {_chat(secret, gw).headers["X-ISHGW-Instance"] for _ in range(6)}
