@@ -2,13 +2,13 @@
 answer has ended (gw.limits counts in the log phase), so requests that arrive while others are still being
 answered all pass the check: a burst of N concurrent requests against a nearly spent limit can go over it
 by up to N requests' tokens. This measures it against the real gateway (controller + nginx on loopback,
-a stand-in backend whose answers stream for `--delay-ms` x 10 chunks).
+a stand-in backend that takes `--delay-ms` to answer, as a model does).
 
 For each concurrency N: a fresh key with tpm_limit L; sequential requests while one more fits under L
 (the key is then "nearly spent"); then N requests at once. Reported: how many of the N passed and the
 tokens spent over L.
 
-    .venv/bin/python -m scripts.bench.overshoot [--limit 1000] [--concurrency 1,4,16,64] [--delay-ms 20]
+    .venv/bin/python -m scripts.bench.overshoot [--limit 1000] [--concurrency 1,4,16,64] [--delay-ms 300]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import concurrent.futures
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import httpx
@@ -51,8 +52,14 @@ def burst(gw: Gateway, limit: int, n: int) -> dict[str, int]:
         spent, size = spent + tokens, tokens
         if spent + size >= limit:
             break
+    start = threading.Barrier(n)
+
+    def together(_: int) -> tuple[int, int]:
+        start.wait(timeout=30)
+        return _chat(gw, secret)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
-        results = list(pool.map(lambda _: _chat(gw, secret), range(n)))
+        results = list(pool.map(together, range(n)))
     passed = [tokens for status, tokens in results if status == 200]
     refused = sum(1 for status, _ in results if status == 429)
     total = spent + sum(passed)
@@ -71,10 +78,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--delay-ms", type=int, default=20)
+    parser.add_argument("--delay-ms", type=int, default=300)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ishgw-overshoot-", dir="/tmp"))
-    stub = StubServer("overshoot", chunk_delay_ms=args.delay_ms).start()
+    stub = StubServer("overshoot").start()
+    httpx.post(f"{stub.url}/_control", json={"mode": "slow", "delay_ms": args.delay_ms}).raise_for_status()
     env = {
         "ISHGW_AUTH_REQUIRED": "true",
         "ISHGW_USAGE_ACCOUNTING": "true",
@@ -87,13 +95,14 @@ def main() -> None:
                 name="stub", provider_type="ollama", api_base=stub.url, supported_models=["m"]
             )
             added.raise_for_status()
-            print(f"tpm_limit {args.limit}, answers streamed over {10 * args.delay_ms} ms")
-            print("concurrency  passed  refused  tokens  over the limit  (one request: tokens)")
+            print(f"tpm_limit {args.limit}, answers after {args.delay_ms} ms", flush=True)
+            print("concurrency  passed  refused  tokens  over the limit  (one request: tokens)", flush=True)
             for n in (int(x) for x in args.concurrency.split(",")):
                 r = burst(gw, args.limit, n)
                 print(
                     f"{r['concurrency']:>11}  {r['passed']:>6}  {r['refused']:>7}  {r['total']:>6}  "
-                    f"{r['over_limit']:>14}  ({r['request_tokens']})"
+                    f"{r['over_limit']:>14}  ({r['request_tokens']})",
+                    flush=True,
                 )
     finally:
         stub.stop()
