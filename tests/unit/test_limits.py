@@ -214,3 +214,15 @@ def test_a_restarted_controller_keeps_the_rate_budget() -> None:
     state = InstanceState(rate_budget_until=datetime.fromtimestamp(1060, UTC))
     t.sync([(config("a", max_rpm=3), state)], {"127.0.0.0:1": "a"}, 0, 1000)
     assert t.state_fields("a", 1000, 0)["rate_budget_until"] == datetime.fromtimestamp(1060, UTC)
+
+
+def test_keys_with_limits_are_counted_even_with_usage_accounting_off() -> None:
+    from control_plane.render.nginx import render
+
+    chat = InstanceConfig(
+        name="chat", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+    )
+    plain = render(_spec([_key("plain")], [chat])).files["servers.conf"]
+    limited = render(_spec([_key("tpm", tpm_limit=10)], [chat])).files["servers.conf"]
+    assert "counted(" not in plain
+    assert 'log_by_lua_block { require("gw.gateway").counted(' in limited
