@@ -8,6 +8,7 @@ files["nginx/lua/gw/identity.lua"] = { std = "luajit" }
 files["nginx/lua/gw/answers.lua"] = { std = "luajit" }
 files["nginx/lua/gw/usage.lua"] = { std = "luajit" }
 files["nginx/lua/gw/tally.lua"] = { std = "luajit" }
+files["nginx/lua/gw/limits.lua"] = { std = "luajit" }
 files["nginx/lua/spec"] = { std = "+busted" }
 files["nginx/lua/spec/fixtures"] = { max_line_length = false }  -- generated keys and tokens
 files["tests/unit/lua_body_driver.lua"] = { std = "luajit" }

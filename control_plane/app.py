@@ -167,7 +167,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     jwt_keys.load(server.edge.jwt_files)  # refuse to start with unusable JWT key files (JwtConfigError)
     store = Store(settings.database_url)
     store.migrate()
-    metrics = GatewayMetrics(registry or CollectorRegistry())
+    metrics = GatewayMetrics(registry or CollectorRegistry(), settings.metrics_key_label)
     nginx = NginxProcess(settings.nginx_dir, settings.nginx_binary, settings.generations_kept)
     nginx.prepare()
     timing = ReconcileTiming(
@@ -220,6 +220,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     )
     health.log_observers.append(scaling.on_log)
     app[keys.SCALING] = scaling
+    app[keys.USAGE_DRAIN].observers.append(app[keys.HEALTH].on_usage)  # instances' max_tpm
     setup_routes(app)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it

@@ -6,8 +6,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, key_label: bool = False) -> None:
         self.registry = registry
+        # ISHGW_METRICS_KEY_LABEL: the usage counters get a key label (one series per key: cardinality).
+        self.key_label = key_label
+        usage_key = ["key"] if key_label else []
         self.reloads = Counter(
             "ishgw_config_reloads_total", "nginx reloads by result", ["result"], registry=registry
         )
@@ -51,13 +54,13 @@ class GatewayMetrics:
         self.tokens = Counter(
             "ishgw_tokens_total",
             "tokens counted by nginx and stored, per instance, model and direction (prompt, completion)",
-            ["instance", "model", "direction"],
+            ["instance", "model", "direction", *usage_key],
             registry=registry,
         )
         self.cost = Counter(
             "ishgw_cost_usd_total",
             "cost of the stored usage at the instances' rates (USD)",
-            ["instance", "model"],
+            ["instance", "model", *usage_key],
             registry=registry,
         )
         self.usage_drains = Counter(
@@ -66,3 +69,15 @@ class GatewayMetrics:
             ["result"],
             registry=registry,
         )
+
+    def count_usage(
+        self, instance: str, model: str, key: str, prompt: int, completion: int, cost: float
+    ) -> None:
+        """A stored usage bucket into ishgw_tokens_total and ishgw_cost_usd_total (key "": anonymous)."""
+        extra = (key,) if self.key_label else ()
+        if prompt:
+            self.tokens.labels(instance, model, "prompt", *extra).inc(prompt)
+        if completion:
+            self.tokens.labels(instance, model, "completion", *extra).inc(completion)
+        if cost:
+            self.cost.labels(instance, model, *extra).inc(cost)

@@ -21,11 +21,13 @@ from control_plane.errors import ReloadFailed
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import NginxProcess, worker_count
 from control_plane.registry.store import Store
+from control_plane.registry.usage import UsageStore
 from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, render
 from control_plane.render.quoting import UnsafeValue
 from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
 from control_plane.secret_refs import SecretPolicy
+from control_plane.usage.limits import write_budget_seed
 from control_plane.world import gather_world
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,7 @@ class Reconciler:
         if wait > 0:
             await asyncio.sleep(wait)
         previous = self.nginx.running_checksum()
+        await self._write_budget_seed()
         candidate = self.nginx.write_candidate(tree)
         tested = await self.nginx.test(candidate)
         if not tested.ok:
@@ -196,6 +199,17 @@ class Reconciler:
             return "nginx did not adopt the new configuration: " + self.nginx.error_log_tail()
         self.nginx.prune(keep_also=tree.checksum)
         return None
+
+    async def _write_budget_seed(self) -> None:
+        """The keys' spend this period as the registry holds it, for the load that follows
+        (control_plane/usage/limits.py). Without it a restarted nginx would start every budget at 0."""
+        spec = self._spec
+        if spec is None or not spec.edge.token_limits:
+            return
+        try:
+            await asyncio.to_thread(write_budget_seed, UsageStore(self.store), spec, datetime.now(UTC))
+        except Exception:  # the load goes on: the counters nginx holds stay; only a fresh one starts low
+            log.warning("could not write the budget seed", exc_info=True)
 
     def _roll_back(self, previous: str | None) -> None:
         if previous is not None:

@@ -127,6 +127,11 @@ class Settings(EdgeSettings):
         description="How often to look for registry changes made by other nodes",
     )
     generations_kept: int = Field(default=5, ge=2, le=100)
+    metrics_key_label: bool = Field(
+        default=False,
+        description="Add a key label (the key id) to ishgw_tokens_total and ishgw_cost_usd_total: one series"
+        " per key, instance and model",
+    )
 
     @field_validator("http_redirect", mode="before")
     @classmethod

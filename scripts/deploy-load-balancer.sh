@@ -59,6 +59,7 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_KEY_DEFAULT_RPM 0                                   rate of client keys created without rpm_limit (0: none)
   ISHGW_SCALING_COMMANDS (none)                            programs scaling groups may start (absolute paths, comma
                                                             separated); empty: the command driver starts nothing
+  ISHGW_METRICS_KEY_LABEL false                             add a key label to ishgw_tokens_total / ishgw_cost_usd_total
   Every other ISHGW_* setting of the controller (see README.md) is passed through and stored the same way.
   A variable set to the empty string drops a stored value (back to the default).
   Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600;

@@ -274,6 +274,7 @@ def _runtime_schemas() -> dict[str, Schema]:
                 "breaker_reason": {"type": ["string", "null"]},
                 "breaker_open_until": {"type": ["string", "null"]},
                 "rate_limited_until": {"type": ["string", "null"]},
+                "rate_budget_until": {"type": ["string", "null"]},
                 "quarantined_reason": {"type": ["string", "null"]},
                 "unhealthy_since": {"type": ["string", "null"]},
                 "probes": {"type": "array", "items": {"type": "object"}},

@@ -292,6 +292,7 @@ async def instance_health(request: web.Request) -> web.Response:
             "breaker_reason": health.tracker.breaker_reason(name),
             "breaker_open_until": _iso(state.breaker_open_until),
             "rate_limited_until": _iso(state.rate_limited_until),
+            "rate_budget_until": _iso(state.rate_budget_until),
             "quarantined_reason": state.quarantined_reason,
             "unhealthy_since": _iso(state.unhealthy_since),
             "probes": health.tracker.history(name),

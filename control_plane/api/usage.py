@@ -1,5 +1,5 @@
 """Admin API for usage: GET /admin/usage (sums by key, instance, model or day; JSON or CSV) and
-GET /admin/keys/{key_id}/usage (one key: today and this month)."""
+GET /admin/keys/{key_id}/usage (one key: today, this month, its budget left)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from control_plane.api.client_keys import _key_id, _keys
 from control_plane.api.keys import STORE
 from control_plane.errors import InvalidInput
 from control_plane.registry import validators as v
-from control_plane.registry.client_keys import check_key_id
+from control_plane.registry.client_keys import ClientKey, check_key_id
 from control_plane.registry.usage import UsageStore
+from control_plane.usage.limits import period_bounds
 from control_plane.usage.model import DAY_S, GROUPS, TOTALS, UsageQuery, csv_text
 
 DEFAULT_DAYS = 30
@@ -116,8 +117,24 @@ def _totals(usage: UsageStore, key_id: str, start: int, end: int) -> dict[str, A
     }
 
 
+def _budget(usage: UsageStore, key: ClientKey, now: datetime) -> dict[str, Any] | None:
+    """The key's budget this period: spent as drained (nginx enforces its own, fresher count), left, reset."""
+    if key.max_budget_usd <= 0:
+        return None
+    start, end = period_bounds(key.budget_period, now)
+    spent = usage.spent(key.id, start)
+    return {
+        "max_budget_usd": key.max_budget_usd,
+        "period": key.budget_period,
+        "from": _iso(start),
+        "spent_usd": spent,
+        "left_usd": max(0.0, key.max_budget_usd - spent),
+        "resets_at": _iso(end) if end is not None else None,
+    }
+
+
 async def get_key_usage(request: web.Request) -> web.Response:
-    """One key: today and this month (UTC), from the day buckets."""
+    """One key: today and this month (UTC), from the day buckets; its limits and the budget left."""
     key = await asyncio.to_thread(_keys(request).get, _key_id(request))
     now = datetime.now(UTC)
     today = int(now.timestamp()) // DAY_S * DAY_S
@@ -125,6 +142,14 @@ async def get_key_usage(request: web.Request) -> web.Response:
     usage = _usage(request)
     today_totals = await asyncio.to_thread(_totals, usage, key.id, today, today + DAY_S)
     month_totals = await asyncio.to_thread(_totals, usage, key.id, month, today + DAY_S)
+    budget = await asyncio.to_thread(_budget, usage, key, now)
     return web.json_response(
-        {"key": key.id, "key_name": key.name, "today": today_totals, "month": month_totals}
+        {
+            "key": key.id,
+            "key_name": key.name,
+            "today": today_totals,
+            "month": month_totals,
+            "tpm_limit": key.tpm_limit,
+            "budget": budget,
+        }
     )

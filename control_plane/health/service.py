@@ -21,6 +21,7 @@ from control_plane.reconciler import Reconciler
 from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store
 from control_plane.render.spec import GatewaySpec, World
+from control_plane.usage.model import Bucket
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,14 @@ class HealthService:
                 name = self.tracker.addresses.get(attempt.address)
                 if name is not None:
                     self._attempt_counter(name, classify(attempt.status)).inc()
+
+    def on_usage(self, stored: list[Bucket]) -> None:
+        """Drained usage (minute buckets) toward the instances' max_tpm."""
+        now = time.time()
+        for b in stored:
+            self.tracker.add_tokens(b.instance, b.start, b.prompt_tokens + b.completion_tokens, now)
+        if self.tracker.changed:
+            self._verdict.set()
 
     def _attempt_counter(self, name: str, outcome: str) -> Counter:
         """The labelled child, looked up once: labels() costs more than the increment, per record."""

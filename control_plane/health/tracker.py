@@ -73,6 +73,9 @@ class InstanceHealth:
     probe_latency_ms: float | None = None
     last_probe_at: datetime | None = None
     per_second: deque[list[int]] = field(default_factory=deque)  # [unix second, requests], last 60 s
+    max_tpm: int = 0
+    tokens: dict[int, int] = field(default_factory=dict)  # minute start -> tokens (drained usage), last two
+    budget_until: float = 0.0  # unix seconds: out of its pools until then, its max_rpm/max_tpm reached
 
 
 def _utc(ts: float) -> datetime:
@@ -86,6 +89,31 @@ def _count_second(buckets: deque[list[int]], second: int) -> None:
         buckets.append([second, 1])
     while buckets and buckets[0][0] <= second - 60:
         buckets.popleft()
+
+
+def rpm_free_at(per_second: deque[list[int]], now: float, max_rpm: int) -> float | None:
+    """When fewer than max_rpm requests are left in the last 60 s (each second's requests leave the window
+    60 s after it), given no new ones; None when there already are."""
+    window = [(second, n) for second, n in per_second if second > now - 60]
+    count = sum(n for _, n in window)
+    if count < max_rpm:
+        return None
+    for second, n in window:
+        count -= n
+        if count < max_rpm:
+            return second + 60.0
+    return now + 60.0  # not reached: max_rpm >= 1 and the count ends at 0
+
+
+def tpm_wait(prev: int, cur: int, elapsed: float, limit: int) -> float:
+    """Seconds until the two-bucket sliding minute (this minute's tokens plus the previous minute's in
+    proportion to its part still in the last 60 s: gw.limits' measure) holds fewer than ``limit`` tokens,
+    given no new ones; 0 when it already does."""
+    if cur + prev * (60 - elapsed) / 60 < limit:
+        return 0.0
+    if cur < limit:
+        return max(0.0, 60 - elapsed - 60 * (limit - cur) / prev) + 0.001
+    return (60 - elapsed) + 60 * (1 - limit / cur) + 0.001
 
 
 def _forget(entry: InstanceHealth, sample: br.Sample) -> None:
@@ -108,6 +136,8 @@ def _adopt(entry: InstanceHealth, state: InstanceState, now_mono: float, now_wal
     entry.discovered = tuple(state.discovered_models)
     if state.rate_limited_until is not None:
         entry.rate_limited_until = state.rate_limited_until.timestamp()
+    if state.rate_budget_until is not None:
+        entry.budget_until = state.rate_budget_until.timestamp()
     if state.quarantined_reason and state.quarantine_config == entry.fingerprint:
         entry.quarantined = state.quarantined_reason
     if state.breaker_state is BreakerState.OPEN and state.breaker_open_until is not None:
@@ -167,7 +197,7 @@ class HealthTracker:
                 if entry.quarantined:
                     entry.quarantined = None
                     self._mark(name, membership=True)
-            entry.max_rpm = config.max_rpm
+            entry.max_rpm, entry.max_tpm = config.max_rpm, config.max_tpm
 
     def _mark(self, name: str, membership: bool = False) -> None:
         self.dirty.add(name)
@@ -186,6 +216,8 @@ class HealthTracker:
             verdict = classify(attempt.status)
             entry.total += 1
             _count_second(entry.per_second, int(record.at))
+            if entry.max_rpm:
+                self._rate_budget(name, entry, record.at)
             entry.last_used_at = record.at
             self.dirty.add(name)
             if verdict == "rate_limited":
@@ -229,6 +261,32 @@ class HealthTracker:
                 entry.window_failures, entry.window_ok_latency_ms = 0, 0.0
                 entry.baseline_ms = entry.recent_ms
             self._mark(name, membership=True)
+
+    # --- the instance's own max_rpm / max_tpm ---------------------------------------------------------
+    def add_tokens(self, name: str, minute: int, tokens: int, now_wall: float) -> None:
+        """Drained usage (a minute bucket of the instance's tokens) toward its max_tpm."""
+        entry = self.instances.get(name)
+        if entry is None or not entry.max_tpm or tokens <= 0:
+            return
+        entry.tokens[minute] = entry.tokens.get(minute, 0) + tokens
+        for old in [m for m in entry.tokens if m < now_wall - 120]:
+            del entry.tokens[old]
+        self._rate_budget(name, entry, now_wall)
+
+    def _rate_budget(self, name: str, entry: InstanceHealth, now: float) -> None:
+        """Out of its pools (reason rate_limit_budget) until its measured rate is below its limits."""
+        free_at = rpm_free_at(entry.per_second, now, entry.max_rpm) if entry.max_rpm else None
+        if entry.max_tpm:
+            minute = int(now) // 60 * 60
+            cur, prev = entry.tokens.get(minute, 0), entry.tokens.get(minute - 60, 0)
+            wait = tpm_wait(prev, cur, now - minute, entry.max_tpm)
+            if wait > 0:
+                free_at = max(free_at or 0.0, now + wait)
+        if free_at is not None and free_at > entry.budget_until + 0.5:
+            if not entry.budget_until:
+                self._mark(name, membership=True)
+            entry.budget_until = free_at
+            self.dirty.add(name)
 
     def _rate_limit(self, name: str, entry: InstanceHealth, at: float, wait: float | None) -> None:
         until = at + min(wait if wait is not None else DEFAULT_429_COOLDOWN_S, self.max_retry_after_s)
@@ -329,6 +387,9 @@ class HealthTracker:
             if entry.rate_limited_until and now_wall >= entry.rate_limited_until:
                 entry.rate_limited_until = 0.0
                 self._mark(name, membership=True)
+            if entry.budget_until and now_wall >= entry.budget_until:
+                entry.budget_until = 0.0
+                self._mark(name, membership=True)
 
     # --- views ------------------------------------------------------------------------------------
     def state_fields(self, name: str, now_wall: float, now_mono: float) -> dict[str, object]:
@@ -348,6 +409,7 @@ class HealthTracker:
             "last_error": entry.last_error,
             "last_error_time": entry.last_error_time,
             "rate_limited_until": _utc(entry.rate_limited_until) if entry.rate_limited_until else None,
+            "rate_budget_until": _utc(entry.budget_until) if entry.budget_until else None,
             "current_rpm": rpm,
             "utilization_percentage": round(100 * rpm / entry.max_rpm, 1) if entry.max_rpm else 0.0,
             "total_requests": entry.total,

@@ -12,7 +12,7 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import delete, insert, select, update
@@ -73,7 +73,18 @@ class ClientKeySettings(BaseModel):
         le=10**6,
         description="Requests per minute; 0: no key limit; null: ISHGW_KEY_DEFAULT_RPM (default 0: none)",
     )
-    tpm_limit: int = Field(default=0, ge=0, le=10**10, description="Tokens per minute (stored; 0: none)")
+    tpm_limit: int = Field(
+        default=0,
+        ge=0,
+        le=10**10,
+        description="Tokens per minute (prompt + completion, the last 60 s), enforced in nginx; 0: none",
+    )
+    max_budget_usd: float = Field(
+        default=0.0, ge=0, le=10**9, description="USD the key may spend per budget_period; 0: no budget"
+    )
+    budget_period: Literal["day", "month", "total"] = Field(
+        default="month", description="The budget's period (UTC): day, month or total (never resets)"
+    )
     expires_at: datetime | None = Field(default=None, description="RFC 3339 with a timezone; null: never")
     enabled: bool = True
 

@@ -185,6 +185,8 @@ class InstanceState(BaseModel):
     last_error: str | None = None
     last_error_time: datetime | None = None
     rate_limited_until: datetime | None = None
+    # Its own max_rpm / max_tpm reached (the controller's measure): out of its pools until then.
+    rate_budget_until: datetime | None = None
     current_tpm: int = 0
     current_rpm: int = 0
     total_requests: int = 0

@@ -96,6 +96,14 @@ class UsageStore:
             ids_from = now - timedelta(hours=minute_retention_h)
             conn.execute(delete(usage_batches).where(usage_batches.c.at < ids_from))
 
+    def spent(self, key_id: str, start: int) -> float:
+        """USD a key spent from `start` (a day's start) on, as drained: the seed of its budget."""
+        stmt = select(func.sum(usage_day.c.cost_usd)).where(
+            usage_day.c.key_id == key_id, usage_day.c.start >= start
+        )
+        with self.store._read() as conn:
+            return float(conn.execute(stmt).scalar() or 0.0)
+
     def key_names(self, conn: Connection) -> dict[str, str]:
         return {key_id: name for key_id, name in conn.execute(select(client_keys.c.id, client_keys.c.name))}
 

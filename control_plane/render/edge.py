@@ -174,6 +174,14 @@ class RenderedKey:
     rpm: int
     expires: int  # epoch seconds; 0: never
     enabled: bool
+    tpm: int = 0  # tokens per minute (gw.limits); 0: none
+    budget_usd: float = 0.0  # per budget_period (gw.limits); 0: none
+    budget_period: str = "month"
+
+    @property
+    def limited(self) -> bool:
+        """The key has a limit gw.limits enforces (a disabled key is refused before any limit)."""
+        return self.enabled and (self.tpm > 0 or self.budget_usd > 0)
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,12 @@ class EdgeSpec:
     # Rates (requests per minute) with a per-key limit_req zone each: the keys' own and the JWT tiers.
     key_rates: tuple[int, ...] = ()
     class_of_path: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def token_limits(self) -> bool:
+        """Some key has a tpm_limit or a budget: nginx counts usage for them even with
+        ISHGW_USAGE_ACCOUNTING off."""
+        return any(k.limited for k in self.keys)
 
     def class_limit(self, path: str) -> ClassLimit | None:
         name = dict(self.class_of_path).get(path)
@@ -245,6 +259,9 @@ def build_edge(
                     rpm=policy.key_default_rpm if key.rpm_limit is None else key.rpm_limit,
                     expires=_epoch(key.expires_at),
                     enabled=key.enabled,
+                    tpm=key.tpm_limit,
+                    budget_usd=key.max_budget_usd,
+                    budget_period=key.budget_period,
                 )
                 for key in keys
             ),

@@ -18,6 +18,9 @@ routes.json
 clients.json (a SECRET_FILES member: key hashes and the HS256 secret)
   required, keys (sha256 -> {id, rpm, expires, enabled, models}), jwt, retry, address_rules,
   jwt_cache_size
+  limits      only when some key has a tpm_limit or a budget (gw.limits): keys (id -> {tpm, budget,
+              period}), prices (instance -> [USD per 1,000 prompt tokens, per 1,000 completion tokens]),
+              seed_file (the controller's budget seed, read by init; control_plane/usage/limits.py)
 """
 
 from __future__ import annotations
@@ -113,8 +116,29 @@ def _jwt(edge: EdgeSpec) -> dict[str, object] | None:
     }
 
 
-def clients_data(edge: EdgeSpec) -> dict[str, object]:
-    """What gw.identity and the 429 answers read. Optional parts are absent rather than null."""
+BUDGET_SEED_FILE = "budget-seed.json"  # in the prefix: control_plane/usage/limits.py writes it
+
+
+def limits_data(spec: GatewaySpec) -> dict[str, object] | None:
+    """The keys' limits gw.limits enforces, or None when no key has one."""
+    keys: dict[str, object] = {}
+    for key in spec.edge.keys:
+        if key.limited:
+            keys[key.id] = {
+                **({"tpm": key.tpm} if key.tpm else {}),
+                **({"budget": key.budget_usd, "period": key.budget_period} if key.budget_usd else {}),
+            }
+    if not keys:
+        return None
+    return {
+        "keys": keys,
+        "prices": {name: [prompt, completion] for name, prompt, completion in spec.prices},
+        "seed_file": f"{spec.server.prefix.rstrip('/')}/{BUDGET_SEED_FILE}",
+    }
+
+
+def clients_data(edge: EdgeSpec, limits: dict[str, object] | None = None) -> dict[str, object]:
+    """What gw.identity, gw.limits and the 429 answers read. Optional parts are absent rather than null."""
     policy = edge.policy
     data: dict[str, object] = {
         "required": policy.auth_required,
@@ -135,6 +159,8 @@ def clients_data(edge: EdgeSpec) -> dict[str, object]:
     jwt = _jwt(edge)
     if jwt is not None:
         data["jwt"] = jwt
+    if limits is not None:
+        data["limits"] = limits
     return data
 
 
@@ -146,6 +172,6 @@ def json_text(value: object) -> str:
 def data_files(spec: GatewaySpec) -> dict[str, str]:
     return {
         "routes.json": json_text(routes_data(spec)),
-        "clients.json": json_text(clients_data(spec.edge)),
+        "clients.json": json_text(clients_data(spec.edge, limits_data(spec))),
     }
 

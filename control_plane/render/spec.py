@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from control_plane.registry.models import (
     config_fingerprint,
 )
 from control_plane.render.edge import EdgePolicy, EdgeSpec, JwtKeys, build_edge
+from control_plane.usage.model import rates_of
 
 if TYPE_CHECKING:
     from control_plane.registry.client_keys import ClientKey
@@ -223,6 +224,9 @@ class GatewaySpec:
     excluded: tuple[tuple[str, str], ...]
     tls_fingerprint: str = ""
     edge: EdgeSpec = field(default_factory=EdgeSpec)
+    # (instance, USD per 1,000 prompt tokens, per 1,000 completion tokens) of every priced instance: what a
+    # key's budget is charged in nginx (gw.limits), as the registry charges the drained usage.
+    prices: tuple[tuple[str, float, float], ...] = ()
 
     def profiles(self) -> list[ProxyProfile]:
         """The distinct proxy profiles of the pools that have members, in a stable order."""
@@ -294,6 +298,8 @@ def exclusion_reason(config: InstanceConfig, state: InstanceState, world: World)
         return f"breaker open{until}"
     if state.rate_limited_until is not None and state.rate_limited_until > world.now:
         return f"rate-limited until {state.rate_limited_until.isoformat()}"
+    if state.rate_budget_until is not None and state.rate_budget_until > world.now:
+        return "rate_limit_budget"
     base = providers.base_url(config)
     if base is None:
         return "no api_base configured"
@@ -452,4 +458,14 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
         excluded=tuple(sorted(excluded.items())),
         tls_fingerprint=world.tls_fingerprint,
         edge=build_edge(server.edge, world.client_keys, world.jwt, providers.ENDPOINTS),
+        prices=instance_prices(c for c, _ in world.instances),
     )
+
+
+def instance_prices(configs: Iterable[InstanceConfig]) -> tuple[tuple[str, float, float], ...]:
+    out = []
+    for config in configs:
+        rates = rates_of(config)
+        if rates.prompt or rates.completion:
+            out.append((config.name, rates.prompt, rates.completion))
+    return tuple(sorted(out))

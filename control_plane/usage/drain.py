@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import aiohttp
@@ -45,15 +45,14 @@ class UsageDrain:
         self._session: aiohttp.ClientSession | None = None
         self._lock = asyncio.Lock()
         self._pruned_at = 0.0
+        # Called with the minute buckets of every batch stored (the health service: instances' max_tpm).
+        self.observers: list[Callable[[list[Bucket]], None]] = []
 
     def _count(self, stored: list[Bucket]) -> None:
         for b in stored:
-            if b.prompt_tokens:
-                self.metrics.tokens.labels(b.instance, b.model, "prompt").inc(b.prompt_tokens)
-            if b.completion_tokens:
-                self.metrics.tokens.labels(b.instance, b.model, "completion").inc(b.completion_tokens)
-            if b.cost_usd:
-                self.metrics.cost.labels(b.instance, b.model).inc(b.cost_usd)
+            self.metrics.count_usage(
+                b.instance, b.model, b.key, b.prompt_tokens, b.completion_tokens, b.cost_usd
+            )
 
     async def _fetch(self, session: aiohttp.ClientSession) -> object:
         async with session.get(DRAIN_URL) as answer:
@@ -90,6 +89,8 @@ class UsageDrain:
         stored = await asyncio.to_thread(self.usage.record, batch, datetime.now(UTC))
         if stored is not None:
             self._count(stored)
+            for observer in self.observers:
+                observer(stored)
         try:
             async with session.delete(f"{DRAIN_URL}/{batch.id}") as answer:
                 if answer.status not in (204, 404):

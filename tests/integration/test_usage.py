@@ -8,6 +8,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -186,14 +187,16 @@ def _metric_sum(text: str, name: str, **labels: str) -> float:
 
 
 def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServer]) -> None:
-    """60 requests over the four wire formats, streamed and not, through the openai, anthropic and ollama
-    SDKs with a client key, with a reload after the first third and the controller killed (SIGKILL) after
-    the second: /admin/usage sums exactly what the stand-ins reported, per instance and model, with the
-    instances' rates; an answer that reports no usage is counted as estimated (bytes / 4)."""
+    """1,000 requests over the four wire formats, streamed and not, through the openai, anthropic and ollama
+    SDKs with a client key (8 threads), with a reload after the first 300 and the controller killed
+    (SIGKILL) after 600 and started again after 800: /admin/usage sums exactly what the stand-ins
+    reported, per instance and model, with the instances' rates; an answer that reports no usage is counted
+    as estimated (bytes / 4)."""
     env = {
         "ISHGW_AUTH_REQUIRED": "true",
         "ISHGW_USAGE_ACCOUNTING": "true",
         "ISHGW_USAGE_DRAIN_INTERVAL_S": "0.5",
+        "ISHGW_METRICS_KEY_LABEL": "true",
     }
     with Gateway(extra_env=env) as gw:
         secrets, ids = _setup(gw, stubs)
@@ -204,22 +207,23 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
 
         def run(n: int) -> None:
             nonlocal sent
-            for i in range(n):
-                instance, model, prompt, completion = calls[(sent + i) % len(calls)]()
+            with ThreadPoolExecutor(max_workers=8) as pool:  # bounded: n calls, 8 at a time
+                results = list(pool.map(lambda i: calls[i % len(calls)](), range(sent, sent + n)))
+            for instance, model, prompt, completion in results:
                 expected[(instance, model, "requests")] += 1
                 expected[(instance, model, "prompt")] += prompt
                 expected[(instance, model, "completion")] += completion
             sent += n
 
-        run(20)
+        run(300)
         reload = gw.admin.post("/admin/reload")
         assert reload.status_code == 200, reload.text
-        run(20)
+        run(300)
         gw.kill_controller()  # nginx keeps serving and counting; the next controller drains it all
-        run(10)
+        run(200)
         gw.start_controller()
-        run(10)
-        assert sent == 60
+        run(200)
+        assert sent == 1000
 
         # One raw OpenAI stream that did not ask for usage: the stand-in reports none, so it is estimated
         # from the bytes (a quarter of the request body and of the answer body, each rounded up).
@@ -252,7 +256,7 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
         rows = {row["key"]: row for row in report["rows"]}
         assert set(rows) == {ids["app"], ids["raw"]}
         app = rows[ids["app"]]
-        assert app["key_name"] == "app" and app["requests"] == 60 and app["estimated_requests"] == 0
+        assert app["key_name"] == "app" and app["requests"] == 1000 and app["estimated_requests"] == 0
         assert app["total_tokens"] == app["prompt_tokens"] + app["completion_tokens"]
         cost = sum(
             (expected[(i, m, "prompt")] * RATES[i][0] + expected[(i, m, "completion")] * RATES[i][1]) / 1000
@@ -268,22 +272,25 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
         assert report["from"].endswith("T00:00:00Z") and report["to"].endswith("T00:00:00Z")
 
         by_day = _usage(gw, group_by="day")["rows"]
-        assert len(by_day) == 1 and by_day[0]["requests"] == 61 and by_day[0]["key"] is None
+        assert len(by_day) == 1 and by_day[0]["requests"] == 1001 and by_day[0]["key"] is None
 
         csv_answer = gw.admin.get("/admin/usage", params={"group_by": "key", "format": "csv"})
         assert csv_answer.status_code == 200 and csv_answer.headers["Content-Type"].startswith("text/csv")
         assert csv_answer.text.splitlines()[0].startswith("key,key_name,instance,model,day,requests")
-        assert f"{ids['app']},app,,,,60," in csv_answer.text
+        assert f"{ids['app']},app,,,,1000," in csv_answer.text
 
         key_usage = gw.admin.get(f"/admin/keys/{ids['app']}/usage")
         assert key_usage.status_code == 200, key_usage.text
-        assert key_usage.json()["today"]["requests"] == key_usage.json()["month"]["requests"] == 60
+        assert key_usage.json()["today"]["requests"] == key_usage.json()["month"]["requests"] == 1000
         assert gw.admin.get("/admin/usage", params={"group_by": "colour"}).status_code == 422
 
         # The restarted controller's counters hold what it stored itself: at most everything.
         metrics = gw.admin.get("/metrics").text
         stored_prompt = _metric_sum(metrics, "ishgw_tokens_total", instance="claude", direction="prompt")
         assert 0 < stored_prompt <= expected[("claude", "claude-sonnet", "prompt")]
+        labels = {"instance": "claude", "direction": "prompt", "key": ids["app"]}
+        by_key = _metric_sum(metrics, "ishgw_tokens_total", **labels)
+        assert by_key == stored_prompt  # ISHGW_METRICS_KEY_LABEL: every series has its key
 
 
 def test_a_batch_written_but_not_acknowledged_is_counted_once(stubs: dict[str, StubServer]) -> None:

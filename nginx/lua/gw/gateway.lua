@@ -20,6 +20,7 @@ local answers = require("gw.answers")
 local body = require("gw.body")
 local crypto = require("gw.crypto")
 local identity = require("gw.identity")
+local limits = require("gw.limits")
 local tally = require("gw.tally")
 local usage = require("gw.usage")
 
@@ -36,6 +37,8 @@ local RETRY_AFTER = "5"  -- seconds, on a 503 or a 429 of the gateway's own that
 -- Set by init; the same for every request of this configuration.
 local endpoints, resolve_tables, served, fallbacks, created, leaky  -- routes.json
 local retry, address_rules, client_identity                        -- clients.json
+local key_limits  -- clients.json's "limits" (gw.limits): nil when no key has a tpm_limit or a budget
+local state = ngx.shared.gw_state  -- gw.limits' counters; nil under `nginx -t` of a tree without it
 
 local function read_json(path)
     local file, err = io.open(path, "rb")
@@ -65,6 +68,16 @@ function _M.init(dir)
     })
     for _, problem in ipairs(problems or {}) do
         ngx.log(ngx.WARN, "gw: JWT key not used: ", problem)
+    end
+    key_limits = limits.new(clients.limits)
+    if key_limits and state then
+        -- The registry's spend of each budgeted key (the controller's seed file, written before this load).
+        local file = io.open(clients.limits.seed_file or "", "rb")
+        local seeds = file and cjson.decode(file:read("*a") or "")
+        if file then
+            file:close()
+        end
+        limits.seed_counters(key_limits, state, type(seeds) == "table" and seeds or nil, ngx.time())
     end
 end
 
@@ -195,6 +208,20 @@ local BODY_ERRORS = {
 }
 local NO_MODEL = 'The request names no model (field "model")'
 
+-- 429 of a key's own limit (gw.limits): tokens per minute, or its budget (OpenAI's insufficient_quota).
+local function refuse(family, refusal)
+    local kind = "rate_limit_error"
+    if refusal.kind == "budget" then
+        kind = family == "anthropic" and "budget_exceeded" or "insufficient_quota"
+        if refusal.reset then
+            header["X-ISHGW-Budget-Reset"] = limits.iso(refusal.reset)
+        end
+    end
+    header["X-Request-ID"] = var.gw_request_id
+    header["Retry-After"] = refusal.wait
+    return send_json(429, answers.error_body(family, 429, kind, refusal.message))
+end
+
 -- The request body as text: in memory (client_body_buffer_size is the body limit), "" when empty.
 local function body_text()
     req.read_body()
@@ -221,6 +248,12 @@ function _M.route(uri)
     if req.get_method() ~= "POST" then
         header["Allow"] = "POST"
         return fail(family, 405, "invalid_request_error", "Use POST for " .. shown(uri))
+    end
+    if key_limits then
+        local refusal = limits.check(key_limits, state, var.gw_client_id, ngx.now())
+        if refusal then
+            return refuse(family, refusal)
+        end
     end
     local text = body_text()
     local named, err, ms, me = body.model(text)
@@ -349,14 +382,28 @@ local function start_count(ctx, family)
     return scanner
 end
 
+-- A key's tokens and cost for its limits (gw.limits), as gw.tally counts them.
+local function spend(u, key_id, instance, request_bytes)
+    local prompt, completion
+    if u.source == "reported" then
+        prompt, completion = u.prompt_tokens, u.completion_tokens
+    else
+        prompt, completion = tally.estimate(request_bytes or 0), tally.estimate(u.bytes or 0)
+    end
+    limits.spend(key_limits, state, key_id, instance, prompt, completion, ngx.now())
+end
+
 local function record(scanner)
     local u = scanner and scanner:finish() or nil
     -- The instance as X-ISHGW-Instance names it (http.conf: the map of $upstream_addr).
-    local prefix = tally.bucket(tally.minute(ngx.time()), var.gw_client_id or "",
-        var.gw_instance_header or "", var.gw_model or "")
+    local key_id, instance = var.gw_client_id or "", var.gw_instance_header or ""
+    local prefix = tally.bucket(tally.minute(ngx.time()), key_id, instance, var.gw_model or "")
     local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
     if tally.add(counters, prefix, u, request_bytes) then
         ngx.log(ngx.WARN, "gw: usage counters evicted older entries: raise ISHGW_LUA_SHM_USAGE_MB")
+    end
+    if key_limits and u then
+        spend(u, key_id, instance, request_bytes)
     end
 end
 
