@@ -66,3 +66,54 @@ class GatewayMetrics:
             ["result"],
             registry=registry,
         )
+        self.traffic = TrafficMetrics(registry)
+
+
+# LLM latencies: a cached embedding in 50 ms, a long generation in minutes (issue 14).
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+
+
+class TrafficMetrics:
+    """Request series from nginx's access-log stream (control_plane/health/traffic.py feeds them). Every
+    label comes from the registry (pools, models, instances) or a fixed set: no per-request or per-key
+    label."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "ishgw_requests_total",
+            "requests nginx answered, by pool, model, the instance that answered last and status class",
+            ["pool", "model", "instance", "code_class"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "ishgw_request_duration_seconds",
+            "time nginx spent on a request (all attempts), by model and the instance that answered last",
+            ["model", "instance"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "ishgw_upstream_duration_seconds",
+            "one attempt's upstream response time, by model and instance",
+            ["model", "instance"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.first_byte = Histogram(
+            "ishgw_time_to_first_byte_seconds",
+            "streamed answers (SSE, NDJSON): time to the upstream's response header, by model and instance",
+            ["model", "instance"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "ishgw_retries_total", "attempts after a request's first (next upstream)", registry=registry
+        )
+        self.client_errors = Counter(
+            "ishgw_client_errors_total",
+            "requests the gateway itself refused: unauthorized (401), forbidden (403), rate_limited (429)",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("unauthorized", "forbidden", "rate_limited"):  # known label values start at 0
+            self.client_errors.labels(reason)

@@ -16,6 +16,7 @@ from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.tracker import MAX_RETRY_AFTER_S, HealthTracker, classify
+from control_plane.health.traffic import TrafficSeries
 from control_plane.metrics import GatewayMetrics
 from control_plane.reconciler import Reconciler
 from control_plane.registry.models import InstanceConfig
@@ -59,6 +60,7 @@ class HealthService:
         self._verdict = asyncio.Event()
         self.records = 0
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
+        self.traffic = TrafficSeries(metrics.traffic) if metrics is not None else None
         reconciler.observers.append(self.on_world)
 
     # --- registry view, called by the reconciler after each pass ----------------------------------
@@ -75,6 +77,8 @@ class HealthService:
         for name, config in self.configs.items():
             # First probe soon, spread out so 1,000 instances do not fire at once.
             self._due.setdefault(name, now + random.uniform(0, min(1.0, config.health.probe_interval_s)))
+        if self.traffic is not None:
+            self.traffic.follow(frozenset(p.name for p in spec.pools), frozenset(p.model for p in spec.pools))
 
     # --- passive ----------------------------------------------------------------------------------
     def on_log(self, record: LogRecord) -> None:
@@ -88,6 +92,8 @@ class HealthService:
                 name = self.tracker.addresses.get(attempt.address)
                 if name is not None:
                     self._attempt_counter(name, classify(attempt.status)).inc()
+            if self.traffic is not None:
+                self.traffic.observe(record, self.tracker.addresses)
 
     def _attempt_counter(self, name: str, outcome: str) -> Counter:
         """The labelled child, looked up once: labels() costs more than the increment, per record."""
