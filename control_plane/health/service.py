@@ -60,7 +60,9 @@ class HealthService:
         self._verdict = asyncio.Event()
         self.records = 0
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
-        self.traffic = TrafficSeries(metrics.traffic) if metrics is not None else None
+        self.traffic = TrafficSeries()
+        if metrics is not None:
+            metrics.registry.register(self.traffic)
         reconciler.observers.append(self.on_world)
 
     # --- registry view, called by the reconciler after each pass ----------------------------------
@@ -77,8 +79,7 @@ class HealthService:
         for name, config in self.configs.items():
             # First probe soon, spread out so 1,000 instances do not fire at once.
             self._due.setdefault(name, now + random.uniform(0, min(1.0, config.health.probe_interval_s)))
-        if self.traffic is not None:
-            self.traffic.follow(frozenset(p.name for p in spec.pools), frozenset(p.model for p in spec.pools))
+        self.traffic.follow(frozenset(p.name for p in spec.pools), frozenset(p.model for p in spec.pools))
 
     # --- passive ----------------------------------------------------------------------------------
     def on_log(self, record: LogRecord) -> None:
@@ -92,8 +93,7 @@ class HealthService:
                 name = self.tracker.addresses.get(attempt.address)
                 if name is not None:
                     self._attempt_counter(name, classify(attempt.status)).inc()
-            if self.traffic is not None:
-                self.traffic.observe(record, self.tracker.addresses)
+            self.traffic.observe(record, self.tracker.addresses)
 
     def _attempt_counter(self, name: str, outcome: str) -> Counter:
         """The labelled child, looked up once: labels() costs more than the increment, per record."""

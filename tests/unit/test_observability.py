@@ -32,13 +32,13 @@ from control_plane.health.tracker import HealthTracker
 from control_plane.health.traffic import (
     NO_INSTANCE,
     OTHER,
+    Histogram,
     TrafficSeries,
     bounded,
     client_error_reason,
     code_class,
     is_stream,
 )
-from control_plane.metrics import GatewayMetrics
 from control_plane.registry.models import BreakerState, HealthStatus, InstanceConfig, InstanceState
 from control_plane.settings import Settings
 from control_plane.state_metrics import StateCollector, StubStatus, parse_stub_status, stub_families
@@ -123,7 +123,8 @@ def test_the_log_line_carries_header_time_and_content_type() -> None:
 
 def series() -> tuple[TrafficSeries, CollectorRegistry]:
     registry = CollectorRegistry()
-    traffic = TrafficSeries(GatewayMetrics(registry).traffic)
+    traffic = TrafficSeries()
+    registry.register(traffic)
     traffic.follow(frozenset({"p_m"}), frozenset({"m"}))
     return traffic, registry
 
@@ -382,3 +383,15 @@ def test_alert_settings_split_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.alert_webhook_urls == ["http://127.0.0.1:9/a", "https://hooks.slack.com/x"]
     assert settings.alert_email_to == ["ops@example.com", "oncall@example.com"]
     assert "hunter2-secret" not in repr(settings)
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    histogram = Histogram()
+    for seconds in (0.05, 0.0501, 121.0):
+        histogram.observe(seconds)
+    buckets = dict(histogram.buckets())
+    assert buckets["0.05"] == 1  # le: an observation equal to the bound is in it
+    assert buckets["0.1"] == 2
+    assert buckets["120.0"] == 2
+    assert buckets["+Inf"] == 3
+    assert histogram.total == pytest.approx(121.1001)
