@@ -105,11 +105,9 @@ def conditions(view: StateView) -> dict[str, Condition]:
         if condition is not None:
             found.append(condition)
     if view.reload_error is not None:
-        found.append(
-            Condition(
-                RELOAD_FAILED, RELOAD_FAILED, "nginx", f"configuration reload failed: {view.reload_error}"
-            )
-        )
+        # nginx's message stays in GET /admin/status: it may quote configuration; alerts leave the host.
+        text = "configuration reload failed; nginx serves the previous configuration (GET /admin/status)"
+        found.append(Condition(RELOAD_FAILED, RELOAD_FAILED, "nginx", text))
     days = view.certificate_days_left
     if days is not None and days < view.certificate_warn_days:
         text = "TLS certificate has expired" if days <= 0 else f"TLS certificate expires in {days:.0f} days"

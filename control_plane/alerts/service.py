@@ -101,7 +101,7 @@ class AlertRecord:
 
 def email_message(record: AlertRecord, smtp: SmtpConfig) -> EmailMessage:
     message = EmailMessage()
-    message["Subject"] = record.text[:200]
+    message["Subject"] = " ".join(record.text.split())[:200]  # one line: a reason never becomes a header
     message["From"] = smtp.sender
     message["To"] = ", ".join(smtp.to)
     message.set_content(

@@ -19,7 +19,14 @@ from control_plane.alerts.rules import (
     conditions,
     transitions,
 )
-from control_plane.alerts.service import AlertConfig, AlertService, webhook_label
+from control_plane.alerts.service import (
+    AlertConfig,
+    AlertRecord,
+    AlertService,
+    SmtpConfig,
+    email_message,
+    webhook_label,
+)
 from control_plane.health import breaker as br
 from control_plane.health.logstream import (
     LogRecord,
@@ -296,6 +303,7 @@ def test_every_event_has_its_condition() -> None:
     assert "3 consecutive failures" in found["breaker_open:a"].text
     assert "a: unhealthy" in found["pool_without_instance:p_x"].text
     assert found["certificate_expiring"].text == "TLS certificate expires in 3 days"
+    assert "unknown directive" not in found["reload_failed"].text  # nginx's message stays on the host
 
 
 def test_nothing_wrong_nothing_open() -> None:
@@ -395,3 +403,13 @@ def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
     assert buckets["120.0"] == 2
     assert buckets["+Inf"] == 3
     assert histogram.total == pytest.approx(121.1001)
+
+
+def test_email_subject_is_one_line() -> None:
+    record = AlertRecord(
+        1, "2026-01-01T00:00:00+00:00", "firing", "breaker_open", "a", "line one\r\nBcc: x@y"
+    )
+    smtp = SmtpConfig("127.0.0.1", 25, "gw@example.com", ("ops@example.com",))
+    message = email_message(record, smtp)
+    assert message["Subject"] == "line one Bcc: x@y"
+    assert message["Bcc"] is None
