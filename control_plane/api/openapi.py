@@ -635,9 +635,9 @@ def build_openapi() -> dict[str, Any]:
     from control_plane.api import openapi_edge  # it builds on the helpers above
 
     paths: Schema = {}
-    parts = (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths)
-    for part in (*parts, _alert_paths):
+    for part in (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths):
         paths.update(part())
+    paths.update(_alert_paths())
     paths = _with_apply(paths)
     return {
         "openapi": "3.1.0",
