@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -27,6 +30,7 @@ from control_plane.alerts.service import (
     email_message,
     webhook_label,
 )
+from control_plane.alerts.view import state_view
 from control_plane.health import breaker as br
 from control_plane.health.logstream import (
     LogRecord,
@@ -49,6 +53,7 @@ from control_plane.health.traffic import (
 from control_plane.registry.models import BreakerState, HealthStatus, InstanceConfig, InstanceState
 from control_plane.settings import Settings
 from control_plane.state_metrics import StateCollector, StubStatus, parse_stub_status, stub_families
+from tests.tls_util import make_self_signed
 
 # --- traffic ------------------------------------------------------------------------------------------
 
@@ -413,3 +418,26 @@ def test_email_subject_is_one_line() -> None:
     message = email_message(record, smtp)
     assert message["Subject"] == "line one Bcc: x@y"
     assert message["Bcc"] is None
+
+
+def test_state_view_reads_tracker_pools_last_result_and_certificate(tmp_path: Path) -> None:
+    tracker = HealthTracker()
+    tracker.sync([(instance("a"), InstanceState())], {}, 0, 0)
+    tracker.instances["a"].quarantined = "HTTP 401: credential rejected"
+    pool = SimpleNamespace(
+        name="p_m", family="openai", kind="chat", model="m", members=(), excluded=(("a", "quarantined"),)
+    )
+    failed = SimpleNamespace(ok=False, error="nginx -t failed")
+    reconciler = SimpleNamespace(spec=SimpleNamespace(pools=(pool,)), last_result=failed)
+    make_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem", days=2)
+    now = time.time()
+    state = state_view(tracker, reconciler, str(tmp_path / "cert.pem"), 14.0, now)  # type: ignore[arg-type]
+    assert sorted(conditions(state)) == [
+        "certificate_expiring",
+        "credential_rejected:a",
+        "pool_without_instance:p_m",
+        "reload_failed",
+    ]
+    assert state.certificate_days_left is not None and 1.9 < state.certificate_days_left <= 2.0
+    reconciler.last_result = SimpleNamespace(ok=True, error=None)
+    assert state_view(tracker, reconciler, None, 14.0, now).reload_error is None  # type: ignore[arg-type]
