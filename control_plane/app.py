@@ -10,14 +10,18 @@ import logging
 import os
 import resource
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from control_plane import jwt_keys
+from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
+from control_plane.alerts.view import state_view
 from control_plane.api import keys
 from control_plane.api.audit import AUDIT, address_filter_middleware, audit_middleware
 from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
@@ -36,6 +40,7 @@ from control_plane.render.spec import ServerSettings
 from control_plane.scaling.command import CommandDriver
 from control_plane.scaling.service import ScalingService
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
+from control_plane.state_metrics import StateCollector, StubReader
 from control_plane.usage.drain import UsageDrain
 
 log = logging.getLogger(__name__)
@@ -142,6 +147,33 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
+    async for _ in app[keys.ALERTS].context():
+        yield
+
+
+def alert_config(settings: Settings) -> AlertConfig:
+    smtp = None
+    if settings.alert_smtp_host and settings.alert_email_to:
+        password = settings.alert_smtp_password
+        smtp = SmtpConfig(
+            host=settings.alert_smtp_host,
+            port=settings.alert_smtp_port,
+            sender=settings.alert_smtp_from,
+            to=tuple(settings.alert_email_to),
+            user=settings.alert_smtp_user,
+            password=password.get_secret_value() if password else None,
+            starttls=settings.alert_smtp_starttls,
+        )
+    return AlertConfig(
+        webhooks=tuple(settings.alert_webhook_urls),
+        smtp=smtp,
+        interval_s=settings.alert_interval_s,
+        per_minute=settings.alert_rate_per_min,
+        retries=settings.alert_retries,
+    )
+
+
 def prepare_secret_dirs(settings: Settings) -> None:
     """secrets/ and the default home of provider secret files, secrets/providers/: root's alone (0700)."""
     secrets_dir = settings.home / "secrets"
@@ -149,6 +181,23 @@ def prepare_secret_dirs(settings: Settings) -> None:
     for path in paths:
         path.mkdir(exist_ok=True, mode=0o700)
         os.chmod(path, 0o700)
+
+
+def stub_status_url(server: ServerSettings) -> str:
+    wildcard = server.listen_address in ("0.0.0.0", "*", "::", "[::]")
+    host = "127.0.0.1" if wildcard else server.listen_address
+    return f"http://{host}:{server.http_port}/nginx_status"
+
+
+def metrics_handler(registry: CollectorRegistry, stub: StubReader) -> Handler:
+    """/metrics: nginx's stub_status is read first, so its series are as fresh as the scrape."""
+    inner = make_aiohttp_handler(registry)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await stub.refresh()
+        return await inner(request)
+
+    return handler
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
@@ -222,10 +271,19 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[keys.SCALING] = scaling
     app[keys.USAGE_DRAIN].observers.append(app[keys.HEALTH].on_usage)  # instances' max_tpm
     setup_routes(app)
-    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    tracker, warn_days = app[keys.HEALTH].tracker, settings.alert_certificate_days
+    app[keys.ALERTS] = AlertService(
+        alert_config(settings),
+        lambda: state_view(tracker, reconciler, server.tls_cert, warn_days, time.time()),
+        metrics.registry,
+    )
+    stub = StubReader(stub_status_url(server))
+    metrics.registry.register(StateCollector(app[keys.HEALTH].tracker, server.tls_cert, stub))
+    app.router.add_get("/metrics", metrics_handler(metrics.registry, stub))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)
     app.cleanup_ctx.append(_scaling_ctx)  # after the reconciler: it applies through it
     app.cleanup_ctx.append(_usage_ctx)  # stopped first: its last drain runs while the store is open
+    app.cleanup_ctx.append(_alerts_ctx)
     app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
     return app

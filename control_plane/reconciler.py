@@ -274,6 +274,9 @@ class Reconciler:
         if ok:
             self._applied = result
             self.metrics.generation.set(generation)
+            # What runs is what the registry asks for (a restart that adopts the running tree included):
+            # a past failure is over (the ReloadFailed alert clears).
+            self.metrics.last_reload_ok.set(1)
         else:
             log.error("reconcile failed: %s", error)
         return result
@@ -320,3 +323,12 @@ class Reconciler:
             "http": certs.http_mode(self.server),
             "limits": limits_in_force(self.server.edge),
         }
+
+    @property
+    def spec(self) -> GatewaySpec | None:
+        """The spec of the last pass (alerts read its pools)."""
+        return self._spec
+
+    @property
+    def last_result(self) -> ReconcileResult | None:
+        return self._last

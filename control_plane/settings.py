@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from control_plane.edge_settings import EdgeSettings, check_server_name
@@ -133,6 +135,34 @@ class Settings(EdgeSettings):
         " per key, instance and model",
     )
 
+    # Alerts from the controller (control_plane/alerts): webhooks (Slack-compatible JSON) and e-mail.
+    alert_webhook_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma separated http(s) URLs that receive each alert as JSON with a Slack-compatible"
+        " `text` field",
+    )
+    alert_smtp_host: str | None = Field(default=None, description="SMTP server for alert e-mail")
+    alert_smtp_port: int = Field(default=587, ge=1, le=65535)
+    alert_smtp_user: str | None = Field(default=None, description="SMTP login (with the password)")
+    alert_smtp_password: SecretStr | None = Field(default=None, description="SMTP password; never logged")
+    alert_smtp_starttls: bool = Field(default=True, description="STARTTLS before login and sending")
+    alert_smtp_from: str = Field(default="ish-gateway@localhost", pattern=r"^[^\s<>,@]+@[^\s<>,@]+$")
+    alert_email_to: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma separated addresses that receive alert e-mail"
+    )
+    alert_rate_per_min: float = Field(
+        default=20.0, ge=0.1, le=6000.0, description="Alerts sent per minute on average (bursts of 10)"
+    )
+    alert_retries: int = Field(
+        default=5, ge=0, le=20, description="Retries of a failed delivery (backoff 1 s, 2 s, ...)"
+    )
+    alert_interval_s: float = Field(
+        default=1.0, ge=0.1, le=60.0, description="How often alert conditions are evaluated"
+    )
+    alert_certificate_days: float = Field(
+        default=14.0, ge=1.0, le=365.0, description="Alert when the TLS certificate expires in fewer days"
+    )
+
     @field_validator("http_redirect", mode="before")
     @classmethod
     def _redirect_word(cls, value: object) -> object:
@@ -162,6 +192,30 @@ class Settings(EdgeSettings):
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
         return [check_server_name(name) for name in value]
+
+    @field_validator("alert_webhook_urls", "alert_email_to", mode="before")
+    @classmethod
+    def _split_alert_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("alert_webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+                raise ValueError("each alert webhook URL must be http(s)://host/...")
+        return value
+
+    @field_validator("alert_email_to")
+    @classmethod
+    def _email_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            if not re.fullmatch(r"[^\s<>,@]+@[^\s<>,@]+", address):
+                raise ValueError("each alert e-mail address must look like name@domain")
+        return value
 
     @property
     def database_url(self) -> str:

@@ -60,6 +60,15 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_SCALING_COMMANDS (none)                            programs scaling groups may start (absolute paths, comma
                                                             separated); empty: the command driver starts nothing
   ISHGW_METRICS_KEY_LABEL false                             add a key label to ishgw_tokens_total / ishgw_cost_usd_total
+  ISHGW_ALERT_WEBHOOK_URLS (none)                           alert webhooks (comma separated http(s) URLs): JSON with a
+                                                            Slack-compatible "text"
+  ISHGW_ALERT_SMTP_HOST (none)  ISHGW_ALERT_SMTP_PORT 587   alert e-mail server; also ISHGW_ALERT_SMTP_USER,
+                                                            ISHGW_ALERT_SMTP_PASSWORD, ISHGW_ALERT_SMTP_STARTTLS (true),
+                                                            ISHGW_ALERT_SMTP_FROM (ish-gateway@localhost)
+  ISHGW_ALERT_EMAIL_TO (none)                               alert e-mail recipients (comma separated)
+  ISHGW_ALERT_RATE_PER_MIN 20                               alerts sent per minute (bursts of 10); ISHGW_ALERT_RETRIES 5
+                                                            retries with backoff; ISHGW_ALERT_INTERVAL_S 1 evaluation
+                                                            interval; ISHGW_ALERT_CERTIFICATE_DAYS 14
   Every other ISHGW_* setting of the controller (see README.md) is passed through and stored the same way.
   A variable set to the empty string drops a stored value (back to the default).
   Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600;

@@ -9,7 +9,10 @@ cd "$ISHGW_ROOT"
 # luajit2, lua-busted, lua-check: the Lua request path's pure modules (nginx/lua/), tested outside nginx
 # under OpenResty's LuaJIT, the one Debian's libnginx-mod-http-lua prefers. Not Debian's `luajit`: it
 # conflicts with luajit2 and installing it would swap nginx's LuaJIT for the upstream one.
-ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan luajit2 lua-busted lua-check
+# prometheus: promtool checks compose/prometheus and a live Prometheus scrapes a gateway
+# (tests/integration/test_prometheus.py).
+ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan luajit2 lua-busted lua-check \
+    prometheus
 ensure_venv test
 
 log "ruff"

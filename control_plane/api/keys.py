@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from control_plane.alerts.service import AlertService
 from control_plane.health.service import HealthService
 from control_plane.reconciler import Reconciler
 from control_plane.registry.store import Store
@@ -18,3 +19,4 @@ ADMIN_KEY = web.AppKey("admin_key", str)
 HEALTH = web.AppKey("health", HealthService)
 USAGE_DRAIN = web.AppKey("usage_drain", UsageDrain)
 SCALING = web.AppKey("scaling", ScalingService)
+ALERTS = web.AppKey("alerts", AlertService)

@@ -566,6 +566,45 @@ def _runtime_paths() -> Schema:
     }
 
 
+def _alert_paths() -> Schema:
+    alert = _object(
+        {
+            "id": {"type": "integer"},
+            "at": {"type": "string", "format": "date-time"},
+            "state": {"type": "string", "enum": ["firing", "resolved"]},
+            "event": {"type": "string"},
+            "subject": {"type": "string"},
+            "text": {"type": "string"},
+            "deliveries": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+        ["id", "at", "state", "event", "subject", "text", "deliveries"],
+    )
+    answer = _object(
+        {
+            "alerts": {"type": "array", "items": alert},
+            "open": {"type": "array", "items": {"type": "string"}},
+            "receivers": {"type": "array", "items": {"type": "string"}},
+        },
+        ["alerts", "open", "receivers"],
+    )
+    limit = {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+    }
+    return {
+        "/admin/alerts": {
+            "get": _op(
+                "list_alerts",
+                "The controller's recent alerts, newest first, with each receiver's delivery state",
+                {"200": {"description": "Recent alerts", "content": _json(answer)}, **_errors(422)},
+                parameters=[limit],
+            ),
+        },
+    }
+
+
 # Operations that change what nginx serves: they wait for it (control_plane/api/apply.py).
 APPLYING_OPERATIONS = frozenset(
     {
@@ -600,6 +639,7 @@ def build_openapi() -> dict[str, Any]:
     parts = (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths)
     for part in (*parts, openapi_scaling.paths):
         paths.update(part())
+    paths.update(_alert_paths())
     paths = _with_apply(paths)
     return {
         "openapi": "3.1.0",

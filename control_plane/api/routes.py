@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from control_plane import secret_refs
+from control_plane.api import alerts as alerts_api
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
 from control_plane.api import scaling as scaling_api
@@ -542,6 +543,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", f"/admin/scaling/groups/{NAME_PARAM}", scaling_api.replace_group, "replace_scaling_group"),
     Route("DELETE", f"/admin/scaling/groups/{NAME_PARAM}", scaling_api.delete_group, "delete_scaling_group"),
     Route("GET", "/admin/scaling/events", scaling_api.list_events, "list_scaling_events"),
+    Route("GET", "/admin/alerts", alerts_api.list_alerts, "list_alerts"),
 )
 
 

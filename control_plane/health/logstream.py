@@ -52,6 +52,10 @@ class LogRecord(NamedTuple):  # a NamedTuple: a tenth of a frozen dataclass's co
     # 429s that nginx did not retry in place (a pool's _429_<n> locations): nginx's own variables carry
     # only the last attempt's headers.
     limited: tuple[Limited, ...] = ()
+    # The last attempt's time to its response header (ms; None: none) and the answer's Content-Type: a
+    # stream's time to first byte (ishgw_time_to_first_byte_seconds).
+    header_ms: float | None = None
+    content_type: str = ""
 
 
 # The keys of the JSON line of log_format gw_log in http.conf.j2, by what they hold.
@@ -71,6 +75,8 @@ FIELDS = {
     "uri": "uri",
     "client_id": "key",
     "limited_429s": "x429",
+    "upstream_header_time": "uht",
+    "sent_http_content_type": "ct",
 }
 _MARK = f"{LOG_TAG}: "
 _MARK_BYTES = _MARK.encode()
@@ -111,6 +117,12 @@ def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, 
         seconds = _number(durations[index]) if index < len(durations) else None
         attempts.append(Attempt(address, code, None if seconds is None else seconds * 1000))
     return tuple(attempts)
+
+
+def last_seconds_ms(text: str) -> float | None:
+    """The last value of an nginx per-attempt time list ("0.010, 0.020 : 0.030") in ms; None if "-"."""
+    seconds = _number(text[text.rfind(" ") + 1 :]) if text else None
+    return None if seconds is None else seconds * 1000
 
 
 def parse_limited(text: str) -> tuple[Limited, ...]:
@@ -156,6 +168,8 @@ def parse_datagram(data: bytes) -> LogRecord | None:
         retry_after_ms=get("ram", ""),
         key_id=get("key", ""),
         limited=parse_limited(get("x429", "")),
+        header_ms=last_seconds_ms(get("uht", "")),
+        content_type=get("ct", ""),
     )
 
 

@@ -16,6 +16,7 @@ from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.tracker import MAX_RETRY_AFTER_S, HealthTracker, classify
+from control_plane.health.traffic import TrafficSeries
 from control_plane.metrics import GatewayMetrics
 from control_plane.reconciler import Reconciler
 from control_plane.registry.models import InstanceConfig
@@ -62,6 +63,9 @@ class HealthService:
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
         # Also told of every log record (the autoscaler measures its members' traffic this way).
         self.log_observers: list[Callable[[LogRecord], None]] = []
+        self.traffic = TrafficSeries()
+        if metrics is not None:
+            metrics.registry.register(self.traffic)
         reconciler.observers.append(self.on_world)
 
     # --- registry view, called by the reconciler after each pass ----------------------------------
@@ -78,6 +82,7 @@ class HealthService:
         for name, config in self.configs.items():
             # First probe soon, spread out so 1,000 instances do not fire at once.
             self._due.setdefault(name, now + random.uniform(0, min(1.0, config.health.probe_interval_s)))
+        self.traffic.follow(frozenset(p.name for p in spec.pools), frozenset(p.model for p in spec.pools))
 
     # --- passive ----------------------------------------------------------------------------------
     def on_log(self, record: LogRecord) -> None:
@@ -93,6 +98,7 @@ class HealthService:
                 name = self.tracker.addresses.get(attempt.address)
                 if name is not None:
                     self._attempt_counter(name, classify(attempt.status)).inc()
+            self.traffic.observe(record, self.tracker.addresses)
 
     def on_usage(self, stored: list[Bucket]) -> None:
         """Drained usage (minute buckets) toward the instances' max_tpm."""
