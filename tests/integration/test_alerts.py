@@ -124,7 +124,14 @@ def test_kill_one_alert_recover_one_notice(stubs: dict[str, StubServer], smtp: t
                 what="recovery notice",
             )
             wait_for(lambda: len(mailbox.messages) >= 2, timeout=15, what="two e-mails")
-            listed = gw.admin.get("/admin/alerts").json()
+
+            def all_sent() -> dict[str, Any] | None:
+                # The receiver has a message a moment before the controller notes the delivery as sent.
+                answer: dict[str, Any] = gw.admin.get("/admin/alerts").json()
+                states = {s for a in answer["alerts"] for s in a["deliveries"].values()}
+                return answer if states == {"sent"} else None
+
+            listed = wait_for(all_sent, timeout=15, what="every delivery noted as sent")
             bad_limit = gw.admin.get("/admin/alerts", params={"limit": "0"})
 
     # One alert and one recovery for the incident, on both channels; the first post failed and was retried.
