@@ -22,6 +22,7 @@ from control_plane.api import keys
 from control_plane.api.audit import AUDIT, address_filter_middleware, audit_middleware
 from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
 from control_plane.api.routes import setup_routes
+from control_plane.api.status_page import setup_status_page
 from control_plane.edge_settings import edge_policy
 from control_plane.health.service import HealthService
 from control_plane.local_access import Workers, nginx_workers, prepare_socket_dir
@@ -200,6 +201,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         settings.usage_day_retention_d,
     )
     setup_routes(app)
+    setup_status_page(app, settings.admin_session_ttl_s)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)

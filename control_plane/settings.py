@@ -122,6 +122,12 @@ class Settings(EdgeSettings):
         description="How often to look for registry changes made by other nodes",
     )
     generations_kept: int = Field(default=5, ge=2, le=100)
+    admin_session_ttl_s: float = Field(
+        default=28_800.0, ge=60.0, le=604_800.0, description="Status page login session lifetime (seconds)"
+    )
+    status_refresh_s: float = Field(
+        default=5.0, ge=1.0, le=300.0, description="How often the status page polls for fresh figures"
+    )
 
     @field_validator("http_redirect", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from pydantic_core import to_jsonable_python
 from control_plane import secret_refs
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
+from control_plane.api import status_page
 from control_plane.api import usage as usage_api
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE
@@ -570,6 +571,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"/admin/keys/{keys_api.KEY_ID_PARAM}/usage", usage_api.get_key_usage, "get_key_usage"),
     Route("GET", "/admin/usage", usage_api.get_usage, "get_usage"),
     Route("GET", "/admin/audit", audit_api.list_audit, "list_audit"),
+    Route("GET", "/admin/overview", status_page.overview, "overview"),
 )
 
 
