@@ -39,7 +39,7 @@ PAGE_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make the form's Origin "null"
     "Cache-Control": "no-store",
 }
 STATIC_TYPES = {"status.js": "text/javascript", "status.css": "text/css"}

@@ -38,20 +38,22 @@ class Inputs:
 
 def spark_path(values: Sequence[float | None], top: float) -> str:
     """An SVG path through ``values`` (one per minute, oldest first) scaled to [0, top]; minutes without a
-    value break the line. Empty when there is nothing to draw."""
+    value break the line, and a lone minute is a short dash. Empty when there is nothing to draw."""
     if top <= 0:
         return ""
     step = SPARK_W / max(1, len(values) - 1)
-    parts = []
-    pen_down = False
+    runs: list[list[str]] = []
+    previous: float | None = None
     for index, value in enumerate(values):
-        if value is None:
-            pen_down = False
-            continue
-        y = SPARK_H - min(value, top) / top * (SPARK_H - 2) - 1
-        parts.append(f"{'L' if pen_down else 'M'}{index * step:.1f},{y:.1f}")
-        pen_down = True
-    return " ".join(parts)
+        if value is not None:
+            y = SPARK_H - min(value, top) / top * (SPARK_H - 2) - 1
+            point = f"{index * step:.1f},{y:.1f}"
+            if previous is None:
+                runs.append([f"M{point}"])
+            else:
+                runs[-1].append(f"L{point}")
+        previous = value
+    return " ".join(" ".join(run) if len(run) > 1 else f"{run[0]} h-3" for run in runs)
 
 
 def _ms(value: float | None) -> float | None:

@@ -96,7 +96,7 @@
       var head = h("tr", {}, ["at", "outcome", "generation", "ms", "error"].map(function (t) { return h("th", {}, [t]); }));
       items.push(h("table", {}, [h("thead", {}, [head]), h("tbody", {}, page.reloads.map(function (r) {
         return h("tr", { "class": r.ok ? "ok" : "failed" }, [
-          h("td", {}, [r.at]), h("td", {}, [r.ok ? "ok" : "failed"]), h("td", { "class": "num" }, [dash(r.generation)]),
+          h("td", {}, [String(r.at || "").slice(0, 19).replace("T", " ")]), h("td", {}, [r.ok ? "ok" : "failed"]), h("td", { "class": "num" }, [dash(r.generation)]),
           h("td", { "class": "num" }, [dash(r.duration_ms)]), h("td", { "class": "reason" }, [r.error || ""])
         ]);
       }))]));
