@@ -9,7 +9,9 @@ cd "$ISHGW_ROOT"
 # luajit2, lua-busted, lua-check: the Lua request path's pure modules (nginx/lua/), tested outside nginx
 # under OpenResty's LuaJIT, the one Debian's libnginx-mod-http-lua prefers. Not Debian's `luajit`: it
 # conflicts with luajit2 and installing it would swap nginx's LuaJIT for the upstream one.
-ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan luajit2 lua-busted lua-check
+# chromium: the status page is tested in a real headless browser (tests/browser/).
+ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan luajit2 lua-busted lua-check \
+  chromium
 ensure_venv test
 
 log "ruff"

@@ -22,9 +22,7 @@ from aiohttp import web
 COOKIE = "ishgw_session"
 MAX_SESSIONS = 1000
 # (method, canonical route) pairs a session cookie may authorize: the page and its JSON, reading only.
-COOKIE_READABLE = frozenset(
-    (method, path) for method in ("GET", "HEAD") for path in ("/", "/admin/overview")
-)
+COOKIE_READABLE = frozenset((method, path) for method in ("GET", "HEAD") for path in ("/", "/admin/overview"))
 
 
 def cookie_may_authorize(method: str, route: str | None) -> bool:

@@ -41,7 +41,9 @@ KILLED = "gpu-b"
 class Trickle:
     """One thread sending a chat request every ``every_s`` (bounded in count and time)."""
 
-    def __init__(self, url: str, every_s: float = 0.05, seconds: float = 150.0, max_requests: int = 3000) -> None:
+    def __init__(
+        self, url: str, every_s: float = 0.05, seconds: float = 150.0, max_requests: int = 3000
+    ) -> None:
         self.url, self.every_s, self.seconds, self.max_requests = url, every_s, seconds, max_requests
         self.sent = 0
         self._stop = threading.Event()
@@ -104,12 +106,15 @@ async def first_load(tab: Tab, admin: str) -> dict[str, Any]:
     await tab.navigate(f"{admin}/")
     await asyncio.sleep(0)  # let the last loadingFinished events in
     sizes = tab.transferred(mark)
-    paints = await tab.evaluate(
-        "Object.fromEntries(performance.getEntriesByType('paint').map(e => [e.name, e.startTime]))"
+    paints = await tab.wait_for(  # paint entries may land just after the load event
+        "(() => { const p = Object.fromEntries(performance.getEntriesByType('paint').map(e => [e.name,"
+        " e.startTime])); return p['first-contentful-paint'] !== undefined && p; })()",
+        timeout=10,
     )
     nav = await tab.evaluate(
         "(() => { const n = performance.getEntriesByType('navigation')[0];"
-        " return {dom_content_loaded_ms: n.domContentLoadedEventEnd, load_ms: n.loadEventEnd}; })()"
+        " return {response_start_ms: n.responseStart, response_end_ms: n.responseEnd,"
+        " dom_content_loaded_ms: n.domContentLoadedEventEnd, load_ms: n.loadEventEnd}; })()"
     )
     await tab.send("Network.setCacheDisabled", {"cacheDisabled": False})
     return {
@@ -139,11 +144,18 @@ async def run(out: Path | None = None, recovered_out: Path | None = None) -> dic
     """The whole scenario; returns what it measured. Raises AssertionError when the page is wrong."""
     figures: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        stubs = {n: stack.enter_context(StubServer(name=n, models=list(MODELS))) for n in ("gpu-a", KILLED, "gpu-c")}
+        stubs = {
+            n: stack.enter_context(StubServer(name=n, models=list(MODELS)))
+            for n in ("gpu-a", KILLED, "gpu-c")
+        }
         gw = stack.enter_context(Gateway(extra_env={"ISHGW_STATUS_REFRESH_S": "1"}))
         for name, stub in stubs.items():
             response = gw.add_instance(
-                name=name, provider_type="ollama", api_base=stub.url, supported_models=list(MODELS), health=FAST
+                name=name,
+                provider_type="ollama",
+                api_base=stub.url,
+                supported_models=list(MODELS),
+                health=FAST,
             )
             assert response.status_code == 201, response.text
         gw.wait_applied()
@@ -181,7 +193,9 @@ async def run(out: Path | None = None, recovered_out: Path | None = None) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="PNG of the page with one instance out")
     args = parser.parse_args()
     figures = asyncio.run(run(args.out))
