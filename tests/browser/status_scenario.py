@@ -54,8 +54,9 @@ class Trickle:
         with httpx.Client(base_url=self.url, timeout=10) as client:
             while not self._stop.is_set() and time.monotonic() < deadline and self.sent < self.max_requests:
                 model = MODELS[self.sent % len(MODELS)]
+                path = "/api/chat" if self.sent % 4 == 3 else "/v1/chat/completions"  # both families' pools
                 with contextlib.suppress(httpx.HTTPError):
-                    client.post("/v1/chat/completions", json={"model": model, "messages": []})
+                    client.post(path, json={"model": model, "messages": [], "stream": False})
                 self.sent += 1
                 self._stop.wait(self.every_s)
 
@@ -140,8 +141,12 @@ async def without_javascript(tab: Tab, admin: str, name: str) -> str:
     return str(reason or "")
 
 
-async def run(out: Path | None = None, recovered_out: Path | None = None) -> dict[str, Any]:
-    """The whole scenario; returns what it measured. Raises AssertionError when the page is wrong."""
+async def run(
+    out: Path | None = None, recovered_out: Path | None = None, warmup_s: float = 0.0
+) -> dict[str, Any]:
+    """The whole scenario; returns what it measured. Raises AssertionError when the page is wrong.
+    ``warmup_s``: minutes of traffic before the kill, so the sparklines have a history to draw (the
+    README's picture)."""
     figures: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         stubs = {
@@ -162,12 +167,13 @@ async def run(out: Path | None = None, recovered_out: Path | None = None) -> dic
         for name in stubs:
             wait_for(lambda n=name: healthy(gw, n), timeout=15, what=f"{name} healthy")  # type: ignore[misc]
         admin = f"http://127.0.0.1:{gw.admin_port}"
-        stack.enter_context(Trickle(gw.url))
+        stack.enter_context(Trickle(gw.url, seconds=150 + warmup_s, max_requests=3000 + int(20 * warmup_s)))
         async with chromium() as tab:
             cookie = await login(tab, admin, gw.admin_key)
             figures["cookie"] = {k: cookie[k] for k in ("httpOnly", "sameSite", "secure")}
             await tab.wait_for(IN_POOL.format(name=KILLED))
             await tab.wait_for("document.querySelectorAll('svg.spark path.p95').length")  # traffic drawn
+            await asyncio.sleep(warmup_s)
 
             stubs[KILLED].kill()
             killed = time.monotonic()
@@ -197,8 +203,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True, help="PNG of the page with one instance out")
+    parser.add_argument("--warmup-s", type=float, default=0.0, help="traffic before the kill (sparklines)")
     args = parser.parse_args()
-    figures = asyncio.run(run(args.out))
+    figures = asyncio.run(run(args.out, warmup_s=args.warmup_s))
     print(json.dumps(figures, indent=2))
     if figures["console_errors"]:
         raise SystemExit("console errors on the page")
