@@ -69,9 +69,11 @@ class Series:
                 return  # older than the ring (a late datagram): its minute is gone
             slot = self.slots[index] = _Minute(minute)
         slot.requests += 1
-        slot.errors += error
+        if error:
+            slot.errors += 1
         slot.buckets[bisect_left(BOUNDS, latency_ms)] += 1
-        self.last_minute = max(self.last_minute, minute)
+        if minute > self.last_minute:
+            self.last_minute = minute
 
     def points(self, now_minute: int) -> list[Point]:
         """MINUTES points, oldest first, ending with ``now_minute``; minutes without traffic have no
@@ -137,13 +139,16 @@ class RecentTraffic:
         if not pool or pool == "-":
             return  # not proxied (the gateway answered itself)
         minute = int(record.at // 60)
-        self._series(self.pools, pool).add(minute, record.request_ms, record.status >= 500)
+        series = self.pools.get(pool) or self._series(self.pools, pool)
+        series.add(minute, record.request_ms, record.status >= 500)
         for attempt in record.attempts:
             name = addresses.get(attempt.address)
             if name is None:
                 continue
-            failed = attempt.status is None or attempt.status >= 500
-            self._series(self.instances, (pool, name)).add(minute, attempt.response_ms or 0.0, failed)
+            status = attempt.status
+            key = (pool, name)
+            series = self.instances.get(key) or self._series(self.instances, key)
+            series.add(minute, attempt.response_ms or 0.0, status is None or status >= 500)
 
     def pool(self, name: str) -> Series | None:
         return self.pools.get(name)

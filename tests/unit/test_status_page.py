@@ -300,9 +300,15 @@ def test_model_usage_and_alerts() -> None:
         "total_tokens": 15,
         "cost_usd": 0.123456,
     }
-    page = model.build(inputs(usage_today=usage, alerts=[{"at": "t", "summary": "instance b down"}]))
+    page = model.build(
+        inputs(usage_today=usage, alerts=[{"at": "t", "subject": "instance b down", "state": "firing"}])
+    )
     assert page["usage_today"] == {**usage, "cost_usd": 0.1235}
-    assert page["alerts"] == [{"at": "t", "summary": "instance b down"}]
+    assert page["alerts"] == [{"at": "t", "subject": "instance b down", "state": "firing"}]
+    html = render_page(page)
+    assert '<li class="firing">t instance b down</li>' in html and "$0.1235" in html
+    assert "This controller keeps no alerts" in render_page(model.build(inputs()))
+    assert "No alert." in render_page(model.build(inputs(alerts=[])))
     assert model.build(inputs(usage_today={"requests": 0}))["usage_today"] is None
 
 

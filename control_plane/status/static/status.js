@@ -112,7 +112,7 @@
       items.push(h("p", { "class": "muted" }, ["No alert."]));
     } else {
       items.push(h("ul", {}, page.alerts.map(function (a) {
-        return h("li", {}, [(a.at || "") + " " + (a.summary || a.text || a.kind || "")]);
+        return h("li", { "class": a.state || "" }, [(a.at || "") + " " + (a.subject || a.text || a.event || "")]);
       })));
     }
     return h("section", { id: "alerts" }, items);
