@@ -54,7 +54,8 @@ class Trickle:
         with httpx.Client(base_url=self.url, timeout=10) as client:
             while not self._stop.is_set() and time.monotonic() < deadline and self.sent < self.max_requests:
                 model = MODELS[self.sent % len(MODELS)]
-                path = "/api/chat" if self.sent % 4 == 3 else "/v1/chat/completions"  # both families' pools
+                # Every fourth pair of requests by Ollama's API: both families' pools get traffic.
+                path = "/api/chat" if self.sent % 8 >= 6 else "/v1/chat/completions"
                 with contextlib.suppress(httpx.HTTPError):
                     client.post(path, json={"model": model, "messages": [], "stream": False})
                 self.sent += 1
