@@ -20,6 +20,7 @@ from aiohttp import web
 from control_plane.api.keys import ADMIN_KEY, HEALTH, RECONCILER, SETTINGS, STORE
 from control_plane.api.middleware import AUTH_FAILED, AUTH_THROTTLE, ApiError, key_matches
 from control_plane.api.sessions import COOKIE, SESSIONS, Sessions, same_origin, set_session_cookie
+from control_plane.errors import InvalidInput
 from control_plane.registry.models import InstanceConfig, InstanceState, mask_secret
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
@@ -183,9 +184,11 @@ async def login(request: web.Request) -> web.Response:
     _check_form_post(request)
     form = await request.post()
     key = form.get("key")
+    if not isinstance(key, str) or not key:
+        raise InvalidInput([{"field": "key", "message": "the admin key is required"}])
     client = request.remote or "unknown"
     throttle = request.app[AUTH_THROTTLE]
-    if isinstance(key, str) and key_matches(key, request.app[ADMIN_KEY]):
+    if key_matches(key, request.app[ADMIN_KEY]):
         token = _sessions(request).create()
         response = _see_other("/")
         set_session_cookie(response, token, _sessions(request).ttl_s, request.secure)

@@ -419,6 +419,10 @@ async def test_login_refuses_other_origins_and_other_bodies(client: Any) -> None
     assert r.status == 403 and (await r.json())["error"] == "forbidden" and COOKIE not in r.cookies
     r = await client.post("/login", json={"key": ADMIN}, allow_redirects=False)
     assert r.status == 415 and (await r.json())["error"] == "unsupported_media_type"
+    r = await client.post("/login", data={"other": "x"}, allow_redirects=False)
+    assert r.status == 422 and (await r.json())["detail"] == [
+        {"field": "key", "message": "the admin key is required"}
+    ]
     r = await client.post("/logout", headers={"Origin": "https://evil.example"}, allow_redirects=False)
     assert r.status == 403
 
