@@ -22,10 +22,11 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from control_plane import jwt_keys
 from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
 from control_plane.alerts.view import state_view
-from control_plane.api import keys
+from control_plane.api import keys, status_page
 from control_plane.api.audit import AUDIT, address_filter_middleware, audit_middleware
 from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
 from control_plane.api.routes import setup_routes
+from control_plane.api.status_page import setup_status_page
 from control_plane.edge_settings import edge_policy
 from control_plane.health.service import HealthService
 from control_plane.local_access import Workers, nginx_workers, prepare_socket_dir
@@ -279,6 +280,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     )
     stub = StubReader(stub_status_url(server))
     metrics.registry.register(StateCollector(app[keys.HEALTH].tracker, server.tls_cert, stub))
+    setup_status_page(app, settings.admin_session_ttl_s)
+    app[status_page.RECENT_ALERTS] = app[keys.ALERTS].recent
     app.router.add_get("/metrics", metrics_handler(metrics.registry, stub))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from control_plane.world import gather_world
 
 log = logging.getLogger(__name__)
 LIVE_STREAK = 3
+RELOAD_HISTORY = 20  # reloads and failed passes the status page lists
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Reconciler:
         self._last: ReconcileResult | None = None
         self._reloads = 0
         self._failures = 0
+        self.history: deque[ReconcileResult] = deque(maxlen=RELOAD_HISTORY)  # reloads and failures
         self._reasons: list[str] = []
         # API calls waiting for the pass that includes their write (read your writes).
         self._waiters: list[asyncio.Future[ReconcileResult]] = []
@@ -262,6 +265,8 @@ class Reconciler:
             at=datetime.now(UTC).isoformat(),
         )
         self._last = result
+        if changed or not ok:
+            self.history.append(result)
         self.metrics.reconcile_seconds.observe(result.duration_ms / 1000)
         if changed:
             self._reloads += ok

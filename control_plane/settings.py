@@ -162,6 +162,12 @@ class Settings(EdgeSettings):
     alert_certificate_days: float = Field(
         default=14.0, ge=1.0, le=365.0, description="Alert when the TLS certificate expires in fewer days"
     )
+    admin_session_ttl_s: float = Field(
+        default=28_800.0, ge=60.0, le=604_800.0, description="Status page login session lifetime (seconds)"
+    )
+    status_refresh_s: float = Field(
+        default=5.0, ge=1.0, le=300.0, description="How often the status page polls for fresh figures"
+    )
 
     @field_validator("http_redirect", mode="before")
     @classmethod

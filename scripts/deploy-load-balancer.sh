@@ -69,6 +69,8 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_ALERT_RATE_PER_MIN 20                               alerts sent per minute (bursts of 10); ISHGW_ALERT_RETRIES 5
                                                             retries with backoff; ISHGW_ALERT_INTERVAL_S 1 evaluation
                                                             interval; ISHGW_ALERT_CERTIFICATE_DAYS 14
+  ISHGW_ADMIN_SESSION_TTL_S 28800                           status page (GET / on the admin listener): a login lasts this long
+  ISHGW_STATUS_REFRESH_S 5                                  status page: seconds between two refreshes of its figures
   Every other ISHGW_* setting of the controller (see README.md) is passed through and stored the same way.
   A variable set to the empty string drops a stored value (back to the default).
   Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600;
@@ -489,6 +491,7 @@ print_summary() {
         echo "  gateway TLS  $HTTPS_URL/v1  (certificate $TLS_CERT$(self_signed_hint))"
     fi
     echo "  admin API    $ADMIN_URL/admin/  (header X-Admin-API-Key)"
+    echo "  status page  $ADMIN_URL/  (log in with the admin key)"
     echo "  admin key    $key_where"
     echo "  settings     $GATEWAY_ENV"
     echo "  logs         $CONTROLLER_LOG, $NGINX_ERROR_LOG"

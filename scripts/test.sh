@@ -10,9 +10,10 @@ cd "$ISHGW_ROOT"
 # under OpenResty's LuaJIT, the one Debian's libnginx-mod-http-lua prefers. Not Debian's `luajit`: it
 # conflicts with luajit2 and installing it would swap nginx's LuaJIT for the upstream one.
 # prometheus: promtool checks compose/prometheus and a live Prometheus scrapes a gateway
-# (tests/integration/test_prometheus.py).
+# (tests/integration/test_prometheus.py). chromium: the status page is tested in a real headless browser
+# (tests/browser/).
 ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}" postgresql certbot pebble sslscan luajit2 lua-busted lua-check \
-    prometheus
+    prometheus chromium
 ensure_venv test
 
 log "ruff"

@@ -14,12 +14,15 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from control_plane.api.keys import ADMIN_KEY
+from control_plane.api.sessions import COOKIE, SESSIONS, cookie_may_authorize
 from control_plane.errors import Conflict, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 
 # Routes (by canonical path) that answer without the admin key.
 PUBLIC_ROUTES = frozenset({"/admin/openapi.json", "/admin/health"})
+# The status page's login, logout and static files (no data in them) answer without a key too.
+PUBLIC_ROUTES = PUBLIC_ROUTES | {"/login", "/logout", "/static/{file}"}
 ADMIN_PREFIX = "/admin"
 KEY_HEADER = "X-Admin-API-Key"
 
@@ -216,6 +219,18 @@ def _throttled(retry_after: int) -> web.Response:
     )
 
 
+def _session_reads(request: web.Request) -> bool:
+    """A status page session cookie, on one of the few reads it may authorize (sessions.COOKIE_READABLE)."""
+    sessions = request.app.get(SESSIONS)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    return (
+        sessions is not None
+        and cookie_may_authorize(request.method, route)
+        and sessions.valid(request.cookies.get(COOKIE))
+    )
+
+
 # Set on a request whose admin key was refused (401): the audit middleware records the attempt.
 AUTH_FAILED = web.RequestKey("auth_failed", bool)
 
@@ -226,6 +241,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     the right key never is."""
     if not _needs_auth(request) or key_matches(presented_key(request.headers), request.app[ADMIN_KEY]):
         return await handler(request)
+    if _session_reads(request):
+        return await handler(request)
+    if request.method in ("GET", "HEAD") and request.path == "/" and presented_key(request.headers) is None:
+        return web.Response(status=303, headers={"Location": "/login"})  # a browser: to the login form
     throttle = request.app[AUTH_THROTTLE]
     client = request.remote or "unknown"
     wait = throttle.retry_after(client)

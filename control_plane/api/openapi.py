@@ -640,6 +640,7 @@ def build_openapi() -> dict[str, Any]:
     for part in (*parts, openapi_scaling.paths):
         paths.update(part())
     paths.update(_alert_paths())
+    paths.update(_overview_paths())
     paths = _with_apply(paths)
     return {
         "openapi": "3.1.0",
@@ -654,10 +655,51 @@ def build_openapi() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": dict(
-                sorted({**_schemas(), **openapi_edge.schemas(), **openapi_scaling.schemas()}.items())
+                sorted(
+                    {
+                        **_schemas(),
+                        **openapi_edge.schemas(),
+                        **openapi_scaling.schemas(),
+                        **_overview_schemas(),
+                    }.items()
+                )
             ),
             "parameters": {**_parameters(), **openapi_edge.parameters(), **openapi_scaling.parameters()},
             "responses": _responses(),
             "securitySchemes": SECURITY_SCHEMES,
         },
+    }
+
+
+def _overview_paths() -> Schema:
+    return {
+        "/admin/overview": {
+            "get": _op(
+                "overview",
+                "What the status page (GET /) shows, as JSON: pools, instances and why they are out, "
+                "15-minute latency, requests/s, usage today, last reloads, recent alerts. Also readable "
+                "with the status page's session cookie.",
+                {**_ok("Overview", "Overview"), **_errors()},
+            ),
+        },
+    }
+
+
+def _overview_schemas() -> dict[str, Schema]:
+    return {
+        "Overview": _object(
+            {
+                "generated_at": {"type": "string", "format": "date-time"},
+                "refresh_s": {"type": "number"},
+                "window_minutes": {"type": "integer"},
+                "summary": {"type": "object"},
+                "pools": {"type": "array", "items": {"type": "object"}},
+                "usage_today": {"type": ["object", "null"]},
+                "reloads": {"type": "array", "items": {"type": "object"}},
+                "alerts": {"type": ["array", "null"], "items": {"type": "object"}},
+                "errors": {"type": "array", "items": {"type": "string"}},
+            },
+            ["generated_at", "summary", "pools", "reloads", "alerts"],
+            extra=True,
+        )
     }

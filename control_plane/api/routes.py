@@ -23,6 +23,7 @@ from control_plane.api import alerts as alerts_api
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
 from control_plane.api import scaling as scaling_api
+from control_plane.api import status_page
 from control_plane.api import usage as usage_api
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.bodies import JSON_TYPES, read_json, read_object, validate_strict
@@ -544,6 +545,7 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", f"/admin/scaling/groups/{NAME_PARAM}", scaling_api.delete_group, "delete_scaling_group"),
     Route("GET", "/admin/scaling/events", scaling_api.list_events, "list_scaling_events"),
     Route("GET", "/admin/alerts", alerts_api.list_alerts, "list_alerts"),
+    Route("GET", "/admin/overview", status_page.overview, "overview"),
 )
 
 

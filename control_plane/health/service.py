@@ -15,6 +15,7 @@ from prometheus_client import Counter
 from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
+from control_plane.health.recent import RecentTraffic
 from control_plane.health.tracker import MAX_RETRY_AFTER_S, HealthTracker, classify
 from control_plane.health.traffic import TrafficSeries
 from control_plane.metrics import GatewayMetrics
@@ -60,6 +61,7 @@ class HealthService:
         # so a rate-limited or failing instance leaves its pools sooner.
         self._verdict = asyncio.Event()
         self.records = 0
+        self.recent = RecentTraffic()  # the status page's last 15 minutes
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
         # Also told of every log record (the autoscaler measures its members' traffic this way).
         self.log_observers: list[Callable[[LogRecord], None]] = []
@@ -90,6 +92,7 @@ class HealthService:
         for observer in self.log_observers:
             observer(record)
         self.tracker.observe(record, time.monotonic())
+        self.recent.observe(record, self.tracker.addresses)
         if self.tracker.changed:
             self._verdict.set()
         if self.metrics is not None:
