@@ -123,6 +123,18 @@ class Settings(EdgeSettings):
     )
     generations_kept: int = Field(default=5, ge=2, le=100)
 
+    registry_key_file: Path | None = Field(
+        default=None,
+        description="AES-256 key that encrypts provider keys in the registry; default"
+        " <home>/secrets/registry.key (created 0600 on first start)",
+    )
+    backup_interval_h: float = Field(
+        default=0.0, ge=0.0, le=24 * 366, description="Hours between backups the controller makes; 0: none"
+    )
+    backup_keep: int = Field(
+        default=7, ge=1, le=10_000, description="Periodic backups kept in <home>/backups"
+    )
+
     @field_validator("http_redirect", mode="before")
     @classmethod
     def _redirect_word(cls, value: object) -> object:
@@ -182,3 +194,11 @@ class Settings(EdgeSettings):
     @property
     def admin_key_file(self) -> Path:
         return self.home / "secrets" / "admin_api_key"
+
+    @property
+    def registry_key_path(self) -> Path:
+        return self.registry_key_file or self.home / "secrets" / "registry.key"
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.home / "backups"
