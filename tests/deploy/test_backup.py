@@ -171,6 +171,7 @@ def test_backup_under_load(deployment: Deployment, tmp_path_factory: pytest.Temp
     assert plain.returncode == 0, describe(plain)
     assert full.returncode == 0, describe(full)
     assert load.failures == [] and load.ok > 0, load.failures[:5]
+    print(f"backup under load: {load.ok} openai SDK requests, {len(load.failures)} failed")
     for name in ("plain", "full"):
         path = where / f"{name}.tar.gz"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -265,14 +266,17 @@ def test_restore_brings_everything_back_while_nginx_serves(deployment: Deploymen
     master, controller = deployment.nginx_pid, deployment.controller_pid
     health_failures: list[str] = []
     done = threading.Event()
+    checks = 0
 
     def watch() -> None:
+        nonlocal checks
         deadline = time.monotonic() + LOAD_SECONDS
         while not done.is_set() and time.monotonic() < deadline:
             try:
                 deployment.health()
             except httpx.HTTPError as exc:
                 health_failures.append(repr(exc))
+            checks += 1
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -282,6 +286,7 @@ def test_restore_brings_everything_back_while_nginx_serves(deployment: Deploymen
     watcher.join(30)
     assert result.returncode == 0, describe(result) + deployment.logs()
     assert health_failures == []
+    print(f"restore: {checks} /health checks during restore, {len(health_failures)} failed")
     assert deployment.nginx_pid == master and deployment.controller_pid != controller
     assert instance_names(deployment) == sorted(PROVIDER_KEYS)
     assert chat(deployment, STATE["client_key"]).choices[0].message.content  # the client key is valid again
@@ -317,8 +322,10 @@ def test_update_under_load_fails_no_request(deployment: Deployment) -> None:
         ok_during = load.ok
     assert result.returncode == 0, describe(result) + deployment.logs()
     assert "migrating the registry" in result.stderr
+    assert "installing the project" not in result.stderr  # pyproject.toml did not change since deploy
     assert load.failures == [], load.failures[:5]
     assert ok_during > 0
+    print(f"update under load: {ok_during} openai SDK requests during update, {len(load.failures)} failed")
     assert deployment.nginx_pid == master and deployment.controller_pid != controller
     assert deployment.run("status").returncode == 0
 
