@@ -424,6 +424,7 @@ def restore(settings: Settings, path: Path) -> dict[str, Any]:
     archive = verify(settings, path)
     with_secrets = bool(archive.manifest.get("with_secrets"))
     home = settings.home
+    _restore_registry(settings, archive)  # first: the step most likely to fail, and atomic
     for name, data in sorted(archive.members.items()):
         if not name.startswith("files/"):
             continue
@@ -436,7 +437,6 @@ def restore(settings: Settings, path: Path) -> dict[str, Any]:
             data = merged_gateway_env(data.decode(), current, with_secrets).encode()
         public = name.startswith("files/ssl/") and not name.endswith("key.pem")
         _write_atomic(target, data, 0o644 if public else 0o600)
-    _restore_registry(settings, archive)
     return archive.manifest
 
 

@@ -663,12 +663,14 @@ cmd_update() {
     ISHGW_VENV="${CFG[ISHGW_VENV]}"
     ensure_venv clients test # reinstalls only when pyproject.toml is newer than the last install
     warn_unknown_settings
-    log "migrating the registry"
-    controller_python -m control_plane.backup migrate || die "the registry migration failed: the controller was not restarted"
+    # The old controller stops before the migration: it never meets a schema (or sealed keys) it does not know.
     if pid="$(controller_pid)"; then
         log "restarting the controller (pid $pid); nginx keeps serving and is reloaded only if its configuration changed"
         stop_controller
     fi
+    log "migrating the registry"
+    controller_python -m control_plane.backup migrate \
+        || die "the registry migration failed: the controller is stopped, nginx keeps serving; fix the cause and run update again"
     start_controller
     wait_ready
     log "updated (gateway $("$PYTHON" -c 'from control_plane.backup import gateway_version; print(gateway_version())'))"

@@ -202,16 +202,14 @@ def test_delete_instances_and_the_key(deployment: Deployment) -> None:
 
 
 def unchanged_after(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the command; the controller, the registry file and the instances must be as before."""
-    controller, before, names = (
-        deployment.controller_pid,
-        registry_bytes(deployment),
-        instance_names(deployment),
-    )
+    """Run the command; the controller, the registry file, settings and instances must be as before."""
+    controller, names = deployment.controller_pid, instance_names(deployment)
+    before, settings = registry_bytes(deployment), (deployment.home / "gateway.env").read_bytes()
     result = deployment.run(*args)
     assert result.returncode != 0, describe(result)
     assert deployment.controller_pid == controller
     assert registry_bytes(deployment) == before and instance_names(deployment) == names
+    assert (deployment.home / "gateway.env").read_bytes() == settings
     return result
 
 
