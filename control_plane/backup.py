@@ -117,13 +117,23 @@ def to_prune(names: Iterable[str], keep: int) -> list[str]:
     return ours[: max(0, len(ours) - keep)]
 
 
+# What a restore may write under the home: nothing else (not the nginx tree, not pid files), whatever an
+# archive's manifest says.
+HOME_MEMBERS = frozenset(
+    {"files/gateway.env", "files/provider.env", "files/secrets/admin_api_key", REGISTRY_KEY_MEMBER}
+)
+
+
 def safe_member(name: str) -> bool:
     path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or str(path) != name:
+        return False
+    parts = path.parts
     return (
-        not path.is_absolute()
-        and ".." not in path.parts
-        and str(path) == name
-        and (name == MANIFEST or name in (SQLITE_MEMBER, PG_MEMBER) or name.startswith("files/"))
+        name in (MANIFEST, SQLITE_MEMBER, PG_MEMBER)
+        or name in HOME_MEMBERS
+        or (len(parts) == 3 and parts[:2] == ("files", "ssl"))
+        or (len(parts) > 3 and parts[:3] == ("files", "secrets", "providers"))
     )
 
 
@@ -196,8 +206,9 @@ def home_files(settings: Settings, with_secrets: bool) -> dict[str, Path]:
         providers = home / "secrets" / "providers"
         candidates += sorted(p for p in providers.rglob("*") if p.is_file()) if providers.is_dir() else []
     for path in candidates:
-        if path.is_file() and not path.is_symlink():
-            chosen["files/" + path.relative_to(home).as_posix()] = path
+        name = "files/" + path.relative_to(home).as_posix()
+        if path.is_file() and not path.is_symlink() and safe_member(name):
+            chosen[name] = path
     if with_secrets and settings.registry_key_path.is_file():
         chosen[REGISTRY_KEY_MEMBER] = settings.registry_key_path
     return chosen
