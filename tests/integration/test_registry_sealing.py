@@ -5,6 +5,9 @@ registry refuses a key other than the one it was sealed with."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from control_plane.registry.models import InstanceConfig, ProviderType
-from control_plane.registry.sealing import KEY_BYTES, RegistryKeyError, Sealer, is_sealed
+from control_plane.registry.sealing import KEY_BYTES, RegistryKeyError, Sealer, is_sealed, registry_sealer
 from control_plane.registry.store import Store, instances
 from tests.integration.postgres import pg_admin
 
@@ -121,3 +124,25 @@ def test_the_sqlite_file_holds_no_provider_key(tmp_path: Path) -> None:
     data = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("ishgw.db"))
     assert b"inst-7" in data  # the rows are there
     assert SECRET.encode() not in data and SECRET[8:].encode() not in data
+
+
+def test_the_controller_refuses_to_start_without_the_key(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    key_file = home / "secrets" / "registry.key"
+    store = opened(f"sqlite:///{home / 'ishgw.db'}", registry_sealer(key_file, None))
+    store.create_instance(cfg("a", SECRET))
+    sealed_with = store.registry_key_id()
+    store.close()
+    key_file.unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISHGW_")}
+    env.update(
+        {"ISHGW_HOME": str(home), "ISHGW_ADMIN_LISTEN": "127.0.0.1:1", "ISHGW_PROBES_ENABLED": "false"}
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "control_plane"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"refusing to start: {key_file} is missing" in result.stderr
+    assert f"encrypted with registry key {sealed_with}" in result.stderr
+    assert SECRET not in result.stderr
+    assert not key_file.exists()  # no new key that could not open the old rows
