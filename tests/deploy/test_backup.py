@@ -291,11 +291,15 @@ def test_restore_brings_everything_back_while_nginx_serves(deployment: Deploymen
 
 
 def test_restore_with_secrets_into_a_home_without_the_key(deployment: Deployment, stub: StubServer) -> None:
+    """The instances exist before and after: clients see no failure while the controller is replaced."""
     key_file = deployment.home / "secrets" / "registry.key"
     kept = key_file.read_bytes()
     key_file.unlink()
-    result = deployment.run("restore", str(STATE["full"]))
+    with SdkLoad(deployment, STATE["client_key"]) as load:
+        result = deployment.run("restore", str(STATE["full"]))
     assert result.returncode == 0, describe(result) + deployment.logs()
+    assert load.failures == [] and load.ok > 0, load.failures[:5]
+    print(f"restore under load: {load.ok} openai SDK requests, {len(load.failures)} failed")
     assert key_file.read_bytes() == kept and stat.S_IMODE(key_file.stat().st_mode) == 0o600
     stub.clear_requests()
     assert chat(deployment, STATE["client_key"]).choices[0].message.content
