@@ -266,7 +266,10 @@ def _registry_facts(settings: Settings) -> tuple[int, str | None, int]:
 
 
 def _run(command: list[str], what: str, **kwargs: Any) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
+    except FileNotFoundError:
+        raise BackupError(f"{command[0]} is not installed (apt-get install postgresql-client)") from None
     if result.returncode != 0:
         raise BackupError(f"{what} failed: {result.stderr.strip()[-500:]}")
 
