@@ -311,7 +311,7 @@ def _parameters() -> Schema:
             "required": False,
             "schema": {"type": "string", "enum": ["json", "yaml", "legacy"], "default": "json"},
             "description": "legacy: the instance_configs.json + instance_states.json pair as one JSON object,"
-            " which POST /admin/migrate reads back",
+            " which POST /admin/instances/migrate reads back",
         },
         "Wait": {
             "name": "wait",

@@ -118,7 +118,7 @@ def export_document(configs: list[InstanceConfig], routing: RoutingConfig) -> di
 
 def export_legacy(pairs: list[tuple[InstanceConfig, InstanceState]]) -> dict[str, Any]:
     """The legacy ``instance_configs.json`` / ``instance_states.json`` pair as one object, keyed by instance
-    name: what ``parse_legacy`` (POST /admin/migrate) reads back. Literal api keys are masked as in
+    name: what ``parse_legacy`` (POST /admin/instances/migrate) reads back. Literal api keys are masked as in
     ``export_document`` (a masked key imported again keeps the key the gateway has)."""
     configs: dict[str, Any] = {}
     states: dict[str, Any] = {}

@@ -308,13 +308,22 @@ def test_restore_with_secrets_into_a_home_without_the_key(deployment: Deployment
     }
 
 
-def test_legacy_export(deployment: Deployment) -> None:
+def test_legacy_export(deployment: Deployment, stub: StubServer) -> None:
     exported = admin(deployment, "GET", "/admin/config/export?format=legacy")
     assert exported.status_code == 200 and exported.headers["Content-Type"].startswith("application/json")
     pair = exported.json()
     assert sorted(pair["instance_configs"]) == sorted(PROVIDER_KEYS) == sorted(pair["instance_states"])
     assert pair["instance_configs"]["bk-a"]["api_key"] == "****" + PROVIDER_KEYS["bk-a"][-4:]
     assert pair["instance_configs"]["bk-a"]["supported_models"] == [MODEL]
+    # The migration endpoint reads the pair back; a masked key keeps the key the gateway has.
+    back = admin(deployment, "POST", "/admin/instances/migrate?mode=replace", json=pair)
+    assert back.status_code == 200, back.text
+    assert sorted(back.json()["imported"]) == sorted(PROVIDER_KEYS)
+    stub.clear_requests()
+    assert chat(deployment, STATE["client_key"]).choices[0].message.content
+    assert stub.requests()[-1]["headers"].get("Authorization") in {
+        f"Bearer {k}" for k in PROVIDER_KEYS.values()
+    }
 
 
 def test_update_under_load_fails_no_request(deployment: Deployment) -> None:
