@@ -10,6 +10,7 @@ from aiohttp import web
 from control_plane.admin_tls import AdminTlsError, admin_ssl_context
 from control_plane.app import create_app
 from control_plane.jwt_keys import JwtConfigError
+from control_plane.registry.sealing import RegistryKeyError
 from control_plane.settings import Settings
 
 
@@ -22,7 +23,7 @@ def main() -> None:
     try:
         ssl_context = admin_ssl_context(settings)
         app = create_app(settings)
-    except (AdminTlsError, JwtConfigError) as exc:
+    except (AdminTlsError, JwtConfigError, RegistryKeyError) as exc:
         logging.getLogger("control_plane").error("refusing to start: %s", exc)
         sys.exit(2)
     web.run_app(app, host=host, port=port, access_log=None, print=None, ssl_context=ssl_context)

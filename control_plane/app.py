@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from control_plane import jwt_keys
+from control_plane import backup, jwt_keys
 from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
 from control_plane.alerts.view import state_view
 from control_plane.api import keys, status_page
@@ -35,6 +35,7 @@ from control_plane.nginx_process import NginxProcess
 from control_plane.reconciler import Reconciler, ReconcileTiming
 from control_plane.registry.audit import AuditLog
 from control_plane.registry.scaling import ScalingStore
+from control_plane.registry.sealing import registry_sealer
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
 from control_plane.render.spec import ServerSettings
@@ -175,6 +176,18 @@ def alert_config(settings: Settings) -> AlertConfig:
     )
 
 
+async def _backup_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    task = None
+    if settings.backup_interval_h:
+        task = asyncio.create_task(backup.run_periodic(settings), name="backup")
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def prepare_secret_dirs(settings: Settings) -> None:
     """secrets/ and the default home of provider secret files, secrets/providers/: root's alone (0700)."""
     secrets_dir = settings.home / "secrets"
@@ -217,6 +230,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     jwt_keys.load(server.edge.jwt_files)  # refuse to start with unusable JWT key files (JwtConfigError)
     store = Store(settings.database_url)
     store.migrate()
+    # Provider keys sealed at rest (RegistryKeyError: refuse to start without the key they were sealed with).
+    store.attach_sealer(registry_sealer(settings.registry_key_path, store.registry_key_id()))
     metrics = GatewayMetrics(registry or CollectorRegistry(), settings.metrics_key_label)
     nginx = NginxProcess(settings.nginx_dir, settings.nginx_binary, settings.generations_kept)
     nginx.prepare()
@@ -288,5 +303,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.cleanup_ctx.append(_scaling_ctx)  # after the reconciler: it applies through it
     app.cleanup_ctx.append(_usage_ctx)  # stopped first: its last drain runs while the store is open
     app.cleanup_ctx.append(_alerts_ctx)
+
+
+    app.cleanup_ctx.append(_backup_ctx)
     app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
     return app

@@ -169,6 +169,18 @@ class Settings(EdgeSettings):
         default=5.0, ge=1.0, le=300.0, description="How often the status page polls for fresh figures"
     )
 
+    registry_key_file: Path | None = Field(
+        default=None,
+        description="AES-256 key that encrypts provider keys in the registry; default"
+        " <home>/secrets/registry.key (created 0600 on first start)",
+    )
+    backup_interval_h: float = Field(
+        default=0.0, ge=0.0, le=24 * 366, description="Hours between backups the controller makes; 0: none"
+    )
+    backup_keep: int = Field(
+        default=7, ge=1, le=10_000, description="Periodic backups kept in <home>/backups"
+    )
+
     @field_validator("http_redirect", mode="before")
     @classmethod
     def _redirect_word(cls, value: object) -> object:
@@ -260,3 +272,11 @@ class Settings(EdgeSettings):
     @property
     def admin_key_file(self) -> Path:
         return self.home / "secrets" / "admin_api_key"
+
+    @property
+    def registry_key_path(self) -> Path:
+        return self.registry_key_file or self.home / "secrets" / "registry.key"
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.home / "backups"

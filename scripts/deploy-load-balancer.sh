@@ -6,6 +6,10 @@
 #   scripts/deploy-load-balancer.sh restart       stop + deploy
 #   scripts/deploy-load-balancer.sh status        components, configuration and pools; non-zero when down
 #   scripts/deploy-load-balancer.sh logs [-f] [-n N]   controller log and nginx error log
+#   scripts/deploy-load-balancer.sh update        after a git pull: packages if their lists changed, migrate, restart the controller
+#   scripts/deploy-load-balancer.sh backup [--with-secrets] [FILE]   snapshot of the running gateway (tar.gz, 0600)
+#   scripts/deploy-load-balancer.sh restore FILE  verify, stop the controller, restore, start (nginx keeps serving)
+#   scripts/deploy-load-balancer.sh clean [--yes] stop, then remove everything under ISHGW_HOME
 #   scripts/deploy-load-balancer.sh help
 set -euo pipefail
 
@@ -31,7 +35,7 @@ SCRIPT_ONLY=(ISHGW_ROOT ISHGW_PYTHON ISHGW_START_TIMEOUT ISHGW_STOP_TIMEOUT ISHG
 SCRIPT_SETTINGS=(ISHGW_VENV)
 
 usage() {
-    sed -n '2,9s/^# \{0,1\}//p' "$0"
+    sed -n '2,13s/^# \{0,1\}//p' "$0"
     cat <<EOF
 
 Settings (environment variables; deploy stores the effective ones in \$ISHGW_HOME/gateway.env, mode 0600,
@@ -76,6 +80,16 @@ and every later command reads them from there, so nothing has to be exported aga
   Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600;
   only the names defined there, never ISHGW_*); those referenced as file:/path must lie inside ISHGW_SECRET_DIRS
   (comma separated, default \$ISHGW_HOME/secrets/providers, mode 0700).
+
+Backups (backup/restore; README "Backup and restore"):
+  ISHGW_REGISTRY_KEY_FILE \$ISHGW_HOME/secrets/registry.key  AES-256 key that encrypts provider keys in the registry
+                                                            (created 0600 on first start); keep a copy apart
+  ISHGW_BACKUP_INTERVAL_H 0                                 hours between backups the controller makes into
+                                                            \$ISHGW_HOME/backups (without secrets); 0: none
+  ISHGW_BACKUP_KEEP    7                                    periodic backups kept (the oldest go first)
+  backup FILE defaults to \$ISHGW_HOME/backups/manual-<time>.tar.gz; --with-secrets adds the registry key, the
+  admin key, provider.env and secrets/providers/. restore of a backup without secrets needs the registry key
+  already in place and says so before it changes anything. clean asks for confirmation (--yes for scripts).
 
 Timeouts of this script (not stored): ISHGW_START_TIMEOUT=$START_TIMEOUT s, ISHGW_STOP_TIMEOUT=$STOP_TIMEOUT s.
 status exits 0 when everything runs, 1 when a component is down, 2 when the last reload failed (nginx serves
@@ -634,6 +648,114 @@ cmd_logs() {
     tail -n "$lines" "${files[@]}"
 }
 
+# --- update, backup, restore, clean ---------------------------------------------------------------------
+
+# is_gateway_home: gateway.env as deploy writes it, and secrets/: what clean and restore insist on.
+is_gateway_home() {
+    [ "$HOME_DIR" != / ] && [ -d "$HOME_DIR/secrets" ] && [ -f "$GATEWAY_ENV" ] \
+        && head -n 1 "$GATEWAY_ENV" | grep -q '^# ISH Gateway settings, written by'
+}
+
+require_gateway_home() {
+    is_gateway_home || die "$HOME_DIR is not an ISH Gateway home (no gateway.env written by deploy, or no secrets/):" \
+        "set ISHGW_HOME, or deploy first"
+}
+
+# controller_python ARGS: python with exactly the controller's environment (gateway.env, provider.env).
+controller_python() {
+    local env_lines
+    mapfile -t env_lines < <(controller_env)
+    (cd "$HOME_DIR" && exec 9>&- && exec env -i "${env_lines[@]}" "$PYTHON" "$@")
+}
+
+cmd_update() {
+    local pid
+    load_settings read
+    require_gateway_home
+    load_provider_env
+    take_lock
+    ensure_apt_packages "${RUNTIME_APT_PACKAGES[@]}"
+    ISHGW_VENV="${CFG[ISHGW_VENV]}"
+    ensure_venv clients test # reinstalls only when pyproject.toml is newer than the last install
+    warn_unknown_settings
+    # The old controller stops before the migration: it never meets a schema (or sealed keys) it does not know.
+    if pid="$(controller_pid)"; then
+        log "restarting the controller (pid $pid); nginx keeps serving and is reloaded only if its configuration changed"
+        stop_controller
+    fi
+    log "migrating the registry"
+    controller_python -m control_plane.backup migrate \
+        || die "the registry migration failed: the controller is stopped, nginx keeps serving; fix the cause and run update again"
+    start_controller
+    wait_ready
+    log "updated (gateway $("$PYTHON" -c 'from control_plane.backup import gateway_version; print(gateway_version())'))"
+}
+
+cmd_backup() {
+    local file="" secrets=()
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+            --with-secrets) secrets=(--with-secrets) ;;
+            -*) die "backup: unknown option $1 (usage: backup [--with-secrets] [FILE])" ;;
+            *) [ -z "$file" ] || die "backup takes one FILE"; file="$1" ;;
+        esac
+        shift
+    done
+    load_settings read
+    require_gateway_home
+    load_provider_env
+    file="$(realpath -m "${file:-$HOME_DIR/backups/manual-$(date -u +%Y%m%dT%H%M%SZ).tar.gz}")"
+    controller_python -m control_plane.backup create "$file" "${secrets[@]}" || die "backup failed"
+}
+
+cmd_restore() {
+    local file
+    [ "$#" -eq 1 ] || die "usage: restore FILE"
+    load_settings read
+    require_gateway_home
+    load_provider_env
+    file="$(realpath -e "$1" 2>/dev/null)" || die "restore: $1: no such file"
+    # Verified before anything stops: a damaged, foreign or unusable archive changes nothing.
+    controller_python -m control_plane.backup verify "$file" || die "nothing was changed"
+    take_lock
+    stop_controller # nginx keeps serving the running configuration
+    if ! controller_python -m control_plane.backup restore "$file"; then
+        start_controller
+        die "restore failed: the controller was started again on what is in place"
+    fi
+    load_settings read # the restored gateway.env and provider.env
+    load_provider_env
+    start_controller
+    wait_ready
+    log "restored $file into $HOME_DIR"
+}
+
+cmd_clean() {
+    local yes=0 answer
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+            --yes | -y) yes=1 ;;
+            *) die "clean: unknown argument $1 (usage: clean [--yes])" ;;
+        esac
+        shift
+    done
+    load_settings read
+    is_gateway_home || die "$HOME_DIR is not an ISH Gateway home (no gateway.env written by deploy, or no secrets/):" \
+        "refusing to remove anything"
+    if [ "$yes" -eq 0 ]; then
+        [ -t 0 ] || die "clean removes everything under $HOME_DIR: confirm on a terminal, or pass --yes"
+        read -r -p "Remove everything under $HOME_DIR (registry, certificates, secrets, backups, logs)? Type yes: " answer
+        [ "$answer" = yes ] || die "not confirmed: nothing was removed"
+    fi
+    take_lock
+    stop_controller
+    stop_nginx
+    find "$HOME_DIR" -mindepth 1 -maxdepth 1 -exec rm -rf -- {} +
+    log "removed everything under $HOME_DIR"
+    if [[ "${CFG[ISHGW_DB_URL]}" != sqlite:* ]]; then log "the registry database ${CFG[ISHGW_DB_URL]%%://*}://... is not under $HOME_DIR: left as it is"; fi
+    if [ -n "${CFG[ISHGW_REGISTRY_KEY_FILE]:-}" ]; then log "ISHGW_REGISTRY_KEY_FILE ${CFG[ISHGW_REGISTRY_KEY_FILE]} left as it is"; fi
+}
+
 main() {
     local command="${1:-help}"
     [ "$#" -eq 0 ] || shift
@@ -643,6 +765,10 @@ main() {
         restart) cmd_stop; cmd_deploy ;;
         status) cmd_status ;;
         logs) cmd_logs "$@" ;;
+        update) [ "$#" -eq 0 ] || die "update takes no arguments"; cmd_update ;;
+        backup) cmd_backup "$@" ;;
+        restore) cmd_restore "$@" ;;
+        clean) cmd_clean "$@" ;;
         help | -h | --help) usage ;;
         *) usage >&2; exit 64 ;;
     esac

@@ -310,7 +310,9 @@ def _parameters() -> Schema:
             "name": "format",
             "in": "query",
             "required": False,
-            "schema": {"type": "string", "enum": ["json", "yaml"], "default": "json"},
+            "schema": {"type": "string", "enum": ["json", "yaml", "legacy"], "default": "json"},
+            "description": "legacy: the instance_configs.json + instance_states.json pair as one JSON object,"
+            " which POST /admin/instances/migrate reads back",
         },
         "Wait": {
             "name": "wait",
@@ -498,6 +500,14 @@ def _import_body() -> Schema:
 
 def _config_paths() -> Schema:
     export_content = {media: {"schema": _ref("ConfigDocument")} for media in (JSON, "application/yaml")}
+    legacy_pair = _object(
+        {
+            name: {"type": "object", "additionalProperties": {"type": "object"}}
+            for name in ("instance_configs", "instance_states")
+        },
+        ["instance_configs", "instance_states"],
+    )
+    export_content[JSON] = {"schema": {"oneOf": [_ref("ConfigDocument"), legacy_pair]}}
     return {
         "/admin/config/export": {
             "get": _op(

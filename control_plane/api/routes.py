@@ -49,6 +49,7 @@ M = TypeVar("M", bound=BaseModel)
 
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
 EXPORT_TYPES = {"json": "application/json", "yaml": "application/yaml"}
+LEGACY_EXPORT = "legacy"
 MODES = ("merge", "replace")
 CONFIG_FIELDS = frozenset(InstanceConfig.model_fields)
 
@@ -392,8 +393,15 @@ def _export(store: Store, fmt: str) -> str:
     return importers.dump(importers.export_document(configs, store.get_routing()), fmt)
 
 
+def _export_legacy(store: Store) -> str:
+    return importers.dump(importers.export_legacy(store.list_instances()), "json")
+
+
 async def export_config(request: web.Request) -> web.Response:
-    fmt = _choice(request, "format", tuple(EXPORT_TYPES))
+    fmt = _choice(request, "format", (*EXPORT_TYPES, LEGACY_EXPORT))
+    if fmt == LEGACY_EXPORT:  # the legacy instance_configs.json + instance_states.json pair, one object
+        text = await _run(_export_legacy, _store(request))
+        return web.Response(text=text, content_type="application/json", charset="utf-8")
     text = await _run(_export, _store(request), fmt)
     return web.Response(text=text, content_type=EXPORT_TYPES[fmt], charset="utf-8")
 

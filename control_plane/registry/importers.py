@@ -116,6 +116,20 @@ def export_document(configs: list[InstanceConfig], routing: RoutingConfig) -> di
     return {"version": DOCUMENT_VERSION, "routing": routing.model_dump(mode="json"), "instances": exported}
 
 
+def export_legacy(pairs: list[tuple[InstanceConfig, InstanceState]]) -> dict[str, Any]:
+    """The legacy ``instance_configs.json`` / ``instance_states.json`` pair as one object, keyed by instance
+    name: what ``parse_legacy`` (POST /admin/instances/migrate) reads back. Literal api keys are masked as in
+    ``export_document`` (a masked key imported again keeps the key the gateway has)."""
+    configs: dict[str, Any] = {}
+    states: dict[str, Any] = {}
+    for config, state in pairs:
+        item = config.model_dump(mode="json")
+        item["api_key"] = mask_secret(config.api_key)
+        configs[config.name] = item
+        states[config.name] = state.model_dump(mode="json")
+    return {"instance_configs": configs, "instance_states": states}
+
+
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise InvalidInput([{"field": "format", "message": f"format must be one of {', '.join(FORMATS)}"}])

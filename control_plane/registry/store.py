@@ -7,7 +7,9 @@ INTERFACE CONTRACT (implemented by the store helper; signatures are fixed):
   (state JSON, cascades with its instance) and ``settings`` (``routing`` and ``generation``).
 - Every configuration write (create/replace/delete/set_routing/replace_all) bumps the generation in the same
   transaction; ``put_state`` never does.
-- Configuration is stored with the literal ``api_key`` (SQLite files are 0600); masking is the API's job.
+- A literal ``api_key`` is stored sealed (AES-GCM, registry/sealing.py) once a key is attached
+  (``attach_sealer``, which also seals rows still in clear and records the key's id under
+  ``registry_key_id``); references stay readable. Reads return it in clear; masking is the API's job.
 - SQLite write transactions start with ``BEGIN IMMEDIATE`` so concurrent writers queue on ``busy_timeout``
   instead of failing on a lock upgrade; on PostgreSQL config writers serialise on the generation row.
 """
@@ -49,6 +51,7 @@ from sqlalchemy.pool import StaticPool
 
 from control_plane.errors import Conflict, InvalidInput, NotFound
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
+from control_plane.registry.sealing import RegistryKeyError, Sealer, is_sealed, needs_sealing
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Key for pg_advisory_xact_lock around migrations (any constant bigint; "ISHGWMIG" in ASCII).
@@ -56,6 +59,7 @@ MIGRATION_LOCK_KEY = 0x4953_4847_574D_4947
 
 GENERATION_KEY = "generation"
 ROUTING_KEY = "routing"
+REGISTRY_KEY_ID = "registry_key_id"
 
 metadata = MetaData()
 
@@ -215,6 +219,7 @@ class Store:
         self.url = normalise_url(url)
         self.dialect = self.url.get_backend_name()
         self._sqlite_path: str | None = None
+        self.sealer: Sealer | None = None
         if self.dialect == "sqlite":
             self._engine = self._sqlite_engine()
         elif self.dialect == "postgresql":
@@ -313,9 +318,57 @@ class Store:
             current = conn.execute(select(func.max(schema_migrations.c.version))).scalar_one_or_none()
         return int(current or 0)
 
+    def schema_version(self) -> int:
+        """The latest migration applied (0 for an empty database); reads only."""
+        with self._read() as conn:
+            if not self._engine.dialect.has_table(conn, schema_migrations.name):
+                return 0
+            current = conn.execute(select(func.max(schema_migrations.c.version))).scalar_one_or_none()
+        return int(current or 0)
+
+    def instance_count(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).select_from(instances)).scalar_one())
+
     def close(self) -> None:
         self._engine.dispose()
         self._secure_files()
+
+    # -- provider keys at rest -------------------------------------------------------------------------------
+
+    def registry_key_id(self) -> str | None:
+        """The id of the key the provider keys are sealed with; None before any key was attached."""
+        with self._read() as conn:
+            raw = conn.execute(select(settings.c.value).where(settings.c.key == REGISTRY_KEY_ID)).scalar()
+        return str(json.loads(raw)) if raw is not None else None
+
+    def attach_sealer(self, sealer: Sealer) -> int:
+        """Seal with ``sealer`` from now on: record its id (refusing another key than the recorded one) and
+        seal the literal keys still in clear, in one transaction (the migration of rows written before
+        encryption at rest, and of imports by an older controller). Returns how many rows were sealed.
+        The configuration does not change, so the generation does not either."""
+        with self._write() as conn:
+            raw = conn.execute(
+                select(settings.c.value).where(settings.c.key == REGISTRY_KEY_ID).with_for_update()
+            ).scalar()
+            if raw is None:
+                conn.execute(insert(settings).values(key=REGISTRY_KEY_ID, value=_dumps(sealer.key_id)))
+            elif json.loads(raw) != sealer.key_id:
+                raise RegistryKeyError(
+                    f"the registry's provider keys are encrypted with registry key {json.loads(raw)},"
+                    f" not {sealer.key_id}"
+                )
+            sealed = 0
+            for name, text in conn.execute(select(instances.c.name, instances.c.config)).all():
+                data = json.loads(text)
+                if needs_sealing(data.get("api_key")):
+                    data["api_key"] = sealer.seal(name, data["api_key"])
+                    conn.execute(
+                        update(instances).where(instances.c.name == name).values(config=_dumps(data))
+                    )
+                    sealed += 1
+        self.sealer = sealer
+        return sealed
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -340,17 +393,29 @@ class Store:
 
     # -- instances -----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _config_json(config: InstanceConfig) -> str:
-        return _dumps(config.model_dump(mode="json"))
+    def _config_json(self, config: InstanceConfig) -> str:
+        data = config.model_dump(mode="json")
+        if self.sealer is not None and needs_sealing(config.api_key):
+            data["api_key"] = self.sealer.seal(config.name, str(config.api_key))
+        return _dumps(data)
+
+    def _config_of(self, text: str) -> InstanceConfig:
+        data = json.loads(text)
+        sealed = data.get("api_key")
+        if isinstance(sealed, str) and is_sealed(sealed):
+            if self.sealer is None:
+                raise RegistryKeyError(
+                    "the registry holds encrypted provider keys and no registry key is attached"
+                )
+            data["api_key"] = self.sealer.unseal(str(data.get("name")), sealed)
+        return InstanceConfig.model_validate(data)
 
     @staticmethod
     def _state_json(state: InstanceState) -> str:
         return _dumps(state.model_dump(mode="json"))
 
-    @staticmethod
-    def _row_pair(config_text: str, state_text: str | None) -> tuple[InstanceConfig, InstanceState]:
-        config = InstanceConfig.model_validate(json.loads(config_text))
+    def _row_pair(self, config_text: str, state_text: str | None) -> tuple[InstanceConfig, InstanceState]:
+        config = self._config_of(config_text)
         state = InstanceState.model_validate(json.loads(state_text)) if state_text else InstanceState()
         return config, state
 

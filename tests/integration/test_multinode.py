@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
+from control_plane.registry.sealing import create_key
 from tests.backends.stub_llm import StubServer
 from tests.integration.conftest import start_stub
 from tests.integration.gateway import Gateway, wait_for
 from tests.integration.postgres import pg_admin
 
 
-def test_two_nodes_share_a_postgresql_registry(postgres_server: str, stubs: dict[str, StubServer]) -> None:
+def test_two_nodes_share_a_postgresql_registry(
+    postgres_server: str, stubs: dict[str, StubServer], tmp_path: Path
+) -> None:
     database = f"gw_{uuid.uuid4().hex[:12]}"
     pg_admin(postgres_server, f"CREATE DATABASE {database}")
     url = postgres_server.rsplit("/", 1)[0] + f"/{database}"
-    env = {"ISHGW_DB_URL": url, "ISHGW_GENERATION_POLL_S": "0.3"}
+    create_key(tmp_path / "registry.key")  # the nodes of one registry share its key (README)
+    env = {
+        "ISHGW_DB_URL": url,
+        "ISHGW_GENERATION_POLL_S": "0.3",
+        "ISHGW_REGISTRY_KEY_FILE": str(tmp_path / "registry.key"),
+    }
     stub = start_stub(stubs, "shared")
     try:
         with Gateway(extra_env=env) as a, Gateway(extra_env=env) as b:
