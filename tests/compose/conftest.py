@@ -77,13 +77,18 @@ def engine(compose_binary: str) -> Iterator[Engine]:
     sock = workdir / "podman.sock"
     log = (workdir / "service.log").open("wb")
     service = subprocess.Popen(
-        [str(ENGINE), "serve", str(sock)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        [str(ENGINE), "serve", str(sock)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 30
         while not sock.is_socket():
-            assert service.poll() is None, f"podman system service exited: {(workdir / 'service.log').read_text()}"
+            assert service.poll() is None, (
+                f"podman system service exited: {(workdir / 'service.log').read_text()}"
+            )
             assert time.monotonic() < deadline, "podman system service: no socket after 30 s"
             time.sleep(0.05)
         yield Engine(sock, conf)

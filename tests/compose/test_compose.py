@@ -57,7 +57,9 @@ def test_config_validates_every_profile(compose_binary: str, profile: str | None
         args += ["--profile", profile]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ISHGW_", "COMPOSE_", "DOCKER_"))}
     env["GATEWAY_ENV_FILE"] = str(env_file)
-    result = subprocess.run([*args, "config"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [*args, "config"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "gateway:" in result.stdout
     assert "HEALTHCHECK" in (ROOT / "compose" / "gateway" / "Dockerfile").read_text()
@@ -97,27 +99,47 @@ class Project:
             "    image: localhost/ishgw-test-postgres:15\n"
         )
         self.base = [
-            compose_binary, "-p", self.name, "-f", str(COMPOSE_FILE), "-f", str(self.override),
-            "--env-file", str(self.env_file), "--profile", "postgres",
-        ]  # fmt: skip
+            compose_binary,
+            "-p",
+            self.name,
+            "-f",
+            str(COMPOSE_FILE),
+            "-f",
+            str(self.override),
+            "--env-file",
+            str(self.env_file),
+            "--profile",
+            "postgres",
+        ]
 
     @property
     def env(self) -> dict[str, str]:
         env = self.engine.env
         env["GATEWAY_ENV_FILE"] = str(self.env_file)
-        # Behind this machine's TLS-inspecting egress, pip in the build must trust its CA (the host's local CAs).
+        # Behind a TLS-inspecting egress (this machine's), pip in the build must trust its CA: the host's
+        # locally added CAs. The build goes through the Docker API (no docker CLI needed).
+        env["COMPOSE_DOCKER_CLI_BUILD"] = "0"
         env["BUILD_CA_CERTIFICATES"] = "".join(
             Path(p).read_text() for p in sorted(glob.glob("/usr/local/share/ca-certificates/*.crt"))
         )
         return env
 
-    def compose(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [*self.base, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout,
+            [*self.base, *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             check=False,
-        )  # fmt: skip
+        )
         if check:
-            assert result.returncode == 0, f"docker-compose {' '.join(args)}: {result.stdout}\n{result.stderr}"
+            assert result.returncode == 0, (
+                f"docker-compose {' '.join(args)}: {result.stdout}\n{result.stderr}"
+            )
         return result
 
     def read(self, path: str) -> str:
@@ -165,14 +187,19 @@ def test_gateway_with_postgres(project: Project, engine: Engine) -> None:
     project.compose("build", timeout=1200)
     print(f"build: {time.monotonic() - started:.1f} s")
     size = engine.podman("image", "inspect", "--format", "{{.Size}}", "ish-gateway:local").stdout.strip()
-    healthcheck = engine.podman("image", "inspect", "--format", "{{json .Config.Healthcheck}}", "ish-gateway:local")
+    healthcheck = engine.podman(
+        "image", "inspect", "--format", "{{json .Config.Healthcheck}}", "ish-gateway:local"
+    )
     assert "/health" in healthcheck.stdout, "the image carries the HEALTHCHECK (docker format)"
     print(f"image ish-gateway:local: {int(size) / 1e6:.0f} MB")
 
     project.compose("up", "-d", "postgres")
     wait_for(
         "postgres accepts connections",
-        lambda: project.compose("exec", "-T", "postgres", "pg_isready", "-U", "ishgw", check=False).returncode == 0,
+        lambda: (
+            project.compose("exec", "-T", "postgres", "pg_isready", "-U", "ishgw", check=False).returncode
+            == 0
+        ),
         60,
     )
     up = time.monotonic()
@@ -190,9 +217,12 @@ def test_gateway_with_postgres(project: Project, engine: Engine) -> None:
     ca_file = Path(project.env_file.parent / "gateway-ca.pem")
     ca_file.write_text(cert_pem)
     admin = httpx.Client(
-        base_url=f"https://127.0.0.1:{project.admin_port}", verify=ssl.create_default_context(cafile=str(ca_file)),
-        headers={"X-Admin-API-Key": key}, timeout=10, trust_env=False,
-    )  # fmt: skip
+        base_url=f"https://127.0.0.1:{project.admin_port}",
+        verify=ssl.create_default_context(cafile=str(ca_file)),
+        headers={"X-Admin-API-Key": key},
+        timeout=10,
+        trust_env=False,
+    )
     assert admin.get("/admin/health").status_code == 200
 
     # The stand-in runs on the host, on the address the containers reach it at (the network's gateway).
@@ -202,18 +232,22 @@ def test_gateway_with_postgres(project: Project, engine: Engine) -> None:
         created = admin.post(
             "/admin/instances",
             json={
-                "name": "host-stub", "provider_type": "openai", "api_base": f"http://{host_address}:{stub.port}",
+                "name": "host-stub",
+                "provider_type": "openai",
+                "api_base": f"http://{host_address}:{stub.port}",
                 "supported_models": ["llama3.2"],
             },
-        )  # fmt: skip
+        )
         assert created.status_code == 201, created.text
         client_key = admin.post("/admin/keys", json={"name": "compose"}).json()["key"]
 
         def chat() -> str:
             client = openai.OpenAI(
-                base_url=f"http://127.0.0.1:{project.http_port}/v1", api_key=client_key, max_retries=0,
+                base_url=f"http://127.0.0.1:{project.http_port}/v1",
+                api_key=client_key,
+                max_retries=0,
                 http_client=httpx.Client(trust_env=False, timeout=10),
-            )  # fmt: skip
+            )
             answer = client.chat.completions.create(
                 model="llama3.2", messages=[{"role": "user", "content": "hello"}]
             )
@@ -222,7 +256,16 @@ def test_gateway_with_postgres(project: Project, engine: Engine) -> None:
         assert chat().startswith("Hello from compose-stub")
         # The registry is PostgreSQL's, not a SQLite file in the volume.
         rows = project.compose(
-            "exec", "-T", "postgres", "psql", "-U", "ishgw", "-d", "ishgw", "-tAc", "SELECT name FROM instances"
+            "exec",
+            "-T",
+            "postgres",
+            "psql",
+            "-U",
+            "ishgw",
+            "-d",
+            "ishgw",
+            "-tAc",
+            "SELECT name FROM instances",
         ).stdout.split()
         assert rows == ["host-stub"]
         der_before = served_certificate(project.https_port)
