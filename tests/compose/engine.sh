@@ -53,7 +53,7 @@ debian_mirror() {
 
 # base_image: the image exists, or is imported from the cached tarball, or the tarball is made first.
 base_image() {
-    local mirror rootfs
+    local mirror rootfs tarball
     podman image exists "$BASE_IMAGE" && return 0
     if podman pull -q "$BASE_IMAGE" >/dev/null 2>&1; then return 0; fi
     if [ ! -s "$BASE_TAR" ]; then
@@ -64,9 +64,10 @@ base_image() {
             || { rm -rf "$rootfs"; die "debootstrap failed: see $CACHE/debootstrap.log"; }
         echo "deb $mirror bookworm main" >"$rootfs/etc/apt/sources.list"
         rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-        tar -C "$rootfs" -cf "$BASE_TAR.tmp" .
+        tarball="$(mktemp "$BASE_TAR.XXXXXX")"
+        tar -C "$rootfs" -cf "$tarball" .
         rm -rf "$rootfs"
-        mv -f "$BASE_TAR.tmp" "$BASE_TAR"
+        mv -f "$tarball" "$BASE_TAR"
     fi
     podman import -q -c 'CMD ["/bin/bash"]' "$BASE_TAR" "$BASE_IMAGE" >/dev/null
 }

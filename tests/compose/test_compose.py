@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from tests import diagnostics
 from tests.backends.stub_llm import StubServer
 from tests.compose.conftest import ROOT, Engine
 from tests.integration.gateway import free_ports
@@ -47,6 +48,7 @@ def wait_for(what: str, predicate: Callable[[], T | None], timeout: float) -> T:
     raise AssertionError(f"{what}: not after {timeout} s (last error: {last!r})")
 
 
+@pytest.mark.timeout(900)  # the first run installs docker-compose
 @pytest.mark.parametrize("profile", [None, "postgres", "monitoring"])
 def test_config_validates_every_profile(compose_binary: str, profile: str | None, tmp_path: Path) -> None:
     """`docker-compose config` accepts the file with each profile, from the documented .env.example."""
@@ -157,9 +159,11 @@ class Project:
 def project(engine: Engine, compose_binary: str) -> Iterator[Project]:
     workdir = Path(tempfile.mkdtemp(prefix="ishgw-compose-"))
     project = Project(engine, workdir, compose_binary)
+    diagnostics.register(f"compose project {project.name}", project)
     try:
         yield project
     finally:
+        diagnostics.unregister(project)
         down = project.compose("down", "-v", "-t", "5", timeout=120, check=False)
         assert down.returncode == 0, down.stderr
         with contextlib.suppress(OSError):
