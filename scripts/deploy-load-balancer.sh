@@ -414,7 +414,11 @@ take_lock() {
 
 SYSTEMD_UNITS=(ish-gateway.service ish-gateway-renew.service ish-gateway-renew.timer)
 systemd_runs() { [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
-unit_active() { systemd_runs && systemctl is-active --quiet ish-gateway.service 2>/dev/null; }
+# unit_active: ish-gateway.service runs, and for this home (several gateways may share a host).
+unit_active() {
+    systemd_runs && systemctl is-active --quiet ish-gateway.service 2>/dev/null \
+        && [ "$(systemctl show -p WorkingDirectory --value ish-gateway.service 2>/dev/null)" = "$HOME_DIR" ]
+}
 
 # install_units: the templates of compose/systemd/ with this home's paths, into ISHGW_SYSTEMD_DIR; sets
 # UNITS_CHANGED=1 when a file changed. Paths reach the units unquoted: only plain path characters pass.
@@ -705,7 +709,13 @@ main() {
             cmd_deploy
             ;;
         stop) cmd_stop ;;
-        restart) SYSTEMD=0; unit_active && SYSTEMD=1; cmd_stop; cmd_deploy ;;
+        restart)
+            load_settings read
+            SYSTEMD=0
+            if unit_active; then SYSTEMD=1; fi
+            cmd_stop
+            cmd_deploy
+            ;;
         status) cmd_status ;;
         logs) cmd_logs "$@" ;;
         help | -h | --help) usage ;;
