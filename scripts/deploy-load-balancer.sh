@@ -2,6 +2,7 @@
 # ISH Gateway on this host: the controller (admin API, reconcile loop) and the nginx it drives.
 #
 #   scripts/deploy-load-balancer.sh deploy        install what is missing, start or update; idempotent
+#   scripts/deploy-load-balancer.sh deploy --systemd   the same, run by systemd (ish-gateway.service + renewal timer)
 #   scripts/deploy-load-balancer.sh stop          stop the controller, then nginx (graceful)
 #   scripts/deploy-load-balancer.sh restart       stop + deploy
 #   scripts/deploy-load-balancer.sh status        components, configuration and pools; non-zero when down
@@ -30,12 +31,12 @@ STOP_TIMEOUT="${ISHGW_STOP_TIMEOUT:-30}"
 # shell that happened to run deploy, and "same settings" can be checked against /proc/PID/environ.
 CONTROLLER_PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Knobs of this script only: never persisted, never passed to the controller.
-SCRIPT_ONLY=(ISHGW_ROOT ISHGW_PYTHON ISHGW_START_TIMEOUT ISHGW_STOP_TIMEOUT ISHGW_CERT_RENEW_DAYS)
+SCRIPT_ONLY=(ISHGW_ROOT ISHGW_PYTHON ISHGW_START_TIMEOUT ISHGW_STOP_TIMEOUT ISHGW_CERT_RENEW_DAYS ISHGW_SYSTEMD_DIR)
 # Settings this script reads besides the controller's own (Settings in control_plane/settings.py).
 SCRIPT_SETTINGS=(ISHGW_VENV)
 
 usage() {
-    sed -n '2,13s/^# \{0,1\}//p' "$0"
+    sed -n '2,14s/^# \{0,1\}//p' "$0"
     cat <<EOF
 
 Settings (environment variables; deploy stores the effective ones in \$ISHGW_HOME/gateway.env, mode 0600,
@@ -92,6 +93,10 @@ Backups (backup/restore; README "Backup and restore"):
   already in place and says so before it changes anything. clean asks for confirmation (--yes for scripts).
 
 Timeouts of this script (not stored): ISHGW_START_TIMEOUT=$START_TIMEOUT s, ISHGW_STOP_TIMEOUT=$STOP_TIMEOUT s.
+deploy --systemd installs compose/systemd/ish-gateway.service (the controller; nginx its child; Restart=on-failure;
+hardened) and ish-gateway-renew.service + .timer (the self-signed certificate) into ISHGW_SYSTEMD_DIR (not stored;
+default /etc/systemd/system), enables them and lets systemd run the controller instead of a detached process.
+It needs systemd as PID 1 (else it says so, leaves the units written and starts nothing).
 status exits 0 when everything runs, 1 when a component is down, 2 when the last reload failed (nginx serves
 the previous configuration), 3 when nothing runs.
 EOF
@@ -328,8 +333,10 @@ show_log_tail() {
 
 # --- controller -----------------------------------------------------------------------------------------
 
+# systemd adds these to every service's environment: not settings.
+SYSTEMD_ENV='^(INVOCATION_ID|SYSTEMD_EXEC_PID|JOURNAL_STREAM|NOTIFY_SOCKET|MANAGERPID|MAINPID|SERVICE_RESULT)='
 same_settings() {
-    [ "$(tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | LC_ALL=C sort)" = "$(controller_env)" ]
+    [ "$(tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | grep -Ev "$SYSTEMD_ENV" | LC_ALL=C sort)" = "$(controller_env)" ]
 }
 
 # port_free PORT: nothing listens on PORT (any address). Used only before a fresh start.
@@ -431,6 +438,69 @@ take_lock() {
     flock -w "$START_TIMEOUT" 9 || die "another deploy or stop of $HOME_DIR is still running"
 }
 
+# --- systemd (deploy --systemd) ------------------------------------------------------------------------
+
+SYSTEMD_UNITS=(ish-gateway.service ish-gateway-renew.service ish-gateway-renew.timer)
+systemd_runs() { [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
+# unit_active: ish-gateway.service runs, and for this home (several gateways may share a host).
+unit_active() {
+    systemd_runs && systemctl is-active --quiet ish-gateway.service 2>/dev/null \
+        && [ "$(systemctl show -p WorkingDirectory --value ish-gateway.service 2>/dev/null)" = "$HOME_DIR" ]
+}
+
+# install_units: the templates of compose/systemd/ with this home's paths, into ISHGW_SYSTEMD_DIR; sets
+# UNITS_CHANGED=1 when a file changed. Paths reach the units unquoted: only plain path characters pass.
+install_units() {
+    local dir="${ISHGW_SYSTEMD_DIR:-/etc/systemd/system}" unit tmp path
+    for path in "$HOME_DIR" "$ISHGW_ROOT" "${CFG[ISHGW_VENV]}"; do
+        [[ "$path" =~ ^/[A-Za-z0-9/._+-]*$ ]] || die "deploy --systemd: $path: only letters, digits and /._+- in paths"
+    done
+    mkdir -p "$dir"
+    UNITS_CHANGED=0
+    for unit in "${SYSTEMD_UNITS[@]}"; do
+        tmp="$(mktemp "$dir/.$unit.XXXXXX")"
+        TEMP_FILES+=("$tmp")
+        sed -e "s|@ISHGW_HOME@|$HOME_DIR|g" -e "s|@ISHGW_ROOT@|$ISHGW_ROOT|g" -e "s|@ISHGW_VENV@|${CFG[ISHGW_VENV]}|g" \
+            "$ISHGW_ROOT/compose/systemd/$unit" >"$tmp"
+        chmod 0644 "$tmp"
+        if cmp -s "$tmp" "$dir/$unit"; then
+            rm -f "$tmp"
+        else
+            mv -f "$tmp" "$dir/$unit"
+            UNITS_CHANGED=1
+            log "wrote $dir/$unit"
+        fi
+    done
+}
+
+# deploy_systemd REASON: systemd runs the controller (a detached one is stopped first; nginx keeps serving
+# and the unit's controller adopts it).
+deploy_systemd() {
+    local reason="$1" pid
+    install_units
+    if ! systemd_runs; then
+        die "deploy --systemd: systemd is not running as PID 1 on this host (PID 1 is $(cat /proc/1/comm 2>/dev/null || echo unknown)):" \
+            "the units are written to ${ISHGW_SYSTEMD_DIR:-/etc/systemd/system} but nothing was started or enabled." \
+            "Run deploy without --systemd here (a detached controller), or on a host booted with systemd."
+    fi
+    [ "${ISHGW_SYSTEMD_DIR:-/etc/systemd/system}" = /etc/systemd/system ] \
+        || die "deploy --systemd: systemd only runs units from /etc/systemd/system (ISHGW_SYSTEMD_DIR is for tests)"
+    if pid="$(controller_pid)" && [ "$(systemctl show -p MainPID --value ish-gateway.service)" != "$pid" ]; then
+        log "a detached controller runs (pid $pid): systemd takes over"
+        stop_controller
+    fi
+    (umask 027 && mkdir -p "$HOME_DIR/logs" && touch "$CONTROLLER_LOG")
+    systemctl daemon-reload
+    systemctl enable --quiet ish-gateway.service ish-gateway-renew.timer
+    systemctl start ish-gateway-renew.timer
+    if [ -n "$reason" ] || [ "$UNITS_CHANGED" -eq 1 ]; then
+        log "${reason:-units changed}: (re)starting ish-gateway.service"
+        systemctl restart ish-gateway.service
+    else
+        systemctl start ish-gateway.service
+    fi
+}
+
 cmd_deploy() {
     local pid="" reason="" cert_created=0
     load_settings deploy
@@ -459,11 +529,13 @@ cmd_deploy() {
         elif ! gateway_healthy; then
             reason="the controller runs but nginx does not answer: restarting the controller to recover it"
         fi
-    else
+    elif [ "$SYSTEMD" -eq 0 ] || ! unit_active; then
         check_ports_free
     fi
     write_gateway_env # after the checks: gateway.env describes what runs
-    if [ -n "$reason" ]; then
+    if [ "$SYSTEMD" -eq 1 ]; then
+        deploy_systemd "$reason"
+    elif [ -n "$reason" ]; then
         log "$reason"
         stop_controller
         start_controller
@@ -525,6 +597,13 @@ self_signed_hint() {
 cmd_stop() {
     load_settings read
     if [ -d "$HOME_DIR" ]; then take_lock; fi
+    if unit_active && [ -z "${SERVICE_RESULT:-}" ]; then
+        # Run by systemd: stopping the unit stops the controller, then (ExecStopPost, this command again) nginx.
+        log "stopping ish-gateway.service"
+        exec 9>&- # the unit's ExecStopPost takes the lock
+        systemctl stop ish-gateway.service
+        return 0
+    fi
     stop_controller # first: a running controller would start nginx again
     stop_nginx
     log "stopped (home $HOME_DIR)"
@@ -760,9 +839,20 @@ main() {
     local command="${1:-help}"
     [ "$#" -eq 0 ] || shift
     case "$command" in
-        deploy) [ "$#" -eq 0 ] || die "deploy takes no arguments (settings come from ISHGW_* variables)"; cmd_deploy ;;
+        deploy)
+            SYSTEMD=0
+            if [ "${1:-}" = --systemd ]; then SYSTEMD=1; shift; fi
+            [ "$#" -eq 0 ] || die "deploy takes no arguments but --systemd (settings come from ISHGW_* variables)"
+            cmd_deploy
+            ;;
         stop) cmd_stop ;;
-        restart) cmd_stop; cmd_deploy ;;
+        restart)
+            load_settings read
+            SYSTEMD=0
+            if unit_active; then SYSTEMD=1; fi
+            cmd_stop
+            cmd_deploy
+            ;;
         status) cmd_status ;;
         logs) cmd_logs "$@" ;;
         update) [ "$#" -eq 0 ] || die "update takes no arguments"; cmd_update ;;
