@@ -233,7 +233,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     # Provider keys sealed at rest (RegistryKeyError: refuse to start without the key they were sealed with).
     store.attach_sealer(registry_sealer(settings.registry_key_path, store.registry_key_id()))
     metrics = GatewayMetrics(registry or CollectorRegistry(), settings.metrics_key_label)
-    nginx = NginxProcess(settings.nginx_dir, settings.nginx_binary, settings.generations_kept)
+    nginx = NginxProcess(
+        settings.nginx_dir, settings.nginx_binary, settings.generations_kept, run_dir=settings.sockets_dir
+    )
     nginx.prepare()
     timing = ReconcileTiming(
         debounce_s=settings.reconcile_debounce_s,

@@ -13,14 +13,18 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from control_plane.errors import ReloadFailed
 from control_plane.render.nginx import RenderedTree
-from control_plane.render.spec import GENERATIONS_DIR
+from control_plane.render.spec import GENERATIONS_DIR, USAGE_SOCKET
 
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+# What nginx listens on in the run directory (render.spec: the shims' and the usage drain's), never the
+# controller's own log socket.
+NGINX_SOCKETS = ("i_*.sock", USAGE_SOCKET)
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,11 @@ def write_files(directory: Path, files: dict[str, str]) -> None:
 
 
 class NginxProcess:
-    def __init__(self, prefix: Path, binary: str = "nginx", generations_kept: int = 5) -> None:
+    def __init__(
+        self, prefix: Path, binary: str = "nginx", generations_kept: int = 5, run_dir: Path | None = None
+    ) -> None:
         self.prefix = prefix
+        self.run_dir = run_dir  # where nginx listens on unix sockets (the shims', the usage drain's)
         self.binary = binary
         self.generations_kept = generations_kept
 
@@ -160,9 +167,20 @@ class NginxProcess:
         if pid is not None:
             os.kill(pid, signal.SIGHUP)
             return
+        self.remove_stale_sockets()
         result = await self._run("-c", str(self.live / "nginx.conf"))
         if not result.ok:
             raise ReloadFailed(f"nginx did not start: {result.output}")
+
+    def remove_stale_sockets(self) -> None:
+        """The unix sockets an nginx killed with SIGKILL left behind (no master runs: nothing listens on
+        them); binding them again would fail with "Address already in use"."""
+        if self.run_dir is None or self.master_pid() is not None:
+            return
+        for pattern in NGINX_SOCKETS:
+            for path in self.run_dir.glob(pattern):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink(missing_ok=True)
 
     async def stop(self, graceful: bool = True, timeout: float = 10.0) -> None:
         pid = self.master_pid()

@@ -178,6 +178,20 @@ class Gateway:
             self.proc.kill()
             self.proc.wait(10)
 
+    def controller_stop_and_kill_nginx(self) -> None:
+        """Stop the controller, then SIGKILL nginx's master and workers (what an OOM kill does)."""
+        self.stop_controller()
+        master = self.nginx_master_pid()
+        assert master is not None
+        workers = nginx_children(master)
+        for pid in (master, *workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: all(not Path(f"/proc/{pid}").exists() for pid in (master, *workers)),
+            what="nginx gone",
+        )
+
     def stop_controller(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -281,6 +281,21 @@ def test_controller_death_keeps_serving_and_restart_adopts(stubs: dict[str, Stub
         assert Path(gw.home / "nginx" / "live").resolve().name == checksum
 
 
+def test_nginx_killed_with_sigkill_starts_again_over_its_stale_sockets(stubs: dict[str, StubServer]) -> None:
+    """A SIGKILLed nginx leaves its unix sockets (the shims', the usage drain's): the controller starts a new
+    one over them instead of failing with "Address already in use"."""
+    with Gateway() as gw:
+        register(gw, "s", start_stub(stubs, "s"), ["m"], api_key="sk-stale-sockets-0123456789")
+        gw.wait_applied()
+        run = gw.home / "run"
+        left = sorted(p.name for p in run.iterdir() if p.name != "log.sock")
+        assert "usage.sock" in left and any(name.startswith("i_") for name in left), left
+        gw.controller_stop_and_kill_nginx()
+        assert sorted(p.name for p in run.iterdir() if p.name != "log.sock") == left  # stale, on disk
+        gw.start_controller()  # it starts nginx: /health answers
+        assert gw.client.post("/v1/chat/completions", json={"model": "m"}).status_code == 200
+
+
 def test_burst_of_changes_is_one_reload(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
     stub = start_stub(stubs, "burst")
     gateway.wait_applied()
