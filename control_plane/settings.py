@@ -107,6 +107,12 @@ class Settings(EdgeSettings):
         default=48.0, ge=1.0, le=24 * 366, description="Hours minute usage buckets are kept"
     )
     usage_day_retention_d: int = Field(default=400, ge=1, le=36_600, description="Days day buckets are kept")
+    stream_usage: Literal["on", "off"] = Field(
+        default="on",
+        description="With usage accounting: an OpenAI chat/completions stream that did not ask for usage is"
+        " sent to the provider with stream_options.include_usage, and the usage chunk is taken out of the"
+        " answer (the client gets the stream it asked for); off: such streams are estimated",
+    )
     status_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra CIDRs for /nginx_status"
     )

@@ -334,6 +334,31 @@ end
 -- The counters (lua_shared_dict gw_usage); nil under `nginx -t` of a tree without it (never served).
 local counters = ngx.shared.gw_usage
 
+-- The format of an answer per family and Content-Type (false: none gw.usage reads), worked out once per
+-- worker for each of the few Content-Types instances send (at most FORMATS_KEPT of them are kept).
+local FORMATS_KEPT = 64
+local formats, formats_kept = {}, 0
+
+local function format_of(family, content_type)
+    if not content_type then
+        return false
+    end
+    local known = formats[family]
+    if not known then
+        known = {}
+        formats[family] = known
+    end
+    local format = known[content_type]
+    if format == nil then
+        format = usage.format_for(family, content_type) or false
+        if formats_kept < FORMATS_KEPT then
+            formats_kept = formats_kept + 1
+            known[content_type] = format
+        end
+    end
+    return format
+end
+
 -- A response is scanned when it is a 2xx of a format gw.usage reads; every answered request is counted,
 -- an error answer with no tokens (providers bill none). The scanner lives in ngx.ctx: ngx.exec to the
 -- pool location cleared it, so each request starts with none.
@@ -341,19 +366,26 @@ local function start_count(ctx, family)
     local status = ngx.status
     local scanner = false
     if status >= 200 and status < 300 then
-        local format = usage.format_for(family, header["Content-Type"])
         -- No format (an unknown content type): still a 2xx answer, estimated from its bytes.
-        scanner = usage.new(format or "openai_json")
+        scanner = usage.new(format_of(family, header["Content-Type"]) or "openai_json")
     end
     ctx.gw_scanner = scanner
     return scanner
 end
 
+-- The counters' prefix of the current minute, "u|<minute>|", made once a minute (per worker).
+local prefix_minute, minute_prefix = -1, nil
+
 local function record(scanner)
     local u = scanner and scanner:finish() or nil
-    -- The instance as X-ISHGW-Instance names it (http.conf: the map of $upstream_addr).
-    local prefix = tally.bucket(tally.minute(ngx.time()), var.gw_client_id or "",
-        var.gw_instance_header or "", var.gw_model or "")
+    local now = ngx.time()
+    local minute = now - now % 60
+    if minute ~= prefix_minute then
+        prefix_minute, minute_prefix = minute, "u|" .. minute .. "|"
+    end
+    -- tally.bucket's prefix: "<key id>|<instance>|<model>" in one variable (http.conf), the instance as
+    -- X-ISHGW-Instance names it.
+    local prefix = minute_prefix .. var.gw_usage_bucket .. "|"
     local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
     if tally.add(counters, prefix, u, request_bytes) then
         ngx.log(ngx.WARN, "gw: usage counters evicted older entries: raise ISHGW_LUA_SHM_USAGE_MB")
