@@ -966,6 +966,48 @@ local function flat_usage(text, p, e)
     return from_usage(u)
 end
 
+-- The ending most OpenAI-compatible servers write (vLLM, Ollama, llama.cpp), read with three plain
+-- finds and digit loops: '"usage":{"prompt_tokens":P,"completion_tokens":C,"total_tokens":T}}'.
+local COMPACT_1 = '"usage":{"prompt_tokens":'
+local COMPACT_2, COMPACT_3 = ',"completion_tokens":', ',"total_tokens":'
+
+-- The digits at i (at most 15: below 2^53) as a number, and the index after them; nil when none.
+local function digits_at(text, i)
+    local c = byte(text, i)
+    local v, from = 0, i
+    while c and c >= ZERO and c <= NINE do
+        v = v * 10 + c - ZERO
+        i = i + 1
+        c = byte(text, i)
+    end
+    if i == from or i - from > 15 then
+        return nil
+    end
+    return v, i
+end
+
+local function compact_usage(text, p, e)
+    local i = p + #COMPACT_1
+    if find(text, COMPACT_1, p, true) ~= p then
+        return nil
+    end
+    local prompt, completion, total
+    prompt, i = digits_at(text, i)
+    if not i or find(text, COMPACT_2, i, true) ~= i then
+        return nil
+    end
+    completion, i = digits_at(text, i + #COMPACT_2)
+    if not i or find(text, COMPACT_3, i, true) ~= i then
+        return nil
+    end
+    total, i = digits_at(text, i + #COMPACT_3)
+    if not i or byte(text, i) ~= RBRACE or i + 1 ~= e or not unescaped(text, p) then
+        return nil
+    end
+    return { source = "reported", prompt_tokens = prompt, completion_tokens = completion,
+             total_tokens = total }
+end
+
 local function tail_usage(text)
     local e = #text
     local c = byte(text, e)
@@ -976,7 +1018,8 @@ local function tail_usage(text)
     if c ~= RBRACE then
         return nil
     end
-    local p = find(text, '"usage"', 1, true)
+    -- the last '"usage"': looked for near the end first (where it is), then from the start
+    local p = e > 512 and find(text, '"usage"', e - 512, true) or find(text, '"usage"', 1, true)
     if not p then
         return tail_ollama(text, e)
     end
@@ -984,7 +1027,11 @@ local function tail_usage(text)
     while next_p do
         p, next_p = next_p, find(text, '"usage"', next_p + 7, true)
     end
-    local r = flat_usage(text, p, e)
+    local r = compact_usage(text, p, e)
+    if r then
+        return r
+    end
+    r = flat_usage(text, p, e)
     if r then
         return r
     end
