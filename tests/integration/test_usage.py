@@ -246,7 +246,8 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
 
         def drained() -> bool:
             rows = _usage(gw, group_by="instance,model", key=ids["app"])["rows"]
-            return _by_instance_model(rows) == want
+            raw_rows = _usage(gw, group_by="key", key=ids["raw"])["rows"]
+            return _by_instance_model(rows) == want and [r["requests"] for r in raw_rows] == [1]
 
         try:
             wait_for(drained, timeout=20, interval=0.2, what="the usage drained")

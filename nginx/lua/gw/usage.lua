@@ -1339,7 +1339,14 @@ end
 
 -- data without its top-level "usage":null member (OpenAI adds one to every chunk of a stream that asked
 -- for usage), or data itself.
+local NULL_USAGE_END = ',"usage":null}'
+
 local function without_null_usage(data)
+    local n = #data
+    -- OpenAI's chunks: the member last, so of the object that ends the data (the top-level one)
+    if sub(data, n - 13) == NULL_USAGE_END then
+        return sub(data, 1, n - 14) .. "}"
+    end
     local p = find(data, '"usage"', 1, true)
     while p do
         local s, e = null_usage_span(data, p)
@@ -1441,7 +1448,8 @@ function Filter:line(line)
     local data = sse_data(content)
     if data then
         local usage_key = find(data, '"usage"', 1, true)
-        local event = usage_key and self.rec:line(content)   -- records the usage
+        local null_last = usage_key and sub(data, #data - 13) == NULL_USAGE_END
+        local event = usage_key and not null_last and self.rec:line(content)   -- records the usage
         if fate == nil then                                -- this line decides
             if type(event) == "table" and type(event.usage) == "table"
                     and type(event.choices) == "table" and next(event.choices) == nil then
@@ -1452,7 +1460,11 @@ function Filter:line(line)
             self.fate = "pass"
             self:flush_held()
         end
-        self:emit(usage_key and cleaned(line, content, data) or line)
+        if null_last then
+            self:emit(sub(content, 1, #content - 14) .. "}" .. sub(line, #content + 1))
+        else
+            self:emit(usage_key and cleaned(line, content, data) or line)
+        end
     elseif fate == "pass" then
         self:emit(line)
     else                                             -- event:, id:, a comment: wait for the data
