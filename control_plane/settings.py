@@ -96,9 +96,9 @@ class Settings(EdgeSettings):
         description="MiB of nginx shared memory for request-path state (lua_shared_dict gw_state)",
     )
     usage_accounting: bool = Field(
-        default=False,
-        description="Count token usage in nginx (pool locations scan answers). Off by default until its"
-        " cost per request comes down (about +76,000 instructions today: README, Usage accounting)",
+        default=True,
+        description="Count token usage in nginx (pool locations scan answers); false switches it off"
+        " (README, Usage accounting: what it costs per request)",
     )
     usage_drain_interval_s: float = Field(
         default=5.0, ge=0.2, le=300.0, description="How often the controller drains nginx's usage counters"

@@ -57,6 +57,10 @@ and every later command reads them from there, so nothing has to be exported aga
                                                             one clients can verify, e.g. Let's Encrypt; with the
                                                             self-signed default HTTP serves the API), true, false
   ISHGW_KEY_DEFAULT_RPM 0                                   rate of client keys created without rpm_limit (0: none)
+  ISHGW_USAGE_ACCOUNTING true                               token usage counted in nginx per key, instance and model;
+                                                            false switches it off
+  ISHGW_STREAM_USAGE   on                                   OpenAI streams that did not ask for usage are asked for it
+                                                            (the usage is taken back out of the answer); off: estimated
   Every other ISHGW_* setting of the controller (see README.md) is passed through and stored the same way.
   A variable set to the empty string drops a stored value (back to the default).
   Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600;
