@@ -101,6 +101,7 @@ def server_settings(settings: Settings, workers: Workers | None = None) -> Serve
         client_max_body_size_mb=settings.client_max_body_size_mb,
         lua_shm_usage_mb=settings.lua_shm_usage_mb,
         usage_accounting=settings.usage_accounting,
+        stream_usage=settings.stream_usage == "on",
         lua_shm_state_mb=settings.lua_shm_state_mb,
         expose_instance_headers=settings.expose_instance_headers,
         status_allow=tuple(settings.status_allow),

@@ -98,9 +98,9 @@ class Settings(EdgeSettings):
         description="MiB of nginx shared memory for request-path state (lua_shared_dict gw_state)",
     )
     usage_accounting: bool = Field(
-        default=False,
-        description="Count token usage in nginx (pool locations scan answers). Off by default until its"
-        " cost per request comes down (about +76,000 instructions today: README, Usage accounting)",
+        default=True,
+        description="Count token usage in nginx (pool locations scan answers); false switches it off"
+        " (README, Usage accounting: what it costs per request)",
     )
     usage_drain_interval_s: float = Field(
         default=5.0, ge=0.2, le=300.0, description="How often the controller drains nginx's usage counters"
@@ -113,6 +113,12 @@ class Settings(EdgeSettings):
         default_factory=list,
         description="Absolute paths of the programs scaling groups may start (the command driver's argv[0]);"
         " empty: the command driver starts nothing",
+    )
+    stream_usage: Literal["on", "off"] = Field(
+        default="on",
+        description="With usage accounting: an OpenAI chat/completions stream that did not ask for usage is"
+        " sent to the provider with stream_options.include_usage, and the usage chunk is taken out of the"
+        " answer (the client gets the stream it asked for); off: such streams are estimated",
     )
     status_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra CIDRs for /nginx_status"

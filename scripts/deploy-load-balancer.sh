@@ -76,6 +76,10 @@ and every later command reads them from there, so nothing has to be exported aga
                                                             interval; ISHGW_ALERT_CERTIFICATE_DAYS 14
   ISHGW_ADMIN_SESSION_TTL_S 28800                           status page (GET / on the admin listener): a login lasts this long
   ISHGW_STATUS_REFRESH_S 5                                  status page: seconds between two refreshes of its figures
+  ISHGW_USAGE_ACCOUNTING true                               token usage counted in nginx per key, instance and model;
+                                                            false switches it off
+  ISHGW_STREAM_USAGE   on                                   OpenAI streams that did not ask for usage are asked for it
+                                                            (the usage is taken back out of the answer); off: estimated
   Every other ISHGW_* setting of the controller (see README.md) is passed through and stored the same way.
   A variable set to the empty string drops a stored value (back to the default).
   Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600;

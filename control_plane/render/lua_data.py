@@ -6,7 +6,9 @@ nginx map, and no registry value ever becomes Lua code. Lua tables are case-sens
 as they are.
 
 routes.json
-  endpoints   path -> {family, kind, key: "<family>|<kind>"} for every routed endpoint
+  endpoints   path -> {family, kind, key: "<family>|<kind>"[, stream_usage: true]} for every routed
+              endpoint; stream_usage: a stream that did not ask for its usage is sent asking for it
+              (ISHGW_USAGE_ACCOUNTING and ISHGW_STREAM_USAGE on, OpenAI chat and completions)
   resolve     "<family>|<kind>" -> {name a client may send -> {model, pool, location}}: the model's own
               name, its aliases and Ollama's ":latest" spellings; pool and location "" when no instance
               of the model is available
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 
+from control_plane.providers import Endpoint
 from control_plane.render.edge import LEAKY_PREFIXES, EdgeSpec
 from control_plane.render.spec import GatewaySpec
 
@@ -71,12 +74,22 @@ def _served(spec: GatewaySpec) -> dict[str, list[str]]:
     return {kind: sorted(models) for kind, models in served.items()}
 
 
+# Endpoints whose streams carry their usage only when asked (stream_options.include_usage): the Responses
+# API always reports it, and refuses stream_options.
+STREAM_USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def _endpoint(spec: GatewaySpec, e: Endpoint) -> dict[str, object]:
+    data: dict[str, object] = {"family": str(e.family), "kind": str(e.kind), "key": f"{e.family}|{e.kind}"}
+    server = spec.server
+    if server.usage_accounting and server.stream_usage and e.path in STREAM_USAGE_PATHS:
+        data["stream_usage"] = True
+    return data
+
+
 def routes_data(spec: GatewaySpec) -> dict[str, object]:
     return {
-        "endpoints": {
-            e.path: {"family": str(e.family), "kind": str(e.kind), "key": f"{e.family}|{e.kind}"}
-            for e in spec.endpoints
-        },
+        "endpoints": {e.path: _endpoint(spec, e) for e in spec.endpoints},
         "resolve": resolution_table(spec),
         "served": _served(spec),
         "fallbacks": {model: list(chain) for model, chain in spec.fallbacks},

@@ -181,6 +181,7 @@ class ServerSettings:
     lua_shm_usage_mb: int = 16
     lua_shm_state_mb: int = 4
     usage_accounting: bool = False  # ISHGW_USAGE_ACCOUNTING: the pool locations count token usage
+    stream_usage: bool = True  # ISHGW_STREAM_USAGE: OpenAI streams are asked for their usage
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     worker_rlimit_nofile: int = 65535
     log_server: str | None = None  # the controller's syslog receiver: "unix:/path" or "127.0.0.1:port" (UDP)

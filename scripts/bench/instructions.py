@@ -13,6 +13,7 @@ separate plain nginx answering a static chat completion, and each count taken at
   that part costs.
 
     .venv/bin/python -m scripts.bench.instructions      (needs valgrind: apt-get install valgrind)
+    .venv/bin/python -m scripts.bench.instructions --usage     (only what usage accounting costs)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -62,11 +64,36 @@ def _conf(directory: Path, http: str) -> str:
     )
 
 
-def static_backend_conf(directory: Path, port: int) -> str:
+# The static backend's streamed answer: an OpenAI chat stream that reports its usage (what a provider sends
+# when asked with stream_options.include_usage: "usage":null in every chunk, then the usage-only chunk).
+_CHUNK = (
+    '{"id":"chatcmpl-static","object":"chat.completion.chunk","created":1700000000,"model":"static-model",'
+    '"choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":%s}],"usage":null}'
+)
+STATIC_STREAM = (
+    "".join("data: " + _CHUNK % ("Hello from static! " * 2, "null") + "\n\n" for _ in range(6))
+    + "data: "
+    + _CHUNK % ("", '"stop"')
+    + "\n\n"
+    + 'data: {"id":"chatcmpl-static","object":"chat.completion.chunk","created":1700000000,'
+    '"model":"static-model","choices":[],"usage":{"prompt_tokens":250,"completion_tokens":60,'
+    '"total_tokens":310}}\n\ndata: [DONE]\n\n'
+)
+
+
+def static_backend_conf(directory: Path, port: int, stream_port: int | None = None) -> str:
+    """The static chat answer on `port`; with `stream_port`, the static stream (text/event-stream) there."""
     answer = STATIC_ANSWER.replace("'", "\\'")
+    stream = ""
+    if stream_port is not None:
+        events = STATIC_STREAM.replace("'", "\\'").replace("\n", "\\n")
+        stream = (
+            f"server {{ listen 127.0.0.1:{stream_port}; keepalive_requests 100000;\n"
+            f"  location / {{ default_type text/event-stream; return 200 '{events}'; }} }}\n"
+        )
     return _conf(
         directory,
-        f"server {{ listen 127.0.0.1:{port}; keepalive_requests 100000;\n"
+        stream + f"server {{ listen 127.0.0.1:{port}; keepalive_requests 100000;\n"
         f"  location / {{ default_type application/json; return 200 '{answer}'; }} }}",
     )
 
@@ -99,6 +126,8 @@ class Variant:
     key: bool = True
     limits: bool = True
     headers: bool = True
+    usage: bool = False  # ISHGW_USAGE_ACCOUNTING
+    stream: bool = False  # a streamed request ("stream": true), answered by the static stream
 
 
 FULL = Variant()
@@ -107,6 +136,12 @@ VARIANTS = {
     "gateway_no_key": Variant(key=False),
     "gateway_no_limits": Variant(limits=False),
     "gateway_no_headers": Variant(headers=False),
+}
+# What counting costs: the same tree with usage accounting on, for the JSON answer and for the stream.
+USAGE_VARIANTS = {
+    "gateway_usage": Variant(usage=True),
+    "gateway_stream": Variant(stream=True),
+    "gateway_stream_usage": Variant(stream=True, usage=True),
 }
 
 
@@ -170,6 +205,7 @@ def gateway_tree(prefix: Path, port: int, backend: int, log_server: str, variant
         log_server=log_server if variant.log else None,
         expose_instance_headers=variant.headers,
         edge=_policy(variant),
+        usage_accounting=variant.usage,
     )
     tree = render(build_spec(world, server))
     nginx_process = NginxProcess(prefix)
@@ -278,9 +314,10 @@ def log_sink(directory: Path) -> Iterator[str]:
         sock.close()
 
 
-def measure() -> dict[str, int]:
+def measure(only_usage: bool = False) -> dict[str, int]:
     """Instructions per request: plain_proxy, gateway (the request path), the VARIANTS, lua_hand_over and
-    lua_scan; and the split: log_line, identity, limits, instance_headers, body_scan."""
+    lua_scan, the USAGE_VARIANTS; and the split: log_line, identity, limits, instance_headers, body_scan,
+    usage_json and usage_stream (what counting adds). only_usage: the gateway and the USAGE_VARIANTS."""
     if shutil.which("valgrind") is None:
         raise RuntimeError("valgrind is not installed (apt-get install valgrind)")
     counts: dict[str, int] = {}
@@ -291,20 +328,29 @@ def measure() -> dict[str, int]:
         log_sink(Path(tmp)) as log_server,
     ):
         root = Path(tmp)
-        backend_port = free_port()
+        backend_port, stream_port = free_port(), free_port()
         backend = root / "backend" / "nginx.conf"
         backend.parent.mkdir()
-        backend.write_text(static_backend_conf(backend.parent, backend_port))
+        backend.write_text(static_backend_conf(backend.parent, backend_port, stream_port))
         with nginx(backend, backend_port):
             port = free_port()
+            keyed = {**json_headers, "Authorization": f"Bearer {KEY}"}
+            body = chat_body(model=MODEL)
+            for name, variant in {"gateway": FULL, **USAGE_VARIANTS}.items():
+                upstream = stream_port if variant.stream else backend_port
+                conf = gateway_tree(root / name, port, upstream, log_server, variant)
+                sent = chat_body(stream=True, model=MODEL) if variant.stream else body
+                counts[name] = per_request(conf, port, path, sent, keyed)
+            counts["usage_json"] = counts["gateway_usage"] - counts["gateway"]
+            counts["usage_stream"] = counts["gateway_stream_usage"] - counts["gateway_stream"]
+            if only_usage:
+                return counts
             plain = root / "plain" / "nginx.conf"
             plain.parent.mkdir()
             plain.write_text(plain_proxy_conf(plain.parent, port, backend_port))
-            body = chat_body(model=MODEL)
             counts["plain_proxy"] = per_request(plain, port, path, body, json_headers)
 
-            keyed = {**json_headers, "Authorization": f"Bearer {KEY}"}
-            for name, variant in {"gateway": FULL, **VARIANTS}.items():
+            for name, variant in VARIANTS.items():
                 conf = gateway_tree(root / name, port, backend_port, log_server, variant)
                 counts[name] = per_request(conf, port, path, body, keyed if variant.key else json_headers)
 
@@ -328,6 +374,8 @@ SPLIT = (
     ("limits", "limit zones"),
     ("log_line", "the JSON log line"),
     ("instance_headers", "X-ISHGW-Instance/-Attempts"),
+    ("usage_json", "usage accounting, JSON answer"),
+    ("usage_stream", "usage accounting, SSE stream"),
 )
 
 
@@ -336,6 +384,14 @@ def split_text(c: dict[str, int]) -> str:
 
 
 def main() -> int:
+    if "--usage" in sys.argv[1:]:
+        c = measure(only_usage=True)
+        print(
+            f"instructions per request: gateway {c['gateway']:,}, with usage accounting "
+            f"{c['gateway_usage']:,} (+{c['usage_json']:,}); streamed {c['gateway_stream']:,}, with usage "
+            f"accounting {c['gateway_stream_usage']:,} (+{c['usage_stream']:,})"
+        )
+        return 0
     c = measure()
     ratio = c["gateway"] / c["plain_proxy"]
     print(

@@ -5,7 +5,6 @@ double nothing."""
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -190,8 +189,8 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
     """1,000 requests over the four wire formats, streamed and not, through the openai, anthropic and ollama
     SDKs with a client key (8 threads), with a reload after the first 300 and the controller killed
     (SIGKILL) after 600 and started again after 800: /admin/usage sums exactly what the stand-ins
-    reported, per instance and model, with the instances' rates; an answer that reports no usage is counted
-    as estimated (bytes / 4)."""
+    reported, per instance and model, with the instances' rates; a raw stream that did not ask for usage is
+    counted as reported too (estimated answers: tests/integration/test_stream_usage.py)."""
     env = {
         "ISHGW_AUTH_REQUIRED": "true",
         "ISHGW_USAGE_ACCOUNTING": "true",
@@ -225,14 +224,19 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
         run(200)
         assert sent == 1000
 
-        # One raw OpenAI stream that did not ask for usage: the stand-in reports none, so it is estimated
-        # from the bytes (a quarter of the request body and of the answer body, each rounded up).
+        # One raw OpenAI stream that did not ask for usage: the gateway asks the stand-in for it
+        # (ISHGW_STREAM_USAGE, on by default) and takes it out of the answer; counted as reported, the
+        # usage the stand-in gives the same request when it asks itself.
         body = json.dumps({"model": "llama3:8b", "messages": HI_OLLAMA, "stream": True}).encode()
         raw_headers = {"Authorization": f"Bearer {secrets['raw']}", "Content-Type": "application/json"}
         with httpx.stream("POST", f"{gw.url}/v1/chat/completions", content=body, headers=raw_headers) as r:
             assert r.status_code == 200
             answer = b"".join(r.iter_bytes())
         assert b'"usage"' not in answer
+        asked = {**json.loads(body), "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{stubs['u-chat'].url}/v1/chat/completions", json=asked) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: {") and '"usage":{' in line]
+        raw_usage = json.loads(lines[-1][6:])["usage"]
 
         want = {
             (instance, model): (
@@ -266,10 +270,10 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
         )
         assert app["cost_usd"] == pytest.approx(cost, rel=1e-9)
         raw = rows[ids["raw"]]
-        assert (raw["requests"], raw["estimated_requests"]) == (1, 1)
+        assert (raw["requests"], raw["estimated_requests"]) == (1, 0)
         assert (raw["prompt_tokens"], raw["completion_tokens"]) == (
-            math.ceil(len(body) / 4),
-            math.ceil(len(answer) / 4),
+            raw_usage["prompt_tokens"],
+            raw_usage["completion_tokens"],
         )
         assert report["from"].endswith("T00:00:00Z") and report["to"].endswith("T00:00:00Z")
 

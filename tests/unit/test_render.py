@@ -388,3 +388,33 @@ def test_usage_accounting_renders_counting_only_when_on() -> None:
     assert pools > 0
     assert on.count('require("gw.gateway").count(') == on.count('require("gw.gateway").counted(') == pools
     assert on.count('proxy_set_header Accept-Encoding "";') == pools
+
+
+def test_usage_accounting_is_on_by_default_and_stream_usage_asks_only_chat_and_completions() -> None:
+    from control_plane.settings import Settings
+
+    settings = Settings()
+    assert settings.usage_accounting is True and settings.stream_usage == "on"
+    with pytest.raises(ValidationError, match="stream_usage"):
+        Settings(stream_usage="maybe")  # type: ignore[arg-type]
+    configs = [
+        InstanceConfig(
+            name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+        )
+    ]
+    world = World(
+        instances=tuple((c, InstanceState()) for c in configs),
+        routing=RoutingConfig(),
+        now=NOW,
+        addresses={"127.0.0.1": ("127.0.0.1",)},
+    )
+    for on, stream, asked in ((True, True, True), (True, False, False), (False, True, False)):
+        server = dataclasses.replace(SERVER, usage_accounting=on, stream_usage=stream)
+        spec = build_spec(world, server)
+        endpoints = routes_data(spec)["endpoints"]
+        assert isinstance(endpoints, dict)
+        flagged = {path for path, e in endpoints.items() if e.get("stream_usage")}
+        assert flagged == ({"/v1/chat/completions", "/v1/completions"} if asked else set())
+        files = render(spec).files
+        assert ('set $gw_stream_usage "";' in files["servers.conf"]) is asked
+        assert ("require(\"gw.gateway\").counting(" in files["servers.conf"]) is on

@@ -7,8 +7,10 @@
 --                   hands the request to a pool location
 --   answer(name)    content_by_lua of the answers the gateway gives itself (listings, errors, next pool)
 --   hide_headers()  header_filter_by_lua of the shim servers: provider header families never reach clients
---   count(family)   body_filter_by_lua of the pool locations: the answer's token usage, scanned as it passes
---                   (never changed); counted(family), their log_by_lua, adds it to the shared counters
+--   counting(family), count(family)  header_filter_by_lua and body_filter_by_lua of the pool locations:
+--                   the answer's token usage, scanned as it passes (never changed, but for the usage the
+--                   router asked an OpenAI stream for, taken back out); counted(family), their log_by_lua,
+--                   adds it to the shared counters
 --   drain()         content_by_lua of the usage server: the pending usage batch (GET) and its ack (DELETE)
 -- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
 -- Data loaded by init lives in this module's upvalues for the life of the configuration; nothing of a
@@ -170,17 +172,37 @@ local function allowed(verdict, names)
     return out
 end
 
--- Hand the request to a pool; the body is rewritten when the model's own name differs from the one
--- the body names (an alias, a ":latest" spelling, a fallback).
-local function send(text, ms, me, named, found, position, base)
+-- The body a pool is sent: the model's own name when it differs from the one the body names (an alias,
+-- a ":latest" spelling, a fallback); and, for an endpoint whose streams report usage only when asked
+-- (routes.json: stream_usage), stream_options.include_usage when the client streams without asking for
+-- it. $gw_stream_usage then tells the pool location's filters to take that usage back out of the answer
+-- (it survives the hand-over and a fallback's, whose body already asks).
+local function body_for(ep, text, ms, me, named, model)
+    local out = text
+    if model ~= named then
+        out = body.with_model(text, ms, me, model)
+    end
+    if ep.stream_usage and find(out, '"stream"', 1, true) then
+        local asked = usage.with_include_usage(out)
+        if asked then
+            var.gw_stream_usage = "1"
+            out = asked
+        end
+    end
+    return out
+end
+
+-- Hand the request to a pool, with the body body_for makes.
+local function send(ep, text, ms, me, named, found, position, base)
     if position > 0 then
         var.gw_hop = position
         var.gw_base = base
     end
     var.gw_model = found.model
     var.gw_pool = found.pool
-    if found.model ~= named then
-        req.set_body_data(body.with_model(text, ms, me, found.model))
+    local out = body_for(ep, text, ms, me, named, found.model)
+    if out ~= text then
+        req.set_body_data(out)
     end
     return ngx.exec(found.location)
 end
@@ -192,7 +214,7 @@ local function hop(ep, text, ms, me, named, base, from)
         for i = from, #chain do
             local found = resolve(ep.key, chain[i])
             if found and found.pool ~= "" then
-                return send(text, ms, me, named, found, i, base)
+                return send(ep, text, ms, me, named, found, i, base)
             end
         end
     end
@@ -274,7 +296,7 @@ function _M.route(uri)
         return fail(family, 403, "permission_error", "This API key may not use the model " .. shown(named))
     end
     if found.pool ~= "" then
-        return send(text, ms, me, named, found, 0)
+        return send(ep, text, ms, me, named, found, 0)
     end
     return hop(ep, text, ms, me, named, found.model, 1)
 end
@@ -367,16 +389,49 @@ end
 -- The counters (lua_shared_dict gw_usage); nil under `nginx -t` of a tree without it (never served).
 local counters = ngx.shared.gw_usage
 
+-- The format of an answer per family and Content-Type (false: none gw.usage reads), worked out once per
+-- worker for each of the few Content-Types instances send (at most FORMATS_KEPT of them are kept).
+local FORMATS_KEPT = 64
+local formats, formats_kept = {}, 0
+
+local function format_of(family, content_type)
+    if not content_type then
+        return false
+    end
+    local known = formats[family]
+    if not known then
+        known = {}
+        formats[family] = known
+    end
+    local format = known[content_type]
+    if format == nil then
+        format = usage.format_for(family, content_type) or false
+        if formats_kept < FORMATS_KEPT then
+            formats_kept = formats_kept + 1
+            known[content_type] = format
+        end
+    end
+    return format
+end
+
 -- A response is scanned when it is a 2xx of a format gw.usage reads; every answered request is counted,
 -- an error answer with no tokens (providers bill none). The scanner lives in ngx.ctx: ngx.exec to the
--- pool location cleared it, so each request starts with none.
+-- pool location cleared it, so each request starts with none. An OpenAI stream the gateway asked for its
+-- usage ($gw_stream_usage) gets a filter that takes it back out (gw.usage.openai_sse_filter): its length
+-- changes, so its Content-Length goes (the header filter makes the scanner, before headers are sent).
 local function start_count(ctx, family)
     local status = ngx.status
     local scanner = false
     if status >= 200 and status < 300 then
-        local format = usage.format_for(family, header["Content-Type"])
         -- No format (an unknown content type): still a 2xx answer, estimated from its bytes.
-        scanner = usage.new(format or "openai_json")
+        local format = format_of(family, header["Content-Type"]) or "openai_json"
+        if format == "openai_sse" and var.gw_stream_usage == "1" then
+            scanner = usage.openai_sse_filter(true)
+            ctx.gw_strip = true
+            header["Content-Length"] = nil
+        else
+            scanner = usage.new(format)
+        end
     end
     ctx.gw_scanner = scanner
     return scanner
@@ -393,17 +448,25 @@ local function spend(u, key_id, instance, request_bytes)
     limits.spend(key_limits, state, key_id, instance, prompt, completion, ngx.now())
 end
 
-local function record(scanner)
-    local u = scanner and scanner:finish() or nil
-    -- The instance as X-ISHGW-Instance names it (http.conf: the map of $upstream_addr).
-    local key_id, instance = var.gw_client_id or "", var.gw_instance_header or ""
-    local prefix = tally.bucket(tally.minute(ngx.time()), key_id, instance, var.gw_model or "")
+-- The counters' prefix of the current minute, "u|<minute>|", made once a minute (per worker).
+local prefix_minute, minute_prefix = -1, nil
+
+-- u: gw.usage's result, or nil for an answer that carries no tokens.
+local function record_usage(u)
+    local now = ngx.time()
+    local minute = now - now % 60
+    if minute ~= prefix_minute then
+        prefix_minute, minute_prefix = minute, "u|" .. minute .. "|"
+    end
+    -- tally.bucket's prefix: "<key id>|<instance>|<model>" in one variable (http.conf), the instance as
+    -- X-ISHGW-Instance names it.
+    local prefix = minute_prefix .. var.gw_usage_bucket .. "|"
     local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
     if tally.add(counters, prefix, u, request_bytes) then
         ngx.log(ngx.WARN, "gw: usage counters evicted older entries: raise ISHGW_LUA_SHM_USAGE_MB")
     end
     if key_limits and u then
-        spend(u, key_id, instance, request_bytes)
+        spend(u, var.gw_client_id or "", var.gw_instance_header or "", request_bytes)
     end
 end
 
@@ -417,10 +480,31 @@ local function scanner_of(family)
     return scanner
 end
 
+-- header_filter_by_lua of the pool locations: the request's scanner, made while headers can change.
+function _M.counting(family)
+    scanner_of(family)
+end
+
+-- body_filter_by_lua of the pool locations: the answer scanned as it passes (never changed), or, for a
+-- stream the gateway asked for its usage, filtered.
 function _M.count(family)
-    local scanner = scanner_of(family)
-    local chunk = ngx.arg[1]
-    if scanner and chunk ~= "" then
+    local ctx = ngx.ctx
+    local scanner = ctx.gw_scanner
+    if scanner == nil then
+        scanner = start_count(ctx, family)
+    end
+    if not scanner then
+        return
+    end
+    local arg = ngx.arg
+    local chunk = arg[1]
+    if ctx.gw_strip then
+        local out = scanner:feed(chunk)
+        if arg[2] then
+            out = out .. scanner:finish()
+        end
+        arg[1] = out
+    elseif chunk ~= "" then
         scanner:feed(chunk)
     end
 end
@@ -428,7 +512,17 @@ end
 -- log_by_lua of the pool locations: the request's usage into the counters, once, whether its answer
 -- ended or the client went away mid-answer (what was seen of it counts).
 function _M.counted(family)
-    record(scanner_of(family))
+    local ctx = ngx.ctx
+    local scanner = ctx.gw_scanner
+    if scanner == nil then
+        scanner = start_count(ctx, family)
+    end
+    if ctx.gw_strip then
+        scanner:finish()
+        record_usage(scanner:usage())
+    else
+        record_usage(scanner and scanner:finish() or nil)
+    end
 end
 
 -- A pending batch's id: random (gw.crypto's pooled random bytes, as request ids) and the time it was made.

@@ -2,15 +2,17 @@
 --
 -- A body filter sees the answer in chunks cut anywhere (mid-line, mid-JSON, mid-UTF-8 character). The
 -- scanners here take those chunks and keep only what they need, never the body:
---   * JSON answers (application/json): a structural scan across chunks (strings, escapes and brackets
---     honoured) that captures the value of the top-level "usage" key, or Ollama's top-level
---     "prompt_eval_count" and "eval_count", wherever they are in the document; a document cut off before
---     its end counts as reporting none (its counts may be missing or lose digits). Memory: the value being
---     captured, at most CAPTURE_MAX bytes (a usage object is ~100 bytes); nothing else is kept, however
---     large the body (an embeddings answer of 60 MB costs the same few KB as a chat answer).
+--   * JSON answers (application/json): the last TAIL_MAX bytes are kept (as the chunks that hold them:
+--     fewer than 2 * TAIL_MAX bytes) and read at the end (Tail, below): the last top-level "usage" (or
+--     Ollama's top-level "prompt_eval_count" and "eval_count"), found from the members that follow it up to
+--     the document's last "}", where every provider writes it; a document cut off before its end counts as
+--     reporting none. A document held whole (up to TAIL_MAX bytes) is also scanned from its start when
+--     its last members hold no usage (the structural scan, Json below: the usage may be anywhere at the
+--     top level); in a longer one a usage before its last TAIL_MAX bytes is not seen (estimated). Nothing
+--     is done per chunk but keeping it: a 60 MB embeddings answer costs what a chat answer costs.
 --   * SSE (text/event-stream) and NDJSON (Ollama's streams): line by line; only the current incomplete
 --     line is kept, at most LINE_MAX bytes. A longer line is not kept: in OpenAI SSE it is scanned as it
---     passes (the structural scan above, for the "usage" of a Responses API `response.completed` event,
+--     passes (the structural scan, Json below, for the "usage" of a Responses API `response.completed` event,
 --     which repeats the whole output); in the other formats it is skipped. A line is decoded only when a
 --     plain find says it can carry usage ('"usage"' followed by ':' and '{'; NDJSON 'eval_count"').
 -- Lines end with LF or CRLF (a lone CR, legal in SSE, is used by no provider and is not a line end here);
@@ -40,12 +42,14 @@
 -- Not seen: a key spelled with escapes ("us\u0061ge": no provider writes one); a compressed body (the
 -- caller scans what the client is sent uncompressed, or asks the provider for identity encoding).
 --
--- Cost (LuaJIT 2.1, one core, best of 5): a 448-byte chat answer 4 us (about what cjson.decode of it
--- takes); an OpenAI stream of 6 events 9 us (2.5 us without a usage chunk to decode); Anthropic's 9 events
--- 9 us; Ollama's 4 lines 4 us; a 5 MB JSON answer in 8 KB chunks 0.3 ms (a string is searched for quotes
--- only, whatever its escapes; 8 ms with an escaped quote every 8 bytes), 4.4 MB of embeddings 0.4 ms, a
--- 5 MB SSE stream 2.6 ms. The filter with stripping: 25 us for 6 events; with_include_usage 2 us a 1 KB
--- body.
+-- Cost: a 524-byte chat answer (new, feed, finish) about 4,600 instructions under plain LuaJIT with the
+-- JIT on (cachegrind; 16,000 with it off), most of it the finish: one plain find of '"usage"' in the last
+-- 512 bytes and a digit loop per count for the compact ending vLLM, Ollama and llama.cpp write, a walk of
+-- the usage object's members for the others, cjson only when neither applies. Streams (LuaJIT 2.1, one
+-- core, best of 5, before the JSON tail): an OpenAI stream of 6 events 9 us (2.5 us without a usage
+-- chunk to decode); Anthropic's 9 events 9 us; Ollama's 4 lines 4 us; a 5 MB SSE stream 2.6 ms. The
+-- filter with stripping: 25 us for 6 events (OpenAI's trailing "usage":null is cut without a walk);
+-- with_include_usage 2 us a 1 KB body.
 --
 -- Pure: no ngx.* use, so busted runs it under plain LuaJIT (nginx/lua/spec/usage_spec.lua).
 --
@@ -76,7 +80,8 @@ local _M = {}
 
 local LINE_MAX = 1024 * 1024              -- bytes of an incomplete SSE / NDJSON line kept
 local CAPTURE_MAX = 64 * 1024             -- bytes of a captured JSON value ("usage": ~100 bytes)
-_M.LINE_MAX, _M.CAPTURE_MAX = LINE_MAX, CAPTURE_MAX
+local TAIL_MAX = 16 * 1024                -- last bytes of a JSON answer kept (a few more: whole chunks)
+_M.LINE_MAX, _M.CAPTURE_MAX, _M.TAIL_MAX = LINE_MAX, CAPTURE_MAX, TAIL_MAX
 
 local QUOTE, BACKSLASH, COLON, COMMA = 34, 92, 58, 44
 local LBRACE, RBRACE, LBRACKET, RBRACKET = 123, 125, 91, 93
@@ -673,78 +678,7 @@ function Lines:result()
 end
 
 ---------------------------------------------------------------------------------------------------
--- The scanner
----------------------------------------------------------------------------------------------------
-
-local FORMATS = {
-    openai_json = "json", anthropic_json = "json", ollama_json = "json",
-    openai_sse = "lines", anthropic_sse = "lines", ollama_ndjson = "lines",
-}
-_M.FORMATS = FORMATS
-
-local Scanner = {}
-Scanner.__index = Scanner
-
--- A scanner for one answer body in format (a key of FORMATS). opts.line_max, opts.capture_max: the
--- bounds (defaults LINE_MAX, CAPTURE_MAX).
-function _M.new(format, opts)
-    local kind = FORMATS[format]
-    if not kind then
-        error("gw.usage: unknown format " .. tostring(format), 2)
-    end
-    opts = opts or {}
-    local impl = kind == "json" and new_json(opts.capture_max) or new_lines(format, opts)
-    return setmetatable({ format = format, impl = impl, done = nil }, Scanner)
-end
-
--- Takes the next chunk of the body (a string; nil and "" are nothing).
-function Scanner:feed(chunk)
-    self.impl:feed(chunk)
-end
-
--- Bytes the scanner holds between chunks (bounded by line_max or capture_max).
-function Scanner:buffered()
-    return self.impl:buffered()
-end
-
--- The usage, once the body has ended: see the top of this file. Calling it again gives the same table.
-function Scanner:finish()
-    local done = self.done
-    if not done then
-        local impl = self.impl
-        done = impl:result() or { source = "estimated" }
-        done.bytes = impl.bytes
-        self.done = done
-    end
-    return done
-end
-
--- The format of an answer in an API family ("openai", "anthropic", "ollama") with this Content-Type,
--- or nil when it is none of them (an HTML error page, text/plain): nothing to scan.
-function _M.format_for(family, content_type)
-    if type(content_type) ~= "string" then
-        return nil
-    end
-    local semi = find(content_type, ";", 1, true)
-    local mime = string.lower(semi and sub(content_type, 1, semi - 1) or content_type)
-    mime = string.match(mime, "^%s*(.-)%s*$")
-    if mime == "text/event-stream" then
-        return family == "anthropic" and "anthropic_sse" or "openai_sse"  -- Ollama's SSE: its /v1 API
-    elseif mime == "application/x-ndjson" or mime == "application/ndjson" then
-        return "ollama_ndjson"
-    elseif mime == "application/json" or string.find(mime, "^application/[%w.-]+%+json$") then
-        if family == "anthropic" then
-            return "anthropic_json"
-        elseif family == "ollama" then
-            return "ollama_json"
-        end
-        return "openai_json"
-    end
-    return nil
-end
-
----------------------------------------------------------------------------------------------------
--- The request side: stream_options.include_usage
+-- A whole-text walk (the request's stream_options, a JSON answer's last members)
 ---------------------------------------------------------------------------------------------------
 
 -- A whole-text structural walk of one object's members (as gw.body's scan: plain finds from cursors
@@ -845,6 +779,406 @@ local function w_value_end(text, i)
     end
     return j > i and j - 1 or nil
 end
+
+---------------------------------------------------------------------------------------------------
+-- JSON answers: the last bytes, read at the end
+---------------------------------------------------------------------------------------------------
+
+-- Is the quote at p the start of a string (not escaped: an even run of backslashes before it)?
+local function unescaped(text, p)
+    local k = p - 1
+    while k > 0 and byte(text, k) == BACKSLASH do
+        k = k - 1
+    end
+    return (p - 1 - k) % 2 == 0
+end
+
+-- Only members up to the "}" at e, from i (after a member's value): the member ends the top-level
+-- object (the document's last "}" closes it: a member of a nested object is followed by that object's
+-- "}", before e).
+local function last_members(text, i, e)
+    while true do
+        i = skip_ws(text, i)
+        local c = i and byte(text, i)
+        if c == RBRACE then
+            return i == e
+        elseif c ~= COMMA then
+            return false
+        end
+        i = skip_ws(text, i + 1)
+        if not i or byte(text, i) ~= QUOTE then
+            return false
+        end
+        local ke = w_string_end(text, i + 1)
+        i = ke and skip_ws(text, ke + 1)
+        if not i or byte(text, i) ~= COLON then
+            return false
+        end
+        local vs = skip_ws(text, i + 1)
+        local ve = vs and w_value_end(text, vs)
+        if not ve then
+            return false
+        end
+        i = ve + 1
+    end
+end
+
+-- The text of the value of the last top-level member named by key ('"usage"', with its quotes) in text
+-- (a JSON document whose last "}" is at e), or nil. object: the value must be an object.
+local function top_value(text, key, e, object)
+    local found, n = nil, 0
+    local p = find(text, key, 1, true)
+    while p do
+        n = n + 1
+        found = found or {}
+        found[n] = p
+        p = find(text, key, p + #key, true)
+    end
+    for k = n, 1, -1 do
+        p = found[k]
+        local i = skip_ws(text, p + #key)
+        if i and byte(text, i) == COLON and unescaped(text, p) then
+            local vs = skip_ws(text, i + 1)
+            local c = vs and byte(text, vs)
+            if c and (c == LBRACE or not object) then
+                w_reset()
+                local ve = w_value_end(text, vs)
+                if ve and last_members(text, ve + 1, e) then
+                    return sub(text, vs, ve)
+                end
+            end
+        end
+    end
+    return nil
+end
+
+-- The usage of a whole JSON document, or of its last bytes, from its last top-level members (where
+-- every provider writes it), or nil.
+-- Ollama's top-level counts among the last members of text (a document whose last "}" is at e), or nil.
+local function tail_ollama(text, e)
+    if not find(text, 'eval_count"', 1, true) then
+        return nil
+    end
+    local completion = top_value(text, '"eval_count"', e)
+    local prompt = top_value(text, '"prompt_eval_count"', e)
+    return from_ollama(tonumber(prompt), tonumber(completion))
+end
+
+-- The common ending '"usage":{...}}' read without decoding it (cjson.decode of the usage object costs
+-- more than the rest of the answer's scan): a walk of the usage object's members, each a number, null,
+-- true, false, a string without escapes, or an object of such members (OpenAI's *_tokens_details,
+-- Anthropic's cache_creation), whose "}" is followed by the document's last "}" at e (so a member of the
+-- top-level object: in valid JSON neither "}" can be inside a string). p: where '"usage"' is. nil: not
+-- that ending (the walk of top_value reads every other).
+local USAGE_COUNTS = { prompt_tokens = true, completion_tokens = true, total_tokens = true,
+                       input_tokens = true, output_tokens = true, cache_creation_input_tokens = true,
+                       cache_read_input_tokens = true }
+local USAGE_DETAILS = { prompt_tokens_details = true, input_tokens_details = true }
+local ZERO, NINE, LOWER_N, LOWER_T, LOWER_F, DOT, LOWER_E, UPPER_E = 48, 57, 110, 116, 102, 46,
+    101, 69
+
+-- The flat object whose "{" is at i: the "}" index, and its counts into into (keys of want; nested
+-- objects of the keys of nest read into nested tables), or nil when it is not such an object.
+local function flat_members(text, i, into, want, nest)
+    i = skip_ws(text, i + 1)
+    local c = i and byte(text, i)
+    if c == RBRACE then
+        return i
+    end
+    while c == QUOTE do
+        local ke = find(text, '"', i + 1, true)
+        if not ke or byte(text, ke - 1) == BACKSLASH then
+            return nil
+        end
+        local key = sub(text, i + 1, ke - 1)
+        i = skip_ws(text, ke + 1)
+        if not i or byte(text, i) ~= COLON then
+            return nil
+        end
+        i = skip_ws(text, i + 1)
+        c = i and byte(text, i)
+        if not c then
+            return nil
+        elseif c >= ZERO and c <= NINE then
+            local v = 0
+            repeat
+                v = v * 10 + c - ZERO
+                i = i + 1
+                c = byte(text, i)
+            until not c or c < ZERO or c > NINE
+            if c == DOT or c == LOWER_E or c == UPPER_E then
+                return nil                           -- a float: the decoding walk floors it
+            end
+            if want[key] then
+                into[key] = v
+            end
+        elseif c == LBRACE and nest and nest[key] then
+            local inner = {}
+            i = flat_members(text, i, inner, USAGE_COUNTS)
+            if not i then
+                return nil
+            end
+            into[key] = inner
+            i = i + 1
+        elseif c == QUOTE then
+            local q = find(text, '"', i + 1, true)
+            if not q or byte(text, q - 1) == BACKSLASH then
+                return nil
+            end
+            i = q + 1
+        elseif c == LBRACE and nest then             -- an object the counts do not need
+            local close = find(text, "}", i + 1, true)
+            local open = find(text, "{", i + 1, true)
+            if not close or (open and open < close) then
+                return nil
+            end
+            i = close + 1
+        elseif c == LOWER_N or c == LOWER_T then
+            i = i + 4
+        elseif c == LOWER_F then
+            i = i + 5
+        else
+            return nil                               -- a negative number, an array: the decoding walk
+        end
+        i = skip_ws(text, i)
+        c = i and byte(text, i)
+        if c == RBRACE then
+            return i
+        elseif c ~= COMMA then
+            return nil
+        end
+        i = skip_ws(text, i + 1)
+        c = i and byte(text, i)
+    end
+    return nil
+end
+
+local function flat_usage(text, p, e)
+    local i = skip_ws(text, p + 7)
+    if not i or byte(text, i) ~= COLON or not unescaped(text, p) then
+        return nil
+    end
+    i = skip_ws(text, i + 1)
+    if not i or byte(text, i) ~= LBRACE then
+        return nil
+    end
+    local u = {}
+    local close = flat_members(text, i, u, USAGE_COUNTS, USAGE_DETAILS)
+    if not close or skip_ws(text, close + 1) ~= e then
+        return nil
+    end
+    return from_usage(u)
+end
+
+-- The ending most OpenAI-compatible servers write (vLLM, Ollama, llama.cpp), read with three plain
+-- finds and digit loops: '"usage":{"prompt_tokens":P,"completion_tokens":C,"total_tokens":T}}'.
+local COMPACT_1 = '"usage":{"prompt_tokens":'
+local COMPACT_2, COMPACT_3 = ',"completion_tokens":', ',"total_tokens":'
+
+-- The digits at i (at most 15: below 2^53) as a number, and the index after them; nil when none.
+local function digits_at(text, i)
+    local c = byte(text, i)
+    local v, from = 0, i
+    while c and c >= ZERO and c <= NINE do
+        v = v * 10 + c - ZERO
+        i = i + 1
+        c = byte(text, i)
+    end
+    if i == from or i - from > 15 then
+        return nil
+    end
+    return v, i
+end
+
+local function compact_usage(text, p, e)
+    local i = p + #COMPACT_1
+    if find(text, COMPACT_1, p, true) ~= p then
+        return nil
+    end
+    local prompt, completion, total
+    prompt, i = digits_at(text, i)
+    if not i or find(text, COMPACT_2, i, true) ~= i then
+        return nil
+    end
+    completion, i = digits_at(text, i + #COMPACT_2)
+    if not i or find(text, COMPACT_3, i, true) ~= i then
+        return nil
+    end
+    total, i = digits_at(text, i + #COMPACT_3)
+    if not i or byte(text, i) ~= RBRACE or i + 1 ~= e or not unescaped(text, p) then
+        return nil
+    end
+    return { source = "reported", prompt_tokens = prompt, completion_tokens = completion,
+             total_tokens = total }
+end
+
+local function tail_usage(text)
+    local e = #text
+    local c = byte(text, e)
+    while c == SPACE or c == LF or c == CR or c == TAB do
+        e = e - 1
+        c = byte(text, e)
+    end
+    if c ~= RBRACE then
+        return nil
+    end
+    -- the last '"usage"': looked for near the end first (where it is), then from the start
+    local p = e > 512 and find(text, '"usage"', e - 512, true) or find(text, '"usage"', 1, true)
+    if not p then
+        return tail_ollama(text, e)
+    end
+    local next_p = find(text, '"usage"', p + 7, true)
+    while next_p do
+        p, next_p = next_p, find(text, '"usage"', next_p + 7, true)
+    end
+    local r = compact_usage(text, p, e)
+    if r then
+        return r
+    end
+    r = flat_usage(text, p, e)
+    if r then
+        return r
+    end
+    local u = top_value(text, '"usage"', e, true)
+    r = u and from_usage(json_decode(u))
+    if r then
+        return r
+    end
+    return tail_ollama(text, e)
+end
+
+-- A JSON answer's scanner keeps its last bytes (at least tail_max of them, when there are as many; fewer
+-- than 2 * tail_max), as the chunks it was fed (copied only when one chunk is longer than tail_max), and
+-- reads the usage from them at the end: the last top-level "usage" (or Ollama's counts) found by a walk
+-- of the members that follow it up to the document's last "}". Every provider writes the usage last, or
+-- among the last members (the Responses API: a few hundred bytes before the end). A document held whole
+-- (up to tail_max bytes) whose last members hold no usage is scanned from its start (Json above): there
+-- the usage may be anywhere at the top level. Cost: a plain find of '"usage"' and a walk of the few bytes
+-- after it, once per answer; nothing per chunk beyond keeping it.
+local Tail = {}
+Tail.__index = Tail
+
+local function new_tail(tail_max)
+    return setmetatable({ tail_max = tail_max or TAIL_MAX, bytes = 0, first = 1, last = 0, held = 0 },
+        Tail)
+end
+
+function Tail:feed(s)
+    if s == nil or s == "" then
+        return
+    end
+    local n, max = #s, self.tail_max
+    self.bytes = self.bytes + n
+    local first, last = self.first, self.last
+    if n >= max then                            -- this chunk alone holds the tail
+        for k = first, last do
+            self[k] = nil
+        end
+        last = last + 1
+        self[last] = n > max and sub(s, n - max + 1) or s
+        self.first, self.last, self.held = last, last, max
+        return
+    end
+    last = last + 1
+    self[last] = s
+    local held = self.held + n
+    local len = #self[first]
+    while held - len >= max do                  -- the pieces after the first still hold tail_max bytes
+        self[first] = nil
+        first = first + 1
+        held = held - len
+        len = #self[first]
+    end
+    self.first, self.last, self.held = first, last, held
+end
+
+function Tail:buffered()
+    return self.held
+end
+
+function Tail:result()
+    local first, last = self.first, self.last
+    if last < first then
+        return nil
+    end
+    local text = first == last and self[first] or concat(self, "", first, last)
+    local r = tail_usage(text)
+    if r or #text ~= self.bytes then
+        return r
+    end
+    if not find(text, '"usage"', 1, true) and not find(text, 'eval_count"', 1, true) then
+        return nil
+    end
+    local whole = new_json(#text)              -- held whole: a usage elsewhere at the top level
+    whole:feed(text)
+    return whole:result()
+end
+
+---------------------------------------------------------------------------------------------------
+-- The scanner
+---------------------------------------------------------------------------------------------------
+
+local FORMATS = {
+    openai_json = "json", anthropic_json = "json", ollama_json = "json",
+    openai_sse = "lines", anthropic_sse = "lines", ollama_ndjson = "lines",
+}
+_M.FORMATS = FORMATS
+
+-- The usage, once the body has ended: see the top of this file. Calling it again gives the same table.
+local function finish(self)
+    local done = self.done
+    if not done then
+        done = self:result() or { source = "estimated" }
+        done.bytes = self.bytes
+        self.done = done
+    end
+    return done
+end
+Tail.finish, Lines.finish = finish, finish
+
+-- A scanner for one answer body in format (a key of FORMATS). opts.line_max, opts.tail_max: the bounds
+-- (defaults LINE_MAX, TAIL_MAX); opts.capture_max: CAPTURE_MAX, for an SSE line longer than line_max.
+--   scanner:feed(chunk)     the next chunk of the body (a string; nil and "" are nothing)
+--   scanner:buffered()      bytes held between chunks (bounded by line_max or 2 * tail_max)
+--   scanner:finish()        the usage
+function _M.new(format, opts)
+    local kind = FORMATS[format]
+    if not kind then
+        error("gw.usage: unknown format " .. tostring(format), 2)
+    end
+    if kind == "json" then
+        return new_tail(opts and opts.tail_max)
+    end
+    return new_lines(format, opts or {})
+end
+
+-- The format of an answer in an API family ("openai", "anthropic", "ollama") with this Content-Type,
+-- or nil when it is none of them (an HTML error page, text/plain): nothing to scan.
+function _M.format_for(family, content_type)
+    if type(content_type) ~= "string" then
+        return nil
+    end
+    local semi = find(content_type, ";", 1, true)
+    local mime = string.lower(semi and sub(content_type, 1, semi - 1) or content_type)
+    mime = string.match(mime, "^%s*(.-)%s*$")
+    if mime == "text/event-stream" then
+        return family == "anthropic" and "anthropic_sse" or "openai_sse"  -- Ollama's SSE: its /v1 API
+    elseif mime == "application/x-ndjson" or mime == "application/ndjson" then
+        return "ollama_ndjson"
+    elseif mime == "application/json" or string.find(mime, "^application/[%w.-]+%+json$") then
+        if family == "anthropic" then
+            return "anthropic_json"
+        elseif family == "ollama" then
+            return "ollama_json"
+        end
+        return "openai_json"
+    end
+    return nil
+end
+
+---------------------------------------------------------------------------------------------------
+-- The request side: stream_options.include_usage
+---------------------------------------------------------------------------------------------------
 
 -- The members of the object whose "{" is at i: a list of {key =, vs =, ve =} (the value's first and
 -- last byte), and the index of its "}"; nil when it is not an object as far as the walk can tell, or
@@ -1009,7 +1343,14 @@ end
 
 -- data without its top-level "usage":null member (OpenAI adds one to every chunk of a stream that asked
 -- for usage), or data itself.
+local NULL_USAGE_END = ',"usage":null}'
+
 local function without_null_usage(data)
+    local n = #data
+    -- OpenAI's chunks: the member last, so of the object that ends the data (the top-level one)
+    if sub(data, n - 13) == NULL_USAGE_END then
+        return sub(data, 1, n - 14) .. "}"
+    end
     local p = find(data, '"usage"', 1, true)
     while p do
         local s, e = null_usage_span(data, p)
@@ -1038,7 +1379,7 @@ function _M.openai_sse_filter(strip, opts)
     return setmetatable({
         strip = strip and true or false,
         scanner = scanner,
-        rec = scanner.impl,       -- the Lines of the scanner: its line handler records the usage
+        rec = scanner,            -- a Lines: its line handler records the usage
         line_max = opts.line_max or LINE_MAX,
         pend = {}, npend = 0, plen = 0,
         held = {}, nheld = 0, hlen = 0,   -- complete lines of the current event, not yet decided
@@ -1111,7 +1452,8 @@ function Filter:line(line)
     local data = sse_data(content)
     if data then
         local usage_key = find(data, '"usage"', 1, true)
-        local event = usage_key and self.rec:line(content)   -- records the usage
+        local null_last = usage_key and sub(data, #data - 13) == NULL_USAGE_END
+        local event = usage_key and not null_last and self.rec:line(content)   -- records the usage
         if fate == nil then                                -- this line decides
             if type(event) == "table" and type(event.usage) == "table"
                     and type(event.choices) == "table" and next(event.choices) == nil then
@@ -1122,7 +1464,11 @@ function Filter:line(line)
             self.fate = "pass"
             self:flush_held()
         end
-        self:emit(usage_key and cleaned(line, content, data) or line)
+        if null_last then
+            self:emit(sub(content, 1, #content - 14) .. "}" .. sub(line, #content + 1))
+        else
+            self:emit(usage_key and cleaned(line, content, data) or line)
+        end
     elseif fate == "pass" then
         self:emit(line)
     else                                             -- event:, id:, a comment: wait for the data

@@ -523,6 +523,9 @@ describe("gw.usage", function()
                 assert.is_table(decode(text))
                 check_all(format, text, reported(p, c),
                     { every_max = round <= 30 and 4096 or 0, random = 5, max_piece = 32 })
+                -- not held whole (its first byte is gone): the walk from the last members alone finds it
+                check_all(format, text, reported(p, c),
+                    { every_max = 0, random = 3, max_piece = 32, tail_max = #text - 1 })
             end
         end)
     end)
@@ -544,14 +547,19 @@ describe("gw.usage", function()
             return scanner:finish(), peak
         end
 
-        it("a 5 MB JSON answer holds only the usage object", function()
+        it("a 5 MB JSON answer holds only its last bytes", function()
             local text = '{"id":"x","choices":[{"message":{"content":"' .. string.rep("lorem \\\"ipsum\\"
                 .. "\" ", 5 * MB / 16)
                 .. '"}}],"usage":{"prompt_tokens":10,"completion_tokens":1310720,"total_tokens":1310730}}'
-            local u, peak = stream(usage.new("openai_json"), text, usage.CAPTURE_MAX)
+            local u, peak = stream(usage.new("openai_json"), text, 2 * usage.TAIL_MAX)
             assert.same(reported(10, 1310720), { source = u.source, prompt_tokens = u.prompt_tokens,
                 completion_tokens = u.completion_tokens, total_tokens = u.total_tokens })
-            assert.is_true(peak < 100)
+            assert.is_true(peak >= usage.TAIL_MAX)
+            -- a usage before the last tail_max bytes of a long document is not seen: estimated
+            local early = '{"usage":{"prompt_tokens":1,"completion_tokens":2},"x":"' .. string.rep("y", 100)
+                .. '"}'
+            assert.same(ESTIMATED, scan("openai_json", { early }, { tail_max = 50 }))
+            assert.same(reported(1, 2), scan("openai_json", { early }, { tail_max = 200 }))
         end)
 
         it("a 5 MB embeddings answer, and a value too long to be a usage is dropped", function()
@@ -562,8 +570,8 @@ describe("gw.usage", function()
             local u = stream(usage.new("openai_json"), text, usage.CAPTURE_MAX)
             assert.same({ "reported", 4096, 0 }, { u.source, u.prompt_tokens, u.completion_tokens })
             local huge = '{"usage":{"prompt_tokens":1,"pad":"' .. string.rep("x", 100000) .. '"}}'
-            local scanner = usage.new("openai_json", { capture_max = 1000 })
-            assert.same("estimated", stream(scanner, huge, 1000, 300).source)
+            local scanner = usage.new("openai_json", { tail_max = 1000 })
+            assert.same("estimated", stream(scanner, huge, 2000, 300).source)
         end)
 
         it("a 5 MB SSE stream holds one line at most", function()
