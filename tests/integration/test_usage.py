@@ -19,6 +19,7 @@ import pytest
 from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
+from control_plane.nginx_process import children as nginx_children
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
 from control_plane.usage.model import parse_batch
@@ -217,6 +218,12 @@ def test_usage_totals_equal_what_the_backends_reported(stubs: dict[str, StubServ
         run(300)
         reload = gw.admin.post("/admin/reload")
         assert reload.status_code == 200, reload.text
+        # The SDKs here never retry (a retry could count twice): let the old workers close their idle
+        # keep-alive connections and exit first, so no request is sent on one as it closes.
+        gw.wait_applied()
+        master = gw.nginx_master_pid()
+        assert master is not None
+        wait_for(lambda: len(nginx_children(master)) == gw.workers, timeout=30, what="old workers gone")
         run(300)
         gw.kill_controller()  # nginx keeps serving and counting; the next controller drains it all
         run(200)
