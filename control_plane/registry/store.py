@@ -205,6 +205,11 @@ class Store:
             self._engine = create_engine(self.url, pool_pre_ping=True)
         else:
             raise ValueError(f"unsupported database URL scheme {self.url.drivername!r}")
+        # Row text -> its parsed model, from the last full listing: a reconcile re-reads every row, and at
+        # 10,000 instances validating them all again cost seconds though almost none had changed. Only
+        # texts seen in the last listing are kept, so this never outgrows the registry. The models are
+        # shared between callers: never mutate one (model_copy makes a changed one).
+        self._parsed: dict[str, InstanceConfig | InstanceState] = {}
         # Connect once so a bad URL fails here, and (SQLite) WAL mode and its files exist.
         with self._engine.connect():
             pass
@@ -346,7 +351,29 @@ class Store:
     def list_instances(self) -> list[tuple[InstanceConfig, InstanceState]]:
         with self._read() as conn:
             rows = conn.execute(self._joined().order_by(instances.c.name)).all()
-        return [self._row_pair(row[0], row[1]) for row in rows]
+        previous: dict[str, InstanceConfig | InstanceState] = self._parsed
+        seen: dict[str, InstanceConfig | InstanceState] = {}
+        pairs = [self._cached_pair(row[0], row[1], previous, seen) for row in rows]
+        self._parsed = seen  # one assignment: a concurrent listing sees the old or the new cache
+        return pairs
+
+    def _cached_pair(
+        self,
+        config_text: str,
+        state_text: str | None,
+        previous: dict[str, InstanceConfig | InstanceState],
+        seen: dict[str, InstanceConfig | InstanceState],
+    ) -> tuple[InstanceConfig, InstanceState]:
+        config = seen.get(config_text) or previous.get(config_text)
+        if not isinstance(config, InstanceConfig):
+            config = InstanceConfig.model_validate(json.loads(config_text))
+        seen[config_text] = config
+        state_key = state_text or ""
+        state = seen.get(state_key) or previous.get(state_key)
+        if not isinstance(state, InstanceState):
+            state = InstanceState.model_validate(json.loads(state_text)) if state_text else InstanceState()
+        seen[state_key] = state
+        return config, state
 
     def get_instance(self, name: str) -> tuple[InstanceConfig, InstanceState]:
         """Raises NotFound."""

@@ -527,3 +527,23 @@ def test_usage_batches_are_stored_once_in_minute_and_day_buckets(store: Store) -
     usage.prune(datetime.fromtimestamp(day + 49 * 3600, UTC), 48, 400)
     assert usage.query(UsageQuery(start=day, end=day + 120, group_by=("key",))) == []
     assert len(usage.query(UsageQuery(start=day, end=day + DAY_S, group_by=("key",)))) == 2
+
+
+# -- the parse cache of list_instances --------------------------------------------------------------------
+
+
+def test_listing_reuses_unchanged_rows_and_sees_every_change(store: Store) -> None:
+    store.replace_all([cfg("a"), cfg("b"), cfg("c")], None, merge=False)
+    first = dict((c.name, (c, s)) for c, s in store.list_instances())
+    store.replace_config(cfg("b", weight=7))
+    store.patch_states({"c": {"health_status": HealthStatus.UNHEALTHY}})
+    second = dict((c.name, (c, s)) for c, s in store.list_instances())
+    # Unchanged rows come back as the very same parsed models; changed ones are parsed anew.
+    assert second["a"][0] is first["a"][0] and second["a"][1] is first["a"][1]
+    assert second["b"][0] is not first["b"][0] and second["b"][0].weight == 7
+    assert second["c"][1].health_status is HealthStatus.UNHEALTHY
+    assert first["c"][1].health_status is HealthStatus.UNKNOWN  # what a caller held is unchanged
+    store.delete_instance("a")
+    assert names(store) == ["b", "c"]
+    # Only the last listing's rows are kept: the cache never outgrows the registry.
+    assert len(store._parsed) <= 2 * len(names(store))
