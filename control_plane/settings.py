@@ -122,6 +122,12 @@ class Settings(EdgeSettings):
         description="How often to look for registry changes made by other nodes",
     )
     generations_kept: int = Field(default=5, ge=2, le=100)
+    admin_max_body_mb: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="Largest body of a configuration import or migration (other admin bodies: 1 MiB)",
+    )
 
     @field_validator("http_redirect", mode="before")
     @classmethod

@@ -35,6 +35,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -406,6 +407,32 @@ class Store:
             .values(config=self._config_json(config), updated_at=now)
         )
 
+    def _insert_many(self, conn: Connection, configs: list[InstanceConfig], now: datetime) -> None:
+        """One executemany per table: an import of 10,000 instances is two statements, not 20,000."""
+        if not configs:
+            return
+        conn.execute(
+            insert(instances),
+            [
+                {"name": c.name, "config": self._config_json(c), "created_at": now, "updated_at": now}
+                for c in configs
+            ],
+        )
+        state = self._state_json(InstanceState())
+        conn.execute(
+            insert(instance_state), [{"name": c.name, "state": state, "updated_at": now} for c in configs]
+        )
+
+    def _update_many(self, conn: Connection, configs: list[InstanceConfig], now: datetime) -> None:
+        if not configs:
+            return
+        conn.execute(
+            update(instances)
+            .where(instances.c.name == bindparam("row_name"))
+            .values(config=bindparam("row_config"), updated_at=now),
+            [{"row_name": c.name, "row_config": self._config_json(c)} for c in configs],
+        )
+
     def create_instance(self, config: InstanceConfig) -> None:
         """Raises Conflict when the name exists. Creates a default state row."""
         try:
@@ -506,11 +533,8 @@ class Store:
             existing = set(conn.execute(select(instances.c.name)).scalars())
             if routing is not None:
                 self._write_routing(conn, routing)
-            for config in configs:
-                if config.name in existing:
-                    self._update(conn, config, now)
-                else:
-                    self._insert(conn, config, now)
+            self._update_many(conn, [c for c in configs if c.name in existing], now)
+            self._insert_many(conn, [c for c in configs if c.name not in existing], now)
             if not merge:
                 stale = sorted(existing - set(names))
                 if stale:

@@ -404,22 +404,33 @@ def test_replace_all_is_atomic_on_db_error(store: Store) -> None:
 def test_replace_all_is_atomic_on_midway_failure(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     seed(store)
     before = snapshot(store)
-    real_insert = Store._insert
-    calls: list[str] = []
+    real_insert = Store._insert_many
+    calls: list[list[str]] = []
 
-    def flaky_insert(self: Store, conn: Any, config: InstanceConfig, now: datetime) -> None:
-        calls.append(config.name)
-        if len(calls) == 2:
-            raise RuntimeError("disk on fire")
-        real_insert(self, conn, config, now)
+    def flaky_insert(self: Store, conn: Any, configs: list[InstanceConfig], now: datetime) -> None:
+        calls.append([config.name for config in configs])
+        real_insert(self, conn, configs, now)  # the updates and these inserts are written, then:
+        raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(Store, "_insert", flaky_insert)
+    monkeypatch.setattr(Store, "_insert_many", flaky_insert)
     with pytest.raises(RuntimeError, match="disk on fire"):
         store.replace_all(
             [cfg("a", weight=99), cfg("n1"), cfg("n2")], RoutingConfig(session_header="X-Other"), merge=False
         )
-    assert calls == ["n1", "n2"]
+    assert calls == [["n1", "n2"]]
     assert snapshot(store) == before
+
+
+def test_replace_all_bulk_updates_and_inserts(store: Store) -> None:
+    store.replace_all([cfg(f"i{n:03d}") for n in range(150)], None, merge=False)
+    generation = store.generation()
+    changed = [cfg(f"i{n:03d}", weight=n + 1) for n in range(0, 150, 2)] + [cfg(f"new{n}") for n in range(50)]
+    store.replace_all(changed, None, merge=True)
+    listed = {config.name: config for config, _ in store.list_instances()}
+    assert len(listed) == 200 and store.generation() == generation + 1
+    assert all(listed[f"i{n:03d}"].weight == n + 1 for n in range(0, 150, 2))
+    assert all(listed[f"i{n:03d}"].weight == 1 for n in range(1, 150, 2))
+    assert count_rows(store, "instance_state") == 200
 
 
 # -- SQLite specifics ----------------------------------------------------------------------------------------
