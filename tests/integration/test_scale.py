@@ -78,3 +78,51 @@ def test_bodies_over_the_bulk_limit_are_413_and_other_routes_keep_1_mib(big: Gat
     )
     assert r.status_code == 413, r.text[:200]
     assert big.status()["generation"] == generation
+
+
+def test_listing_pages_through_ten_thousand_instances(big: Gateway, imported: Any) -> None:
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while pages < 20:  # bounded: 10,000 / 1,000 = 10 pages
+        params = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
+        body = big.admin.get("/admin/instances", params=params, timeout=60).json()
+        pages += 1
+        assert len(body["instances"]) <= 1000
+        seen += [item["name"] for item in body["instances"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 10 and seen == sorted(seen) and len(set(seen)) == COUNT
+    # The default answer is one bounded page too: the first 1,000 names and a cursor.
+    first = big.admin.get("/admin/instances", timeout=60).json()
+    assert [i["name"] for i in first["instances"]] == seen[:1000] and first["next_cursor"]
+
+
+def test_listing_filters(big: Gateway, imported: Any) -> None:
+    def names(**params: str) -> list[str]:
+        body = big.admin.get("/admin/instances", params=params, timeout=60).json()
+        assert body["next_cursor"] is None, params
+        return [item["name"] for item in body["instances"]]
+
+    assert names(model="model-0007") == [f"gpu-{i:05d}" for i in range(7, COUNT, MODELS)]
+    assert len(names(model="model-0007", tag="rack-0")) == len(
+        [i for i in range(7, COUNT, MODELS) if i % 7 == 0]
+    )
+    assert names(provider="ollama") == []
+    assert names(status="draining") == []
+    assert (
+        len(big.admin.get("/admin/instances", params={"status": "active", "limit": "10"}).json()["instances"])
+        == 10
+    )
+    for params, field in (
+        ({"limit": "0"}, "limit"),
+        ({"provider": "nope"}, "provider"),
+        ({"cursor": "%%"}, "cursor"),
+    ):
+        r = big.admin.get("/admin/instances", params=params)
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == field, r.text[:200]
+    status = big.admin.get("/admin/status", params={"model": "model-0007"}).json()
+    assert [p["model"] for p in status["pools"]] == ["model-0007"] and status["next_cursor"] is None
+    paged = big.admin.get("/admin/status", params={"limit": "600"}).json()
+    assert len(paged["pools"]) == 600 and paged["next_cursor"]
