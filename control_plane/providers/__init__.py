@@ -115,13 +115,15 @@ def base_url(config: InstanceConfig) -> str | None:
 
 def endpoints_for(config: InstanceConfig) -> list[Endpoint]:
     """The client endpoints this instance can answer, by API family and instance type."""
-    families = provider_of(config).families
-    return [
-        e
-        for e in ENDPOINTS
-        if e.family in families
-        and (config.serves_chat() if e.kind is Kind.CHAT else config.serves_embeddings())
-    ]
+    return list(_endpoints(config.provider_type, config.serves_chat(), config.serves_embeddings()))
+
+
+@functools.cache
+def _endpoints(provider_type: ProviderType, chat: bool, embeddings: bool) -> tuple[Endpoint, ...]:
+    families = PROVIDERS[provider_type].families
+    return tuple(
+        e for e in ENDPOINTS if e.family in families and (chat if e.kind is Kind.CHAT else embeddings)
+    )
 
 
 def auth_headers(config: InstanceConfig, secret: str | None) -> dict[str, str]:
@@ -217,4 +219,15 @@ def is_direct(config: InstanceConfig, endpoints: list[Endpoint] | None = None) -
         return False
     if config.provider_type is ProviderType.ANTHROPIC:
         return False  # it needs the anthropic-version header
-    return all(upstream_path(config, e) == e.path for e in (endpoints or endpoints_for(config)))
+    # The paths depend on these alone: a fleet of 10,000 instances has a handful of distinct answers.
+    key = (config.provider_type, base, config.api_version, config.instance_type)
+    unchanged = _PATHS_UNCHANGED.get(key)
+    if unchanged is None:
+        unchanged = all(upstream_path(config, e) == e.path for e in (endpoints or endpoints_for(config)))
+        if len(_PATHS_UNCHANGED) < MAX_PATHS_UNCHANGED:
+            _PATHS_UNCHANGED[key] = unchanged
+    return unchanged
+
+
+MAX_PATHS_UNCHANGED = 1 << 16
+_PATHS_UNCHANGED: dict[tuple[ProviderType, str, str | None, str], bool] = {}
