@@ -333,19 +333,21 @@ def paging_parameters() -> Schema:
         "Cursor": _query(
             "cursor",
             "next_cursor of the previous page",
-            {"type": "string", "maxLength": paging.MAX_CURSOR_LEN},
+            {"type": "string", "minLength": 1, "maxLength": paging.MAX_CURSOR_LEN},
         ),
         "FilterModel": _query(
             "model",
             "Only instances serving this model",
-            {"type": "string", "maxLength": paging.MAX_FILTER_LEN},
+            {"type": "string", "minLength": 1, "maxLength": paging.MAX_FILTER_LEN},
         ),
         "FilterProvider": _query("provider", "Only this provider type", {"enum": sorted(paging.PROVIDERS)}),
         "FilterStatus": _query(
             "status", "Operator status or health status", {"enum": sorted(paging.STATUSES)}
         ),
         "FilterTag": _query(
-            "tag", "Only instances with this tag", {"type": "string", "maxLength": paging.MAX_FILTER_LEN}
+            "tag",
+            "Only instances with this tag",
+            {"type": "string", "minLength": 1, "maxLength": paging.MAX_FILTER_LEN},
         ),
     }
 

@@ -176,6 +176,13 @@ def parameters() -> Schema:
             "required": False,
             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
         },
+        "AuditCursor": {
+            "name": "cursor",
+            "in": "query",
+            "required": False,
+            "description": "next_cursor of the previous page (an entry id: like before)",
+            "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"},
+        },
         "AuditBefore": {
             "name": "before",
             "in": "query",
@@ -252,7 +259,7 @@ def paths() -> Schema:
                 parameters=[
                     _ref("AuditLimit", "parameters"),
                     _ref("AuditBefore", "parameters"),
-                    _ref("Cursor", "parameters"),
+                    _ref("AuditCursor", "parameters"),
                 ],
             ),
         },

@@ -1,6 +1,6 @@
 """Paged listings: ``limit`` and an opaque ``cursor``, and the instance filters. Pure.
 
-A listing is sorted by a unique string key (an instance's name, a key's id); the cursor names the last key
+A listing is sorted by a unique string key (an instance's name, a key's id); the cursor is the last key
 of the page before, so pages stay consistent while the registry changes between calls (an instance added
 or removed meanwhile shows up or disappears, no other is skipped or repeated). The answer keeps its shape
 (``{"instances": [...]}``) and adds ``next_cursor``: null on the last page.
@@ -8,8 +8,6 @@ or removed meanwhile shows up or disappears, no other is skipped or repeated). T
 
 from __future__ import annotations
 
-import base64
-import binascii
 import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,17 +43,15 @@ class Page:
 
 
 def encode_cursor(key: str) -> str:
-    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    """The cursor is the last key itself: any string is a position in the order (the next page starts
+    after it), so a client cannot send a cursor that means nothing."""
+    return key
 
 
 def decode_cursor(cursor: str) -> str:
-    if not cursor or len(cursor) > MAX_CURSOR_LEN:
-        raise _invalid("cursor", "is not a cursor this API returned")
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        return raw.decode()
-    except (binascii.Error, ValueError):
-        raise _invalid("cursor", "is not a cursor this API returned") from None
+    if not 1 <= len(cursor) <= MAX_CURSOR_LEN:
+        raise _invalid("cursor", f"must be 1-{MAX_CURSOR_LEN} characters")
+    return cursor
 
 
 def page_of(query: Mapping[str, str], default_limit: int = DEFAULT_LIMIT) -> Page:

@@ -54,9 +54,7 @@ def test_items_added_or_removed_between_pages_skip_nothing_else() -> None:
         ({"limit": "1.5"}, "limit"),
         ({"limit": ""}, "limit"),
         ({"cursor": ""}, "cursor"),
-        ({"cursor": "!!!"}, "cursor"),
         ({"cursor": "x" * 401}, "cursor"),
-        ({"cursor": "_w"}, "cursor"),  # not UTF-8
     ],
 )
 def test_bad_page_parameters_name_the_field(query: dict[str, str], field: str) -> None:
