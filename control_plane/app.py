@@ -24,7 +24,13 @@ from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
 from control_plane.alerts.view import state_view
 from control_plane.api import keys, status_page
 from control_plane.api.audit import AUDIT, address_filter_middleware, audit_middleware
-from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
+from control_plane.api.middleware import (
+    AUTH_THROTTLE,
+    AuthThrottle,
+    auth_middleware,
+    body_limit_middleware,
+    error_middleware,
+)
 from control_plane.api.routes import setup_routes
 from control_plane.api.status_page import setup_status_page
 from control_plane.edge_settings import edge_policy
@@ -247,7 +253,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     )
     # The audit middleware wraps authentication: it records refused admin keys as well as changes.
     app = web.Application(
-        middlewares=[error_middleware, address_filter_middleware, audit_middleware, auth_middleware]
+        middlewares=[
+            error_middleware,
+            body_limit_middleware(settings.admin_max_body_mb * 2**20),
+            address_filter_middleware,
+            audit_middleware,
+            auth_middleware,
+        ],
     )
     app[AUTH_THROTTLE] = AuthThrottle(
         limit=settings.admin_auth_failure_limit, window_s=settings.admin_auth_failure_window_s

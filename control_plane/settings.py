@@ -186,6 +186,12 @@ class Settings(EdgeSettings):
     backup_keep: int = Field(
         default=7, ge=1, le=10_000, description="Periodic backups kept in <home>/backups"
     )
+    admin_max_body_mb: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="Largest body of a configuration import or migration (other admin bodies: 1 MiB)",
+    )
 
     @field_validator("http_redirect", mode="before")
     @classmethod

@@ -8,7 +8,6 @@ import ipaddress
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from control_plane import jwt_keys, providers, secret_refs
 from control_plane.registry.client_keys import ClientKeyStore
@@ -49,7 +48,7 @@ async def resolve_host(host: str, timeout: float = 3.0) -> tuple[str, ...]:
 
 
 async def resolve_hosts(configs: list[InstanceConfig]) -> dict[str, tuple[str, ...]]:
-    hosts = sorted({urlsplit(base).hostname or "" for c in configs if (base := providers.base_url(c))})
+    hosts = sorted({providers.base_host(c) for c in configs})
     results = await asyncio.gather(*(resolve_host(h) for h in hosts if h))
     return {h: r for h, r in zip([h for h in hosts if h], results, strict=True) if r}
 

@@ -80,6 +80,8 @@ and every later command reads them from there, so nothing has to be exported aga
                                                             false switches it off
   ISHGW_STREAM_USAGE   on                                   OpenAI streams that did not ask for usage are asked for it
                                                             (the usage is taken back out of the answer); off: estimated
+  ISHGW_ADMIN_MAX_BODY_MB 64                                largest body of a configuration import or migration
+                                                            (10,000 instances: a few MB); other admin bodies: 1 MiB
   Every other ISHGW_* setting of the controller (see README.md) is passed through and stored the same way.
   A variable set to the empty string drops a stored value (back to the default).
   Provider credentials referenced as env:NAME are read from \$ISHGW_HOME/provider.env (NAME=value lines, 0600;

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from control_plane.api import paging
 from control_plane.api.client_keys import AUDIT_TARGET
 from control_plane.api.keys import SETTINGS
 from control_plane.api.middleware import AUTH_FAILED, presented_key
@@ -148,9 +149,20 @@ def _int_query(request: web.Request, name: str, default: int | None, low: int, h
 
 
 async def list_audit(request: web.Request) -> web.Response:
-    """Newest first; ``before`` (an entry id) pages back."""
+    """Newest first; ``before`` (an entry id) or ``cursor`` (an answer's ``next_cursor``) pages back."""
     limit = _int_query(request, "limit", 100, 1, 1000) or 100
     before = _int_query(request, "before", None, 1, 2**62)
+    if "cursor" in request.query:
+        before = _cursor_id(request.query["cursor"])
     audit = request.app.get(AUDIT)
     entries = await asyncio.to_thread(audit.recent, limit, before) if audit else []
-    return web.json_response({"entries": [entry.to_json() for entry in entries]})
+    last = entries[-1].id if entries else None
+    cursor = paging.encode_cursor(str(last)) if len(entries) == limit and last is not None else None
+    return web.json_response({"entries": [entry.to_json() for entry in entries], "next_cursor": cursor})
+
+
+def _cursor_id(cursor: str) -> int:
+    text = paging.decode_cursor(cursor)
+    if not text.isdigit() or not 1 <= int(text) <= 2**62:
+        raise InvalidInput([{"field": "cursor", "message": "is not a cursor this API returned"}])
+    return int(text)

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from control_plane.api import paging
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.bodies import read_object, validate_strict
 from control_plane.api.keys import STORE
@@ -48,8 +49,11 @@ def _target(request: web.Request, key: ClientKey) -> None:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    keys = await _run(_keys(request).list)
-    return web.json_response({"keys": [key.public() for key in keys]})
+    """Sorted by id, paged (``limit``, ``cursor``; ``next_cursor`` in the answer)."""
+    page = paging.page_of(request.query)
+    keys = sorted(await _run(_keys(request).list), key=lambda k: k.id)
+    chosen, cursor = paging.take(keys, lambda k: k.id, page)
+    return web.json_response({"keys": [key.public() for key in chosen], "next_cursor": cursor})
 
 
 async def create_key(request: web.Request) -> web.Response:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from pydantic import ValidationError
 
 from control_plane.api.keys import ADMIN_KEY
@@ -262,3 +262,20 @@ def install_auth_state(app: web.Application) -> None:
     """Give the application its throttle (idempotent). Call before the application starts."""
     if AUTH_THROTTLE not in app:
         app[AUTH_THROTTLE] = AuthThrottle()
+
+
+# Routes that take whole registry documents: these may be up to ISHGW_ADMIN_MAX_BODY_MB; every other admin
+# body keeps aiohttp's 1 MiB.
+BULK_ROUTES = frozenset({("POST", "/admin/config/import"), ("POST", "/admin/instances/migrate")})
+
+
+def body_limit_middleware(bulk_max_bytes: int) -> Middleware:
+    """Raise the body limit for the bulk routes only (inside error_middleware, so a 413 is JSON)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (request.method, request.path) in BULK_ROUTES:
+            request = request.clone(client_max_size=bulk_max_bytes)
+        return await handler(request)
+
+    return middleware

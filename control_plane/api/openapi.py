@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from control_plane.api import paging
 from control_plane.health.probes import Outcome
 from control_plane.registry import importers
 from control_plane.registry import validators as v
@@ -156,7 +157,10 @@ def _instance_schemas() -> dict[str, Schema]:
             "allOf": [_ref("InstanceConfig"), {"properties": {"api_key": unmasked}}],
         },
         "Instance": item,
-        "InstanceList": _object({"instances": {"type": "array", "items": _ref("Instance")}}, ["instances"]),
+        "InstanceList": _object(
+            {"instances": {"type": "array", "items": _ref("Instance")}, "next_cursor": NEXT_CURSOR},
+            ["instances"],
+        ),
     }
 
 
@@ -248,12 +252,25 @@ def _runtime_schemas() -> dict[str, Schema]:
             {
                 "generation": {"type": "integer", "description": "Configuration generation in the store"},
                 "instances": counts,
+                "pools": {"type": "array", "items": {"type": "object"}, "description": "One page of pools"},
+                "next_cursor": NEXT_CURSOR,
             },
             ["generation", "instances"],
             extra=True,
         ),
         "ReloadResult": _object(
-            {"ok": {"type": "boolean"}, "error": {"type": ["string", "null"]}}, ["ok"], extra=True
+            {
+                "ok": {"type": "boolean"},
+                "error": {"type": ["string", "null"]},
+                "phases_ms": {
+                    "type": "object",
+                    "additionalProperties": {"type": "number"},
+                    "description": "Where the pass's time went: gather, build_spec, render, checksum, "
+                    "then (the tree changed) write, nginx_t, reload, live",
+                },
+            },
+            ["ok"],
+            extra=True,
         ),
         "Health": _object({"ok": {"const": True}}, ["ok"]),
         "ProbeResult": _object(
@@ -295,6 +312,47 @@ def _schemas() -> dict[str, Schema]:
 # -- parameters and responses ----------------------------------------------------------------------------
 
 
+NEXT_CURSOR: Schema = {
+    "type": ["string", "null"],
+    "description": "Pass as cursor for the next page; null on the last page",
+}
+INSTANCE_FILTERS = ("FilterModel", "FilterProvider", "FilterStatus", "FilterTag")
+
+
+def _query(name: str, description: str, schema: Schema) -> Schema:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def paging_parameters() -> Schema:
+    """limit, cursor and the instance filters (control_plane.api.paging)."""
+    return {
+        "Limit": _query(
+            "limit",
+            "Items per page",
+            {"type": "integer", "minimum": 1, "maximum": paging.MAX_LIMIT, "default": paging.DEFAULT_LIMIT},
+        ),
+        "Cursor": _query(
+            "cursor",
+            "next_cursor of the previous page",
+            {"type": "string", "minLength": 1, "maxLength": paging.MAX_CURSOR_LEN},
+        ),
+        "FilterModel": _query(
+            "model",
+            "Only instances serving this model",
+            {"type": "string", "minLength": 1, "maxLength": paging.MAX_FILTER_LEN},
+        ),
+        "FilterProvider": _query("provider", "Only this provider type", {"enum": sorted(paging.PROVIDERS)}),
+        "FilterStatus": _query(
+            "status", "Operator status or health status", {"enum": sorted(paging.STATUSES)}
+        ),
+        "FilterTag": _query(
+            "tag",
+            "Only instances with this tag",
+            {"type": "string", "minLength": 1, "maxLength": paging.MAX_FILTER_LEN},
+        ),
+    }
+
+
 def _parameters() -> Schema:
     mode = {"type": "string", "enum": ["merge", "replace"], "default": "merge"}
     return {
@@ -314,6 +372,7 @@ def _parameters() -> Schema:
             "description": "legacy: the instance_configs.json + instance_states.json pair as one JSON object,"
             " which POST /admin/instances/migrate reads back",
         },
+        **paging_parameters(),
         "Wait": {
             "name": "wait",
             "in": "query",
@@ -412,7 +471,10 @@ def _instance_paths() -> Schema:
     return {
         "/admin/instances": {
             "get": _op(
-                "list_instances", "List instances", {**_ok("All instances", "InstanceList"), **_errors()}
+                "list_instances",
+                "List instances, by name, a page at a time (filters: model, provider, status, tag)",
+                {**_ok("One page of instances", "InstanceList"), **_errors(422)},
+                parameters=[_ref(p, "parameters") for p in ("Limit", "Cursor", *INSTANCE_FILTERS)],
             ),
             "post": _op(
                 "create_instance",
@@ -545,7 +607,10 @@ def _runtime_paths() -> Schema:
     return {
         "/admin/status": {
             "get": _op(
-                "status", "Controller and data-plane status", {**_ok("Status", "Status"), **_errors()}
+                "status",
+                "Controller and data-plane status; pools a page at a time (filter: model)",
+                {**_ok("Status", "Status"), **_errors(422)},
+                parameters=[_ref(p, "parameters") for p in ("Limit", "Cursor", "FilterModel")],
             ),
         },
         "/admin/reload": {

@@ -8,6 +8,7 @@ from pydantic.json_schema import models_json_schema
 
 from control_plane.api.openapi import (
     BODY_ERRORS,
+    NEXT_CURSOR,
     REF,
     Schema,
     _body,
@@ -154,10 +155,15 @@ def schemas() -> dict[str, Schema]:
         "ClientKeyPatch": patch,
         "ClientKey": public,
         "CreatedClientKey": created,
-        "ClientKeyList": _object({"keys": {"type": "array", "items": _ref("ClientKey")}}, ["keys"]),
+        "ClientKeyList": _object(
+            {"keys": {"type": "array", "items": _ref("ClientKey")}, "next_cursor": NEXT_CURSOR}, ["keys"]
+        ),
         **_usage_schemas(),
         "AuditEntry": entry,
-        "AuditList": _object({"entries": {"type": "array", "items": _ref("AuditEntry")}}, ["entries"]),
+        "AuditList": _object(
+            {"entries": {"type": "array", "items": _ref("AuditEntry")}, "next_cursor": NEXT_CURSOR},
+            ["entries"],
+        ),
     }
 
 
@@ -169,6 +175,13 @@ def parameters() -> Schema:
             "in": "query",
             "required": False,
             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        },
+        "AuditCursor": {
+            "name": "cursor",
+            "in": "query",
+            "required": False,
+            "description": "next_cursor of the previous page (an entry id: like before)",
+            "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"},
         },
         "AuditBefore": {
             "name": "before",
@@ -186,8 +199,9 @@ def paths() -> Schema:
         "/admin/keys": {
             "get": _op(
                 "list_keys",
-                "List client API keys (never the secrets)",
-                {**_ok("Keys", "ClientKeyList"), **_errors()},
+                "List client API keys (never the secrets), by id, a page at a time",
+                {**_ok("Keys", "ClientKeyList"), **_errors(422)},
+                parameters=[_ref("Limit", "parameters"), _ref("Cursor", "parameters")],
             ),
             "post": _op(
                 "create_key",
@@ -242,7 +256,11 @@ def paths() -> Schema:
                 "list_audit",
                 "Changes made through this API, newest first (no secrets)",
                 {**_ok("Audit entries", "AuditList"), **_errors(422)},
-                parameters=[_ref("AuditLimit", "parameters"), _ref("AuditBefore", "parameters")],
+                parameters=[
+                    _ref("AuditLimit", "parameters"),
+                    _ref("AuditBefore", "parameters"),
+                    _ref("AuditCursor", "parameters"),
+                ],
             ),
         },
     }

@@ -22,8 +22,8 @@ from control_plane import secret_refs
 from control_plane.api import alerts as alerts_api
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
+from control_plane.api import paging, status_page
 from control_plane.api import scaling as scaling_api
-from control_plane.api import status_page
 from control_plane.api import usage as usage_api
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.bodies import JSON_TYPES, read_json, read_object, validate_strict
@@ -149,8 +149,13 @@ def _existing(store: Store) -> dict[str, InstanceConfig]:
 
 
 async def list_instances(request: web.Request) -> web.Response:
+    """Sorted by name, paged (``limit``, ``cursor``; ``next_cursor`` in the answer), filtered by ``model``,
+    ``provider``, ``status`` and ``tag``."""
+    page = paging.page_of(request.query)
+    wanted = paging.instance_filter(request.query)
     pairs = await _run(_store(request).list_instances)
-    return web.json_response({"instances": [_item(c, s) for c, s in pairs]})
+    chosen, cursor = paging.take([p for p in pairs if wanted.matches(*p)], lambda p: p[0].name, page)
+    return web.json_response({"instances": [_item(c, s) for c, s in chosen], "next_cursor": cursor})
 
 
 def _create(store: Store, config: InstanceConfig) -> Pair:
@@ -464,8 +469,13 @@ def _counts(store: Store) -> tuple[int, int, int]:
 
 
 async def status(request: web.Request) -> web.Response:
+    """``pools`` are paged by name (``limit``, ``cursor``, ``next_cursor``) and filtered by ``model``."""
+    page = paging.page_of(request.query)
+    model = paging.instance_filter(request.query).model
     generation, total, enabled = await _run(_counts, _store(request))
     body: dict[str, Any] = {**request.app[RECONCILER].status()}
+    pools = [p for p in body["pools"] if model is None or p["model"] == model]
+    body["pools"], body["next_cursor"] = paging.take(pools, lambda p: str(p["name"]), page)
     body["generation"] = generation  # the configuration generation in the store; applied: body["applied"]
     body["instances"] = {"total": total, "enabled": enabled}
     return web.json_response(body)

@@ -3,6 +3,7 @@ and how a client path maps to the provider's path. Pure data and pure functions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urlsplit
@@ -114,13 +115,15 @@ def base_url(config: InstanceConfig) -> str | None:
 
 def endpoints_for(config: InstanceConfig) -> list[Endpoint]:
     """The client endpoints this instance can answer, by API family and instance type."""
-    families = provider_of(config).families
-    return [
-        e
-        for e in ENDPOINTS
-        if e.family in families
-        and (config.serves_chat() if e.kind is Kind.CHAT else config.serves_embeddings())
-    ]
+    return list(_endpoints(config.provider_type, config.serves_chat(), config.serves_embeddings()))
+
+
+@functools.cache
+def _endpoints(provider_type: ProviderType, chat: bool, embeddings: bool) -> tuple[Endpoint, ...]:
+    families = PROVIDERS[provider_type].families
+    return tuple(
+        e for e in ENDPOINTS if e.family in families and (chat if e.kind is Kind.CHAT else embeddings)
+    )
 
 
 def auth_headers(config: InstanceConfig, secret: str | None) -> dict[str, str]:
@@ -140,8 +143,31 @@ def auth_headers(config: InstanceConfig, secret: str | None) -> dict[str, str]:
     return headers
 
 
+@dataclass(frozen=True)
+class BaseParts:
+    """What the renderer reads of an api_base URL."""
+
+    scheme: str
+    host: str  # "" when the URL has none
+    port: int | None  # None: the scheme's default
+    path: str  # without trailing "/"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def base_parts(base: str) -> BaseParts:
+    """An api_base split once: every reconcile asks this of every instance, several times over."""
+    parts = urlsplit(base)
+    return BaseParts(parts.scheme, parts.hostname or "", parts.port, parts.path.rstrip("/"))
+
+
+def base_host(config: InstanceConfig) -> str:
+    """The host of the instance's base URL ("" when it has none)."""
+    base = base_url(config)
+    return base_parts(base).host if base else ""
+
+
 def _base_path(config: InstanceConfig) -> str:
-    return urlsplit(base_url(config) or "").path.rstrip("/")
+    return base_parts(base_url(config) or "").path
 
 
 def openai_prefix(config: InstanceConfig) -> str:
@@ -182,14 +208,26 @@ def upstream_path(config: InstanceConfig, endpoint: Endpoint, deployment: str | 
     return base_path + endpoint.path
 
 
-def is_direct(config: InstanceConfig) -> bool:
+def is_direct(config: InstanceConfig, endpoints: list[Endpoint] | None = None) -> bool:
     """True when nginx can proxy straight to the instance: plain HTTP, no credential, paths unchanged.
 
     Anything else goes through a per-instance shim server that adds credentials, TLS or a path rewrite.
+    ``endpoints``: endpoints_for(config), when the caller has it already.
     """
     base = base_url(config)
-    if base is None or config.api_key or urlsplit(base).scheme != "http":
+    if base is None or config.api_key or base_parts(base).scheme != "http":
         return False
     if config.provider_type is ProviderType.ANTHROPIC:
         return False  # it needs the anthropic-version header
-    return all(upstream_path(config, e) == e.path for e in endpoints_for(config))
+    # The paths depend on these alone: a fleet of 10,000 instances has a handful of distinct answers.
+    key = (config.provider_type, base, config.api_version, config.instance_type)
+    unchanged = _PATHS_UNCHANGED.get(key)
+    if unchanged is None:
+        unchanged = all(upstream_path(config, e) == e.path for e in (endpoints or endpoints_for(config)))
+        if len(_PATHS_UNCHANGED) < MAX_PATHS_UNCHANGED:
+            _PATHS_UNCHANGED[key] = unchanged
+    return unchanged
+
+
+MAX_PATHS_UNCHANGED = 1 << 16
+_PATHS_UNCHANGED: dict[tuple[ProviderType, str, str | None, str], bool] = {}

@@ -6,7 +6,6 @@ written in one transaction: a batch seen again (nginx hands it out until its ack
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,7 +15,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store, client_keys, instances, usage_batches, usage_day, usage_minute
 from control_plane.usage.model import (
     DAY_S,
@@ -41,7 +39,7 @@ class UsageStore:
 
     def _rates(self, conn: Connection, names: set[str]) -> dict[str, Rates]:
         rows = conn.execute(select(instances.c.name, instances.c.config).where(instances.c.name.in_(names)))
-        return {name: rates_of(InstanceConfig.model_validate(json.loads(config))) for name, config in rows}
+        return {name: rates_of(self.store._config_of(config)) for name, config in rows}
 
     def _add(self, conn: Connection, table: Table, rows: list[Bucket]) -> None:
         make = pg_insert if self.store.dialect == "postgresql" else sqlite_insert

@@ -73,11 +73,21 @@ def lua_code() -> dict[str, str]:
 
 
 def render(spec: GatewaySpec) -> RenderedTree:
+    return finish_tree(render_files(spec))
+
+
+def render_files(spec: GatewaySpec) -> dict[str, str]:
+    """Every file of the tree, the checksum still a placeholder."""
     env = _environment()
     context = {"spec": spec, "s": spec.server}
     files = {f"{name}": env.get_template(f"{name}.j2").render(context) for name in TEMPLATES}
     files.update(lua_code())
     files.update(data_files(spec))
+    return files
+
+
+def finish_tree(files: dict[str, str]) -> RenderedTree:
+    """The tree's checksum, filled in where the files name it."""
     checksum = tree_checksum(files)
     return RenderedTree(
         files={k: v.replace(CHECKSUM_PLACEHOLDER, checksum) for k, v in files.items()},

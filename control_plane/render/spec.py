@@ -304,15 +304,15 @@ def exclusion_reason(config: InstanceConfig, state: InstanceState, world: World)
     base = providers.base_url(config)
     if base is None:
         return "no api_base configured"
-    host = urlsplit(base).hostname or ""
+    host = providers.base_parts(base).host
     if not world.addresses.get(host):
         return f"host {host} did not resolve"
     return None
 
 
 def _host_port(base: str) -> tuple[str, int]:
-    parts = urlsplit(base)
-    return parts.hostname or "", parts.port or DEFAULT_PORTS[parts.scheme]
+    parts = providers.base_parts(base)
+    return parts.host, parts.port or DEFAULT_PORTS[parts.scheme]
 
 
 def _join(address: str, port: int) -> str:
@@ -396,14 +396,17 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
         else:
             excluded[config.name] = reason
 
-    # (family, kind, model) -> every configured instance, available or not.
-    serving: dict[tuple[ApiFamily, Kind, str], list[InstanceConfig]] = {}
+    # (family, kind, model) -> every configured instance (by name: several endpoints share a key),
+    # available or not. Each instance's endpoints are worked out once per pass.
+    endpoints_of: dict[str, list[Endpoint]] = {}
+    serving_by_name: dict[tuple[ApiFamily, Kind, str], dict[str, InstanceConfig]] = {}
     for config, _ in world.instances:
-        for endpoint in providers.endpoints_for(config):
-            for model in config.models():
-                key = (endpoint.family, endpoint.kind, model)
-                if config not in serving.setdefault(key, []):
-                    serving[key].append(config)
+        endpoints_of[config.name] = endpoints = providers.endpoints_for(config)
+        models = config.models()
+        for key in {(e.family, e.kind) for e in endpoints}:
+            for model in models:
+                serving_by_name.setdefault((*key, model), {}).setdefault(config.name, config)
+    serving = {key: list(configs.values()) for key, configs in serving_by_name.items()}
 
     # A pool has one read timeout (its slowest member's). An instance with a shorter timeout than a pool it
     # is in goes through a shim, whose own timeout cuts it off so the pool retries elsewhere in time.
@@ -417,7 +420,9 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
     available: list[tuple[InstanceConfig, str]] = []
     shims: list[Shim] = []
     for config in usable:
-        direct = providers.is_direct(config) and config.timeout_seconds >= longest.get(config.name, 0.0)
+        direct = config.timeout_seconds >= longest.get(config.name, 0.0) and providers.is_direct(
+            config, endpoints_of[config.name]
+        )
         available.append((config, _member_address(config, world, server.run_dir, direct)))
         if not direct:
             shims.append(build_shim(config, world, server.run_dir))

@@ -1,5 +1,6 @@
 """Control-plane figures, driven through the admin API of a running gateway: reconcile time at
-10 / 100 / 1,000 instances, rendered size, controller RSS, API change -> live, and what probing costs."""
+10 / 100 / 1,000 / 10,000 instances (with the pass's split: gather, build spec, render, checksum, write,
+nginx -t, reload, live), rendered size, controller RSS, API change -> live, and what probing costs."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class ScaleResult:
     instances: int
     pools: int
     reconcile_ms: list[float] = field(default_factory=list)  # forced reconcile after the change (admin API)
+    phases: list[dict[str, float]] = field(default_factory=list)  # each of those passes' phases_ms
     loop_reconcile_ms: float | None = None  # the loop's own pass, when /admin/status showed it
     import_ms: float = 0.0
     render_ms: float = 0.0  # in-process build_spec + render
@@ -60,9 +62,18 @@ class ScaleResult:
     def median_ms(self) -> float | None:
         return round(statistics.median(self.reconcile_ms), 1) if self.reconcile_ms else None
 
+    @property
+    def phase_medians(self) -> dict[str, float]:
+        """Per phase of the pass (in the controller's order), the median over the repetitions."""
+        names = list(dict.fromkeys(name for phases in self.phases for name in phases))
+        return {
+            name: round(statistics.median(p.get(name, 0.0) for p in self.phases), 1) for name in names
+        }
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["median_ms"] = self.median_ms
+        data["phase_medians_ms"] = self.phase_medians
         return data
 
 
@@ -130,6 +141,7 @@ def reconcile_scaling(
                 if answer.status_code != 200 or not body.get("ok"):
                     raise RuntimeError(f"reload failed: {answer.status_code} {body}")
                 result.reconcile_ms.append(float(body["duration_ms"]))
+                result.phases.append({k: float(v) for k, v in (body.get("phases_ms") or {}).items()})
             status = system.gw.status()
             loop = status.get("last_reload") or {}
             if loop.get("changed"):

@@ -14,6 +14,7 @@ separate plain nginx answering a static chat completion, and each count taken at
 
     .venv/bin/python -m scripts.bench.instructions      (needs valgrind: apt-get install valgrind)
     .venv/bin/python -m scripts.bench.instructions --usage     (only what usage accounting costs)
+    .venv/bin/python -m scripts.bench.instructions --pools   (one pool, then the same behind 999 others)
 """
 
 from __future__ import annotations
@@ -163,20 +164,25 @@ def _policy(variant: Variant) -> EdgePolicy:
     )
 
 
-def gateway_tree(prefix: Path, port: int, backend: int, log_server: str, variant: Variant = FULL) -> Path:
+def gateway_tree(
+    prefix: Path, port: int, backend: int, log_server: str, variant: Variant = FULL, other_pools: int = 0
+) -> Path:
     """The gateway's rendered tree, written where the controller would write it under `prefix`: two
     instances of MODEL on the backend, one client key, limits high enough never to bind, the log stream to
-    `log_server` ("unix:/path", as the controller's default). Returns its nginx.conf."""
+    `log_server` ("unix:/path", as the controller's default). `other_pools`: as many more models, one
+    instance each, whose upstream blocks come before MODEL's (what a variable proxy_pass searches through,
+    per request, to find the pool by name). Returns its nginx.conf."""
+    models = [*(f"a-{n:04d}" for n in range(other_pools)), MODEL, MODEL]
     configs = [
         InstanceConfig(
             name=f"i{n}",
             provider_type="openai_compatible",
             api_base=f"http://127.0.0.1:{backend}/v1",
-            supported_models=[MODEL],
+            supported_models=[model],
             retry_count=2,
             max_rpm=UNBOUND,
         )
-        for n in range(2)
+        for n, model in enumerate(models)
     ]
     now = datetime.now(UTC)
     key = ClientKey(
@@ -379,6 +385,30 @@ SPLIT = (
 )
 
 
+def pool_search(other_pools: int = 999) -> dict[str, int]:
+    """Instructions per request of the full gateway with MODEL's pool alone and behind `other_pools`
+    upstream blocks: what nginx's search of its upstreams by the variable proxy_pass's name costs."""
+    counts: dict[str, int] = {}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    with (
+        tempfile.TemporaryDirectory(prefix="ishgw-instructions-") as tmp,
+        log_sink(Path(tmp)) as log_server,
+    ):
+        root = Path(tmp)
+        backend_port = free_port()
+        backend = root / "backend" / "nginx.conf"
+        backend.parent.mkdir()
+        backend.write_text(static_backend_conf(backend.parent, backend_port))
+        with nginx(backend, backend_port):
+            port = free_port()
+            for others in (0, other_pools):
+                conf = gateway_tree(root / f"pools{others}", port, backend_port, log_server, FULL, others)
+                counts[f"pools_{others + 1}"] = per_request(
+                    conf, port, "/v1/chat/completions", chat_body(model=MODEL), headers
+                )
+    return counts
+
+
 def split_text(c: dict[str, int]) -> str:
     return "; ".join(f"{label} {c[name]:,}" for name, label in SPLIT if name in c)
 
@@ -391,6 +421,10 @@ def main() -> int:
             f"{c['gateway_usage']:,} (+{c['usage_json']:,}); streamed {c['gateway_stream']:,}, with usage "
             f"accounting {c['gateway_stream_usage']:,} (+{c['usage_stream']:,})"
         )
+        return 0
+    if "--pools" in sys.argv[1:]:  # issue 17: the variable proxy_pass's search through 1,000 upstreams
+        p = pool_search()
+        print(f"instructions per request: 1 pool {p['pools_1']:,}; behind 999 others {p['pools_1000']:,}")
         return 0
     c = measure()
     ratio = c["gateway"] / c["plain_proxy"]

@@ -131,6 +131,28 @@ def instructions_sentence(counts: dict[str, Any]) -> str:
     )
 
 
+SPLIT = ("gather", "build_spec", "render", "checksum", "write", "nginx_t", "reload", "live")
+
+
+def reconcile_split(scaling: list[dict[str, Any]]) -> list[str]:
+    """Where a reconcile's time goes (the controller's phases_ms, medians over the repetitions)."""
+    rows = [s for s in scaling if s.get("phase_medians_ms")]
+    if not rows:
+        return []
+    out = [
+        "",
+        "Reconcile split (ms, medians; `phases_ms` of the same passes):",
+        "",
+        "| instances / pools | gather | build spec | render | checksum | write | nginx -t | reload | live |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        phases = s["phase_medians_ms"]
+        cells = " | ".join(fmt(phases.get(name), 0) for name in SPLIT)
+        out.append(f"| {s['instances']:,} / {s['pools']} | {cells} |")
+    return out
+
+
 def probing_sentence(probing: dict[str, Any]) -> str:
     return (
         f"Active probes: {probing['instances']:,} idle instances, each probed every 10 s (default "
@@ -328,6 +350,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fmt(s.get('rendered_kb'), 0)} KB in {s.get('rendered_files')} files | "
                 f"{fmt(s.get('controller_rss_mb'), 0)} MB |"
             )
+        out += reconcile_split(cp["scaling"])
     probing = cp.get("probing")
     if probing and not probing.get("error"):
         out.append(f"\n{probing_sentence(probing)}")

@@ -334,3 +334,21 @@ def test_metrics_show_reloads_and_traffic_per_instance(
     text = metrics()
     assert "ishgw_config_last_reload_successful 1.0" in text
     assert 'ishgw_instance_available{instance="met"} 1.0' in text
+    # Only changes are published each pass, yet the gauges follow the registry exactly.
+    gateway.admin.put("/admin/instances/met/state", json={"status": "maintenance"})
+    wait_for(lambda: 'ishgw_instance_available{instance="met"} 0.0' in metrics(), what="unavailable")
+    gateway.admin.delete("/admin/instances/met")
+    wait_for(lambda: 'ishgw_instance_available{instance="met"}' not in metrics(), what="removed")
+    assert "ishgw_pool_members{" not in metrics()
+
+
+def test_reload_answer_splits_the_pass(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
+    register(gateway, "split", start_stub(stubs, "split"), ["m"])
+    gateway.wait_applied()
+    body = gateway.admin.post("/admin/reload").json()
+    assert body["ok"] is True, body
+    phases = body["phases_ms"]
+    steps = ["gather", "build_spec", "render", "checksum", "write", "nginx_t", "reload", "live"]
+    assert [p for p in phases if p != "rate_limit"] == steps, phases
+    assert all(value >= 0 for value in phases.values())
+    assert sum(phases.values()) <= body["duration_ms"] + 1

@@ -404,22 +404,33 @@ def test_replace_all_is_atomic_on_db_error(store: Store) -> None:
 def test_replace_all_is_atomic_on_midway_failure(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     seed(store)
     before = snapshot(store)
-    real_insert = Store._insert
-    calls: list[str] = []
+    real_insert = Store._insert_many
+    calls: list[list[str]] = []
 
-    def flaky_insert(self: Store, conn: Any, config: InstanceConfig, now: datetime) -> None:
-        calls.append(config.name)
-        if len(calls) == 2:
-            raise RuntimeError("disk on fire")
-        real_insert(self, conn, config, now)
+    def flaky_insert(self: Store, conn: Any, configs: list[InstanceConfig], now: datetime) -> None:
+        calls.append([config.name for config in configs])
+        real_insert(self, conn, configs, now)  # the updates and these inserts are written, then:
+        raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(Store, "_insert", flaky_insert)
+    monkeypatch.setattr(Store, "_insert_many", flaky_insert)
     with pytest.raises(RuntimeError, match="disk on fire"):
         store.replace_all(
             [cfg("a", weight=99), cfg("n1"), cfg("n2")], RoutingConfig(session_header="X-Other"), merge=False
         )
-    assert calls == ["n1", "n2"]
+    assert calls == [["n1", "n2"]]
     assert snapshot(store) == before
+
+
+def test_replace_all_bulk_updates_and_inserts(store: Store) -> None:
+    store.replace_all([cfg(f"i{n:03d}") for n in range(150)], None, merge=False)
+    generation = store.generation()
+    changed = [cfg(f"i{n:03d}", weight=n + 1) for n in range(0, 150, 2)] + [cfg(f"new{n}") for n in range(50)]
+    store.replace_all(changed, None, merge=True)
+    listed = {config.name: config for config, _ in store.list_instances()}
+    assert len(listed) == 200 and store.generation() == generation + 1
+    assert all(listed[f"i{n:03d}"].weight == n + 1 for n in range(0, 150, 2))
+    assert all(listed[f"i{n:03d}"].weight == 1 for n in range(1, 150, 2))
+    assert count_rows(store, "instance_state") == 200
 
 
 # -- SQLite specifics ----------------------------------------------------------------------------------------
@@ -527,3 +538,23 @@ def test_usage_batches_are_stored_once_in_minute_and_day_buckets(store: Store) -
     usage.prune(datetime.fromtimestamp(day + 49 * 3600, UTC), 48, 400)
     assert usage.query(UsageQuery(start=day, end=day + 120, group_by=("key",))) == []
     assert len(usage.query(UsageQuery(start=day, end=day + DAY_S, group_by=("key",)))) == 2
+
+
+# -- the parse cache of list_instances --------------------------------------------------------------------
+
+
+def test_listing_reuses_unchanged_rows_and_sees_every_change(store: Store) -> None:
+    store.replace_all([cfg("a"), cfg("b"), cfg("c")], None, merge=False)
+    first = dict((c.name, (c, s)) for c, s in store.list_instances())
+    store.replace_config(cfg("b", weight=7))
+    store.patch_states({"c": {"health_status": HealthStatus.UNHEALTHY}})
+    second = dict((c.name, (c, s)) for c, s in store.list_instances())
+    # Unchanged rows come back as the very same parsed models; changed ones are parsed anew.
+    assert second["a"][0] is first["a"][0] and second["a"][1] is first["a"][1]
+    assert second["b"][0] is not first["b"][0] and second["b"][0].weight == 7
+    assert second["c"][1].health_status is HealthStatus.UNHEALTHY
+    assert first["c"][1].health_status is HealthStatus.UNKNOWN  # what a caller held is unchanged
+    store.delete_instance("a")
+    assert names(store) == ["b", "c"]
+    # Only the last listing's rows are kept: the cache never outgrows the registry.
+    assert len(store._parsed) <= 2 * len(names(store))
