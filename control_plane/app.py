@@ -21,7 +21,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from control_plane import backup, jwt_keys
 from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
-from control_plane.alerts.view import state_view
+from control_plane.alerts.view import BudgetWatch, state_view
 from control_plane.api import keys, status_page
 from control_plane.api.audit import AUDIT, address_filter_middleware, audit_middleware
 from control_plane.api.middleware import (
@@ -40,6 +40,7 @@ from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import NginxProcess
 from control_plane.reconciler import Reconciler, ReconcileTiming
 from control_plane.registry.audit import AuditLog
+from control_plane.registry.client_keys import ClientKeyStore
 from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.sealing import registry_sealer
 from control_plane.registry.store import Store
@@ -303,9 +304,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[keys.USAGE_DRAIN].observers.append(app[keys.HEALTH].on_usage)  # instances' max_tpm
     setup_routes(app)
     tracker, warn_days = app[keys.HEALTH].tracker, settings.alert_certificate_days
+    budgets = BudgetWatch(ClientKeyStore(store), UsageStore(store))
     app[keys.ALERTS] = AlertService(
         alert_config(settings),
-        lambda: state_view(tracker, reconciler, server.tls_cert, warn_days, time.time()),
+        lambda: state_view(tracker, reconciler, server.tls_cert, warn_days, time.time(), budgets.current),
         metrics.registry,
     )
     stub = StubReader(stub_status_url(server))
@@ -317,6 +319,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.cleanup_ctx.append(_reconciler_ctx)
     app.cleanup_ctx.append(_scaling_ctx)  # after the reconciler: it applies through it
     app.cleanup_ctx.append(_usage_ctx)  # stopped first: its last drain runs while the store is open
+    app.cleanup_ctx.append(lambda _app: budgets.context())
     app.cleanup_ctx.append(_alerts_ctx)
 
 

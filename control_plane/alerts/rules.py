@@ -17,6 +17,9 @@ POOL_EMPTY = "pool_without_instance"
 CREDENTIAL_REJECTED = "credential_rejected"
 RELOAD_FAILED = "reload_failed"
 CERTIFICATE_EXPIRING = "certificate_expiring"
+KEY_BUDGET = "key_budget"
+# Shares of a key's budget that raise an alert (each its own incident: 80 % first, then 100 %).
+BUDGET_STEPS = (0.8, 1.0)
 
 RECOVERY_TEXT = {
     INSTANCE_DOWN: "is back",
@@ -25,6 +28,7 @@ RECOVERY_TEXT = {
     CREDENTIAL_REJECTED: "credential accepted again",
     RELOAD_FAILED: "reloads succeed again",
     CERTIFICATE_EXPIRING: "certificate renewed",
+    KEY_BUDGET: "under the threshold again (a new period, or a larger budget)",
 }
 
 
@@ -48,12 +52,22 @@ class PoolView:
 
 
 @dataclass(frozen=True)
+class BudgetView:
+    key_id: str
+    key_name: str
+    spent_usd: float
+    max_budget_usd: float
+    period: str
+
+
+@dataclass(frozen=True)
 class StateView:
     instances: tuple[InstanceView, ...] = ()
     pools: tuple[PoolView, ...] = ()
     reload_error: str | None = None  # the last reconcile failed, with this error
     certificate_days_left: float | None = None  # None: no certificate
     certificate_warn_days: float = 14.0
+    budgets: tuple[BudgetView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,22 @@ def _pool_condition(pool: PoolView) -> Condition | None:
     )
 
 
+def _budget_conditions(budget: BudgetView) -> Iterable[Condition]:
+    if budget.max_budget_usd <= 0:
+        return
+    share = budget.spent_usd / budget.max_budget_usd
+    for step in BUDGET_STEPS:
+        if share >= step:
+            percent = f"{step * 100:.0f} %"
+            yield Condition(
+                f"{KEY_BUDGET}:{budget.key_id}:{percent}",
+                KEY_BUDGET,
+                f"key {budget.key_name} ({budget.key_id}) at {percent}",
+                f"key {budget.key_name} ({budget.key_id}) spent {budget.spent_usd:.4f} USD of its"
+                f" {budget.max_budget_usd:g} USD {budget.period} budget ({share * 100:.0f} %)",
+            )
+
+
 def conditions(view: StateView) -> dict[str, Condition]:
     """Every incident open in this snapshot, by key."""
     found: list[Condition] = []
@@ -108,6 +138,8 @@ def conditions(view: StateView) -> dict[str, Condition]:
         # nginx's message stays in GET /admin/status: it may quote configuration; alerts leave the host.
         text = "configuration reload failed; nginx serves the previous configuration (GET /admin/status)"
         found.append(Condition(RELOAD_FAILED, RELOAD_FAILED, "nginx", text))
+    for budget in view.budgets:
+        found.extend(_budget_conditions(budget))
     days = view.certificate_days_left
     if days is not None and days < view.certificate_warn_days:
         text = "TLS certificate has expired" if days <= 0 else f"TLS certificate expires in {days:.0f} days"

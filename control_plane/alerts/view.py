@@ -1,16 +1,65 @@
 """The snapshot alerts are evaluated on: the health tracker's verdicts, the reconciler's pools and last
-result, the certificate's expiry."""
+result, the certificate's expiry, the keys' budgets (as drained, refreshed in the background)."""
 
 from __future__ import annotations
 
-from control_plane.alerts.rules import InstanceView, PoolView, StateView
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from control_plane.alerts.rules import BudgetView, InstanceView, PoolView, StateView
 from control_plane.health.tracker import HealthTracker
 from control_plane.reconciler import Reconciler
+from control_plane.registry.client_keys import ClientKeyStore
+from control_plane.registry.usage import UsageStore
 from control_plane.state_metrics import certificate_expiry
+from control_plane.usage.limits import period_bounds
+
+BUDGET_REFRESH_S = 10.0
+
+
+def budget_views(keys: ClientKeyStore, usage: UsageStore, now: datetime) -> tuple[BudgetView, ...]:
+    """Every key with a budget: what it spent this period as drained (nginx's own count may be a drain
+    interval ahead)."""
+    views = []
+    for key in keys.list():
+        if key.max_budget_usd > 0:
+            start, _ = period_bounds(key.budget_period, now)
+            spent = usage.spent(key.id, start)
+            views.append(BudgetView(key.id, key.name, spent, key.max_budget_usd, key.budget_period))
+    return tuple(views)
+
+
+class BudgetWatch:
+    """The keys' budget views, read from the registry every BUDGET_REFRESH_S in a worker thread, so the
+    alert evaluator (every second, on the event loop) never queries the database."""
+
+    def __init__(self, keys: ClientKeyStore, usage: UsageStore) -> None:
+        self.keys, self.usage = keys, usage
+        self.current: tuple[BudgetView, ...] = ()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # the database may be briefly away: the next pass tries
+                self.current = await asyncio.to_thread(budget_views, self.keys, self.usage, datetime.now(UTC))
+            await asyncio.sleep(BUDGET_REFRESH_S)
+
+    async def context(self) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.run(), name="budget-watch")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def state_view(
-    tracker: HealthTracker, reconciler: Reconciler, cert: str | None, warn_days: float, now: float
+    tracker: HealthTracker,
+    reconciler: Reconciler,
+    cert: str | None,
+    warn_days: float,
+    now: float,
+    budgets: tuple[BudgetView, ...] = (),
 ) -> StateView:
     instances = tuple(
         InstanceView(name, str(e.health), str(e.breaker.state), e.breaker.reason, e.quarantined)
@@ -29,4 +78,5 @@ def state_view(
         reload_error=(last.error or "unknown error") if last is not None and not last.ok else None,
         certificate_days_left=None if expiry is None else (expiry - now) / 86400,
         certificate_warn_days=warn_days,
+        budgets=budgets,
     )
