@@ -32,6 +32,7 @@ from control_plane.registry.audit import AuditLog
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
 from control_plane.render.spec import ServerSettings
+from control_plane.routing.service import WeightsService
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
 from control_plane.usage.drain import UsageDrain
 
@@ -129,6 +130,11 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _weights_ctx(app: web.Application) -> AsyncIterator[None]:
+    async for _ in app[keys.WEIGHTS].context():
+        yield
+
+
 async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
     async for _ in app[keys.USAGE_DRAIN].context():
         yield
@@ -191,6 +197,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         log_group=workers.gid,
         max_retry_after_s=settings.max_retry_after_s,
     )
+    app[keys.WEIGHTS] = WeightsService(reconciler, metrics)
+    app[keys.HEALTH].log_observers.append(app[keys.WEIGHTS].on_log)
     app[keys.USAGE_DRAIN] = UsageDrain(
         server.usage_socket,
         UsageStore(store),
@@ -204,5 +212,6 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)
     app.cleanup_ctx.append(_usage_ctx)  # stopped first: its last drain runs while the store is open
+    app.cleanup_ctx.append(_weights_ctx)
     app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
     return app

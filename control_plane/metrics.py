@@ -66,3 +66,8 @@ class GatewayMetrics:
             ["result"],
             registry=registry,
         )
+        self.weight_updates = Counter(
+            "ishgw_weight_reloads_total",
+            "learned weights applied (each asks for one reconcile: at most one nginx reload)",
+            registry=registry,
+        )

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -25,6 +26,8 @@ from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, render
 from control_plane.render.quoting import UnsafeValue
 from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
+from control_plane.routing import explain
+from control_plane.routing.weights import Choice
 from control_plane.secret_refs import SecretPolicy
 from control_plane.world import gather_world
 
@@ -87,6 +90,8 @@ class Reconciler:
         self._waiters: list[asyncio.Future[ReconcileResult]] = []
         # Called with (world, spec) after every pass: the health service follows the registry this way.
         self.observers: list[Callable[[World, GatewaySpec], None]] = []
+        # The weights learned strategies apply now (control_plane/routing/service.py): model -> choices.
+        self.learned: Callable[[], Mapping[str, tuple[Choice, ...]]] | None = None
 
     # --- triggers -------------------------------------------------------------------------------
     def request(self, reason: str) -> None:
@@ -161,6 +166,8 @@ class Reconciler:
                 self.store, self.server.tls_cert, self.server.edge.jwt_files, self.secret_policy
             )
             server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
+            if self.learned is not None:
+                world = dataclasses.replace(world, learned=self.learned())
             try:
                 spec = build_spec(world, server)
                 tree = render(spec)
@@ -276,6 +283,11 @@ class Reconciler:
             self.metrics.instance_available.labels(name).set(0 if name in excluded else 1)
 
     # --- views ----------------------------------------------------------------------------------
+    @property
+    def spec(self) -> GatewaySpec | None:
+        """The desired spec of the last pass (what nginx runs once status()["checksum"] equals it)."""
+        return self._spec
+
     def status(self) -> dict[str, object]:
         spec = self._spec
         return {
@@ -298,6 +310,8 @@ class Reconciler:
                     "instances": [m.instance for m in p.members if not m.backup],
                     "backup": [m.instance for m in p.members if m.backup],
                     "excluded": dict(p.excluded),
+                    # Why (POST /admin/select answers the same per pool): shares, weights, reasons.
+                    "candidates": explain.candidates(p),
                 }
                 for p in (spec.pools if spec else ())
             ],

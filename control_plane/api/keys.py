@@ -7,6 +7,7 @@ from aiohttp import web
 from control_plane.health.service import HealthService
 from control_plane.reconciler import Reconciler
 from control_plane.registry.store import Store
+from control_plane.routing.service import WeightsService
 from control_plane.settings import Settings
 from control_plane.usage.drain import UsageDrain
 
@@ -16,3 +17,4 @@ RECONCILER = web.AppKey("reconciler", Reconciler)
 ADMIN_KEY = web.AppKey("admin_key", str)
 HEALTH = web.AppKey("health", HealthService)
 USAGE_DRAIN = web.AppKey("usage_drain", UsageDrain)
+WEIGHTS = web.AppKey("weights", WeightsService)

@@ -593,11 +593,12 @@ def _with_apply(paths: Schema) -> Schema:
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document for the admin API."""
-    from control_plane.api import openapi_edge  # it builds on the helpers above
+    from control_plane.api import openapi_edge, openapi_routing  # they build on the helpers above
 
     paths: Schema = {}
     for part in (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths):
         paths.update(part())
+    paths.update(openapi_routing.paths())
     paths = _with_apply(paths)
     return {
         "openapi": "3.1.0",
@@ -611,7 +612,9 @@ def build_openapi() -> dict[str, Any]:
         "tags": [{"name": "admin"}],
         "paths": paths,
         "components": {
-            "schemas": dict(sorted({**_schemas(), **openapi_edge.schemas()}.items())),
+            "schemas": dict(
+                sorted({**_schemas(), **openapi_edge.schemas(), **openapi_routing.schemas()}.items())
+            ),
             "parameters": {**_parameters(), **openapi_edge.parameters()},
             "responses": _responses(),
             "securitySchemes": SECURITY_SCHEMES,

@@ -21,9 +21,10 @@ from pydantic_core import to_jsonable_python
 from control_plane import secret_refs
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
+from control_plane.api import routing_api
 from control_plane.api import usage as usage_api
 from control_plane.api.apply import answer_applied, wants_wait
-from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE
+from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE, WEIGHTS
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
 from control_plane.errors import InvalidInput, ReloadFailed
@@ -492,6 +493,9 @@ async def status(request: web.Request) -> web.Response:
     body: dict[str, Any] = {**request.app[RECONCILER].status()}
     body["generation"] = generation  # the configuration generation in the store; applied: body["applied"]
     body["instances"] = {"total": total, "enabled": enabled}
+    weights = request.app.get(WEIGHTS)
+    if weights is not None:
+        body["weights"] = weights.status()  # learned strategies: recomputations, weight sets applied
     return web.json_response(body)
 
 
@@ -570,6 +574,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"/admin/keys/{keys_api.KEY_ID_PARAM}/usage", usage_api.get_key_usage, "get_key_usage"),
     Route("GET", "/admin/usage", usage_api.get_usage, "get_usage"),
     Route("GET", "/admin/audit", audit_api.list_audit, "list_audit"),
+    Route("GET", "/admin/models", routing_api.list_models, "list_models"),
+    Route("POST", "/admin/select", routing_api.select_instance, "select_instance"),
 )
 
 

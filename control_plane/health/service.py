@@ -7,7 +7,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from prometheus_client import Counter
@@ -59,6 +59,8 @@ class HealthService:
         self._verdict = asyncio.Event()
         self.records = 0
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
+        # Others that read the log stream (the routing weights' measurements), called per record.
+        self.log_observers: list[Callable[[LogRecord], None]] = []
         reconciler.observers.append(self.on_world)
 
     # --- registry view, called by the reconciler after each pass ----------------------------------
@@ -80,6 +82,8 @@ class HealthService:
     def on_log(self, record: LogRecord) -> None:
         self.records += 1
         self.tracker.observe(record, time.monotonic())
+        for observer in self.log_observers:
+            observer(record)
         if self.tracker.changed:
             self._verdict.set()
         if self.metrics is not None:
