@@ -29,7 +29,9 @@ class SelectRequest(BaseModel):
 async def list_models(request: web.Request) -> web.Response:
     instances = await asyncio.to_thread(request.app[STORE].list_instances)
     spec = request.app[RECONCILER].spec
-    available = frozenset(m.instance for p in spec.pools for m in p.members) if spec else frozenset()
+    available = (
+        frozenset((p.model, m.instance) for p in spec.pools for m in p.members) if spec else frozenset()
+    )
     return web.json_response({"models": catalog(instances, available)})
 
 

@@ -40,14 +40,15 @@ def served_models(config: InstanceConfig, state: InstanceState) -> dict[str, Sou
 
 
 def catalog(
-    instances: Iterable[tuple[InstanceConfig, InstanceState]], available: frozenset[str] = frozenset()
+    instances: Iterable[tuple[InstanceConfig, InstanceState]],
+    available: frozenset[tuple[str, str]] = frozenset(),
 ) -> list[dict[str, object]]:
-    """GET /admin/models: every model served, by which instances, from where; `available` names the
-    instances in some pool now (the rest are configured but excluded)."""
+    """GET /admin/models: every model served, by which instances, from where; `available` holds the
+    (model, instance) pairs in a pool of the desired spec now (the rest are excluded, or not yet applied)."""
     models: dict[str, list[dict[str, object]]] = {}
     for config, state in sorted(instances, key=lambda pair: pair[0].name):
         for model, source in served_models(config, state).items():
             models.setdefault(model, []).append(
-                {"name": config.name, "source": str(source), "available": config.name in available}
+                {"name": config.name, "source": str(source), "available": (model, config.name) in available}
             )
     return [{"model": model, "instances": models[model]} for model in sorted(models)]

@@ -25,6 +25,10 @@ def served_by(gw: Gateway, model: str) -> list[str]:
     return [i["name"] for i in models_view(gw).get(model, []) if i["available"]]
 
 
+def pool_models(gw: Gateway) -> set[str]:
+    return {pool["model"] for pool in gw.status()["pools"]}
+
+
 def ollama_chat(gw: Gateway, model: str) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
     return gw.client.post("/api/chat", json=body)
@@ -56,6 +60,7 @@ def test_a_model_pulled_at_runtime_is_served_and_leaves_when_removed(
 
     stub.set_models(["base"])  # `ollama rm fresh`
     wait_for(lambda: "fresh:latest" not in models_view(gateway), what="fresh gone")
+    wait_for(lambda: "fresh:latest" not in pool_models(gateway), what="its pools gone")
     gateway.wait_applied()
     gone = ollama_chat(gateway, "fresh")
     assert gone.status_code == 404, gone.text

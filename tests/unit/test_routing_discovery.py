@@ -107,7 +107,7 @@ def test_catalog_names_sources_and_availability() -> None:
         (inst("b", supported_models=["m"]), InstanceState(discovered_models=["d"])),
         (inst("a", supported_models=["m"], discover_models=False), InstanceState(discovered_models=["d"])),
     ]
-    assert catalog(pairs, frozenset({"b"})) == [
+    assert catalog(pairs, frozenset({("d", "b"), ("m", "b")})) == [
         {"model": "d", "instances": [{"name": "b", "source": "discovered", "available": True}]},
         {
             "model": "m",
