@@ -290,6 +290,7 @@ class Reconciler:
 
     def status(self) -> dict[str, object]:
         spec = self._spec
+        learned = self.learned() if self.learned else {}
         return {
             "checksum": self.nginx.running_checksum(),
             # What the pools below render to: equal to "checksum" once they are what nginx runs. A health
@@ -311,7 +312,7 @@ class Reconciler:
                     "backup": [m.instance for m in p.members if m.backup],
                     "excluded": dict(p.excluded),
                     # Why (POST /admin/select answers the same per pool): shares, weights, reasons.
-                    "candidates": explain.candidates(p),
+                    "candidates": explain.candidates(p, learned.get(p.model)),
                 }
                 for p in (spec.pools if spec else ())
             ],

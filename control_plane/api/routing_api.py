@@ -39,8 +39,9 @@ async def select_instance(request: web.Request) -> web.Response:
     from control_plane.api.routes import _read_object, validate_strict
 
     asked = validate_strict(SelectRequest, await _read_object(request))
-    spec = request.app[RECONCILER].spec
-    answer = select(spec, asked.model, asked.api, asked.kind) if spec else None
+    reconciler = request.app[RECONCILER]
+    spec, learned = reconciler.spec, reconciler.learned() if reconciler.learned else {}
+    answer = select(spec, asked.model, asked.api, asked.kind, learned) if spec else None
     if answer is None:
         raise ApiError(404, "not_found", f"model {asked.model} is not served for {asked.api} {asked.kind}")
     return web.json_response(answer)

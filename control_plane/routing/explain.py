@@ -3,12 +3,14 @@ the desired spec (what nginx runs once applied), never the request path."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from control_plane.providers import ApiFamily, Kind
 from control_plane.registry.models import Strategy
 from control_plane.render.lua_data import resolution_table
 from control_plane.render.spec import GatewaySpec, Pool, pool_name
+from control_plane.routing.weights import Choice
 
 NGINX_BALANCER = {
     Strategy.ROUND_ROBIN: "round robin",
@@ -26,12 +28,13 @@ NGINX_BALANCER = {
 }
 
 
-def candidates(pool: Pool) -> list[dict[str, Any]]:
+def candidates(pool: Pool, fresh: tuple[Choice, ...] | None = None) -> list[dict[str, Any]]:
     """Each member: expected share of traffic while all answer (weights within the serving tier; backups
-    take none until the serving tier fails), its tier, weight, score and reasons."""
+    take none until the serving tier fails), its tier, weight (what nginx runs), score and reasons (the
+    latest measurements, `fresh`, where the weights service has them)."""
     serving = [m for m in pool.members if not m.backup]
     total = sum(m.weight for m in serving)
-    learned = {c.name: c for c in pool.choices}
+    learned = {c.name: c for c in (fresh or pool.choices)}
     out = []
     for member in pool.members:
         choice = learned.get(member.instance)
@@ -55,8 +58,8 @@ def excluded(pool: Pool) -> list[dict[str, str]]:
     return [{"name": name, "reason": reason} for name, reason in pool.excluded]
 
 
-def explain_pool(pool: Pool) -> dict[str, Any]:
-    found = candidates(pool)
+def explain_pool(pool: Pool, fresh: tuple[Choice, ...] | None = None) -> dict[str, Any]:
+    found = candidates(pool, fresh)
     return {
         "model": pool.model,
         "pool": pool.name,
@@ -68,7 +71,13 @@ def explain_pool(pool: Pool) -> dict[str, Any]:
     }
 
 
-def select(spec: GatewaySpec, model: str, family: ApiFamily, kind: Kind) -> dict[str, Any] | None:
+def select(
+    spec: GatewaySpec,
+    model: str,
+    family: ApiFamily,
+    kind: Kind,
+    learned: Mapping[str, tuple[Choice, ...]] | None = None,
+) -> dict[str, Any] | None:
     """What the request path does with a request for `model` (the same resolution table: aliases and
     Ollama's ":latest" spellings), and, when its pool has no instance, the first fallback that has one.
     None: the model is not served for this API and kind."""
@@ -77,11 +86,14 @@ def select(spec: GatewaySpec, model: str, family: ApiFamily, kind: Kind) -> dict
     if target is None:
         return None
     pools = {p.name: p for p in spec.pools}
+    learned = learned or {}
     base = target["model"]
     first = pools[pool_name(family, kind, base)]
     if not first.members:
         for fallback in dict(spec.fallbacks).get(base, ()):
             found = table.get(fallback)
             if found and found["pool"]:
-                return {**explain_pool(pools[found["pool"]]), "requested": model, "fallback_from": base}
-    return {**explain_pool(first), "requested": model}
+                other = pools[found["pool"]]
+                explained = explain_pool(other, learned.get(other.model))
+                return {**explained, "requested": model, "fallback_from": base}
+    return {**explain_pool(first, learned.get(first.model)), "requested": model}

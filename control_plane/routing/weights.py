@@ -44,6 +44,7 @@ class Observation:
     price: float = 0.0  # USD per 1,000 tokens, input and output averaged
     quality: float = 0.0
     load: float = 0.0  # 0 idle .. 1 saturated (queueing, cold model): less weight
+    load_note: str = ""  # what the backend said (control_plane/routing/load.py)
     ms_per_token: float | None = None  # latency per output token where usage is known
     tokens_per_s: float | None = None
 
@@ -100,6 +101,8 @@ def _evidence(o: Observation) -> list[str]:
         reasons.append(f"success {rate:.0%}")
     if o.load > 0:
         reasons.append(f"load {o.load:.0%}")
+    if o.load_note:
+        reasons.append(o.load_note)
     if o.breaker is BreakerState.HALF_OPEN:
         reasons.append("breaker half-open: a trickle")
     return reasons
@@ -154,13 +157,15 @@ def performance_based(observations: Sequence[Observation]) -> tuple[Choice, ...]
 
 
 def reward_of(o: Observation, speed: float, cheapest: float, reward: Reward) -> float:
-    """0-1: weighted mean of success rate, speed score and price score (cheapest / own price)."""
+    """0-1: weighted mean of success rate, speed score and price score (cheapest / own price), less for
+    load."""
     total = reward.success + reward.latency + reward.cost
     if total <= 0:
         return 0.5
     success = rate if (rate := o.success_rate) is not None else 1.0
     price = cheapest / o.price if o.price > 0 else 1.0
-    return (reward.success * success + reward.latency * speed + reward.cost * price) / total
+    mean = (reward.success * success + reward.latency * speed + reward.cost * price) / total
+    return mean * (1.0 - 0.5 * o.load)
 
 
 def adaptive(

@@ -31,6 +31,9 @@ Test/control endpoints (never recorded, never affected by fault injection):
   ``fail_ratio`` is deterministic: request number ``n`` (1-based, counted since the last
   ``POST /_control``) is affected iff ``floor(n*ratio) > floor((n-1)*ratio)``; 0.5 -> every 2nd.
 * ``GET /_control`` -> current config plus counters.
+* ``POST /_load`` with JSON ``{"waiting": 20, "running": 4, "cache": 0.5, "loaded": ["m"]}`` sets what
+  ``GET /metrics`` (vLLM's ``vllm:num_requests_waiting`` / ``_running`` / ``gpu_cache_usage_perc``) and
+  ``GET /api/ps`` (``loaded``; omitted: every listed model) report.
 * ``POST /_models`` with JSON ``{"models": ["a", "b:latest"]}`` replaces the models the lists
   (``/v1/models``, ``/api/tags``, ``/api/ps``) name from now on; ``GET /_models`` reads them.
 * ``GET /_requests`` -> last 200 API requests ``{method, path, query_string, headers (lower-case keys),
@@ -189,6 +192,7 @@ class StubState:
     log: collections.deque[Json] = field(default_factory=lambda: collections.deque(maxlen=REQUEST_LOG_SIZE))
     id_seq: int = 0
     models: tuple[str, ...] = ()  # what the model lists name (cfg.models until POST /_models)
+    load: Json = field(default_factory=dict)  # POST /_load: vLLM metrics and Ollama's loaded models
 
     def __post_init__(self) -> None:
         self.models = self.models or self.cfg.models
@@ -376,6 +380,15 @@ class StubApp:
             return self.requests_endpoint(request)
         if path == "/_models":
             return await self.models_endpoint(request)
+        if path == "/_load":
+            data = json.loads(await request.read() or b"{}") if request.method == "POST" else None
+            if isinstance(data, dict):
+                self.state.load = data
+            return web.Response(body=_dumps(self.state.load), content_type=_JSON_CT, headers=self.name_header)
+        if path == "/metrics" and method == "GET":
+            return web.Response(
+                text=self._vllm_metrics(), content_type="text/plain", headers=self.name_header
+            )
 
         handler = self._route(method, path)
         if self.cfg.api_prefix and not path.startswith(self.cfg.api_prefix + "/"):
@@ -1042,10 +1055,24 @@ class StubApp:
     async def ollama_tags(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
         return await self._json(request, ctx, {"models": [self._ollama_model(m) for m in self.state.models]})
 
+    def _vllm_metrics(self) -> str:
+        load = self.state.load
+        lines = []
+        for metric, key in (
+            ("num_requests_waiting", "waiting"),
+            ("num_requests_running", "running"),
+            ("gpu_cache_usage_perc", "cache"),
+        ):
+            lines += [f"# TYPE vllm:{metric} gauge"]
+            lines += [
+                f'vllm:{metric}{{model_name="{m}"}} {float(load.get(key, 0))}' for m in self.state.models[:1]
+            ]
+        return "\n".join(lines) + "\n"
+
     async def ollama_ps(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+        loaded = self.state.load.get("loaded", self.state.models)
         models = [
-            {**self._ollama_model(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": 0}
-            for m in self.state.models
+            {**self._ollama_model(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": 0} for m in loaded
         ]
         return await self._json(request, ctx, {"models": models})
 
@@ -1411,6 +1438,11 @@ class StubServer:
 
     def clear_requests(self) -> None:
         self._call("DELETE", "/_requests")
+
+    def set_load(self, **load: Any) -> Json:
+        """POST /_load: what /metrics (vLLM) and /api/ps (Ollama) report from now on."""
+        result: Json = self._call("POST", "/_load", load)
+        return result
 
     def set_models(self, models: Iterable[str]) -> list[str]:
         """POST /_models: what the model lists name from now on."""

@@ -249,3 +249,22 @@ def test_adaptive_converges_keeps_exploring_and_select_agrees_with_traffic(
     assert measured.get("b60", 0) > 0.005 and measured.get("c150", 0) > 0.005  # still explored
     assert 0.02 <= explored <= 0.15
     assert load.failures == []
+
+
+def test_a_queueing_vllm_instance_gets_less_traffic(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
+    for name in ("idle", "busy"):
+        stub = start_stub(stubs, name)
+        stub.set_mode("slow", delay_ms=20, jitter_pct=20)
+        r = gateway.add_instance(name=name, provider_type="vllm", api_base=stub.url, supported_models=["m"])
+        assert r.status_code == 201, r.text
+    stubs["busy"].set_load(waiting=20, running=4, cache=0.5)  # what vLLM's /metrics says of a full queue
+    set_routing(gateway, default_strategy="health_based", **FAST_WEIGHTS)
+    with Load(gateway.url, "m", sdk=False, threads=4, seconds=60, max_requests=5000) as load:
+        wait_for(lambda: select_share(gateway, "busy") < 0.4, timeout=30, what="busy weighs less")
+        gateway.wait_applied()
+        busy = next(c for c in selection(gateway)["candidates"] if c["name"] == "busy")
+        shares = traffic(load, 600)
+    report("vLLM queue", busy=busy, measured={k: round(v, 3) for k, v in shares.items()})
+    assert busy["weight"] == 50 and "vLLM: 20 waiting, 4 running, KV cache 50%" in busy["reasons"]
+    assert abs(shares.get("busy", 0) - 1 / 3) <= 0.1
+    assert load.failures == []

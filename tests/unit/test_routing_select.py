@@ -17,6 +17,7 @@ from control_plane.registry.models import InstanceState, RoutingConfig, Strategy
 from control_plane.render.spec import GatewaySpec, build_spec
 from control_plane.routing import weights as lw
 from control_plane.routing.explain import select
+from control_plane.routing.service import refreshed
 from control_plane.settings import Settings
 from tests.unit.test_admin_api import ADMIN, AUTH, FakeReconciler, FakeStore
 from tests.unit.test_spec import SERVER, inst, world
@@ -73,6 +74,20 @@ def test_learned_weights_explain_with_their_reasons() -> None:
     assert answer["balancer"] == "least_conn with weights from latency"
 
 
+def test_fresh_reasons_explain_the_weights_in_force() -> None:
+    routing = RoutingConfig(default_strategy=Strategy.HEALTH_BASED)
+    applied = lw.decide(Strategy.HEALTH_BASED, [lw.Observation("a"), lw.Observation("b")])
+    later = lw.decide(
+        Strategy.HEALTH_BASED, [lw.Observation("a", 50, 50, 80.0), lw.Observation("b", 50, 49, 90.0)]
+    )
+    kept = refreshed(applied, later)
+    assert [c.weight for c in kept] == [c.weight for c in applied]  # nginx's weights stay
+    assert kept[0].reasons[0] == "p50 80 ms over 50 requests"
+    w = dataclasses.replace(world(inst("a"), inst("b"), routing=routing), learned={"m": applied})
+    answer = select(build_spec(w, SERVER), "m", ApiFamily.OPENAI, Kind.CHAT, {"m": kept})
+    assert answer is not None and answer["candidates"][0]["reasons"][0].startswith("p50 ")
+
+
 def test_cost_reasons_name_the_price() -> None:
     routing = RoutingConfig(default_strategy=Strategy.COST_OPTIMIZED)
     spec = spec_of(inst("a", cost_per_1k_tokens=0.2), inst("b", cost_per_1k_tokens=1), routing=routing)
@@ -84,6 +99,7 @@ def test_cost_reasons_name_the_price() -> None:
 @dataclasses.dataclass
 class SpecReconciler(FakeReconciler):
     spec: GatewaySpec | None = None
+    learned: Any = None
 
 
 @pytest.fixture
