@@ -168,12 +168,24 @@ def reward_of(o: Observation, speed: float, cheapest: float, reward: Reward) -> 
     return mean * (1.0 - 0.5 * o.load)
 
 
+def explore(wins: Mapping[str, int], explore_share: float) -> dict[str, float]:
+    """Shares from Thompson wins: (1 - explore_share) by the chance of being best, and explore_share spread
+    evenly over all but the likeliest best, so at least explore_share of traffic keeps exploring."""
+    total = sum(wins.values()) or 1
+    if len(wins) < 2:
+        return {name: 1.0 for name in wins}
+    top = max(wins, key=lambda n: (wins[n], n))
+    floor = explore_share / (len(wins) - 1)
+    return {n: (1 - explore_share) * wins[n] / total + (0.0 if n == top else floor) for n in wins}
+
+
 def adaptive(
     observations: Sequence[Observation], explore_share: float, reward: Reward, seed: str = ""
 ) -> tuple[Choice, ...]:
     """Thompson sampling: each instance's reward as Beta(1 + n r, 1 + n (1 - r)); its share of traffic is
-    the chance it is the best, (1 - explore_share) of it, plus explore_share spread evenly, so every
-    instance keeps being measured. The draws are seeded by the inputs: the same window, the same weights."""
+    the chance it is the best, (1 - explore_share) of it, plus explore_share spread over the others (see
+    explore), so every instance keeps being measured. The draws are seeded by the inputs: the same window,
+    the same weights."""
     if not observations:
         return ()
     speed = _speed_scores(observations)
@@ -188,8 +200,7 @@ def adaptive(
             for o in observations
         }
         wins[max(draws, key=lambda n: (draws[n], n))] += 1
-    n = len(observations)
-    shares = {name: (1 - explore_share) * wins[name] / THOMPSON_DRAWS + explore_share / n for name in wins}
+    shares = explore(wins, explore_share)
     extra = {
         name: f"reward {rewards[name]:.2f}, best in {wins[name] / THOMPSON_DRAWS:.0%} of draws"
         for name in wins

@@ -247,7 +247,7 @@ def test_adaptive_converges_keeps_exploring_and_select_agrees_with_traffic(
     for name in expected:
         assert abs(measured.get(name, 0) - expected[name]) <= 0.10, (name, measured, expected)
     assert measured.get("b60", 0) > 0.005 and measured.get("c150", 0) > 0.005  # still explored
-    assert 0.02 <= explored <= 0.15
+    assert 0.04 <= explored <= 0.15  # explore_share (0.05) of traffic, within the measuring noise
     assert load.failures == []
 
 
