@@ -42,8 +42,13 @@ def test_a_model_pulled_at_runtime_is_served_and_leaves_when_removed(
     gateway: Gateway, stubs: dict[str, StubServer]
 ) -> None:
     stub = start_stub(stubs, "o1", models=("base",))
-    r = gateway.add_instance(
-        name="o1", provider_type="ollama", api_base=stub.url, supported_models=["base"], health=QUICK_PROBES
+    r = gateway.add_instance(  # discover_models unset (None): the ollama default, on
+        name="o1",
+        provider_type="ollama",
+        api_base=stub.url,
+        supported_models=["base"],
+        health=QUICK_PROBES,
+        discover_models=None,
     )
     assert r.status_code == 201, r.text
     gateway.wait_applied()
