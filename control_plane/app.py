@@ -46,6 +46,7 @@ from control_plane.registry.sealing import registry_sealer
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
 from control_plane.render.spec import ServerSettings
+from control_plane.routing.service import WeightsService
 from control_plane.scaling.command import CommandDriver
 from control_plane.scaling.service import ScalingService
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
@@ -149,6 +150,11 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _scaling_ctx(app: web.Application) -> AsyncIterator[None]:
     async for _ in app[keys.SCALING].context():
+        yield
+
+
+async def _weights_ctx(app: web.Application) -> AsyncIterator[None]:
+    async for _ in app[keys.WEIGHTS].context():
         yield
 
 
@@ -280,6 +286,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         log_group=workers.gid,
         max_retry_after_s=settings.max_retry_after_s,
     )
+    app[keys.WEIGHTS] = WeightsService(reconciler, metrics)
+    app[keys.HEALTH].log_observers.append(app[keys.WEIGHTS].on_log)
     app[keys.USAGE_DRAIN] = UsageDrain(
         server.usage_socket,
         UsageStore(store),
@@ -321,8 +329,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.cleanup_ctx.append(_usage_ctx)  # stopped first: its last drain runs while the store is open
     app.cleanup_ctx.append(lambda _app: budgets.context())
     app.cleanup_ctx.append(_alerts_ctx)
-
-
     app.cleanup_ctx.append(_backup_ctx)
+    app.cleanup_ctx.append(_weights_ctx)
     app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
     return app

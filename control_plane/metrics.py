@@ -69,6 +69,11 @@ class GatewayMetrics:
             ["result"],
             registry=registry,
         )
+        self.weight_updates = Counter(
+            "ishgw_weight_reloads_total",
+            "learned weights applied (each asks for one reconcile: at most one nginx reload)",
+            registry=registry,
+        )
 
     def count_usage(
         self, instance: str, model: str, key: str, prompt: int, completion: int, cost: float

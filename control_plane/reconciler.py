@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -28,6 +29,8 @@ from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, finish_tree, render_files
 from control_plane.render.quoting import UnsafeValue
 from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
+from control_plane.routing import explain
+from control_plane.routing.weights import Choice
 from control_plane.secret_refs import SecretPolicy
 from control_plane.usage.limits import write_budget_seed
 from control_plane.world import gather_world
@@ -125,6 +128,8 @@ class Reconciler:
         self._waiters: list[asyncio.Future[ReconcileResult]] = []
         # Called with (world, spec) after every pass: the health service follows the registry this way.
         self.observers: list[Callable[[World, GatewaySpec], None]] = []
+        # The weights learned strategies apply now (control_plane/routing/service.py): model -> choices.
+        self.learned: Callable[[], Mapping[str, tuple[Choice, ...]]] | None = None
 
     # --- triggers -------------------------------------------------------------------------------
     def request(self, reason: str) -> None:
@@ -201,6 +206,8 @@ class Reconciler:
             )
             server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
             phases.mark("gather")
+            if self.learned is not None:
+                world = dataclasses.replace(world, learned=self.learned())
             try:
                 spec = build_spec(world, server)
                 phases.mark("build_spec")
@@ -352,8 +359,15 @@ class Reconciler:
         )
 
     # --- views ----------------------------------------------------------------------------------
+    @property
+    def spec(self) -> GatewaySpec | None:
+        """The desired spec of the last pass (what nginx runs once status()["checksum"] equals it; alerts
+        and POST /admin/select read its pools)."""
+        return self._spec
+
     def status(self) -> dict[str, object]:
         spec = self._spec
+        learned = self.learned() if self.learned else {}
         return {
             "checksum": self.nginx.running_checksum(),
             # What the pools below render to: equal to "checksum" once they are what nginx runs. A health
@@ -374,6 +388,8 @@ class Reconciler:
                     "instances": [m.instance for m in p.members if not m.backup],
                     "backup": [m.instance for m in p.members if m.backup],
                     "excluded": dict(p.excluded),
+                    # Why (POST /admin/select answers the same per pool): shares, weights, reasons.
+                    "candidates": explain.candidates(p, learned.get(p.model)),
                 }
                 for p in (spec.pools if spec else ())
             ],
@@ -382,11 +398,6 @@ class Reconciler:
             "http": certs.http_mode(self.server),
             "limits": limits_in_force(self.server.edge),
         }
-
-    @property
-    def spec(self) -> GatewaySpec | None:
-        """The spec of the last pass (alerts read its pools)."""
-        return self._spec
 
     @property
     def last_result(self) -> ReconcileResult | None:

@@ -8,6 +8,7 @@ from control_plane.alerts.service import AlertService
 from control_plane.health.service import HealthService
 from control_plane.reconciler import Reconciler
 from control_plane.registry.store import Store
+from control_plane.routing.service import WeightsService
 from control_plane.scaling.service import ScalingService
 from control_plane.settings import Settings
 from control_plane.usage.drain import UsageDrain
@@ -20,3 +21,4 @@ HEALTH = web.AppKey("health", HealthService)
 USAGE_DRAIN = web.AppKey("usage_drain", UsageDrain)
 SCALING = web.AppKey("scaling", ScalingService)
 ALERTS = web.AppKey("alerts", AlertService)
+WEIGHTS = web.AppKey("weights", WeightsService)

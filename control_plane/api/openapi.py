@@ -708,7 +708,11 @@ def _with_apply(paths: Schema) -> Schema:
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document for the admin API."""
-    from control_plane.api import openapi_edge, openapi_scaling  # they build on the helpers above
+    from control_plane.api import (  # they build on the helpers above
+        openapi_edge,
+        openapi_routing,
+        openapi_scaling,
+    )
 
     paths: Schema = {}
     parts = (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths)
@@ -716,6 +720,7 @@ def build_openapi() -> dict[str, Any]:
         paths.update(part())
     paths.update(_alert_paths())
     paths.update(_overview_paths())
+    paths.update(openapi_routing.paths())
     paths = _with_apply(paths)
     return {
         "openapi": "3.1.0",
@@ -735,6 +740,7 @@ def build_openapi() -> dict[str, Any]:
                         **_schemas(),
                         **openapi_edge.schemas(),
                         **openapi_scaling.schemas(),
+                        **openapi_routing.schemas(),
                         **_overview_schemas(),
                     }.items()
                 )

@@ -22,12 +22,12 @@ from control_plane import secret_refs
 from control_plane.api import alerts as alerts_api
 from control_plane.api import audit as audit_api
 from control_plane.api import client_keys as keys_api
-from control_plane.api import paging, status_page
+from control_plane.api import paging, routing_api, status_page
 from control_plane.api import scaling as scaling_api
 from control_plane.api import usage as usage_api
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.bodies import JSON_TYPES, read_json, read_object, validate_strict
-from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE
+from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE, WEIGHTS
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
 from control_plane.errors import InvalidInput, ReloadFailed
@@ -478,6 +478,9 @@ async def status(request: web.Request) -> web.Response:
     body["pools"], body["next_cursor"] = paging.take(pools, lambda p: str(p["name"]), page)
     body["generation"] = generation  # the configuration generation in the store; applied: body["applied"]
     body["instances"] = {"total": total, "enabled": enabled}
+    weights = request.app.get(WEIGHTS)
+    if weights is not None:
+        body["weights"] = weights.status()  # learned strategies: recomputations, weight sets applied
     return web.json_response(body)
 
 
@@ -564,6 +567,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/admin/scaling/events", scaling_api.list_events, "list_scaling_events"),
     Route("GET", "/admin/alerts", alerts_api.list_alerts, "list_alerts"),
     Route("GET", "/admin/overview", status_page.overview, "overview"),
+    Route("GET", "/admin/models", routing_api.list_models, "list_models"),
+    Route("POST", "/admin/select", routing_api.select_instance, "select_instance"),
 )
 
 

@@ -44,6 +44,7 @@ class ProbeResult:
     models: tuple[str, ...] = field(default_factory=tuple)
     retry_after_s: float | None = None
     http_status: int | None = None  # None: no HTTP answer (connection refused, timeout, TLS)
+    listed: bool = False  # the answer was a model list: `models` is the whole of it (may be empty)
 
 
 def probe_request(config: InstanceConfig, secret: str | None) -> ProbeRequest | None:
@@ -69,21 +70,22 @@ def probe_request(config: InstanceConfig, secret: str | None) -> ProbeRequest | 
             return ProbeRequest(root + path, headers, "data")
 
 
-def _models(body: bytes, kind: str) -> tuple[str, ...]:
+def _models(body: bytes, kind: str) -> tuple[str, ...] | None:
+    """The model names of a list answer; None when the body is no such list."""
     try:
         data = json.loads(body)
     except ValueError:
-        return ()
+        return None
     if not isinstance(data, dict):
-        return ()
+        return None
     if kind == "ollama":
         items, key = data.get("models"), "name"
     elif kind == "data":
         items, key = data.get("data"), "id"
     else:
-        return ()
+        return None
     if not isinstance(items, list):
-        return ()
+        return None
     return tuple(sorted({str(i[key]) for i in items if isinstance(i, dict) and isinstance(i.get(key), str)}))
 
 
@@ -115,7 +117,8 @@ def _outcome(
     if status == 200:
         if request.models_from == "none" and request.url.endswith("/health") and not _lightrag_ok(body):
             return ProbeResult(Outcome.FAIL, "health endpoint did not report a healthy status", latency_ms)
-        return ProbeResult(Outcome.OK, "HTTP 200", latency_ms, _models(body, request.models_from))
+        models = _models(body, request.models_from)
+        return ProbeResult(Outcome.OK, "HTTP 200", latency_ms, models or (), listed=models is not None)
     if request.lenient and status < 500:
         return ProbeResult(Outcome.OK, f"HTTP {status} (reachable)", latency_ms)
     if status in UNSUPPORTED_STATUSES:

@@ -63,7 +63,8 @@ class HealthService:
         self.records = 0
         self.recent = RecentTraffic()  # the status page's last 15 minutes
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
-        # Also told of every log record (the autoscaler measures its members' traffic this way).
+        # Others that read the log stream, called per record (the routing weights' measurements, the
+        # autoscaler's members' traffic).
         self.log_observers: list[Callable[[LogRecord], None]] = []
         self.traffic = TrafficSeries()
         if metrics is not None:
@@ -89,10 +90,10 @@ class HealthService:
     # --- passive ----------------------------------------------------------------------------------
     def on_log(self, record: LogRecord) -> None:
         self.records += 1
-        for observer in self.log_observers:
-            observer(record)
         self.tracker.observe(record, time.monotonic())
         self.recent.observe(record, self.tracker.addresses)
+        for observer in self.log_observers:
+            observer(record)
         if self.tracker.changed:
             self._verdict.set()
         if self.metrics is not None:

@@ -348,7 +348,10 @@ class HealthTracker:
             return
         ok = result.outcome is Outcome.OK
         if ok:
-            entry.discovered = result.models or entry.discovered
+            if result.listed and result.models != entry.discovered:
+                # A model that appeared or went away changes the pools of a discovering instance.
+                entry.discovered = result.models
+                self._mark(name, membership=True)
             entry.probe_ok_streak += 1
             entry.probe_fail_streak = 0
             if entry.quarantined:

@@ -28,6 +28,10 @@ class ProviderType(StrEnum):
     OPENAI_COMPATIBLE = "openai_compatible"
 
 
+# Provider types whose instances serve the models their probe lists unless discover_models says otherwise.
+DISCOVERING_TYPES = frozenset({ProviderType.OLLAMA, ProviderType.VLLM, ProviderType.OPENAI_COMPATIBLE})
+
+
 class InstanceType(StrEnum):
     CHAT = "chat"
     EMBEDDING = "embedding"
@@ -41,6 +45,13 @@ class Strategy(StrEnum):
     IP_HASH = "ip_hash"
     SESSION = "session"
     RANDOM_TWO = "random_two"
+    # Learned (control_plane/routing/weights.py): measurements or prices become weights and tiers.
+    LEAST_RESPONSE_TIME = "least_response_time"
+    HEALTH_BASED = "health_based"
+    PERFORMANCE_BASED = "performance_based"
+    COST_OPTIMIZED = "cost_optimized"
+    QUALITY_BASED = "quality_based"
+    ADAPTIVE = "adaptive"
 
 
 class OperatorStatus(StrEnum):
@@ -134,6 +145,11 @@ class InstanceConfig(BaseModel):
     quality_score: float = Field(default=0.0, ge=0, le=100)
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     health: HealthPolicy = Field(default_factory=HealthPolicy)
+    discover_models: bool | None = Field(
+        default=None,
+        description="Also serve the models the probe finds (/api/tags, /v1/models); unset: true for "
+        "ollama, vllm and openai_compatible, false otherwise",
+    )
 
     @field_validator("api_key")
     @classmethod
@@ -161,6 +177,12 @@ class InstanceConfig(BaseModel):
         """Models this instance serves: supported_models plus any deployment-mapped model."""
         seen = dict.fromkeys([*self.supported_models, *self.model_deployments])
         return list(seen)
+
+    def discovers(self) -> bool:
+        """Whether the models its probe lists join its pools (discover_models, or the type's default)."""
+        if self.discover_models is not None:
+            return self.discover_models
+        return self.provider_type in DISCOVERING_TYPES
 
     def serves_chat(self) -> bool:
         return self.instance_type in (InstanceType.CHAT, InstanceType.BOTH)
@@ -215,6 +237,16 @@ class StateUpdate(BaseModel):
     status: OperatorStatus
 
 
+class RewardWeights(BaseModel):
+    """adaptive: how much success, speed and low price count in an instance's reward."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    success: float = Field(default=1.0, ge=0, le=100)
+    latency: float = Field(default=1.0, ge=0, le=100)
+    cost: float = Field(default=0.0, ge=0, le=100)
+
+
 class RoutingConfig(BaseModel):
     """Gateway-wide routing: aliases, per-model strategy, session header."""
 
@@ -226,6 +258,17 @@ class RoutingConfig(BaseModel):
     session_header: HeaderName = "X-Session-ID"
     # model -> models to try, in order, when it has no available instance (same API family and kind).
     fallbacks: dict[ModelName, list[ModelName]] = Field(default_factory=dict, max_length=1024)
+    # Learned strategies (least_response_time, health_based, performance_based, adaptive): how often weights
+    # are recomputed, and how far a share of traffic must move before new weights are applied (a reload).
+    weights_interval_s: float = Field(default=10.0, ge=0.5, le=3600)
+    weights_min_change: float = Field(default=0.2, ge=0, le=10)
+    weights_window_s: float = Field(
+        default=60.0, ge=1, le=3600, description="Measurements older than this do not count"
+    )
+    explore_share: float = Field(
+        default=0.05, ge=0.0, le=0.5, description="adaptive: the least share of traffic spent exploring"
+    )
+    reward: RewardWeights = Field(default_factory=lambda: RewardWeights())
 
 
 def config_fingerprint(config: InstanceConfig) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,13 +25,15 @@ from control_plane.registry.models import (
     config_fingerprint,
 )
 from control_plane.render.edge import EdgePolicy, EdgeSpec, JwtKeys, build_edge
+from control_plane.routing import weights as lw
+from control_plane.routing.discovery import served_models
 from control_plane.usage.model import rates_of
 
 if TYPE_CHECKING:
     from control_plane.registry.client_keys import ClientKey
 
 # Strategies under which nginx accepts `backup` servers (the next priority tier).
-BACKUP_CAPABLE = frozenset({Strategy.ROUND_ROBIN, Strategy.WEIGHTED, Strategy.LEAST_CONNECTIONS})
+BACKUP_CAPABLE = frozenset({Strategy.ROUND_ROBIN, Strategy.WEIGHTED, Strategy.LEAST_CONNECTIONS}) | lw.LEARNED
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Replaced in every rendered file by the tree's checksum (render/nginx.py), which also names the
 # directory the tree is written to under <prefix>/GENERATIONS_DIR (nginx_process.py).
@@ -93,6 +95,8 @@ class Pool:
     read_timeout_s: int
     total_timeout_s: int
     excluded: tuple[tuple[str, str], ...] = ()
+    # Learned strategies: each available instance's weight, tier, score and reasons (/admin/select).
+    choices: tuple[lw.Choice, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -151,6 +155,8 @@ class World:
     # Client API keys (hashes only) and JWT verification keys read from the configured files.
     client_keys: tuple[ClientKey, ...] = ()
     jwt: JwtKeys | None = None
+    # model -> the weights a measured strategy applies (control_plane/routing/service.py, with hysteresis).
+    learned: Mapping[str, tuple[lw.Choice, ...]] = field(default_factory=dict)
 
 
 USAGE_SOCKET = "usage.sock"
@@ -385,6 +391,67 @@ def _tiered_members(
     return tuple(members)
 
 
+def observation_of(config: InstanceConfig, state: InstanceState) -> lw.Observation:
+    """What configuration and state alone say about an instance (measurements: routing/service.py)."""
+    return lw.Observation(
+        name=config.name,
+        breaker=state.breaker_state,
+        price=lw.price_of(config),
+        quality=config.quality_score,
+    )
+
+
+def _ranked_members(
+    candidates: list[tuple[InstanceConfig, str]], choices: tuple[lw.Choice, ...]
+) -> tuple[Member, ...]:
+    """cost_optimized / quality_based: the choices' tiers in place of priorities (tier 1: backup)."""
+    by_name = {c.name: c for c in choices}
+    members = []
+    for config, address in sorted(candidates, key=lambda c: c[0].name):
+        choice = by_name[config.name]
+        if choice.tier is not None:
+            members.append(
+                Member(
+                    instance=config.name,
+                    address=address,
+                    weight=choice.weight,
+                    max_conns=config.max_concurrent_requests,
+                    backup=choice.tier > 0,
+                    fail_timeout_s=max(1, min(10, round(config.health.breaker_cooldown_s))),
+                )
+            )
+    return tuple(members)
+
+
+def _learned(
+    world: World,
+    strategy: Strategy,
+    model: str,
+    candidates: list[tuple[InstanceConfig, str]],
+    members: tuple[Member, ...],
+    half_open: frozenset[str],
+) -> tuple[tuple[Member, ...], tuple[lw.Choice, ...]]:
+    """A learned strategy's members: tiers by price or quality, or the measured weights last applied (an
+    instance not measured yet gets the best weight, so it is measured soon; a half-open one a trickle)."""
+    if strategy in lw.RANKED:
+        states = {c.name: st for c, st in world.instances}
+        choices = lw.ranked(strategy, [observation_of(c, states[c.name]) for c, _ in candidates])
+        return _ranked_members(candidates, choices), choices
+    applied = {c.name: c for c in world.learned.get(model, ())}
+    if strategy not in lw.MEASURED or not applied:
+        return members, ()
+
+    def weight(member: Member) -> int:
+        if member.instance in half_open:
+            return lw.HALF_OPEN_WEIGHT
+        choice = applied.get(member.instance)
+        return choice.weight if choice else lw.SCALE
+
+    weighted = tuple(m if m.backup else replace(m, weight=weight(m)) for m in members)
+    serving = {m.instance for m in weighted if not m.backup}
+    return weighted, tuple(c for c in applied.values() if c.name in serving)
+
+
 def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
     excluded: dict[str, str] = {}
     half_open = frozenset(c.name for c, st in world.instances if st.breaker_state is BreakerState.HALF_OPEN)
@@ -397,12 +464,13 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
             excluded[config.name] = reason
 
     # (family, kind, model) -> every configured instance (by name: several endpoints share a key),
-    # available or not. Each instance's endpoints are worked out once per pass.
+    # available or not, for its configured and discovered models. Each instance's endpoints are worked
+    # out once per pass.
     endpoints_of: dict[str, list[Endpoint]] = {}
     serving_by_name: dict[tuple[ApiFamily, Kind, str], dict[str, InstanceConfig]] = {}
-    for config, _ in world.instances:
+    for config, state in world.instances:
         endpoints_of[config.name] = endpoints = providers.endpoints_for(config)
-        models = config.models()
+        models = served_models(config, state)
         for key in {(e.family, e.kind) for e in endpoints}:
             for model in models:
                 serving_by_name.setdefault((*key, model), {}).setdefault(config.name, config)
@@ -433,10 +501,10 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
         strategy = world.routing.strategies.get(model, world.routing.default_strategy)
         candidates = [(c, address_of[c.name]) for c in configs if c.name in address_of]
         members = _tiered_members(candidates, strategy, half_open)
+        members, choices = _learned(world, strategy, model, candidates, members, half_open)
         in_pool = {m.instance for m in members}
-        pool_excluded = tuple(
-            (c.name, excluded.get(c.name, "lower priority tier")) for c in configs if c.name not in in_pool
-        )
+        worse = "worse tier" if strategy in lw.RANKED else "lower priority tier"
+        pool_excluded = tuple((c.name, excluded.get(c.name, worse)) for c in configs if c.name not in in_pool)
         chosen = [c for c in configs if c.name in in_pool] or configs
         pools.append(
             Pool(
@@ -450,6 +518,7 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
                 read_timeout_s=max(1, round(max(c.timeout_seconds for c in chosen))),
                 total_timeout_s=max(1, round(max(c.timeout_seconds * (1 + c.retry_count) for c in chosen))),
                 excluded=pool_excluded,
+                choices=choices,
             )
         )
     return GatewaySpec(

@@ -25,11 +25,17 @@ Test/control endpoints (never recorded, never affected by fault injection):
 * ``GET /health`` -> ``{"status": "ok", "name": NAME}``
 * ``POST /_control`` with JSON ``{"mode": "ok"|"fail"|"status"|"stall"|"slow"|"die_mid_stream"|
   "stall_mid_stream", "status": 503, "retry_after": "20", "retry_after_ms": "250", "delay_ms": 200,
-  "fail_ratio": 0.5, "after_chunks": 3}``.  The posted object *replaces* the whole fault config
+  "fail_ratio": 0.5, "after_chunks": 3, "jitter_pct": 20}``: ``slow`` waits ``delay_ms`` (+- ``jitter_pct`` %)
+  before answering, a fixed latency with noise.  The posted object *replaces* the whole fault config
   (omitted fields fall back to their defaults) and resets the fault counter.
   ``fail_ratio`` is deterministic: request number ``n`` (1-based, counted since the last
   ``POST /_control``) is affected iff ``floor(n*ratio) > floor((n-1)*ratio)``; 0.5 -> every 2nd.
 * ``GET /_control`` -> current config plus counters.
+* ``POST /_load`` with JSON ``{"waiting": 20, "running": 4, "cache": 0.5, "loaded": ["m"]}`` sets what
+  ``GET /metrics`` (vLLM's ``vllm:num_requests_waiting`` / ``_running`` / ``gpu_cache_usage_perc``) and
+  ``GET /api/ps`` (``loaded``; omitted: every listed model) report.
+* ``POST /_models`` with JSON ``{"models": ["a", "b:latest"]}`` replaces the models the lists
+  (``/v1/models``, ``/api/tags``, ``/api/ps``) name from now on; ``GET /_models`` reads them.
 * ``GET /_requests`` -> last 200 API requests ``{method, path, query_string, headers (lower-case keys),
   json, body_text, time}``; ``DELETE /_requests`` clears them.
 
@@ -125,6 +131,7 @@ class FaultConfig:
     delay_ms: int = 200
     fail_ratio: float = 1.0
     after_chunks: int = 3
+    jitter_pct: float = 0.0  # "slow": each delay uniformly within delay_ms +- this percentage
 
     @classmethod
     def from_json(cls, data: Json) -> FaultConfig:
@@ -151,6 +158,10 @@ class FaultConfig:
                 raise ValueError("fail_ratio must be within [0, 1]")
         if data.get("after_chunks") is not None:
             fc.after_chunks = max(0, int(data["after_chunks"]))
+        if data.get("jitter_pct") is not None:
+            fc.jitter_pct = float(data["jitter_pct"])
+            if not 0.0 <= fc.jitter_pct <= 100.0:
+                raise ValueError("jitter_pct must be within [0, 100]")
         return fc
 
     def to_json(self) -> Json:
@@ -162,6 +173,7 @@ class FaultConfig:
             "delay_ms": self.delay_ms,
             "fail_ratio": self.fail_ratio,
             "after_chunks": self.after_chunks,
+            "jitter_pct": self.jitter_pct,
         }
 
 
@@ -179,6 +191,11 @@ class StubState:
     mode_changed: asyncio.Event = field(default_factory=asyncio.Event)
     log: collections.deque[Json] = field(default_factory=lambda: collections.deque(maxlen=REQUEST_LOG_SIZE))
     id_seq: int = 0
+    models: tuple[str, ...] = ()  # what the model lists name (cfg.models until POST /_models)
+    load: Json = field(default_factory=dict)  # POST /_load: vLLM metrics and Ollama's loaded models
+
+    def __post_init__(self) -> None:
+        self.models = self.models or self.cfg.models
 
     def set_fault(self, fc: FaultConfig) -> None:
         self.fault = fc
@@ -361,6 +378,17 @@ class StubApp:
             return await self.control(request)
         if path == "/_requests":
             return self.requests_endpoint(request)
+        if path == "/_models":
+            return await self.models_endpoint(request)
+        if path == "/_load":
+            data = json.loads(await request.read() or b"{}") if request.method == "POST" else None
+            if isinstance(data, dict):
+                self.state.load = data
+            return web.Response(body=_dumps(self.state.load), content_type=_JSON_CT, headers=self.name_header)
+        if path == "/metrics" and method == "GET":
+            return web.Response(
+                text=self._vllm_metrics(), content_type="text/plain", headers=self.name_header
+            )
 
         handler = self._route(method, path)
         if self.cfg.api_prefix and not path.startswith(self.cfg.api_prefix + "/"):
@@ -424,7 +452,8 @@ class StubApp:
                 extra["retry-after-ms"] = fc.retry_after_ms
             return self.error(request.path, request, fc.status, f"stub injected status {fc.status}", extra)
         if fault == "slow":
-            await asyncio.sleep(fc.delay_ms / 1000)
+            spread = fc.delay_ms * fc.jitter_pct / 100
+            await asyncio.sleep(max(0.0, fc.delay_ms + random.uniform(-spread, spread)) / 1000)
         elif fault == "stall":
             await self._stall(request)
         return None
@@ -844,20 +873,20 @@ class StubApp:
                     "display_name": m,
                     "created_at": "2025-01-01T00:00:00Z",
                 }
-                for m in self.cfg.models
+                for m in self.state.models
             ]
             obj: Json = {
                 "data": data,
                 "has_more": False,
-                "first_id": self.cfg.models[0],
-                "last_id": self.cfg.models[-1],
+                "first_id": self.state.models[0],
+                "last_id": self.state.models[-1],
             }
         else:
             obj = {
                 "object": "list",
                 "data": [
                     {"id": m, "object": "model", "created": 1700000000, "owned_by": self.cfg.name}
-                    for m in self.cfg.models
+                    for m in self.state.models
                 ],
             }
         return await self._json(request, ctx, obj)
@@ -1024,12 +1053,26 @@ class StubApp:
         }
 
     async def ollama_tags(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
-        return await self._json(request, ctx, {"models": [self._ollama_model(m) for m in self.cfg.models]})
+        return await self._json(request, ctx, {"models": [self._ollama_model(m) for m in self.state.models]})
+
+    def _vllm_metrics(self) -> str:
+        load = self.state.load
+        lines = []
+        for metric, key in (
+            ("num_requests_waiting", "waiting"),
+            ("num_requests_running", "running"),
+            ("gpu_cache_usage_perc", "cache"),
+        ):
+            lines += [f"# TYPE vllm:{metric} gauge"]
+            lines += [
+                f'vllm:{metric}{{model_name="{m}"}} {float(load.get(key, 0))}' for m in self.state.models[:1]
+            ]
+        return "\n".join(lines) + "\n"
 
     async def ollama_ps(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+        loaded = self.state.load.get("loaded", self.state.models)
         models = [
-            {**self._ollama_model(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": 0}
-            for m in self.cfg.models
+            {**self._ollama_model(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": 0} for m in loaded
         ]
         return await self._json(request, ctx, {"models": models})
 
@@ -1071,6 +1114,24 @@ class StubApp:
         elif request.method not in ("GET", "HEAD"):
             return web.Response(status=405, headers=self.name_header)
         return web.Response(body=_dumps(st.control_json()), content_type=_JSON_CT, headers=self.name_header)
+
+    async def models_endpoint(self, request: web.Request) -> web.Response:
+        st = self.state
+        if request.method == "POST":
+            data = json.loads(await request.read() or b"{}")
+            models = data.get("models") if isinstance(data, dict) else None
+            if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+                return web.Response(
+                    status=400,
+                    body=_dumps({"error": "models must be a list of strings"}),
+                    content_type=_JSON_CT,
+                    headers=self.name_header,
+                )
+            st.models = tuple(models)
+        elif request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, headers=self.name_header)
+        body = _dumps({"models": list(st.models)})
+        return web.Response(body=body, content_type=_JSON_CT, headers=self.name_header)
 
     def requests_endpoint(self, request: web.Request) -> web.Response:
         st = self.state
@@ -1377,6 +1438,16 @@ class StubServer:
 
     def clear_requests(self) -> None:
         self._call("DELETE", "/_requests")
+
+    def set_load(self, **load: Any) -> Json:
+        """POST /_load: what /metrics (vLLM) and /api/ps (Ollama) report from now on."""
+        result: Json = self._call("POST", "/_load", load)
+        return result
+
+    def set_models(self, models: Iterable[str]) -> list[str]:
+        """POST /_models: what the model lists name from now on."""
+        result: list[str] = self._call("POST", "/_models", {"models": list(models)})["models"]
+        return result
 
     def __repr__(self) -> str:
         return f"StubServer(name={self.name!r}, url={self.url!r}, running={self.is_running()})"

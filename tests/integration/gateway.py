@@ -122,6 +122,10 @@ class Gateway:
         return response.json()  # type: ignore[no-any-return]
 
     def add_instance(self, **config: Any) -> httpx.Response:
+        """POST /admin/instances. Model discovery is off unless asked for (discover_models=None: the
+        provider type's default): the stand-ins list models of their own, and a pool appearing after the
+        first probe would race tests written for the configured models (test_routing.py tests discovery)."""
+        config.setdefault("discover_models", False)
         return self.admin.post("/admin/instances", json=config)
 
     def wait_applied(self, timeout: float = 5.0) -> str:

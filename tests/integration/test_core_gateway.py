@@ -303,6 +303,7 @@ def test_burst_of_changes_is_one_reload(gateway: Gateway, stubs: dict[str, StubS
     started = time.monotonic()
     for i in range(30):  # ?wait=false: the bulk path; each call answers 202 at once
         config = {"name": f"burst-{i}", "provider_type": "ollama", "api_base": stub.url}
+        config["discover_models"] = False  # the stand-in's own model list would add a pool (and reloads)
         created = gateway.admin.post(
             "/admin/instances?wait=false", json={**config, "supported_models": [f"m{i}"]}
         )

@@ -291,7 +291,7 @@ def test_tracker_client_errors_never_count() -> None:
 def test_tracker_probes_rise_and_fall() -> None:
     t = tracker_with(config())
     fail = ProbeResult(Outcome.FAIL, "refused", 1.0)
-    ok = ProbeResult(Outcome.OK, "HTTP 200", 1.0, ("m1",))
+    ok = ProbeResult(Outcome.OK, "HTTP 200", 1.0, ("m1",), listed=True)
     for _ in range(POLICY.fall - 1):
         t.probe("a", fail, 0)
     assert t.instances["a"].health is HealthStatus.UNKNOWN

@@ -1,0 +1,65 @@
+"""Per (model, instance) measurement windows fed by the access-log stream: what learned strategies read.
+In memory, no I/O; bounded in samples per key and in age."""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from control_plane.health.logstream import LogRecord
+from control_plane.health.tracker import classify
+
+MAX_SAMPLES = 2000  # per (model, instance)
+MIN_LATENCY_SAMPLES = 3  # successful answers before a median is shown
+
+
+@dataclass(frozen=True)
+class Stats:
+    requests: int
+    successes: int
+    p50_ms: float | None
+
+
+class Windows:
+    def __init__(self, max_samples: int = MAX_SAMPLES) -> None:
+        self.max_samples = max_samples
+        self._samples: dict[tuple[str, str], deque[tuple[float, bool, float]]] = {}
+
+    def add(self, model: str, instance: str, at: float, ok: bool, latency_ms: float) -> None:
+        window = self._samples.get((model, instance))
+        if window is None:
+            window = self._samples[(model, instance)] = deque(maxlen=self.max_samples)
+        window.append((at, ok, latency_ms))
+
+    def observe(self, record: LogRecord, names: Mapping[str, str]) -> None:
+        """Every attempt of one request: an answer (2xx-4xx but 429 and credential refusals) is a success
+        with its upstream time, a 5xx or no answer a failure; 429s and refused credentials say nothing
+        about speed and are left to the health tracker."""
+        if not record.model:
+            return
+        last = len(record.attempts) - 1
+        for index, attempt in enumerate(record.attempts):
+            name = names.get(attempt.address)
+            if name is None or (attempt.status is None and record.status == 499 and index == last):
+                continue
+            verdict = classify(attempt.status)
+            if verdict in ("ok", "failure"):
+                self.add(record.model, name, record.at, verdict == "ok", attempt.response_ms or 0.0)
+
+    def stats(self, model: str, instance: str, now: float, window_s: float) -> Stats:
+        window = self._samples.get((model, instance))
+        if not window:
+            return Stats(0, 0, None)
+        horizon = now - window_s
+        while window and window[0][0] < horizon:
+            window.popleft()
+        ok = [ms for _, good, ms in window if good]
+        p50 = statistics.median(ok) if len(ok) >= MIN_LATENCY_SAMPLES else None
+        return Stats(len(window), len(ok), p50)
+
+    def forget(self, keep: set[tuple[str, str]]) -> None:
+        """Drop the windows of (model, instance) pairs no pool has any more."""
+        for key in [k for k in self._samples if k not in keep]:
+            del self._samples[key]
