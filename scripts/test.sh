@@ -24,9 +24,30 @@ log "luacheck"
 luacheck --no-color -q nginx/lua tests/unit/lua_body_driver.lua
 log "busted (LuaJIT, .busted)"
 busted --output=plainTerminal
-log "pytest"
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
 # -rA: a summary line for every outcome (a failure's reason without scrolling back); --durations: the slowest.
 # A failing integration test's report also carries its gateways' controller and nginx error log tails
 # (tests/conftest.py).
-exec "$ISHGW_VENV/bin/pytest" -q -p no:cacheprovider -rA --durations=15 "$@"
+PYTEST=("$ISHGW_VENV/bin/pytest" -q -p no:cacheprovider -rA --durations=15)
+if [ "$#" -gt 0 ]; then
+    log "pytest $*"
+    exec "${PYTEST[@]}" "$@"
+fi
+# The whole suite as two streams at once: the host-level tests (the deploy script, containers, a browser:
+# mostly waiting on processes they start) beside the rest. Each stream alone is serial; together they keep
+# both cores busy. Nothing is shared between them: free ports, temporary homes, a private container engine,
+# the README's run in a network namespace of its own.
+HOST_LEVEL=(tests/deploy tests/compose tests/browser)
+host_log="$(mktemp "${TMPDIR:-/tmp}/ishgw-host-tests.XXXXXX")"
+log "pytest: ${HOST_LEVEL[*]} (in the background, its report below) and everything else"
+"${PYTEST[@]}" "${HOST_LEVEL[@]}" >"$host_log" 2>&1 &
+host_pid=$!
+rest=0
+"${PYTEST[@]}" tests "${HOST_LEVEL[@]/#/--ignore=}" || rest=$?
+host=0
+wait "$host_pid" || host=$?
+log "pytest ${HOST_LEVEL[*]}"
+cat "$host_log"
+rm -f "$host_log"
+log "pytest exit codes: host-level $host, the rest $rest"
+[ "$host" -eq 0 ] && [ "$rest" -eq 0 ]
