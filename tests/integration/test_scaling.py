@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from control_plane.scaling.command import Member, alive
 from tests.integration.gateway import ROOT, Gateway, free_ports, wait_for
 
 MODEL = "scaled"
@@ -67,7 +68,19 @@ def group_doc(name: str, port_min: int, **changes: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Gateway]:
     with Gateway({"ISHGW_SCALING_COMMANDS": f"{PY},/bin/false"}) as gateway:
-        yield gateway
+        try:
+            yield gateway
+        finally:
+            stop_members(gateway)
+
+
+def stop_members(gw: Gateway) -> None:
+    """Members outlive the controller by design (a restarted one adopts them): a test that failed before
+    deleting its group must not leave them running."""
+    for state in (gw.home / "scaling").glob("*/*.json"):
+        member = Member(**json.loads(state.read_text()))
+        if alive(member):
+            os.killpg(member.pid, signal.SIGKILL)
 
 
 def members(gw: Gateway, group: str) -> list[dict[str, Any]]:
