@@ -4,10 +4,12 @@ deployment; the last one cleans it."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import tarfile
@@ -113,6 +115,22 @@ def registry_bytes(d: Deployment) -> bytes:
     return b"".join(p.read_bytes() for p in files if p.exists())
 
 
+# What a refused restore must leave as it was: the operators' configuration, not the state the running
+# controller keeps writing (health, usage, the audit of the test's own calls).
+CONFIGURATION = {
+    "instances": "SELECT name, config FROM instances ORDER BY name",
+    "client_keys": "SELECT id, key_hash, data FROM client_keys ORDER BY id",
+    "settings": "SELECT key, value FROM settings ORDER BY key",
+    "schema": "SELECT version FROM schema_migrations ORDER BY version",
+}
+
+
+def registry_configuration(d: Deployment) -> dict[str, list[tuple[Any, ...]]]:
+    """The registry's configuration rows, read through SQLite (read-only, a consistent snapshot)."""
+    with contextlib.closing(sqlite3.connect(f"file:{d.home / 'ishgw.db'}?mode=ro", uri=True)) as db:
+        return {table: db.execute(query).fetchall() for table, query in CONFIGURATION.items()}
+
+
 def archive_members(path: Path) -> dict[str, bytes]:
     with tarfile.open(path, "r:gz") as tar:
         return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
@@ -202,13 +220,14 @@ def test_delete_instances_and_the_key(deployment: Deployment) -> None:
 
 
 def unchanged_after(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the command; the controller, the registry file, settings and instances must be as before."""
+    """Run the command; the controller, the registry's configuration, settings and instances stay as
+    they were."""
     controller, names = deployment.controller_pid, instance_names(deployment)
-    before, settings = registry_bytes(deployment), (deployment.home / "gateway.env").read_bytes()
+    before, settings = registry_configuration(deployment), (deployment.home / "gateway.env").read_bytes()
     result = deployment.run(*args)
     assert result.returncode != 0, describe(result)
     assert deployment.controller_pid == controller
-    assert registry_bytes(deployment) == before and instance_names(deployment) == names
+    assert registry_configuration(deployment) == before and instance_names(deployment) == names
     assert (deployment.home / "gateway.env").read_bytes() == settings
     return result
 
