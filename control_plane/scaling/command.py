@@ -39,22 +39,27 @@ class Member:
     started: str  # /proc/<pid>/stat's start time: the same pid later is the same process
 
 
-def _start_time(pid: int) -> str | None:
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state first), or None: no such process."""
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+def _start_time(pid: int) -> str | None:
+    fields = _stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def exited(pid: int) -> bool:
+    """No such process, or a zombie (exited, not yet reaped by its parent)."""
+    fields = _stat(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def alive(member: Member) -> bool:
-    return _start_time(member.pid) == member.started and not _zombie(member.pid)
+    return _start_time(member.pid) == member.started and not exited(member.pid)
 
 
 def port_free(port: int) -> bool:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,8 +39,8 @@ from control_plane.registry.models import (
 from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.store import Store
 from control_plane.render.spec import GatewaySpec, World
-from control_plane.scaling.command import CommandDriver, LaunchError, Member, alive
-from control_plane.scaling.decide import Decision, Memory, Sample, decide, measure
+from control_plane.scaling.command import CommandDriver, LaunchError, Member, alive, exited
+from control_plane.scaling.decide import Decision, Memory, Sample, Signals, decide, measure
 from control_plane.scaling.model import ScalingGroup
 
 log = logging.getLogger(__name__)
@@ -122,14 +121,17 @@ class ScalingService:
         self.addresses = addresses  # upstream address -> instance name (the health tracker's)
         self.metrics = ScalingMetrics(registry) if registry is not None else None
         self.runtime: dict[str, GroupRuntime] = {}
-        self.instances: dict[str, tuple[InstanceConfig, InstanceState]] = {}
+        self.instances: dict[str, tuple[InstanceConfig, InstanceState]] = {}  # members of any group
+        self.member_group: dict[str, str] = {}  # member name -> its group, from its tag
         self.groups: dict[str, ScalingGroup] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         reconciler.observers.append(self.on_world)
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_world(self, world: World, _spec: GatewaySpec) -> None:
-        self.instances = {c.name: (c, s) for c, s in world.instances if group_of(c) is not None}
+        groups = {c.name: g for c, _ in world.instances if (g := group_of(c)) is not None}
+        self.instances = {c.name: (c, s) for c, s in world.instances if c.name in groups}
+        self.member_group = groups
 
     def on_log(self, record: LogRecord) -> None:
         if not self.instances:
@@ -140,17 +142,15 @@ class ScalingService:
         now = time.time()
         for attempt in record.attempts:
             name = names.get(attempt.address)
-            entry = self.instances.get(name) if name is not None else None
-            if entry is None:
-                continue
-            runtime = self.runtime.get(group_of(entry[0]) or "")
+            group = self.member_group.get(name) if name is not None else None
+            runtime = self.runtime.get(group) if group is not None else None
             if runtime is not None:
                 ok = classify(attempt.status) in ("ok", "rate_limited")
                 runtime.samples.append(Sample(now, attempt.response_ms or 0.0, ok))
 
     # --- views --------------------------------------------------------------------------------------
     def registered(self, group: str) -> dict[str, tuple[InstanceConfig, InstanceState]]:
-        return {n: e for n, e in self.instances.items() if group_of(e[0]) == group}
+        return {n: e for n, e in self.instances.items() if self.member_group[n] == group}
 
     def serving(self, group: str) -> dict[str, tuple[InstanceConfig, InstanceState]]:
         return {n: e for n, e in self.registered(group).items() if e[1].status is not OperatorStatus.DRAINING}
@@ -193,7 +193,7 @@ class ScalingService:
         }
 
     # --- the loop -----------------------------------------------------------------------------------
-    def _signals(self, group: ScalingGroup, runtime: GroupRuntime) -> Any:
+    def _signals(self, group: ScalingGroup, runtime: GroupRuntime) -> Signals:
         serving = self.serving(group.name)
         unhealthy = sum(
             1
@@ -339,7 +339,7 @@ class ScalingService:
             await self._record(event, "failed", error=str(exc), retry_in_s=wait)
             return
         runtime.failures = 0
-        runtime.memory = _after(runtime.memory, last_out_at=decided_at)
+        runtime.memory = dataclasses.replace(runtime.memory, last_out_at=decided_at)
         served_s = round(time.monotonic() - started, 3)
         await self._record(event, "ok", instance=member.name, port=member.port, duration_s=served_s)
 
@@ -367,7 +367,7 @@ class ScalingService:
         workers = self._workers()
         await self.reconciler.apply(f"scaling in {group.name}: draining {name}")
         drained = await self._wait_workers_gone(workers, group.drain_timeout_s)
-        runtime.memory = _after(runtime.memory, last_in_at=time.time())
+        runtime.memory = dataclasses.replace(runtime.memory, last_in_at=time.time())
         await self._remove(name, running.get(name))
         await self._record(
             event, "ok", instance=name, drained=drained, duration_s=round(time.monotonic() - started, 3)
@@ -380,7 +380,7 @@ class ScalingService:
     async def _wait_workers_gone(self, workers: set[int], timeout: float) -> bool:
         """True once none of ``workers`` (the nginx workers before the draining reload) runs any more."""
         deadline = time.monotonic() + timeout
-        while any(os.path.exists(f"/proc/{pid}") and not _gone(pid) for pid in workers):
+        while not all(exited(pid) for pid in workers):
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.1)
@@ -444,14 +444,3 @@ class ScalingService:
                 running.cancel()
 
 
-def _gone(pid: int) -> bool:
-    """A zombie (exited, not yet reaped by the master) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _after(memory: Memory, **changes: Any) -> Memory:
-    return dataclasses.replace(memory, **changes)
