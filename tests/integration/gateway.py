@@ -55,6 +55,16 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last_error}")
 
 
+def sigkill_nginx(master: int) -> list[int]:
+    """SIGKILL an nginx master and its children (the master alone would leave its workers behind); the
+    pids killed."""
+    pids = [master, *nginx_children(master)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 class Gateway:
     """Controller + nginx under a private home. Use as a context manager."""
 
@@ -187,14 +197,8 @@ class Gateway:
         self.stop_controller()
         master = self.nginx_master_pid()
         assert master is not None
-        workers = nginx_children(master)
-        for pid in (master, *workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        wait_for(
-            lambda: all(not Path(f"/proc/{pid}").exists() for pid in (master, *workers)),
-            what="nginx gone",
-        )
+        killed = sigkill_nginx(master)
+        wait_for(lambda: all(not Path(f"/proc/{pid}").exists() for pid in killed), what="nginx gone")
 
     def stop_controller(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -229,14 +233,12 @@ class Gateway:
         """nginx did not quit: a worker stuck in a handler never handles the master's QUIT, and killing the
         master alone would leave it behind, busy, for the rest of the suite. Kill the master and its
         children, and say so: a worker that does not come back to its event loop is a bug to find."""
-        children = nginx_children(master)
         print(
-            f"nginx under {self.home} did not quit in 10 s; killing master {master} and {children}",
+            f"nginx under {self.home} did not quit in 10 s; killing master {master} and"
+            f" {nginx_children(master)}",
             file=sys.stderr,
         )
-        for pid in (master, *children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        sigkill_nginx(master)
 
     def __enter__(self) -> Gateway:
         try:
