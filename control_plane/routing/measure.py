@@ -13,6 +13,10 @@ from control_plane.health.tracker import classify
 
 MAX_SAMPLES = 2000  # per (model, instance)
 MIN_LATENCY_SAMPLES = 3  # successful answers before a median is shown
+# Answers an instance keeps past the window's horizon when the window holds fewer: an instance its weight
+# starves (1-2 % of traffic) sees a handful per window, and forgetting its latency or its failures made it
+# "unmeasured" again, worth the median weight, and the weights swung back and forth (a reload each time).
+MIN_KEPT = 20
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class Windows:
         if not window:
             return Stats(0, 0, None)
         horizon = now - window_s
-        while window and window[0][0] < horizon:
+        while len(window) > MIN_KEPT and window[0][0] < horizon:
             window.popleft()
         ok = [ms for _, good, ms in window if good]
         p50 = statistics.median(ok) if len(ok) >= MIN_LATENCY_SAMPLES else None

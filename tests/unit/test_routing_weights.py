@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import statistics
 
 import pytest
 
@@ -14,7 +15,7 @@ from control_plane.registry.models import BreakerState, InstanceState, RoutingCo
 from control_plane.render.nginx import render
 from control_plane.render.spec import build_spec
 from control_plane.routing import weights as lw
-from control_plane.routing.measure import Windows
+from control_plane.routing.measure import MIN_KEPT, Windows
 from tests.unit.test_spec import SERVER, inst, pool_of, world
 
 Obs = lw.Observation
@@ -152,11 +153,25 @@ def test_windows_measure_per_model_and_instance() -> None:
     assert (a.requests, a.successes, a.p50_ms) == (5, 5, 102.0)
     b = w.stats("m", "b", 104, 60)
     assert (b.requests, b.successes, b.p50_ms) == (1, 0, None)
-    assert w.stats("m", "a", 200, 60).requests == 0  # aged out
+    # Past the horizon, the newest MIN_KEPT answers still count: thin traffic does not forget.
+    assert w.stats("m", "a", 200, 60) == a
     assert w.stats("other", "a", 104, 60).requests == 0
     for i in range(10):
         w.add("m", "b", 300 + i, True, 1.0)
     assert w.stats("m", "b", 310, 60).requests == 5  # bounded
+
+
+def test_windows_age_out_only_beyond_the_newest_kept_answers() -> None:
+    w = Windows()
+    for i in range(MIN_KEPT + 10):
+        w.add("m", "a", float(i), i % 2 == 0, float(i))
+    assert w.stats("m", "a", MIN_KEPT + 10.0, 1000).requests == MIN_KEPT + 10  # all within the window
+    later = w.stats("m", "a", 10_000.0, 60)  # all older than the window: the newest MIN_KEPT remain
+    assert (later.requests, later.successes) == (MIN_KEPT, MIN_KEPT // 2)
+    assert later.p50_ms == statistics.median(float(i) for i in range(10, MIN_KEPT + 10, 2))
+    for i in range(5):  # fresh answers in the window: the old ones beyond MIN_KEPT in all still go
+        w.add("m", "a", 10_000.0 + i, True, 1.0)
+    assert w.stats("m", "a", 10_005.0, 60).requests == MIN_KEPT
     w.forget({("m", "b")})
     assert w.stats("m", "a", 104, 60).requests == 0
 
