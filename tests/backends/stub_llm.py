@@ -61,7 +61,6 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -77,6 +76,8 @@ from types import TracebackType
 from typing import Any, Final
 
 from aiohttp import web
+
+from tests.ports import free_port
 
 MODES: Final = ("ok", "fail", "status", "stall", "slow", "die_mid_stream", "stall_mid_stream")
 REQUEST_LOG_SIZE: Final = 200
@@ -1236,12 +1237,6 @@ def main(argv: list[str] | None = None) -> None:
 _ROOT: Final = Path(__file__).resolve().parents[2]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class CIDict(dict[str, Any]):
     """dict with case-insensitive lookups (keys are stored lower-case)."""
 
@@ -1278,8 +1273,7 @@ class StubServer:
     ) -> None:
         self.name = name
         self.host = host
-        self._fixed_port = port is not None
-        self.port = port if port is not None else free_port(host)
+        self.port = port if port is not None else free_port()
         self.models = list(models) if models is not None else list(DEFAULT_MODELS)
         self.processes = processes
         self.startup_timeout = startup_timeout
@@ -1328,16 +1322,8 @@ class StubServer:
     def start(self) -> StubServer:
         if self.is_running():
             return self
-        attempts = 1 if self._fixed_port else 3
-        for attempt in range(attempts):
-            try:
-                self._spawn_and_wait()
-                return self
-            except RuntimeError:
-                if attempt == attempts - 1:
-                    raise
-                self.port = free_port(self.host)  # lost the race for the port; try another
-        return self  # pragma: no cover
+        self._spawn_and_wait()
+        return self
 
     def _spawn_and_wait(self) -> None:
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the subprocess
@@ -1401,7 +1387,6 @@ class StubServer:
         """Stop (if running) and start again on the same port; control state is reset."""
         if self.is_running():
             self.stop()
-        self._fixed_port = True
         return self.start()
 
     def __enter__(self) -> StubServer:

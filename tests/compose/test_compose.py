@@ -25,7 +25,7 @@ import pytest
 from tests import diagnostics
 from tests.backends.stub_llm import StubServer
 from tests.compose.conftest import ROOT, Engine
-from tests.integration.gateway import free_ports
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.compose
 

@@ -19,7 +19,7 @@ import pytest
 import testinfra
 
 from tests import diagnostics
-from tests.integration.gateway import free_ports
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "deploy-load-balancer.sh"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.deploy.conftest import SCRIPT, base_env, describe
-from tests.integration.gateway import free_ports
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.deploy
 

@@ -6,13 +6,14 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 
 def _pg_bin_dir() -> Path | None:
@@ -38,12 +39,6 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"PostgreSQL unavailable: {reason}")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """initdb + pg_ctl start on 127.0.0.1:<free port>; yields the admin URL (database ``postgres``)."""
@@ -67,7 +62,7 @@ def postgres_server() -> Iterator[str]:
         prefix = [runuser, "-u", "postgres", "--"]
     data = base / "data"
     log = base / "postgres.log"
-    port = _free_port()
+    port = free_port()
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120, check=False)

@@ -18,8 +18,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.backends.stub_llm import StubServer
 from tests.integration.conftest import start_stub
-from tests.integration.gateway import Gateway, free_port, wait_for
+from tests.integration.gateway import Gateway, wait_for
 from tests.integration.test_health_chaos import register
+from tests.ports import free_port
 
 
 class WebhookReceiver:

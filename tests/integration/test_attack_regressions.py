@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from tests.backends.stub_llm import StubServer
-from tests.integration.gateway import Gateway, free_ports, wait_for
+from tests.integration.gateway import Gateway, wait_for
+from tests.ports import free_ports
 from tests.tls_util import make_self_signed
 
 CHAT = "/v1/chat/completions"

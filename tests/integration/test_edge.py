@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.backends.stub_llm import StubServer
-from tests.integration.gateway import ROOT, Gateway, free_port
+from tests.integration.gateway import ROOT, Gateway
+from tests.ports import free_port
 from tests.tls_util import make_self_signed
 
 HS256_SECRET = "an-hs256-secret-for-tests-0123456789abcdef"

@@ -66,9 +66,12 @@ def test_a_key_without_rpm_limit_has_no_limit_and_limits_name_themselves(
     for name in ("ISHGW_LIMIT_CHAT_RPM", "ISHGW_LIMIT_EMBEDDINGS_RPM"):
         del gateway.env[name]  # unset, as on a default deploy: the class defaults bind anonymous traffic
     with gateway as gw:
-        assert gw.add_instance(
-            name="q", provider_type="ollama", api_base=stub.url, supported_models=["m"]
-        ).status_code == 201
+        assert (
+            gw.add_instance(
+                name="q", provider_type="ollama", api_base=stub.url, supported_models=["m"]
+            ).status_code
+            == 201
+        )
         created = gw.admin.post("/admin/keys", json={"name": "app"}).json()
         assert created["rpm_limit"] is None
         codes = [chat(gw, "m", created["key"]).status_code for _ in range(30)]

@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from tests.backends.stub_llm import StubServer
-from tests.integration.gateway import ROOT, Gateway, free_port, wait_for
+from tests.integration.gateway import ROOT, Gateway, wait_for
 from tests.integration.load import Load
 from tests.integration.test_health_chaos import register
+from tests.ports import free_port
 from tests.tls_util import make_self_signed
 
 COMPOSE = ROOT / "compose"

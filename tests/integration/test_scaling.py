@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from control_plane.scaling.command import Member, alive
-from tests.integration.gateway import ROOT, Gateway, free_ports, wait_for
+from tests.integration.gateway import ROOT, Gateway, wait_for
+from tests.ports import free_ports
 
 MODEL = "scaled"
 PY = sys.executable

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.backends.stub_llm import StubServer
-from tests.integration.gateway import Gateway, free_port
+from tests.integration.gateway import Gateway
+from tests.ports import free_port
 from tests.tls_util import make_self_signed
 
 CHAT = "/v1/chat/completions"

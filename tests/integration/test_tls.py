@@ -36,7 +36,8 @@ from control_plane import certs
 from control_plane.render.spec import ServerSettings
 from control_plane.settings import Settings
 from tests import diagnostics
-from tests.integration.gateway import ROOT, Gateway, free_port, wait_for
+from tests.integration.gateway import ROOT, Gateway, wait_for
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -695,7 +696,8 @@ def test_setup_again_keeps_the_certificate(tls_env: Env) -> None:
 
 @pytest.mark.deploy
 def test_deploy_warns_when_the_certificate_expires_within_14_days() -> None:
-    from tests.deploy.conftest import Deployment, describe, free_ports
+    from tests.deploy.conftest import Deployment, describe
+    from tests.ports import free_ports
 
     home = Path(tempfile.mkdtemp(prefix="ishgw-deploy-tls-", dir="/tmp"))
     (home / "ssl").mkdir()
