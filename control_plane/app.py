@@ -22,7 +22,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from control_plane import backup, jwt_keys
 from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
 from control_plane.alerts.view import BudgetWatch, state_view
-from control_plane.api import keys, status_page
+from control_plane.api import app_keys, status_page
 from control_plane.api.audit import AUDIT, address_filter_middleware, audit_middleware
 from control_plane.api.middleware import (
     AUTH_THROTTLE,
@@ -129,12 +129,12 @@ def acme_webroot(settings: Settings) -> Path:
 
 
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.HEALTH].context():
+    async for _ in app[app_keys.HEALTH].context():
         yield
 
 
 async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
-    reconciler = app[keys.RECONCILER]
+    reconciler = app[app_keys.RECONCILER]
     await reconciler.reconcile_now()  # adopts what runs when the checksum matches: no reload
     tasks = [
         asyncio.create_task(reconciler.run(), name="reconciler"),
@@ -149,22 +149,22 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _scaling_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.SCALING].context():
+    async for _ in app[app_keys.SCALING].context():
         yield
 
 
 async def _weights_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.WEIGHTS].context():
+    async for _ in app[app_keys.WEIGHTS].context():
         yield
 
 
 async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.USAGE_DRAIN].context():
+    async for _ in app[app_keys.USAGE_DRAIN].context():
         yield
 
 
 async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.ALERTS].context():
+    async for _ in app[app_keys.ALERTS].context():
         yield
 
 
@@ -191,7 +191,7 @@ def alert_config(settings: Settings) -> AlertConfig:
 
 
 async def _backup_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
+    settings = app[app_keys.SETTINGS]
     task = None
     if settings.backup_interval_h:
         task = asyncio.create_task(backup.run_periodic(settings), name="backup")
@@ -272,12 +272,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         limit=settings.admin_auth_failure_limit, window_s=settings.admin_auth_failure_window_s
     )
     app[AUDIT] = AuditLog(store, settings.audit_keep)
-    app[keys.SETTINGS] = settings
-    app[keys.STORE] = store
-    app[keys.ADMIN_KEY] = admin_key(settings)
+    app[app_keys.SETTINGS] = settings
+    app[app_keys.STORE] = store
+    app[app_keys.ADMIN_KEY] = admin_key(settings)
     reconciler = Reconciler(store, nginx, server, metrics, timing, settings.secret_policy())
-    app[keys.RECONCILER] = reconciler
-    app[keys.HEALTH] = HealthService(
+    app[app_keys.RECONCILER] = reconciler
+    app[app_keys.HEALTH] = HealthService(
         store,
         reconciler,
         settings.log_address,
@@ -286,9 +286,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         log_group=workers.gid,
         max_retry_after_s=settings.max_retry_after_s,
     )
-    app[keys.WEIGHTS] = WeightsService(reconciler, metrics)
-    app[keys.HEALTH].log_observers.append(app[keys.WEIGHTS].on_log)
-    app[keys.USAGE_DRAIN] = UsageDrain(
+    app[app_keys.WEIGHTS] = WeightsService(reconciler, metrics)
+    app[app_keys.HEALTH].log_observers.append(app[app_keys.WEIGHTS].on_log)
+    app[app_keys.USAGE_DRAIN] = UsageDrain(
         server.usage_socket,
         UsageStore(store),
         metrics,
@@ -296,7 +296,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         settings.usage_minute_retention_h,
         settings.usage_day_retention_d,
     )
-    health = app[keys.HEALTH]
+    health = app[app_keys.HEALTH]
     scaling = ScalingService(
         ScalingStore(store),
         store,
@@ -308,20 +308,20 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         metrics.registry,
     )
     health.log_observers.append(scaling.on_log)
-    app[keys.SCALING] = scaling
-    app[keys.USAGE_DRAIN].observers.append(app[keys.HEALTH].on_usage)  # instances' max_tpm
+    app[app_keys.SCALING] = scaling
+    app[app_keys.USAGE_DRAIN].observers.append(app[app_keys.HEALTH].on_usage)  # instances' max_tpm
     setup_routes(app)
-    tracker, warn_days = app[keys.HEALTH].tracker, settings.alert_certificate_days
+    tracker, warn_days = app[app_keys.HEALTH].tracker, settings.alert_certificate_days
     budgets = BudgetWatch(ClientKeyStore(store), UsageStore(store))
-    app[keys.ALERTS] = AlertService(
+    app[app_keys.ALERTS] = AlertService(
         alert_config(settings),
         lambda: state_view(tracker, reconciler, server.tls_cert, warn_days, time.time(), budgets.current),
         metrics.registry,
     )
     stub = StubReader(stub_status_url(server))
-    metrics.registry.register(StateCollector(app[keys.HEALTH].tracker, server.tls_cert, stub))
+    metrics.registry.register(StateCollector(app[app_keys.HEALTH].tracker, server.tls_cert, stub))
     setup_status_page(app, settings.admin_session_ttl_s)
-    app[status_page.RECENT_ALERTS] = app[keys.ALERTS].recent
+    app[status_page.RECENT_ALERTS] = app[app_keys.ALERTS].recent
     app.router.add_get("/metrics", metrics_handler(metrics.registry, stub))
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from control_plane.api.app_keys import ALERTS
 from control_plane.api.audit import _int_query
-from control_plane.api.keys import ALERTS
 
 
 async def list_alerts(request: web.Request) -> web.Response:

@@ -20,8 +20,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from control_plane.api import paging
+from control_plane.api.app_keys import SETTINGS
 from control_plane.api.client_keys import AUDIT_TARGET
-from control_plane.api.keys import SETTINGS
 from control_plane.api.middleware import AUTH_FAILED, presented_key
 from control_plane.errors import InvalidInput
 from control_plane.registry.audit import AuditEntry, AuditLog

@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from control_plane.api import paging
+from control_plane.api.app_keys import STORE
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.bodies import read_object, validate_strict
-from control_plane.api.keys import STORE
 from control_plane.errors import InvalidInput
 from control_plane.registry.client_keys import (
     UPDATABLE_KEY_FIELDS,

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from pydantic import ValidationError
 
-from control_plane.api.keys import ADMIN_KEY
+from control_plane.api.app_keys import ADMIN_KEY
 from control_plane.api.sessions import COOKIE, SESSIONS, cookie_may_authorize
 from control_plane.errors import Conflict, InvalidInput, NotFound
 

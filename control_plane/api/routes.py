@@ -25,9 +25,9 @@ from control_plane.api import client_keys as keys_api
 from control_plane.api import paging, routing_api, status_page
 from control_plane.api import scaling as scaling_api
 from control_plane.api import usage as usage_api
+from control_plane.api.app_keys import HEALTH, RECONCILER, SETTINGS, STORE, WEIGHTS
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.bodies import JSON_TYPES, read_json, read_object, validate_strict
-from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE, WEIGHTS
 from control_plane.api.middleware import ApiError, install_auth_state, validation_details
 from control_plane.api.openapi import build_openapi
 from control_plane.errors import InvalidInput, ReloadFailed

@@ -8,8 +8,8 @@ import asyncio
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
+from control_plane.api.app_keys import RECONCILER, STORE
 from control_plane.api.bodies import read_object, validate_strict
-from control_plane.api.keys import RECONCILER, STORE
 from control_plane.api.middleware import ApiError
 from control_plane.providers import ApiFamily, Kind
 from control_plane.registry.models import ModelName

@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
+from control_plane.api.app_keys import SCALING
 from control_plane.api.bodies import read_object, validate_strict
-from control_plane.api.keys import SCALING
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.registry import validators as v
 from control_plane.scaling.model import ScalingGroup

@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
-from control_plane.api.keys import ADMIN_KEY, HEALTH, RECONCILER, SETTINGS, STORE
+from control_plane.api.app_keys import ADMIN_KEY, HEALTH, RECONCILER, SETTINGS, STORE
 from control_plane.api.middleware import AUTH_FAILED, AUTH_THROTTLE, ApiError, key_matches
 from control_plane.api.sessions import COOKIE, SESSIONS, Sessions, same_origin, set_session_cookie
 from control_plane.errors import InvalidInput

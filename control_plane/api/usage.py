@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
+from control_plane.api.app_keys import STORE
 from control_plane.api.client_keys import _key_id, _keys
-from control_plane.api.keys import STORE
 from control_plane.errors import InvalidInput
 from control_plane.registry import validators as v
 from control_plane.registry.client_keys import ClientKey, check_key_id

@@ -12,7 +12,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from control_plane.api.keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
+from control_plane.api.app_keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
 from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
 from control_plane.api.openapi import build_openapi
 from control_plane.api.routes import NAME_PARAM, ROUTES, setup_routes

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 
 from control_plane import jwt_keys
 from control_plane.admin_tls import AdminTlsError, admin_ssl_context
+from control_plane.api.app_keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
 from control_plane.api.audit import AUDIT, address_allowed, address_filter_middleware, audit_middleware
-from control_plane.api.keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
 from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
 from control_plane.api.routes import setup_routes
 from control_plane.edge_settings import EdgeSettings, edge_policy

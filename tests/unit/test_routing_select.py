@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from control_plane.api.keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
+from control_plane.api.app_keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
 from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
 from control_plane.api.routes import setup_routes
 from control_plane.providers import ApiFamily, Kind

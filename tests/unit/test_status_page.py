@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from control_plane.api.keys import ADMIN_KEY
+from control_plane.api.app_keys import ADMIN_KEY
 from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
 from control_plane.api.sessions import (
     COOKIE,
