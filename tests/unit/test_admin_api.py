@@ -4,6 +4,7 @@ recording reconciler."""
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +14,16 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
 
 from control_plane.api.admin import AdminDeps, create_admin_app
+from control_plane.api.app_keys import ADMIN_KEY, STORE
 from control_plane.api.auth import AuthThrottle
 from control_plane.api.instances import NAME_PARAM
 from control_plane.api.openapi import build_openapi
 from control_plane.api.routes import ROUTES
 from control_plane.api.status_page import BROWSER_ROUTES
+from control_plane.app import create_app
 from control_plane.reconciler import ReconcileResult
 from control_plane.registry.models import InstanceConfig, InstanceState, OperatorStatus, RoutingConfig
 from control_plane.registry.store import Store
@@ -653,3 +657,27 @@ def test_openapi_schemas_accept_what_the_api_returns() -> None:
     jsonschema.validate(cfg, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**cfg, "name": "bad;name"}, schema)
+
+
+# -- the controller's factory ----------------------------------------------------------------------------
+
+
+async def test_building_the_controller_writes_nothing_and_its_startup_prepares_home(tmp_path: Path) -> None:
+    """create_app builds the admin app through create_admin_app and touches no file; the first cleanup
+    context does the startup effects (directories, migrations, the registry key, the admin key file)."""
+    settings = Settings(home=tmp_path / "h", db_url="sqlite://")
+    app = create_app(settings, CollectorRegistry())
+    assert list(tmp_path.iterdir()) == [] and ADMIN_KEY not in app
+    startup = app.cleanup_ctx[0](app)
+    await anext(startup)
+    try:
+        assert stat.S_IMODE(settings.home.stat().st_mode) == 0o711
+        assert stat.S_IMODE((settings.home / "secrets").stat().st_mode) == 0o700
+        assert stat.S_IMODE(settings.admin_key_file.stat().st_mode) == 0o600
+        assert app[ADMIN_KEY] == settings.admin_key_file.read_text().strip()
+        assert settings.registry_key_path.is_file() and (settings.nginx_dir / "generations").is_dir()
+        assert app[STORE].generation() == 0 and app[STORE].list_instances() == []  # migrated
+    finally:
+        with pytest.raises(StopAsyncIteration):
+            await anext(startup)
+        app[STORE].close()
