@@ -175,4 +175,3 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     throttle.record_failure(client)
     request[AUTH_FAILED] = True
     return _unauthorized()
-
