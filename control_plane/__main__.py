@@ -23,10 +23,11 @@ def main() -> None:
     try:
         ssl_context = admin_ssl_context(settings)
         app = create_app(settings)
+        # Startup (the app's first cleanup context) opens the registry: RegistryKeyError comes from there.
+        web.run_app(app, host=host, port=port, access_log=None, print=None, ssl_context=ssl_context)
     except (AdminTlsError, JwtConfigError, RegistryKeyError) as exc:
         logging.getLogger("control_plane").error("refusing to start: %s", exc)
         sys.exit(2)
-    web.run_app(app, host=host, port=port, access_log=None, print=None, ssl_context=ssl_context)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""create_app(settings) -> the controller: admin API, reconcile loop, health, metrics.
+"""create_app(settings) -> the controller: admin API (control_plane.api.admin), reconcile loop, health,
+metrics.
 
-Effects start in cleanup_ctx."""
+Effects start in cleanup_ctx: building the application writes nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import resource
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -22,17 +23,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from control_plane import backup, jwt_keys
 from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
 from control_plane.alerts.view import BudgetWatch, state_view
-from control_plane.api import keys, status_page
-from control_plane.api.audit import AUDIT, address_filter_middleware, audit_middleware
-from control_plane.api.middleware import (
-    AUTH_THROTTLE,
-    AuthThrottle,
-    auth_middleware,
-    body_limit_middleware,
-    error_middleware,
-)
-from control_plane.api.routes import setup_routes
-from control_plane.api.status_page import setup_status_page
+from control_plane.api import app_keys
+from control_plane.api.admin import AdminDeps, create_admin_app
 from control_plane.edge_settings import edge_policy
 from control_plane.health.service import HealthService
 from control_plane.local_access import Workers, nginx_workers, prepare_socket_dir
@@ -54,6 +46,8 @@ from control_plane.state_metrics import StateCollector, StubReader
 from control_plane.usage.drain import UsageDrain
 
 log = logging.getLogger(__name__)
+
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
 
 def write_secret_file(path: Path, value: str) -> None:
@@ -129,12 +123,12 @@ def acme_webroot(settings: Settings) -> Path:
 
 
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.HEALTH].context():
+    async for _ in app[app_keys.HEALTH].context():
         yield
 
 
 async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
-    reconciler = app[keys.RECONCILER]
+    reconciler = app[app_keys.RECONCILER]
     await reconciler.reconcile_now()  # adopts what runs when the checksum matches: no reload
     tasks = [
         asyncio.create_task(reconciler.run(), name="reconciler"),
@@ -149,22 +143,22 @@ async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _scaling_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.SCALING].context():
+    async for _ in app[app_keys.SCALING].context():
         yield
 
 
 async def _weights_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.WEIGHTS].context():
+    async for _ in app[app_keys.WEIGHTS].context():
         yield
 
 
 async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.USAGE_DRAIN].context():
+    async for _ in app[app_keys.USAGE_DRAIN].context():
         yield
 
 
 async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in app[keys.ALERTS].context():
+    async for _ in app[app_keys.ALERTS].context():
         yield
 
 
@@ -191,7 +185,7 @@ def alert_config(settings: Settings) -> AlertConfig:
 
 
 async def _backup_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
+    settings = app[app_keys.SETTINGS]
     task = None
     if settings.backup_interval_h:
         task = asyncio.create_task(backup.run_periodic(settings), name="backup")
@@ -228,29 +222,48 @@ def metrics_handler(registry: CollectorRegistry, stub: StubReader) -> Handler:
     return handler
 
 
-def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
-    # Traversable but not listable: nginx workers (an unprivileged user) pass through home to run/, which
-    # only they and the controller may traverse (local_access); everything secret below home (secrets/, the
-    # database, generations/) is 0600/0700 on its own.
+def prepare_home(settings: Settings, workers: Workers) -> None:
+    """The directories under home, each with its mode. Traversable but not listable: nginx workers (an
+    unprivileged user) pass through home to run/, which only they and the controller may traverse
+    (local_access); everything secret below home (secrets/, the database, generations/) is 0600/0700 on its
+    own."""
     settings.home.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.home, 0o711)
-    workers = nginx_workers(settings.nginx_user)
     prepare_socket_dir(settings.sockets_dir, workers.gid)
     prepare_secret_dirs(settings)
     (acme_webroot(settings) / ".well-known" / "acme-challenge").mkdir(parents=True, exist_ok=True)
+
+
+def _startup_ctx(workers: Workers, nginx: NginxProcess) -> CleanupContext:
+    """First of the application's contexts: the files and the database the others rely on. Refuses to start
+    (RegistryKeyError) without the key the provider keys were sealed with."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings, store = app[app_keys.SETTINGS], app[app_keys.STORE]
+        prepare_home(settings, workers)
+        store.migrate()
+        # Provider keys sealed at rest (RegistryKeyError: no start without the key they were sealed with).
+        store.attach_sealer(registry_sealer(settings.registry_key_path, store.registry_key_id()))
+        nginx.prepare()
+        app[app_keys.ADMIN_KEY] = admin_key(settings)
+        yield
+
+    return context
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
+    """The controller's application. Building it starts nothing and writes nothing (but the SQLite file the
+    store opens); the effects run in its cleanup contexts, in order, when it starts."""
+    workers = nginx_workers(settings.nginx_user)
     server = server_settings(settings, workers)
     if not settings.auth_required:
         log.warning("ISHGW_AUTH_REQUIRED=false: the data plane serves clients without an API key")
     jwt_keys.load(server.edge.jwt_files)  # refuse to start with unusable JWT key files (JwtConfigError)
     store = Store(settings.database_url)
-    store.migrate()
-    # Provider keys sealed at rest (RegistryKeyError: refuse to start without the key they were sealed with).
-    store.attach_sealer(registry_sealer(settings.registry_key_path, store.registry_key_id()))
     metrics = GatewayMetrics(registry or CollectorRegistry(), settings.metrics_key_label)
     nginx = NginxProcess(
         settings.nginx_dir, settings.nginx_binary, settings.generations_kept, run_dir=settings.sockets_dir
     )
-    nginx.prepare()
     timing = ReconcileTiming(
         debounce_s=settings.reconcile_debounce_s,
         max_wait_s=settings.reconcile_max_wait_s,
@@ -258,26 +271,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         resync_interval_s=settings.resync_interval_s,
         generation_poll_s=settings.generation_poll_s,
     )
-    # The audit middleware wraps authentication: it records refused admin keys as well as changes.
-    app = web.Application(
-        middlewares=[
-            error_middleware,
-            body_limit_middleware(settings.admin_max_body_mb * 2**20),
-            address_filter_middleware,
-            audit_middleware,
-            auth_middleware,
-        ],
-    )
-    app[AUTH_THROTTLE] = AuthThrottle(
-        limit=settings.admin_auth_failure_limit, window_s=settings.admin_auth_failure_window_s
-    )
-    app[AUDIT] = AuditLog(store, settings.audit_keep)
-    app[keys.SETTINGS] = settings
-    app[keys.STORE] = store
-    app[keys.ADMIN_KEY] = admin_key(settings)
     reconciler = Reconciler(store, nginx, server, metrics, timing, settings.secret_policy())
-    app[keys.RECONCILER] = reconciler
-    app[keys.HEALTH] = HealthService(
+    health = HealthService(
         store,
         reconciler,
         settings.log_address,
@@ -286,9 +281,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         log_group=workers.gid,
         max_retry_after_s=settings.max_retry_after_s,
     )
-    app[keys.WEIGHTS] = WeightsService(reconciler, metrics)
-    app[keys.HEALTH].log_observers.append(app[keys.WEIGHTS].on_log)
-    app[keys.USAGE_DRAIN] = UsageDrain(
+    weights = WeightsService(reconciler, metrics)
+    health.log_observers.append(weights.on_log)
+    usage_drain = UsageDrain(
         server.usage_socket,
         UsageStore(store),
         metrics,
@@ -296,7 +291,6 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         settings.usage_minute_retention_h,
         settings.usage_day_retention_d,
     )
-    health = app[keys.HEALTH]
     scaling = ScalingService(
         ScalingStore(store),
         store,
@@ -308,21 +302,32 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         metrics.registry,
     )
     health.log_observers.append(scaling.on_log)
-    app[keys.SCALING] = scaling
-    app[keys.USAGE_DRAIN].observers.append(app[keys.HEALTH].on_usage)  # instances' max_tpm
-    setup_routes(app)
-    tracker, warn_days = app[keys.HEALTH].tracker, settings.alert_certificate_days
+    usage_drain.observers.append(health.on_usage)  # instances' max_tpm
+    tracker, warn_days = health.tracker, settings.alert_certificate_days
     budgets = BudgetWatch(ClientKeyStore(store), UsageStore(store))
-    app[keys.ALERTS] = AlertService(
+    alerts = AlertService(
         alert_config(settings),
         lambda: state_view(tracker, reconciler, server.tls_cert, warn_days, time.time(), budgets.current),
         metrics.registry,
     )
     stub = StubReader(stub_status_url(server))
-    metrics.registry.register(StateCollector(app[keys.HEALTH].tracker, server.tls_cert, stub))
-    setup_status_page(app, settings.admin_session_ttl_s)
-    app[status_page.RECENT_ALERTS] = app[keys.ALERTS].recent
+    metrics.registry.register(StateCollector(health.tracker, server.tls_cert, stub))
+    app = create_admin_app(
+        AdminDeps(
+            settings=settings,
+            store=store,
+            reconciler=reconciler,
+            admin_key=None,  # read or created by _startup_ctx
+            health=health,
+            weights=weights,
+            usage_drain=usage_drain,
+            scaling=scaling,
+            alerts=alerts,
+            audit=AuditLog(store, settings.audit_keep),
+        )
+    )
     app.router.add_get("/metrics", metrics_handler(metrics.registry, stub))
+    app.cleanup_ctx.append(_startup_ctx(workers, nginx))  # first: files and migrations the rest rely on
     app.cleanup_ctx.append(_health_ctx)  # the log socket exists before nginx is told to write to it
     app.cleanup_ctx.append(_reconciler_ctx)
     app.cleanup_ctx.append(_scaling_ctx)  # after the reconciler: it applies through it

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from control_plane.api.audit import _int_query
-from control_plane.api.keys import ALERTS
+from control_plane.api.app_keys import ALERTS
+from control_plane.api.bodies import query_int
 
 
 async def list_alerts(request: web.Request) -> web.Response:
-    limit = _int_query(request, "limit", 50, 1, 200) or 50
+    limit = query_int(request, "limit", 50, 1, 200) or 50
     service = request.app[ALERTS]
     return web.json_response(
         {

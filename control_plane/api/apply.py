@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.api.keys import RECONCILER
+from control_plane.api.app_keys import RECONCILER
 from control_plane.errors import InvalidInput
 
 APPLY_TIMEOUT_S = 30.0

@@ -1,5 +1,5 @@
-"""Admin API hardening: an address filter, and an audit trail of every change (who, what, when) and of
-every refused admin key (from where, when).
+"""The admin API's audit trail: every change (who, what, when) and every refused admin key (from where,
+when), and GET /admin/audit.
 
 The audit entry names the admin key by a fingerprint (first 12 hex digits of its sha256) and the client
 address; the target is a name or id, never a body. Entries go to the ``audit_log`` table and to the
@@ -9,9 +9,7 @@ controller log.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
-import ipaddress
 import json
 import logging
 from datetime import UTC, datetime
@@ -20,50 +18,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from control_plane.api import paging
-from control_plane.api.client_keys import AUDIT_TARGET
-from control_plane.api.keys import SETTINGS
-from control_plane.api.middleware import AUTH_FAILED, presented_key
-from control_plane.errors import InvalidInput
+from control_plane.api.app_keys import AUDIT_TARGET
+from control_plane.api.auth import AUTH_FAILED, presented_key
+from control_plane.api.bodies import invalid, query_int
 from control_plane.registry.audit import AuditEntry, AuditLog
 
 log = logging.getLogger("control_plane.audit")
 
 AUDIT = web.AppKey("audit", AuditLog)
 CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-# -- address filter --------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
-
-
-def address_allowed(remote: str | None, allow: tuple[str, ...], deny: tuple[str, ...]) -> bool:
-    """Deny wins; an empty allow list allows every address that is not denied."""
-    try:
-        address = ipaddress.ip_address((remote or "").split("%", 1)[0])
-    except ValueError:
-        return not allow and not deny
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if any(address in net for net in _networks(deny)):
-        return False
-    return not allow or any(address in net for net in _networks(allow))
-
-
-@web.middleware
-async def address_filter_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """ISHGW_ADMIN_IP_ALLOW / ISHGW_ADMIN_IP_DENY for every route of the admin listener."""
-    settings = request.app[SETTINGS]
-    if not address_allowed(request.remote, tuple(settings.admin_ip_allow), tuple(settings.admin_ip_deny)):
-        return web.json_response({"error": "forbidden", "detail": "address not allowed"}, status=403)
-    return await handler(request)
-
-
-# -- audit -----------------------------------------------------------------------------------------------
 
 
 def fingerprint(key: str | None) -> str:
@@ -135,23 +98,10 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-def _int_query(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise InvalidInput([{"field": name, "message": f"must be an integer {low}-{high}"}])
-    return value
-
-
 async def list_audit(request: web.Request) -> web.Response:
     """Newest first; ``before`` (an entry id) or ``cursor`` (an answer's ``next_cursor``) pages back."""
-    limit = _int_query(request, "limit", 100, 1, 1000) or 100
-    before = _int_query(request, "before", None, 1, 2**62)
+    limit = query_int(request, "limit", 100, 1, 1000) or 100
+    before = query_int(request, "before", None, 1, 2**62)
     if "cursor" in request.query:
         before = _cursor_id(request.query["cursor"])
     audit = request.app.get(AUDIT)
@@ -164,5 +114,5 @@ async def list_audit(request: web.Request) -> web.Response:
 def _cursor_id(cursor: str) -> int:
     text = paging.decode_cursor(cursor)
     if not text.isdigit() or not 1 <= int(text) <= 2**62:
-        raise InvalidInput([{"field": "cursor", "message": "is not a cursor this API returned"}])
+        raise invalid("cursor", "is not a cursor this API returned")
     return int(text)

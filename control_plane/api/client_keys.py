@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from control_plane.api import paging
+from control_plane.api.app_keys import AUDIT_TARGET, STORE
 from control_plane.api.apply import answer_applied, wants_wait
-from control_plane.api.bodies import read_object, validate_strict
-from control_plane.api.keys import STORE
+from control_plane.api.bodies import invalid, read_object, run, validate_strict
 from control_plane.errors import InvalidInput
 from control_plane.registry.client_keys import (
     UPDATABLE_KEY_FIELDS,
@@ -23,23 +21,18 @@ from control_plane.registry.client_keys import (
 
 T = TypeVar("T")
 KEY_ID_PARAM = "{key_id}"
-AUDIT_TARGET = web.RequestKey("audit_target", str)  # what the audit log names as the change's target
 
 
-async def _run(fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.to_thread(fn, *args)
-
-
-def _keys(request: web.Request) -> ClientKeyStore:
+def client_keys(request: web.Request) -> ClientKeyStore:
     return ClientKeyStore(request.app[STORE])
 
 
-def _key_id(request: web.Request) -> str:
+def key_id_of(request: web.Request) -> str:
     key_id = request.match_info["key_id"]
     try:
         check_key_id(key_id)
     except ValueError as exc:
-        raise InvalidInput([{"field": "key_id", "message": str(exc)}]) from None
+        raise invalid("key_id", str(exc)) from None
     request[AUDIT_TARGET] = key_id
     return key_id
 
@@ -51,7 +44,7 @@ def _target(request: web.Request, key: ClientKey) -> None:
 async def list_keys(request: web.Request) -> web.Response:
     """Sorted by id, paged (``limit``, ``cursor``; ``next_cursor`` in the answer)."""
     page = paging.page_of(request.query)
-    keys = sorted(await _run(_keys(request).list), key=lambda k: k.id)
+    keys = sorted(await run(client_keys(request).list), key=lambda k: k.id)
     chosen, cursor = paging.take(keys, lambda k: k.id, page)
     return web.json_response({"keys": [key.public() for key in chosen], "next_cursor": cursor})
 
@@ -59,7 +52,7 @@ async def list_keys(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     wait = wants_wait(request)
     settings = validate_strict(ClientKeySettings, await read_object(request))
-    key, secret = await _run(_keys(request).create, settings)
+    key, secret = await run(client_keys(request).create, settings)
     _target(request, key)
     return await answer_applied(
         request, f"client key {key.id} created", wait, {**key.public(), "key": secret}, 201
@@ -67,7 +60,7 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def get_key(request: web.Request) -> web.Response:
-    key = await _run(_keys(request).get, _key_id(request))
+    key = await run(client_keys(request).get, key_id_of(request))
     return web.json_response(key.public())
 
 
@@ -80,7 +73,7 @@ def _update(keys: ClientKeyStore, key_id: str, changes: dict[str, Any]) -> Clien
 
 async def update_key(request: web.Request) -> web.Response:
     """Partial update: the given fields replace the current ones; the secret never changes."""
-    key_id = _key_id(request)
+    key_id = key_id_of(request)
     wait = wants_wait(request)
     changes = await read_object(request)
     unknown = [
@@ -88,14 +81,14 @@ async def update_key(request: web.Request) -> web.Response:
     ]
     if unknown:
         raise InvalidInput(unknown)
-    key = await _run(_update, _keys(request), key_id, changes)
+    key = await run(_update, client_keys(request), key_id, changes)
     _target(request, key)
     return await answer_applied(request, f"client key {key.id} updated", wait, key.public(), 200)
 
 
 async def delete_key(request: web.Request) -> web.Response:
-    key_id = _key_id(request)
+    key_id = key_id_of(request)
     wait = wants_wait(request)
-    key = await _run(_keys(request).delete, key_id)
+    key = await run(client_keys(request).delete, key_id)
     _target(request, key)
     return await answer_applied(request, f"client key {key.id} deleted", wait, None, 204)

@@ -1,17 +1,33 @@
-"""OpenAPI 3.1 description of the admin API, with schemas generated from the pydantic models.
-
-Keep it in step with ``routes.ROUTES`` (a unit test compares both ways). Patterns come from the validators so
-the schema states the same allow-lists the API enforces.
+"""OpenAPI 3.1 description of the admin API: schemas generated from the pydantic models, paths generated
+from the route table (``routes.ROUTES``: each route carries its operation's description). Patterns come from
+the validators so the schema states the same allow-lists the API enforces.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from control_plane.api import paging
+from control_plane.api import openapi_edge, openapi_routing, openapi_scaling, paging
+from control_plane.api.openapi_common import (
+    JSON,
+    NEXT_CURSOR,
+    REF,
+    Route,
+    Schema,
+    error_responses,
+    json_content,
+    json_object,
+    nullable,
+    ok_response,
+    pattern_schema,
+    query_param,
+    ref,
+)
 from control_plane.health.probes import Outcome
 from control_plane.registry import importers
 from control_plane.registry import validators as v
@@ -23,33 +39,11 @@ from control_plane.registry.models import (
     StateUpdate,
 )
 
-Schema = dict[str, Any]
-
-REF = "#/components/schemas/{model}"
-JSON = "application/json"
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
 SECURITY_SCHEMES: Schema = {
     "AdminApiKey": {"type": "apiKey", "in": "header", "name": "X-Admin-API-Key"},
     "BearerAuth": {"type": "http", "scheme": "bearer", "description": "The admin API key as a bearer token"},
 }
-
-
-def _ref(name: str, kind: str = "schemas") -> Schema:
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _ecma(pattern: str) -> str:
-    """Python allow-list regexes as JSON Schema (ECMA 262) patterns."""
-    return pattern.removesuffix(r"\Z") + "$" if pattern.endswith(r"\Z") else pattern
-
-
-def _pattern(regex: Any, *, empty_ok: bool = False) -> Schema:
-    pattern = _ecma(regex.pattern)
-    return {"type": "string", "pattern": f"^$|{pattern}" if empty_ok else pattern}
-
-
-def _nullable(schema: Schema) -> Schema:
-    return {"anyOf": [schema, {"type": "null"}]}
 
 
 _LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -72,26 +66,26 @@ def _base_url(*, empty_ok: bool = False) -> Schema:
 
 def _tighten_instance_config(schema: Schema) -> None:
     props = schema["properties"]
-    props["name"].update(_pattern(v.NAME_RE))
-    secret = {"anyOf": [_pattern(v.SECRET_RE, empty_ok=True), _pattern(v.SECRET_REF_RE)]}
+    props["name"].update(pattern_schema(v.NAME_RE))
+    secret = {"anyOf": [pattern_schema(v.SECRET_RE, empty_ok=True), pattern_schema(v.SECRET_REF_RE)]}
     props["api_key"]["anyOf"] = [secret, {"type": "null"}]
-    props["api_version"]["anyOf"] = [_pattern(v.API_VERSION_RE, empty_ok=True), {"type": "null"}]
-    props["supported_models"]["items"] = _pattern(v.MODEL_RE)
-    props["model_deployments"]["propertyNames"] = _pattern(v.MODEL_RE)
-    props["model_deployments"]["additionalProperties"] = _pattern(v.DEPLOYMENT_RE)
-    props["tags"]["items"] = _pattern(v.TAG_RE)
+    props["api_version"]["anyOf"] = [pattern_schema(v.API_VERSION_RE, empty_ok=True), {"type": "null"}]
+    props["supported_models"]["items"] = pattern_schema(v.MODEL_RE)
+    props["model_deployments"]["propertyNames"] = pattern_schema(v.MODEL_RE)
+    props["model_deployments"]["additionalProperties"] = pattern_schema(v.DEPLOYMENT_RE)
+    props["tags"]["items"] = pattern_schema(v.TAG_RE)
     props["api_base"]["anyOf"] = [_base_url(empty_ok=True), {"type": "null"}]
 
 
 def _tighten_routing(schema: Schema) -> None:
     props = schema["properties"]
-    props["model_aliases"]["propertyNames"] = _pattern(v.MODEL_RE)
-    props["model_aliases"]["additionalProperties"] = _pattern(v.MODEL_RE)
-    props["strategies"]["propertyNames"] = _pattern(v.MODEL_RE)
-    props["session_header"].update(_pattern(v.HEADER_NAME_RE))
+    props["model_aliases"]["propertyNames"] = pattern_schema(v.MODEL_RE)
+    props["model_aliases"]["additionalProperties"] = pattern_schema(v.MODEL_RE)
+    props["strategies"]["propertyNames"] = pattern_schema(v.MODEL_RE)
+    props["session_header"].update(pattern_schema(v.HEADER_NAME_RE))
     if "fallbacks" in props:
-        props["fallbacks"]["propertyNames"] = _pattern(v.MODEL_RE)
-        props["fallbacks"]["additionalProperties"]["items"] = _pattern(v.MODEL_RE)
+        props["fallbacks"]["propertyNames"] = pattern_schema(v.MODEL_RE)
+        props["fallbacks"]["additionalProperties"]["items"] = pattern_schema(v.MODEL_RE)
 
 
 def _model_schemas() -> dict[str, Schema]:
@@ -123,18 +117,13 @@ def _patch_schema(config: Schema) -> Schema:
 # -- hand-written components -----------------------------------------------------------------------------
 
 
-def _object(properties: Schema, required: list[str] | None = None, *, extra: bool = False) -> Schema:
-    schema: Schema = {"type": "object", "properties": properties, "additionalProperties": extra}
-    if required:
-        schema["required"] = required
-    return schema
-
-
 def _error_schemas() -> dict[str, Schema]:
-    field_error = _object({"field": {"type": "string"}, "message": {"type": "string"}}, ["field", "message"])
+    field_error = json_object(
+        {"field": {"type": "string"}, "message": {"type": "string"}}, ["field", "message"]
+    )
     return {
-        "Error": _object({"error": {"type": "string"}, "detail": {"type": "string"}}, ["error"]),
-        "ValidationError": _object(
+        "Error": json_object({"error": {"type": "string"}, "detail": {"type": "string"}}, ["error"]),
+        "ValidationError": json_object(
             {"error": {"const": "invalid_input"}, "detail": {"type": "array", "items": field_error}},
             ["error", "detail"],
         ),
@@ -142,11 +131,11 @@ def _error_schemas() -> dict[str, Schema]:
 
 
 def _instance_schemas() -> dict[str, Schema]:
-    item = _object(
+    item = json_object(
         {
             "name": {"type": "string"},
-            "config": _ref("InstanceConfig"),
-            "state": _ref("InstanceState"),
+            "config": ref("InstanceConfig"),
+            "state": ref("InstanceState"),
         },
         ["name", "config", "state"],
     )
@@ -154,11 +143,11 @@ def _instance_schemas() -> dict[str, Schema]:
     return {
         "NewInstance": {
             "description": "A new instance's configuration; api_key must not be a masked value ('****...')",
-            "allOf": [_ref("InstanceConfig"), {"properties": {"api_key": unmasked}}],
+            "allOf": [ref("InstanceConfig"), {"properties": {"api_key": unmasked}}],
         },
         "Instance": item,
-        "InstanceList": _object(
-            {"instances": {"type": "array", "items": _ref("Instance")}, "next_cursor": NEXT_CURSOR},
+        "InstanceList": json_object(
+            {"instances": {"type": "array", "items": ref("Instance")}, "next_cursor": NEXT_CURSOR},
             ["instances"],
         ),
     }
@@ -177,7 +166,7 @@ def _migration_schemas() -> dict[str, Schema]:
         "minItems": 1,
         "uniqueItems": True,
         "description": "Instance names (given or derived from base_url) must be unique",
-        "items": _ref("OllamaInstance"),
+        "items": ref("OllamaInstance"),
     }
     providers = sorted({*(p.value for p in ProviderType), *importers.PROVIDER_ALIASES})
     legacy_config: Schema = {
@@ -187,12 +176,12 @@ def _migration_schemas() -> dict[str, Schema]:
         "required": ["provider_type"],
         "properties": {"provider_type": {"type": "string", "enum": providers}},
     }
-    legacy = _object(
+    legacy = json_object(
         {
             "instance_configs": {
                 "type": "object",
                 "minProperties": 1,
-                "propertyNames": _pattern(v.NAME_RE),
+                "propertyNames": pattern_schema(v.NAME_RE),
                 "additionalProperties": legacy_config,
             },
             "instance_states": {
@@ -206,9 +195,13 @@ def _migration_schemas() -> dict[str, Schema]:
     return {
         "OllamaInstance": ollama_item,
         "MigrationRequest": {
-            "oneOf": [legacy, _object({"ollama_instances": ollama_list}, ["ollama_instances"]), ollama_list]
+            "oneOf": [
+                legacy,
+                json_object({"ollama_instances": ollama_list}, ["ollama_instances"]),
+                ollama_list,
+            ]
         },
-        "MigrationResult": _object(
+        "MigrationResult": json_object(
             {"imported": {"type": "array", "items": {"type": "string"}}, "count": {"type": "integer"}},
             ["imported", "count"],
         ),
@@ -217,38 +210,38 @@ def _migration_schemas() -> dict[str, Schema]:
 
 def _document_schemas() -> dict[str, Schema]:
     return {
-        "ConfigDocument": _object(
+        "ConfigDocument": json_object(
             {
                 "version": {"const": 1},
-                "routing": _ref("RoutingConfig"),
-                "instances": {"type": "array", "items": _ref("InstanceConfig")},
+                "routing": ref("RoutingConfig"),
+                "instances": {"type": "array", "items": ref("InstanceConfig")},
             },
             ["version", "routing", "instances"],
         ),
-        "ImportDocument": _object(
+        "ImportDocument": json_object(
             {
                 "version": {"const": 1},
-                "routing": _nullable(_ref("RoutingConfig")),
+                "routing": nullable(ref("RoutingConfig")),
                 "instances": {
                     "type": "array",
                     "uniqueItems": True,
                     "description": "Names must be unique. A masked api_key keeps the existing instance's key "
                     "(none for a new one).",
-                    "items": _ref("InstanceConfig"),
+                    "items": ref("InstanceConfig"),
                 },
             },
             ["instances"],
         ),
-        "ImportResult": _object(
+        "ImportResult": json_object(
             {"imported": {"type": "integer"}, "generation": {"type": "integer"}}, ["imported", "generation"]
         ),
     }
 
 
 def _runtime_schemas() -> dict[str, Schema]:
-    counts = _object({"total": {"type": "integer"}, "enabled": {"type": "integer"}}, ["total", "enabled"])
+    counts = json_object({"total": {"type": "integer"}, "enabled": {"type": "integer"}}, ["total", "enabled"])
     return {
-        "Status": _object(
+        "Status": json_object(
             {
                 "generation": {"type": "integer", "description": "Configuration generation in the store"},
                 "instances": counts,
@@ -258,7 +251,7 @@ def _runtime_schemas() -> dict[str, Schema]:
             ["generation", "instances"],
             extra=True,
         ),
-        "ReloadResult": _object(
+        "ReloadResult": json_object(
             {
                 "ok": {"type": "boolean"},
                 "error": {"type": ["string", "null"]},
@@ -272,8 +265,8 @@ def _runtime_schemas() -> dict[str, Schema]:
             ["ok"],
             extra=True,
         ),
-        "Health": _object({"ok": {"const": True}}, ["ok"]),
-        "ProbeResult": _object(
+        "Health": json_object({"ok": {"const": True}}, ["ok"]),
+        "ProbeResult": json_object(
             {
                 "name": {"type": "string"},
                 "outcome": {"enum": [str(o) for o in Outcome]},
@@ -283,7 +276,7 @@ def _runtime_schemas() -> dict[str, Schema]:
             },
             ["name", "outcome", "detail", "latency_ms", "models"],
         ),
-        "InstanceHealth": _object(
+        "InstanceHealth": json_object(
             {
                 "name": {"type": "string"},
                 "health_status": {"enum": ["unknown", "healthy", "unhealthy"]},
@@ -312,40 +305,34 @@ def _schemas() -> dict[str, Schema]:
 # -- parameters and responses ----------------------------------------------------------------------------
 
 
-NEXT_CURSOR: Schema = {
-    "type": ["string", "null"],
-    "description": "Pass as cursor for the next page; null on the last page",
-}
 INSTANCE_FILTERS = ("FilterModel", "FilterProvider", "FilterStatus", "FilterTag")
-
-
-def _query(name: str, description: str, schema: Schema) -> Schema:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
 def paging_parameters() -> Schema:
     """limit, cursor and the instance filters (control_plane.api.paging)."""
     return {
-        "Limit": _query(
+        "Limit": query_param(
             "limit",
             "Items per page",
             {"type": "integer", "minimum": 1, "maximum": paging.MAX_LIMIT, "default": paging.DEFAULT_LIMIT},
         ),
-        "Cursor": _query(
+        "Cursor": query_param(
             "cursor",
             "next_cursor of the previous page",
             {"type": "string", "minLength": 1, "maxLength": paging.MAX_CURSOR_LEN},
         ),
-        "FilterModel": _query(
+        "FilterModel": query_param(
             "model",
             "Only instances serving this model",
             {"type": "string", "minLength": 1, "maxLength": paging.MAX_FILTER_LEN},
         ),
-        "FilterProvider": _query("provider", "Only this provider type", {"enum": sorted(paging.PROVIDERS)}),
-        "FilterStatus": _query(
+        "FilterProvider": query_param(
+            "provider", "Only this provider type", {"enum": sorted(paging.PROVIDERS)}
+        ),
+        "FilterStatus": query_param(
             "status", "Operator status or health status", {"enum": sorted(paging.STATUSES)}
         ),
-        "FilterTag": _query(
+        "FilterTag": query_param(
             "tag",
             "Only instances with this tag",
             {"type": "string", "minLength": 1, "maxLength": paging.MAX_FILTER_LEN},
@@ -356,7 +343,7 @@ def paging_parameters() -> Schema:
 def _parameters() -> Schema:
     mode = {"type": "string", "enum": ["merge", "replace"], "default": "merge"}
     return {
-        "InstanceName": {"name": "name", "in": "path", "required": True, "schema": _pattern(v.NAME_RE)},
+        "InstanceName": {"name": "name", "in": "path", "required": True, "schema": pattern_schema(v.NAME_RE)},
         "ImportMode": {
             "name": "mode",
             "in": "query",
@@ -383,12 +370,8 @@ def _parameters() -> Schema:
     }
 
 
-def _json(schema: Schema) -> Schema:
-    return {JSON: {"schema": schema}}
-
-
 def _error(description: str, schema: str = "Error", headers: Schema | None = None) -> Schema:
-    response: Schema = {"description": description, "content": _json(_ref(schema))}
+    response: Schema = {"description": description, "content": json_content(ref(schema))}
     if headers:
         response["headers"] = headers
     return response
@@ -413,7 +396,7 @@ def _responses() -> Schema:
         "Accepted": {
             "description": "Stored, but nginx does not serve it yet (?wait=false, or the reconcile failed: "
             "GET /admin/status); the usual answer's fields, plus these",
-            "content": _json(
+            "content": json_content(
                 {
                     "type": "object",
                     "required": ["applied", "detail"],
@@ -428,221 +411,40 @@ def _responses() -> Schema:
     }
 
 
-# -- operations ------------------------------------------------------------------------------------------
+# -- the parts of operations that need more than the shared helpers ------------------------------------
+
+INSTANCE_FILTER_PARAMS = tuple(ref(p, "parameters") for p in ("Limit", "Cursor", *INSTANCE_FILTERS))
 
 
-def _ok(description: str, schema: str, status: str = "200") -> Schema:
-    return {status: {"description": description, "content": _json(_ref(schema))}}
-
-
-def _errors(*codes: int) -> Schema:
-    names = {
-        400: "InvalidJson",
-        401: "Unauthorized",
-        404: "NotFound",
-        409: "Conflict",
-        413: "PayloadTooLarge",
-        415: "UnsupportedMediaType",
-        422: "InvalidInput",
-        429: "TooManyRequests",
-    }
-    return {str(code): _ref(names[code], "responses") for code in sorted({401, 429, *codes})}
-
-
-def _body(schema: str, description: str | None = None) -> Schema:
-    body: Schema = {"required": True, "content": _json(_ref(schema))}
-    if description:
-        body["description"] = description
-    return body
-
-
-BODY_ERRORS = (400, 413, 415, 422)
-
-
-def _op(op_id: str, summary: str, responses: Schema, **extra: Any) -> Schema:
-    return {"operationId": op_id, "summary": summary, "tags": ["admin"], "responses": responses, **extra}
-
-
-def _name_param() -> list[Schema]:
-    return [_ref("InstanceName", "parameters")]
-
-
-def _instance_paths() -> Schema:
-    return {
-        "/admin/instances": {
-            "get": _op(
-                "list_instances",
-                "List instances, by name, a page at a time (filters: model, provider, status, tag)",
-                {**_ok("One page of instances", "InstanceList"), **_errors(422)},
-                parameters=[_ref(p, "parameters") for p in ("Limit", "Cursor", *INSTANCE_FILTERS)],
-            ),
-            "post": _op(
-                "create_instance",
-                "Create an instance",
-                {**_ok("Created", "Instance", "201"), **_errors(409, *BODY_ERRORS)},
-                requestBody=_body("NewInstance"),
-            ),
-        },
-        "/admin/instances/migrate": {
-            "post": _op(
-                "migrate_instances",
-                "Import the legacy two-file format or an Ollama instance list",
-                {**_ok("Imported", "MigrationResult"), **_errors(409, *BODY_ERRORS)},
-                parameters=[_ref("ImportMode", "parameters")],
-                requestBody=_body("MigrationRequest"),
-            ),
-        },
-        "/admin/instances/{name}": {
-            "parameters": _name_param(),
-            "get": _op(
-                "get_instance", "One instance", {**_ok("The instance", "Instance"), **_errors(404, 422)}
-            ),
-            "delete": _op(
-                "delete_instance",
-                "Delete an instance and its state",
-                {"204": {"description": "Deleted"}, **_errors(404, 422)},
-            ),
-        },
-    }
-
-
-def _instance_detail_paths() -> Schema:
-    return {
-        "/admin/instances/{name}/config": {
-            "parameters": _name_param(),
-            "get": _op(
-                "get_instance_config",
-                "An instance's configuration (api_key masked)",
-                {**_ok("The configuration", "InstanceConfig"), **_errors(404, 422)},
-            ),
-            "put": _op(
-                "update_instance_config",
-                "Partially update an instance's configuration",
-                {**_ok("The updated configuration", "InstanceConfig"), **_errors(404, *BODY_ERRORS)},
-                requestBody=_body("InstanceConfigPatch"),
-            ),
-        },
-        "/admin/instances/{name}/check": {
-            "parameters": _name_param(),
-            "post": _op(
-                "check_instance",
-                "Probe the instance now",
-                {**_ok("The probe result", "ProbeResult"), **_errors(404, 422)},
-            ),
-        },
-        "/admin/instances/{name}/health": {
-            "parameters": _name_param(),
-            "get": _op(
-                "get_instance_health",
-                "Health verdicts and recent probe results",
-                {**_ok("Health", "InstanceHealth"), **_errors(404, 422)},
-            ),
-        },
-        "/admin/instances/{name}/state": {
-            "parameters": _name_param(),
-            "get": _op(
-                "get_instance_state",
-                "An instance's observed state",
-                {**_ok("The state", "InstanceState"), **_errors(404, 422)},
-            ),
-            "put": _op(
-                "put_instance_state",
-                "Set an instance's operator status",
-                {**_ok("The state", "InstanceState"), **_errors(404, *BODY_ERRORS)},
-                requestBody=_body("StateUpdate"),
-            ),
-        },
-    }
-
-
-def _import_body() -> Schema:
-    content = {media: {"schema": _ref("ImportDocument")} for media in (JSON, *YAML_TYPES)}
+def import_body() -> Schema:
+    content = {media: {"schema": ref("ImportDocument")} for media in (JSON, *YAML_TYPES)}
     return {"required": True, "content": content}
 
 
-def _config_paths() -> Schema:
-    export_content = {media: {"schema": _ref("ConfigDocument")} for media in (JSON, "application/yaml")}
-    legacy_pair = _object(
+def export_responses() -> Schema:
+    content = {media: {"schema": ref("ConfigDocument")} for media in (JSON, "application/yaml")}
+    legacy_pair = json_object(
         {
             name: {"type": "object", "additionalProperties": {"type": "object"}}
             for name in ("instance_configs", "instance_states")
         },
         ["instance_configs", "instance_states"],
     )
-    export_content[JSON] = {"schema": {"oneOf": [_ref("ConfigDocument"), legacy_pair]}}
-    return {
-        "/admin/config/export": {
-            "get": _op(
-                "export_config",
-                "Export the registry (api keys masked) as JSON or YAML",
-                {"200": {"description": "The document", "content": export_content}, **_errors(422)},
-                parameters=[_ref("ExportFormat", "parameters")],
-            ),
-        },
-        "/admin/config/import": {
-            "post": _op(
-                "import_config",
-                "Import a document exported by /admin/config/export",
-                {**_ok("Imported", "ImportResult"), **_errors(409, *BODY_ERRORS)},
-                parameters=[_ref("ImportMode", "parameters")],
-                requestBody=_import_body(),
-            ),
-        },
-        "/admin/routing": {
-            "get": _op(
-                "get_routing", "Routing configuration", {**_ok("Routing", "RoutingConfig"), **_errors()}
-            ),
-            "put": _op(
-                "put_routing",
-                "Replace the routing configuration",
-                {**_ok("Routing", "RoutingConfig"), **_errors(*BODY_ERRORS)},
-                requestBody=_body("RoutingConfig"),
-            ),
-        },
-    }
+    content[JSON] = {"schema": {"oneOf": [ref("ConfigDocument"), legacy_pair]}}
+    return {"200": {"description": "The document", "content": content}}
 
 
-def _runtime_paths() -> Schema:
-    public: Schema = {"security": []}
-    return {
-        "/admin/status": {
-            "get": _op(
-                "status",
-                "Controller and data-plane status; pools a page at a time (filter: model)",
-                {**_ok("Status", "Status"), **_errors(422)},
-                parameters=[_ref(p, "parameters") for p in ("Limit", "Cursor", "FilterModel")],
-            ),
-        },
-        "/admin/reload": {
-            "post": _op(
-                "reload",
-                "Render, test and reload nginx now",
-                {
-                    **_ok("Applied", "ReloadResult"),
-                    "409": {
-                        "description": "nginx rejected the candidate",
-                        "content": _json(_ref("ReloadResult")),
-                    },
-                    **{k: val for k, val in _errors().items() if k != "409"},
-                },
-            ),
-        },
-        "/admin/health": {
-            "get": _op("health", "Controller liveness", _ok("Alive", "Health"), **public),
-        },
-        "/admin/openapi.json": {
-            "get": _op(
-                "openapi",
-                "This document",
-                {"200": {"description": "OpenAPI 3.1", "content": _json({"type": "object"})}},
-                **public,
-            ),
-        },
-    }
+def reload_responses() -> Schema:
+    rejected = {"description": "nginx rejected the candidate", "content": json_content(ref("ReloadResult"))}
+    return {**ok_response("Applied", "ReloadResult"), "409": rejected}
 
 
-def _alert_paths() -> Schema:
-    alert = _object(
+def openapi_responses() -> Schema:
+    return {"200": {"description": "OpenAPI 3.1", "content": json_content({"type": "object"})}}
+
+
+def alerts_responses() -> Schema:
+    alert = json_object(
         {
             "id": {"type": "integer"},
             "at": {"type": "string", "format": "date-time"},
@@ -654,7 +456,7 @@ def _alert_paths() -> Schema:
         },
         ["id", "at", "state", "event", "subject", "text", "deliveries"],
     )
-    answer = _object(
+    answer = json_object(
         {
             "alerts": {"type": "array", "items": alert},
             "open": {"type": "array", "items": {"type": "string"}},
@@ -662,66 +464,62 @@ def _alert_paths() -> Schema:
         },
         ["alerts", "open", "receivers"],
     )
-    limit = {
+    return {"200": {"description": "Recent alerts", "content": json_content(answer)}}
+
+
+def alerts_limit() -> Schema:
+    return {
         "name": "limit",
         "in": "query",
         "required": False,
         "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
     }
-    return {
-        "/admin/alerts": {
-            "get": _op(
-                "list_alerts",
-                "The controller's recent alerts, newest first, with each receiver's delivery state",
-                {"200": {"description": "Recent alerts", "content": _json(answer)}, **_errors(422)},
-                parameters=[limit],
-            ),
-        },
-    }
 
 
-# Operations that change what nginx serves: they wait for it (control_plane/api/apply.py).
-APPLYING_OPERATIONS = frozenset(
-    {
-        "create_instance",
-        "migrate_instances",
-        "delete_instance",
-        "update_instance_config",
-        "put_instance_state",
-        "import_config",
-        "put_routing",
-        "create_key",
-        "update_key",
-        "delete_key",
-    }
-)
+# -- paths, generated from the route table ----------------------------------------------------------------
+
+# Path parameters by name, as aiohttp spells them in routes.ROUTES (a name may carry a regex there).
+PATH_PARAMS = {"name": "InstanceName", "key_id": "KeyId"}
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::(?:[^{}]|\{[^{}]*\})*)?\}")  # a regex may hold {} itself
 
 
-def _with_apply(paths: Schema) -> Schema:
-    for item in paths.values():
-        for operation in item.values():
-            if isinstance(operation, dict) and operation.get("operationId") in APPLYING_OPERATIONS:
-                operation["parameters"] = [*operation.get("parameters", []), _ref("Wait", "parameters")]
-                operation["responses"]["202"] = _ref("Accepted", "responses")
-    return paths
+def openapi_path(path: str) -> str:
+    """An aiohttp route path as an OpenAPI path: ``{name:regex}`` becomes ``{name}``."""
+    return _PLACEHOLDER.sub(lambda m: "{" + m[1] + "}", path)
 
 
-def build_openapi() -> dict[str, Any]:
-    """The OpenAPI 3.1 document for the admin API."""
-    from control_plane.api import (  # they build on the helpers above
-        openapi_edge,
-        openapi_routing,
-        openapi_scaling,
-    )
+def _operation(route: Route) -> Schema:
+    doc = route.doc
+    responses = {**doc.responses, **error_responses(*doc.errors, public=doc.public)}
+    params = list(doc.params)
+    if doc.applies:
+        params.append(ref("Wait", "parameters"))
+        responses["202"] = ref("Accepted", "responses")
+    operation: Schema = {"operationId": route.name, "summary": doc.summary, "tags": ["admin"]}
+    operation["responses"] = responses
+    if params:
+        operation["parameters"] = params
+    if doc.body is not None:
+        operation["requestBody"] = doc.body
+    if doc.public:
+        operation["security"] = []
+    return operation
 
-    paths: Schema = {}
-    parts = (_instance_paths, _instance_detail_paths, _config_paths, _runtime_paths, openapi_edge.paths)
-    for part in (*parts, openapi_scaling.paths):
-        paths.update(part())
-    paths.update(_alert_paths())
-    paths.update(_overview_paths())
-    paths.update(openapi_routing.paths())
-    paths = _with_apply(paths)
+
+def paths(routes: Iterable[Route]) -> Schema:
+    """One path item per route path, one operation per route; path parameters on the path item."""
+    items: Schema = {}
+    for route in routes:
+        path = openapi_path(route.path)
+        if path not in items:
+            names = _PLACEHOLDER.findall(route.path)
+            items[path] = {"parameters": [ref(PATH_PARAMS[n], "parameters") for n in names]} if names else {}
+        items[path][route.method.lower()] = _operation(route)
+    return items
+
+
+def build_openapi(routes: Iterable[Route]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for the admin API: ``routes`` (routes.ROUTES) give the paths."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -732,7 +530,7 @@ def build_openapi() -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"AdminApiKey": []}, {"BearerAuth": []}],
         "tags": [{"name": "admin"}],
-        "paths": paths,
+        "paths": paths(routes),
         "components": {
             "schemas": dict(
                 sorted(
@@ -752,23 +550,9 @@ def build_openapi() -> dict[str, Any]:
     }
 
 
-def _overview_paths() -> Schema:
-    return {
-        "/admin/overview": {
-            "get": _op(
-                "overview",
-                "What the status page (GET /) shows, as JSON: pools, instances and why they are out, "
-                "15-minute latency, requests/s, usage today, last reloads, recent alerts. Also readable "
-                "with the status page's session cookie.",
-                {**_ok("Overview", "Overview"), **_errors()},
-            ),
-        },
-    }
-
-
 def _overview_schemas() -> dict[str, Schema]:
     return {
-        "Overview": _object(
+        "Overview": json_object(
             {
                 "generated_at": {"type": "string", "format": "date-time"},
                 "refresh_s": {"type": "number"},

@@ -1,34 +1,14 @@
-"""OpenAPI parts for routing views (/admin/models); merged by build_openapi."""
+"""OpenAPI parts for routing views (/admin/models); schemas, merged by build_openapi."""
 
 from __future__ import annotations
 
-from control_plane.api.openapi import BODY_ERRORS, Schema, _body, _errors, _object, _ok, _op
+from control_plane.api.openapi_common import Schema, json_object
 from control_plane.providers import ApiFamily, Kind
 from control_plane.registry import validators as v
 
 
-def paths() -> Schema:
-    return {
-        "/admin/models": {
-            "get": _op(
-                "list_models",
-                "Every model served, by which instances, configured or discovered",
-                {**_ok("Models", "ModelList"), **_errors()},
-            ),
-        },
-        "/admin/select": {
-            "post": _op(
-                "select_instance",
-                "Where a request for a model would go now, and why",
-                {**_ok("The pool, its candidates and exclusions", "Selection"), **_errors(404, *BODY_ERRORS)},
-                requestBody=_body("SelectRequest"),
-            ),
-        },
-    }
-
-
 def schemas() -> dict[str, Schema]:
-    server = _object(
+    server = json_object(
         {
             "name": {"type": "string"},
             "source": {"type": "string", "enum": ["configured", "discovered"]},
@@ -39,12 +19,12 @@ def schemas() -> dict[str, Schema]:
         },
         ["name", "source", "available"],
     )
-    model = _object(
+    model = json_object(
         {"model": {"type": "string"}, "instances": {"type": "array", "items": server}}, ["model", "instances"]
     )
     return {
-        "ModelList": _object({"models": {"type": "array", "items": model}}, ["models"]),
-        "SelectRequest": _object(
+        "ModelList": json_object({"models": {"type": "array", "items": model}}, ["models"]),
+        "SelectRequest": json_object(
             {
                 "model": {"type": "string", "pattern": v.MODEL_RE.pattern},
                 "api": {"type": "string", "enum": [str(f) for f in ApiFamily], "default": "openai"},
@@ -58,7 +38,7 @@ def schemas() -> dict[str, Schema]:
 
 def _selection() -> Schema:
     share = {"type": "number", "minimum": 0, "maximum": 1}
-    candidate = _object(
+    candidate = json_object(
         {
             "name": {"type": "string"},
             "share": {**share, "description": "Expected share of traffic while every candidate answers"},
@@ -69,8 +49,8 @@ def _selection() -> Schema:
         },
         ["name", "share", "tier", "weight", "score", "reasons"],
     )
-    excluded = _object({"name": {"type": "string"}, "reason": {"type": "string"}}, ["name", "reason"])
-    return _object(
+    excluded = json_object({"name": {"type": "string"}, "reason": {"type": "string"}}, ["name", "reason"])
+    return json_object(
         {
             "model": {"type": "string", "description": "The resolved model (alias, spelling, fallback)"},
             "requested": {"type": "string"},

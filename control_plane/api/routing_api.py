@@ -1,5 +1,6 @@
-"""Admin API for what routing serves and why: GET /admin/models (every model, its instances, configured or
-discovered) and POST /admin/select (where a request for a model would go, explained)."""
+"""Admin API for routing: GET/PUT /admin/routing (aliases, strategies, fallbacks), and what routing serves
+and why: GET /admin/models (every model, its instances, configured or discovered) and POST /admin/select
+(where a request for a model would go, explained)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import asyncio
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from control_plane.api.bodies import read_object, validate_strict
-from control_plane.api.keys import RECONCILER, STORE
-from control_plane.api.middleware import ApiError
+from control_plane.api.app_keys import RECONCILER, STORE
+from control_plane.api.apply import answer_applied, wants_wait
+from control_plane.api.bodies import ApiError, read_json, read_object, validate_strict
 from control_plane.providers import ApiFamily, Kind
-from control_plane.registry.models import ModelName
+from control_plane.registry.models import ModelName, RoutingConfig
 from control_plane.routing.discovery import catalog
 from control_plane.routing.explain import select
 
@@ -44,3 +45,15 @@ async def select_instance(request: web.Request) -> web.Response:
     if answer is None:
         raise ApiError(404, "not_found", f"model {asked.model} is not served for {asked.api} {asked.kind}")
     return web.json_response(answer)
+
+
+async def get_routing(request: web.Request) -> web.Response:
+    routing = await asyncio.to_thread(request.app[STORE].get_routing)
+    return web.json_response(routing.model_dump(mode="json"))
+
+
+async def put_routing(request: web.Request) -> web.Response:
+    wait = wants_wait(request)
+    routing = validate_strict(RoutingConfig, await read_json(request))
+    await asyncio.to_thread(request.app[STORE].set_routing, routing)
+    return await answer_applied(request, "routing updated", wait, routing.model_dump(mode="json"), 200)

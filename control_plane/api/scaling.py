@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.api.bodies import read_object, validate_strict
-from control_plane.api.keys import SCALING
-from control_plane.errors import InvalidInput, NotFound
+from control_plane.api.app_keys import SCALING
+from control_plane.api.bodies import invalid, path_name, read_object, validate_strict
+from control_plane.errors import NotFound
 from control_plane.registry import validators as v
 from control_plane.scaling.model import ScalingGroup
 from control_plane.scaling.service import ScalingService
@@ -22,22 +22,11 @@ def _service(request: web.Request) -> ScalingService:
     return request.app[SCALING]
 
 
-def _invalid(field: str, message: str) -> InvalidInput:
-    return InvalidInput([{"field": field, "message": message}])
-
-
-def _name(request: web.Request) -> str:
-    try:
-        return v.check_name(request.match_info["name"])
-    except ValueError as exc:
-        raise _invalid("name", str(exc)) from None
-
-
 async def _group_body(request: web.Request) -> ScalingGroup:
     group = validate_strict(ScalingGroup, await read_object(request))
     refused = _service(request).driver.refusal(group)
     if refused:
-        raise _invalid("command.argv.0", refused)
+        raise invalid("command.argv.0", refused)
     return group
 
 
@@ -72,16 +61,16 @@ async def create_group(request: web.Request) -> web.Response:
 
 async def get_group(request: web.Request) -> web.Response:
     service = _service(request)
-    group = await _group(service, _name(request))
+    group = await _group(service, path_name(request))
     return web.json_response(_view(service, group, True))
 
 
 async def replace_group(request: web.Request) -> web.Response:
     service = _service(request)
-    name = _name(request)
+    name = path_name(request)
     group = await _group_body(request)
     if group.name != name:
-        raise _invalid("name", "must equal the name in the path (a group cannot be renamed)")
+        raise invalid("name", "must equal the name in the path (a group cannot be renamed)")
     await asyncio.to_thread(service.scaling.replace_group, group)
     return web.json_response(_view(service, group, False))
 
@@ -89,7 +78,7 @@ async def replace_group(request: web.Request) -> web.Response:
 async def delete_group(request: web.Request) -> web.Response:
     """The group goes at once; its members are drained and stopped by the autoscaler's next passes."""
     service = _service(request)
-    await asyncio.to_thread(service.scaling.delete_group, _name(request))
+    await asyncio.to_thread(service.scaling.delete_group, path_name(request))
     return web.Response(status=204)
 
 
@@ -98,7 +87,7 @@ def _int(request: web.Request, param: str, low: int, high: int, default: int | N
     if text is None:
         return default
     if not text.isdigit() or not low <= int(text) <= high:
-        raise _invalid(param, f"an integer from {low} to {high}")
+        raise invalid(param, f"an integer from {low} to {high}")
     return int(text)
 
 
@@ -109,7 +98,7 @@ async def list_events(request: web.Request) -> web.Response:
         try:
             v.check_name(group)
         except ValueError as exc:
-            raise _invalid("group", str(exc)) from None
+            raise invalid("group", str(exc)) from None
     limit = _int(request, "limit", 1, EVENTS_MAX, 100) or 100
     before = _int(request, "before", 1, 2**62, None)
     events = await asyncio.to_thread(service.scaling.events, group, limit, before)

@@ -17,11 +17,12 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
-from control_plane.api.keys import ADMIN_KEY, HEALTH, RECONCILER, SETTINGS, STORE
-from control_plane.api.middleware import AUTH_FAILED, AUTH_THROTTLE, ApiError, key_matches
+from control_plane.api.app_keys import ADMIN_KEY, HEALTH, RECONCILER, SETTINGS, STORE
+from control_plane.api.auth import AUTH_FAILED, AUTH_THROTTLE, key_matches
+from control_plane.api.bodies import ApiError, literal_keys, redact
 from control_plane.api.sessions import COOKIE, SESSIONS, Sessions, same_origin, set_session_cookie
 from control_plane.errors import InvalidInput
-from control_plane.registry.models import InstanceConfig, InstanceState, mask_secret
+from control_plane.registry.models import InstanceConfig, InstanceState
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
 from control_plane.status import model
@@ -94,19 +95,14 @@ def _usage_today(store: Store, now: float) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def _redact(text: str | None, secrets: list[str]) -> str | None:
-    if not text:
-        return text
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "****")
-    return text
-
-
 def _reloads(request: web.Request, pairs: list[tuple[InstanceConfig, InstanceState]]) -> list[dict[str, Any]]:
     """The reconciler's history, with any literal provider key in an error masked (as POST /admin/reload)."""
-    keys = [c.api_key for c, _ in pairs if c.api_key and mask_secret(c.api_key) != c.api_key]
+    keys = literal_keys(config for config, _ in pairs)
     history = request.app[RECONCILER].history
-    return [{**result.to_dict(), "error": _redact(result.error, keys)} for result in history]
+    return [
+        {**result.to_dict(), "error": redact(result.error, keys) if result.error else result.error}
+        for result in history
+    ]
 
 
 def _alerts(request: web.Request) -> list[dict[str, Any]] | None:

@@ -9,9 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.api.client_keys import _key_id, _keys
-from control_plane.api.keys import STORE
-from control_plane.errors import InvalidInput
+from control_plane.api.app_keys import STORE
+from control_plane.api.bodies import invalid
+from control_plane.api.client_keys import client_keys, key_id_of
 from control_plane.registry import validators as v
 from control_plane.registry.client_keys import ClientKey, check_key_id
 from control_plane.registry.usage import UsageStore
@@ -19,10 +19,6 @@ from control_plane.usage.limits import period_bounds
 from control_plane.usage.model import DAY_S, GROUPS, TOTALS, UsageQuery, csv_text
 
 DEFAULT_DAYS = 30
-
-
-def _invalid(field: str, message: str) -> InvalidInput:
-    return InvalidInput([{"field": field, "message": message}])
 
 
 LAST_T = 253_402_300_740  # 9999-12-31T23:59:00Z: times are kept within 1970-01-01 .. year 9999
@@ -42,7 +38,7 @@ def _instant(field: str, text: str, *, end: bool) -> int:
             at = at if at.tzinfo else at.replace(tzinfo=UTC)
         t = int(at.timestamp())
     except (ValueError, OverflowError):
-        raise _invalid(field, "a date (YYYY-MM-DD) or an ISO 8601 date-time") from None
+        raise invalid(field, "a date (YYYY-MM-DD) or an ISO 8601 date-time") from None
     t = min(max(t, 0), LAST_T)
     return t - t % 60
 
@@ -56,7 +52,7 @@ def _group_by(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [name for name in names if name not in GROUPS]
     if unknown or not names:
-        raise _invalid("group_by", f"one or more of {', '.join(GROUPS)} (comma separated)")
+        raise invalid("group_by", f"one or more of {', '.join(GROUPS)} (comma separated)")
     return names
 
 
@@ -67,7 +63,7 @@ def _checked(request: web.Request, field: str, check: Any) -> str | None:
     try:
         return str(check(value))
     except ValueError as exc:
-        raise _invalid(field, str(exc)) from None
+        raise invalid(field, str(exc)) from None
 
 
 def parse_query(request: web.Request, now: datetime) -> UsageQuery:
@@ -95,7 +91,7 @@ def _usage(request: web.Request) -> UsageStore:
 async def get_usage(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "csv"):
-        raise _invalid("format", "json or csv")
+        raise invalid("format", "json or csv")
     query = parse_query(request, datetime.now(UTC))
     rows = await asyncio.to_thread(_usage(request).query, query)
     if fmt == "csv":
@@ -135,7 +131,7 @@ def _budget(usage: UsageStore, key: ClientKey, now: datetime) -> dict[str, Any] 
 
 async def get_key_usage(request: web.Request) -> web.Response:
     """One key: today and this month (UTC), from the day buckets; its limits and the budget left."""
-    key = await asyncio.to_thread(_keys(request).get, _key_id(request))
+    key = await asyncio.to_thread(client_keys(request).get, key_id_of(request))
     now = datetime.now(UTC)
     today = int(now.timestamp()) // DAY_S * DAY_S
     month = int(datetime(now.year, now.month, 1, tzinfo=UTC).timestamp())

@@ -1,8 +1,11 @@
-"""Admin HTTP API against an in-memory store and a recording reconciler."""
+"""Admin HTTP API, built by create_admin_app as in production, against the real store (in-memory SQLite) and a
+recording reconciler."""
 
 from __future__ import annotations
 
 import json
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,13 +14,19 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
 
-from control_plane.api.keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
-from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
+from control_plane.api.admin import AdminDeps, create_admin_app
+from control_plane.api.app_keys import ADMIN_KEY, STORE
+from control_plane.api.auth import AuthThrottle
+from control_plane.api.instances import NAME_PARAM
 from control_plane.api.openapi import build_openapi
-from control_plane.api.routes import NAME_PARAM, ROUTES, setup_routes
-from control_plane.errors import Conflict, NotFound
+from control_plane.api.routes import ROUTES
+from control_plane.api.status_page import BROWSER_ROUTES
+from control_plane.app import create_app
+from control_plane.reconciler import ReconcileResult
 from control_plane.registry.models import InstanceConfig, InstanceState, OperatorStatus, RoutingConfig
+from control_plane.registry.store import Store
 from control_plane.settings import Settings
 
 ADMIN = "admin-key-0123456789abcdef"
@@ -25,121 +34,39 @@ AUTH = {"X-Admin-API-Key": ADMIN}
 SECRET = "sk-live-SECRETSECRET-0042"  # a literal provider key: must never leave in clear
 
 
-# -- fakes -----------------------------------------------------------------------------------------------
+# -- the real store, a recording reconciler -----------------------------------------------------------------
 
 
-class FakeStore:
-    """Dict-backed Store with the real one's contract: copies in and out, Conflict/NotFound, generation."""
-
-    def __init__(self) -> None:
-        self.configs: dict[str, InstanceConfig] = {}
-        self.states: dict[str, InstanceState] = {}
-        self.routing = RoutingConfig()
-        self.gen = 0
-        self.fail_with: Exception | None = None
-
-    def _check(self) -> None:
-        if self.fail_with is not None:
-            raise self.fail_with
-
-    def snapshot(self) -> tuple[Any, ...]:
-        return (
-            {n: c.model_dump() for n, c in self.configs.items()},
-            {n: s.model_dump() for n, s in self.states.items()},
-            self.routing.model_dump(),
-            self.gen,
-        )
-
-    def generation(self) -> int:
-        return self.gen
-
-    def list_instances(self) -> list[tuple[InstanceConfig, InstanceState]]:
-        self._check()
-        return [
-            (c.model_copy(deep=True), self.states[n].model_copy(deep=True)) for n, c in self.configs.items()
-        ]
-
-    def get_instance(self, name: str) -> tuple[InstanceConfig, InstanceState]:
-        self._check()
-        if name not in self.configs:
-            raise NotFound(f"instance {name!r} not found")
-        return self.configs[name].model_copy(deep=True), self.states[name].model_copy(deep=True)
-
-    def create_instance(self, config: InstanceConfig) -> None:
-        if config.name in self.configs:
-            raise Conflict(f"instance {config.name!r} exists")
-        self.configs[config.name] = config.model_copy(deep=True)
-        self.states[config.name] = InstanceState()
-        self.gen += 1
-
-    def replace_config(self, config: InstanceConfig) -> None:
-        if config.name not in self.configs:
-            raise NotFound(config.name)
-        self.configs[config.name] = config.model_copy(deep=True)
-        self.gen += 1
-
-    def delete_instance(self, name: str) -> None:
-        if name not in self.configs:
-            raise NotFound(f"instance {name!r} not found")
-        del self.configs[name], self.states[name]
-        self.gen += 1
-
-    def put_state(self, name: str, state: InstanceState) -> None:
-        if name not in self.configs:
-            raise NotFound(name)
-        self.states[name] = state.model_copy(deep=True)
-
-    def patch_states(self, patches: dict[str, dict[str, Any]]) -> None:
-        for name, fields in patches.items():
-            if name in self.states:
-                self.states[name] = self.states[name].model_copy(update=fields)
-
-    def get_routing(self) -> RoutingConfig:
-        return self.routing.model_copy(deep=True)
-
-    def set_routing(self, routing: RoutingConfig) -> None:
-        self.routing = routing.model_copy(deep=True)
-        self.gen += 1
-
-    def replace_all(
-        self, configs: list[InstanceConfig], routing: RoutingConfig | None, *, merge: bool
-    ) -> None:
-        names = {c.name for c in configs}
-        if not merge:
-            for name in [n for n in self.configs if n not in names]:
-                del self.configs[name], self.states[name]
-        for config in configs:
-            self.configs[config.name] = config.model_copy(deep=True)
-            self.states.setdefault(config.name, InstanceState())
-        if routing is not None:
-            self.routing = routing.model_copy(deep=True)
-        self.gen += 1
+def snapshot(store: Store) -> tuple[Any, ...]:
+    """Everything a write could change: configurations, states, routing, the generation."""
+    pairs = store.list_instances()
+    return (
+        {c.name: c.model_dump() for c, _ in pairs},
+        {c.name: s.model_dump(exclude={"updated_at"}) for c, s in pairs},
+        store.get_routing().model_dump(),
+        store.generation(),
+    )
 
 
-@dataclass
-class FakeResult:
-    ok: bool
-    changed: bool
-    checksum: str | None
-    generation: int
-    error: str | None
+def reconciled(ok: bool = True, error: str | None = None) -> ReconcileResult:
+    return ReconcileResult(ok, True, "abc" if ok else None, 1, error, 1.0, "2026-01-01T00:00:00+00:00")
 
 
 @dataclass
 class FakeReconciler:
     reasons: list[str] = field(default_factory=list)
-    result: FakeResult = field(default_factory=lambda: FakeResult(True, True, "abc", 1, None))
+    result: ReconcileResult = field(default_factory=reconciled)
     forced: list[bool] = field(default_factory=list)
-    applied: FakeResult = field(default_factory=lambda: FakeResult(True, True, "abc", 1, None))
+    applied: ReconcileResult = field(default_factory=reconciled)
 
     def request(self, reason: str) -> None:
         self.reasons.append(reason)
 
-    async def apply(self, reason: str) -> FakeResult:
+    async def apply(self, reason: str) -> ReconcileResult:
         self.reasons.append(reason)
         return self.applied
 
-    async def reconcile_now(self, *, force: bool = False) -> FakeResult:
+    async def reconcile_now(self, *, force: bool = False) -> ReconcileResult:
         self.forced.append(force)
         return self.result
 
@@ -169,7 +96,7 @@ class Clock:
 @dataclass
 class Api:
     client: TestClient[web.Request, web.Application]
-    store: FakeStore
+    store: Store
     reconciler: FakeReconciler
     clock: Clock
     bodies: list[str] = field(default_factory=list)
@@ -187,18 +114,34 @@ class Api:
 
 
 @pytest.fixture
-async def api(aiohttp_client: Any, tmp_path: Path) -> Api:
-    store, reconciler, clock = FakeStore(), FakeReconciler(), Clock()
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+def store() -> Iterator[Store]:
+    store = Store("sqlite://")
+    store.migrate()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, tmp_path: Path, store: Store) -> Api:
+    reconciler, clock = FakeReconciler(), Clock()
     # The provider credentials instances may reference as env:NAME (the values do not matter here).
     (tmp_path / "provider.env").write_text("OPENAI_KEY=x\nB_KEY=y\n")
-    app[SETTINGS] = Settings(home=tmp_path)
-    app[STORE] = store  # type: ignore[assignment]
-    app[RECONCILER] = reconciler  # type: ignore[assignment]
-    app[ADMIN_KEY] = ADMIN
-    app[AUTH_THROTTLE] = AuthThrottle(clock=clock)
-    setup_routes(app)
-    return Api(await aiohttp_client(app), store, reconciler, clock)
+    deps = AdminDeps(
+        settings=Settings(home=tmp_path),
+        store=store,
+        reconciler=reconciler,  # type: ignore[arg-type]
+        admin_key=ADMIN,
+        throttle=AuthThrottle(clock=clock),
+    )
+    return Api(await aiohttp_client(create_admin_app(deps)), store, reconciler, clock)
+
+
+def stored(api: Api, name: str) -> tuple[InstanceConfig, InstanceState]:
+    return api.store.get_instance(name)
+
+
+def names(api: Api) -> set[str]:
+    return {config.name for config, _ in api.store.list_instances()}
 
 
 def config(name: str = "inst-a", **extra: Any) -> dict[str, Any]:
@@ -314,10 +257,10 @@ async def test_crud_happy_path(api: Api) -> None:
 
     status, state, _ = await api.call("PUT", "/admin/instances/inst-a/state", json={"status": "draining"})
     assert status == 200 and state["status"] == "draining"
-    assert api.store.states["inst-a"].status is OperatorStatus.DRAINING
-    generation = api.store.gen
+    assert stored(api, "inst-a")[1].status is OperatorStatus.DRAINING
+    generation = api.store.generation()
     status, _, _ = await api.call("PUT", "/admin/instances/inst-a/state", json={"status": "maintenance"})
-    assert status == 200 and api.store.gen == generation  # state is not configuration
+    assert status == 200 and api.store.generation() == generation  # state is not configuration
 
     status, text, _ = await api.call("DELETE", "/admin/instances/inst-a")
     assert (status, text) == (204, "")
@@ -332,7 +275,7 @@ async def test_migrate_is_a_reserved_name(api: Api) -> None:
     assert status == 405 and headers["Allow"] == "POST"
     status, body, _ = await api.call("POST", "/admin/config/import", json={"instances": [config("migrate")]})
     assert status == 422 and fields(body) == {"instances"}
-    assert api.store.configs == {}
+    assert api.store.list_instances() == []
 
 
 async def test_not_found_and_conflict(api: Api) -> None:
@@ -374,7 +317,7 @@ async def test_status_and_health(api: Api) -> None:
     await create(api, "inst-b", enabled=False)
     status, body, _ = await api.call("GET", "/admin/status")
     assert status == 200
-    assert body["generation"] == api.store.gen == 2
+    assert body["generation"] == api.store.generation() > 0
     assert body["instances"] == {"total": 2, "enabled": 1}
     assert body["checksum"] == "abc"
 
@@ -384,7 +327,7 @@ async def test_reload(api: Api) -> None:
     assert status == 200 and body["ok"] is True and body["checksum"] == "abc"
     assert api.reconciler.forced == [True]
     await create(api)
-    api.reconciler.result = FakeResult(False, True, None, 1, f"nginx -t rejected: unknown token {SECRET}")
+    api.reconciler.result = reconciled(False, f"nginx -t rejected: unknown token {SECRET}")
     status, body, _ = await api.call("POST", "/admin/reload")
     assert status == 409 and body["ok"] is False
     assert SECRET not in body["error"] and "nginx -t rejected" in body["error"]
@@ -397,8 +340,8 @@ async def test_partial_config_update_merges(api: Api) -> None:
     await create(api, weight=3, tags=["eu"])
     status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"weight": 7})
     assert status == 200 and body["weight"] == 7 and body["tags"] == ["eu"]
-    stored = api.store.configs["inst-a"]
-    assert (stored.weight, stored.tags, stored.api_key) == (7, ["eu"], SECRET)
+    stored_config, _ = stored(api, "inst-a")
+    assert (stored_config.weight, stored_config.tags, stored_config.api_key) == (7, ["eu"], SECRET)
     assert api.reconciler.reasons[-1] == "instance inst-a configuration updated"
 
 
@@ -414,14 +357,14 @@ async def test_partial_update_masked_key_keeps_and_null_clears(api: Api) -> None
     created = await create(api)
     masked = created["config"]["api_key"]
     assert masked.startswith("****") and masked != SECRET
-    generation = api.store.gen
+    generation = api.store.generation()
     status, body, _ = await api.call(
         "PUT", "/admin/instances/inst-a/config", json={"api_key": masked, "name": "inst-a"}
     )
-    assert status == 200 and api.store.configs["inst-a"].api_key == SECRET
-    assert api.store.gen == generation  # nothing changed: no write, no reload
+    assert status == 200 and stored(api, "inst-a")[0].api_key == SECRET
+    assert api.store.generation() == generation  # nothing changed: no write, no reload
     status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"api_key": None})
-    assert status == 200 and body["api_key"] is None and api.store.configs["inst-a"].api_key is None
+    assert status == 200 and body["api_key"] is None and stored(api, "inst-a")[0].api_key is None
     status, body, _ = await api.call(
         "PUT", "/admin/instances/inst-a/config", json={"api_key": "env:OPENAI_KEY"}
     )
@@ -430,14 +373,14 @@ async def test_partial_update_masked_key_keeps_and_null_clears(api: Api) -> None
 
 async def test_partial_update_rejects_name_change_and_unknown_fields(api: Api) -> None:
     await create(api)
-    before = api.store.snapshot()
+    before = snapshot(api.store)
     status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"name": "other"})
     assert status == 422 and fields(body) == {"name"}
     status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"bogus": 1, "weight": 2})
     assert status == 422 and fields(body) == {"bogus"}
     status, body, _ = await api.call("PUT", "/admin/instances/inst-a/config", json={"weight": -1})
     assert status == 422 and fields(body) == {"weight"}
-    assert api.store.snapshot() == before
+    assert snapshot(api.store) == before
 
 
 # -- validation and errors -------------------------------------------------------------------------------
@@ -459,13 +402,13 @@ async def test_partial_update_rejects_name_change_and_unknown_fields(api: Api) -
 async def test_invalid_instance_is_422_naming_the_field(
     api: Api, payload: dict[str, Any], field_name: str
 ) -> None:
-    before = api.store.snapshot()
+    before = snapshot(api.store)
     status, body, _ = await api.call("POST", "/admin/instances", json=payload)
     assert status == 422
     assert body["error"] == "invalid_input"
     assert field_name in fields(body)
     assert all(set(item) == {"field", "message"} for item in body["detail"])
-    assert api.store.snapshot() == before and api.reconciler.reasons == []
+    assert snapshot(api.store) == before and api.reconciler.reasons == []
 
 
 async def test_validation_errors_never_echo_the_value(api: Api) -> None:
@@ -480,7 +423,7 @@ async def test_invalid_path_name_is_422(api: Api) -> None:
 
 async def test_body_errors(api: Api) -> None:
     await create(api)
-    before = api.store.snapshot()
+    before = snapshot(api.store)
     status, body, _ = await api.call(
         "POST", "/admin/instances", data=b"{not json", headers={"Content-Type": "application/json"}
     )
@@ -501,14 +444,15 @@ async def test_body_errors(api: Api) -> None:
     assert status == 422 and fields(body) == {"format"}
     status, body, _ = await api.call("POST", "/admin/config/import?mode=wipe", json={"instances": []})
     assert status == 422 and fields(body) == {"mode"}
-    assert api.store.snapshot() == before
+    assert snapshot(api.store) == before
 
 
 async def test_unexpected_errors_are_500_without_traceback(api: Api) -> None:
-    api.store.fail_with = RuntimeError("database is on fire at /secret/path")
+    with api.store._engine.begin() as conn:  # the database breaks under the controller
+        conn.exec_driver_sql("DROP TABLE instance_state")
     status, body, _ = await api.call("GET", "/admin/instances")
     assert (status, body["error"]) == (500, "internal_error")
-    assert set(body) == {"error", "detail"} and "/secret/path" not in body["detail"]
+    assert set(body) == {"error", "detail"} and "instance_state" not in body["detail"]
 
 
 async def test_trailing_newline_is_rejected(api: Api) -> None:
@@ -529,7 +473,7 @@ async def _seed(api: Api) -> None:
 @pytest.mark.parametrize(("fmt", "ctype"), [("json", "application/json"), ("yaml", "application/yaml")])
 async def test_export_import_round_trip(api: Api, fmt: str, ctype: str) -> None:
     await _seed(api)
-    before = api.store.snapshot()
+    before = snapshot(api.store)
     status, text, headers = await api.call("GET", f"/admin/config/export?format={fmt}")
     assert status == 200 and headers["Content-Type"].startswith(ctype)
     raw = text if isinstance(text, str) else json.dumps(text)
@@ -542,8 +486,8 @@ async def test_export_import_round_trip(api: Api, fmt: str, ctype: str) -> None:
     status, body, _ = await api.call(
         "POST", "/admin/config/import?mode=replace", data=raw.encode(), headers={"Content-Type": ctype}
     )
-    assert status == 200 and body == {"imported": 2, "generation": api.store.gen}
-    after = api.store.snapshot()
+    assert status == 200 and body == {"imported": 2, "generation": api.store.generation()}
+    after = snapshot(api.store)
     assert after[0] == before[0]  # masked key kept the existing secret; the reference came back verbatim
     assert after[2] == before[2]
     assert api.reconciler.reasons[-1] == "configuration imported"
@@ -551,7 +495,7 @@ async def test_export_import_round_trip(api: Api, fmt: str, ctype: str) -> None:
 
 async def test_import_replace_deletes_and_rejects_bad_documents(api: Api) -> None:
     await _seed(api)
-    before = api.store.snapshot()
+    before = snapshot(api.store)
     bad = {"instances": [config("ok"), config("bad", weight=0)]}
     status, body, _ = await api.call("POST", "/admin/config/import", json=bad)
     assert status == 422 and "instances[1].weight" in fields(body)
@@ -559,11 +503,11 @@ async def test_import_replace_deletes_and_rejects_bad_documents(api: Api) -> Non
         "POST", "/admin/config/import", data=b"instances: [\n", headers={"Content-Type": "application/x-yaml"}
     )
     assert status == 422 and fields(body) == {"body"}
-    assert api.store.snapshot() == before
+    assert snapshot(api.store) == before
     status, body, _ = await api.call(
         "POST", "/admin/config/import?mode=replace", json={"instances": [config("solo")]}
     )
-    assert status == 200 and set(api.store.configs) == {"solo"}
+    assert status == 200 and names(api) == {"solo"}
 
 
 LEGACY = {
@@ -590,16 +534,16 @@ LEGACY = {
 async def test_migrate_legacy(api: Api) -> None:
     status, body, _ = await api.call("POST", "/admin/instances/migrate", json=LEGACY)
     assert status == 200 and body == {"imported": ["legacy-1", "legacy-2"], "count": 2}
-    assert api.store.configs["legacy-1"].provider_type == "azure"
-    assert api.store.configs["legacy-1"].supported_models == ["gpt-4o", "gpt-4o-mini"]
-    assert api.store.states["legacy-1"].status is OperatorStatus.DRAINING
-    assert api.store.states["legacy-1"].total_requests == 12
+    assert stored(api, "legacy-1")[0].provider_type == "azure"
+    assert stored(api, "legacy-1")[0].supported_models == ["gpt-4o", "gpt-4o-mini"]
+    assert stored(api, "legacy-1")[1].status is OperatorStatus.DRAINING
+    assert stored(api, "legacy-1")[1].total_requests == 12
     assert api.reconciler.reasons == ["migration imported"]
 
 
 async def test_migrate_invalid_changes_nothing(api: Api) -> None:
     await create(api)
-    before = api.store.snapshot()
+    before = snapshot(api.store)
     bad = json.loads(json.dumps(LEGACY))
     bad["instance_configs"]["legacy-2"]["weight"] = -3
     status, body, _ = await api.call("POST", "/admin/instances/migrate", json=bad)
@@ -607,7 +551,7 @@ async def test_migrate_invalid_changes_nothing(api: Api) -> None:
     for payload in ({"something": 1}, [], {"ollama_instances": [{"name": "no-url"}]}):
         assert (await api.call("POST", "/admin/instances/migrate", json=payload))[0] == 422
     assert (await api.call("POST", "/admin/instances/migrate?mode=nuke", json=LEGACY))[0] == 422
-    assert api.store.snapshot() == before
+    assert snapshot(api.store) == before
 
 
 async def test_migrate_ollama_lists(api: Api) -> None:
@@ -618,12 +562,12 @@ async def test_migrate_ollama_lists(api: Api) -> None:
     ]
     status, body, _ = await api.call("POST", "/admin/instances/migrate", json=items)
     assert status == 200 and body["imported"] == ["ollama-10-0-0-5-11434", "gpu-box"]
-    assert set(api.store.configs) == {"inst-a", "ollama-10-0-0-5-11434", "gpu-box"}  # merge keeps inst-a
+    assert names(api) == {"inst-a", "ollama-10-0-0-5-11434", "gpu-box"}  # merge keeps inst-a
     status, body, _ = await api.call(
         "POST", "/admin/instances/migrate?mode=replace", json={"ollama_instances": items[1:]}
     )
-    assert status == 200 and set(api.store.configs) == {"gpu-box"}
-    assert api.store.configs["gpu-box"].provider_type == "ollama"
+    assert status == 200 and names(api) == {"gpu-box"}
+    assert stored(api, "gpu-box")[0].provider_type == "ollama"
 
 
 # -- secrets never leave in clear ------------------------------------------------------------------------
@@ -672,13 +616,14 @@ def _doc_routes(doc: dict[str, Any]) -> set[tuple[str, str]]:
 async def test_openapi_lists_exactly_the_registered_routes(api: Api) -> None:
     status, doc, headers = await api.call("GET", "/admin/openapi.json", auth=False)
     assert status == 200 and headers["Content-Type"].startswith("application/json")
-    assert _doc_routes(doc) == _app_routes(api.client.app)
+    browser = {(method.lower(), path) for method, path, *_ in BROWSER_ROUTES}  # the status page: HTML
+    assert _doc_routes(doc) == _app_routes(api.client.app) - browser
     assert _doc_routes(doc) == {(r.method.lower(), r.path.replace(NAME_PARAM, "{name}")) for r in ROUTES}
-    assert doc == build_openapi()
+    assert doc == build_openapi(ROUTES)
 
 
 def test_openapi_is_self_consistent() -> None:
-    doc = build_openapi()
+    doc = build_openapi(ROUTES)
     text = json.dumps(doc)
     for ref in {part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
         node: Any = doc
@@ -700,15 +645,39 @@ def test_openapi_is_self_consistent() -> None:
 
 def test_openapi_validates() -> None:
     validator = pytest.importorskip("openapi_spec_validator")
-    validator.validate(build_openapi())
+    validator.validate(build_openapi(ROUTES))
 
 
 def test_openapi_schemas_accept_what_the_api_returns() -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    doc = build_openapi()
+    doc = build_openapi(ROUTES)
     schema = {**doc["components"]["schemas"]["InstanceConfig"], "components": doc["components"]}
     cfg = InstanceConfig.model_validate(config()).model_dump(mode="json")
     cfg["api_key"] = "****0042"
     jsonschema.validate(cfg, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**cfg, "name": "bad;name"}, schema)
+
+
+# -- the controller's factory ----------------------------------------------------------------------------
+
+
+async def test_building_the_controller_writes_nothing_and_its_startup_prepares_home(tmp_path: Path) -> None:
+    """create_app builds the admin app through create_admin_app and touches no file; the first cleanup
+    context does the startup effects (directories, migrations, the registry key, the admin key file)."""
+    settings = Settings(home=tmp_path / "h", db_url="sqlite://")
+    app = create_app(settings, CollectorRegistry())
+    assert list(tmp_path.iterdir()) == [] and ADMIN_KEY not in app
+    startup = app.cleanup_ctx[0](app)
+    await anext(startup)
+    try:
+        assert stat.S_IMODE(settings.home.stat().st_mode) == 0o711
+        assert stat.S_IMODE((settings.home / "secrets").stat().st_mode) == 0o700
+        assert stat.S_IMODE(settings.admin_key_file.stat().st_mode) == 0o600
+        assert app[ADMIN_KEY] == settings.admin_key_file.read_text().strip()
+        assert settings.registry_key_path.is_file() and (settings.nginx_dir / "generations").is_dir()
+        assert app[STORE].generation() == 0 and app[STORE].list_instances() == []  # migrated
+    finally:
+        with pytest.raises(StopAsyncIteration):
+            await anext(startup)
+        app[STORE].close()

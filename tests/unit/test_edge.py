@@ -23,10 +23,9 @@ from pydantic import ValidationError
 
 from control_plane import jwt_keys
 from control_plane.admin_tls import AdminTlsError, admin_ssl_context
-from control_plane.api.audit import AUDIT, address_allowed, address_filter_middleware, audit_middleware
-from control_plane.api.keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
-from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
-from control_plane.api.routes import setup_routes
+from control_plane.api.address_filter import address_allowed
+from control_plane.api.admin import AdminDeps, create_admin_app
+from control_plane.api.app_keys import SETTINGS
 from control_plane.edge_settings import EdgeSettings, edge_policy
 from control_plane.registry.audit import AuditLog
 from control_plane.registry.client_keys import ClientKey, hash_key
@@ -388,17 +387,14 @@ async def api(aiohttp_client: Any) -> Api:
     store = Store("sqlite://")
     store.migrate()
     reconciler = Recorder()
-    app = web.Application(  # the order of control_plane/app.py
-        middlewares=[error_middleware, address_filter_middleware, audit_middleware, auth_middleware]
+    deps = AdminDeps(
+        settings=Settings(admin_ip_deny=["10.0.0.0/8"]),
+        store=store,
+        reconciler=reconciler,  # type: ignore[arg-type]
+        admin_key=ADMIN,
+        audit=AuditLog(store),
     )
-    app[SETTINGS] = Settings(admin_ip_deny=["10.0.0.0/8"])
-    app[STORE] = store
-    app[RECONCILER] = reconciler  # type: ignore[assignment]
-    app[ADMIN_KEY] = ADMIN
-    app[AUTH_THROTTLE] = AuthThrottle()
-    app[AUDIT] = AuditLog(store)
-    setup_routes(app)
-    return Api(await aiohttp_client(app), store, reconciler)
+    return Api(await aiohttp_client(create_admin_app(deps)), store, reconciler)
 
 
 async def test_key_lifecycle(api: Api) -> None:

@@ -7,19 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from control_plane.api.keys import ADMIN_KEY, RECONCILER, SETTINGS, STORE
-from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
-from control_plane.api.routes import setup_routes
+from control_plane.api.admin import AdminDeps, create_admin_app
 from control_plane.providers import ApiFamily, Kind
 from control_plane.registry.models import InstanceState, RoutingConfig, Strategy
+from control_plane.registry.store import Store
 from control_plane.render.spec import GatewaySpec, build_spec
 from control_plane.routing import weights as lw
 from control_plane.routing.explain import select
 from control_plane.routing.service import refreshed
 from control_plane.settings import Settings
-from tests.unit.test_admin_api import ADMIN, AUTH, FakeReconciler, FakeStore
+from tests.unit.test_admin_api import ADMIN, AUTH, FakeReconciler
 from tests.unit.test_spec import SERVER, inst, world
 
 
@@ -104,18 +102,14 @@ class SpecReconciler(FakeReconciler):
 
 @pytest.fixture
 async def client(aiohttp_client: Any, tmp_path: Path) -> Any:
-    store, reconciler = FakeStore(), SpecReconciler()
+    store, reconciler = Store("sqlite://"), SpecReconciler()
+    store.migrate()
     state = InstanceState(discovered_models=["found"])
     reconciler.spec = spec_of(inst("a"), states={"a": state})
-    store.configs["a"], store.states["a"] = inst("a"), state
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
-    app[SETTINGS] = Settings(home=tmp_path)
-    app[STORE] = store  # type: ignore[assignment]
-    app[RECONCILER] = reconciler  # type: ignore[assignment]
-    app[ADMIN_KEY] = ADMIN
-    app[AUTH_THROTTLE] = AuthThrottle()
-    setup_routes(app)
-    return await aiohttp_client(app)
+    store.create_instance(inst("a"))
+    store.put_state("a", state)
+    deps = AdminDeps(Settings(home=tmp_path), store, reconciler, ADMIN)  # type: ignore[arg-type]
+    return await aiohttp_client(create_admin_app(deps))
 
 
 async def test_select_api_answers_and_refuses_bad_input(client: Any) -> None:

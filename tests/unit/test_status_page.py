@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from control_plane.api.keys import ADMIN_KEY
-from control_plane.api.middleware import AUTH_THROTTLE, AuthThrottle, auth_middleware, error_middleware
+from control_plane.api.app_keys import ADMIN_KEY, SETTINGS
+from control_plane.api.auth import AUTH_THROTTLE, AuthThrottle
+from control_plane.api.middleware import MIDDLEWARES
 from control_plane.api.sessions import (
     COOKIE,
     SESSIONS,
@@ -23,6 +24,7 @@ from control_plane.api.status_page import CSP, login, login_form, logout, render
 from control_plane.health.logstream import Attempt, LogRecord
 from control_plane.health.recent import BOUNDS, MINUTES, RecentTraffic, Series, percentile
 from control_plane.registry.models import BreakerState, HealthStatus, InstanceState
+from control_plane.settings import Settings
 from control_plane.status import model
 
 ADMIN = "admin-key-for-tests-0123456789"
@@ -352,7 +354,8 @@ async def fake_change(_request: web.Request) -> web.Response:
 @pytest.fixture
 async def client(aiohttp_client: Any) -> Any:
     clock = Clock()
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app = web.Application(middlewares=MIDDLEWARES)
+    app[SETTINGS] = Settings()
     app[ADMIN_KEY] = ADMIN
     app[AUTH_THROTTLE] = AuthThrottle(limit=3, clock=clock)
     app[SESSIONS] = Sessions(ttl_s=600, clock=clock)

@@ -1,4 +1,4 @@
-"""Typed keys for what the aiohttp application holds."""
+"""Typed keys for what the aiohttp application (``AppKey``) and a request (``RequestKey``) hold."""
 
 from __future__ import annotations
 
@@ -22,3 +22,5 @@ USAGE_DRAIN = web.AppKey("usage_drain", UsageDrain)
 SCALING = web.AppKey("scaling", ScalingService)
 ALERTS = web.AppKey("alerts", AlertService)
 WEIGHTS = web.AppKey("weights", WeightsService)
+# What the audit log names as a change's target, when the path alone does not say it (a client key's name).
+AUDIT_TARGET = web.RequestKey("audit_target", str)
