@@ -33,11 +33,12 @@ from control_plane.api.middleware import (
 )
 from control_plane.api.routes import setup_routes
 from control_plane.api.status_page import setup_status_page
+from control_plane.background import running
 from control_plane.edge_settings import edge_policy
 from control_plane.health.service import HealthService
 from control_plane.local_access import Workers, nginx_workers, prepare_socket_dir
 from control_plane.metrics import GatewayMetrics
-from control_plane.nginx_process import NginxProcess
+from control_plane.nginx_process import NginxProcess, health_url, worker_count
 from control_plane.reconciler import Reconciler, ReconcileTiming
 from control_plane.registry.audit import AuditLog
 from control_plane.registry.client_keys import ClientKeyStore
@@ -52,6 +53,7 @@ from control_plane.scaling.service import ScalingService
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
 from control_plane.state_metrics import StateCollector, StubReader
 from control_plane.usage.drain import UsageDrain
+from control_plane.world import RegistryWorld
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +138,8 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     reconciler = app[keys.RECONCILER]
     await reconciler.reconcile_now()  # adopts what runs when the checksum matches: no reload
-    tasks = [
-        asyncio.create_task(reconciler.run(), name="reconciler"),
-        asyncio.create_task(reconciler.watch_generation(), name="generation-watch"),
-    ]
-    yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with running({"reconciler": reconciler.run(), "generation-watch": reconciler.watch_generation()}):
+        yield
 
 
 async def _scaling_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -192,14 +186,8 @@ def alert_config(settings: Settings) -> AlertConfig:
 
 async def _backup_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    task = None
-    if settings.backup_interval_h:
-        task = asyncio.create_task(backup.run_periodic(settings), name="backup")
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with running({"backup": backup.run_periodic(settings)} if settings.backup_interval_h else {}):
+        yield
 
 
 def prepare_secret_dirs(settings: Settings) -> None:
@@ -248,7 +236,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     store.attach_sealer(registry_sealer(settings.registry_key_path, store.registry_key_id()))
     metrics = GatewayMetrics(registry or CollectorRegistry(), settings.metrics_key_label)
     nginx = NginxProcess(
-        settings.nginx_dir, settings.nginx_binary, settings.generations_kept, run_dir=settings.sockets_dir
+        settings.nginx_dir,
+        settings.nginx_binary,
+        settings.generations_kept,
+        run_dir=settings.sockets_dir,
+        health=health_url(server.listen_address, server.http_port),
+        workers=worker_count(server.worker_processes),
     )
     nginx.prepare()
     timing = ReconcileTiming(
@@ -275,7 +268,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[keys.SETTINGS] = settings
     app[keys.STORE] = store
     app[keys.ADMIN_KEY] = admin_key(settings)
-    reconciler = Reconciler(store, nginx, server, metrics, timing, settings.secret_policy())
+    world = RegistryWorld(store, server.tls_cert, server.edge.jwt_files, settings.secret_policy())
+    reconciler = Reconciler(world, nginx, server, metrics, timing)
     app[keys.RECONCILER] = reconciler
     app[keys.HEALTH] = HealthService(
         store,
