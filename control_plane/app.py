@@ -25,11 +25,12 @@ from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
 from control_plane.alerts.view import BudgetWatch, state_view
 from control_plane.api import app_keys
 from control_plane.api.admin import AdminDeps, create_admin_app
+from control_plane.background import running
 from control_plane.edge_settings import edge_policy
 from control_plane.health.service import HealthService
 from control_plane.local_access import Workers, nginx_workers, prepare_socket_dir
 from control_plane.metrics import GatewayMetrics
-from control_plane.nginx_process import NginxProcess
+from control_plane.nginx_process import NginxProcess, health_url, worker_count
 from control_plane.reconciler import Reconciler, ReconcileTiming
 from control_plane.registry.audit import AuditLog
 from control_plane.registry.client_keys import ClientKeyStore
@@ -44,6 +45,7 @@ from control_plane.scaling.service import ScalingService
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
 from control_plane.state_metrics import StateCollector, StubReader
 from control_plane.usage.drain import UsageDrain
+from control_plane.world import RegistryWorld
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +132,8 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     reconciler = app[app_keys.RECONCILER]
     await reconciler.reconcile_now()  # adopts what runs when the checksum matches: no reload
-    tasks = [
-        asyncio.create_task(reconciler.run(), name="reconciler"),
-        asyncio.create_task(reconciler.watch_generation(), name="generation-watch"),
-    ]
-    yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with running({"reconciler": reconciler.run(), "generation-watch": reconciler.watch_generation()}):
+        yield
 
 
 async def _scaling_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -186,14 +180,8 @@ def alert_config(settings: Settings) -> AlertConfig:
 
 async def _backup_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[app_keys.SETTINGS]
-    task = None
-    if settings.backup_interval_h:
-        task = asyncio.create_task(backup.run_periodic(settings), name="backup")
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with running({"backup": backup.run_periodic(settings)} if settings.backup_interval_h else {}):
+        yield
 
 
 def prepare_secret_dirs(settings: Settings) -> None:
@@ -262,7 +250,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     store = Store(settings.database_url)
     metrics = GatewayMetrics(registry or CollectorRegistry(), settings.metrics_key_label)
     nginx = NginxProcess(
-        settings.nginx_dir, settings.nginx_binary, settings.generations_kept, run_dir=settings.sockets_dir
+        settings.nginx_dir,
+        settings.nginx_binary,
+        settings.generations_kept,
+        run_dir=settings.sockets_dir,
+        health=health_url(server.listen_address, server.http_port),
+        workers=worker_count(server.worker_processes),
     )
     timing = ReconcileTiming(
         debounce_s=settings.reconcile_debounce_s,
@@ -271,7 +264,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         resync_interval_s=settings.resync_interval_s,
         generation_poll_s=settings.generation_poll_s,
     )
-    reconciler = Reconciler(store, nginx, server, metrics, timing, settings.secret_policy())
+    world = RegistryWorld(store, server.tls_cert, server.edge.jwt_files, settings.secret_policy())
+    reconciler = Reconciler(world, nginx, server, metrics, timing)
     health = HealthService(
         store,
         reconciler,

@@ -14,8 +14,11 @@ import os
 import shutil
 import signal
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import aiohttp
 
 from control_plane.errors import ReloadFailed
 from control_plane.render.nginx import RenderedTree
@@ -25,6 +28,7 @@ TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 # What nginx listens on in the run directory (render.spec: the shims' and the usage drain's), never the
 # controller's own log socket.
 NGINX_SOCKETS = ("i_*.sock", USAGE_SOCKET)
+LIVE_STREAK = 3  # fresh connections in a row that must answer with the new checksum
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ def worker_count(worker_processes: str) -> int:
     return (os.cpu_count() or 1) if worker_processes == "auto" else int(worker_processes)
 
 
+def health_url(listen_address: str, http_port: int) -> str:
+    """Where the controller asks nginx which tree it serves (loopback when nginx listens on every address)."""
+    host = "127.0.0.1" if listen_address in ("0.0.0.0", "*", "::") else listen_address
+    return f"http://{host}:{http_port}/health"
+
+
 def write_files(directory: Path, files: dict[str, str]) -> None:
     """A rendered tree's files (names may hold subdirectories: lua/gw/...) into a fresh ``directory``:
     files 0600, directories 0700 (some hold credentials)."""
@@ -60,13 +70,23 @@ def write_files(directory: Path, files: dict[str, str]) -> None:
 
 
 class NginxProcess:
+    """The reconciler's NginxControl (control_plane/reconciler.py) in production."""
+
     def __init__(
-        self, prefix: Path, binary: str = "nginx", generations_kept: int = 5, run_dir: Path | None = None
+        self,
+        prefix: Path,
+        binary: str = "nginx",
+        generations_kept: int = 5,
+        run_dir: Path | None = None,
+        health: str | None = None,
+        workers: int = 1,
     ) -> None:
         self.prefix = prefix
         self.run_dir = run_dir  # where nginx listens on unix sockets (the shims', the usage drain's)
         self.binary = binary
         self.generations_kept = generations_kept
+        self.health = health  # nginx's /health URL (health_url), which confirm() asks
+        self.workers = workers  # how many workers a loaded configuration runs (worker_count)
 
     @property
     def generations(self) -> Path:
@@ -171,6 +191,28 @@ class NginxProcess:
         result = await self._run("-c", str(self.live / "nginx.conf"))
         if not result.ok:
             raise ReloadFailed(f"nginx did not start: {result.output}")
+
+    async def confirm(self, checksum: str, timeout_s: float) -> bool:
+        """True once nginx answers /health with ``checksum`` on several fresh connections in a row and every
+        old worker has begun to shut down; False when that is not so within ``timeout_s``."""
+        if self.health is None:
+            raise ValueError("NginxProcess.confirm needs the health URL nginx answers on")
+        # Live means also that no old worker still takes requests: after a HUP the master forks the new
+        # workers, then tells the old ones to stop, and until an old worker has handled that it still
+        # answers on its keep-alive connections with the old configuration (read your writes would break).
+        deadline = time.monotonic() + timeout_s
+        streak = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+            while time.monotonic() < deadline:
+                seen = None
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                    async with session.get(self.health, headers={"Connection": "close"}) as response:
+                        seen = (await response.json(content_type=None)).get("checksum")
+                streak = streak + 1 if seen == checksum else 0
+                if streak >= LIVE_STREAK and self.accepting_workers() in (None, self.workers):
+                    return True
+                await asyncio.sleep(0.01 if streak else 0.02)
+        return False
 
     def remove_stale_sockets(self) -> None:
         """The unix sockets an nginx killed with SIGKILL left behind (no master runs: nothing listens on

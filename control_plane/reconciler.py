@@ -2,12 +2,16 @@
 
 desired = build_spec(world) -> render -> compare checksum with what runs -> nginx -t -> swap -> HUP.
 A candidate that fails never replaces the running tree; the error is kept for /admin/status.
+
+The loop's effects come in as two values: a WorldSource (the registry: control_plane/world.py's
+RegistryWorld) and an NginxControl (control_plane/nginx_process.py's NginxProcess). Its rules (debounce,
+coalescing, rollback, no reload for an unchanged tree, the resync timer) are tested fast with fakes of
+both (tests/unit/test_reconciler.py); the real ones against real nginx (tests/integration).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -15,28 +19,23 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
 
-import aiohttp
 from prometheus_client import Gauge
 
 from control_plane import certs
 from control_plane.errors import ReloadFailed
 from control_plane.metrics import GatewayMetrics
-from control_plane.nginx_process import NginxProcess, worker_count
-from control_plane.registry.store import Store
-from control_plane.registry.usage import UsageStore
+from control_plane.nginx_process import TestResult
 from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, finish_tree, render_files
 from control_plane.render.quoting import UnsafeValue
 from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
 from control_plane.routing import explain
 from control_plane.routing.weights import Choice
-from control_plane.secret_refs import SecretPolicy
-from control_plane.usage.limits import write_budget_seed
-from control_plane.world import gather_world
 
 log = logging.getLogger(__name__)
-LIVE_STREAK = 3
 RELOAD_HISTORY = 20  # reloads and failed passes the status page lists
 
 
@@ -65,6 +64,59 @@ class ReconcileTiming:
     resync_interval_s: float = 30.0
     live_timeout_s: float = 5.0
     generation_poll_s: float = 2.0
+
+
+class WorldSource(Protocol):
+    """The registry side of a pass."""
+
+    async def gather(self) -> World:
+        """Everything build_spec needs, read now; ``generation`` read first, so a change committed during
+        the read has a newer generation and watch_generation asks for another pass."""
+        ...
+
+    async def generation(self) -> int:
+        """The configuration generation now (several nodes share one registry: another node's change)."""
+        ...
+
+    async def seed_budgets(self, spec: GatewaySpec) -> None:
+        """Write the keys' spend this period for the load of ``spec`` (control_plane/usage/limits.py)."""
+        ...
+
+
+class NginxControl(Protocol):
+    """What a pass does to nginx: write a candidate, test it, swap it in, reload, confirm, roll back."""
+
+    def running_checksum(self) -> str | None:
+        """The checksum of the tree nginx runs; None when nginx does not run."""
+        ...
+
+    def write_candidate(self, tree: RenderedTree) -> Path:
+        """Write ``tree`` where nginx -t and the swap find it (blocking: called in a thread)."""
+        ...
+
+    async def test(self, directory: Path) -> TestResult:
+        """nginx -t on the candidate."""
+        ...
+
+    def swap(self, checksum: str) -> None:
+        """Make the tree of ``checksum`` the one the next (re)load reads, atomically."""
+        ...
+
+    async def signal_reload(self) -> None:
+        """Reload (or start) nginx; raises ReloadFailed."""
+        ...
+
+    async def confirm(self, checksum: str, timeout_s: float) -> bool:
+        """True once nginx serves ``checksum`` and no old worker takes requests, within ``timeout_s``."""
+        ...
+
+    def prune(self, keep_also: str | None = None) -> None:
+        """Remove old candidates (blocking: called in a thread)."""
+        ...
+
+    def error_log_tail(self, lines: int = 5) -> str:
+        """nginx's last words, for the error of a reload nginx did not adopt."""
+        ...
 
 
 class Phases:
@@ -96,23 +148,23 @@ def publish_changes(
 class Reconciler:
     def __init__(
         self,
-        store: Store,
-        nginx: NginxProcess,
+        world: WorldSource,
+        nginx: NginxControl,
         server: ServerSettings,
         metrics: GatewayMetrics,
         timing: ReconcileTiming | None = None,
-        secret_policy: SecretPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.store = store
-        self.secret_policy = secret_policy or SecretPolicy()
+        self.world = world
         self.nginx = nginx
+        self.clock = clock  # the event loop's clock (asyncio's timeouts run on it)
         self.server = server
         self.metrics = metrics
         self.timing = timing or ReconcileTiming()
         self._dirty = asyncio.Event()
         self._first_dirty: float | None = None
         self._lock = asyncio.Lock()
-        self._last_reload_at = 0.0
+        self._last_reload_at = float("-inf")  # no reload yet
         self._spec: GatewaySpec | None = None
         self._desired: str | None = None  # the checksum of the tree self._spec renders to
         self._applied: ReconcileResult | None = None
@@ -134,7 +186,7 @@ class Reconciler:
     # --- triggers -------------------------------------------------------------------------------
     def request(self, reason: str) -> None:
         if self._first_dirty is None:
-            self._first_dirty = time.monotonic()
+            self._first_dirty = self.clock()
         if len(self._reasons) < 20:
             self._reasons.append(reason)
         self._dirty.set()
@@ -177,7 +229,7 @@ class Reconciler:
         while True:
             await asyncio.sleep(self.timing.generation_poll_s)
             try:
-                generation = await asyncio.to_thread(self.store.generation)
+                generation = await self.world.generation()
             except Exception:  # the database may be briefly away; the next poll tries again
                 log.warning("could not read the configuration generation", exc_info=True)
                 continue
@@ -185,10 +237,10 @@ class Reconciler:
                 self.request("registry changed")
 
     async def _debounce(self) -> None:
-        start = self._first_dirty or time.monotonic()
+        start = self._first_dirty or self.clock()
         while True:
             self._dirty.clear()
-            remaining = min(self.timing.debounce_s, start + self.timing.max_wait_s - time.monotonic())
+            remaining = min(self.timing.debounce_s, start + self.timing.max_wait_s - self.clock())
             if remaining <= 0:
                 return
             try:
@@ -201,9 +253,7 @@ class Reconciler:
         async with self._lock:
             started = time.perf_counter()
             phases = Phases()
-            world = await gather_world(
-                self.store, self.server.tls_cert, self.server.edge.jwt_files, self.secret_policy
-            )
+            world = await self.world.gather()
             server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
             phases.mark("gather")
             if self.learned is not None:
@@ -227,7 +277,7 @@ class Reconciler:
             return self._finish(error is None, True, tree.checksum, world.generation, error, started, phases)
 
     async def _apply(self, tree: RenderedTree, phases: Phases) -> str | None:
-        wait = self._last_reload_at + self.timing.min_reload_interval_s - time.monotonic()
+        wait = self._last_reload_at + self.timing.min_reload_interval_s - self.clock()
         if wait > 0:
             await asyncio.sleep(wait)
             phases.mark("rate_limit")
@@ -240,14 +290,14 @@ class Reconciler:
         if not tested.ok:
             return f"nginx -t rejected the candidate: {tested.output}"
         self.nginx.swap(tree.checksum)
-        self._last_reload_at = time.monotonic()
+        self._last_reload_at = self.clock()
         try:
             await self.nginx.signal_reload()
         except ReloadFailed as exc:
             self._roll_back(previous)
             return str(exc)
         phases.mark("reload")
-        live = await self._wait_live(tree.checksum)
+        live = await self.nginx.confirm(tree.checksum, self.timing.live_timeout_s)
         phases.mark("live")
         if not live:
             self._roll_back(previous)
@@ -262,41 +312,13 @@ class Reconciler:
         if spec is None or not spec.edge.token_limits:
             return
         try:
-            await asyncio.to_thread(write_budget_seed, UsageStore(self.store), spec, datetime.now(UTC))
+            await self.world.seed_budgets(spec)
         except Exception:  # the load goes on: the counters nginx holds stay; only a fresh one starts low
             log.warning("could not write the budget seed", exc_info=True)
 
     def _roll_back(self, previous: str | None) -> None:
         if previous is not None:
             self.nginx.swap(previous)
-
-    async def _wait_live(self, checksum: str) -> bool:
-        """True once nginx answers /health with the new checksum on several fresh connections in a row
-        and every old worker has begun to shut down."""
-        host = (
-            "127.0.0.1"
-            if self.server.listen_address in ("0.0.0.0", "*", "::")
-            else self.server.listen_address
-        )
-        url = f"http://{host}:{self.server.http_port}/health"
-        # Live means also that no old worker still takes requests: after a HUP the master forks the new
-        # workers, then tells the old ones to stop, and until an old worker has handled that it still
-        # answers on its keep-alive connections with the old configuration (read your writes would break).
-        workers = worker_count(self.server.worker_processes)
-        deadline = time.monotonic() + self.timing.live_timeout_s
-        timeout = aiohttp.ClientTimeout(total=1)
-        streak = 0
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while time.monotonic() < deadline:
-                seen = None
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-                    async with session.get(url, headers={"Connection": "close"}) as response:
-                        seen = (await response.json(content_type=None)).get("checksum")
-                streak = streak + 1 if seen == checksum else 0
-                if streak >= LIVE_STREAK and self.nginx.accepting_workers() in (None, workers):
-                    return True
-                await asyncio.sleep(0.01 if streak else 0.02)
-        return False
 
     def _finish(
         self,

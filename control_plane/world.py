@@ -1,4 +1,6 @@
-"""Effects that fill in a World: registry reads, secret references, DNS. build_spec stays pure."""
+"""Effects that fill in a World: registry reads, secret references, DNS. build_spec stays pure.
+
+RegistryWorld is the reconciler's WorldSource in production (control_plane/reconciler.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from control_plane import jwt_keys, providers, secret_refs
 from control_plane.registry.client_keys import ClientKeyStore
 from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store
+from control_plane.registry.usage import UsageStore
 from control_plane.render.edge import JwtFiles
-from control_plane.render.spec import World
+from control_plane.render.spec import GatewaySpec, World
 from control_plane.secret_refs import SecretPolicy
+from control_plane.usage.limits import write_budget_seed
 
 
 def secrets_of(configs: list[InstanceConfig], policy: SecretPolicy) -> tuple[dict[str, str], dict[str, str]]:
@@ -68,11 +72,15 @@ async def gather_world(
     jwt_files: JwtFiles | None = None,
     secret_policy: SecretPolicy | None = None,
 ) -> World:
+    """The registry as it is now. The generation is read first: what the reads after it see is at least
+    that generation, and a change committed meanwhile bumps it past the one recorded, so the generation
+    watch (Reconciler.watch_generation: several nodes on one PostgreSQL) asks for another pass instead of
+    taking the new generation for one already applied and leaving the change to the resync."""
+    generation = await asyncio.to_thread(store.generation)
     instances = await asyncio.to_thread(store.list_instances)
     client_keys = await asyncio.to_thread(ClientKeyStore(store).list)
     jwt = await asyncio.to_thread(jwt_keys.load_or_none, jwt_files or JwtFiles())
     routing = await asyncio.to_thread(store.get_routing)
-    generation = await asyncio.to_thread(store.generation)
     configs = [c for c, _ in instances]
     secrets, problems = await asyncio.to_thread(secrets_of, configs, secret_policy or SecretPolicy())
     return World(
@@ -87,3 +95,28 @@ async def gather_world(
         client_keys=tuple(client_keys),
         jwt=jwt,
     )
+
+
+class RegistryWorld:
+    """The reconciler's WorldSource: the registry, and the files and names its rows point at."""
+
+    def __init__(
+        self,
+        store: Store,
+        tls_cert: str | None = None,
+        jwt_files: JwtFiles | None = None,
+        secret_policy: SecretPolicy | None = None,
+    ) -> None:
+        self.store = store
+        self.tls_cert = tls_cert
+        self.jwt_files = jwt_files
+        self.secret_policy = secret_policy or SecretPolicy()
+
+    async def gather(self) -> World:
+        return await gather_world(self.store, self.tls_cert, self.jwt_files, self.secret_policy)
+
+    async def generation(self) -> int:
+        return await asyncio.to_thread(self.store.generation)
+
+    async def seed_budgets(self, spec: GatewaySpec) -> None:
+        await asyncio.to_thread(write_budget_seed, UsageStore(self.store), spec, datetime.now(UTC))

@@ -8,7 +8,6 @@ with backoff; a full queue or the rate limit drops an alert (and says so in its 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import smtplib
@@ -33,6 +32,7 @@ from control_plane.alerts.rules import (
     conditions,
     transitions,
 )
+from control_plane.background import running
 
 log = logging.getLogger(__name__)
 
@@ -243,16 +243,9 @@ class AlertService:
     async def context(self) -> AsyncIterator[None]:
         """An aiohttp cleanup_ctx body."""
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_S))
-        tasks = [
-            asyncio.create_task(self.run_evaluator(), name="alert-evaluator"),
-            asyncio.create_task(self.run_sender(), name="alert-sender"),
-        ]
+        jobs = {"alert-evaluator": self.run_evaluator(), "alert-sender": self.run_sender()}
         try:
-            yield
+            async with running(jobs, spawned=lambda: list(self._deliveries)):
+                yield
         finally:
-            for task in [*tasks, *self._deliveries]:
-                task.cancel()
-            for task in [*tasks, *self._deliveries]:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
             await self._session.close()

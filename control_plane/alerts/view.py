@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from control_plane.alerts.rules import BudgetView, InstanceView, PoolView, StateView
+from control_plane.background import running
 from control_plane.health.tracker import HealthTracker
 from control_plane.reconciler import Reconciler
 from control_plane.registry.client_keys import ClientKeyStore
@@ -46,11 +47,8 @@ class BudgetWatch:
             await asyncio.sleep(BUDGET_REFRESH_S)
 
     async def context(self) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.run(), name="budget-watch")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with running({"budget-watch": self.run()}):
+            yield
 
 
 def state_view(

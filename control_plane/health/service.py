@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from prometheus_client import Counter
 
+from control_plane.background import running
 from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
@@ -235,16 +236,12 @@ class HealthService:
             connector=aiohttp.TCPConnector(limit=MAX_PROBES_IN_FLIGHT, ttl_dns_cache=60)
         )
         transport = await logstream.listen(self.log_address, self.on_log, self.log_group)
-        tasks = [asyncio.create_task(self.run_flusher(), name="health-flusher")]
+        jobs = {"health-flusher": self.run_flusher()}
         if self.probes_enabled:
-            tasks.append(asyncio.create_task(self.run_prober(), name="prober"))
+            jobs["prober"] = self.run_prober()
         try:
-            yield
+            async with running(jobs):
+                yield
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
             transport.close()
             await self._session.close()

@@ -5,7 +5,6 @@ request)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from control_plane import providers
+from control_plane.background import running
 from control_plane.health.logstream import LogRecord
 from control_plane.metrics import GatewayMetrics
 from control_plane.reconciler import Reconciler
@@ -212,11 +212,8 @@ class WeightsService:
 
     async def context(self) -> AsyncIterator[None]:
         self._session = aiohttp.ClientSession()
-        task = asyncio.create_task(self.run(), name="weights")
         try:
-            yield
+            async with running({"weights": self.run()}):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await self._session.close()

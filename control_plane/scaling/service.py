@@ -24,6 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from control_plane.background import running
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult
 from control_plane.health.tracker import classify
@@ -433,14 +434,8 @@ class ScalingService:
             await self._record(event, "ok", instance=member.name, reason="its group was deleted")
 
     async def context(self) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.run(), name="autoscaler")
-        try:
+        # Stopped with it: the actions it started and that still run (a scale-out, a drain).
+        async with running({"autoscaler": self.run()}, spawned=lambda: list(self._tasks)):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            for running in list(self._tasks):
-                running.cancel()
 
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 
+from control_plane.background import running
 from control_plane.metrics import GatewayMetrics
 from control_plane.registry.usage import UsageStore
 from control_plane.usage.model import Bucket, parse_batch
@@ -119,11 +120,8 @@ class UsageDrain:
 
     async def context(self) -> AsyncIterator[None]:
         """cleanup_ctx: drain every interval; once more on shutdown."""
-        task = asyncio.create_task(self.run(), name="usage-drain")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with running({"usage-drain": self.run()}):
+            yield
         with contextlib.suppress(Exception):
             await self.drain_once()
         if self._session is not None:
