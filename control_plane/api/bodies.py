@@ -4,15 +4,13 @@ states it. Shared by every admin handler module."""
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from control_plane.api.middleware import ApiError
 from control_plane.errors import InvalidInput
-
-M = TypeVar("M", bound=BaseModel)
+from control_plane.registry.validators import validate_strict as validate_strict
 
 JSON_TYPES = frozenset({"application/json"})
 
@@ -46,8 +44,3 @@ async def read_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidInput([{"field": "body", "message": "must be a JSON object"}])
     return data
-
-
-def validate_strict(model: type[M], data: Any) -> M:
-    """Validate JSON data exactly as the OpenAPI schema states it: no string-to-number coercion."""
-    return model.model_validate_json(json.dumps(data, default=str), strict=True)

@@ -71,13 +71,6 @@ async def get_key(request: web.Request) -> web.Response:
     return web.json_response(key.public())
 
 
-def _update(keys: ClientKeyStore, key_id: str, changes: dict[str, Any]) -> ClientKey:
-    current = keys.get(key_id)
-    merged = {**current.model_dump(mode="json", include=set(UPDATABLE_KEY_FIELDS)), **changes}
-    settings = validate_strict(ClientKeySettings, merged)
-    return keys.update(key_id, settings.model_dump())
-
-
 async def update_key(request: web.Request) -> web.Response:
     """Partial update: the given fields replace the current ones; the secret never changes."""
     key_id = _key_id(request)
@@ -88,7 +81,7 @@ async def update_key(request: web.Request) -> web.Response:
     ]
     if unknown:
         raise InvalidInput(unknown)
-    key = await _run(_update, _keys(request), key_id, changes)
+    key = await _run(_keys(request).update, key_id, changes)
     _target(request, key)
     return await answer_applied(request, f"client key {key.id} updated", wait, key.public(), 200)
 

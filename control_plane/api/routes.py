@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from control_plane import secret_refs
@@ -28,7 +28,7 @@ from control_plane.api import usage as usage_api
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.bodies import JSON_TYPES, read_json, read_object, validate_strict
 from control_plane.api.keys import HEALTH, RECONCILER, SETTINGS, STORE, WEIGHTS
-from control_plane.api.middleware import ApiError, install_auth_state, validation_details
+from control_plane.api.middleware import ApiError, install_auth_state
 from control_plane.api.openapi import build_openapi
 from control_plane.errors import InvalidInput, ReloadFailed
 from control_plane.registry import importers
@@ -96,31 +96,6 @@ def _choice(request: web.Request, param: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise _invalid(param, f"must be one of {', '.join(choices)}")
     return value
-
-
-def _strict_errors(prefix: str, model: type[BaseModel], data: Any) -> list[dict[str, str]]:
-    try:
-        validate_strict(model, data)
-    except ValidationError as exc:
-        return [
-            {**e, "field": f"{prefix}.{e['field']}" if e["field"] != "body" else prefix}
-            for e in validation_details(exc)
-        ]
-    return []
-
-
-def check_document_types(doc: dict[str, Any]) -> None:
-    """Imported documents get the same strict typing as the rest of the API (the importer coerces)."""
-    errors: list[dict[str, str]] = []
-    instances = doc.get("instances")
-    if isinstance(instances, list):
-        for index, item in enumerate(instances):
-            if isinstance(item, dict):
-                errors += _strict_errors(f"instances[{index}]", InstanceConfig, item)
-    if isinstance(doc.get("routing"), dict):
-        errors += _strict_errors("routing", RoutingConfig, doc["routing"])
-    if errors:
-        raise InvalidInput(errors)
 
 
 def config_json(config: InstanceConfig) -> dict[str, Any]:
@@ -429,7 +404,6 @@ async def _read_document(request: web.Request) -> dict[str, Any]:
 def _import(request: web.Request, doc: dict[str, Any], merge: bool) -> tuple[int, int]:
     store = _store(request)
     configs, routing = importers.parse_document(doc, _existing(store))
-    check_document_types(doc)
     check_unreserved([config.name for config in configs], "instances")
     check_secret_refs(request, [(f"instances[{i}].api_key", c.api_key) for i, c in enumerate(configs)])
     store.replace_all(configs, routing, merge=merge)

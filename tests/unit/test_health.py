@@ -21,7 +21,8 @@ from control_plane.health.logstream import (
     retry_after_seconds,
 )
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
-from control_plane.health.tracker import DEFAULT_429_COOLDOWN_S, HealthTracker, classify
+from control_plane.health.statuses import classify
+from control_plane.health.tracker import DEFAULT_429_COOLDOWN_S, HealthTracker
 from control_plane.registry.models import (
     BreakerState,
     HealthPolicy,
@@ -246,14 +247,13 @@ def record(address: str, status: int, ra: str = "", at: float = 1000.0) -> LogRe
 def test_tracker_429_honours_retry_after_and_expires() -> None:
     t = tracker_with(config())
     t.observe(record("127.0.0.0:1", 429, ra="20"), now_mono=1)
-    assert t.changed and t.state_fields("a", 1000, 1)["rate_limited_until"] == datetime.fromtimestamp(
-        1020, UTC
-    )
-    t.changed = False
+    assert t.membership_changed
+    assert t.state_fields("a", 1000, 1)["rate_limited_until"] == datetime.fromtimestamp(1020, UTC)
+    t.membership_changed = False
     t.tick(now_mono=2, now_wall=1019)
-    assert not t.changed
+    assert not t.membership_changed
     t.tick(now_mono=3, now_wall=1020)
-    assert t.changed and t.state_fields("a", 1020, 3)["rate_limited_until"] is None
+    assert t.membership_changed and t.state_fields("a", 1020, 3)["rate_limited_until"] is None
 
 
 def test_intercepted_429_sets_the_cooldown_of_the_attempt_it_belongs_to() -> None:
@@ -317,7 +317,7 @@ def test_tracker_restart_adopts_stored_verdicts() -> None:
     entry = t.instances["a"]
     assert entry.health is HealthStatus.UNHEALTHY and entry.breaker.state is BreakerState.OPEN
     assert entry.breaker.open_until == pytest.approx(60)
-    assert not t.changed
+    assert not t.membership_changed
 
 
 @pytest.mark.parametrize(
@@ -442,7 +442,7 @@ def test_unsupported_probes_never_change_health() -> None:
     unsupported = ProbeResult(Outcome.UNSUPPORTED, "HTTP 404", 1.0, http_status=404)
     for _ in range(POLICY.fall * 3):
         t.probe("a", unsupported, 0, 0)
-    assert t.instances["a"].health is HealthStatus.UNKNOWN and not t.changed
+    assert t.instances["a"].health is HealthStatus.UNKNOWN and not t.membership_changed
 
 
 def test_http_probe_failures_never_outvote_successful_traffic() -> None:
@@ -483,9 +483,9 @@ def test_the_operator_lifts_a_rate_limit_and_an_open_breaker() -> None:
     for _ in range(POLICY.breaker_consecutive_failures):
         t.observe(record("127.0.0.1:1", 502), now_mono=1)
     assert t.instances["b"].breaker.state is BreakerState.OPEN
-    t.changed = False
+    t.membership_changed = False
     assert t.clear("a") == ["rate limit until 1970-01-01T00:17:40+00:00"]
-    assert t.changed and t.state_fields("a", 1001, 1)["rate_limited_until"] is None
+    assert t.membership_changed and t.state_fields("a", 1001, 1)["rate_limited_until"] is None
     assert t.clear("b", breaker=False) == [] and t.instances["b"].breaker.state is BreakerState.OPEN
     (lifted,) = t.clear("b")
     assert lifted.startswith("open breaker (3 consecutive failures")
