@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from control_plane import providers
 from control_plane.health import breaker as br
@@ -29,6 +30,8 @@ from control_plane.registry.models import (
     HealthStatus,
     InstanceConfig,
     InstanceState,
+    ProbeKind,
+    config_fingerprint,
 )
 
 POLICY = HealthPolicy(breaker_consecutive_failures=3, breaker_min_requests=10, breaker_cooldown_s=5)
@@ -365,6 +368,41 @@ def test_probe_evaluation() -> None:
     assert lightrag is not None and lightrag.url == "http://h:9621/health"
     assert evaluate(lightrag, 200, b'{"status":"healthy"}', 1).outcome is Outcome.OK
     assert evaluate(lightrag, 200, b'{"status":"degraded"}', 1).outcome is Outcome.FAIL
+
+
+def test_probe_kind_is_a_field_and_the_legacy_tag_becomes_it() -> None:
+    base = {"name": "l", "provider_type": "openai_compatible", "api_base": "http://h:9621"}
+    by_field = InstanceConfig.model_validate({**base, "health": {"probe_kind": "lightrag"}})
+    by_tag = InstanceConfig.model_validate({**base, "tags": ["x", "probe=lightrag"], "health": {"rise": 4}})
+    assert by_tag.health.probe_kind is ProbeKind.LIGHTRAG and by_tag.tags == ["x"] and by_tag.health.rise == 4
+    for config in (by_field, by_tag):
+        request = probe_request(config, None)
+        assert request is not None and request.url == "http://h:9621/health" and request.lightrag
+    # A probe_kind given with the tag wins.
+    both = {**base, "tags": ["probe=lightrag"], "health": {"probe_kind": "model_list"}}
+    plain = InstanceConfig.model_validate(both)
+    assert plain.health.probe_kind is ProbeKind.MODEL_LIST and plain.tags == []
+    request = probe_request(plain, None)
+    assert request is not None and request.url == "http://h:9621/v1/models" and not request.lightrag
+    with pytest.raises(ValidationError):
+        InstanceConfig.model_validate({**base, "health": {"probe_kind": "ping"}})
+
+
+def test_fingerprints_of_unchanged_configurations_survive_the_probe_kind_field() -> None:
+    """Values computed before health.probe_kind existed: a stored quarantine outlives the upgrade."""
+    assert config_fingerprint(InstanceConfig(name="a", provider_type="openai")) == "c9928b97d58e9d7f"
+    other = InstanceConfig(
+        name="b",
+        provider_type="ollama",
+        api_base="http://h:1",
+        tags=["x"],
+        health=HealthPolicy(rise=3, probe_path="/ok"),
+    )
+    assert config_fingerprint(other) == "c6d78186fde136cb"
+    lightrag = other.model_copy(
+        update={"health": other.health.model_copy(update={"probe_kind": ProbeKind.LIGHTRAG})}
+    )
+    assert config_fingerprint(lightrag) != config_fingerprint(other)
 
 
 def test_utilization_against_max_rpm() -> None:
