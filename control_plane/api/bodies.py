@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from control_plane.errors import InvalidInput
 from control_plane.registry import validators as v
 from control_plane.registry.models import InstanceConfig, mask_secret
+from control_plane.registry.validators import validate_strict as validate_strict
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -79,11 +80,6 @@ async def read_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise invalid("body", "must be a JSON object")
     return data
-
-
-def validate_strict(model: type[M], data: Any) -> M:
-    """Validate JSON data exactly as the OpenAPI schema states it: no string-to-number coercion."""
-    return model.model_validate_json(json.dumps(data, default=str), strict=True)
 
 
 def _message(msg: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -64,13 +64,6 @@ async def get_key(request: web.Request) -> web.Response:
     return web.json_response(key.public())
 
 
-def _update(keys: ClientKeyStore, key_id: str, changes: dict[str, Any]) -> ClientKey:
-    current = keys.get(key_id)
-    merged = {**current.model_dump(mode="json", include=set(UPDATABLE_KEY_FIELDS)), **changes}
-    settings = validate_strict(ClientKeySettings, merged)
-    return keys.update(key_id, settings.model_dump())
-
-
 async def update_key(request: web.Request) -> web.Response:
     """Partial update: the given fields replace the current ones; the secret never changes."""
     key_id = key_id_of(request)
@@ -81,7 +74,7 @@ async def update_key(request: web.Request) -> web.Response:
     ]
     if unknown:
         raise InvalidInput(unknown)
-    key = await run(_update, client_keys(request), key_id, changes)
+    key = await run(client_keys(request).update, key_id, changes)
     _target(request, key)
     return await answer_applied(request, f"client key {key.id} updated", wait, key.public(), 200)
 

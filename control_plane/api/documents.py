@@ -8,7 +8,6 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from control_plane.api.app_keys import STORE
 from control_plane.api.apply import answer_applied, wants_wait
@@ -19,13 +18,11 @@ from control_plane.api.bodies import (
     query_choice,
     read_json,
     run,
-    validate_strict,
-    validation_details,
 )
 from control_plane.api.instances import check_secret_refs, check_unreserved
 from control_plane.errors import InvalidInput
 from control_plane.registry import importers
-from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
+from control_plane.registry.models import InstanceConfig, InstanceState
 from control_plane.registry.store import Store
 
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
@@ -39,31 +36,6 @@ Migration = list[tuple[InstanceConfig, InstanceState | None]]
 
 def _existing(store: Store) -> dict[str, InstanceConfig]:
     return {config.name: config for config, _ in store.list_instances()}
-
-
-def _strict_errors(prefix: str, model: type[BaseModel], data: Any) -> list[dict[str, str]]:
-    try:
-        validate_strict(model, data)
-    except ValidationError as exc:
-        return [
-            {**e, "field": f"{prefix}.{e['field']}" if e["field"] != "body" else prefix}
-            for e in validation_details(exc)
-        ]
-    return []
-
-
-def check_document_types(doc: dict[str, Any]) -> None:
-    """Imported documents get the same strict typing as the rest of the API (the importer coerces)."""
-    errors: list[dict[str, str]] = []
-    instances = doc.get("instances")
-    if isinstance(instances, list):
-        for index, item in enumerate(instances):
-            if isinstance(item, dict):
-                errors += _strict_errors(f"instances[{index}]", InstanceConfig, item)
-    if isinstance(doc.get("routing"), dict):
-        errors += _strict_errors("routing", RoutingConfig, doc["routing"])
-    if errors:
-        raise InvalidInput(errors)
 
 
 # -- migration -------------------------------------------------------------------------------------------
@@ -183,7 +155,6 @@ async def _read_document(request: web.Request) -> dict[str, Any]:
 def _import(request: web.Request, doc: dict[str, Any], merge: bool) -> tuple[int, int]:
     store = request.app[STORE]
     configs, routing = importers.parse_document(doc, _existing(store))
-    check_document_types(doc)
     check_unreserved([config.name for config in configs], "instances")
     check_secret_refs(request, [(f"instances[{i}].api_key", c.api_key) for i, c in enumerate(configs)])
     store.replace_all(configs, routing, merge=merge)

@@ -9,9 +9,8 @@ from enum import StrEnum
 from urllib.parse import urlsplit
 
 from control_plane import providers
-from control_plane.registry.models import InstanceConfig, ProviderType
-
-LIGHTRAG_TAG = "probe=lightrag"
+from control_plane.health.statuses import UNSUPPORTED_STATUSES, Verdict, classify
+from control_plane.registry.models import InstanceConfig, ProbeKind, ProviderType
 
 
 class Outcome(StrEnum):
@@ -23,10 +22,6 @@ class Outcome(StrEnum):
     UNSUPPORTED = "probe_path_unsupported"
 
 
-# Answers that mean "no such endpoint here", not "down".
-UNSUPPORTED_STATUSES = frozenset({404, 405, 501})
-
-
 @dataclass(frozen=True)
 class ProbeRequest:
     url: str
@@ -34,6 +29,7 @@ class ProbeRequest:
     models_from: str  # "ollama" | "data" | "none"
     lenient: bool = False  # reachable is enough (no list endpoint)
     reachable: bool = False  # an operator's probe_path: any 2xx is healthy
+    lightrag: bool = False  # LightRAG's /health (health.probe_kind): its JSON status must say healthy
 
 
 @dataclass(frozen=True)
@@ -58,8 +54,8 @@ def probe_request(config: InstanceConfig, secret: str | None) -> ProbeRequest | 
     root = f"{parts.scheme}://{parts.netloc}"
     if config.health.probe_path:
         return ProbeRequest(root + config.health.probe_path, headers, "none", lenient=False, reachable=True)
-    if LIGHTRAG_TAG in config.tags:
-        return ProbeRequest(f"{root}/health", headers, "none")
+    if config.health.probe_kind is ProbeKind.LIGHTRAG:
+        return ProbeRequest(f"{root}/health", headers, "none", lightrag=True)
     path = providers.models_path(config)
     match config.provider_type:
         case ProviderType.OLLAMA:
@@ -108,14 +104,15 @@ def evaluate(
 def _outcome(
     request: ProbeRequest, status: int, body: bytes, latency_ms: float, retry_after_s: float | None
 ) -> ProbeResult:
-    if status in (401, 402, 403):
+    verdict = classify(status)
+    if verdict is Verdict.CREDENTIAL:
         return ProbeResult(Outcome.CREDENTIAL, f"HTTP {status}: credential rejected", latency_ms)
-    if status == 429:
+    if verdict is Verdict.RATE_LIMITED:
         return ProbeResult(Outcome.RATE_LIMITED, "HTTP 429", latency_ms, retry_after_s=retry_after_s)
     if request.reachable and 200 <= status < 300:
         return ProbeResult(Outcome.OK, f"HTTP {status}", latency_ms)
     if status == 200:
-        if request.models_from == "none" and request.url.endswith("/health") and not _lightrag_ok(body):
+        if request.lightrag and not _lightrag_ok(body):
             return ProbeResult(Outcome.FAIL, "health endpoint did not report a healthy status", latency_ms)
         models = _models(body, request.models_from)
         return ProbeResult(Outcome.OK, "HTTP 200", latency_ms, models or (), listed=models is not None)

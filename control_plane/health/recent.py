@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from control_plane.health.logstream import LogRecord
+from control_plane.health.statuses import Verdict, classify
 
 MINUTES = 15
 # Histogram bucket upper bounds in ms: 1 ms to 120 s, each 25 % above the last (a percentile is read as
@@ -140,15 +141,14 @@ class RecentTraffic:
             return  # not proxied (the gateway answered itself)
         minute = int(record.at // 60)
         series = self.pools.get(pool) or self._series(self.pools, pool)
-        series.add(minute, record.request_ms, record.status >= 500)
+        series.add(minute, record.request_ms, classify(record.status) is Verdict.FAILURE)
         for attempt in record.attempts:
             name = addresses.get(attempt.address)
             if name is None:
                 continue
-            status = attempt.status
             key = (pool, name)
             series = self.instances.get(key) or self._series(self.instances, key)
-            series.add(minute, attempt.response_ms or 0.0, status is None or status >= 500)
+            series.add(minute, attempt.response_ms or 0.0, classify(attempt.status) is Verdict.FAILURE)
 
     def pool(self, name: str) -> Series | None:
         return self.pools.get(name)

@@ -17,7 +17,8 @@ from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.recent import RecentTraffic
-from control_plane.health.tracker import MAX_RETRY_AFTER_S, HealthTracker, classify
+from control_plane.health.statuses import classify
+from control_plane.health.tracker import MAX_RETRY_AFTER_S, HealthTracker
 from control_plane.health.traffic import TrafficSeries
 from control_plane.metrics import GatewayMetrics
 from control_plane.reconciler import Reconciler
@@ -95,7 +96,7 @@ class HealthService:
         self.recent.observe(record, self.tracker.addresses)
         for observer in self.log_observers:
             observer(record)
-        if self.tracker.changed:
+        if self.tracker.membership_changed:
             self._verdict.set()
         if self.metrics is not None:
             self.metrics.log_records.inc()
@@ -110,7 +111,7 @@ class HealthService:
         now = time.time()
         for b in stored:
             self.tracker.add_tokens(b.instance, b.start, b.prompt_tokens + b.completion_tokens, now)
-        if self.tracker.changed:
+        if self.tracker.membership_changed:
             self._verdict.set()
 
     def _attempt_counter(self, name: str, outcome: str) -> Counter:
@@ -145,7 +146,7 @@ class HealthService:
 
     def _record_probe(self, name: str, result: ProbeResult) -> None:
         self.tracker.probe(name, result, time.time(), time.monotonic())
-        if self.tracker.changed:
+        if self.tracker.membership_changed:
             self._verdict.set()
         if self.metrics is not None:
             self.metrics.probes.labels(name, str(result.outcome)).inc()
@@ -208,15 +209,15 @@ class HealthService:
     async def flush(self) -> None:
         tracker = self.tracker
         tracker.tick(time.monotonic(), time.time())
-        if tracker.dirty:
-            names, tracker.dirty = tracker.dirty, set()
+        if tracker.unsaved:
+            names, tracker.unsaved = tracker.unsaved, set()
             now_wall, now_mono = time.time(), time.monotonic()
             patches = {
                 n: tracker.state_fields(n, now_wall, now_mono) for n in names if n in tracker.instances
             }
             await asyncio.to_thread(self.store.patch_states, patches)
-        if tracker.changed:
-            tracker.changed = False
+        if tracker.membership_changed:
+            tracker.membership_changed = False
             self.reconciler.request("health verdict")
 
     async def run_flusher(self) -> None:

@@ -1,7 +1,8 @@
 """Health verdicts per instance from probes and the request log: windows, breaker, rate limits, quarantine.
 
 The tracker is synchronous and clock-injected (easy to test); the effects around it (prober, log receiver,
-flusher) feed it and persist what it decides. `changed` tells them when membership may differ.
+flusher) feed it and persist what it decides: `unsaved` names the instances whose state changed since the
+last flush, `membership_changed` says a pool's membership may differ.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from control_plane.health import breaker as br
 from control_plane.health.logstream import LogRecord, retry_after_seconds
 from control_plane.health.probes import Outcome, ProbeResult
+from control_plane.health.statuses import Verdict, classify
 from control_plane.registry.models import (
     BreakerState,
     HealthPolicy,
@@ -30,18 +32,6 @@ DEFAULT_429_COOLDOWN_S = 20.0
 # The longest rate limit a Retry-After may set (ISHGW_MAX_RETRY_AFTER_S): an instance comes back after this
 # at the latest, whatever a provider (or anything that reached the log stream) said.
 MAX_RETRY_AFTER_S = 300.0
-CREDENTIAL_STATUSES = frozenset({401, 402, 403})
-
-
-def classify(status: int | None) -> str:
-    """What one upstream answer says about the instance (never the client's mistakes)."""
-    if status is None or status >= 500:
-        return "failure"
-    if status == 429:
-        return "rate_limited"
-    if status in CREDENTIAL_STATUSES:
-        return "credential"
-    return "ok"
 
 
 @dataclass
@@ -168,8 +158,10 @@ class HealthTracker:
         self.max_retry_after_s = max_retry_after_s
         self.instances: dict[str, InstanceHealth] = {}
         self.addresses: dict[str, str] = {}
-        self.changed = False  # membership may differ: reconcile
-        self.dirty: set[str] = set()  # state worth persisting
+        # Two flags the effects around the tracker read and reset: a verdict that may change a pool's
+        # membership (reconcile), and the instances whose observed state the store has not got yet (flush).
+        self.membership_changed = False
+        self.unsaved: set[str] = set()
 
     # --- registry view ----------------------------------------------------------------------------
     def sync(
@@ -200,8 +192,8 @@ class HealthTracker:
             entry.max_rpm, entry.max_tpm = config.max_rpm, config.max_tpm
 
     def _mark(self, name: str, membership: bool = False) -> None:
-        self.dirty.add(name)
-        self.changed = self.changed or membership
+        self.unsaved.add(name)
+        self.membership_changed = self.membership_changed or membership
 
     # --- passive: one request log line ------------------------------------------------------------
     def observe(self, record: LogRecord, now_mono: float) -> None:
@@ -219,16 +211,16 @@ class HealthTracker:
             if entry.max_rpm:
                 self._rate_budget(name, entry, record.at)
             entry.last_used_at = record.at
-            self.dirty.add(name)
-            if verdict == "rate_limited":
+            self.unsaved.add(name)
+            if verdict is Verdict.RATE_LIMITED:
                 self._rate_limit(name, entry, record.at, _attempt_retry_after(record, index))
                 continue
-            if verdict == "credential":
+            if verdict is Verdict.CREDENTIAL:
                 entry.quarantined = f"credential rejected (HTTP {attempt.status})"
                 entry.last_error, entry.last_error_time = entry.quarantined, _utc(record.at)
                 self._mark(name, membership=True)
                 continue
-            ok = verdict == "ok"
+            ok = verdict is Verdict.OK
             if ok:
                 entry.successful += 1
                 entry.last_traffic_ok_at = now_mono
@@ -286,7 +278,7 @@ class HealthTracker:
             if not entry.budget_until:
                 self._mark(name, membership=True)
             entry.budget_until = free_at
-            self.dirty.add(name)
+            self.unsaved.add(name)
 
     def _rate_limit(self, name: str, entry: InstanceHealth, at: float, wait: float | None) -> None:
         until = at + min(wait if wait is not None else DEFAULT_429_COOLDOWN_S, self.max_retry_after_s)
@@ -335,7 +327,7 @@ class HealthTracker:
             }
         )
         entry.probe_latency_ms, entry.last_probe_at = result.latency_ms, _utc(now_wall)
-        self.dirty.add(name)
+        self.unsaved.add(name)
         if result.outcome is Outcome.UNSUPPORTED:
             return  # neither healthy nor unhealthy: the log stream's verdict decides
         if result.outcome is Outcome.RATE_LIMITED:

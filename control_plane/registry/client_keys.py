@@ -25,7 +25,7 @@ from control_plane.registry.store import Store, client_keys
 KEY_PREFIX = "ishgw-"
 KEY_ID_RE = re.compile(r"^key_[0-9a-f]{16}$")
 # A model name, or a name prefix ending in '*' ("gpt-4o*"), or '*' alone (everything).
-MODEL_PATTERN_RE = re.compile(r"^(?:\*|[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}\*?)$")
+MODEL_PATTERN_RE = re.compile(rf"^(?:\*|{v.MODEL_PATTERN}\*?)$")
 SHOWN_PREFIX_LEN = len(KEY_PREFIX) + 4
 
 
@@ -176,7 +176,8 @@ class ClientKeyStore:
         return key, secret
 
     def update(self, key_id: str, changes: dict[str, Any]) -> ClientKey:
-        """Apply validated ``changes`` (fields of ClientKeySettings) to a key."""
+        """Apply ``changes`` (fields of ClientKeySettings as JSON data, an admin API body) to a key: merged
+        over its current settings, the whole validated strictly, in one transaction."""
         try:
             with self.store._write() as conn:
                 self.store._bump_generation(conn)
@@ -184,8 +185,9 @@ class ClientKeyStore:
                 if data is None:
                     raise NotFound(f"key {key_id!r} not found")
                 current = _row_key(data)
-                merged = ClientKeySettings.model_validate(
-                    {**current.model_dump(include=set(UPDATABLE_KEY_FIELDS)), **changes}
+                merged = v.validate_strict(
+                    ClientKeySettings,
+                    {**current.model_dump(mode="json", include=set(UPDATABLE_KEY_FIELDS)), **changes},
                 )
                 if merged.name != current.name:
                     taken = conn.execute(

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,6 +53,10 @@ PROVIDER_ALIASES: dict[str, ProviderType] = {
     "z-ai": ProviderType.ZAI,
 }
 INSTANCE_TYPE_ALIASES = {"embeddings": "embedding", "completion": "chat", "completions": "chat"}
+ALIASES: dict[str, Mapping[str, str]] = {
+    "provider_type": PROVIDER_ALIASES,
+    "instance_type": INSTANCE_TYPE_ALIASES,
+}
 LIST_FIELDS = ("supported_models", "tags")
 CONFIG_FIELDS = frozenset(InstanceConfig.model_fields)
 STATE_FIELDS = frozenset(InstanceState.model_fields)
@@ -220,7 +225,8 @@ def _restore_key(item: dict[str, Any], existing: dict[str, InstanceConfig]) -> N
 def parse_document(
     doc: dict[str, Any], existing: dict[str, InstanceConfig]
 ) -> tuple[list[InstanceConfig], RoutingConfig | None]:
-    """Validate an exported document. Routing is None when the document has none.
+    """Validate an exported document, as strictly as the admin API's bodies (no string-to-number coercion:
+    the OpenAPI schema's types). Routing is None when the document has none.
 
     ``instances`` is required (an empty list is allowed) so a typo cannot turn a replace-import into
     "delete everything"."""
@@ -241,7 +247,7 @@ def parse_document(
             errors.append({"field": "routing", "message": "must be an object"})
         else:
             try:
-                routing = RoutingConfig.model_validate(raw_routing)
+                routing = v.validate_strict(RoutingConfig, raw_routing)
             except ValidationError as exc:
                 errors.extend(_errors("routing", exc))
 
@@ -269,7 +275,7 @@ def parse_document(
             else:
                 seen[name] = index
         try:
-            configs.append(InstanceConfig.model_validate(item))
+            configs.append(v.validate_strict(InstanceConfig, item))
         except ValidationError as exc:
             errors.extend(_errors(prefix, exc))
 
@@ -287,23 +293,26 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+def _normalise_spellings(item: dict[str, Any]) -> None:
+    """What older writers spelled otherwise, in place: provider and instance type aliases (any case),
+    lists as comma-separated strings."""
+    for field, aliases in ALIASES.items():
+        value = item.get(field)
+        if isinstance(value, str):
+            token = value.strip().lower()
+            item[field] = aliases.get(token, token)
+    for field in LIST_FIELDS:
+        if field in item:
+            item[field] = _split_csv(item[field])
+
+
 def _normalise_legacy_config(
     key: str, raw: dict[str, Any], existing: dict[str, InstanceConfig]
 ) -> dict[str, Any]:
     item = {field: value for field, value in raw.items() if field in CONFIG_FIELDS and value is not None}
     if not item.get("name"):
         item["name"] = key
-    provider = item.get("provider_type")
-    if isinstance(provider, str):
-        token = provider.strip().lower()
-        item["provider_type"] = PROVIDER_ALIASES.get(token, token)
-    instance_type = item.get("instance_type")
-    if isinstance(instance_type, str):
-        token = instance_type.strip().lower()
-        item["instance_type"] = INSTANCE_TYPE_ALIASES.get(token, token)
-    for field in LIST_FIELDS:
-        if field in item:
-            item[field] = _split_csv(item[field])
+    _normalise_spellings(item)
     for field, value in list(item.items()):
         # Legacy writers left numbers as "" when unset: treat as "use the default".
         if isinstance(value, str) and not value.strip() and field not in ("name", "api_key", "api_base"):
@@ -424,13 +433,7 @@ def parse_ollama_list(items: list[Any]) -> list[InstanceConfig]:
             item["name"] = ollama_name(base_url)
         if is_masked(item.get("api_key")):
             item["api_key"] = None
-        instance_type = item.get("instance_type")
-        if isinstance(instance_type, str):
-            token = instance_type.strip().lower()
-            item["instance_type"] = INSTANCE_TYPE_ALIASES.get(token, token)
-        for field in LIST_FIELDS:
-            if field in item:
-                item[field] = _split_csv(item[field])
+        _normalise_spellings(item)
         name = item["name"]
         if isinstance(name, str):
             if name in seen:

@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from control_plane.registry import validators as v
 
@@ -68,6 +68,18 @@ class HealthStatus(StrEnum):
     UNHEALTHY = "unhealthy"
 
 
+class ProbeKind(StrEnum):
+    """What an active probe asks an instance (health.probe_path, when set, comes first)."""
+
+    MODEL_LIST = "model_list"  # its model list, by the same path mapping as traffic
+    LIGHTRAG = "lightrag"  # LightRAG's GET /health: healthy when its JSON status says so
+
+
+# The free-form tags that chose a probe before health.probe_kind: still accepted on input and import, and
+# turned into the field (the tag itself is not kept).
+LEGACY_PROBE_TAGS = {"probe=lightrag": ProbeKind.LIGHTRAG}
+
+
 class HealthPolicy(BaseModel):
     """Per-instance health thresholds; the defaults suit most fleets."""
 
@@ -95,6 +107,11 @@ class HealthPolicy(BaseModel):
         pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*$",
         description="Path (and query) probed on the instance's origin instead of its model list; "
         "any 2xx answer is healthy",
+    )
+    probe_kind: ProbeKind = Field(
+        default=ProbeKind.MODEL_LIST,
+        description="model_list: the probe asks the instance's model list; lightrag: LightRAG's GET /health, "
+        "healthy when its status says so (formerly the tag probe=lightrag, still accepted)",
     )
 
 
@@ -151,6 +168,12 @@ class InstanceConfig(BaseModel):
         "ollama, vllm and openai_compatible, false otherwise",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_probe_tag(cls, data: Any) -> Any:
+        """A legacy probe tag (LEGACY_PROBE_TAGS) becomes health.probe_kind; a probe_kind given too wins."""
+        return with_legacy_probe_tags(data)
+
     @field_validator("api_key")
     @classmethod
     def _api_key(cls, value: str | None) -> str | None:
@@ -189,6 +212,25 @@ class InstanceConfig(BaseModel):
 
     def serves_embeddings(self) -> bool:
         return self.instance_type in (InstanceType.EMBEDDING, InstanceType.BOTH)
+
+
+def with_legacy_probe_tags(data: Any) -> Any:
+    """Raw configuration data with a legacy probe tag turned into health.probe_kind; anything else, or
+    data that is no object, unchanged (validation reports what is wrong with it)."""
+    if not isinstance(data, dict) or not isinstance(data.get("tags"), list):
+        return data
+    legacy = [LEGACY_PROBE_TAGS[t] for t in data["tags"] if isinstance(t, str) and t in LEGACY_PROBE_TAGS]
+    if not legacy:
+        return data
+    health = data.get("health")
+    if health is None:
+        health = {"probe_kind": legacy[0]}
+    elif isinstance(health, dict):
+        health = {"probe_kind": legacy[0], **health}
+    elif isinstance(health, HealthPolicy) and health.probe_kind is ProbeKind.MODEL_LIST:
+        health = health.model_copy(update={"probe_kind": legacy[0]})
+    tags = [t for t in data["tags"] if not (isinstance(t, str) and t in LEGACY_PROBE_TAGS)]
+    return {**data, "tags": tags, "health": health}
 
 
 # Fields that may appear in a partial update (everything but the name).
@@ -272,8 +314,11 @@ class RoutingConfig(BaseModel):
 
 
 def config_fingerprint(config: InstanceConfig) -> str:
-    """Changes whenever the operator changes anything in the instance's configuration."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    """Changes whenever the operator changes anything in the instance's configuration. A field added since
+    fingerprints were first stored counts only when it differs from its default: an upgrade leaves the
+    fingerprint of an unchanged configuration (and so a quarantine that holds until it changes) as it was."""
+    added = {"health": {"probe_kind"}} if config.health.probe_kind is ProbeKind.MODEL_LIST else None
+    return hashlib.sha256(config.model_dump_json(exclude=added).encode()).hexdigest()[:16]
 
 
 def mask_secret(value: str | None) -> str | None:

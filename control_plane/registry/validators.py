@@ -7,11 +7,21 @@ fails here never enters the registry.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+
+# The instance-name and model-name rules, unanchored: the one spelling that the registry checks, the OpenAPI
+# schema states and the rendered nginx tree matches with (render/nginx.py hands them to the templates).
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+MODEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}"
+NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
+MODEL_RE = re.compile(rf"^{MODEL_PATTERN}$")
 DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 API_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}$")
@@ -115,3 +125,9 @@ def check_cidr(value: str) -> str:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address or CIDR") from None
+
+
+def validate_strict(model: type[M], data: Any) -> M:
+    """Validate JSON data exactly as the OpenAPI schema states it: no string-to-number coercion. The admin
+    API's bodies, imported documents and client-key updates all pass through here, once."""
+    return model.model_validate_json(json.dumps(data, default=str), strict=True)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import jinja2
 
+from control_plane.registry import validators
 from control_plane.render.lua_data import data_files
-from control_plane.render.quoting import lua_string, nginx_quote
+from control_plane.render.quoting import lua_string, nginx_map_regex, nginx_quote
 from control_plane.render.spec import CHECKSUM_PLACEHOLDER, GatewaySpec
 
 NGINX_DIR = Path(__file__).resolve().parents[2] / "nginx"
@@ -60,6 +61,8 @@ def _environment() -> jinja2.Environment:
     env.filters["comment"] = _comment
     env.filters["bracket_ipv6"] = _bracket_ipv6
     env.filters["lua_string"] = lua_string
+    # The rules the templates match values by, defined once in Python (registry/validators.py).
+    env.globals["model_regex"] = nginx_map_regex(validators.MODEL_PATTERN, "model")
     return env
 
 

@@ -45,3 +45,11 @@ def lua_string(value: object) -> str:
     if not _PRINTABLE_ASCII.fullmatch(text):
         raise UnsafeValue("refusing to render a Lua string with a character outside printable ASCII or '$'")
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def nginx_map_regex(pattern: str, group: str) -> str:
+    """A map source (double-quoted token) matching a whole value by ``pattern``, a rule the controller
+    defines (unanchored, never a registry value), and capturing the match as ``$<group>``."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", group):
+        raise UnsafeValue("a capture group is lowercase letters, digits and '_'")
+    return '"~^(?<' + group + ">" + _escape(pattern) + ')$"'

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from control_plane import providers
 from control_plane.providers import ApiFamily, Endpoint, Kind
+from control_plane.registry import validators as v
 from control_plane.registry.models import (
     BreakerState,
     HealthStatus,
@@ -41,8 +42,8 @@ CHECKSUM_PLACEHOLDER = "@@CHECKSUM@@"
 GENERATIONS_DIR = "generations"
 # X-ISHGW-Instance's and X-ISHGW-Model's allow-lists (edge.conf.j2): PCRE's and Python's "$" alike also
 # match before a final newline.
-_INSTANCE_HEADER = re.compile(r"^(?P<instance>[A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
-_MODEL_HEADER = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127})$")
+_INSTANCE_HEADER = re.compile(rf"^(?P<instance>{v.NAME_PATTERN})$")
+_MODEL_HEADER = re.compile(rf"^(?P<model>{v.MODEL_PATTERN})$")
 # Source values an nginx map reads as its own parameters, quoted or not.
 _MAP_PARAMETERS = frozenset({"default", "hostnames", "include", "volatile"})
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from control_plane.health.logstream import LogRecord
-from control_plane.health.tracker import classify
+from control_plane.health.statuses import Verdict, classify
 
 MAX_SAMPLES = 2000  # per (model, instance)
 MIN_LATENCY_SAMPLES = 3  # successful answers before a median is shown
@@ -49,8 +49,8 @@ class Windows:
             if name is None or (attempt.status is None and record.status == 499 and index == last):
                 continue
             verdict = classify(attempt.status)
-            if verdict in ("ok", "failure"):
-                self.add(record.model, name, record.at, verdict == "ok", attempt.response_ms or 0.0)
+            if verdict in (Verdict.OK, Verdict.FAILURE):
+                self.add(record.model, name, record.at, verdict is Verdict.OK, attempt.response_ms or 0.0)
 
     def stats(self, model: str, instance: str, now: float, window_s: float) -> Stats:
         window = self._samples.get((model, instance))

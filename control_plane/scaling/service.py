@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from control_plane.background import running
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult
-from control_plane.health.tracker import classify
+from control_plane.health.statuses import Verdict, classify
 from control_plane.nginx_process import NginxProcess, children
 from control_plane.reconciler import Reconciler
 from control_plane.registry.models import (
@@ -146,7 +146,7 @@ class ScalingService:
             group = self.member_group.get(name) if name is not None else None
             runtime = self.runtime.get(group) if group is not None else None
             if runtime is not None:
-                ok = classify(attempt.status) in ("ok", "rate_limited")
+                ok = classify(attempt.status) in (Verdict.OK, Verdict.RATE_LIMITED)
                 runtime.samples.append(Sample(now, attempt.response_ms or 0.0, ok))
 
     # --- views --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from control_plane.errors import Conflict, NotFound
@@ -74,3 +75,18 @@ def test_audit_log(store: Store) -> None:  # noqa: F811
     assert [e.target for e in recent] == ["t4", "t3", "t2"]
     assert recent[0].at == at and recent[0].id is not None
     assert [e.target for e in audit.recent(10, before=recent[-1].id)] == ["t1", "t0"]
+
+
+def test_key_updates_are_merged_and_validated_once_in_the_store(store: Store) -> None:  # noqa: F811
+    """The admin API hands the store the body's fields as they came: the store merges them over the key
+    and validates the whole strictly (as the OpenAPI schema states it), in its one transaction."""
+    keys = ClientKeyStore(store)
+    key, _ = keys.create(ClientKeySettings(name="strict", rpm_limit=60, allowed_models=["m*"]))
+    before = store.generation()
+    for bad in ({"rpm_limit": "5"}, {"enabled": "no"}, {"allowed_models": ["bad model"]}, {"surprise": 1}):
+        with pytest.raises(ValidationError):
+            keys.update(key.id, bad)
+    assert store.generation() == before and keys.get(key.id) == key
+    updated = keys.update(key.id, {"rpm_limit": 5, "expires_at": "2030-01-02T03:04:05Z"})
+    assert (updated.rpm_limit, updated.allowed_models, updated.name) == (5, ["m*"], "strict")
+    assert updated.expires_at == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from control_plane import providers
 from control_plane.health import breaker as br
@@ -21,13 +22,16 @@ from control_plane.health.logstream import (
     retry_after_seconds,
 )
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
-from control_plane.health.tracker import DEFAULT_429_COOLDOWN_S, HealthTracker, classify
+from control_plane.health.statuses import classify
+from control_plane.health.tracker import DEFAULT_429_COOLDOWN_S, HealthTracker
 from control_plane.registry.models import (
     BreakerState,
     HealthPolicy,
     HealthStatus,
     InstanceConfig,
     InstanceState,
+    ProbeKind,
+    config_fingerprint,
 )
 
 POLICY = HealthPolicy(breaker_consecutive_failures=3, breaker_min_requests=10, breaker_cooldown_s=5)
@@ -246,14 +250,13 @@ def record(address: str, status: int, ra: str = "", at: float = 1000.0) -> LogRe
 def test_tracker_429_honours_retry_after_and_expires() -> None:
     t = tracker_with(config())
     t.observe(record("127.0.0.0:1", 429, ra="20"), now_mono=1)
-    assert t.changed and t.state_fields("a", 1000, 1)["rate_limited_until"] == datetime.fromtimestamp(
-        1020, UTC
-    )
-    t.changed = False
+    assert t.membership_changed
+    assert t.state_fields("a", 1000, 1)["rate_limited_until"] == datetime.fromtimestamp(1020, UTC)
+    t.membership_changed = False
     t.tick(now_mono=2, now_wall=1019)
-    assert not t.changed
+    assert not t.membership_changed
     t.tick(now_mono=3, now_wall=1020)
-    assert t.changed and t.state_fields("a", 1020, 3)["rate_limited_until"] is None
+    assert t.membership_changed and t.state_fields("a", 1020, 3)["rate_limited_until"] is None
 
 
 def test_intercepted_429_sets_the_cooldown_of_the_attempt_it_belongs_to() -> None:
@@ -317,7 +320,7 @@ def test_tracker_restart_adopts_stored_verdicts() -> None:
     entry = t.instances["a"]
     assert entry.health is HealthStatus.UNHEALTHY and entry.breaker.state is BreakerState.OPEN
     assert entry.breaker.open_until == pytest.approx(60)
-    assert not t.changed
+    assert not t.membership_changed
 
 
 @pytest.mark.parametrize(
@@ -365,6 +368,41 @@ def test_probe_evaluation() -> None:
     assert lightrag is not None and lightrag.url == "http://h:9621/health"
     assert evaluate(lightrag, 200, b'{"status":"healthy"}', 1).outcome is Outcome.OK
     assert evaluate(lightrag, 200, b'{"status":"degraded"}', 1).outcome is Outcome.FAIL
+
+
+def test_probe_kind_is_a_field_and_the_legacy_tag_becomes_it() -> None:
+    base = {"name": "l", "provider_type": "openai_compatible", "api_base": "http://h:9621"}
+    by_field = InstanceConfig.model_validate({**base, "health": {"probe_kind": "lightrag"}})
+    by_tag = InstanceConfig.model_validate({**base, "tags": ["x", "probe=lightrag"], "health": {"rise": 4}})
+    assert by_tag.health.probe_kind is ProbeKind.LIGHTRAG and by_tag.tags == ["x"] and by_tag.health.rise == 4
+    for config in (by_field, by_tag):
+        request = probe_request(config, None)
+        assert request is not None and request.url == "http://h:9621/health" and request.lightrag
+    # A probe_kind given with the tag wins.
+    both = {**base, "tags": ["probe=lightrag"], "health": {"probe_kind": "model_list"}}
+    plain = InstanceConfig.model_validate(both)
+    assert plain.health.probe_kind is ProbeKind.MODEL_LIST and plain.tags == []
+    request = probe_request(plain, None)
+    assert request is not None and request.url == "http://h:9621/v1/models" and not request.lightrag
+    with pytest.raises(ValidationError):
+        InstanceConfig.model_validate({**base, "health": {"probe_kind": "ping"}})
+
+
+def test_fingerprints_of_unchanged_configurations_survive_the_probe_kind_field() -> None:
+    """Values computed before health.probe_kind existed: a stored quarantine outlives the upgrade."""
+    assert config_fingerprint(InstanceConfig(name="a", provider_type="openai")) == "c9928b97d58e9d7f"
+    other = InstanceConfig(
+        name="b",
+        provider_type="ollama",
+        api_base="http://h:1",
+        tags=["x"],
+        health=HealthPolicy(rise=3, probe_path="/ok"),
+    )
+    assert config_fingerprint(other) == "c6d78186fde136cb"
+    lightrag = other.model_copy(
+        update={"health": other.health.model_copy(update={"probe_kind": ProbeKind.LIGHTRAG})}
+    )
+    assert config_fingerprint(lightrag) != config_fingerprint(other)
 
 
 def test_utilization_against_max_rpm() -> None:
@@ -442,7 +480,7 @@ def test_unsupported_probes_never_change_health() -> None:
     unsupported = ProbeResult(Outcome.UNSUPPORTED, "HTTP 404", 1.0, http_status=404)
     for _ in range(POLICY.fall * 3):
         t.probe("a", unsupported, 0, 0)
-    assert t.instances["a"].health is HealthStatus.UNKNOWN and not t.changed
+    assert t.instances["a"].health is HealthStatus.UNKNOWN and not t.membership_changed
 
 
 def test_http_probe_failures_never_outvote_successful_traffic() -> None:
@@ -483,9 +521,9 @@ def test_the_operator_lifts_a_rate_limit_and_an_open_breaker() -> None:
     for _ in range(POLICY.breaker_consecutive_failures):
         t.observe(record("127.0.0.1:1", 502), now_mono=1)
     assert t.instances["b"].breaker.state is BreakerState.OPEN
-    t.changed = False
+    t.membership_changed = False
     assert t.clear("a") == ["rate limit until 1970-01-01T00:17:40+00:00"]
-    assert t.changed and t.state_fields("a", 1001, 1)["rate_limited_until"] is None
+    assert t.membership_changed and t.state_fields("a", 1001, 1)["rate_limited_until"] is None
     assert t.clear("b", breaker=False) == [] and t.instances["b"].breaker.state is BreakerState.OPEN
     (lifted,) = t.clear("b")
     assert lifted.startswith("open breaker (3 consecutive failures")

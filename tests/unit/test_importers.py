@@ -19,6 +19,7 @@ from control_plane.registry.models import (
     InstanceState,
     InstanceType,
     OperatorStatus,
+    ProbeKind,
     ProviderType,
     RoutingConfig,
     Strategy,
@@ -605,3 +606,63 @@ def test_property_parse_document_only_raises_invalid_input(junk: Any) -> None:
             importers.parse_document(doc, {})
         except InvalidInput as exc:
             assert exc.errors and all(set(e) == {"field", "message"} for e in exc.errors)
+
+
+def test_documents_are_typed_strictly_in_one_pass() -> None:
+    """As strict as the admin API (no string-to-number coercion), and every problem reported at once."""
+    doc = {
+        "version": 1,
+        "routing": {"default_strategy": "weighted", "session_header": 5},
+        "instances": [
+            {"name": "a", "provider_type": "openai", "weight": "5"},
+            {"name": "b", "provider_type": "openai", "weight": 0, "enabled": "yes"},
+            {"name": "c", "provider_type": "openai", "supported_models": ["ok", 7]},
+        ],
+    }
+    with pytest.raises(InvalidInput) as exc:
+        importers.parse_document(doc, {})
+    assert fields(exc) == {
+        "routing.session_header",
+        "instances[0].weight",
+        "instances[1].weight",
+        "instances[1].enabled",
+        "instances[2].supported_models[1]",
+    }
+    fine = {"version": 1, "instances": [{"name": "a", "provider_type": "openai", "weight": 5}]}
+    assert importers.parse_document(fine, {})[0][0].weight == 5
+
+
+def test_the_legacy_probe_tag_becomes_the_field_in_every_import() -> None:
+    item = {"name": "rag", "provider_type": "openai_compatible", "api_base": "http://h:9621"}
+    tagged = {**item, "tags": ["probe=lightrag", "team"]}
+    document, _ = importers.parse_document({"version": 1, "instances": [tagged]}, {})
+    legacy = importers.parse_legacy({"rag": {**item, "tags": "probe=lightrag, team"}}, None, {})
+    ollama = importers.parse_ollama_list(
+        [{"base_url": "http://h:9621", "name": "rag", "tags": "probe=lightrag,team"}]
+    )
+    for config in (document[0], legacy[0][0], ollama[0]):
+        assert config.health.probe_kind is ProbeKind.LIGHTRAG and config.tags == ["team"]
+    exported = importers.export_document(document, RoutingConfig())["instances"][0]
+    assert exported["health"]["probe_kind"] == "lightrag" and exported["tags"] == ["team"]
+    assert importers.parse_document({"version": 1, "instances": [exported]}, {})[0] == document
+
+
+def test_spellings_are_normalised_by_one_rule_for_legacy_and_ollama_lists() -> None:
+    legacy = importers.parse_legacy(
+        {
+            "x": {
+                "provider_type": "Azure-OpenAI",
+                "api_base": "https://h",
+                "instance_type": " Embeddings ",
+                "supported_models": "a, b,,c",
+            }
+        },
+        None,
+        {},
+    )[0][0]
+    assert legacy.provider_type is ProviderType.AZURE and legacy.instance_type is InstanceType.EMBEDDING
+    assert legacy.supported_models == ["a", "b", "c"]
+    ollama = importers.parse_ollama_list(
+        [{"base_url": "http://h:1", "instance_type": "COMPLETIONS", "supported_models": "a, b,,c"}]
+    )[0]
+    assert ollama.instance_type is InstanceType.CHAT and ollama.supported_models == ["a", "b", "c"]

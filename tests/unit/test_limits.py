@@ -182,26 +182,26 @@ def test_an_instance_at_max_rpm_leaves_its_pools_until_the_window_frees() -> Non
     t = tracker_with(config("a", max_rpm=3), config("b"))
     for at in (1000.0, 1001.0):
         t.observe(record("127.0.0.0:1", 200, at=at), now_mono=1)
-    assert not t.changed and t.state_fields("a", 1001, 1)["rate_budget_until"] is None
+    assert not t.membership_changed and t.state_fields("a", 1001, 1)["rate_budget_until"] is None
     t.observe(record("127.0.0.0:1", 200, at=1002.0), now_mono=1)
-    assert t.changed
+    assert t.membership_changed
     assert t.state_fields("a", 1002, 1)["rate_budget_until"] == datetime.fromtimestamp(1060, UTC)
     for _ in range(5):
         t.observe(record("127.0.0.1:1", 200, at=1002.0), now_mono=1)  # b has no max_rpm
     assert t.state_fields("b", 1002, 1)["rate_budget_until"] is None
-    t.changed = False
+    t.membership_changed = False
     t.tick(now_mono=2, now_wall=1059)
-    assert not t.changed
+    assert not t.membership_changed
     t.tick(now_mono=3, now_wall=1060)
-    assert t.changed and t.state_fields("a", 1060, 3)["rate_budget_until"] is None
+    assert t.membership_changed and t.state_fields("a", 1060, 3)["rate_budget_until"] is None
 
 
 def test_an_instance_at_max_tpm_leaves_its_pools_from_the_drained_usage() -> None:
     t = tracker_with(config("a", max_tpm=1000))
     t.add_tokens("a", 960, 600, now_wall=970)
-    assert not t.changed
+    assert not t.membership_changed
     t.add_tokens("a", 960, 500, now_wall=975)  # 1,100 this minute: free 45 s to the turn + 5.5 s
-    assert t.changed
+    assert t.membership_changed
     until = t.state_fields("a", 975, 1)["rate_budget_until"]
     assert isinstance(until, datetime) and until.timestamp() == pytest.approx(
         1020 + 60 * (1 - 1000 / 1100), abs=0.01

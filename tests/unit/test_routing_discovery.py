@@ -88,16 +88,16 @@ def test_probe_lists_replace_discovered_models_exactly() -> None:
     t = HealthTracker()
     t.sync([(config, InstanceState())], {"127.0.0.1:1": "a"}, 0, 0)
     t.probe("a", listed, 0)
-    assert t.instances["a"].discovered == ("x", "y") and t.changed
+    assert t.instances["a"].discovered == ("x", "y") and t.membership_changed
     for _ in range(config.health.rise):
         t.probe("a", listed, 0)  # healthy now
-    t.changed = False
+    t.membership_changed = False
     t.probe("a", listed, 0)
-    assert not t.changed  # the same list: nothing to reconcile
+    assert not t.membership_changed  # the same list: nothing to reconcile
     t.probe("a", garbage, 0)
     assert t.instances["a"].discovered == ("x", "y")  # no list said nothing
     t.probe("a", empty, 0)
-    assert t.instances["a"].discovered == () and t.changed
+    assert t.instances["a"].discovered == () and t.membership_changed
     t.probe("a", ProbeResult(Outcome.FAIL, "refused", 1.0), 0)
     assert t.instances["a"].discovered == ()
 
