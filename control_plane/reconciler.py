@@ -148,14 +148,14 @@ def publish_changes(
 class Reconciler:
     def __init__(
         self,
-        world: WorldSource,
+        source: WorldSource,
         nginx: NginxControl,
         server: ServerSettings,
         metrics: GatewayMetrics,
         timing: ReconcileTiming | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.world = world
+        self.source = source
         self.nginx = nginx
         self.clock = clock  # the event loop's clock (asyncio's timeouts run on it)
         self.server = server
@@ -229,7 +229,7 @@ class Reconciler:
         while True:
             await asyncio.sleep(self.timing.generation_poll_s)
             try:
-                generation = await self.world.generation()
+                generation = await self.source.generation()
             except Exception:  # the database may be briefly away; the next poll tries again
                 log.warning("could not read the configuration generation", exc_info=True)
                 continue
@@ -253,7 +253,7 @@ class Reconciler:
         async with self._lock:
             started = time.perf_counter()
             phases = Phases()
-            world = await self.world.gather()
+            world = await self.source.gather()
             server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
             phases.mark("gather")
             if self.learned is not None:
@@ -312,7 +312,7 @@ class Reconciler:
         if spec is None or not spec.edge.token_limits:
             return
         try:
-            await self.world.seed_budgets(spec)
+            await self.source.seed_budgets(spec)
         except Exception:  # the load goes on: the counters nginx holds stay; only a fresh one starts low
             log.warning("could not write the budget seed", exc_info=True)
 
