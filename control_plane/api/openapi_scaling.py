@@ -9,6 +9,7 @@ from control_plane.api.openapi import (
     REF,
     Schema,
     _body,
+    _document_schemas,
     _errors,
     _object,
     _ok,
@@ -50,7 +51,23 @@ def schemas() -> dict[str, Schema]:
             ),
         }
     )
+    found.update(_documents_with_groups())
     return found
+
+
+def _documents_with_groups() -> dict[str, Schema]:
+    """The export/import document's schemas with ``scaling_groups`` (left out of an export without any; left
+    out of an import: the groups stay as they are; in a replace import: the only groups)."""
+    documents = _document_schemas()
+    groups = {
+        "type": "array",
+        "description": "Scaling groups (names unique). Their members are in instances like any instance.",
+        "items": _ref("ScalingGroup"),
+    }
+    return {
+        name: {**documents[name], "properties": {**documents[name]["properties"], "scaling_groups": groups}}
+        for name in ("ConfigDocument", "ImportDocument")
+    }
 
 
 def parameters() -> Schema:

@@ -42,6 +42,7 @@ from control_plane.registry.models import (
     is_masked,
     mask_secret,
 )
+from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.store import Store
 
 T = TypeVar("T")
@@ -393,9 +394,10 @@ async def migrate(request: web.Request) -> web.Response:
     )
 
 
-def _export(store: Store, fmt: str) -> str:
+def _export(store: Store, fmt: str, scaling: ScalingStore | None = None) -> str:
     configs = [config for config, _ in store.list_instances()]
-    return importers.dump(importers.export_document(configs, store.get_routing()), fmt)
+    document = scaling_api.with_groups(scaling, importers.export_document(configs, store.get_routing()))
+    return importers.dump(document, fmt)
 
 
 def _export_legacy(store: Store) -> str:
@@ -407,7 +409,7 @@ async def export_config(request: web.Request) -> web.Response:
     if fmt == LEGACY_EXPORT:  # the legacy instance_configs.json + instance_states.json pair, one object
         text = await _run(_export_legacy, _store(request))
         return web.Response(text=text, content_type="application/json", charset="utf-8")
-    text = await _run(_export, _store(request), fmt)
+    text = await _run(_export, _store(request), fmt, scaling_api.groups_store(request.app))
     return web.Response(text=text, content_type=EXPORT_TYPES[fmt], charset="utf-8")
 
 
@@ -430,9 +432,10 @@ def _import(request: web.Request, doc: dict[str, Any], merge: bool) -> tuple[int
     store = _store(request)
     configs, routing = importers.parse_document(doc, _existing(store))
     check_document_types(doc)
+    groups = scaling_api.imported_groups(request, doc)
     check_unreserved([config.name for config in configs], "instances")
     check_secret_refs(request, [(f"instances[{i}].api_key", c.api_key) for i, c in enumerate(configs)])
-    store.replace_all(configs, routing, merge=merge)
+    store.replace_all(configs, routing, merge=merge, also=scaling_api.import_writer(request, groups, merge))
     return len(configs), store.generation()
 
 

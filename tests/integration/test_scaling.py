@@ -251,3 +251,49 @@ def test_a_restarted_controller_adopts_its_members(gw: Gateway) -> None:
     state = gw.home / "scaling" / "kept"
     wait_for(lambda: not list(state.glob("*.json")), timeout=60, what="members of the deleted group stopped")
     assert gw.admin.get("/admin/instances/kept-1").status_code == 404
+
+
+def test_groups_round_trip_through_export_and_import(gw: Gateway) -> None:
+    (port,) = free_ports(1)
+    # min_instances 0 and no trigger: the group starts nothing.
+    doc = group_doc("carried", port, min_instances=0, triggers={})
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+    stored = gw.admin.get("/admin/scaling/groups/carried").json()["group"]
+    exported = gw.admin.get("/admin/config/export").json()
+    assert exported["scaling_groups"] == [stored]
+    yaml_text = gw.admin.get("/admin/config/export", params={"format": "yaml"}).text
+    assert "scaling_groups:" in yaml_text and "carried" in yaml_text
+
+    # Bad groups in a document: 422 naming the field, nothing changed (groups or instances).
+    before = gw.admin.get("/admin/config/export").json()
+    refused = {**exported, "scaling_groups": [{**stored, "command": {"argv": ["/bin/sh", "-c", "true"]}}]}
+    for bad, field in (
+        (refused, "scaling_groups[0].command.argv.0"),
+        (
+            {**exported, "scaling_groups": [{**stored, "min_instances": "1"}]},
+            "scaling_groups[0].min_instances",
+        ),
+        ({**exported, "scaling_groups": [stored, stored]}, "scaling_groups[1].name"),
+    ):
+        r = gw.admin.post("/admin/config/import", json=bad, params={"mode": "replace"})
+        assert r.status_code == 422, r.text
+        assert field in [e["field"] for e in r.json()["detail"]], r.text
+    assert gw.admin.get("/admin/config/export").json() == before
+
+    # Replace without scaling_groups: the groups stay; with them: they are what the document says.
+    without = {k: val for k, val in exported.items() if k != "scaling_groups"}
+    assert gw.admin.post("/admin/config/import", json=without, params={"mode": "replace"}).status_code == 200
+    assert gw.admin.get("/admin/scaling/groups/carried").json()["group"] == stored
+    assert gw.admin.delete("/admin/scaling/groups/carried").status_code == 204
+    r = gw.admin.post(
+        "/admin/config/import",
+        content=yaml_text,
+        headers={"Content-Type": "application/yaml"},
+        params={"mode": "merge"},
+    )
+    assert r.status_code == 200, r.text
+    assert gw.admin.get("/admin/scaling/groups/carried").json()["group"] == stored
+    assert gw.admin.get("/admin/config/export").json() == exported
+    emptied = {**exported, "scaling_groups": []}
+    assert gw.admin.post("/admin/config/import", json=emptied, params={"mode": "replace"}).status_code == 200
+    assert gw.admin.get("/admin/scaling/groups").json() == {"groups": []}

@@ -102,7 +102,7 @@ class FakeStore:
         self.gen += 1
 
     def replace_all(
-        self, configs: list[InstanceConfig], routing: RoutingConfig | None, *, merge: bool
+        self, configs: list[InstanceConfig], routing: RoutingConfig | None, *, merge: bool, also: Any = None
     ) -> None:
         names = {c.name for c in configs}
         if not merge:

@@ -9,6 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from control_plane.errors import InvalidInput
+from control_plane.registry import importers
+from control_plane.registry.models import RoutingConfig
 from control_plane.scaling.decide import Memory, Sample, Signals, decide, measure, percentile, trend_rpm
 from control_plane.scaling.model import ScalingGroup, substitute
 
@@ -214,3 +217,38 @@ def test_decisions_stay_within_bounds_and_move_one_step(members: int, values: li
         elif d.direction == "in":
             memory = Memory(**{**memory.__dict__, "last_in_at": step * 10.0})
             members = d.target
+
+
+# --- in the export/import document ------------------------------------------------------------------------
+
+
+def test_groups_round_trip_through_the_document() -> None:
+    groups = [group(), group(name="qwen", models=["qwen3"], predictive=True)]
+    document = importers.export_groups(importers.export_document([], RoutingConfig()), groups)
+    for fmt in importers.FORMATS:
+        loaded = importers.load(importers.dump(document, fmt), fmt)
+        assert importers.parse_groups(loaded) == groups
+        assert importers.parse_document(loaded, {}) == ([], RoutingConfig())
+    without = importers.export_groups(importers.export_document([], RoutingConfig()), [])
+    assert "scaling_groups" not in without  # a registry without groups exports as before
+    assert importers.parse_groups(without) is None  # and its import leaves the groups as they are
+    assert importers.parse_groups({"scaling_groups": []}) == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"scaling_groups": {"llama": {}}}, "scaling_groups"),
+        ({"scaling_groups": ["x"]}, "scaling_groups[0]"),
+        ({"scaling_groups": [{"name": "a"}]}, "scaling_groups[0].models"),
+        ({"scaling_groups": [{**group().model_dump(mode="json"), "min_instances": 9}]}, "scaling_groups[0]"),
+        (
+            {"scaling_groups": [group().model_dump(mode="json"), group().model_dump(mode="json")]},
+            "scaling_groups[1].name",
+        ),
+    ],
+)
+def test_bad_groups_in_a_document_name_the_field(raw: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        importers.parse_groups(raw)
+    assert any(e["field"].startswith(field) for e in caught.value.errors), caught.value.errors
