@@ -48,7 +48,9 @@ class Triggers(BaseModel):
     p95_latency_ms: Threshold | None = None
     error_rate: Threshold | None = Field(default=None, description="Failed upstream attempts / attempts, 0-1")
     queue_depth: Threshold | None = Field(
-        default=None, description="Requests waiting on the members, where the backend reports it (vLLM)"
+        default=None,
+        description="Requests waiting per serving member, where the backend reports it: the mean of vLLM's"
+        " vllm:num_requests_waiting over the members' /metrics (a member without it is left out)",
     )
     unhealthy_instances: Threshold | None = None
 

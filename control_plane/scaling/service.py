@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from control_plane.health.logstream import LogRecord
@@ -40,7 +42,7 @@ from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.store import Store
 from control_plane.render.spec import GatewaySpec, World
 from control_plane.scaling.command import CommandDriver, LaunchError, Member, alive, exited
-from control_plane.scaling.decide import Decision, Memory, Sample, Signals, decide, measure
+from control_plane.scaling.decide import Decision, Memory, Sample, Signals, decide, measure, queue_depth
 from control_plane.scaling.model import ScalingGroup
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ BACKOFF_FIRST_S = 5.0
 BACKOFF_MAX_S = 300.0
 READY_POLL_S = 0.2
 GROUP_TAG = "scaling_group="
+METRICS_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+METRICS_MAX_BYTES = 1 << 20
 
 Prober = Callable[[InstanceConfig], Awaitable[ProbeResult]]
 
@@ -64,6 +68,7 @@ class GroupRuntime:
     backoff_until: float = 0.0
     failures: int = 0
     last: Decision | None = None
+    queue_depth: float | None = None  # the queue_depth trigger's value, read before each evaluation
 
 
 def group_of(config: InstanceConfig) -> str | None:
@@ -125,6 +130,7 @@ class ScalingService:
         self.member_group: dict[str, str] = {}  # member name -> its group, from its tag
         self.groups: dict[str, ScalingGroup] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None  # reads members' /metrics (queue_depth)
         reconciler.observers.append(self.on_world)
 
     # --- inputs -------------------------------------------------------------------------------------
@@ -200,7 +206,28 @@ class ScalingService:
             for _, state in serving.values()
             if state.health_status is HealthStatus.UNHEALTHY or state.breaker_state is BreakerState.OPEN
         )
-        return measure(group, runtime.samples, time.time(), group.window_s, len(serving), unhealthy)
+        return measure(
+            group, runtime.samples, time.time(), group.window_s, len(serving), unhealthy, runtime.queue_depth
+        )
+
+    async def _read_queue(self, group: ScalingGroup) -> float | None:
+        """Requests waiting per serving member, from each one's /metrics (vLLM); None when none reports."""
+        urls = []
+        for config, _ in self.serving(group.name).values():
+            parts = urlsplit(config.api_base or "")
+            urls.append(f"{parts.scheme}://{parts.netloc}/metrics")
+        return queue_depth(await asyncio.gather(*(self._get_text(url) for url in urls)))
+
+    async def _get_text(self, url: str) -> str | None:
+        if self._session is None:
+            return None
+        try:
+            async with self._session.get(url, timeout=METRICS_TIMEOUT) as response:
+                if response.status != 200:
+                    return None
+                return (await response.content.read(METRICS_MAX_BYTES)).decode("utf-8", "replace")
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
 
     async def run(self) -> None:
         while True:
@@ -220,6 +247,8 @@ class ScalingService:
             action = self._housekeeping(group)
             if action is None and now >= runtime.next_eval:
                 runtime.next_eval = now + group.evaluation_interval_s
+                if group.triggers.queue_depth is not None:
+                    runtime.queue_depth = await self._read_queue(group)
                 action = self._evaluate(group, runtime, now)
             if action is not None:
                 self._start(runtime, action)
@@ -433,6 +462,7 @@ class ScalingService:
             await self._record(event, "ok", instance=member.name, reason="its group was deleted")
 
     async def context(self) -> AsyncIterator[None]:
+        self._session = aiohttp.ClientSession()
         task = asyncio.create_task(self.run(), name="autoscaler")
         try:
             yield
@@ -440,6 +470,7 @@ class ScalingService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await self._session.close()
             for running in list(self._tasks):
                 running.cancel()
 

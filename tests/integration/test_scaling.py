@@ -297,3 +297,47 @@ def test_groups_round_trip_through_export_and_import(gw: Gateway) -> None:
     emptied = {**exported, "scaling_groups": []}
     assert gw.admin.post("/admin/config/import", json=emptied, params={"mode": "replace"}).status_code == 200
     assert gw.admin.get("/admin/scaling/groups").json() == {"groups": []}
+
+
+def test_a_queue_reported_by_vllm_metrics_scales_out_then_in(gw: Gateway) -> None:
+    (port,) = free_ports(1)
+    doc = group_doc(
+        "queued",
+        port,
+        max_instances=2,
+        template={"provider_type": "vllm", "api_path": "/v1", "health": {"probe_interval_s": 1}},
+        triggers={"queue_depth": {"scale_out_above": 4, "scale_in_below": 1}},
+        sustain_s=0.5,
+        cooldown_in_s=2,
+    )
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+    wait_for(lambda: serving(gw, "queued") == ["queued-1"], timeout=40, what="the first member")
+    first = members(gw, "queued")[0]["port"]
+    # The stand-in's GET /metrics reports vllm:num_requests_waiting as set here (no traffic needed).
+    assert httpx.post(f"http://127.0.0.1:{first}/_load", json={"waiting": 10}).status_code == 200
+    def scaled(direction: str) -> list[dict[str, Any]]:
+        found = events(gw, "queued")
+        return [e for e in found if e["direction"] == direction and e["trigger"] != "min_instances"]
+
+    wait_for(lambda: scaled("out"), timeout=40, what="a scale-out on the queue")
+    (out,) = scaled("out")
+    assert (out["outcome"], out["trigger"], out["from"], out["to"]) == ("ok", "queue_depth", 1, 2), out
+    (seen,) = out["measured"]
+    assert (seen["trigger"], seen["value"], seen["scale_out_above"]) == ("queue_depth", 10.0, 4.0), out
+    assert serving(gw, "queued") == ["queued-1", "queued-2"]
+
+    def measured() -> float | None:
+        triggers = gw.admin.get("/admin/scaling/groups/queued").json()["evaluation"]["triggers"]
+        return float(triggers[0]["value"]) if triggers[0]["value"] is not None else None
+
+    # 10 waiting on one member, none on the new one: 5 per member, over 4 but at max_instances.
+    wait_for(lambda: measured() == 5.0, timeout=10, what="the queue measured over both members")
+    assert "max_instances 2" in gw.admin.get("/admin/scaling/groups/queued").json()["evaluation"]["reason"]
+    assert httpx.post(f"http://127.0.0.1:{first}/_load", json={"waiting": 0}).status_code == 200
+    wait_for(lambda: scaled("in"), timeout=40, what="a scale-in once the queue is gone")
+    (scaled_in,) = scaled("in")
+    assert scaled_in["outcome"] == "ok" and scaled_in["measured"][0]["value"] == 0.0, scaled_in
+    assert serving(gw, "queued") == ["queued-1"]
+    assert gw.admin.delete("/admin/scaling/groups/queued").status_code == 204
+    state = gw.home / "scaling" / "queued"
+    wait_for(lambda: not list(state.glob("*.json")), timeout=60, what="members of the deleted group stopped")

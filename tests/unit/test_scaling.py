@@ -12,7 +12,16 @@ from pydantic import ValidationError
 from control_plane.errors import InvalidInput
 from control_plane.registry import importers
 from control_plane.registry.models import RoutingConfig
-from control_plane.scaling.decide import Memory, Sample, Signals, decide, measure, percentile, trend_rpm
+from control_plane.scaling.decide import (
+    Memory,
+    Sample,
+    Signals,
+    decide,
+    measure,
+    percentile,
+    queue_depth,
+    trend_rpm,
+)
 from control_plane.scaling.model import ScalingGroup, substitute
 
 
@@ -102,6 +111,24 @@ def test_measure_by_rpm_when_only_max_rpm_is_set() -> None:
     assert measure(none, samples, 100.0, 60.0, members=2, unhealthy=0).values["utilisation"] is None
 
 
+def test_queue_depth_is_the_mean_waiting_over_the_members_that_report_it() -> None:
+    vllm = (
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{model_name="a"} 3.0\n'
+        'vllm:num_requests_waiting{model_name="b"} 2.0\n'
+        'vllm:num_requests_running{model_name="a"} 9.0\n'
+    )
+    assert queue_depth([vllm]) == 5.0  # summed over its label sets
+    assert queue_depth([vllm, "vllm:num_requests_waiting 1\n"]) == 3.0
+    # A member that did not answer, or answered without the metric, is left out; none at all: unmeasurable.
+    assert queue_depth([vllm, None, "", "other_metric 7\n", "vllm:num_requests_waiting NaN\n"]) == 5.0
+    assert queue_depth([None, "vllm:num_requests_running 4\n"]) is None
+    assert queue_depth([]) is None
+    assert queue_depth(["vllm:num_requests_waiting -2\n"]) == 0.0
+    measured = measure(group(), [], 10.0, 60.0, members=2, unhealthy=0, queue_depth=5.0)
+    assert measured.values["queue_depth"] == 5.0
+
+
 def test_percentile_nearest_rank() -> None:
     assert percentile([5.0], 0.95) == 5.0
     assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
@@ -164,6 +191,29 @@ def test_scale_in_needs_every_trigger_under_for_cooldown_in_s() -> None:
     assert (d.direction, d.target) == ("in", 2)
     d, _ = decide(g, Signals(1, {"utilisation": 0.0, "p95_latency_ms": None}, 0.0), m, 500.0)
     assert d.direction == "hold"  # never below min_instances
+
+
+def test_queue_depth_scales_out_and_an_unreported_queue_does_not_hold_a_scale_in() -> None:
+    g = group(
+        sustain_s=0,
+        triggers={
+            "utilisation": {"scale_out_above": 0.8, "scale_in_below": 0.3},
+            "queue_depth": {"scale_out_above": 4, "scale_in_below": 1},
+        },
+    )
+    queued = Signals(2, {"utilisation": 0.2, "queue_depth": 6.0}, 10.0)
+    d, _ = decide(g, queued, Memory(), 0.0)
+    assert (d.direction, d.target, d.trigger) == ("out", 3, "queue_depth")
+    assert "queue_depth 6 > 4" in d.reason
+    view = {t.name: t for t in d.triggers}["queue_depth"]
+    assert (view.value, view.scale_out_above, view.scale_in_below) == (6.0, 4.0, 1.0)
+    waiting = Signals(2, {"utilisation": 0.1, "queue_depth": 2.0}, 10.0)  # in the band: no scale in
+    d, m = decide(g, waiting, Memory(), 0.0)
+    assert d.direction == "hold" and m.all_under_since is None
+    unreported = Signals(2, {"utilisation": 0.1, "queue_depth": None}, 10.0)
+    _, m = decide(g, unreported, Memory(), 0.0)
+    d, _ = decide(g, unreported, m, 60.0)
+    assert (d.direction, d.target) == ("in", 1)
 
 
 def test_no_scale_in_soon_after_a_scale_out() -> None:
