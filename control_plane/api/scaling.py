@@ -122,6 +122,18 @@ async def list_events(request: web.Request) -> web.Response:
     return web.json_response({"events": events})
 
 
+# -- the status page -----------------------------------------------------------------------------------------
+
+EVENTS_SHOWN = 3
+
+
+async def overview(app: web.Application) -> list[dict[str, Any]] | None:
+    """The scaling groups for the status page (GET /, GET /admin/overview); None without an autoscaler."""
+    if SCALING not in app:
+        return None
+    return await asyncio.to_thread(app[SCALING].overview, EVENTS_SHOWN)
+
+
 # -- the export/import document (GET /admin/config/export, POST /admin/config/import) --------------------
 
 

@@ -198,6 +198,30 @@ class ScalingService:
             "log": member.log if member else None,
         }
 
+    def overview(self, events_per_group: int) -> list[dict[str, Any]]:
+        """Each group as the status page shows it: members serving against desired, bounds, the last
+        evaluation's reason and the newest events. Blocking (reads the registry): run in a thread."""
+        views = []
+        for name, group in self.scaling.groups().items():
+            runtime = self.runtime.get(name) or GroupRuntime()
+            current = len(self.serving(name))
+            last = runtime.last
+            views.append(
+                {
+                    "name": name,
+                    "models": list(group.models),
+                    "current": current,
+                    "desired": last.target if last is not None else current,
+                    "min": group.min_instances,
+                    "max": group.max_instances,
+                    "starting": max(0, len(self.driver.members(name)) - len(self.registered(name))),
+                    "busy": runtime.busy,
+                    "evaluation": last.reason if last is not None else "not evaluated yet",
+                    "events": self.scaling.events(name, events_per_group),
+                }
+            )
+        return views
+
     # --- the loop -----------------------------------------------------------------------------------
     def _signals(self, group: ScalingGroup, runtime: GroupRuntime) -> Signals:
         serving = self.serving(group.name)

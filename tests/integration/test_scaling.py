@@ -325,6 +325,10 @@ def test_a_queue_reported_by_vllm_metrics_scales_out_then_in(gw: Gateway) -> Non
     (seen,) = out["measured"]
     assert (seen["trigger"], seen["value"], seen["scale_out_above"]) == ("queue_depth", 10.0, 4.0), out
     assert serving(gw, "queued") == ["queued-1", "queued-2"]
+    # The status page's view: serving against desired and the newest events.
+    (view,) = [g for g in gw.admin.get("/admin/overview").json()["scaling"] if g["name"] == "queued"]
+    assert (view["current"], view["min"], view["max"]) == (2, 1, 2), view
+    assert view["events"][0]["direction"] == "out" and view["events"][0]["counts"] == "1 \u2192 2", view
 
     def measured() -> float | None:
         triggers = gw.admin.get("/admin/scaling/groups/queued").json()["evaluation"]["triggers"]
