@@ -41,9 +41,10 @@ def _name(request: web.Request) -> str:
 
 async def _group_body(request: web.Request) -> ScalingGroup:
     group = validate_strict(ScalingGroup, await read_object(request))
-    refused = _service(request).driver.refusal(group)
+    driver = _service(request).driver
+    refused = driver.refusal(group)
     if refused:
-        raise _invalid("command.argv.0", refused)
+        raise _invalid(driver.field(group), refused)
     return group
 
 
@@ -164,9 +165,10 @@ def imported_groups(request: web.Request, doc: dict[str, Any]) -> list[ScalingGr
             validate_strict(ScalingGroup, raw)
         except ValidationError as exc:
             errors += [{**e, "field": f"{prefix}.{e['field']}"} for e in validation_details(exc)]
-        refused = _service(request).driver.refusal(group)
+        driver = _service(request).driver
+        refused = driver.refusal(group)
         if refused:
-            errors.append({"field": f"{prefix}.command.argv.0", "message": refused})
+            errors.append({"field": f"{prefix}.{driver.field(group)}", "message": refused})
     if errors:
         raise InvalidInput(errors)
     return groups

@@ -41,8 +41,10 @@ from control_plane.registry.models import (
 from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.store import Store
 from control_plane.render.spec import GatewaySpec, World
-from control_plane.scaling.command import CommandDriver, LaunchError, Member, alive, exited
+from control_plane.scaling.command import LaunchError, Member, exited
 from control_plane.scaling.decide import Decision, Memory, Sample, Signals, decide, measure, queue_depth
+from control_plane.scaling.docker import DockerError
+from control_plane.scaling.drivers import Drivers
 from control_plane.scaling.model import ScalingGroup
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ class ScalingService:
         store: Store,
         reconciler: Reconciler,
         nginx: NginxProcess,
-        driver: CommandDriver,
+        driver: Drivers,
         prober: Prober,
         addresses: Callable[[], dict[str, str]],
         registry: CollectorRegistry | None = None,
@@ -131,6 +133,7 @@ class ScalingService:
         self.groups: dict[str, ScalingGroup] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None  # reads members' /metrics (queue_depth)
+        self._docker_warned = False
         reconciler.observers.append(self.on_world)
 
     # --- inputs -------------------------------------------------------------------------------------
@@ -194,7 +197,8 @@ class ScalingService:
             "status": str(state.status) if state else "starting",
             "health": str(state.health_status) if state else "unknown",
             "port": member.port if member else None,
-            "pid": member.pid if member else None,
+            "pid": member.pid if member and member.pid else None,
+            "driver": member.driver if member else None,
             "log": member.log if member else None,
         }
 
@@ -261,13 +265,32 @@ class ScalingService:
                 log.exception("scaling pass failed")
             await asyncio.sleep(TICK_S)
 
+    async def _refresh_docker(self) -> bool:
+        """The docker driver's view of the engine, read on each pass that needs it (a docker group, or the
+        first pass: members of a group deleted while the controller was down); False: not readable now."""
+        docker = self.driver.docker
+        if docker is None:
+            return False
+        if docker.refreshed and not any(g.driver == "docker" for g in self.groups.values()):
+            return True
+        try:
+            await docker.refresh()
+        except DockerError as exc:
+            if docker.refreshed or not self._docker_warned:
+                log.warning("scaling: %s", exc)
+                self._docker_warned = True
+            docker.refreshed = False
+            return False
+        return True
+
     async def tick(self) -> None:
         self.groups = await asyncio.to_thread(self.scaling.groups)
+        docker_ok = await self._refresh_docker()
         now = time.monotonic()
         for name, group in self.groups.items():
             runtime = self.runtime.setdefault(name, GroupRuntime())
-            if runtime.busy:
-                continue
+            if runtime.busy or (group.driver == "docker" and not docker_ok):
+                continue  # a docker group waits for the engine: nothing is known about its containers
             action = self._housekeeping(group)
             if action is None and now >= runtime.next_eval:
                 runtime.next_eval = now + group.evaluation_interval_s
@@ -400,9 +423,9 @@ class ScalingService:
         deadline = time.monotonic() + group.ready_timeout_s
         detail = "no probe yet"
         while time.monotonic() < deadline:
-            code = self.driver.exit_code(member)
-            if code is not None or not alive(member):
-                raise LaunchError(f"exited (code {code}) before its first healthy probe; log {member.log}")
+            gone = await self.driver.gone(member)
+            if gone is not None:
+                raise LaunchError(f"{gone}, before its first healthy probe")
             result = await self.prober(config)
             if result.outcome is Outcome.OK:
                 return
@@ -495,6 +518,7 @@ class ScalingService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await self._session.close()
+            await self.driver.close()
             for running in list(self._tasks):
                 running.cancel()
 
