@@ -131,7 +131,7 @@ class DockerDriver:
         return None
 
     async def refresh(self) -> None:
-        """The running containers this gateway owns, by their labels; those that stopped are removed."""
+        """The running containers this gateway owns, by their labels; those that exited are removed."""
         filters = quote(json.dumps({"label": [f"{LABEL}gateway={self.gateway}"]}))
         status, data = await self._call("GET", f"/containers/json?all=true&filters={filters}")
         if status != 200 or not isinstance(data, list):
@@ -141,9 +141,10 @@ class DockerDriver:
             member = member_of(container, self.gateway)
             if member is None:
                 continue
-            if container.get("State") == "running":
+            state = container.get("State")
+            if state == "running":
                 found.setdefault(member.group, {})[member.name] = member
-            else:
+            elif state in ("exited", "dead"):  # not "created": a launch may be between create and start
                 await self._remove(member.started)
         self._members = found
         self.refreshed = True

@@ -22,7 +22,8 @@ from control_plane.scaling.decide import (
     queue_depth,
     trend_rpm,
 )
-from control_plane.scaling.model import ScalingGroup, substitute
+from control_plane.scaling.docker import container_spec, member_of, socket_path
+from control_plane.scaling.model import DockerLaunch, ScalingGroup, substitute
 
 
 def group(**changes: Any) -> ScalingGroup:
@@ -302,3 +303,82 @@ def test_bad_groups_in_a_document_name_the_field(raw: dict[str, Any], field: str
     with pytest.raises(InvalidInput) as caught:
         importers.parse_groups(raw)
     assert any(e["field"].startswith(field) for e in caught.value.errors), caught.value.errors
+
+
+# --- the docker driver's pure parts ------------------------------------------------------------------------
+
+
+def docker_group(**docker: Any) -> ScalingGroup:
+    spec = {"image": "localhost/vllm:1", **docker}
+    return group(name="gpu", driver="docker", command=None, docker=spec)
+
+
+def test_a_group_has_the_launch_spec_of_its_driver_only() -> None:
+    assert docker_group().docker is not None and docker_group().command is None
+    for changes, message in (
+        ({"driver": "docker"}, "needs its launch spec 'docker'"),  # and keeps the command spec
+        ({"command": None}, "needs its launch spec 'command'"),
+        ({"docker": {"image": "a:1"}}, "'docker' is the launch spec of driver docker"),
+        ({"driver": "docker", "command": None, "docker": {"image": "a b"}}, "image"),
+        ({"driver": "docker", "command": None, "docker": {"image": "a", "gpus": 0}}, "gpus"),
+        ({"driver": "docker", "command": None, "docker": {"image": "a", "env": {"A=": "b"}}}, "env"),
+        ({"driver": "docker", "command": None, "docker": {"image": "a", "privileged": True}}, "privileged"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            group(**changes)
+        assert message in str(caught.value), (changes, str(caught.value))
+
+
+def test_container_spec_publishes_on_loopback_with_labels_and_placeholders() -> None:
+    g = docker_group(
+        command=["--port", "8000", "--served-model-name", "{name}"],
+        env={"SLOT": "{index}", "PUBLIC": "127.0.0.1:{port}"},
+        container_port=8000,
+        gpus="all",
+    )
+    body = container_spec(g, g.docker, "abc123", 2, 20005)  # type: ignore[arg-type]
+    assert body["Image"] == "localhost/vllm:1"
+    assert body["Cmd"] == ["--port", "8000", "--served-model-name", "gpu-2"]
+    assert body["Env"] == ["PUBLIC=127.0.0.1:20005", "SLOT=2"]
+    assert body["HostConfig"]["PortBindings"] == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20005"}]}
+    assert body["HostConfig"]["DeviceRequests"] == [{"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}]
+    assert set(body["HostConfig"]) == {"PortBindings", "RestartPolicy", "DeviceRequests"}  # nothing else
+    labels = body["Labels"]
+    assert labels == {
+        "io.ishgw.gateway": "abc123",
+        "io.ishgw.group": "gpu",
+        "io.ishgw.member": "gpu-2",
+        "io.ishgw.index": "2",
+        "io.ishgw.port": "20005",
+    }
+    plain = docker_group()
+    body = container_spec(plain, plain.docker, "abc123", 1, 20001)  # type: ignore[arg-type]
+    assert "Cmd" not in body and "DeviceRequests" not in body["HostConfig"]  # the image's own command
+    assert body["ExposedPorts"] == {"20001/tcp": {}}  # no container_port: {port} inside too
+    assert (
+        container_spec(plain, DockerLaunch(image="a", gpus=2), "x", 1, 1)["HostConfig"]["DeviceRequests"][0][
+            "Count"
+        ]
+        == 2
+    )
+
+    # Back from GET /containers/json: ours by the gateway label, the container id kept.
+    listed = {"Id": "f" * 64, "Labels": labels, "State": "running"}
+    member = member_of(listed, "abc123")
+    assert member is not None and (member.name, member.index, member.port, member.driver) == (
+        "gpu-2",
+        2,
+        20005,
+        "docker",
+    )
+    assert member.started == "f" * 64
+    assert member_of(listed, "other-gateway") is None
+    assert member_of({"Id": "x", "Labels": {**labels, "io.ishgw.port": "x"}}, "abc123") is None
+    assert member_of({"Id": "x", "Labels": None}, "abc123") is None
+
+
+def test_docker_host_is_a_unix_socket() -> None:
+    assert socket_path("unix:///run/podman/podman.sock") == "/run/podman/podman.sock"
+    for bad in ("tcp://127.0.0.1:2375", "unix://", "/run/docker.sock"):
+        with pytest.raises(ValueError):
+            socket_path(bad)
