@@ -96,7 +96,8 @@ def paths() -> Schema:
             ),
             "post": _op(
                 "create_scaling_group",
-                "Create a scaling group (its command must be one ISHGW_SCALING_COMMANDS allows)",
+                "Create a scaling group (its command must be one ISHGW_SCALING_COMMANDS allows; its docker"
+                " image one ISHGW_SCALING_IMAGES allows)",
                 {**_ok("Created", "ScalingGroupView", "201"), **_errors(409, *BODY_ERRORS)},
                 requestBody=_body("ScalingGroup"),
             ),
