@@ -41,6 +41,8 @@ from control_plane.registry.usage import UsageStore
 from control_plane.render.spec import ServerSettings
 from control_plane.routing.service import WeightsService
 from control_plane.scaling.command import CommandDriver
+from control_plane.scaling.docker import DockerDriver
+from control_plane.scaling.drivers import Drivers
 from control_plane.scaling.service import ScalingService
 from control_plane.settings import MAX_RUN_DIR_LEN, Settings
 from control_plane.state_metrics import StateCollector, StubReader
@@ -290,7 +292,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         store,
         reconciler,
         nginx,
-        CommandDriver(settings.home / "scaling", frozenset(settings.scaling_commands)),
+        Drivers(
+            CommandDriver(settings.home / "scaling", frozenset(settings.scaling_commands)),
+            DockerDriver(settings.docker_host, settings.home, frozenset(settings.scaling_images)),
+        ),
         health.probe_config,
         lambda: health.tracker.addresses,
         metrics.registry,

@@ -114,6 +114,17 @@ class Settings(EdgeSettings):
         description="Absolute paths of the programs scaling groups may start (the command driver's argv[0]);"
         " empty: the command driver starts nothing",
     )
+    scaling_images: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Images scaling groups of driver docker may start (exact references, comma separated);"
+        " empty: the docker driver starts nothing",
+    )
+    docker_host: str = Field(
+        default="unix:///var/run/docker.sock",
+        max_length=4096,
+        description="The Docker Engine API the docker driver uses: unix:///path (Docker's socket, or podman's"
+        " from `podman system service`)",
+    )
     stream_usage: Literal["on", "off"] = Field(
         default="on",
         description="With usage accounting: an OpenAI chat/completions stream that did not ask for usage is"
@@ -203,7 +214,9 @@ class Settings(EdgeSettings):
             return _BOOL_WORDS.get(word, word)
         return value
 
-    @field_validator("status_allow", "secret_dirs", "domain", "scaling_commands", mode="before")
+    @field_validator(
+        "status_allow", "secret_dirs", "domain", "scaling_commands", "scaling_images", mode="before"
+    )
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
@@ -216,6 +229,13 @@ class Settings(EdgeSettings):
         for path in value:
             if not os.path.isabs(path) or "\x00" in path:
                 raise ValueError(f"{path!r}: each entry is an absolute path")
+        return value
+
+    @field_validator("docker_host")
+    @classmethod
+    def _unix_socket(cls, value: str) -> str:
+        if not value.startswith("unix:///") or "\x00" in value:
+            raise ValueError("a unix socket: unix:///path")
         return value
 
     @field_validator("domain")

@@ -64,6 +64,10 @@ and every later command reads them from there, so nothing has to be exported aga
   ISHGW_KEY_DEFAULT_RPM 0                                   rate of client keys created without rpm_limit (0: none)
   ISHGW_SCALING_COMMANDS (none)                            programs scaling groups may start (absolute paths, comma
                                                             separated); empty: the command driver starts nothing
+  ISHGW_SCALING_IMAGES (none)                              images scaling groups of driver docker may start (exact
+                                                            references, comma separated); empty: none
+  ISHGW_DOCKER_HOST unix:///var/run/docker.sock            the Docker Engine API socket of the docker driver (or
+                                                            the socket of podman's system service)
   ISHGW_METRICS_KEY_LABEL false                             add a key label to ishgw_tokens_total / ishgw_cost_usd_total
   ISHGW_ALERT_WEBHOOK_URLS (none)                           alert webhooks (comma separated http(s) URLs): JSON with a
                                                             Slack-compatible "text"

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from control_plane.api import scaling as scaling_api
 from control_plane.api.app_keys import STORE
 from control_plane.api.apply import answer_applied, wants_wait
 from control_plane.api.bodies import (
@@ -23,6 +24,7 @@ from control_plane.api.instances import check_secret_refs, check_unreserved
 from control_plane.errors import InvalidInput
 from control_plane.registry import importers
 from control_plane.registry.models import InstanceConfig, InstanceState
+from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.store import Store
 
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
@@ -119,9 +121,10 @@ async def migrate(request: web.Request) -> web.Response:
 # -- export and import -----------------------------------------------------------------------------------
 
 
-def _export(store: Store, fmt: str) -> str:
+def _export(store: Store, fmt: str, scaling: ScalingStore | None = None) -> str:
     configs = [config for config, _ in store.list_instances()]
-    return importers.dump(importers.export_document(configs, store.get_routing()), fmt)
+    document = scaling_api.with_groups(scaling, importers.export_document(configs, store.get_routing()))
+    return importers.dump(document, fmt)
 
 
 def _export_legacy(store: Store) -> str:
@@ -133,7 +136,7 @@ async def export_config(request: web.Request) -> web.Response:
     if fmt == LEGACY_EXPORT:  # the legacy instance_configs.json + instance_states.json pair, one object
         text = await run(_export_legacy, request.app[STORE])
         return web.Response(text=text, content_type="application/json", charset="utf-8")
-    text = await run(_export, request.app[STORE], fmt)
+    text = await run(_export, request.app[STORE], fmt, scaling_api.groups_store(request.app))
     return web.Response(text=text, content_type=EXPORT_TYPES[fmt], charset="utf-8")
 
 
@@ -155,9 +158,10 @@ async def _read_document(request: web.Request) -> dict[str, Any]:
 def _import(request: web.Request, doc: dict[str, Any], merge: bool) -> tuple[int, int]:
     store = request.app[STORE]
     configs, routing = importers.parse_document(doc, _existing(store))
+    groups = scaling_api.imported_groups(request, doc)
     check_unreserved([config.name for config in configs], "instances")
     check_secret_refs(request, [(f"instances[{i}].api_key", c.api_key) for i, c in enumerate(configs)])
-    store.replace_all(configs, routing, merge=merge)
+    store.replace_all(configs, routing, merge=merge, also=scaling_api.import_writer(request, groups, merge))
     return len(configs), store.generation()
 
 

@@ -215,6 +215,13 @@ def _document_schemas() -> dict[str, Schema]:
                 "version": {"const": 1},
                 "routing": ref("RoutingConfig"),
                 "instances": {"type": "array", "items": ref("InstanceConfig")},
+                "scaling_groups": {
+                    "type": "array",
+                    "description": "Scaling groups (names unique). Their members are in instances like any"
+                    " instance. Left out of an export without groups; left out of an import, the groups stay"
+                    " as they are; in a replace import, the only groups.",
+                    "items": ref("ScalingGroup"),
+                },
             },
             ["version", "routing", "instances"],
         ),
@@ -228,6 +235,13 @@ def _document_schemas() -> dict[str, Schema]:
                     "description": "Names must be unique. A masked api_key keeps the existing instance's key "
                     "(none for a new one).",
                     "items": ref("InstanceConfig"),
+                },
+                "scaling_groups": {
+                    "type": "array",
+                    "description": "Scaling groups (names unique). Their members are in instances like any"
+                    " instance. Left out of an export without groups; left out of an import, the groups stay"
+                    " as they are; in a replace import, the only groups.",
+                    "items": ref("ScalingGroup"),
                 },
             },
             ["instances"],

@@ -367,7 +367,8 @@ SCALING_ROUTES = (
         scaling.create_group,
         "create_scaling_group",
         Operation(
-            "Create a scaling group (its command must be one ISHGW_SCALING_COMMANDS allows)",
+            "Create a scaling group (its command must be one ISHGW_SCALING_COMMANDS allows; its docker"
+            " image one ISHGW_SCALING_IMAGES allows)",
             ok_response("Created", "ScalingGroupView", "201"),
             (409, *BODY_ERRORS),
             body=json_body("ScalingGroup"),

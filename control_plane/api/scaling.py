@@ -4,14 +4,19 @@ evaluation) and /admin/scaling/events (newest first)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
+from sqlalchemy.engine import Connection
 
 from control_plane.api.app_keys import SCALING
-from control_plane.api.bodies import invalid, path_name, read_object, validate_strict
-from control_plane.errors import NotFound
+from control_plane.api.bodies import invalid, path_name, read_object, validate_strict, validation_details
+from control_plane.errors import InvalidInput, NotFound
+from control_plane.registry import importers
 from control_plane.registry import validators as v
+from control_plane.registry.scaling import ScalingStore
 from control_plane.scaling.model import ScalingGroup
 from control_plane.scaling.service import ScalingService
 
@@ -24,9 +29,10 @@ def _service(request: web.Request) -> ScalingService:
 
 async def _group_body(request: web.Request) -> ScalingGroup:
     group = validate_strict(ScalingGroup, await read_object(request))
-    refused = _service(request).driver.refusal(group)
+    driver = _service(request).driver
+    refused = driver.refusal(group)
     if refused:
-        raise invalid("command.argv.0", refused)
+        raise invalid(driver.field(group), refused)
     return group
 
 
@@ -103,3 +109,61 @@ async def list_events(request: web.Request) -> web.Response:
     before = _int(request, "before", 1, 2**62, None)
     events = await asyncio.to_thread(service.scaling.events, group, limit, before)
     return web.json_response({"events": events})
+
+
+# -- the status page -----------------------------------------------------------------------------------------
+
+EVENTS_SHOWN = 3
+
+
+async def overview(app: web.Application) -> list[dict[str, Any]] | None:
+    """The scaling groups for the status page (GET /, GET /admin/overview); None without an autoscaler."""
+    if SCALING not in app:
+        return None
+    return await asyncio.to_thread(app[SCALING].overview, EVENTS_SHOWN)
+
+
+# -- the export/import document (GET /admin/config/export, POST /admin/config/import) --------------------
+
+
+def groups_store(app: web.Application) -> ScalingStore | None:
+    """Where the scaling groups are; None in an app built without the autoscaler."""
+    return app[SCALING].scaling if SCALING in app else None
+
+
+def with_groups(scaling: ScalingStore | None, document: dict[str, Any]) -> dict[str, Any]:
+    """An exported document with the registry's scaling groups. Blocking: run in a thread."""
+    if scaling is None:
+        return document
+    return importers.export_groups(document, list(scaling.groups().values()))
+
+
+def imported_groups(request: web.Request, doc: dict[str, Any]) -> list[ScalingGroup] | None:
+    """The document's scaling groups, checked as POST /admin/scaling/groups checks one (strict types, the
+    command allow-list); None when the document has none."""
+    groups = importers.parse_groups(doc)
+    if groups is None:
+        return None
+    if SCALING not in request.app:
+        raise invalid("scaling_groups", "this controller runs no autoscaler")
+    errors: list[dict[str, str]] = []
+    for index, (raw, group) in enumerate(zip(doc["scaling_groups"], groups, strict=True)):
+        prefix = f"scaling_groups[{index}]"
+        try:
+            validate_strict(ScalingGroup, raw)
+        except ValidationError as exc:
+            errors += [{**e, "field": f"{prefix}.{e['field']}"} for e in validation_details(exc)]
+        driver = _service(request).driver
+        refused = driver.refusal(group)
+        if refused:
+            errors.append({"field": f"{prefix}.{driver.field(group)}", "message": refused})
+    if errors:
+        raise InvalidInput(errors)
+    return groups
+
+
+def import_writer(
+    request: web.Request, groups: list[ScalingGroup] | None, merge: bool
+) -> Callable[[Connection], None] | None:
+    """What writes the groups in the import's transaction; None leaves the groups as they are."""
+    return None if groups is None else _service(request).scaling.importer(groups, merge=merge)

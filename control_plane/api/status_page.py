@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from control_plane.api import scaling as scaling_api
 from control_plane.api.app_keys import ADMIN_KEY, HEALTH, RECONCILER, SETTINGS, STORE
 from control_plane.api.auth import AUTH_FAILED, AUTH_THROTTLE, key_matches
 from control_plane.api.bodies import ApiError, literal_keys, redact
@@ -134,6 +135,7 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
         alerts=_alerts(request),
         refresh_s=app[SETTINGS].status_refresh_s,
         errors=errors,
+        scaling=await scaling_api.overview(app),
     )
     return model.build(inputs)
 

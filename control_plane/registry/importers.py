@@ -30,6 +30,7 @@ from control_plane.registry.models import (
     is_masked,
     mask_secret,
 )
+from control_plane.scaling.model import ScalingGroup
 
 DOCUMENT_VERSION = 1
 FORMATS = ("json", "yaml")
@@ -119,6 +120,47 @@ def export_document(configs: list[InstanceConfig], routing: RoutingConfig) -> di
         item["api_key"] = mask_secret(config.api_key)
         exported.append(item)
     return {"version": DOCUMENT_VERSION, "routing": routing.model_dump(mode="json"), "instances": exported}
+
+
+def export_groups(document: dict[str, Any], groups: list[ScalingGroup]) -> dict[str, Any]:
+    """The document with the scaling groups, when there are any (a registry without them exports as before).
+    Their members are instances of the document like any other."""
+    if groups:
+        document["scaling_groups"] = [group.model_dump(mode="json") for group in groups]
+    return document
+
+
+def parse_groups(doc: dict[str, Any]) -> list[ScalingGroup] | None:
+    """The document's ``scaling_groups``, validated; None when it has none (an import leaves groups as they
+    are). Errors name ``scaling_groups[i].<field>``."""
+    raw = doc.get("scaling_groups")
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise InvalidInput(
+            [{"field": "scaling_groups", "message": f"must be an array, got {_type_name(raw)}"}]
+        )
+    errors: Errors = []
+    groups: list[ScalingGroup] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(raw):
+        prefix = f"scaling_groups[{index}]"
+        if not isinstance(item, dict):
+            errors.append({"field": prefix, "message": f"must be an object, got {_type_name(item)}"})
+            continue
+        name = item.get("name")
+        if isinstance(name, str) and name in seen:
+            message = f"duplicate scaling group name {name!r} (also scaling_groups[{seen[name]}])"
+            errors.append({"field": f"{prefix}.name", "message": message})
+        elif isinstance(name, str):
+            seen[name] = index
+        try:
+            groups.append(ScalingGroup.model_validate(item))
+        except ValidationError as exc:
+            errors.extend(_errors(prefix, exc))
+    if errors:
+        raise InvalidInput(errors)
+    return groups
 
 
 def export_legacy(pairs: list[tuple[InstanceConfig, InstanceState]]) -> dict[str, Any]:
@@ -234,7 +276,7 @@ def parse_document(
     if not isinstance(doc, dict):
         raise InvalidInput([{"field": "body", "message": "document must be an object"}])
     for key in doc:
-        if key not in ("version", "routing", "instances"):
+        if key not in ("version", "routing", "instances", "scaling_groups"):
             errors.append({"field": str(key), "message": "unknown top-level key"})
     version = doc.get("version", DOCUMENT_VERSION)
     if isinstance(version, bool) or version != DOCUMENT_VERSION:

@@ -8,10 +8,12 @@ to the newest ``EVENTS_KEPT``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, desc, insert, select, update
+from sqlalchemy.engine import Connection
 
 from control_plane.errors import Conflict, NotFound
 from control_plane.registry.store import Store, scaling_events, settings
@@ -19,6 +21,17 @@ from control_plane.scaling.model import ScalingGroup
 
 GROUPS_KEY = "scaling_groups"
 EVENTS_KEPT = 10_000
+
+
+def _change_groups(conn: Connection, change: Callable[[dict[str, Any]], None]) -> None:
+    raw = conn.execute(select(settings.c.value).where(settings.c.key == GROUPS_KEY)).scalar()
+    documents: dict[str, Any] = json.loads(raw) if raw is not None else {}
+    change(documents)
+    value = json.dumps(documents, sort_keys=True, separators=(",", ":"))
+    if raw is None:
+        conn.execute(insert(settings).values(key=GROUPS_KEY, value=value))
+    else:
+        conn.execute(update(settings).where(settings.c.key == GROUPS_KEY).values(value=value))
 
 
 class ScalingStore:
@@ -33,18 +46,22 @@ class ScalingStore:
         documents: dict[str, Any] = json.loads(raw) if raw is not None else {}
         return {name: ScalingGroup.model_validate(doc) for name, doc in sorted(documents.items())}
 
-    def _write_groups(self, change: Any) -> ScalingGroup | None:
+    def _write_groups(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Read, change (a function of the dict of documents) and write back in one write transaction."""
         with self.store._write() as conn:
-            raw = conn.execute(select(settings.c.value).where(settings.c.key == GROUPS_KEY)).scalar()
-            documents: dict[str, Any] = json.loads(raw) if raw is not None else {}
-            result = change(documents)
-            value = json.dumps(documents, sort_keys=True, separators=(",", ":"))
-            if raw is None:
-                conn.execute(insert(settings).values(key=GROUPS_KEY, value=value))
-            else:
-                conn.execute(update(settings).where(settings.c.key == GROUPS_KEY).values(value=value))
-            return result  # type: ignore[no-any-return]
+            _change_groups(conn, change)
+
+    def importer(self, groups: list[ScalingGroup], *, merge: bool) -> Callable[[Connection], None]:
+        """The groups of an imported document, written in the import's transaction: merge replaces or adds
+        groups by name, replace makes them the only groups (the autoscaler drains and stops the members of
+        a group that goes)."""
+
+        def change(documents: dict[str, Any]) -> None:
+            if not merge:
+                documents.clear()
+            documents.update({group.name: group.model_dump(mode="json") for group in groups})
+
+        return lambda conn: _change_groups(conn, change)
 
     def create_group(self, group: ScalingGroup) -> None:
         def change(documents: dict[str, Any]) -> None:

@@ -601,9 +601,15 @@ class Store:
     # -- import --------------------------------------------------------------------------------------------
 
     def replace_all(
-        self, configs: list[InstanceConfig], routing: RoutingConfig | None, *, merge: bool
+        self,
+        configs: list[InstanceConfig],
+        routing: RoutingConfig | None,
+        *,
+        merge: bool,
+        also: Callable[[Connection], None] | None = None,
     ) -> None:
-        """Import in one transaction. merge=False deletes instances not in ``configs``."""
+        """Import in one transaction. merge=False deletes instances not in ``configs``. ``also`` writes
+        more of the document (scaling groups) in the same transaction."""
         names = [config.name for config in configs]
         duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
         if duplicates:
@@ -621,3 +627,5 @@ class Store:
                 if stale:
                     conn.execute(delete(instance_state).where(instance_state.c.name.in_(stale)))
                     conn.execute(delete(instances).where(instances.c.name.in_(stale)))
+            if also is not None:
+                also(conn)

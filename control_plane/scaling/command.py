@@ -36,7 +36,8 @@ class Member:
     port: int
     pid: int
     log: str
-    started: str  # /proc/<pid>/stat's start time: the same pid later is the same process
+    started: str  # /proc/<pid>/stat's start time: the same pid later is the same process (docker: its id)
+    driver: str = "command"
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -87,6 +88,8 @@ class CommandDriver:
 
     def refusal(self, group: ScalingGroup) -> str | None:
         """Why this driver will not start the group's command, or None."""
+        if group.command is None:
+            return "the group has no command launch spec"
         program = group.command.argv[0]
         if program not in self.allowed:
             allowed = ", ".join(sorted(self.allowed)) or "nothing (ISHGW_SCALING_COMMANDS is empty)"
@@ -105,6 +108,7 @@ class CommandDriver:
             raise LaunchError(refused)
         name = group.member_name(index)
         spec = group.command
+        assert spec is not None  # refusal() said so
         argv = [substitute(arg, port, name, index) for arg in spec.argv]
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         env.update({k: substitute(val, port, name, index) for k, val in spec.env.items()})
@@ -137,6 +141,13 @@ class CommandDriver:
             json.dump(asdict(member), handle)
         os.replace(temp, path)
         return member
+
+    async def gone(self, member: Member) -> str | None:
+        """Why the member's process is not running, or None while it runs."""
+        code = self.exit_code(member)
+        if code is None and alive(member):
+            return None
+        return f"exited (code {code}); log {member.log}"
 
     def exit_code(self, member: Member) -> int | None:
         """The code of a member started here that has exited; None while it runs (or when adopted)."""

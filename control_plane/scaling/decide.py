@@ -13,7 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from control_plane.routing.load import prometheus_sums
 from control_plane.scaling.model import ScalingGroup
+
+QUEUE_METRIC = "vllm:num_requests_waiting"
 
 Direction = Literal["out", "in", "hold"]
 
@@ -103,6 +106,18 @@ def measure(
         "unhealthy_instances": float(unhealthy),
     }
     return Signals(members=members, values=values, rpm=rpm)
+
+
+def queue_depth(reports: Iterable[str | None]) -> float | None:
+    """Requests waiting per member that reports them: the mean over the members' /metrics texts of vLLM's
+    ``vllm:num_requests_waiting`` (summed over its label sets). A member that did not answer, or answered
+    without the metric, is left out; None when none reported (the trigger is then not measurable)."""
+    found = [sums[QUEUE_METRIC] for text in reports if text and QUEUE_METRIC in (sums := _waiting(text))]
+    return max(0.0, sum(found) / len(found)) if found else None
+
+
+def _waiting(text: str) -> dict[str, float]:
+    return prometheus_sums(text, (QUEUE_METRIC,))
 
 
 def trend_rpm(history: tuple[tuple[float, float], ...], at: float) -> float | None:

@@ -48,7 +48,9 @@ class Triggers(BaseModel):
     p95_latency_ms: Threshold | None = None
     error_rate: Threshold | None = Field(default=None, description="Failed upstream attempts / attempts, 0-1")
     queue_depth: Threshold | None = Field(
-        default=None, description="Requests waiting on the members, where the backend reports it (vLLM)"
+        default=None,
+        description="Requests waiting per serving member, where the backend reports it: the mean of vLLM's"
+        " vllm:num_requests_waiting over the members' /metrics (a member without it is left out)",
     )
     unhealthy_instances: Threshold | None = None
 
@@ -57,6 +59,20 @@ class Triggers(BaseModel):
 
 
 TRIGGERS = ("utilisation", "p95_latency_ms", "error_rate", "queue_depth", "unhealthy_instances")
+
+
+def check_argv(value: list[str]) -> list[str]:
+    for item in value:
+        if len(item) > 4096 or "\x00" in item:
+            raise ValueError("each argument is at most 4096 characters, without NUL")
+    return value
+
+
+def check_env(value: dict[str, str]) -> dict[str, str]:
+    for name, text in value.items():
+        if not name or "=" in name or "\x00" in name + text or len(text) > 4096:
+            raise ValueError("names without '=', values at most 4096 characters, no NUL")
+    return value
 
 
 class CommandLaunch(BaseModel):
@@ -72,17 +88,47 @@ class CommandLaunch(BaseModel):
     @field_validator("argv")
     @classmethod
     def _argv(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if len(item) > 4096 or "\x00" in item:
-                raise ValueError("each argument is at most 4096 characters, without NUL")
-        return value
+        return check_argv(value)
 
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, text in value.items():
-            if not name or "=" in name or "\x00" in name + text or len(text) > 4096:
-                raise ValueError("names without '=', values at most 4096 characters, no NUL")
+        return check_env(value)
+
+
+IMAGE_RE = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$"
+
+
+class DockerLaunch(BaseModel):
+    """The `docker` driver's launch spec: a container of ``image`` with ``command`` (the image's own when
+    left out) and ``env``, {port}, {name} and {index} replaced; 127.0.0.1:{port} on the host is published to
+    ``container_port`` (the server listens on {port} inside too when left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(pattern=IMAGE_RE, description="One of ISHGW_SCALING_IMAGES")
+    command: list[str] | None = Field(default=None, min_length=1, max_length=128)
+    env: dict[str, str] = Field(default_factory=dict, max_length=128)
+    container_port: int | None = Field(default=None, ge=1, le=65535)
+    gpus: int | Literal["all"] | None = Field(
+        default=None, description="GPUs requested (device_requests): a count, or all; none: no GPU"
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_argv(value)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_env(value)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("a count from 1 to 64, or all")
         return value
 
 
@@ -115,8 +161,9 @@ class ScalingGroup(BaseModel):
     name: Name
     models: list[ModelName] = Field(min_length=1, max_length=64)
     template: InstanceTemplate = Field(default_factory=InstanceTemplate)
-    driver: Literal["command"] = "command"
-    command: CommandLaunch
+    driver: Literal["command", "docker"] = "command"
+    command: CommandLaunch | None = Field(default=None, description="The launch spec of driver command")
+    docker: DockerLaunch | None = Field(default=None, description="The launch spec of driver docker")
     min_instances: int = Field(default=1, ge=0, le=1000)
     max_instances: int = Field(default=4, ge=1, le=1000)
     cooldown_out_s: float = Field(default=120.0, ge=0, le=86_400)
@@ -141,6 +188,11 @@ class ScalingGroup(BaseModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> ScalingGroup:
+        if getattr(self, self.driver) is None:
+            raise ValueError(f"driver {self.driver} needs its launch spec {self.driver!r}")
+        other = "docker" if self.driver == "command" else "command"
+        if getattr(self, other) is not None:
+            raise ValueError(f"{other!r} is the launch spec of driver {other}, not of driver {self.driver}")
         if self.min_instances > self.max_instances:
             raise ValueError("min_instances must not exceed max_instances")
         if self.port_min > self.port_max:

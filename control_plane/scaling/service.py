@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from control_plane.background import running
@@ -40,8 +42,10 @@ from control_plane.registry.models import (
 from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.store import Store
 from control_plane.render.spec import GatewaySpec, World
-from control_plane.scaling.command import CommandDriver, LaunchError, Member, alive, exited
-from control_plane.scaling.decide import Decision, Memory, Sample, Signals, decide, measure
+from control_plane.scaling.command import LaunchError, Member, exited
+from control_plane.scaling.decide import Decision, Memory, Sample, Signals, decide, measure, queue_depth
+from control_plane.scaling.docker import DockerError
+from control_plane.scaling.drivers import Drivers
 from control_plane.scaling.model import ScalingGroup
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ BACKOFF_FIRST_S = 5.0
 BACKOFF_MAX_S = 300.0
 READY_POLL_S = 0.2
 GROUP_TAG = "scaling_group="
+METRICS_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+METRICS_MAX_BYTES = 1 << 20
 
 Prober = Callable[[InstanceConfig], Awaitable[ProbeResult]]
 
@@ -65,6 +71,7 @@ class GroupRuntime:
     backoff_until: float = 0.0
     failures: int = 0
     last: Decision | None = None
+    queue_depth: float | None = None  # the queue_depth trigger's value, read before each evaluation
 
 
 def group_of(config: InstanceConfig) -> str | None:
@@ -108,7 +115,7 @@ class ScalingService:
         store: Store,
         reconciler: Reconciler,
         nginx: NginxProcess,
-        driver: CommandDriver,
+        driver: Drivers,
         prober: Prober,
         addresses: Callable[[], dict[str, str]],
         registry: CollectorRegistry | None = None,
@@ -126,6 +133,8 @@ class ScalingService:
         self.member_group: dict[str, str] = {}  # member name -> its group, from its tag
         self.groups: dict[str, ScalingGroup] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None  # reads members' /metrics (queue_depth)
+        self._docker_warned = False
         reconciler.observers.append(self.on_world)
 
     # --- inputs -------------------------------------------------------------------------------------
@@ -189,9 +198,34 @@ class ScalingService:
             "status": str(state.status) if state else "starting",
             "health": str(state.health_status) if state else "unknown",
             "port": member.port if member else None,
-            "pid": member.pid if member else None,
+            "pid": member.pid if member and member.pid else None,
+            "driver": member.driver if member else None,
             "log": member.log if member else None,
         }
+
+    def overview(self, events_per_group: int) -> list[dict[str, Any]]:
+        """Each group as the status page shows it: members serving against desired, bounds, the last
+        evaluation's reason and the newest events. Blocking (reads the registry): run in a thread."""
+        views = []
+        for name, group in self.scaling.groups().items():
+            runtime = self.runtime.get(name) or GroupRuntime()
+            current = len(self.serving(name))
+            last = runtime.last
+            views.append(
+                {
+                    "name": name,
+                    "models": list(group.models),
+                    "current": current,
+                    "desired": last.target if last is not None else current,
+                    "min": group.min_instances,
+                    "max": group.max_instances,
+                    "starting": max(0, len(self.driver.members(name)) - len(self.registered(name))),
+                    "busy": runtime.busy,
+                    "evaluation": last.reason if last is not None else "not evaluated yet",
+                    "events": self.scaling.events(name, events_per_group),
+                }
+            )
+        return views
 
     # --- the loop -----------------------------------------------------------------------------------
     def _signals(self, group: ScalingGroup, runtime: GroupRuntime) -> Signals:
@@ -201,7 +235,28 @@ class ScalingService:
             for _, state in serving.values()
             if state.health_status is HealthStatus.UNHEALTHY or state.breaker_state is BreakerState.OPEN
         )
-        return measure(group, runtime.samples, time.time(), group.window_s, len(serving), unhealthy)
+        return measure(
+            group, runtime.samples, time.time(), group.window_s, len(serving), unhealthy, runtime.queue_depth
+        )
+
+    async def _read_queue(self, group: ScalingGroup) -> float | None:
+        """Requests waiting per serving member, from each one's /metrics (vLLM); None when none reports."""
+        urls = []
+        for config, _ in self.serving(group.name).values():
+            parts = urlsplit(config.api_base or "")
+            urls.append(f"{parts.scheme}://{parts.netloc}/metrics")
+        return queue_depth(await asyncio.gather(*(self._get_text(url) for url in urls)))
+
+    async def _get_text(self, url: str) -> str | None:
+        if self._session is None:
+            return None
+        try:
+            async with self._session.get(url, timeout=METRICS_TIMEOUT) as response:
+                if response.status != 200:
+                    return None
+                return (await response.content.read(METRICS_MAX_BYTES)).decode("utf-8", "replace")
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
 
     async def run(self) -> None:
         while True:
@@ -211,16 +266,37 @@ class ScalingService:
                 log.exception("scaling pass failed")
             await asyncio.sleep(TICK_S)
 
+    async def _refresh_docker(self) -> bool:
+        """The docker driver's view of the engine, read on each pass that needs it (a docker group, or the
+        first pass: members of a group deleted while the controller was down); False: not readable now."""
+        docker = self.driver.docker
+        if docker is None:
+            return False
+        if docker.refreshed and not any(g.driver == "docker" for g in self.groups.values()):
+            return True
+        try:
+            await docker.refresh()
+        except DockerError as exc:
+            if docker.refreshed or not self._docker_warned:
+                log.warning("scaling: %s", exc)
+                self._docker_warned = True
+            docker.refreshed = False
+            return False
+        return True
+
     async def tick(self) -> None:
         self.groups = await asyncio.to_thread(self.scaling.groups)
+        docker_ok = await self._refresh_docker()
         now = time.monotonic()
         for name, group in self.groups.items():
             runtime = self.runtime.setdefault(name, GroupRuntime())
-            if runtime.busy:
-                continue
+            if runtime.busy or (group.driver == "docker" and not docker_ok):
+                continue  # a docker group waits for the engine: nothing is known about its containers
             action = self._housekeeping(group)
             if action is None and now >= runtime.next_eval:
                 runtime.next_eval = now + group.evaluation_interval_s
+                if group.triggers.queue_depth is not None:
+                    runtime.queue_depth = await self._read_queue(group)
                 action = self._evaluate(group, runtime, now)
             if action is not None:
                 self._start(runtime, action)
@@ -348,9 +424,9 @@ class ScalingService:
         deadline = time.monotonic() + group.ready_timeout_s
         detail = "no probe yet"
         while time.monotonic() < deadline:
-            code = self.driver.exit_code(member)
-            if code is not None or not alive(member):
-                raise LaunchError(f"exited (code {code}) before its first healthy probe; log {member.log}")
+            gone = await self.driver.gone(member)
+            if gone is not None:
+                raise LaunchError(f"{gone}, before its first healthy probe")
             result = await self.prober(config)
             if result.outcome is Outcome.OK:
                 return
@@ -435,7 +511,12 @@ class ScalingService:
 
     async def context(self) -> AsyncIterator[None]:
         # Stopped with it: the actions it started and that still run (a scale-out, a drain).
-        async with running({"autoscaler": self.run()}, spawned=lambda: list(self._tasks)):
-            yield
+        self._session = aiohttp.ClientSession()
+        try:
+            async with running({"autoscaler": self.run()}, spawned=lambda: list(self._tasks)):
+                yield
+        finally:
+            await self._session.close()
+            await self.driver.close()
 
 

@@ -34,6 +34,7 @@ class Inputs:
     alerts: Sequence[Mapping[str, Any]] | None = None  # None: the controller keeps no alerts
     refresh_s: float = 5.0
     errors: Sequence[str] = field(default_factory=tuple)
+    scaling: Sequence[Mapping[str, Any]] | None = None  # scaling groups (ScalingService.overview); None: none
 
 
 def spark_path(values: Sequence[float | None], top: float) -> str:
@@ -141,6 +142,35 @@ def usage_view(totals: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return view
 
 
+def scaling_event_row(event: Mapping[str, Any]) -> dict[str, Any]:
+    """One scaling event as the page shows it: when, what, counts, outcome and why (reason or error)."""
+    counts = f"{event['from']} \u2192 {event['to']}" if "from" in event and "to" in event else ""
+    return {
+        "at": event.get("at"),
+        "direction": event.get("direction"),
+        "counts": counts,
+        "instance": event.get("instance"),
+        "outcome": event.get("outcome"),
+        "why": event.get("error") or event.get("reason") or "",
+        "duration_s": event.get("duration_s"),
+    }
+
+
+def scaling_view(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "name": group["name"],
+        "models": list(group.get("models", ())),
+        "current": group["current"],
+        "desired": group["desired"],
+        "min": group["min"],
+        "max": group["max"],
+        "starting": group.get("starting", 0),
+        "busy": bool(group.get("busy")),
+        "evaluation": group.get("evaluation") or "",
+        "events": [scaling_event_row(e) for e in group.get("events", ())],
+    }
+
+
 def build(inputs: Inputs) -> dict[str, Any]:
     pools = [pool_view(pool, inputs) for pool in inputs.status.get("pools", ())]
     names = {row["name"] for pool in pools for row in pool["instances"]}
@@ -166,4 +196,5 @@ def build(inputs: Inputs) -> dict[str, Any]:
         "reloads": reloads,
         "alerts": None if inputs.alerts is None else [dict(alert) for alert in inputs.alerts],
         "errors": list(inputs.errors),
+        "scaling": None if inputs.scaling is None else [scaling_view(g) for g in inputs.scaling],
     }

@@ -252,3 +252,97 @@ def test_a_restarted_controller_adopts_its_members(gw: Gateway) -> None:
     state = gw.home / "scaling" / "kept"
     wait_for(lambda: not list(state.glob("*.json")), timeout=60, what="members of the deleted group stopped")
     assert gw.admin.get("/admin/instances/kept-1").status_code == 404
+
+
+def test_groups_round_trip_through_export_and_import(gw: Gateway) -> None:
+    (port,) = free_ports(1)
+    # min_instances 0 and no trigger: the group starts nothing.
+    doc = group_doc("carried", port, min_instances=0, triggers={})
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+    stored = gw.admin.get("/admin/scaling/groups/carried").json()["group"]
+    exported = gw.admin.get("/admin/config/export").json()
+    assert exported["scaling_groups"] == [stored]
+    yaml_text = gw.admin.get("/admin/config/export", params={"format": "yaml"}).text
+    assert "scaling_groups:" in yaml_text and "carried" in yaml_text
+
+    # Bad groups in a document: 422 naming the field, nothing changed (groups or instances).
+    before = gw.admin.get("/admin/config/export").json()
+    refused = {**exported, "scaling_groups": [{**stored, "command": {"argv": ["/bin/sh", "-c", "true"]}}]}
+    for bad, field in (
+        (refused, "scaling_groups[0].command.argv.0"),
+        (
+            {**exported, "scaling_groups": [{**stored, "min_instances": "1"}]},
+            "scaling_groups[0].min_instances",
+        ),
+        ({**exported, "scaling_groups": [stored, stored]}, "scaling_groups[1].name"),
+    ):
+        r = gw.admin.post("/admin/config/import", json=bad, params={"mode": "replace"})
+        assert r.status_code == 422, r.text
+        assert field in [e["field"] for e in r.json()["detail"]], r.text
+    assert gw.admin.get("/admin/config/export").json() == before
+
+    # Replace without scaling_groups: the groups stay; with them: they are what the document says.
+    without = {k: val for k, val in exported.items() if k != "scaling_groups"}
+    assert gw.admin.post("/admin/config/import", json=without, params={"mode": "replace"}).status_code == 200
+    assert gw.admin.get("/admin/scaling/groups/carried").json()["group"] == stored
+    assert gw.admin.delete("/admin/scaling/groups/carried").status_code == 204
+    r = gw.admin.post(
+        "/admin/config/import",
+        content=yaml_text,
+        headers={"Content-Type": "application/yaml"},
+        params={"mode": "merge"},
+    )
+    assert r.status_code == 200, r.text
+    assert gw.admin.get("/admin/scaling/groups/carried").json()["group"] == stored
+    assert gw.admin.get("/admin/config/export").json() == exported
+    emptied = {**exported, "scaling_groups": []}
+    assert gw.admin.post("/admin/config/import", json=emptied, params={"mode": "replace"}).status_code == 200
+    assert gw.admin.get("/admin/scaling/groups").json() == {"groups": []}
+
+
+def test_a_queue_reported_by_vllm_metrics_scales_out_then_in(gw: Gateway) -> None:
+    (port,) = free_ports(1)
+    doc = group_doc(
+        "queued",
+        port,
+        max_instances=2,
+        template={"provider_type": "vllm", "api_path": "/v1", "health": {"probe_interval_s": 1}},
+        triggers={"queue_depth": {"scale_out_above": 4, "scale_in_below": 1}},
+        sustain_s=0.5,
+        cooldown_in_s=2,
+    )
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+    wait_for(lambda: serving(gw, "queued") == ["queued-1"], timeout=40, what="the first member")
+    first = members(gw, "queued")[0]["port"]
+    # The stand-in's GET /metrics reports vllm:num_requests_waiting as set here (no traffic needed).
+    assert httpx.post(f"http://127.0.0.1:{first}/_load", json={"waiting": 10}).status_code == 200
+    def scaled(direction: str) -> list[dict[str, Any]]:
+        found = events(gw, "queued")
+        return [e for e in found if e["direction"] == direction and e["trigger"] != "min_instances"]
+
+    wait_for(lambda: scaled("out"), timeout=40, what="a scale-out on the queue")
+    (out,) = scaled("out")
+    assert (out["outcome"], out["trigger"], out["from"], out["to"]) == ("ok", "queue_depth", 1, 2), out
+    (seen,) = out["measured"]
+    assert (seen["trigger"], seen["value"], seen["scale_out_above"]) == ("queue_depth", 10.0, 4.0), out
+    assert serving(gw, "queued") == ["queued-1", "queued-2"]
+    # The status page's view: serving against desired and the newest events.
+    (view,) = [g for g in gw.admin.get("/admin/overview").json()["scaling"] if g["name"] == "queued"]
+    assert (view["current"], view["min"], view["max"]) == (2, 1, 2), view
+    assert view["events"][0]["direction"] == "out" and view["events"][0]["counts"] == "1 \u2192 2", view
+
+    def measured() -> float | None:
+        triggers = gw.admin.get("/admin/scaling/groups/queued").json()["evaluation"]["triggers"]
+        return float(triggers[0]["value"]) if triggers[0]["value"] is not None else None
+
+    # 10 waiting on one member, none on the new one: 5 per member, over 4 but at max_instances.
+    wait_for(lambda: measured() == 5.0, timeout=10, what="the queue measured over both members")
+    assert "max_instances 2" in gw.admin.get("/admin/scaling/groups/queued").json()["evaluation"]["reason"]
+    assert httpx.post(f"http://127.0.0.1:{first}/_load", json={"waiting": 0}).status_code == 200
+    wait_for(lambda: scaled("in"), timeout=40, what="a scale-in once the queue is gone")
+    (scaled_in,) = scaled("in")
+    assert scaled_in["outcome"] == "ok" and scaled_in["measured"][0]["value"] == 0.0, scaled_in
+    assert serving(gw, "queued") == ["queued-1"]
+    assert gw.admin.delete("/admin/scaling/groups/queued").status_code == 204
+    state = gw.home / "scaling" / "queued"
+    wait_for(lambda: not list(state.glob("*.json")), timeout=60, what="members of the deleted group stopped")

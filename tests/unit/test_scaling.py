@@ -9,8 +9,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from control_plane.scaling.decide import Memory, Sample, Signals, decide, measure, percentile, trend_rpm
-from control_plane.scaling.model import ScalingGroup, substitute
+from control_plane.errors import InvalidInput
+from control_plane.registry import importers
+from control_plane.registry.models import RoutingConfig
+from control_plane.scaling.decide import (
+    Memory,
+    Sample,
+    Signals,
+    decide,
+    measure,
+    percentile,
+    queue_depth,
+    trend_rpm,
+)
+from control_plane.scaling.docker import container_spec, member_of, socket_path
+from control_plane.scaling.model import DockerLaunch, ScalingGroup, substitute
 
 
 def group(**changes: Any) -> ScalingGroup:
@@ -99,6 +112,24 @@ def test_measure_by_rpm_when_only_max_rpm_is_set() -> None:
     assert measure(none, samples, 100.0, 60.0, members=2, unhealthy=0).values["utilisation"] is None
 
 
+def test_queue_depth_is_the_mean_waiting_over_the_members_that_report_it() -> None:
+    vllm = (
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{model_name="a"} 3.0\n'
+        'vllm:num_requests_waiting{model_name="b"} 2.0\n'
+        'vllm:num_requests_running{model_name="a"} 9.0\n'
+    )
+    assert queue_depth([vllm]) == 5.0  # summed over its label sets
+    assert queue_depth([vllm, "vllm:num_requests_waiting 1\n"]) == 3.0
+    # A member that did not answer, or answered without the metric, is left out; none at all: unmeasurable.
+    assert queue_depth([vllm, None, "", "other_metric 7\n", "vllm:num_requests_waiting NaN\n"]) == 5.0
+    assert queue_depth([None, "vllm:num_requests_running 4\n"]) is None
+    assert queue_depth([]) is None
+    assert queue_depth(["vllm:num_requests_waiting -2\n"]) == 0.0
+    measured = measure(group(), [], 10.0, 60.0, members=2, unhealthy=0, queue_depth=5.0)
+    assert measured.values["queue_depth"] == 5.0
+
+
 def test_percentile_nearest_rank() -> None:
     assert percentile([5.0], 0.95) == 5.0
     assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
@@ -163,6 +194,29 @@ def test_scale_in_needs_every_trigger_under_for_cooldown_in_s() -> None:
     assert d.direction == "hold"  # never below min_instances
 
 
+def test_queue_depth_scales_out_and_an_unreported_queue_does_not_hold_a_scale_in() -> None:
+    g = group(
+        sustain_s=0,
+        triggers={
+            "utilisation": {"scale_out_above": 0.8, "scale_in_below": 0.3},
+            "queue_depth": {"scale_out_above": 4, "scale_in_below": 1},
+        },
+    )
+    queued = Signals(2, {"utilisation": 0.2, "queue_depth": 6.0}, 10.0)
+    d, _ = decide(g, queued, Memory(), 0.0)
+    assert (d.direction, d.target, d.trigger) == ("out", 3, "queue_depth")
+    assert "queue_depth 6 > 4" in d.reason
+    view = {t.name: t for t in d.triggers}["queue_depth"]
+    assert (view.value, view.scale_out_above, view.scale_in_below) == (6.0, 4.0, 1.0)
+    waiting = Signals(2, {"utilisation": 0.1, "queue_depth": 2.0}, 10.0)  # in the band: no scale in
+    d, m = decide(g, waiting, Memory(), 0.0)
+    assert d.direction == "hold" and m.all_under_since is None
+    unreported = Signals(2, {"utilisation": 0.1, "queue_depth": None}, 10.0)
+    _, m = decide(g, unreported, Memory(), 0.0)
+    d, _ = decide(g, unreported, m, 60.0)
+    assert (d.direction, d.target) == ("in", 1)
+
+
 def test_no_scale_in_soon_after_a_scale_out() -> None:
     g = group()
     memory = Memory(all_under_since=0.0, last_out_at=90.0)
@@ -214,3 +268,117 @@ def test_decisions_stay_within_bounds_and_move_one_step(members: int, values: li
         elif d.direction == "in":
             memory = Memory(**{**memory.__dict__, "last_in_at": step * 10.0})
             members = d.target
+
+
+# --- in the export/import document ------------------------------------------------------------------------
+
+
+def test_groups_round_trip_through_the_document() -> None:
+    groups = [group(), group(name="qwen", models=["qwen3"], predictive=True)]
+    document = importers.export_groups(importers.export_document([], RoutingConfig()), groups)
+    for fmt in importers.FORMATS:
+        loaded = importers.load(importers.dump(document, fmt), fmt)
+        assert importers.parse_groups(loaded) == groups
+        assert importers.parse_document(loaded, {}) == ([], RoutingConfig())
+    without = importers.export_groups(importers.export_document([], RoutingConfig()), [])
+    assert "scaling_groups" not in without  # a registry without groups exports as before
+    assert importers.parse_groups(without) is None  # and its import leaves the groups as they are
+    assert importers.parse_groups({"scaling_groups": []}) == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"scaling_groups": {"llama": {}}}, "scaling_groups"),
+        ({"scaling_groups": ["x"]}, "scaling_groups[0]"),
+        ({"scaling_groups": [{"name": "a"}]}, "scaling_groups[0].models"),
+        ({"scaling_groups": [{**group().model_dump(mode="json"), "min_instances": 9}]}, "scaling_groups[0]"),
+        (
+            {"scaling_groups": [group().model_dump(mode="json"), group().model_dump(mode="json")]},
+            "scaling_groups[1].name",
+        ),
+    ],
+)
+def test_bad_groups_in_a_document_name_the_field(raw: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        importers.parse_groups(raw)
+    assert any(e["field"].startswith(field) for e in caught.value.errors), caught.value.errors
+
+
+# --- the docker driver's pure parts ------------------------------------------------------------------------
+
+
+def docker_group(**docker: Any) -> ScalingGroup:
+    spec = {"image": "localhost/vllm:1", **docker}
+    return group(name="gpu", driver="docker", command=None, docker=spec)
+
+
+def test_a_group_has_the_launch_spec_of_its_driver_only() -> None:
+    assert docker_group().docker is not None and docker_group().command is None
+    for changes, message in (
+        ({"driver": "docker"}, "needs its launch spec 'docker'"),  # and keeps the command spec
+        ({"command": None}, "needs its launch spec 'command'"),
+        ({"docker": {"image": "a:1"}}, "'docker' is the launch spec of driver docker"),
+        ({"driver": "docker", "command": None, "docker": {"image": "a b"}}, "image"),
+        ({"driver": "docker", "command": None, "docker": {"image": "a", "gpus": 0}}, "gpus"),
+        ({"driver": "docker", "command": None, "docker": {"image": "a", "env": {"A=": "b"}}}, "env"),
+        ({"driver": "docker", "command": None, "docker": {"image": "a", "privileged": True}}, "privileged"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            group(**changes)
+        assert message in str(caught.value), (changes, str(caught.value))
+
+
+def test_container_spec_publishes_on_loopback_with_labels_and_placeholders() -> None:
+    g = docker_group(
+        command=["--port", "8000", "--served-model-name", "{name}"],
+        env={"SLOT": "{index}", "PUBLIC": "127.0.0.1:{port}"},
+        container_port=8000,
+        gpus="all",
+    )
+    body = container_spec(g, g.docker, "abc123", 2, 20005)  # type: ignore[arg-type]
+    assert body["Image"] == "localhost/vllm:1"
+    assert body["Cmd"] == ["--port", "8000", "--served-model-name", "gpu-2"]
+    assert body["Env"] == ["PUBLIC=127.0.0.1:20005", "SLOT=2"]
+    assert body["HostConfig"]["PortBindings"] == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20005"}]}
+    assert body["HostConfig"]["DeviceRequests"] == [{"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}]
+    assert set(body["HostConfig"]) == {"PortBindings", "RestartPolicy", "DeviceRequests"}  # nothing else
+    labels = body["Labels"]
+    assert labels == {
+        "io.ishgw.gateway": "abc123",
+        "io.ishgw.group": "gpu",
+        "io.ishgw.member": "gpu-2",
+        "io.ishgw.index": "2",
+        "io.ishgw.port": "20005",
+    }
+    plain = docker_group()
+    body = container_spec(plain, plain.docker, "abc123", 1, 20001)  # type: ignore[arg-type]
+    assert "Cmd" not in body and "DeviceRequests" not in body["HostConfig"]  # the image's own command
+    assert body["ExposedPorts"] == {"20001/tcp": {}}  # no container_port: {port} inside too
+    assert (
+        container_spec(plain, DockerLaunch(image="a", gpus=2), "x", 1, 1)["HostConfig"]["DeviceRequests"][0][
+            "Count"
+        ]
+        == 2
+    )
+
+    # Back from GET /containers/json: ours by the gateway label, the container id kept.
+    listed = {"Id": "f" * 64, "Labels": labels, "State": "running"}
+    member = member_of(listed, "abc123")
+    assert member is not None and (member.name, member.index, member.port, member.driver) == (
+        "gpu-2",
+        2,
+        20005,
+        "docker",
+    )
+    assert member.started == "f" * 64
+    assert member_of(listed, "other-gateway") is None
+    assert member_of({"Id": "x", "Labels": {**labels, "io.ishgw.port": "x"}}, "abc123") is None
+    assert member_of({"Id": "x", "Labels": None}, "abc123") is None
+
+
+def test_docker_host_is_a_unix_socket() -> None:
+    assert socket_path("unix:///run/podman/podman.sock") == "/run/podman/podman.sock"
+    for bad in ("tcp://127.0.0.1:2375", "unix://", "/run/docker.sock"):
+        with pytest.raises(ValueError):
+            socket_path(bad)

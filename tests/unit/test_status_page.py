@@ -314,6 +314,47 @@ def test_model_usage_and_alerts() -> None:
     assert model.build(inputs(usage_today={"requests": 0}))["usage_today"] is None
 
 
+def test_model_scaling_groups() -> None:
+    evil = '<img src=x onerror=alert(1)>'
+    group = {
+        "name": "llama",
+        "models": ["llama3"],
+        "current": 1,
+        "desired": 2,
+        "min": 1,
+        "max": 4,
+        "starting": 1,
+        "busy": True,
+        "evaluation": "utilisation 0.9 > 0.8 for 60 s",
+        "events": [
+            {"at": "2026-11-30T12:00:00Z", "group": "llama", "direction": "out", "from": 1, "to": 2,
+             "outcome": "failed", "error": evil, "reason": "utilisation 0.9 > 0.8 for 60 s"},
+            {"at": "2026-11-30T11:00:00Z", "group": "llama", "direction": "adopt", "outcome": "ok",
+             "instance": "llama-1"},
+        ],
+    }
+    page = model.build(inputs(scaling=[group]))
+    (view,) = page["scaling"]
+    assert (view["current"], view["desired"], view["starting"]) == (1, 2, 1)
+    assert view["events"][0] == {
+        "at": "2026-11-30T12:00:00Z",
+        "direction": "out",
+        "counts": "1 \u2192 2",
+        "instance": None,
+        "outcome": "failed",
+        "why": evil,  # the error, before the reason
+        "duration_s": None,
+    }
+    assert view["events"][1]["counts"] == "" and view["events"][1]["instance"] == "llama-1"
+    html = render_page(page)
+    assert 'data-group="llama"' in html and "1/2 serving/desired" in html and "1 starting" in html
+    assert "2026-11-30 12:00:00" in html and "utilisation 0.9 &gt; 0.8 for 60 s" in html
+    assert evil not in html and "&lt;img" in html
+    assert "No scaling group" in render_page(model.build(inputs(scaling=[])))
+    without = model.build(inputs())
+    assert without["scaling"] is None and 'id="scaling"' not in render_page(without)
+
+
 def test_spark_path() -> None:
     assert model.spark_path([None, None], 10.0) == ""
     assert model.spark_path([1.0, 2.0], 0.0) == ""

@@ -88,6 +88,32 @@
     return h("section", { id: "pools" }, items.concat(page.pools.map(pool)));
   }
 
+  function scalingGroup(g) {
+    var title = [g.name + " ", h("small", {}, [g.models.join(", ") + " \u00b7 min " + g.min + " \u00b7 max " + g.max]), " ",
+      h("span", { "class": "badge" + (g.current < g.desired ? " out" : "") }, [g.current + "/" + g.desired + " serving/desired"])];
+    if (g.starting) { title.push(" ", h("span", { "class": "badge backup" }, [g.starting + " starting"])); }
+    var items = [h("h3", {}, title), h("p", { "class": "figures" }, [g.evaluation])];
+    if (!g.events.length) {
+      items.push(h("p", { "class": "muted" }, ["No scaling event yet."]));
+    } else {
+      var head = h("tr", {}, ["at", "direction", "count", "instance", "outcome", "s", "why"].map(function (t) { return h("th", {}, [t]); }));
+      items.push(h("table", {}, [h("thead", {}, [head]), h("tbody", {}, g.events.map(function (e) {
+        return h("tr", { "class": e.outcome === "ok" ? "ok" : "failed" }, [
+          h("td", {}, [String(e.at || "").slice(0, 19).replace("T", " ")]), h("td", {}, [e.direction || ""]), h("td", {}, [e.counts]),
+          h("td", {}, [e.instance || ""]), h("td", {}, [e.outcome || ""]), h("td", { "class": "num" }, [dash(e.duration_s)]),
+          h("td", { "class": "reason" }, [e.why])
+        ]);
+      }))]));
+    }
+    return h("article", { "class": "group", "data-group": g.name }, items);
+  }
+
+  function scaling(page) {
+    var items = [h("h2", {}, ["Scaling groups"])];
+    if (!page.scaling.length) { items.push(h("p", { "class": "muted" }, ["No scaling group (POST /admin/scaling/groups)."])); }
+    return h("section", { id: "scaling" }, items.concat(page.scaling.map(scalingGroup)));
+  }
+
   function reloads(page) {
     var items = [h("h2", {}, ["Last reloads"])];
     if (!page.reloads.length) {
@@ -120,7 +146,9 @@
 
   function draw(page) {
     var main = document.getElementById("content");
-    var next = h("main", { id: "content" }, [summary(page), pools(page), reloads(page), alerts(page)]);
+    var sections = [summary(page), pools(page)];
+    if (page.scaling !== null && page.scaling !== undefined) { sections.push(scaling(page)); }
+    var next = h("main", { id: "content" }, sections.concat([reloads(page), alerts(page)]));
     main.parentNode.replaceChild(next, main);
     var when = document.getElementById("generated");
     when.setAttribute("datetime", page.generated_at);

@@ -1,0 +1,185 @@
+"""Autoscaling with the docker driver for real: the controller starts members as containers through podman's
+Docker API (tests/compose/conftest.py's engine), finds them again by their labels after a restart, and
+stops and removes them. The member image runs the stand-in backend: the local debian base, python3 from
+its mirror, and the stand-in with this venv's aiohttp copied in (cp311 both), so no registry is needed;
+its layers are cached by the engine from one run to the next."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.compose.conftest import ROOT, Engine
+from tests.integration.gateway import Gateway, wait_for
+from tests.ports import free_ports
+
+pytestmark = pytest.mark.compose
+
+IMAGE = "localhost/ishgw-stub:test"
+MISSING = "localhost/ishgw-missing:none"
+MODEL = "scaled"
+LABEL = "io.ishgw.group"
+# aiohttp and what it imports, from this venv (Debian's python3-aiohttp is older than the stand-in needs).
+SITE = (
+    "aiohttp",
+    "multidict",
+    "yarl",
+    "frozenlist",
+    "aiosignal",
+    "attr",
+    "attrs",
+    "propcache",
+    "aiohappyeyeballs",
+    "idna",
+    "typing_extensions.py",
+)
+CONTAINERFILE = """FROM docker.io/library/debian:bookworm-slim
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \\
+ && rm -rf /var/lib/apt/lists/*
+COPY site /app/site
+COPY stub_llm.py /app/tests/backends/stub_llm.py
+ENV PYTHONPATH=/app/site
+ENTRYPOINT ["python3", "/app/tests/backends/stub_llm.py", "--host", "0.0.0.0"]
+"""
+
+
+@pytest.fixture(scope="module")
+def image(engine: Engine) -> str:
+    if sys.version_info[:2] != (3, 11):
+        pytest.fail("the member image copies this venv's cp311 aiohttp: run the suite on Python 3.11")
+    site = Path(next(p for p in sys.path if p.endswith("site-packages") and (Path(p) / "aiohttp").is_dir()))
+    context = Path(tempfile.mkdtemp(prefix="ishgw-stub-image-"))
+    try:
+        (context / "Containerfile").write_text(CONTAINERFILE)
+        shutil.copy(ROOT / "tests" / "backends" / "stub_llm.py", context / "stub_llm.py")
+        for name in SITE:
+            source = site / name
+            target = context / "site" / name
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, target)
+        containerfile = str(context / "Containerfile")
+        built = engine.podman("build", "-q", "-f", containerfile, "-t", IMAGE, str(context), timeout=900)
+        assert built.returncode == 0, built.stderr[-2000:]
+    finally:
+        shutil.rmtree(context, ignore_errors=True)
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def gw(engine: Engine, image: str) -> Iterator[Gateway]:
+    env = {"ISHGW_SCALING_IMAGES": f"{image},{MISSING}", "ISHGW_DOCKER_HOST": f"unix://{engine.socket}"}
+    with Gateway(env) as gateway:
+        try:
+            yield gateway
+        finally:
+            gone = engine.podman("ps", "-aq", "--filter", "label=io.ishgw.gateway", timeout=30).stdout.split()
+            ours = [c for c in gone if c]
+            if ours:  # a test that failed before deleting its group must not leave containers behind
+                engine.podman("rm", "-f", "-t", "1", *ours, timeout=60)
+
+
+def containers(engine: Engine, group: str) -> list[dict[str, Any]]:
+    listed = engine.podman("ps", "-a", "--filter", f"label={LABEL}={group}", "--format", "json", timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    return list(json.loads(listed.stdout or "[]"))
+
+
+def group_doc(name: str, port_min: int, image: str, **changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": name,
+        "models": [MODEL],
+        "driver": "docker",
+        "docker": {
+            "image": image,
+            "command": ["--port", "8000", "--name", "{name}", "--models", MODEL],
+            "container_port": 8000,
+        },
+        "template": {"provider_type": "ollama", "health": {"probe_interval_s": 1}},
+        "min_instances": 1,
+        "max_instances": 2,
+        "evaluation_interval_s": 0.5,
+        "ready_timeout_s": 30,
+        "triggers": {},
+        "port_min": port_min,
+        "port_max": port_min + 20,
+    }
+    doc.update(changes)
+    return doc
+
+
+def members(gw: Gateway, group: str) -> list[dict[str, Any]]:
+    r = gw.admin.get(f"/admin/scaling/groups/{group}")
+    assert r.status_code == 200, r.text
+    return list(r.json()["members"])
+
+
+def serving(gw: Gateway, group: str) -> list[str]:
+    return [m["name"] for m in members(gw, group) if m["registered"] and m["status"] == "active"]
+
+
+def events(gw: Gateway, group: str) -> list[dict[str, Any]]:
+    r = gw.admin.get("/admin/scaling/events", params={"group": group, "limit": 1000})
+    assert r.status_code == 200, r.text
+    return list(r.json()["events"])
+
+
+def test_docker_members_start_serve_survive_a_restart_and_go(gw: Gateway, engine: Engine, image: str) -> None:
+    (port,) = free_ports(1)
+    refused = group_doc("dock", port, "localhost/not-allowed:1")
+    r = gw.admin.post("/admin/scaling/groups", json=refused)
+    assert r.status_code == 422 and "docker.image" in r.text, r.text
+
+    assert gw.admin.post("/admin/scaling/groups", json=group_doc("dock", port, image)).status_code == 201
+    wait_for(lambda: serving(gw, "dock") == ["dock-1"], timeout=60, what="the first container member")
+    wait_for(lambda: events(gw, "dock"), timeout=10, what="the scale-out event")
+    (started,) = [e for e in events(gw, "dock") if e["direction"] == "out"]
+    assert started["outcome"] == "ok" and started["instance"] == "dock-1", started
+    (container,) = containers(engine, "dock")
+    labels = container["Labels"]
+    assert labels["io.ishgw.member"] == "dock-1" and labels["io.ishgw.port"] == str(started["port"])
+    assert container["State"] == "running"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=20)
+    assert answer.status_code == 200 and answer.headers["X-ISHGW-Instance"] == "dock-1", answer.text
+
+    # A controller killed and started again finds its container by the labels: the same one, not a second.
+    gw.kill_controller()
+    gw.start_controller()
+    log = f"docker logs {container['Id'][:12]}"
+    wait_for(
+        lambda: [m["log"] for m in members(gw, "dock") if m["registered"]] == [log],
+        timeout=60,
+        what="the container adopted after the restart",
+    )
+    assert [c["Id"] for c in containers(engine, "dock")] == [container["Id"]]
+    assert len([e for e in events(gw, "dock") if e["direction"] == "out"]) == 1
+
+    # Deleting the group drains, stops (SIGTERM, then SIGKILL) and removes the container.
+    assert gw.admin.delete("/admin/scaling/groups/dock").status_code == 204
+    wait_for(lambda: not containers(engine, "dock"), timeout=90, what="the container removed")
+    gone = wait_for(lambda: gw.admin.get("/admin/instances/dock-1").status_code == 404, timeout=30)
+    assert gone
+    print(f"docker driver: decision to first served request {started['duration_s']} s")
+
+
+def test_a_missing_image_is_a_failed_launch_never_registered(gw: Gateway, engine: Engine) -> None:
+    (port,) = free_ports(1)
+    assert gw.admin.post("/admin/scaling/groups", json=group_doc("nope", port, MISSING)).status_code == 201
+    wait_for(lambda: events(gw, "nope"), timeout=60, what="the failed launch")
+    (failed,) = events(gw, "nope")[-1:]
+    assert failed["outcome"] == "failed" and "retry_in_s" in failed, failed
+    assert MISSING.split(":")[0].split("/")[-1] in failed["error"] or "image" in failed["error"], failed
+    assert gw.admin.get("/admin/instances/nope-1").status_code == 404
+    assert not containers(engine, "nope")
+    assert gw.admin.delete("/admin/scaling/groups/nope").status_code == 204
