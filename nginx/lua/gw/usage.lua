@@ -89,6 +89,8 @@ local SPACE, TAB, LF, CR = 32, 9, 10, 13
 
 -- Index of the first non-whitespace byte at or after i, or nil at the end of s.
 local skip_ws = require("gw.body").skip_ws
+-- The members of an object, as a list of {key =, vs =, ve =} (the walk gw.body's model scan makes).
+local members_of = require("gw.body").members
 
 ---------------------------------------------------------------------------------------------------
 -- Usage objects to results
@@ -1180,45 +1182,6 @@ end
 -- The request side: stream_options.include_usage
 ---------------------------------------------------------------------------------------------------
 
--- The members of the object whose "{" is at i: a list of {key =, vs =, ve =} (the value's first and
--- last byte), and the index of its "}"; nil when it is not an object as far as the walk can tell, or
--- when a key has an escape (its name would need decoding: such a body is left alone).
-local function w_members(text, i)
-    local members = {}
-    i = skip_ws(text, i + 1)
-    if i and byte(text, i) == RBRACE then
-        return members, i
-    end
-    while true do
-        if not i or byte(text, i) ~= QUOTE then
-            return nil
-        end
-        local ke, escaped = w_string_end(text, i + 1)
-        if not ke or escaped then
-            return nil
-        end
-        local key = sub(text, i + 1, ke - 1)
-        i = skip_ws(text, ke + 1)
-        if not i or byte(text, i) ~= COLON then
-            return nil
-        end
-        local vs = skip_ws(text, i + 1)
-        local ve = vs and w_value_end(text, vs)
-        if not ve then
-            return nil
-        end
-        members[#members + 1] = { key = key, vs = vs, ve = ve }
-        i = skip_ws(text, ve + 1)
-        local c = i and byte(text, i)
-        if c == RBRACE then
-            return members, i
-        elseif c ~= COMMA then
-            return nil
-        end
-        i = skip_ws(text, i + 1)
-    end
-end
-
 -- The one member named key (nil when there is none), or false when there are several.
 local function member(members, key)
     local found
@@ -1239,6 +1202,27 @@ end
 
 local INCLUDE = '"include_usage":true'
 
+-- Can text have a top-level "stream":true? Somewhere its key is followed by ':' and 'true' (plain finds,
+-- no walk): a request that does not stream (most JSON ones: "stream":false, or none) is answered at once.
+local T, R, U, E = 116, 114, 117, 101
+local function may_stream(text)
+    local p = find(text, '"stream"', 1, true)
+    while p do
+        local i = skip_ws(text, p + 8)
+        if i and byte(text, i) == COLON then
+            i = skip_ws(text, i + 1)
+            if i then
+                local a, b, c, d = byte(text, i, i + 3)
+                if a == T and b == R and c == U and d == E then
+                    return true
+                end
+            end
+        end
+        p = find(text, '"stream"', p + 8, true)
+    end
+    return false
+end
+
 -- The request body with stream_options.include_usage true, for an OpenAI chat or completions request
 -- that streams ("stream":true at the top level) and did not ask for usage; nil when there is nothing to
 -- add (not streaming, already asked for, not a JSON object, a key written with escapes, a repeated
@@ -1252,15 +1236,14 @@ local INCLUDE = '"include_usage":true'
 -- Ollama's native APIs. A non-nil answer means the gateway asked: strip the answer's usage
 -- (openai_sse_filter(true)).
 function _M.with_include_usage(text)
-    if type(text) ~= "string" then
+    if type(text) ~= "string" or not may_stream(text) then
         return nil
     end
     local open = skip_ws(text, 1)
     if not open or byte(text, open) ~= LBRACE then
         return nil
     end
-    w_reset()
-    local members, close = w_members(text, open)
+    local members, close = members_of(text, open)
     if not members or skip_ws(text, close + 1) then
         return nil
     end
@@ -1283,8 +1266,7 @@ function _M.with_include_usage(text)
     elseif byte(text, options.vs) ~= LBRACE then
         return nil
     end
-    w_reset()
-    local inner = w_members(text, options.vs)
+    local inner = members_of(text, options.vs, 1)
     if not inner then
         return nil
     end
@@ -1321,8 +1303,7 @@ local function null_usage_span(data, p)
     if not open or byte(data, open) ~= LBRACE then
         return nil
     end
-    w_reset()
-    local members = w_members(data, open)
+    local members = members_of(data, open)
     if not members then
         return nil
     end
