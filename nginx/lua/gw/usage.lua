@@ -1463,6 +1463,47 @@ function Filter:line(line)
     end
 end
 
+-- A complete line of chunk, bytes i..j (j its LF), read where it is when nothing is held (no line of an
+-- undecided event, no piece of a line from an earlier chunk): true when it passes on as it is; a number
+-- when it passes on but for the 13 bytes from there (the ',"usage":null' ending its data: OpenAI's every
+-- chunk); false when Filter:line must take it (the usage-only event, an event: line before its data, a
+-- long line, a usage elsewhere in the data). The same fates as Filter:line's, without copying the line.
+function Filter:in_place(chunk, i, j)
+    local fate = self.fate
+    if fate == "drop" or self.nheld > 0 then
+        return false
+    end
+    local ce = j - 1                                   -- the content's last byte
+    if ce >= i and byte(chunk, ce) == CR then
+        ce = ce - 1
+    end
+    if ce < i then                                     -- the end of an event
+        self.fate = nil
+        return true
+    elseif ce - i + 1 > self.line_max then
+        return false
+    end
+    local d, a, t, a2, colon = byte(chunk, i, i + 4)
+    if d ~= 100 or a ~= 97 or t ~= 116 or a2 ~= 97 or colon ~= COLON then   -- not "data:"
+        return fate == "pass"
+    end
+    local u = self.at_usage
+    if u < i then
+        u = find(chunk, '"usage"', i, true) or NONE
+        self.at_usage = u
+    end
+    if u > ce then
+        self.fate = "pass"
+        return true
+    end
+    local from = ce - 13
+    if from >= i + (byte(chunk, i + 5) == SPACE and 6 or 5) and sub(chunk, from, ce) == NULL_USAGE_END then
+        self.fate = "pass"
+        return from
+    end
+    return false
+end
+
 -- The bytes to pass on for this chunk (with strip = false: chunk itself).
 function Filter:feed(chunk)
     if chunk == nil or chunk == "" then
@@ -1474,30 +1515,45 @@ function Filter:feed(chunk)
     end
     self.rec.bytes = self.rec.bytes + #chunk
     self.out = {}
+    self.at_usage = 0
     local n = #chunk
     local i = 1
+    local from = 1                                    -- chunk's bytes from here pass on as they are
     while true do
         local j = find(chunk, "\n", i, true)
         if not j then
             break
         end
-        if self.passing then
-            if self.fate ~= "drop" then
-                self:emit(sub(chunk, i, j))
+        local kept = not self.passing and self.npend == 0 and self:in_place(chunk, i, j)
+        if kept == false then                         -- Filter:line takes it
+            if from < i then
+                self:emit(sub(chunk, from, i - 1))
             end
-            self.passing = false
-        elseif self.npend > 0 then
-            local pend = self.pend
-            local line = concat(pend, "", 1, self.npend) .. sub(chunk, i, j)
-            for k = self.npend, 1, -1 do
-                pend[k] = nil
+            from = j + 1
+            if self.passing then
+                if self.fate ~= "drop" then
+                    self:emit(sub(chunk, i, j))
+                end
+                self.passing = false
+            elseif self.npend > 0 then
+                local pend = self.pend
+                local line = concat(pend, "", 1, self.npend) .. sub(chunk, i, j)
+                for k = self.npend, 1, -1 do
+                    pend[k] = nil
+                end
+                self.npend, self.plen = 0, 0
+                self:line(line)
+            else
+                self:line(sub(chunk, i, j))
             end
-            self.npend, self.plen = 0, 0
-            self:line(line)
-        else
-            self:line(sub(chunk, i, j))
+        elseif kept ~= true then                      -- without its ',"usage":null'
+            self:emit(sub(chunk, from, kept - 1))
+            from = kept + 13
         end
         i = j + 1
+    end
+    if from < i then
+        self:emit(sub(chunk, from, i - 1))
     end
     if i <= n then
         local tail = sub(chunk, i)
@@ -1521,9 +1577,9 @@ function Filter:feed(chunk)
             self.plen = self.plen + #tail
         end
     end
-    local out = concat(self.out)
+    local out = self.out
     self.out = nil
-    return out
+    return out[2] and concat(out) or out[1] or ""
 end
 
 -- The bytes still held, to pass on at the end of the body.
