@@ -15,12 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.backends.stub_llm import StubServer
-from tests.integration.test_stream_usage import MODEL, _add, _gateway, _normalized, _usage_rows
 from tests.integration.gateway import wait_for
+from tests.integration.test_stream_usage import MODEL, _add, _gateway, _normalized, _usage_rows
 
 # Content that looks like what the filter takes out or looks for: it must pass untouched.
 TRICKY = st.sampled_from(
-    ['"usage":null', ',"usage":null}', '"usage":{"prompt_tokens":1}', "data: [DONE]\n\n", "\r\n", '"choices":[]']
+    [
+        '"usage":null',
+        ',"usage":null}',
+        '"usage":{"prompt_tokens":1}',
+        "data: [DONE]\n\n",
+        "\r\n",
+        '"choices":[]',
+    ]
 )
 CONTENT = st.one_of(st.text(max_size=40), TRICKY)
 # How the client asks for usage: not at all (the gateway adds it and takes it back out), or it does.

@@ -5,7 +5,7 @@
 --   r  requests answered through a pool location (any status)
 --   p  prompt tokens, c completion tokens (reported, or estimated: bytes / 4)
 --   e  requests whose tokens are estimated (the answer reported no usage)
--- Every worker adds with incr (atomic); nothing is ever set.
+-- Every worker adds with incr (atomic), a second's worth at a time (accumulate, flush); nothing is ever set.
 --
 -- Drain (the controller, every few seconds, over the loopback-only usage server):
 --   batch(dict, now, new_id)  the pending batch as JSON text: when none is pending, the counters move
@@ -15,7 +15,8 @@
 --       writing, or between writing and ack, reads the same batch again and counts it once.
 --   ack(dict, id)   forgets the pending batch when it is this one.
 -- Counters left at 0 are deleted once their minute is over by GRACE seconds (no worker adds to a
--- minute that old: a request's minute is taken when its answer ends, and incr follows at once).
+-- minute that old: a request's minute is taken when its answer ends, and its worker's flush follows within
+-- a second).
 --
 -- Pure: the dict is anything with ngx.shared.DICT's get/set/incr/add/delete/get_keys.
 local cjson = require("cjson.safe")
