@@ -19,6 +19,10 @@ Per-request knobs (request headers, default from CLI/env):
 * ``X-Stub-Chunks: N``            number of content chunks (``--chunks``, ``STUB_CHUNKS``, default 10)
 * ``X-Stub-Chunk-Delay-Ms: D``    delay between chunks (``--chunk-delay-ms``, ``STUB_CHUNK_DELAY_MS``, 0)
 * ``X-Stub-Answer-Bytes: B``      answer length (``--answer-bytes``, ``STUB_ANSWER_BYTES``, default 300)
+* ``X-Stub-Stream-Script: S``     an OpenAI chat stream as scripted: S is base64 of JSON ``{"contents":
+  [str, ...], "usage": [prompt, completion], "splits": [byte offsets], "delay_ms": D}``: one chunk per
+  content, the usage reported as given (when asked), the stream's bytes written in pieces cut at the
+  offsets, D ms apart (a property test of what a proxy does to a stream, whatever its cuts)
 
 Test/control endpoints (never recorded, never affected by fault injection):
 
@@ -631,8 +635,63 @@ class StubApp:
     def _want_stream_openai(body: Json) -> bool:
         return body.get("stream") is True
 
+    async def _scripted_chat_stream(
+        self, request: web.Request, ctx: _Ctx, script: Json
+    ) -> web.StreamResponse:
+        """X-Stub-Stream-Script: the chunks, usage and write cuts of an OpenAI chat stream, as given."""
+        so = ctx.body.get("stream_options")
+        include_usage = isinstance(so, dict) and so.get("include_usage") is True
+        cid = f"chatcmpl-{self.state.next_id()}"
+        base: Json = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": ctx.model,
+            "system_fingerprint": "fp_stub",
+        }
+        extra: Json = {"usage": None} if include_usage else {}
+        events: list[bytes] = []
+        for i, content in enumerate(script.get("contents") or []):
+            delta: Json = {"role": "assistant", "content": content} if i == 0 else {"content": content}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            events.append(b"data: " + _dumps({**base, "choices": [choice], **extra}) + b"\n\n")
+        final = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+        events.append(b"data: " + _dumps({**base, "choices": [final], **extra}) + b"\n\n")
+        if include_usage:
+            prompt, completion = (int(n) for n in script.get("usage") or (0, 0))
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+            events.append(b"data: " + _dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        text = b"".join(events)
+        cuts = sorted({int(c) for c in script.get("splits") or () if 0 < int(c) < len(text)})
+        delay = max(0.0, float(script.get("delay_ms") or 0)) / 1000
+        resp = web.StreamResponse(
+            headers={
+                **self.name_header,
+                "Content-Type": _SSE_CT,
+                "Cache-Control": "no-cache",
+                "x-request-id": cid,
+            }
+        )
+        await resp.prepare(request)
+        start = 0
+        for cut in [*cuts, len(text)]:
+            if start and delay:
+                await asyncio.sleep(delay)
+            await resp.write(text[start:cut])
+            start = cut
+        await resp.write_eof()
+        return resp
+
     async def openai_chat(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
         body = ctx.body
+        script_header = request.headers.get("X-Stub-Stream-Script")
+        if script_header and self._want_stream_openai(body):
+            return await self._scripted_chat_stream(request, ctx, json.loads(base64.b64decode(script_header)))
         n_raw = body.get("n")
         n_choices: int = n_raw if isinstance(n_raw, int) else 1
         prompt_tokens = _estimate_tokens(body.get("messages"))

@@ -464,6 +464,50 @@ function _M.model(text)
     return sub(text, ms, me), nil, ms, me
 end
 
+-- The members of the object whose "{" is at i (inside depth containers: 0 for the top level), for a
+-- caller that edits one of them (gw.usage's stream_options): a list of {key =, vs =, ve =} (the value's
+-- first and last byte) and the index of the object's "}"; nil when the scan finds it is not an object,
+-- or a key holds an escape (its name would need decoding). The walk model makes, at its cost.
+function _M.members(text, i, depth)
+    at_backslash, at_quote, at_lbrace, at_rbrace, at_lbracket, at_rbracket = 0, 0, 0, 0, 0, 0
+    at_nan, at_infinity = 0, 0
+    depth = (depth or 0) + 1
+    local members, n = {}, 0
+    i = skip_ws(text, i + 1)
+    if i and byte(text, i) == RBRACE then
+        return members, i
+    end
+    while true do
+        if not i or byte(text, i) ~= QUOTE then
+            return nil
+        end
+        local ke, escaped = string_end(text, i + 1)
+        if not ke or escaped then
+            return nil
+        end
+        local key = sub(text, i + 1, ke - 1)
+        i = skip_ws(text, ke + 1)
+        if not i or byte(text, i) ~= COLON then
+            return nil
+        end
+        local vs = skip_ws(text, i + 1)
+        local e = vs and value_end(text, vs, depth)
+        if not e then
+            return nil
+        end
+        n = n + 1
+        members[n] = { key = key, vs = vs, ve = e - 1 }
+        i = skip_ws(text, e)
+        local c = i and byte(text, i)
+        if c == RBRACE then
+            return members, i
+        elseif c ~= COMMA then
+            return nil
+        end
+        i = skip_ws(text, i + 1)
+    end
+end
+
 -- text with the top-level model's string (its bytes ms..me, as model() returned them) replaced by
 -- `model`, which must need no JSON escape (a registry model name). Everything else stays as sent.
 function _M.with_model(text, ms, me, model)

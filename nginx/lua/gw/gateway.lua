@@ -10,7 +10,8 @@
 --   counting(family), count(family)  header_filter_by_lua and body_filter_by_lua of the pool locations:
 --                   the answer's token usage, scanned as it passes (never changed, but for the usage the
 --                   router asked an OpenAI stream for, taken back out); counted(family), their log_by_lua,
---                   adds it to the shared counters
+--                   adds it to the worker's usage, moved into the shared counters within a second
+--   exit_worker()   exit_worker_by_lua: the worker's usage into the shared counters
 --   drain()         content_by_lua of the usage server: the pending usage batch (GET) and its ack (DELETE)
 -- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
 -- Data loaded by init lives in this module's upvalues for the life of the configuration; nothing of a
@@ -448,25 +449,48 @@ local function spend(u, key_id, instance, request_bytes)
     limits.spend(key_limits, state, key_id, instance, prompt, completion, ngx.now())
 end
 
--- The counters' prefix of the current minute, "u|<minute>|", made once a minute (per worker).
-local prefix_minute, minute_prefix = -1, nil
+-- This worker's usage not yet in the shared counters (gw.tally.accumulate): moved there by a timer armed
+-- by the first request after the last move (FLUSH_DELAY later: one timer per FLUSH_DELAY under load, none
+-- when idle), and when the worker exits (exit_worker, and a pending timer then fires early). A worker
+-- exiting gracefully (reload) cannot arm timers: its last requests go straight to the counters. What a
+-- worker that dies (SIGKILL, a crash) holds here is lost: at most FLUSH_DELAY of its answers.
+local FLUSH_DELAY = 1  -- seconds
+local pending, armed = {}, false
+
+local function flush_pending()
+    if tally.flush(counters, pending) then
+        ngx.log(ngx.WARN, "gw: usage counters evicted older entries: raise ISHGW_LUA_SHM_USAGE_MB")
+    end
+end
+
+local function flush_timer()
+    armed = false
+    flush_pending()
+end
 
 -- u: gw.usage's result, or nil for an answer that carries no tokens.
 local function record_usage(u)
     local now = ngx.time()
-    local minute = now - now % 60
-    if minute ~= prefix_minute then
-        prefix_minute, minute_prefix = minute, "u|" .. minute .. "|"
-    end
-    -- tally.bucket's prefix: "<key id>|<instance>|<model>" in one variable (http.conf), the instance as
-    -- X-ISHGW-Instance names it.
-    local prefix = minute_prefix .. var.gw_usage_bucket .. "|"
     local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
-    if tally.add(counters, prefix, u, request_bytes) then
-        ngx.log(ngx.WARN, "gw: usage counters evicted older entries: raise ISHGW_LUA_SHM_USAGE_MB")
+    -- tally's bucket: "<key id>|<instance>|<model>" in one variable (http.conf), the instance as
+    -- X-ISHGW-Instance names it.
+    tally.accumulate(pending, now - now % 60, var.gw_usage_bucket, u, request_bytes)
+    if not armed then
+        if ngx.timer.at(FLUSH_DELAY, flush_timer) then
+            armed = true
+        else
+            flush_pending()  -- the worker is exiting (no timers) or has too many pending
+        end
     end
     if key_limits and u then
         spend(u, var.gw_client_id or "", var.gw_instance_header or "", request_bytes)
+    end
+end
+
+-- exit_worker_by_lua: what this worker holds into the shared counters.
+function _M.exit_worker()
+    if counters then
+        flush_pending()
     end
 end
 

@@ -5,7 +5,7 @@
 --   r  requests answered through a pool location (any status)
 --   p  prompt tokens, c completion tokens (reported, or estimated: bytes / 4)
 --   e  requests whose tokens are estimated (the answer reported no usage)
--- Every worker adds with incr (atomic); nothing is ever set.
+-- Every worker adds with incr (atomic), a second's worth at a time (accumulate, flush); nothing is ever set.
 --
 -- Drain (the controller, every few seconds, over the loopback-only usage server):
 --   batch(dict, now, new_id)  the pending batch as JSON text: when none is pending, the counters move
@@ -15,13 +15,14 @@
 --       writing, or between writing and ack, reads the same batch again and counts it once.
 --   ack(dict, id)   forgets the pending batch when it is this one.
 -- Counters left at 0 are deleted once their minute is over by GRACE seconds (no worker adds to a
--- minute that old: a request's minute is taken when its answer ends, and incr follows at once).
+-- minute that old: a request's minute is taken when its answer ends, and its worker's flush follows within
+-- a second).
 --
 -- Pure: the dict is anything with ngx.shared.DICT's get/set/incr/add/delete/get_keys.
 local cjson = require("cjson.safe")
 
 local find, sub, format, floor = string.find, string.sub, string.format, math.floor
-local concat, tonumber = table.concat, tonumber
+local concat, pairs, tonumber = table.concat, pairs, tonumber
 
 local _M = {}
 
@@ -71,6 +72,60 @@ function _M.add(dict, prefix, u, request_bytes)
     if completion > 0 then
         local _, _, f = dict:incr(prefix .. "c", completion, 0)
         forced = forced or f
+    end
+    return forced
+end
+
+-- Per-worker accumulation: a worker adds each answered request to a table of its own, acc =
+-- {[minute] = {[bucket] = {r, p, c, e}}} (bucket: "<key id>|<instance>|<model>"), and moves it into the
+-- shared counters with flush, a few times a second at most (gw.gateway: one timer armed by the first
+-- request after a flush, and a flush when the worker exits). A table update per request instead of three
+-- or four shared-dict incr (lock, hash, key string each); the drain sees a request once its worker flushed.
+
+-- Add one answered request to acc (u, request_bytes: as add's).
+function _M.accumulate(acc, minute, bucket, u, request_bytes)
+    local per_minute = acc[minute]
+    if not per_minute then
+        per_minute = {}
+        acc[minute] = per_minute
+    end
+    local row = per_minute[bucket]
+    if not row then
+        row = { 0, 0, 0, 0 }
+        per_minute[bucket] = row
+    end
+    row[1] = row[1] + 1
+    if not u then
+        return
+    end
+    if u.source == "reported" then
+        row[2] = row[2] + u.prompt_tokens
+        row[3] = row[3] + u.completion_tokens
+    else
+        row[2] = row[2] + _M.estimate(request_bytes or 0)
+        row[3] = row[3] + _M.estimate(u.bytes or 0)
+        row[4] = row[4] + 1
+    end
+end
+
+local LETTERS = { "r", "p", "c", "e" }
+
+-- Move acc into the dict's counters (each non-zero count one incr) and empty it. Answers whether an incr
+-- had to evict older entries (as add).
+function _M.flush(dict, acc)
+    local forced = false
+    for minute, per_minute in pairs(acc) do
+        for bucket, row in pairs(per_minute) do
+            local prefix = "u|" .. minute .. "|" .. bucket .. "|"
+            for k = 1, 4 do
+                local n = row[k]
+                if n > 0 then
+                    local _, _, f = dict:incr(prefix .. LETTERS[k], n, 0)
+                    forced = forced or f
+                end
+            end
+        end
+        acc[minute] = nil
     end
     return forced
 end

@@ -89,6 +89,8 @@ local SPACE, TAB, LF, CR = 32, 9, 10, 13
 
 -- Index of the first non-whitespace byte at or after i, or nil at the end of s.
 local skip_ws = require("gw.body").skip_ws
+-- The members of an object, as a list of {key =, vs =, ve =} (the walk gw.body's model scan makes).
+local members_of = require("gw.body").members
 
 ---------------------------------------------------------------------------------------------------
 -- Usage objects to results
@@ -1180,45 +1182,6 @@ end
 -- The request side: stream_options.include_usage
 ---------------------------------------------------------------------------------------------------
 
--- The members of the object whose "{" is at i: a list of {key =, vs =, ve =} (the value's first and
--- last byte), and the index of its "}"; nil when it is not an object as far as the walk can tell, or
--- when a key has an escape (its name would need decoding: such a body is left alone).
-local function w_members(text, i)
-    local members = {}
-    i = skip_ws(text, i + 1)
-    if i and byte(text, i) == RBRACE then
-        return members, i
-    end
-    while true do
-        if not i or byte(text, i) ~= QUOTE then
-            return nil
-        end
-        local ke, escaped = w_string_end(text, i + 1)
-        if not ke or escaped then
-            return nil
-        end
-        local key = sub(text, i + 1, ke - 1)
-        i = skip_ws(text, ke + 1)
-        if not i or byte(text, i) ~= COLON then
-            return nil
-        end
-        local vs = skip_ws(text, i + 1)
-        local ve = vs and w_value_end(text, vs)
-        if not ve then
-            return nil
-        end
-        members[#members + 1] = { key = key, vs = vs, ve = ve }
-        i = skip_ws(text, ve + 1)
-        local c = i and byte(text, i)
-        if c == RBRACE then
-            return members, i
-        elseif c ~= COMMA then
-            return nil
-        end
-        i = skip_ws(text, i + 1)
-    end
-end
-
 -- The one member named key (nil when there is none), or false when there are several.
 local function member(members, key)
     local found
@@ -1239,6 +1202,27 @@ end
 
 local INCLUDE = '"include_usage":true'
 
+-- Can text have a top-level "stream":true? Somewhere its key is followed by ':' and 'true' (plain finds,
+-- no walk): a request that does not stream (most JSON ones: "stream":false, or none) is answered at once.
+local T, R, U, E = 116, 114, 117, 101
+local function may_stream(text)
+    local p = find(text, '"stream"', 1, true)
+    while p do
+        local i = skip_ws(text, p + 8)
+        if i and byte(text, i) == COLON then
+            i = skip_ws(text, i + 1)
+            if i then
+                local a, b, c, d = byte(text, i, i + 3)
+                if a == T and b == R and c == U and d == E then
+                    return true
+                end
+            end
+        end
+        p = find(text, '"stream"', p + 8, true)
+    end
+    return false
+end
+
 -- The request body with stream_options.include_usage true, for an OpenAI chat or completions request
 -- that streams ("stream":true at the top level) and did not ask for usage; nil when there is nothing to
 -- add (not streaming, already asked for, not a JSON object, a key written with escapes, a repeated
@@ -1252,15 +1236,14 @@ local INCLUDE = '"include_usage":true'
 -- Ollama's native APIs. A non-nil answer means the gateway asked: strip the answer's usage
 -- (openai_sse_filter(true)).
 function _M.with_include_usage(text)
-    if type(text) ~= "string" then
+    if type(text) ~= "string" or not may_stream(text) then
         return nil
     end
     local open = skip_ws(text, 1)
     if not open or byte(text, open) ~= LBRACE then
         return nil
     end
-    w_reset()
-    local members, close = w_members(text, open)
+    local members, close = members_of(text, open)
     if not members or skip_ws(text, close + 1) then
         return nil
     end
@@ -1283,8 +1266,7 @@ function _M.with_include_usage(text)
     elseif byte(text, options.vs) ~= LBRACE then
         return nil
     end
-    w_reset()
-    local inner = w_members(text, options.vs)
+    local inner = members_of(text, options.vs, 1)
     if not inner then
         return nil
     end
@@ -1321,8 +1303,7 @@ local function null_usage_span(data, p)
     if not open or byte(data, open) ~= LBRACE then
         return nil
     end
-    w_reset()
-    local members = w_members(data, open)
+    local members = members_of(data, open)
     if not members then
         return nil
     end
@@ -1340,6 +1321,46 @@ local function null_usage_span(data, p)
     end
     return nil
 end
+
+-- The usage of an OpenAI usage-only chunk (its data: top-level "choices":[] and a "usage" object as its
+-- last member, read as a JSON answer's ending is: compact_usage, flat_usage), or nil: anything else, or
+-- a usage those do not read (then the chunk is decoded, as before). Decoding the chunk costs ~15k
+-- instructions, this ~2k.
+local function usage_only(data)
+    if not find(data, '"choices":[]', 1, true) then
+        return nil
+    end
+    local e = #data
+    local c = byte(data, e)
+    while c == SPACE or c == TAB do
+        e = e - 1
+        c = byte(data, e)
+    end
+    if c ~= RBRACE then
+        return nil
+    end
+    local p, next_p = nil, find(data, '"usage"', 1, true)
+    while next_p do
+        p, next_p = next_p, find(data, '"usage"', next_p + 7, true)
+    end
+    local r = p and (compact_usage(data, p, e) or flat_usage(data, p, e))
+    local open = r and skip_ws(data, 1)
+    local members = open and byte(data, open) == LBRACE and members_of(data, open)
+    if not members then
+        return nil
+    end
+    local choices
+    for k = 1, #members do
+        if members[k].key == "choices" then
+            choices = members[k]
+        end
+    end
+    if not choices or choices.ve ~= choices.vs + 1 or byte(data, choices.vs + 1) ~= RBRACKET then
+        return nil
+    end
+    return r
+end
+_M.usage_only = usage_only
 
 -- data without its top-level "usage":null member (OpenAI adds one to every chunk of a stream that asked
 -- for usage), or data itself.
@@ -1453,6 +1474,15 @@ function Filter:line(line)
     if data then
         local usage_key = find(data, '"usage"', 1, true)
         local null_last = usage_key and sub(data, #data - 13) == NULL_USAGE_END
+        if fate == nil and usage_key and not null_last then
+            local u = usage_only(data)
+            if u then                                      -- the usage-only chunk: taken out
+                self.rec.usage = u
+                self.fate = "drop"
+                self:drop_held()
+                return
+            end
+        end
         local event = usage_key and not null_last and self.rec:line(content)   -- records the usage
         if fate == nil then                                -- this line decides
             if type(event) == "table" and type(event.usage) == "table"
@@ -1482,6 +1512,47 @@ function Filter:line(line)
     end
 end
 
+-- A complete line of chunk, bytes i..j (j its LF), read where it is when nothing is held (no line of an
+-- undecided event, no piece of a line from an earlier chunk): true when it passes on as it is; a number
+-- when it passes on but for the 13 bytes from there (the ',"usage":null' ending its data: OpenAI's every
+-- chunk); false when Filter:line must take it (the usage-only event, an event: line before its data, a
+-- long line, a usage elsewhere in the data). The same fates as Filter:line's, without copying the line.
+function Filter:in_place(chunk, i, j)
+    local fate = self.fate
+    if fate == "drop" or self.nheld > 0 then
+        return false
+    end
+    local ce = j - 1                                   -- the content's last byte
+    if ce >= i and byte(chunk, ce) == CR then
+        ce = ce - 1
+    end
+    if ce < i then                                     -- the end of an event
+        self.fate = nil
+        return true
+    elseif ce - i + 1 > self.line_max then
+        return false
+    end
+    local d, a, t, a2, colon = byte(chunk, i, i + 4)
+    if d ~= 100 or a ~= 97 or t ~= 116 or a2 ~= 97 or colon ~= COLON then   -- not "data:"
+        return fate == "pass"
+    end
+    local u = self.at_usage
+    if u < i then
+        u = find(chunk, '"usage"', i, true) or NONE
+        self.at_usage = u
+    end
+    if u > ce then
+        self.fate = "pass"
+        return true
+    end
+    local from = ce - 13
+    if from >= i + (byte(chunk, i + 5) == SPACE and 6 or 5) and sub(chunk, from, ce) == NULL_USAGE_END then
+        self.fate = "pass"
+        return from
+    end
+    return false
+end
+
 -- The bytes to pass on for this chunk (with strip = false: chunk itself).
 function Filter:feed(chunk)
     if chunk == nil or chunk == "" then
@@ -1493,30 +1564,45 @@ function Filter:feed(chunk)
     end
     self.rec.bytes = self.rec.bytes + #chunk
     self.out = {}
+    self.at_usage = 0
     local n = #chunk
     local i = 1
+    local from = 1                                    -- chunk's bytes from here pass on as they are
     while true do
         local j = find(chunk, "\n", i, true)
         if not j then
             break
         end
-        if self.passing then
-            if self.fate ~= "drop" then
-                self:emit(sub(chunk, i, j))
+        local kept = not self.passing and self.npend == 0 and self:in_place(chunk, i, j)
+        if kept == false then                         -- Filter:line takes it
+            if from < i then
+                self:emit(sub(chunk, from, i - 1))
             end
-            self.passing = false
-        elseif self.npend > 0 then
-            local pend = self.pend
-            local line = concat(pend, "", 1, self.npend) .. sub(chunk, i, j)
-            for k = self.npend, 1, -1 do
-                pend[k] = nil
+            from = j + 1
+            if self.passing then
+                if self.fate ~= "drop" then
+                    self:emit(sub(chunk, i, j))
+                end
+                self.passing = false
+            elseif self.npend > 0 then
+                local pend = self.pend
+                local line = concat(pend, "", 1, self.npend) .. sub(chunk, i, j)
+                for k = self.npend, 1, -1 do
+                    pend[k] = nil
+                end
+                self.npend, self.plen = 0, 0
+                self:line(line)
+            else
+                self:line(sub(chunk, i, j))
             end
-            self.npend, self.plen = 0, 0
-            self:line(line)
-        else
-            self:line(sub(chunk, i, j))
+        elseif kept ~= true then                      -- without its ',"usage":null'
+            self:emit(sub(chunk, from, kept - 1))
+            from = kept + 13
         end
         i = j + 1
+    end
+    if from < i then
+        self:emit(sub(chunk, from, i - 1))
     end
     if i <= n then
         local tail = sub(chunk, i)
@@ -1540,9 +1626,9 @@ function Filter:feed(chunk)
             self.plen = self.plen + #tail
         end
     end
-    local out = concat(self.out)
+    local out = self.out
     self.out = nil
-    return out
+    return out[2] and concat(out) or out[1] or ""
 end
 
 -- The bytes still held, to pass on at the end of the body.

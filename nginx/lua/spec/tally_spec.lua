@@ -58,6 +58,41 @@ describe("gw.tally", function()
         assert.same({ 3, 35, 15, 1 }, { d:get(p .. "r"), d:get(p .. "p"), d:get(p .. "c"), d:get(p .. "e") })
     end)
 
+    it("accumulates a worker's requests and flushes them as the same counters add makes", function()
+        local direct, flushed, acc = dict(), dict(), {}
+        local requests = {
+            { 60, "k|i|m", { source = "reported", prompt_tokens = 10, completion_tokens = 5 }, 99 },
+            { 60, "k|i|m", { source = "estimated", bytes = 40 }, 100 },
+            { 60, "k|i|m", nil, 100 },
+            { 60, "|i|m", { source = "reported", prompt_tokens = 0, completion_tokens = 0 }, 0 },
+            { 120, "k|i|m", { source = "estimated", bytes = 0 }, 0 },
+        }
+        for _, r in ipairs(requests) do
+            tally.add(direct, "u|" .. r[1] .. "|" .. r[2] .. "|", r[3], r[4])
+            tally.accumulate(acc, r[1], r[2], r[3], r[4])
+        end
+        assert.same({}, flushed.v)
+        assert.is_false(tally.flush(flushed, acc))
+        assert.same({}, acc)
+        assert.same(direct.v, flushed.v)
+        assert.same({ 3, 35, 15, 1 }, { flushed:get("u|60|k|i|m|r"), flushed:get("u|60|k|i|m|p"),
+                                        flushed:get("u|60|k|i|m|c"), flushed:get("u|60|k|i|m|e") })
+        -- a second flush adds what came since, and only that
+        tally.accumulate(acc, 60, "k|i|m", { source = "reported", prompt_tokens = 1, completion_tokens = 2 })
+        tally.flush(flushed, acc)
+        assert.same({ 4, 36, 17 }, { flushed:get("u|60|k|i|m|r"), flushed:get("u|60|k|i|m|p"),
+                                     flushed:get("u|60|k|i|m|c") })
+        assert.is_false(tally.flush(flushed, acc))
+        assert.equal(4, flushed:get("u|60|k|i|m|r"))
+    end)
+
+    it("tells when a flush evicted older entries", function()
+        local d, acc = dict(), {}
+        function d:incr(k, n, init) self.v[k] = (self.v[k] or init) + n return self.v[k], nil, true end
+        tally.accumulate(acc, 60, "k|i|m", nil, 0)
+        assert.is_true(tally.flush(d, acc))
+    end)
+
     it("moves the counters into one pending batch, answered again until its ack", function()
         local d, new_id = dict(), ids()
         local a, b = tally.bucket(60, "k", "i", "m"), tally.bucket(60, "", "i", "m")

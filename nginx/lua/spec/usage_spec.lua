@@ -690,6 +690,29 @@ describe("gw.usage", function()
             end
         end)
 
+        it("reads a usage-only chunk without decoding it, and only such a chunk", function()
+            local function only(data)
+                local r = usage.usage_only(data)
+                return r and { r.prompt_tokens, r.completion_tokens, r.total_tokens }
+            end
+            assert.same({ 5, 2, 7 }, only('{"id":"c","choices":[],"usage":{"prompt_tokens":5,'
+                .. '"completion_tokens":2,"total_tokens":7}}'))
+            assert.same({ 5, 2, 7 }, only('{"choices":[],"id":"c","usage":{"prompt_tokens":5,'
+                .. '"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":3}}} '))
+            for _, data in ipairs({
+                '{"choices":[{"delta":{}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}',
+                '{"a":{"choices":[]},"usage":{"prompt_tokens":5,"completion_tokens":2}}',
+                '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2},"choices":[1]}',
+                '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2},"x":1}',
+                '{"choices":[],"usage":null}',
+                '{"choices":[],"usage":{"prompt_tokens":-5}}',
+                '{"choices":[],"a":"\\"usage\\":{\\"prompt_tokens\\":5}"}',
+                '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}',
+            }) do
+                assert.is_nil(only(data), data)
+            end
+        end)
+
         it("takes a top-level \"usage\":null out of every chunk, and nothing else", function()
             local cases = {
                 { '{"a":1,"usage":null}', '{"a":1}' },
