@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jinja2
 
+from control_plane.health.logstream import LOG_FIELDS, LogField
 from control_plane.render.lua_data import data_files
 from control_plane.render.quoting import lua_string, nginx_quote
 from control_plane.render.spec import CHECKSUM_PLACEHOLDER, GatewaySpec
@@ -46,6 +47,22 @@ def _comment(value: object) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", "?", str(value))
 
 
+LOG_FIELDS_PER_LINE = 4
+
+
+def log_format_lines(fields: tuple[LogField, ...] = LOG_FIELDS) -> tuple[str, ...]:
+    """log_format gw_log's JSON line, from the one table of its fields (health/logstream.py LOG_FIELDS):
+    nginx strings of a few fields each, which nginx joins; each variable written as ${name}."""
+    variables = tuple(f.variable for f in fields)
+    pieces = [f'"{f.key}":"${{{f.variable}}}"' for f in fields]
+    lines = []
+    for start in range(0, len(pieces), LOG_FIELDS_PER_LINE):
+        text = ",".join(pieces[start : start + LOG_FIELDS_PER_LINE])
+        first, last = start == 0, start + LOG_FIELDS_PER_LINE >= len(pieces)
+        lines.append(("{" if first else "") + text + ("}" if last else ","))
+    return tuple(nginx_quote(line, variables) for line in lines)
+
+
 @cache
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -60,6 +77,7 @@ def _environment() -> jinja2.Environment:
     env.filters["comment"] = _comment
     env.filters["bracket_ipv6"] = _bracket_ipv6
     env.filters["lua_string"] = lua_string
+    env.globals["log_format_lines"] = log_format_lines()
     return env
 
 

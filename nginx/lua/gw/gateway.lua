@@ -451,8 +451,13 @@ end
 -- The counters' prefix of the current minute, "u|<minute>|", made once a minute (per worker).
 local prefix_minute, minute_prefix = -1, nil
 
--- u: gw.usage's result, or nil for an answer that carries no tokens.
+-- u: gw.usage's result, or nil for an answer that carries no tokens. Tokens the answer reported also go
+-- to the access log line ($gw_tokens, "<prompt> <completion>": routing per output token); the log phase
+-- runs this before the access log is written.
 local function record_usage(u)
+    if u and u.source == "reported" then
+        var.gw_tokens = u.prompt_tokens .. " " .. u.completion_tokens
+    end
     local now = ngx.time()
     local minute = now - now % 60
     if minute ~= prefix_minute then
