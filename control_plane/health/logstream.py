@@ -66,6 +66,7 @@ class LogField(NamedTuple):
     name: str  # what it holds (format_line's keyword)
     key: str  # its key in the JSON line
     variable: str  # the nginx variable that fills it
+    counted: bool = False  # only in a tree that counts usage (nothing sets it otherwise)
 
 
 # The JSON line of log_format gw_log, in order: the one place its keys and variables are written. The
@@ -89,8 +90,9 @@ LOG_FIELDS = (
     LogField("upstream_header_time", "uht", "upstream_header_time"),
     LogField("sent_http_content_type", "ct", "sent_http_content_type"),
     # "<prompt> <completion>" tokens as the answer reported them (gw.gateway.counted sets $gw_tokens in
-    # the log phase); "" when not counted (counting off, no usage reported, an estimate).
-    LogField("tokens", "tok", "gw_tokens"),
+    # the log phase); "" when the answer reported none (an estimate is not logged); absent when usage
+    # is not counted.
+    LogField("tokens", "tok", "gw_tokens", counted=True),
 )
 # The keys of the JSON line, by what they hold.
 FIELDS = {f.name: f.key for f in LOG_FIELDS}

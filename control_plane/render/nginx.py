@@ -50,9 +50,12 @@ def _comment(value: object) -> str:
 LOG_FIELDS_PER_LINE = 4
 
 
-def log_format_lines(fields: tuple[LogField, ...] = LOG_FIELDS) -> tuple[str, ...]:
+@cache
+def log_format_lines(counting: bool, fields: tuple[LogField, ...] = LOG_FIELDS) -> tuple[str, ...]:
     """log_format gw_log's JSON line, from the one table of its fields (health/logstream.py LOG_FIELDS):
-    nginx strings of a few fields each, which nginx joins; each variable written as ${name}."""
+    nginx strings of a few fields each, which nginx joins; each variable written as ${name}. The fields
+    that only usage counting fills are left out of a tree that does not count."""
+    fields = tuple(f for f in fields if counting or not f.counted)
     variables = tuple(f.variable for f in fields)
     pieces = [f'"{f.key}":"${{{f.variable}}}"' for f in fields]
     lines = []
@@ -77,7 +80,7 @@ def _environment() -> jinja2.Environment:
     env.filters["comment"] = _comment
     env.filters["bracket_ipv6"] = _bracket_ipv6
     env.filters["lua_string"] = lua_string
-    env.globals["log_format_lines"] = log_format_lines()
+    env.globals["log_format_lines"] = log_format_lines
     return env
 
 
@@ -85,9 +88,7 @@ def _environment() -> jinja2.Environment:
 def lua_code() -> dict[str, str]:
     """The request path's Lua modules (nginx/lua/gw/*.lua), as files of the tree: the checksum covers the
     code nginx runs, and a tree is complete in itself. Specs and test drivers stay out."""
-    return {
-        f"lua/gw/{path.name}": path.read_text() for path in sorted((LUA_DIR / "gw").glob("*.lua"))
-    }
+    return {f"lua/gw/{path.name}": path.read_text() for path in sorted((LUA_DIR / "gw").glob("*.lua"))}
 
 
 def render(spec: GatewaySpec) -> RenderedTree:

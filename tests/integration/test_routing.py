@@ -183,6 +183,7 @@ def test_least_response_time_sends_most_to_the_fastest_and_follows_a_slowdown(
         settled_s=round(settled_s, 1),
         share_f50=round(settled.get("f50", 0), 3),
         noise_reloads=noise_reloads,
+        noise_applied=noise_applied,
         moved_after_f50_slowed_s=round(moved_s, 1),
         share_f150_after=round(after.get("f150", 0), 3),
         requests=load.total,

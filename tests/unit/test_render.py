@@ -419,7 +419,7 @@ def test_usage_accounting_is_on_by_default_and_stream_usage_asks_only_chat_and_c
         assert flagged == ({"/v1/chat/completions", "/v1/completions"} if asked else set())
         files = render(spec).files
         assert ('set $gw_stream_usage "";' in files["servers.conf"]) is asked
-        assert ("require(\"gw.gateway\").counting(" in files["servers.conf"]) is on
+        assert ('require("gw.gateway").counting(' in files["servers.conf"]) is on
 
 
 def test_the_log_format_is_rendered_from_the_one_field_table() -> None:
@@ -428,21 +428,33 @@ def test_the_log_format_is_rendered_from_the_one_field_table() -> None:
     for f in LOG_FIELDS:
         for spelling in (f'"{f.key}":', f'\\"{f.key}\\"', f'"{f.key}" :'):
             assert spelling not in template, f"http.conf.j2 spells the log field {f.key!r} by hand"
-    assert "log_format gw_log escape=json\n{% for line in log_format_lines %}" in template
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "http.conf"
-        one = InstanceConfig(
-            name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
-        )
-        path.write_text(render(spec_for([one])).files["http.conf"])
-        parsed = crossplane.parse(str(path), single=True, check_ctx=False, check_args=False)
-    assert parsed["errors"] == []
-    (directive,) = [d for d in parsed["config"][0]["parsed"] if d["directive"] == "log_format"]
-    assert directive["args"][:2] == ["gw_log", "escape=json"]
-    line = "".join(directive["args"][2:])  # nginx joins the strings
-    variables = [f.variable for f in LOG_FIELDS]
-    # Every ${variable} becomes a value: the line is then the JSON object the receiver reads.
-    filled = re.sub(r"\$\{(\w+)\}", lambda m: f"v{variables.index(m.group(1))}", line)
-    assert list(json.loads(filled).items()) == [(f.key, f"v{i}") for i, f in enumerate(LOG_FIELDS)]
+    assert "log_format gw_log escape=json\n{% for line in log_format_lines(counting) %}" in template
     assert set(FIELDS) == {f.name for f in LOG_FIELDS} and len(FIELDS) == len(LOG_FIELDS)
     assert len({f.key for f in LOG_FIELDS}) == len(LOG_FIELDS)
+    one = InstanceConfig(
+        name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+    )
+    for counting in (True, False):
+        # Without usage counting nothing sets $gw_tokens: its field is left out (no work per request).
+        fields = [f for f in LOG_FIELDS if counting or not f.counted]
+        spec = dataclasses.replace(
+            spec_for([one]), server=dataclasses.replace(SERVER, usage_accounting=counting)
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "http.conf"
+            path.write_text(render(spec).files["http.conf"])
+            parsed = crossplane.parse(str(path), single=True, check_ctx=False, check_args=False)
+        assert parsed["errors"] == []
+        (directive,) = [d for d in parsed["config"][0]["parsed"] if d["directive"] == "log_format"]
+        assert directive["args"][:2] == ["gw_log", "escape=json"]
+        line = "".join(directive["args"][2:])  # nginx joins the strings
+        variables = [f.variable for f in fields]
+        # Every ${variable} becomes a value: the line is then the JSON object the receiver reads.
+        filled = re.sub(r"\$\{(\w+)\}", lambda m, v=variables: f"v{v.index(m.group(1))}", line)
+        assert list(json.loads(filled).items()) == [(f.key, f"v{i}") for i, f in enumerate(fields)]
+        declared = [
+            d
+            for d in parsed["config"][0]["parsed"]
+            if d["directive"] == "map" and d["args"][1] == "$gw_tokens"
+        ]
+        assert len(declared) == int(counting)
