@@ -376,7 +376,8 @@ def test_health_based_weighs_down_a_failing_instance_and_restores_it(
         share_after=round(after.get("flaky", 0), 3),
         failures=len(load.failures),
     )
-    assert {"success 66%", "success 67%"} & set(failing["reasons"]), failing
+    (rate,) = [int(r[8:-1]) for r in failing["reasons"] if r.startswith("success ")]
+    assert 60 <= rate <= 73 and failing["weight"] <= 40, failing  # 2 in 3 answered: weight ~ 0.67^4
     assert during.get("flaky", 0) <= 0.25
     assert after.get("flaky", 0) >= 0.35
     assert load.failures and all(f.startswith("RuntimeError('500") for f in load.failures)
