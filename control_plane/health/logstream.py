@@ -19,9 +19,10 @@ import orjson
 
 log = logging.getLogger(__name__)
 
-# The nginx side of this contract: the log_format in http.conf.j2.
+# The nginx side of this contract: the log_format in http.conf.j2, rendered from LOG_FIELDS below.
 LOG_TAG = "ishgw"
 _SPLIT = re.compile(r", | : ")
+_TOKENS = re.compile(r"[0-9]{1,12} [0-9]{1,12}")
 
 
 class Attempt(NamedTuple):
@@ -56,28 +57,45 @@ class LogRecord(NamedTuple):  # a NamedTuple: a tenth of a frozen dataclass's co
     # stream's time to first byte (ishgw_time_to_first_byte_seconds).
     header_ms: float | None = None
     content_type: str = ""
+    # Tokens of the answer as its usage reported them (the last attempt's); None: not known.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
-# The keys of the JSON line of log_format gw_log in http.conf.j2, by what they hold.
-FIELDS = {
-    "msec": "t",
-    "request_id": "rid",
-    "pool": "pool",
-    "model": "model",
-    "status": "st",
-    "request_time": "rt",
-    "upstream_addr": "ua",
-    "upstream_status": "us",
-    "upstream_response_time": "urt",
-    "retry_after": "ra",
-    "retry_after_ms": "ram",
-    "bytes_sent": "bs",
-    "uri": "uri",
-    "client_id": "key",
-    "limited_429s": "x429",
-    "upstream_header_time": "uht",
-    "sent_http_content_type": "ct",
-}
+class LogField(NamedTuple):
+    name: str  # what it holds (format_line's keyword)
+    key: str  # its key in the JSON line
+    variable: str  # the nginx variable that fills it
+    counted: bool = False  # only in a tree that counts usage (nothing sets it otherwise)
+
+
+# The JSON line of log_format gw_log, in order: the one place its keys and variables are written. The
+# log_format in http.conf.j2 is rendered from this table (control_plane/render/nginx.py log_format_lines).
+LOG_FIELDS = (
+    LogField("msec", "t", "msec"),
+    LogField("request_id", "rid", "gw_request_id"),
+    LogField("pool", "pool", "proxy_host"),
+    LogField("model", "model", "gw_model"),
+    LogField("status", "st", "status"),
+    LogField("request_time", "rt", "request_time"),
+    LogField("upstream_addr", "ua", "upstream_addr"),
+    LogField("upstream_status", "us", "upstream_status"),
+    LogField("upstream_response_time", "urt", "upstream_response_time"),
+    LogField("retry_after", "ra", "upstream_http_retry_after"),
+    LogField("retry_after_ms", "ram", "upstream_http_retry_after_ms"),
+    LogField("bytes_sent", "bs", "bytes_sent"),
+    LogField("uri", "uri", "uri"),
+    LogField("client_id", "key", "gw_client_id"),
+    LogField("limited_429s", "x429", "gw_429"),
+    LogField("upstream_header_time", "uht", "upstream_header_time"),
+    LogField("sent_http_content_type", "ct", "sent_http_content_type"),
+    # "<prompt> <completion>" tokens as the answer reported them (gw.gateway.counted sets $gw_tokens in
+    # the log phase); "" when the answer reported none (an estimate is not logged); absent when usage
+    # is not counted.
+    LogField("tokens", "tok", "gw_tokens", counted=True),
+)
+# The keys of the JSON line, by what they hold.
+FIELDS = {f.name: f.key for f in LOG_FIELDS}
 _MARK = f"{LOG_TAG}: "
 _MARK_BYTES = _MARK.encode()
 
@@ -140,6 +158,14 @@ def parse_limited(text: str) -> tuple[Limited, ...]:
     return tuple(found)
 
 
+def parse_tokens(text: str) -> tuple[int | None, int | None]:
+    """$gw_tokens, "<prompt> <completion>" -> both counts; (None, None) when absent or malformed."""
+    if not _TOKENS.fullmatch(text):
+        return None, None
+    prompt, _, completion = text.partition(" ")
+    return int(prompt), int(completion)
+
+
 def parse_datagram(data: bytes) -> LogRecord | None:
     """One syslog datagram (RFC 3164 framing from nginx) -> LogRecord, or None when it is not ours."""
     start = data.find(_MARK_BYTES)
@@ -156,6 +182,8 @@ def parse_datagram(data: bytes) -> LogRecord | None:
     if not isinstance(fields, dict):
         return None
     get = fields.get  # escape=json makes every value a string
+    tokens = get("tok")
+    prompt, completion = parse_tokens(tokens) if tokens else (None, None)
     return LogRecord(
         at=_number(get("t", "")) or 0.0,
         request_id=get("rid", ""),
@@ -170,6 +198,8 @@ def parse_datagram(data: bytes) -> LogRecord | None:
         limited=parse_limited(get("x429", "")),
         header_ms=last_seconds_ms(get("uht", "")),
         content_type=get("ct", ""),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jinja2
 
+from control_plane.health.logstream import LOG_FIELDS, LogField
 from control_plane.registry import validators
 from control_plane.render.lua_data import data_files
 from control_plane.render.quoting import lua_string, nginx_map_regex, nginx_quote
@@ -47,6 +48,25 @@ def _comment(value: object) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", "?", str(value))
 
 
+LOG_FIELDS_PER_LINE = 4
+
+
+@cache
+def log_format_lines(counting: bool, fields: tuple[LogField, ...] = LOG_FIELDS) -> tuple[str, ...]:
+    """log_format gw_log's JSON line, from the one table of its fields (health/logstream.py LOG_FIELDS):
+    nginx strings of a few fields each, which nginx joins; each variable written as ${name}. The fields
+    that only usage counting fills are left out of a tree that does not count."""
+    fields = tuple(f for f in fields if counting or not f.counted)
+    variables = tuple(f.variable for f in fields)
+    pieces = [f'"{f.key}":"${{{f.variable}}}"' for f in fields]
+    lines = []
+    for start in range(0, len(pieces), LOG_FIELDS_PER_LINE):
+        text = ",".join(pieces[start : start + LOG_FIELDS_PER_LINE])
+        first, last = start == 0, start + LOG_FIELDS_PER_LINE >= len(pieces)
+        lines.append(("{" if first else "") + text + ("}" if last else ","))
+    return tuple(nginx_quote(line, variables) for line in lines)
+
+
 @cache
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -63,6 +83,7 @@ def _environment() -> jinja2.Environment:
     env.filters["lua_string"] = lua_string
     # The rules the templates match values by, defined once in Python (registry/validators.py).
     env.globals["model_regex"] = nginx_map_regex(validators.MODEL_PATTERN, "model")
+    env.globals["log_format_lines"] = log_format_lines
     return env
 
 
@@ -70,9 +91,7 @@ def _environment() -> jinja2.Environment:
 def lua_code() -> dict[str, str]:
     """The request path's Lua modules (nginx/lua/gw/*.lua), as files of the tree: the checksum covers the
     code nginx runs, and a tree is complete in itself. Specs and test drivers stay out."""
-    return {
-        f"lua/gw/{path.name}": path.read_text() for path in sorted((LUA_DIR / "gw").glob("*.lua"))
-    }
+    return {f"lua/gw/{path.name}": path.read_text() for path in sorted((LUA_DIR / "gw").glob("*.lua"))}
 
 
 def render(spec: GatewaySpec) -> RenderedTree:

@@ -24,23 +24,42 @@ class Stats:
     requests: int
     successes: int
     p50_ms: float | None
+    # Where the answers reported their output tokens (at least MIN_LATENCY_SAMPLES of them): the median
+    # of each answer's time per output token, and output tokens per second over those answers together.
+    ms_per_token: float | None = None
+    tokens_per_s: float | None = None
+
+
+def per_token(answers: list[tuple[float, int]]) -> tuple[float | None, float | None]:
+    """(latency ms, output tokens) of successful answers -> (median ms per token, tokens/s); answers of
+    no output token (embeddings) are left out; None while fewer than MIN_LATENCY_SAMPLES remain."""
+    counted = [(ms, tokens) for ms, tokens in answers if tokens > 0]
+    if len(counted) < MIN_LATENCY_SAMPLES:
+        return None, None
+    median = statistics.median(ms / tokens for ms, tokens in counted)
+    seconds = sum(ms for ms, _ in counted) / 1000
+    return median, (sum(tokens for _, tokens in counted) / seconds if seconds > 0 else None)
 
 
 class Windows:
     def __init__(self, max_samples: int = MAX_SAMPLES) -> None:
         self.max_samples = max_samples
-        self._samples: dict[tuple[str, str], deque[tuple[float, bool, float]]] = {}
+        # (at, ok, latency ms, output tokens: 0 when not known)
+        self._samples: dict[tuple[str, str], deque[tuple[float, bool, float, int]]] = {}
 
-    def add(self, model: str, instance: str, at: float, ok: bool, latency_ms: float) -> None:
+    def add(
+        self, model: str, instance: str, at: float, ok: bool, latency_ms: float, tokens: int = 0
+    ) -> None:
         window = self._samples.get((model, instance))
         if window is None:
             window = self._samples[(model, instance)] = deque(maxlen=self.max_samples)
-        window.append((at, ok, latency_ms))
+        window.append((at, ok, latency_ms, tokens))
 
     def observe(self, record: LogRecord, names: Mapping[str, str]) -> None:
         """Every attempt of one request: an answer (2xx-4xx but 429 and credential refusals) is a success
         with its upstream time, a 5xx or no answer a failure; 429s and refused credentials say nothing
-        about speed and are left to the health tracker."""
+        about speed and are left to the health tracker. The answer's output tokens, where its usage reported
+        them, belong to the last attempt (the one that answered)."""
         if not record.model:
             return
         last = len(record.attempts) - 1
@@ -50,7 +69,9 @@ class Windows:
                 continue
             verdict = classify(attempt.status)
             if verdict in (Verdict.OK, Verdict.FAILURE):
-                self.add(record.model, name, record.at, verdict is Verdict.OK, attempt.response_ms or 0.0)
+                ok = verdict is Verdict.OK
+                tokens = (record.completion_tokens or 0) if index == last and ok else 0
+                self.add(record.model, name, record.at, ok, attempt.response_ms or 0.0, tokens)
 
     def stats(self, model: str, instance: str, now: float, window_s: float) -> Stats:
         window = self._samples.get((model, instance))
@@ -59,9 +80,10 @@ class Windows:
         horizon = now - window_s
         while len(window) > MIN_KEPT and window[0][0] < horizon:
             window.popleft()
-        ok = [ms for _, good, ms in window if good]
-        p50 = statistics.median(ok) if len(ok) >= MIN_LATENCY_SAMPLES else None
-        return Stats(len(window), len(ok), p50)
+        ok = [(ms, tokens) for _, good, ms, tokens in window if good]
+        p50 = statistics.median(ms for ms, _ in ok) if len(ok) >= MIN_LATENCY_SAMPLES else None
+        ms_per_token, tokens_per_s = per_token(ok)
+        return Stats(len(window), len(ok), p50, ms_per_token, tokens_per_s)
 
     def forget(self, keep: set[tuple[str, str]]) -> None:
         """Drop the windows of (model, instance) pairs no pool has any more."""

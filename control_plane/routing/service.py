@@ -72,6 +72,8 @@ def observations(
                     quality=base.quality,
                     load=load,
                     load_note=note,
+                    ms_per_token=stats.ms_per_token,
+                    tokens_per_s=stats.tokens_per_s,
                 )
             )
         found[model] = items

@@ -52,11 +52,6 @@ class Observation:
     def success_rate(self) -> float | None:
         return self.successes / self.requests if self.requests >= MIN_EVIDENCE else None
 
-    @property
-    def speed_ms(self) -> float | None:
-        """What latency strategies compare: per output token where known, else the median."""
-        return self.ms_per_token if self.ms_per_token is not None else self.p50_ms
-
 
 @dataclass(frozen=True)
 class Reward:
@@ -96,6 +91,8 @@ def _evidence(o: Observation) -> list[str]:
         reasons.append(f"{o.requests} requests measured: latency not yet known")
     if o.ms_per_token is not None:
         reasons.append(f"{o.ms_per_token:.1f} ms per output token")
+    if o.tokens_per_s is not None:
+        reasons.append(f"{o.tokens_per_s:.0f} output tokens/s")
     rate = o.success_rate
     if rate is not None:
         reasons.append(f"success {rate:.0%}")
@@ -108,10 +105,14 @@ def _evidence(o: Observation) -> list[str]:
     return reasons
 
 
-def _speed_scores(observations: Sequence[Observation]) -> dict[str, float]:
+def _speed_scores(observations: Sequence[Observation], per_token: bool = True) -> dict[str, float]:
     """best speed / own speed, 0-1; an instance not measured yet counts as the median of those measured
-    (1.0 when none is), so it gets traffic to be measured with."""
-    known = {o.name: s for o in observations if (s := o.speed_ms) is not None and s > 0}
+    (1.0 when none is), so it gets traffic to be measured with. Speed is the latency per output token
+    when every measured instance has one (per_token; long answers then do not look slow), else the median
+    latency: the two are never compared with each other."""
+    latency = {o.name: ms for o in observations if (ms := o.p50_ms) is not None and ms > 0}
+    tokens = {o.name: ms for o in observations if (ms := o.ms_per_token) is not None and ms > 0}
+    known: dict[str, float] = tokens if per_token and tokens and set(latency) <= set(tokens) else latency
     if not known:
         return {o.name: 1.0 for o in observations}
     best, middle = min(known.values()), statistics.median(known.values())
@@ -133,7 +134,8 @@ def _finish(
 
 
 def least_response_time(observations: Sequence[Observation]) -> tuple[Choice, ...]:
-    """Weight ~ (fastest / own latency)^2: 50, 150, 400 ms -> 100, 11, 2."""
+    """Weight ~ (fastest / own latency)^2: 50, 150, 400 ms -> 100, 11, 2; latency per output token where
+    the answers report usage (see _speed_scores)."""
     return _finish(observations, _speed_scores(observations), 2.0, {})
 
 
@@ -144,8 +146,11 @@ def health_based(observations: Sequence[Observation]) -> tuple[Choice, ...]:
 
 
 def performance_based(observations: Sequence[Observation]) -> tuple[Choice, ...]:
-    """Latency and throughput together: speed score x relative tokens/s (where usage is known) x success."""
-    speed = _speed_scores(observations)
+    """Latency and throughput together: (latency score x relative tokens/s x success)^2. Latency here is
+    the median time to a whole answer, what a client waits; tokens/s (where the answers report usage)
+    is how fast the instance generates, so an instance whose long answers are slow in proportion loses
+    on latency only, and one that is slow per token loses on both."""
+    speed = _speed_scores(observations, per_token=False)
     rates = {o.name: o.tokens_per_s for o in observations if o.tokens_per_s}
     top = max(rates.values(), default=0.0)
     scores = {}

@@ -183,6 +183,7 @@ def test_least_response_time_sends_most_to_the_fastest_and_follows_a_slowdown(
         settled_s=round(settled_s, 1),
         share_f50=round(settled.get("f50", 0), 3),
         noise_reloads=noise_reloads,
+        noise_applied=noise_applied,
         moved_after_f50_slowed_s=round(moved_s, 1),
         share_f150_after=round(after.get("f150", 0), 3),
         requests=load.total,
@@ -273,3 +274,111 @@ def test_a_queueing_vllm_instance_gets_less_traffic(gateway: Gateway, stubs: dic
     assert busy["weight"] == 50 and "vLLM: 20 waiting, 4 running, KV cache 50%" in busy["reasons"]
     assert abs(shares.get("busy", 0) - 1 / 3) <= 0.1
     assert load.failures == []
+
+
+def token_stubs(gw: Gateway, stubs: dict[str, StubServer], answers: dict[str, tuple[int, int]]) -> None:
+    """Stand-ins answering `tokens` output tokens (their usage says so) after `delay` ms (+-20 %)."""
+    for name, (tokens, delay) in answers.items():
+        stub = start_stub(stubs, name, chunks=tokens)
+        stub.set_mode("slow", delay_ms=delay, jitter_pct=20)
+        r = gw.add_instance(
+            name=name, provider_type="openai_compatible", api_base=stub.url, supported_models=["m"]
+        )
+        assert r.status_code == 201, r.text
+    gw.wait_applied()
+
+
+def candidates(gw: Gateway) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in selection(gw)["candidates"]}
+
+
+def measured_per_token(gw: Gateway, names: tuple[str, ...]) -> bool:
+    found = candidates(gw)
+    return all(any(r.endswith("ms per output token") for r in found[n]["reasons"]) for n in names)
+
+
+def test_least_response_time_judges_long_answers_per_output_token(
+    gateway: Gateway, stubs: dict[str, StubServer]
+) -> None:
+    # short and long take the same 12 ms per output token; slow takes 48. By whole-answer latency long
+    # (360 ms) would weigh (60/360)^2 of short: 3 against 100.
+    token_stubs(gateway, stubs, {"short": (5, 60), "long": (30, 360), "slow": (5, 240)})
+    set_routing(gateway, default_strategy="least_response_time", **FAST_WEIGHTS)
+    with Load(gateway.url, "m", sdk=False, threads=4, seconds=60, max_requests=4000) as load:
+        names = ("short", "long", "slow")
+        wait_for(lambda: measured_per_token(gateway, names), timeout=30, what="tokens measured")
+        steps = gateway.status()["weights"]["steps"]
+        wait_for(lambda: gateway.status()["weights"]["steps"] >= steps + 2, what="2 recomputations")
+        gateway.wait_applied()
+        found = candidates(gateway)
+    report(
+        "least_response_time per output token 5x60/30x360/5x240",
+        weights={n: found[n]["weight"] for n in names},
+        reasons={n: found[n]["reasons"][:2] for n in names},
+        requests=load.total,
+    )
+    assert found["long"]["weight"] >= 60 and found["short"]["weight"] >= 60
+    assert found["slow"]["weight"] <= 15
+    assert load.failures == []
+
+
+def test_performance_based_weighs_latency_and_tokens_per_second(
+    gateway: Gateway, stubs: dict[str, StubServer]
+) -> None:
+    token_stubs(gateway, stubs, {"p50": (10, 50), "p150": (10, 150), "p400": (10, 400)})
+    set_routing(gateway, default_strategy="performance_based", **FAST_WEIGHTS)
+    with Load(gateway.url, "m", sdk=False, threads=4, seconds=60, max_requests=4000) as load:
+        wait_for(lambda: select_share(gateway, "p50") >= 0.9, timeout=30, what="weights settle on p50")
+        gateway.wait_applied()
+        found = candidates(gateway)
+        shares = traffic(load, 300)
+    report(
+        "performance_based 50/150/400 ms, 10 tokens each",
+        weights={n: c["weight"] for n, c in found.items()},
+        measured={k: round(v, 3) for k, v in shares.items()},
+    )
+    assert any(r.endswith("output tokens/s") for r in found["p50"]["reasons"])
+    assert shares.get("p50", 0) >= 0.8
+    assert load.failures == []
+
+
+def judged(gw: Gateway, name: str, at_most: int) -> bool:
+    """Whether the weights in force give `name` at most `at_most`, judged on its success rate."""
+    found = candidates(gw)[name]
+    return found["weight"] <= at_most and any(r.startswith("success ") for r in found["reasons"])
+
+
+def test_health_based_weighs_down_a_failing_instance_and_restores_it(
+    gateway: Gateway, stubs: dict[str, StubServer]
+) -> None:
+    slow_stubs(gateway, stubs, {"steady": 20, "flaky": 20})
+    set_routing(gateway, default_strategy="health_based", **FAST_WEIGHTS)
+    # Every 3rd request to flaky answers 500: below the breaker's error rate (50 %), so only the
+    # weights can act on it.
+    stubs["flaky"].set_mode("fail", status=500, fail_ratio=1 / 3)
+    with Load(gateway.url, "m", sdk=False, threads=4, seconds=90, max_requests=8000) as load:
+        wait_for(lambda: judged(gateway, "flaky", 40), timeout=30, what="flaky weighs less")
+        gateway.wait_applied()
+        failing = candidates(gateway)["flaky"]
+        during = traffic(load, 400)
+        stubs["flaky"].set_mode("ok")
+        recovered = time.monotonic()
+        wait_for(lambda: select_share(gateway, "flaky") >= 0.4, timeout=30, what="flaky restored")
+        restored_s = time.monotonic() - recovered
+        gateway.wait_applied()
+        failed = len(load.failures)
+        after = traffic(load, 400)
+    report(
+        "health_based, flaky failing 1 in 3",
+        flaky=failing,
+        share_during=round(during.get("flaky", 0), 3),
+        restored_s=round(restored_s, 1),
+        share_after=round(after.get("flaky", 0), 3),
+        failures=len(load.failures),
+    )
+    (rate,) = [int(r[8:-1]) for r in failing["reasons"] if r.startswith("success ")]
+    assert 60 <= rate <= 73 and failing["weight"] <= 40, failing  # 2 in 3 answered: weight ~ 0.67^4
+    assert during.get("flaky", 0) <= 0.25
+    assert after.get("flaky", 0) >= 0.35
+    assert load.failures and all(f.startswith("RuntimeError('500") for f in load.failures)
+    assert len(load.failures) == failed  # none once it recovered

@@ -19,6 +19,7 @@ from control_plane.health.logstream import (
     parse_attempts,
     parse_datagram,
     parse_limited,
+    parse_tokens,
     retry_after_seconds,
 )
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
@@ -189,6 +190,28 @@ def test_parse_datagram_and_attempt_lists() -> None:
     assert parse_datagram(b"garbage") is None
     assert parse_attempts("-", "-", "-") == ()
     assert record.limited == ()  # no 429 went to a pool's _429_<n> location
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("12 345", (12, 345)),
+        ("0 0", (0, 0)),
+        ("", (None, None)),
+        ("12", (None, None)),
+        ("12 ", (None, None)),
+        ("-1 3", (None, None)),
+        ("1.5 3", (None, None)),
+        ("1e+15 3", (None, None)),
+        ("\u00b2 3", (None, None)),  # a digit to str.isdigit, not to int()
+        ("1 2 3", (None, None)),
+        ("1234567890123 1", (None, None)),
+    ],
+)
+def test_token_counts_of_the_log_line(text: str, expected: tuple[int | None, int | None]) -> None:
+    assert parse_tokens(text) == expected
+    record = parse_datagram(format_line(status="200", model="m", tokens=text))
+    assert record is not None and (record.prompt_tokens, record.completion_tokens) == expected
 
 
 def test_parse_datagram_keeps_the_intercepted_429s() -> None:

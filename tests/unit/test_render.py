@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import string
 import tempfile
 from collections import Counter
@@ -18,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from control_plane.health.logstream import FIELDS, LOG_FIELDS
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.render.lua_data import resolution_table, routes_data
-from control_plane.render.nginx import SECRET_FILES, render
+from control_plane.render.nginx import NGINX_DIR, SECRET_FILES, render
 from control_plane.render.quoting import UnsafeValue, nginx_quote
 from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettings, World, build_spec
 
@@ -417,4 +419,42 @@ def test_usage_accounting_is_on_by_default_and_stream_usage_asks_only_chat_and_c
         assert flagged == ({"/v1/chat/completions", "/v1/completions"} if asked else set())
         files = render(spec).files
         assert ('set $gw_stream_usage "";' in files["servers.conf"]) is asked
-        assert ("require(\"gw.gateway\").counting(" in files["servers.conf"]) is on
+        assert ('require("gw.gateway").counting(' in files["servers.conf"]) is on
+
+
+def test_the_log_format_is_rendered_from_the_one_field_table() -> None:
+    """Issue 18: the access-log fields are written once (logstream.LOG_FIELDS); http.conf.j2 spells none."""
+    template = (NGINX_DIR / "templates" / "http.conf.j2").read_text()
+    for f in LOG_FIELDS:
+        for spelling in (f'"{f.key}":', f'\\"{f.key}\\"', f'"{f.key}" :'):
+            assert spelling not in template, f"http.conf.j2 spells the log field {f.key!r} by hand"
+    assert "log_format gw_log escape=json\n{% for line in log_format_lines(counting) %}" in template
+    assert set(FIELDS) == {f.name for f in LOG_FIELDS} and len(FIELDS) == len(LOG_FIELDS)
+    assert len({f.key for f in LOG_FIELDS}) == len(LOG_FIELDS)
+    one = InstanceConfig(
+        name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+    )
+    for counting in (True, False):
+        # Without usage counting nothing sets $gw_tokens: its field is left out (no work per request).
+        fields = [f for f in LOG_FIELDS if counting or not f.counted]
+        spec = dataclasses.replace(
+            spec_for([one]), server=dataclasses.replace(SERVER, usage_accounting=counting)
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "http.conf"
+            path.write_text(render(spec).files["http.conf"])
+            parsed = crossplane.parse(str(path), single=True, check_ctx=False, check_args=False)
+        assert parsed["errors"] == []
+        (directive,) = [d for d in parsed["config"][0]["parsed"] if d["directive"] == "log_format"]
+        assert directive["args"][:2] == ["gw_log", "escape=json"]
+        line = "".join(directive["args"][2:])  # nginx joins the strings
+        variables = [f.variable for f in fields]
+        # Every ${variable} becomes a value: the line is then the JSON object the receiver reads.
+        filled = re.sub(r"\$\{(\w+)\}", lambda m, v=variables: f"v{v.index(m.group(1))}", line)
+        assert list(json.loads(filled).items()) == [(f.key, f"v{i}") for i, f in enumerate(fields)]
+        declared = [
+            d
+            for d in parsed["config"][0]["parsed"]
+            if d["directive"] == "map" and d["args"][1] == "$gw_tokens"
+        ]
+        assert len(declared) == int(counting)

@@ -15,7 +15,8 @@ from control_plane.registry.models import BreakerState, InstanceState, RoutingCo
 from control_plane.render.nginx import render
 from control_plane.render.spec import build_spec
 from control_plane.routing import weights as lw
-from control_plane.routing.measure import MIN_KEPT, Windows
+from control_plane.routing.measure import MIN_KEPT, Windows, per_token
+from control_plane.routing.service import observations
 from tests.unit.test_spec import SERVER, inst, pool_of, world
 
 Obs = lw.Observation
@@ -214,3 +215,90 @@ def test_spec_quality_based_by_quality_score() -> None:
     configs = [inst("best", quality_score=90), inst("ok", quality_score=70), inst("meh", quality_score=10)]
     pool = pool_of(build_spec(world(*configs, routing=routing), SERVER), ApiFamily.OLLAMA, Kind.CHAT)
     assert [(m.instance, m.backup) for m in pool.members] == [("best", False), ("ok", True)]
+
+
+def test_per_token_speed_needs_every_measured_instance_and_never_mixes_units() -> None:
+    # b's answers report no usage: ms per token (a) and ms per answer (b) are not compared; p50 decides.
+    mixed = by_name(lw.least_response_time([measured("a", 400, ms_per_token=4.0), measured("b", 100)]))
+    assert (mixed["a"].weight, mixed["b"].weight) == (round(100 * (100 / 400) ** 2), 100)
+    # an instance not measured at all yet does not stop the others being compared per token
+    fresh = by_name(
+        lw.least_response_time(
+            [
+                measured("a", 400, ms_per_token=4.0),
+                measured("b", 100, ms_per_token=8.0),
+                measured("c", None, 0),
+            ]
+        )
+    )
+    assert (fresh["a"].weight, fresh["b"].weight) == (100, 25)
+    assert "4.0 ms per output token" in fresh["a"].reasons
+
+
+def test_performance_based_long_answers_lose_on_latency_only() -> None:
+    """Same tokens/s: the long answers' wait counts once (latency), not twice; slower per token: twice."""
+    short = measured("short", 100, ms_per_token=10.0, tokens_per_s=100.0)
+    long = measured("long", 400, ms_per_token=10.0, tokens_per_s=100.0)
+    slow = measured("slow", 400, ms_per_token=40.0, tokens_per_s=25.0)
+    choices = by_name(lw.performance_based([short, long, slow]))
+    assert [choices[n].weight for n in ("short", "long", "slow")] == [100, 6, 1]
+    assert "100 output tokens/s" in choices["long"].reasons
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        ([], (None, None)),
+        ([(100.0, 10), (200.0, 10)], (None, None)),  # too few
+        ([(100.0, 10), (200.0, 10), (300.0, 0)], (None, None)),  # no output tokens: left out
+        ([(100.0, 10), (200.0, 10), (300.0, 10)], (20.0, 30 / 0.6)),
+        ([(100.0, 1), (1000.0, 100), (40.0, 4)], (10.0, 105 / 1.14)),
+        ([(0.0, 1), (0.0, 1), (0.0, 1)], (0.0, None)),  # no time measured: no rate
+    ],
+)
+def test_per_token_figures(
+    answers: list[tuple[float, int]], expected: tuple[float | None, float | None]
+) -> None:
+    ms, rate = per_token(answers)
+    assert ms == (None if expected[0] is None else pytest.approx(expected[0]))
+    assert rate == (None if expected[1] is None else pytest.approx(expected[1]))
+
+
+def test_windows_give_the_tokens_to_the_attempt_that_answered() -> None:
+    w = Windows()
+    names = {"10.0.0.1:80": "a", "10.0.0.2:80": "b"}
+
+    def record(at: float, *attempts: Attempt, tokens: int | None = 50) -> LogRecord:
+        return LogRecord(
+            at, "r", "p", "m", 200, 0.1, attempts, "", "", prompt_tokens=3, completion_tokens=tokens
+        )
+
+    for i in range(3):  # b fails, a answers 50 tokens in 500 ms: 10 ms a token, 100 tokens/s
+        w.observe(
+            record(100 + i, Attempt("10.0.0.2:80", 502, 5.0), Attempt("10.0.0.1:80", 200, 500.0)), names
+        )
+    a, b = w.stats("m", "a", 103, 60), w.stats("m", "b", 103, 60)
+    assert (a.ms_per_token, a.tokens_per_s) == (10.0, 100.0)
+    assert (b.requests, b.successes, b.ms_per_token, b.tokens_per_s) == (3, 0, None, None)
+    for i in range(3):  # answers that reported no usage count for latency, not per token
+        w.observe(record(110 + i, Attempt("10.0.0.2:80", 200, 20.0), tokens=None), names)
+    b = w.stats("m", "b", 113, 60)
+    assert (b.successes, b.p50_ms, b.ms_per_token) == (3, 20.0, None)
+
+
+def test_observations_carry_the_per_token_figures() -> None:
+    routing = RoutingConfig(default_strategy=Strategy.LEAST_RESPONSE_TIME)
+    w = world(inst("a"), inst("b", api_base="http://127.0.0.1:11435"), routing=routing)
+    spec = build_spec(w, SERVER)
+    names = spec.address_names()
+    assert sorted(names.values()) == ["a", "b"]
+    windows = Windows()
+    for address, name in names.items():
+        for i in range(3):
+            attempt = Attempt(address, 200, 100.0 if name == "a" else 400.0)
+            windows.observe(
+                LogRecord(10.0 + i, "r", "p", "m", 200, 0.1, (attempt,), "", "", completion_tokens=10), names
+            )
+    found = {o.name: o for o in observations(w, spec, windows, 13.0)["m"]}
+    assert (found["a"].ms_per_token, found["a"].tokens_per_s) == (10.0, 100.0)
+    assert (found["b"].ms_per_token, found["b"].tokens_per_s) == (40.0, 25.0)

@@ -468,8 +468,13 @@ local function flush_timer()
     flush_pending()
 end
 
--- u: gw.usage's result, or nil for an answer that carries no tokens.
+-- u: gw.usage's result, or nil for an answer that carries no tokens. Tokens the answer reported also go
+-- to the access log line ($gw_tokens, "<prompt> <completion>": routing per output token); the log phase
+-- runs this before the access log is written.
 local function record_usage(u)
+    if u and u.source == "reported" then
+        var.gw_tokens = u.prompt_tokens .. " " .. u.completion_tokens
+    end
     local now = ngx.time()
     local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
     -- tally's bucket: "<key id>|<instance>|<model>" in one variable (http.conf), the instance as
