@@ -155,7 +155,12 @@ def test_least_response_time_sends_most_to_the_fastest_and_follows_a_slowdown(
     gateway: Gateway, stubs: dict[str, StubServer]
 ) -> None:
     slow_stubs(gateway, stubs, {"f50": 50, "f150": 150, "f400": 400})
-    set_routing(gateway, default_strategy="least_response_time", **FAST_WEIGHTS)
+    # weights_min_change 0.5, not 0.2: weights go with the square of the latency ratio, so a 10 % shift of
+    # f150's latency against f50's moves its share by 20 % of itself. On CI's two busy cores the stand-ins'
+    # latencies do shift that much while other tests start and stop (a real change, which 0.2 follows);
+    # per-request noise (+-20 %) moves a window's median a few percent: 0.2 ignores it (test_routing_weights).
+    steady = {**FAST_WEIGHTS, "weights_min_change": 0.5}
+    set_routing(gateway, default_strategy="least_response_time", **steady)
     with Load(gateway.url, "m", sdk=False, threads=4, seconds=120, max_requests=6000) as load:
         started = time.monotonic()
         wait_for(lambda: select_share(gateway, "f50") >= 0.7, timeout=30, what="weights settle on f50")
