@@ -101,3 +101,24 @@ def test_churn_does_not_grow_the_heap_without_bound() -> None:
         schedule.sync({f"r{round_}-{n}": 10.0 for n in range(100)}, now=float(round_))
     assert len(schedule) == 100
     assert len(schedule._heap) <= 2 * 100 + 64 + 100
+
+
+# --- the probe history each instance keeps (health/tracker.py) -------------------------------------
+
+
+def test_probe_history_keeps_the_last_ones_and_shares_repeated_details() -> None:
+    from control_plane.health.probes import Outcome
+    from control_plane.health.tracker import PROBE_HISTORY, ProbeHistory
+
+    history = ProbeHistory()
+    for n in range(PROBE_HISTORY + 7):
+        history.add(
+            1000.0 + n, Outcome.OK if n % 10 else Outcome.FAIL, f"status {200 if n % 10 else 503}", 1.5
+        )
+    assert len(history) == PROBE_HISTORY
+    records = list(history)
+    assert [at for at, *_ in records] == [1000.0 + n for n in range(7, PROBE_HISTORY + 7)]
+    assert records[-1] == (1000.0 + PROBE_HISTORY + 6, Outcome.OK, "status 200", 1.5)
+    assert records[3][1] is Outcome.FAIL and records[3][2] == "status 503"  # n = 10
+    details = {id(detail) for _, outcome, detail, _ in records if outcome is Outcome.OK}
+    assert len(details) <= 6  # one string per run between failures, not one per probe
