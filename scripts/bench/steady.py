@@ -149,7 +149,7 @@ def flips(system: GatewaySystem, stub_url: str, count: int, timeout_s: float = 1
         time.sleep(max(0.0, last_live + control.RELOAD_GAP_S - time.monotonic()))
         before = _health_checksum(port)
         started = time.perf_counter()
-        response = admin.post(f"/admin/instances/{FLIP}/check", timeout=30)
+        response = admin.post(f"/admin/instances/{FLIP}/check", timeout=120)
         if response.status_code != 200:
             raise RuntimeError(f"check -> {response.status_code}: {response.text}")
         waited = _until_checksum_changes(port, before, timeout_s)
@@ -245,15 +245,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["requests"] = {"sent": traffic.sent, "failed": traffic.failed}
             if args.flips:
                 log(f"--- {args.flips} health changes of {FLIP} (load average {load_average()})")
-                ms = flips(system, flip_stub.url, args.flips)
-                done = [m for m in ms if m is not None]
-                result["flips"] = {
-                    "samples_ms": [round(m, 1) for m in done],
-                    "timeouts": len(ms) - len(done),
-                    "p50_ms": round(percentile(done, 50), 1) if done else None,
-                    "p95_ms": round(percentile(done, 95), 1) if done else None,
-                    "max_ms": round(max(done), 1) if done else None,
-                }
+                try:
+                    ms = flips(system, flip_stub.url, args.flips)
+                except (httpx.HTTPError, RuntimeError) as exc:  # reported beside what was measured
+                    result["flips"] = {"error": f"{type(exc).__name__}: {exc}"}
+                else:
+                    done = [m for m in ms if m is not None]
+                    result["flips"] = {
+                        "samples_ms": [round(m, 1) for m in done],
+                        "timeouts": len(ms) - len(done),
+                        "p50_ms": round(percentile(done, 50), 1) if done else None,
+                        "p95_ms": round(percentile(done, 95), 1) if done else None,
+                        "max_ms": round(max(done), 1) if done else None,
+                    }
                 log(f"health change -> live: {result['flips']}")
             result["load_average"]["end"] = load_average()
     finally:
@@ -284,7 +288,9 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"probes completed: {result['probes_per_s']}/s over the sampled minutes")
     if "requests" in result:
         lines.append(f"requests: {result['requests']}")
-    if "flips" in result:
+    if "flips" in result and "error" in result["flips"]:
+        lines.append(f"health change -> live: {result['flips']['error']}")
+    elif "flips" in result:
         f = result["flips"]
         lines.append(
             f"health change -> live: p50 {f['p50_ms']} ms, p95 {f['p95_ms']} ms, max {f['max_ms']} ms, "
