@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -17,6 +16,7 @@ from control_plane.health import logstream
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.recent import RecentTraffic
+from control_plane.health.schedule import ProbeSchedule
 from control_plane.health.statuses import classify
 from control_plane.health.tracker import MAX_RETRY_AFTER_S, HealthTracker
 from control_plane.health.traffic import TrafficSeries
@@ -55,7 +55,7 @@ class HealthService:
         self.tracker = HealthTracker(max_retry_after_s)
         self.configs: dict[str, InstanceConfig] = {}
         self.secrets: dict[str, str] = {}
-        self._due: dict[str, float] = {}
+        self.schedule = ProbeSchedule()
         self._in_flight: set[str] = set()
         self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
         self._session: aiohttp.ClientSession | None = None
@@ -77,16 +77,9 @@ class HealthService:
     def on_world(self, world: World, spec: GatewaySpec) -> None:
         self.configs = {c.name: c for c, _ in world.instances}
         self.secrets = dict(world.secrets)
-        self.tracker.sync(
-            list(world.instances), spec.address_names(), time.monotonic(), time.time()
-        )
-        now = time.monotonic()
-        for name in list(self._due):
-            if name not in self.configs:
-                del self._due[name]
-        for name, config in self.configs.items():
-            # First probe soon, spread out so 1,000 instances do not fire at once.
-            self._due.setdefault(name, now + random.uniform(0, min(1.0, config.health.probe_interval_s)))
+        self.tracker.sync(list(world.instances), spec.address_names(), time.monotonic(), time.time())
+        # First probes soon for a few new instances, spread over the interval for many (schedule.py).
+        self.schedule.sync({n: c.health.probe_interval_s for n, c in self.configs.items()}, time.monotonic())
         self.traffic.follow(frozenset(p.name for p in spec.pools), frozenset(p.model for p in spec.pools))
 
     # --- passive ----------------------------------------------------------------------------------
@@ -189,14 +182,17 @@ class HealthService:
 
     async def run_prober(self) -> None:
         tasks: set[asyncio.Task[None]] = set()
+        schedule = self.schedule
         while True:
             now = time.monotonic()
-            for name, due in list(self._due.items()):
+            for name in schedule.pop_due(now):
                 config = self.configs.get(name)
-                if due > now or name in self._in_flight or config is None:
+                if config is None:
                     continue
-                interval = config.health.probe_interval_s
-                self._due[name] = now + interval * random.uniform(0.9, 1.1)
+                if name in self._in_flight:
+                    schedule.later(name, now + SCHEDULER_TICK_S)
+                    continue
+                schedule.started(name, now, config.health.probe_interval_s)
                 if not config.enabled:
                     continue
                 self._in_flight.add(name)
