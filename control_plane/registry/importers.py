@@ -37,6 +37,9 @@ FORMATS = ("json", "yaml")
 # A registry document nests a few levels (instances[2].supported_models[0]); anything deeper is refused
 # before it reaches code that recurses.
 MAX_DEPTH = 32
+# ... and holds no more values than a 1 MiB body can spell out: YAML aliases (a billion laughs) are refused
+# before strict validation writes the document out as JSON, which would expand them.
+MAX_VALUES = 1 << 20
 # libyaml's parser: fast, and it refuses absurd nesting itself (PyYAML's pure-Python scanner spends seconds
 # on 10,000 nested '[' before it fails).
 SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -219,6 +222,30 @@ def nesting_depth(data: Any) -> int:
     return depth.get(id(data), 0)
 
 
+def expanded_size(data: Any, limit: int) -> int:
+    """How many lists, objects and values ``data`` holds with each YAML alias expanded (a shared container
+    counts every time it is referenced), measured without expanding: each container once. Past ``limit``
+    the count stops at limit + 1; a cycle's back reference counts 1."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        value, closing = stack.pop()
+        members = _members(value)
+        if members is None:
+            continue
+        if closing:
+            open_.discard(id(value))
+            sizes[id(value)] = min(limit + 1, 1 + sum(sizes.get(id(m), 1) for m in members))
+            continue
+        if id(value) in sizes or id(value) in open_:
+            continue
+        open_.add(id(value))
+        stack.append((value, True))
+        stack.extend((m, False) for m in members)
+    return sizes.get(id(data), 1)
+
+
 def _too_deep(what: str) -> InvalidInput:
     # One line, where a parser's RecursionError left some thousand lines of traceback per request.
     log.warning("refused a %s nested more than %d levels deep", what, MAX_DEPTH)
@@ -275,6 +302,10 @@ def parse_document(
     errors: Errors = []
     if not isinstance(doc, dict):
         raise InvalidInput([{"field": "body", "message": "document must be an object"}])
+    if expanded_size(doc, MAX_VALUES) > MAX_VALUES:
+        log.warning("refused a document of more than %d values with its aliases expanded", MAX_VALUES)
+        message = f"more than {MAX_VALUES} values once its aliases are expanded"
+        raise InvalidInput([{"field": "body", "message": message}])
     for key in doc:
         if key not in ("version", "routing", "instances", "scaling_groups"):
             errors.append({"field": str(key), "message": "unknown top-level key"})

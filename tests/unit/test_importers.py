@@ -666,3 +666,20 @@ def test_spellings_are_normalised_by_one_rule_for_legacy_and_ollama_lists() -> N
         [{"base_url": "http://h:1", "instance_type": "COMPLETIONS", "supported_models": "a, b,,c"}]
     )[0]
     assert ollama.instance_type is InstanceType.CHAT and ollama.supported_models == ["a", "b", "c"]
+
+
+def test_aliases_expanding_past_the_limit_are_refused_before_validation() -> None:
+    """Strict validation writes the document out as JSON, which would expand YAML aliases: a billion laughs
+    is refused at once instead, on ``body``; shared containers are measured once, not expanded."""
+    text = "a: &a [" + ", ".join(["lol"] * 9) + "]\n"
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        text += f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]\n"
+    for last in ("version: 1\ninstances: []\n", "version: 1\ninstances: *i\n", "instances: [{tags: *i}]\n"):
+        doc = importers.load(text + last, "yaml")
+        assert importers.expanded_size(doc, importers.MAX_VALUES) == importers.MAX_VALUES + 1
+        with pytest.raises(InvalidInput) as exc:
+            importers.parse_document(doc, {})
+        assert fields(exc) == {"body"}
+    shared = [1, 2, 3]
+    assert importers.expanded_size({"x": [shared, shared], "y": "z"}, 100) == 1 + (1 + 4 + 4) + 1
+    assert importers.expanded_size("scalar", 100) == 1
