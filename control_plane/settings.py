@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from control_plane.edge_settings import EdgeSettings, check_server_name
@@ -122,8 +122,10 @@ class Settings(EdgeSettings):
     docker_host: str = Field(
         default="unix:///var/run/docker.sock",
         max_length=4096,
+        # DOCKER_HOST, as Docker's own tools read it, when ISHGW_DOCKER_HOST is not set.
+        validation_alias=AliasChoices("ISHGW_DOCKER_HOST", "DOCKER_HOST"),
         description="The Docker Engine API the docker driver uses: unix:///path (Docker's socket, or podman's"
-        " from `podman system service`)",
+        " from `podman system service`); DOCKER_HOST when unset",
     )
     stream_usage: Literal["on", "off"] = Field(
         default="on",

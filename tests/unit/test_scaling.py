@@ -24,6 +24,7 @@ from control_plane.scaling.decide import (
 )
 from control_plane.scaling.docker import container_spec, member_of, socket_path
 from control_plane.scaling.model import DockerLaunch, ScalingGroup, substitute
+from control_plane.settings import Settings
 
 
 def group(**changes: Any) -> ScalingGroup:
@@ -382,3 +383,13 @@ def test_docker_host_is_a_unix_socket() -> None:
     for bad in ("tcp://127.0.0.1:2375", "unix://", "/run/docker.sock"):
         with pytest.raises(ValueError):
             socket_path(bad)
+
+
+def test_docker_host_falls_back_to_docker_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ISHGW_DOCKER_HOST", "DOCKER_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings().docker_host == "unix:///var/run/docker.sock"
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/podman/podman.sock")
+    assert Settings().docker_host == "unix:///run/podman/podman.sock"
+    monkeypatch.setenv("ISHGW_DOCKER_HOST", "unix:///run/docker.sock")
+    assert Settings().docker_host == "unix:///run/docker.sock"
