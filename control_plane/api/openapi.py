@@ -209,19 +209,20 @@ def _migration_schemas() -> dict[str, Schema]:
 
 
 def _document_schemas() -> dict[str, Schema]:
+    groups = {
+        "type": "array",
+        "description": "Scaling groups (names unique). Their members are in instances like any instance. Left"
+        " out of an export without groups; left out of an import, the groups stay as they are; in a replace"
+        " import, the only groups.",
+        "items": ref("ScalingGroup"),
+    }
     return {
         "ConfigDocument": json_object(
             {
                 "version": {"const": 1},
                 "routing": ref("RoutingConfig"),
                 "instances": {"type": "array", "items": ref("InstanceConfig")},
-                "scaling_groups": {
-                    "type": "array",
-                    "description": "Scaling groups (names unique). Their members are in instances like any"
-                    " instance. Left out of an export without groups; left out of an import, the groups stay"
-                    " as they are; in a replace import, the only groups.",
-                    "items": ref("ScalingGroup"),
-                },
+                "scaling_groups": groups,
             },
             ["version", "routing", "instances"],
         ),
@@ -236,13 +237,7 @@ def _document_schemas() -> dict[str, Schema]:
                     "(none for a new one).",
                     "items": ref("InstanceConfig"),
                 },
-                "scaling_groups": {
-                    "type": "array",
-                    "description": "Scaling groups (names unique). Their members are in instances like any"
-                    " instance. Left out of an export without groups; left out of an import, the groups stay"
-                    " as they are; in a replace import, the only groups.",
-                    "items": ref("ScalingGroup"),
-                },
+                "scaling_groups": groups,
             },
             ["instances"],
         ),

@@ -19,6 +19,7 @@ import pytest
 
 from tests.compose.conftest import ROOT, Engine
 from tests.integration.gateway import Gateway, wait_for
+from tests.integration.test_scaling import events, members, serving
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.compose
@@ -116,22 +117,6 @@ def group_doc(name: str, port_min: int, image: str, **changes: Any) -> dict[str,
     }
     doc.update(changes)
     return doc
-
-
-def members(gw: Gateway, group: str) -> list[dict[str, Any]]:
-    r = gw.admin.get(f"/admin/scaling/groups/{group}")
-    assert r.status_code == 200, r.text
-    return list(r.json()["members"])
-
-
-def serving(gw: Gateway, group: str) -> list[str]:
-    return [m["name"] for m in members(gw, group) if m["registered"] and m["status"] == "active"]
-
-
-def events(gw: Gateway, group: str) -> list[dict[str, Any]]:
-    r = gw.admin.get("/admin/scaling/events", params={"group": group, "limit": 1000})
-    assert r.status_code == 200, r.text
-    return list(r.json()["events"])
 
 
 def test_docker_members_start_serve_survive_a_restart_and_go(gw: Gateway, engine: Engine, image: str) -> None:
