@@ -277,9 +277,14 @@ class ScalingService:
         try:
             await docker.refresh()
         except DockerError as exc:
-            if docker.refreshed or not self._docker_warned:
+            # Without a docker group, an engine that is not there is the usual case (no Docker on this
+            # machine): nothing to adopt, nothing to warn about.
+            wanted = any(g.driver == "docker" for g in self.groups.values())
+            if wanted and (docker.refreshed or not self._docker_warned):
                 log.warning("scaling: %s", exc)
                 self._docker_warned = True
+            else:
+                log.debug("scaling: %s", exc)
             docker.refreshed = False
             return False
         return True
