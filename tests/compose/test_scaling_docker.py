@@ -46,8 +46,8 @@ CONTAINERFILE = """FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \\
  && rm -rf /var/lib/apt/lists/*
 COPY site /app/site
-COPY stub_llm.py /app/tests/backends/stub_llm.py
-ENV PYTHONPATH=/app/site
+COPY tests /app/tests
+ENV PYTHONPATH=/app/site:/app
 ENTRYPOINT ["python3", "/app/tests/backends/stub_llm.py", "--host", "0.0.0.0"]
 """
 
@@ -60,7 +60,10 @@ def image(engine: Engine) -> str:
     context = Path(tempfile.mkdtemp(prefix="ishgw-stub-image-"))
     try:
         (context / "Containerfile").write_text(CONTAINERFILE)
-        shutil.copy(ROOT / "tests" / "backends" / "stub_llm.py", context / "stub_llm.py")
+        # The stand-in and the one module of the suite it imports (its ports), as the package they are in.
+        for part in ("__init__.py", "ports.py", "backends/__init__.py", "backends/stub_llm.py"):
+            (context / "tests" / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / "tests" / part, context / "tests" / part)
         for name in SITE:
             source = site / name
             target = context / "site" / name
