@@ -34,10 +34,15 @@ if [ "$#" -gt 0 ]; then
     exec "${PYTEST[@]}" "$@"
 fi
 # The whole suite as two streams at once: the host-level tests (the deploy script, containers, a browser:
-# mostly waiting on processes they start) beside the rest. Each stream alone is serial; together they keep
-# both cores busy. Nothing is shared between them: free ports, temporary homes, a private container engine,
-# the README's run in a network namespace of its own.
-HOST_LEVEL=(tests/deploy tests/compose tests/browser)
+# mostly waiting on processes they start) and the integration tests that mostly wait on clocks (limits over
+# real minutes, learned weights, scaling cooldowns) beside the rest. Each stream alone is serial; together
+# they keep both cores busy and take about as long as each other. Nothing is shared between them: ports from
+# blocks of their own (tests/ports.py), temporary homes, a private container engine, the README's run in a
+# network namespace of its own.
+HOST_LEVEL=(
+    tests/deploy tests/compose tests/browser
+    tests/integration/test_limits.py tests/integration/test_routing.py tests/integration/test_scaling.py
+)
 host_log="$(mktemp "${TMPDIR:-/tmp}/ishgw-host-tests.XXXXXX")"
 log "pytest: ${HOST_LEVEL[*]} (in the background, its report below) and everything else"
 "${PYTEST[@]}" "${HOST_LEVEL[@]}" >"$host_log" 2>&1 &
