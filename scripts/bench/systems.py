@@ -17,7 +17,8 @@ from pathlib import Path
 
 from scripts.bench.procs import Procs, read_stat
 from tests import tls_util
-from tests.integration.gateway import Gateway, free_port, wait_for
+from tests.integration.gateway import Gateway, wait_for
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT_PATH = "/v1/chat/completions"
