@@ -208,11 +208,10 @@ class HealthService:
                 config = self.configs.get(name)
                 if config is None:
                     continue
-                if name in self._in_flight:
-                    schedule.later(name, now + SCHEDULER_TICK_S)
-                    continue
                 schedule.started(name, now, config.health.probe_interval_s)
-                if not config.enabled:
+                if name in self._in_flight or not config.enabled:
+                    # Still probing (or queued for a place) an interval later: this round is skipped,
+                    # at one heap entry per interval, however far the prober is behind.
                     continue
                 self._in_flight.add(name)
                 task = asyncio.create_task(self._probe_one(name))

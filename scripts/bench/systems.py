@@ -282,10 +282,13 @@ class GatewaySystem:
         directory = self.live_dir()
         return "\n".join(p.read_text(errors="replace") for p in sorted(directory.glob("*")) if p.is_file())
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
+        """Stop the controller and nginx; remove the home unless ``keep`` (its controller.log and
+        registry, to read after a run)."""
         with contextlib.suppress(Exception):
             self.gw.stop()
-        shutil.rmtree(self.gw.home, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.gw.home, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ LiteLLM
