@@ -98,6 +98,8 @@ class InstanceHealth:
     max_tpm: int = 0
     tokens: dict[int, int] = field(default_factory=dict)  # minute start -> tokens (drained usage), last two
     budget_until: float = 0.0  # unix seconds: out of its pools until then, its max_rpm/max_tpm reached
+    config: InstanceConfig | None = None  # the configuration last synced (the store hands out one object
+    # per unchanged configuration: the same object again means nothing changed)
 
 
 def _utc(ts: float) -> datetime:
@@ -222,8 +224,10 @@ class HealthTracker:
             if name not in current:
                 del self.instances[name]
         for name, (config, state) in current.items():
-            fingerprint = config_fingerprint(config)
             entry = self.instances.get(name)
+            if entry is not None and entry.config is config:
+                continue  # the store's cached object: unchanged, no fingerprint to hash (10,000 a pass)
+            fingerprint = config_fingerprint(config)
             if entry is None:
                 entry = _adopt(InstanceHealth(config.health, fingerprint), state, now_mono, now_wall)
                 self.instances[name] = entry
@@ -234,6 +238,7 @@ class HealthTracker:
                     entry.quarantined = None
                     self._mark(name, membership=True)
             entry.max_rpm, entry.max_tpm = config.max_rpm, config.max_tpm
+            entry.config = config
 
     def _mark(self, name: str, membership: bool = False) -> None:
         self.unsaved.add(name)
