@@ -225,31 +225,35 @@ class HealthService:
             tracker = self.tracker
             now_mono = time.monotonic()
             tracker.tick(now_mono, time.time())
-            names = self._to_save(now_mono)
+            names, probed = self._to_save(now_mono)
             if names:
                 now_wall, now_mono = time.time(), time.monotonic()
                 patches = {
                     n: tracker.state_fields(n, now_wall, now_mono) for n in names if n in tracker.instances
                 }
                 await asyncio.to_thread(self.store.patch_states, patches)
+            if probed:
+                fields = {n: tracker.probe_fields(n) for n in probed if n in tracker.instances}
+                await asyncio.to_thread(self.store.patch_probe_fields, fields)
             if tracker.membership_changed:
                 tracker.membership_changed = False
                 self.reconciler.request("health verdict")
 
-    def _to_save(self, now_mono: float) -> set[str]:
-        """The changed instances, and as many of those only probed since as PROBED_ROWS_PER_S allows."""
+    def _to_save(self, now_mono: float) -> tuple[set[str], set[str]]:
+        """The changed instances (every observed field), and as many of those only probed since (their
+        last-probe fields) as PROBED_ROWS_PER_S allows."""
         tracker = self.tracker
         names, tracker.unsaved = tracker.unsaved, set()
         tracker.probed -= names  # written now with everything else
+        probed: set[str] = set()
         allowed = int((now_mono - self._probed_saved_at) * PROBED_ROWS_PER_S)
         if allowed > 0 and tracker.probed:
             self._probed_saved_at = now_mono
-            probed = tracker.probed
-            for _ in range(min(allowed, len(probed))):
-                names.add(probed.pop())
+            for _ in range(min(allowed, len(tracker.probed))):
+                probed.add(tracker.probed.pop())
         elif not tracker.probed:
             self._probed_saved_at = now_mono  # no credit builds up while nothing waits
-        return names
+        return names, probed
 
     async def run_flusher(self) -> None:
         while True:

@@ -28,6 +28,8 @@ from control_plane.registry.models import (
 )
 
 PROBE_HISTORY = 50
+# What a probe that changes no verdict moves in the instance's state (written in batches).
+PROBE_FIELDS = frozenset({"last_probe_at", "probe_latency_ms", "last_error", "last_error_time"})
 WINDOW_MAX = 2000
 # A 429 whose Retry-After the log line does not carry (none sent, or past a pool's last _429_<n> level).
 DEFAULT_429_COOLDOWN_S = 20.0
@@ -480,6 +482,17 @@ class HealthTracker:
             "last_probe_at": _utc(entry.last_probe_at) if entry.last_probe_at is not None else None,
             "probe_latency_ms": entry.probe_latency_ms,
         }
+
+    def probe_fields(self, name: str) -> dict[str, object]:
+        """The fields a probe that changed nothing else moved, JSON-ready (Store.patch_probe_fields)."""
+        entry = self.instances[name]
+        fields = InstanceState(
+            last_probe_at=_utc(entry.last_probe_at) if entry.last_probe_at is not None else None,
+            probe_latency_ms=entry.probe_latency_ms,
+            last_error=entry.last_error,
+            last_error_time=entry.last_error_time,
+        )
+        return fields.model_dump(mode="json", include=set(PROBE_FIELDS))
 
     def history(self, name: str) -> list[dict[str, object]]:
         entry = self.instances.get(name)
