@@ -63,6 +63,7 @@ class HealthService:
         self.secrets: dict[str, str] = {}
         self.schedule = ProbeSchedule()
         self._in_flight: set[str] = set()
+        self._probe_tasks: set[asyncio.Task[None]] = set()  # cancelled on exit, before the session closes
         self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
         self._session: aiohttp.ClientSession | None = None
         # Set when a verdict may change membership: the flusher acts at once instead of at its next tick,
@@ -200,7 +201,7 @@ class HealthService:
             self._in_flight.discard(name)
 
     async def run_prober(self) -> None:
-        tasks: set[asyncio.Task[None]] = set()
+        tasks = self._probe_tasks
         schedule = self.schedule
         while True:
             now = time.monotonic()
@@ -280,4 +281,7 @@ class HealthService:
                 yield
         finally:
             transport.close()
+            for task in list(self._probe_tasks):
+                task.cancel()
+            await asyncio.gather(*self._probe_tasks, return_exceptions=True)
             await self._session.close()

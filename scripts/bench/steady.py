@@ -193,7 +193,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "name": FLIP,
                     "api_base": f"{flip_stub.url}/v1",
                     "discover_models": False,
-                    "health": {"rise": 1, "fall": 1},
+                    # Only the explicit checks change its verdict: a scheduled probe racing the check
+                    # would make the change live before the time is taken (a check that changes nothing).
+                    "health": {"rise": 1, "fall": 1, "probe_interval_s": 3600},
                 }
             )
             started = time.perf_counter()
