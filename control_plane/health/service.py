@@ -30,9 +30,15 @@ from control_plane.usage.model import Bucket
 log = logging.getLogger(__name__)
 
 MAX_PROBES_IN_FLIGHT = 64
+CHECKS_IN_FLIGHT = 8  # connections beyond the scheduled probes' for operators' explicit checks
 SCHEDULER_TICK_S = 0.25
 FLUSH_INTERVAL_S = 0.5
 FLUSH_GAP_S = 0.1  # the least time between two flushes, however often verdicts change
+# Probes that changed nothing but their last-probe fields (last_probe_at, probe_latency_ms, the time of a
+# repeated error) reach the store in small batches, at most this many rows a second: a probe that changes
+# no verdict writes nothing at once, and the batch never holds the registry's write lock for long (at
+# 10,000 instances each one's last-probe fields are at most about 40 s old; at a few hundred, 1 s).
+PROBED_ROWS_PER_S = 250.0
 
 
 class HealthService:
@@ -57,6 +63,7 @@ class HealthService:
         self.secrets: dict[str, str] = {}
         self.schedule = ProbeSchedule()
         self._in_flight: set[str] = set()
+        self._probe_tasks: set[asyncio.Task[None]] = set()  # cancelled on exit, before the session closes
         self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
         self._session: aiohttp.ClientSession | None = None
         # Set when a verdict may change membership: the flusher acts at once instead of at its next tick,
@@ -65,6 +72,9 @@ class HealthService:
         self.records = 0
         self.recent = RecentTraffic()  # the status page's last 15 minutes
         self._attempt_counters: dict[tuple[str, str], Counter] = {}
+        self._probe_counters: dict[tuple[str, str], Counter] = {}
+        self._probed_saved_at = time.monotonic()
+        self._flushing = asyncio.Lock()  # the flusher and an operator's check write one after the other
         # Others that read the log stream, called per record (the routing weights' measurements, the
         # autoscaler's members' traffic).
         self.log_observers: list[Callable[[LogRecord], None]] = []
@@ -124,7 +134,7 @@ class HealthService:
         if config is None:
             fresh = await asyncio.to_thread(self.store.get_instance, name)  # raises NotFound
             config = fresh[0]
-        result = await self._probe(config)
+        result = await self._probe(config, queue=False)
         if result.outcome is not Outcome.RATE_LIMITED:
             self.clear(name, f"explicit check ({result.detail})", breaker=result.outcome is Outcome.OK)
         self._record_probe(name, result)
@@ -142,20 +152,30 @@ class HealthService:
         if self.tracker.membership_changed:
             self._verdict.set()
         if self.metrics is not None:
-            self.metrics.probes.labels(name, str(result.outcome)).inc()
+            self._probe_counter(name, str(result.outcome)).inc()
+
+    def _probe_counter(self, name: str, outcome: str) -> Counter:
+        counter = self._probe_counters.get((name, outcome))
+        if counter is None:
+            assert self.metrics is not None
+            counter = self.metrics.probes.labels(name, outcome)
+            self._probe_counters[(name, outcome)] = counter
+        return counter
 
     async def probe_config(self, config: InstanceConfig) -> ProbeResult:
         """One probe of ``config`` (registered or not: the autoscaler's readiness check), not recorded."""
         return await self._probe(config)
 
-    async def _probe(self, config: InstanceConfig) -> ProbeResult:
+    async def _probe(self, config: InstanceConfig, queue: bool = True) -> ProbeResult:
+        """One probe; ``queue=False`` (an operator's check) does not wait behind the scheduled probes
+        for a place among MAX_PROBES_IN_FLIGHT."""
         request = probe_request(config, self.secrets.get(config.name))
         if request is None:
             return ProbeResult(Outcome.FAIL, "no api_base configured", 0.0)
         assert self._session is not None
         timeout = aiohttp.ClientTimeout(total=config.health.probe_timeout_s)
         started = time.perf_counter()
-        async with self._limit:
+        async with self._limit if queue else contextlib.nullcontext():
             try:
                 async with self._session.get(
                     request.url, headers=request.headers, timeout=timeout
@@ -181,7 +201,7 @@ class HealthService:
             self._in_flight.discard(name)
 
     async def run_prober(self) -> None:
-        tasks: set[asyncio.Task[None]] = set()
+        tasks = self._probe_tasks
         schedule = self.schedule
         while True:
             now = time.monotonic()
@@ -189,11 +209,10 @@ class HealthService:
                 config = self.configs.get(name)
                 if config is None:
                     continue
-                if name in self._in_flight:
-                    schedule.later(name, now + SCHEDULER_TICK_S)
-                    continue
                 schedule.started(name, now, config.health.probe_interval_s)
-                if not config.enabled:
+                if name in self._in_flight or not config.enabled:
+                    # Still probing (or queued for a place) an interval later: this round is skipped,
+                    # at one heap entry per interval, however far the prober is behind.
                     continue
                 self._in_flight.add(name)
                 task = asyncio.create_task(self._probe_one(name))
@@ -203,18 +222,39 @@ class HealthService:
 
     # --- persistence ------------------------------------------------------------------------------
     async def flush(self) -> None:
+        async with self._flushing:
+            tracker = self.tracker
+            now_mono = time.monotonic()
+            tracker.tick(now_mono, time.time())
+            names, probed = self._to_save(now_mono)
+            if names:
+                now_wall, now_mono = time.time(), time.monotonic()
+                patches = {
+                    n: tracker.state_fields(n, now_wall, now_mono) for n in names if n in tracker.instances
+                }
+                await asyncio.to_thread(self.store.patch_states, patches)
+            if probed:
+                fields = {n: tracker.probe_fields(n) for n in probed if n in tracker.instances}
+                await asyncio.to_thread(self.store.patch_probe_fields, fields)
+            if tracker.membership_changed:
+                tracker.membership_changed = False
+                self.reconciler.request("health verdict")
+
+    def _to_save(self, now_mono: float) -> tuple[set[str], set[str]]:
+        """The changed instances (every observed field), and as many of those only probed since (their
+        last-probe fields) as PROBED_ROWS_PER_S allows."""
         tracker = self.tracker
-        tracker.tick(time.monotonic(), time.time())
-        if tracker.unsaved:
-            names, tracker.unsaved = tracker.unsaved, set()
-            now_wall, now_mono = time.time(), time.monotonic()
-            patches = {
-                n: tracker.state_fields(n, now_wall, now_mono) for n in names if n in tracker.instances
-            }
-            await asyncio.to_thread(self.store.patch_states, patches)
-        if tracker.membership_changed:
-            tracker.membership_changed = False
-            self.reconciler.request("health verdict")
+        names, tracker.unsaved = tracker.unsaved, set()
+        tracker.probed -= names  # written now with everything else
+        probed: set[str] = set()
+        allowed = int((now_mono - self._probed_saved_at) * PROBED_ROWS_PER_S)
+        if allowed > 0 and tracker.probed:
+            self._probed_saved_at = now_mono
+            for _ in range(min(allowed, len(tracker.probed))):
+                probed.add(tracker.probed.pop())
+        elif not tracker.probed:
+            self._probed_saved_at = now_mono  # no credit builds up while nothing waits
+        return names, probed
 
     async def run_flusher(self) -> None:
         while True:
@@ -230,7 +270,7 @@ class HealthService:
     async def context(self) -> AsyncIterator[None]:
         """Start everything; stop it on exit (an aiohttp cleanup_ctx body)."""
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_PROBES_IN_FLIGHT, ttl_dns_cache=60)
+            connector=aiohttp.TCPConnector(limit=MAX_PROBES_IN_FLIGHT + CHECKS_IN_FLIGHT, ttl_dns_cache=60)
         )
         transport = await logstream.listen(self.log_address, self.on_log, self.log_group)
         jobs = {"health-flusher": self.run_flusher()}
@@ -241,4 +281,7 @@ class HealthService:
                 yield
         finally:
             transport.close()
+            for task in list(self._probe_tasks):
+                task.cancel()
+            await asyncio.gather(*self._probe_tasks, return_exceptions=True)
             await self._session.close()

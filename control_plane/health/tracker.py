@@ -28,6 +28,8 @@ from control_plane.registry.models import (
 )
 
 PROBE_HISTORY = 50
+# What a probe that changes no verdict moves in the instance's state (written in batches).
+PROBE_FIELDS = frozenset({"last_probe_at", "probe_latency_ms", "last_error", "last_error_time"})
 WINDOW_MAX = 2000
 # A 429 whose Retry-After the log line does not carry (none sent, or past a pool's last _429_<n> level).
 DEFAULT_429_COOLDOWN_S = 20.0
@@ -93,11 +95,13 @@ class InstanceHealth:
     last_traffic_ok_at: float | None = None  # monotonic: the last request this instance answered well
     discovered: tuple[str, ...] = ()
     probe_latency_ms: float | None = None
-    last_probe_at: datetime | None = None
+    last_probe_at: float | None = None  # unix seconds
     per_second: deque[list[int]] = field(default_factory=deque)  # [unix second, requests], last 60 s
     max_tpm: int = 0
     tokens: dict[int, int] = field(default_factory=dict)  # minute start -> tokens (drained usage), last two
     budget_until: float = 0.0  # unix seconds: out of its pools until then, its max_rpm/max_tpm reached
+    config: InstanceConfig | None = None  # the configuration last synced (the store hands out one object
+    # per unchanged configuration: the same object again means nothing changed)
 
 
 def _utc(ts: float) -> datetime:
@@ -136,6 +140,11 @@ def tpm_wait(prev: int, cur: int, elapsed: float, limit: int) -> float:
     if cur < limit:
         return max(0.0, 60 - elapsed - 60 * (limit - cur) / prev) + 0.001
     return (60 - elapsed) + 60 * (1 - limit / cur) + 0.001
+
+
+def _has_timer(entry: InstanceHealth) -> bool:
+    """Whether tick() may change the entry: an open breaker, a rate limit or a rate budget runs out."""
+    return bool(entry.rate_limited_until or entry.budget_until or entry.breaker.state is BreakerState.OPEN)
 
 
 def _forget(entry: InstanceHealth, sample: br.Sample) -> None:
@@ -194,6 +203,12 @@ class HealthTracker:
         # membership (reconcile), and the instances whose observed state the store has not got yet (flush).
         self.membership_changed = False
         self.unsaved: set[str] = set()
+        # Probed with nothing else changed: only the last-probe fields differ from the store's, written in
+        # a batch now and then (a probe that changes no verdict writes nothing at once).
+        self.probed: set[str] = set()
+        # The instances with a timer tick() must watch (open breaker, rate limit, rate budget): tick costs
+        # what is pending, not the fleet.
+        self.timed: set[str] = set()
 
     # --- registry view ----------------------------------------------------------------------------
     def sync(
@@ -211,21 +226,30 @@ class HealthTracker:
             if name not in current:
                 del self.instances[name]
         for name, (config, state) in current.items():
-            fingerprint = config_fingerprint(config)
             entry = self.instances.get(name)
+            if entry is not None and entry.config is config:
+                continue  # the store's cached object: unchanged, no fingerprint to hash (10,000 a pass)
+            fingerprint = config_fingerprint(config)
             if entry is None:
                 entry = _adopt(InstanceHealth(config.health, fingerprint), state, now_mono, now_wall)
                 self.instances[name] = entry
+                self._watch(name, entry)
             elif entry.fingerprint != fingerprint:
                 entry.policy, entry.fingerprint = config.health, fingerprint
                 if entry.quarantined:
                     entry.quarantined = None
                     self._mark(name, membership=True)
             entry.max_rpm, entry.max_tpm = config.max_rpm, config.max_tpm
+            entry.config = config
 
     def _mark(self, name: str, membership: bool = False) -> None:
         self.unsaved.add(name)
         self.membership_changed = self.membership_changed or membership
+
+    def _watch(self, name: str, entry: InstanceHealth) -> None:
+        """Let tick() see the entry while it has a timer running."""
+        if _has_timer(entry):
+            self.timed.add(name)
 
     # --- passive: one request log line ------------------------------------------------------------
     def observe(self, record: LogRecord, now_mono: float) -> None:
@@ -285,6 +309,7 @@ class HealthTracker:
                 entry.window_failures, entry.window_ok_latency_ms = 0, 0.0
                 entry.baseline_ms = entry.recent_ms
             self._mark(name, membership=True)
+            self._watch(name, entry)
 
     # --- the instance's own max_rpm / max_tpm ---------------------------------------------------------
     def add_tokens(self, name: str, minute: int, tokens: int, now_wall: float) -> None:
@@ -311,6 +336,7 @@ class HealthTracker:
                 self._mark(name, membership=True)
             entry.budget_until = free_at
             self.unsaved.add(name)
+            self.timed.add(name)
 
     def _rate_limit(self, name: str, entry: InstanceHealth, at: float, wait: float | None) -> None:
         until = at + min(wait if wait is not None else DEFAULT_429_COOLDOWN_S, self.max_retry_after_s)
@@ -319,6 +345,7 @@ class HealthTracker:
 
     def _limit_until(self, name: str, entry: InstanceHealth, at: float, until: float) -> None:
         entry.rate_limited_until = until
+        self.timed.add(name)
         entry.last_error, entry.last_error_time = "HTTP 429", _utc(at)
         self._mark(name, membership=True)
 
@@ -351,8 +378,8 @@ class HealthTracker:
                 result, outcome=Outcome.UNSUPPORTED, detail=f"{result.detail}; ignored: real traffic succeeds"
             )
         entry.probes.add(now_wall, result.outcome, result.detail, round(result.latency_ms, 2))
-        entry.probe_latency_ms, entry.last_probe_at = result.latency_ms, _utc(now_wall)
-        self.unsaved.add(name)
+        entry.probe_latency_ms, entry.last_probe_at = result.latency_ms, now_wall
+        self.probed.add(name)
         if result.outcome is Outcome.UNSUPPORTED:
             return  # neither healthy nor unhealthy: the log stream's verdict decides
         if result.outcome is Outcome.RATE_LIMITED:
@@ -377,7 +404,10 @@ class HealthTracker:
         else:
             entry.probe_fail_streak += 1
             entry.probe_ok_streak = 0
-            entry.last_error, entry.last_error_time = f"probe: {result.detail}", _utc(now_wall)
+            error = f"probe: {result.detail}"
+            if error != entry.last_error:
+                self.unsaved.add(name)  # a new error is news; the same one again waits for the batch
+            entry.last_error, entry.last_error_time = error, _utc(now_wall)
         self._probe_verdict(name, entry, now_wall)
 
     @staticmethod
@@ -399,7 +429,11 @@ class HealthTracker:
 
     # --- time -------------------------------------------------------------------------------------
     def tick(self, now_mono: float, now_wall: float) -> None:
-        for name, entry in self.instances.items():
+        for name in list(self.timed):
+            entry = self.instances.get(name)
+            if entry is None:
+                self.timed.discard(name)
+                continue
             before = entry.breaker.state
             entry.breaker = br.tick(entry.breaker, now_mono)
             if entry.breaker.state is not before:
@@ -410,6 +444,8 @@ class HealthTracker:
             if entry.budget_until and now_wall >= entry.budget_until:
                 entry.budget_until = 0.0
                 self._mark(name, membership=True)
+            if not _has_timer(entry):
+                self.timed.discard(name)
 
     # --- views ------------------------------------------------------------------------------------
     def state_fields(self, name: str, now_wall: float, now_mono: float) -> dict[str, object]:
@@ -443,9 +479,20 @@ class HealthTracker:
             else None,
             "quarantined_reason": entry.quarantined,
             "quarantine_config": entry.fingerprint if entry.quarantined else None,
-            "last_probe_at": entry.last_probe_at,
+            "last_probe_at": _utc(entry.last_probe_at) if entry.last_probe_at is not None else None,
             "probe_latency_ms": entry.probe_latency_ms,
         }
+
+    def probe_fields(self, name: str) -> dict[str, object]:
+        """The fields a probe that changed nothing else moved, JSON-ready (Store.patch_probe_fields)."""
+        entry = self.instances[name]
+        fields = InstanceState(
+            last_probe_at=_utc(entry.last_probe_at) if entry.last_probe_at is not None else None,
+            probe_latency_ms=entry.probe_latency_ms,
+            last_error=entry.last_error,
+            last_error_time=entry.last_error_time,
+        )
+        return fields.model_dump(mode="json", include=set(PROBE_FIELDS))
 
     def history(self, name: str) -> list[dict[str, object]]:
         entry = self.instances.get(name)

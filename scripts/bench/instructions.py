@@ -44,7 +44,7 @@ from control_plane.render.nginx import LUA_DIR, render
 from control_plane.render.spec import ServerSettings, World, build_spec
 from scripts.bench.load import chat_body
 from scripts.bench.systems import STATIC_ANSWER
-from tests.integration.gateway import free_port
+from tests.ports import free_port
 
 FEW, MANY = 200, 1200
 KEY = "ishgw-instructions-bench-key-0123456789"

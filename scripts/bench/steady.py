@@ -159,7 +159,7 @@ def flips(system: GatewaySystem, stub_url: str, count: int, timeout_s: float = 1
 
 
 @contextlib.contextmanager
-def gateway(work: Path, backends: int) -> Iterator[tuple[Procs, Backend, GatewaySystem]]:
+def gateway(work: Path, backends: int, keep: bool = False) -> Iterator[tuple[Procs, Backend, GatewaySystem]]:
     procs = Procs(None)
     system: GatewaySystem | None = None
     try:
@@ -169,7 +169,9 @@ def gateway(work: Path, backends: int) -> Iterator[tuple[Procs, Backend, Gateway
         yield procs, backend, system
     finally:
         if system is not None:
-            system.stop()
+            system.stop(keep)
+            if keep:
+                log(f"kept the controller's home (controller.log, registry): {system.gw.home}")
         procs.stop_all()
 
 
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ishgw-steady-", dir="/tmp"))
     result: dict[str, Any] = {"instances": args.instances, "pools": args.pools, "load_average": {}}
     try:
-        with gateway(work, args.backend_processes) as (procs, backend, system):
+        with gateway(work, args.backend_processes, args.keep) as (procs, backend, system):
             flip_stub = Backend(procs, work, 1, 1, 0, name="flip")
             docs = control.instances(args.instances - 2, args.pools, backend.url)
             for doc in docs:
@@ -191,7 +193,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "name": FLIP,
                     "api_base": f"{flip_stub.url}/v1",
                     "discover_models": False,
-                    "health": {"rise": 1, "fall": 1},
+                    # Only the explicit checks change its verdict: a scheduled probe racing the check
+                    # would make the change live before the time is taken (a check that changes nothing).
+                    "health": {"rise": 1, "fall": 1, "probe_interval_s": 3600},
                 }
             )
             started = time.perf_counter()
@@ -312,6 +316,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flips", type=int, default=20, help="health changes of one instance to time")
     parser.add_argument("--backend-processes", type=int, default=1)
     parser.add_argument("--out", default="", help="also write the result as JSON here")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the controller's home (its log, the registry) after the run"
+    )
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from scripts.bench.procs import Procs, read_stat
 from tests import tls_util
-from tests.integration.gateway import Gateway, free_port, wait_for
+from tests.integration.gateway import Gateway, wait_for
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT_PATH = "/v1/chat/completions"
@@ -281,10 +282,13 @@ class GatewaySystem:
         directory = self.live_dir()
         return "\n".join(p.read_text(errors="replace") for p in sorted(directory.glob("*")) if p.is_file())
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
+        """Stop the controller and nginx; remove the home unless ``keep`` (its controller.log and
+        registry, to read after a run)."""
         with contextlib.suppress(Exception):
             self.gw.stop()
-        shutil.rmtree(self.gw.home, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.gw.home, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ LiteLLM

@@ -558,3 +558,20 @@ def test_listing_reuses_unchanged_rows_and_sees_every_change(store: Store) -> No
     assert names(store) == ["b", "c"]
     # Only the last listing's rows are kept: the cache never outgrows the registry.
     assert len(store._parsed) <= 2 * len(names(store))
+
+
+def test_patch_probe_fields_merges_the_last_probe_fields_and_keeps_the_rest(store: Store) -> None:
+    """The prober's batch of instances whose probes changed nothing else: its fields land, every other
+    observed field (a verdict written by patch_states) stays, unknown names are skipped."""
+    store.replace_all([cfg("a"), cfg("b")], None, merge=False)
+    store.patch_states({"a": {"health_status": HealthStatus.UNHEALTHY, "error_count": 3}})
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    fields = InstanceState(last_probe_at=at, probe_latency_ms=12.5).model_dump(
+        mode="json", include={"last_probe_at", "probe_latency_ms"}
+    )
+    store.patch_probe_fields({"a": fields, "gone": fields})
+    states = {c.name: s for c, s in store.list_instances()}
+    assert states["a"].last_probe_at == at and states["a"].probe_latency_ms == 12.5
+    assert states["a"].health_status is HealthStatus.UNHEALTHY and states["a"].error_count == 3
+    assert states["a"].updated_at is not None
+    assert states["b"].last_probe_at is None

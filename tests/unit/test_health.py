@@ -552,3 +552,59 @@ def test_the_operator_lifts_a_rate_limit_and_an_open_breaker() -> None:
     assert lifted.startswith("open breaker (3 consecutive failures")
     assert t.instances["b"].breaker.state is BreakerState.HALF_OPEN
     assert t.clear("a") == [] and t.clear("ghost") == []
+
+
+def test_a_probe_that_changes_nothing_leaves_the_instance_to_the_batch() -> None:
+    """Only the last-probe fields moved: `probed`, not `unsaved` (no write at the next flush); a verdict
+    that changes, or a new error, is unsaved at once; the same error again is not."""
+    t = tracker_with(config("a", health=HealthPolicy(rise=1, fall=2)))
+    t.unsaved.clear()
+    t.probe("a", ProbeResult(Outcome.OK, "ok", 3.0), 1000.0)
+    assert t.unsaved == {"a"} and t.membership_changed  # unknown -> healthy
+    t.unsaved.clear()
+    t.probed.clear()
+    t.probe("a", ProbeResult(Outcome.OK, "ok", 4.0), 1010.0)
+    assert t.unsaved == set() and t.probed == {"a"}
+    assert t.state_fields("a", 1010, 0)["last_probe_at"] == datetime.fromtimestamp(1010, UTC)
+    t.probe("a", ProbeResult(Outcome.FAIL, "HTTP 500", 1.0), 1020.0)
+    assert t.unsaved == {"a"}  # a new error
+    t.unsaved.clear()
+    t.probe("a", ProbeResult(Outcome.FAIL, "HTTP 500", 1.0), 1030.0)
+    assert t.unsaved == {"a"}  # the second failure: fall reached, unhealthy
+    t.unsaved.clear()
+    t.probe("a", ProbeResult(Outcome.FAIL, "HTTP 500", 1.0), 1040.0)
+    assert t.unsaved == set() and t.state_fields("a", 1040, 0)["last_error_time"] == datetime.fromtimestamp(
+        1040, UTC
+    )
+
+
+def test_tick_watches_only_instances_with_a_timer() -> None:
+    """tick() costs the pending timers, not the fleet: an instance enters `timed` with a rate limit or
+    an open breaker and leaves it when the timer has run out; the expiry still changes membership."""
+    t = tracker_with(config("a"), config("b"))
+    assert t.timed == set()
+    t.observe(record("127.0.0.0:1", 429, ra="20"), now_mono=1)
+    assert t.timed == {"a"}
+    t.membership_changed = False
+    t.tick(now_mono=2, now_wall=1019)
+    assert t.timed == {"a"} and not t.membership_changed
+    t.tick(now_mono=3, now_wall=1020)
+    assert t.timed == set() and t.membership_changed
+    for i in range(3):
+        t.observe(record("127.0.0.1:1", 502, at=1030 + i), now_mono=10 + i)
+    assert t.instances["b"].breaker.state is BreakerState.OPEN and t.timed == {"b"}
+    t.membership_changed = False
+    t.tick(now_mono=10 + 2 + t.instances["b"].policy.breaker_cooldown_s, now_wall=1040)
+    assert t.instances["b"].breaker.state is BreakerState.HALF_OPEN and t.membership_changed
+    assert t.timed == set()
+
+
+def test_a_restored_open_breaker_is_watched() -> None:
+    t = HealthTracker()
+    state = InstanceState(
+        breaker_state=BreakerState.OPEN, breaker_open_until=datetime.fromtimestamp(1005, UTC)
+    )
+    t.sync([(config("a"), state)], {}, now_mono=0, now_wall=1000)
+    assert t.timed == {"a"}
+    t.tick(now_mono=5, now_wall=1005)
+    assert t.instances["a"].breaker.state is BreakerState.HALF_OPEN and t.timed == set()

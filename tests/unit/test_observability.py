@@ -441,3 +441,24 @@ def test_state_view_reads_tracker_pools_last_result_and_certificate(tmp_path: Pa
     assert state.certificate_days_left is not None and 1.9 < state.certificate_days_left <= 2.0
     reconciler.last_result = SimpleNamespace(ok=True, error=None)
     assert state_view(tracker, reconciler, None, 14.0, now).reload_error is None  # type: ignore[arg-type]
+
+
+def test_state_view_holds_only_what_can_raise_an_incident() -> None:
+    """Evaluated every second: a healthy instance with a closed breaker and a pool with members raise
+    nothing and are not copied into the view; the others are, and their conditions are unchanged."""
+    tracker = HealthTracker()
+    tracker.sync([(instance(n), InstanceState()) for n in ("ok", "down", "tripped")], {}, 0, 0)
+    tracker.instances["ok"].health = HealthStatus.HEALTHY
+    tracker.instances["down"].health = HealthStatus.UNHEALTHY
+    tracker.instances["tripped"].breaker = br.Breaker(state=BreakerState.HALF_OPEN)
+    full = SimpleNamespace(name="p_a", family="openai", kind="chat", model="a", members=("ok",), excluded=())
+    empty = SimpleNamespace(name="p_b", family="openai", kind="chat", model="b", members=(), excluded=())
+    reconciler = SimpleNamespace(spec=SimpleNamespace(pools=(full, empty)), last_result=None)
+    state = state_view(tracker, reconciler, None, 14.0, time.time())  # type: ignore[arg-type]
+    assert [i.name for i in state.instances] == ["down", "tripped"]
+    assert [p.name for p in state.pools] == ["p_b"]
+    assert sorted(conditions(state)) == [
+        "breaker_open:tripped",
+        "instance_down:down",
+        "pool_without_instance:p_b",
+    ]
