@@ -180,20 +180,21 @@ async def put_state(request: web.Request) -> web.Response:
 
 
 async def check_instance(request: web.Request) -> web.Response:
-    """Probe the instance now; the verdict counts like any scheduled probe."""
+    """Probe the instance now; the verdict counts like any scheduled probe and, with ``wait`` (the default),
+    the answer comes once nginx serves what it changed (an instance taken out or put back)."""
     name = path_name(request)
+    wait = wants_wait(request)
     health = request.app[HEALTH]
     result = await health.probe_now(name)
     await health.flush()
-    return web.json_response(
-        {
-            "name": name,
-            "outcome": str(result.outcome),
-            "detail": result.detail,
-            "latency_ms": round(result.latency_ms, 2),
-            "models": list(result.models),
-        }
-    )
+    body = {
+        "name": name,
+        "outcome": str(result.outcome),
+        "detail": result.detail,
+        "latency_ms": round(result.latency_ms, 2),
+        "models": list(result.models),
+    }
+    return await answer_applied(request, f"instance {name} checked", wait, body, 200)
 
 
 def _iso(value: datetime | None) -> str | None:

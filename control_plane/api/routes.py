@@ -162,7 +162,12 @@ INSTANCE_ROUTES = (
         f"{INSTANCE}/check",
         instances.check_instance,
         "check_instance",
-        Operation("Probe the instance now", ok_response("The probe result", "ProbeResult"), PATH_ERRORS),
+        Operation(
+            "Probe the instance now; with wait (the default), answer once nginx serves the verdict",
+            ok_response("The probe result", "ProbeResult"),
+            PATH_ERRORS,
+            applies=True,
+        ),
     ),
     Route(
         "GET",
