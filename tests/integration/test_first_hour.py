@@ -141,3 +141,27 @@ def test_openai_compatible_server_without_a_path_is_probed_where_traffic_goes(
         assert gw.status()["excluded"] == {}
         assert chat(gw, "llama-cpp").status_code == 200
         assert chat(gw, "odd").status_code == 200
+
+
+def test_a_check_answers_once_nginx_serves_its_verdict(stubs: dict[str, StubServer]) -> None:
+    """POST .../check changes what nginx serves like any other call: the instance it finds down is out of
+    its pool when the call returns, and back in when a later check finds it up."""
+    health = {"probe_interval_s": 3600, "fall": 1, "rise": 1}
+    with Gateway() as gw:
+        for name in ("up", "flaky"):
+            stub = start_stub(stubs, name)
+            r = gw.add_instance(
+                name=name, provider_type="ollama", api_base=stub.url, supported_models=["m"], health=health
+            )
+            assert r.status_code == 201, r.text
+        stubs["flaky"].kill()
+        down = gw.admin.post("/admin/instances/flaky/check")
+        assert down.status_code == 200 and down.headers["X-ISHGW-Applied"] == "true", down.text
+        assert down.json()["outcome"] != "ok"
+        assert {chat(gw, "m").headers["X-ISHGW-Instance"] for _ in range(10)} == {"up"}
+
+        stubs["flaky"].start()
+        back = gw.admin.post("/admin/instances/flaky/check")
+        assert back.status_code == 200 and back.headers["X-ISHGW-Applied"] == "true", back.text
+        assert back.json()["outcome"] == "ok"
+        assert "flaky" in {chat(gw, "m").headers["X-ISHGW-Instance"] for _ in range(10)}
