@@ -272,14 +272,14 @@ class ScalingService:
         docker = self.driver.docker
         if docker is None:
             return False
-        if docker.refreshed and not any(g.driver == "docker" for g in self.groups.values()):
+        wanted = any(g.driver == "docker" for g in self.groups.values())
+        if docker.refreshed and not wanted:
             return True
         try:
             await docker.refresh()
         except DockerError as exc:
             # Without a docker group, an engine that is not there is the usual case (no Docker on this
             # machine): nothing to adopt, nothing to warn about.
-            wanted = any(g.driver == "docker" for g in self.groups.values())
             if wanted and (docker.refreshed or not self._docker_warned):
                 log.warning("scaling: %s", exc)
                 self._docker_warned = True
@@ -523,5 +523,3 @@ class ScalingService:
         finally:
             await self._session.close()
             await self.driver.close()
-
-
