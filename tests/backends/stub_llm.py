@@ -607,14 +607,7 @@ class StubApp:
     @functools.lru_cache(maxsize=256)
     def _openai_chat_pieces(name: str, model: str, answer_bytes: int, chunks: int, usage: bool) -> bytes:
         """SSE chunk lines with a placeholder id ``@ID@`` (joined; split on blank lines)."""
-        created = int(time.time())
-        base: Json = {
-            "id": "chatcmpl-@ID@",
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": "fp_stub",
-        }
+        base = chunk_base("chatcmpl-@ID@", model)
         out: list[bytes] = []
         for i, piece in enumerate(_pieces(name, model, answer_bytes, chunks)):
             delta: Json = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
@@ -642,13 +635,7 @@ class StubApp:
         so = ctx.body.get("stream_options")
         include_usage = isinstance(so, dict) and so.get("include_usage") is True
         cid = f"chatcmpl-{self.state.next_id()}"
-        base: Json = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": ctx.model,
-            "system_fingerprint": "fp_stub",
-        }
+        base = chunk_base(cid, ctx.model)
         extra: Json = {"usage": None} if include_usage else {}
         events: list[bytes] = []
         for i, content in enumerate(script.get("contents") or []):
@@ -709,13 +696,7 @@ class StubApp:
                 self.cfg.name, ctx.model, ctx.answer_bytes, ctx.chunks, include_usage
             )
             cid, pieces = self._ids(blob, "chatcmpl-")
-            base: Json = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": ctx.model,
-                "system_fingerprint": "fp_stub",
-            }
+            base = chunk_base(cid, ctx.model)
             final: Json = {
                 **base,
                 "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
@@ -1294,6 +1275,17 @@ def main(argv: list[str] | None = None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 _ROOT: Final = Path(__file__).resolve().parents[2]
+
+
+def chunk_base(chunk_id: str, model: str) -> Json:
+    """The members every OpenAI chat stream chunk starts with."""
+    return {
+        "id": chunk_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_stub",
+    }
 
 
 class CIDict(dict[str, Any]):
