@@ -8,11 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
 from sqlalchemy.engine import Connection
 
 from control_plane.api.app_keys import SCALING
-from control_plane.api.bodies import invalid, path_name, read_object, validate_strict, validation_details
+from control_plane.api.bodies import invalid, path_name, read_object, validate_strict
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.registry import importers
 from control_plane.registry import validators as v
@@ -139,24 +138,19 @@ def with_groups(scaling: ScalingStore | None, document: dict[str, Any]) -> dict[
 
 
 def imported_groups(request: web.Request, doc: dict[str, Any]) -> list[ScalingGroup] | None:
-    """The document's scaling groups, checked as POST /admin/scaling/groups checks one (strict types, the
-    command allow-list); None when the document has none."""
+    """The document's scaling groups, checked as POST /admin/scaling/groups checks one (strict types in
+    importers.parse_groups, then the driver's allow-list); None when the document has none."""
     groups = importers.parse_groups(doc)
     if groups is None:
         return None
     if SCALING not in request.app:
         raise invalid("scaling_groups", "this controller runs no autoscaler")
-    errors: list[dict[str, str]] = []
-    for index, (raw, group) in enumerate(zip(doc["scaling_groups"], groups, strict=True)):
-        prefix = f"scaling_groups[{index}]"
-        try:
-            validate_strict(ScalingGroup, raw)
-        except ValidationError as exc:
-            errors += [{**e, "field": f"{prefix}.{e['field']}"} for e in validation_details(exc)]
-        driver = _service(request).driver
-        refused = driver.refusal(group)
-        if refused:
-            errors.append({"field": f"{prefix}.{driver.field(group)}", "message": refused})
+    driver = _service(request).driver
+    errors = [
+        {"field": f"scaling_groups[{index}].{driver.field(group)}", "message": refused}
+        for index, group in enumerate(groups)
+        if (refused := driver.refusal(group))
+    ]
     if errors:
         raise InvalidInput(errors)
     return groups

@@ -134,7 +134,8 @@ def export_groups(document: dict[str, Any], groups: list[ScalingGroup]) -> dict[
 
 
 def parse_groups(doc: dict[str, Any]) -> list[ScalingGroup] | None:
-    """The document's ``scaling_groups``, validated; None when it has none (an import leaves groups as they
+    """The document's ``scaling_groups``, validated strictly as POST /admin/scaling/groups validates one;
+    None when it has none (an import leaves groups as they
     are). Errors name ``scaling_groups[i].<field>``."""
     raw = doc.get("scaling_groups")
     if raw is None:
@@ -158,7 +159,7 @@ def parse_groups(doc: dict[str, Any]) -> list[ScalingGroup] | None:
         elif isinstance(name, str):
             seen[name] = index
         try:
-            groups.append(ScalingGroup.model_validate(item))
+            groups.append(v.validate_strict(ScalingGroup, item))
         except ValidationError as exc:
             errors.extend(_errors(prefix, exc))
     if errors:
