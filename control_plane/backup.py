@@ -344,6 +344,11 @@ class Archive:
     members: dict[str, bytes]
 
 
+def _gzip_magic(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
 def read_archive(path: Path) -> Archive:
     """Every member in memory (archives are small: a registry and a few files); refuses what is not a
     gzip tar of regular files with safe names."""
@@ -352,7 +357,10 @@ def read_archive(path: Path) -> Archive:
     except FileNotFoundError:
         raise BackupError(f"{path}: no such file") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BackupError(f"{path}: not a gzip tar archive ({exc})") from None
+        # A gzip file whose first block fails to inflate is a damaged archive, not a foreign one (where the
+        # damage lands in a small archive decides which read notices it first).
+        what = "the archive is damaged" if _gzip_magic(path) else "not a gzip tar archive"
+        raise BackupError(f"{path}: {what} ({exc})") from None
     members: dict[str, bytes] = {}
     try:
         with tar:
