@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -344,23 +345,31 @@ class Archive:
     members: dict[str, bytes]
 
 
-def _gzip_magic(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(2) == b"\x1f\x8b"
+def _check_gzip(path: Path) -> None:
+    """Inflates the whole file once, before any member is read: damage anywhere is then found by zlib or by
+    the CRC in gzip's trailer, never taken for a foreign archive (tarfile stops reading before the trailer,
+    so a flipped byte could otherwise surface as a garbled manifest)."""
+    with path.open("rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":
+            raise BackupError(f"{path}: not a gzip tar archive")
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BackupError(f"{path}: the archive is damaged ({exc})") from None
 
 
 def read_archive(path: Path) -> Archive:
     """Every member in memory (archives are small: a registry and a few files); refuses what is not a
     gzip tar of regular files with safe names."""
+    if not path.is_file():
+        raise BackupError(f"{path}: no such file")
+    _check_gzip(path)
     try:
         tar = tarfile.open(path, mode="r:gz")  # noqa: SIM115 (closed by the with below)
-    except FileNotFoundError:
-        raise BackupError(f"{path}: no such file") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
-        # A gzip file whose first block fails to inflate is a damaged archive, not a foreign one (where the
-        # damage lands in a small archive decides which read notices it first).
-        what = "the archive is damaged" if _gzip_magic(path) else "not a gzip tar archive"
-        raise BackupError(f"{path}: {what} ({exc})") from None
+        raise BackupError(f"{path}: not a gzip tar archive ({exc})") from None
     members: dict[str, bytes] = {}
     try:
         with tar:

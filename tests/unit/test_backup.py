@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import tarfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,3 +152,38 @@ def test_backup_names_and_pruning() -> None:
     others = ["manual-20250101T000000Z.tar.gz", "notes.txt", ".backup-x.tar.gz"]
     assert b.to_prune([*names, *others], keep=2) == ["ishgw-20260101T030405Z.tar.gz"]
     assert b.to_prune(names, keep=5) == []
+
+
+def _small_archive(path: Path) -> bytes:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, body in (("manifest.json", b'{"format": 1, "files": {}}'), ("files/gateway.env", b"A=1\n" * 40)):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return path.read_bytes()
+
+
+def test_a_flipped_byte_anywhere_past_the_gzip_header_is_damage(tmp_path: Path) -> None:
+    good = _small_archive(tmp_path / "good.tar.gz")
+    assert b.read_archive(tmp_path / "good.tar.gz").manifest == {"format": 1, "files": {}}
+    # Past the header (10 bytes, then the original file name: a flip there changes only the name): every
+    # byte of the compressed blocks and of the CRC/length trailer.
+    assert good[3] == 0x08  # FNAME only
+    for position in range(good.index(b"\0", 10) + 1, len(good)):
+        data = bytearray(good)
+        data[position] ^= 0xFF
+        damaged = tmp_path / "damaged.tar.gz"
+        damaged.write_bytes(bytes(data))
+        with pytest.raises(b.BackupError, match="the archive is damaged"):
+            b.read_archive(damaged)
+
+
+def test_what_is_not_gzip_or_not_there(tmp_path: Path) -> None:
+    (tmp_path / "text.tar.gz").write_text("hello\n")
+    with pytest.raises(b.BackupError, match="not a gzip tar archive"):
+        b.read_archive(tmp_path / "text.tar.gz")
+    (tmp_path / "plain.tar.gz").write_bytes(gzip.compress(b"plain text, not a tar"))
+    with pytest.raises(b.BackupError, match="not a gzip tar archive"):
+        b.read_archive(tmp_path / "plain.tar.gz")
+    with pytest.raises(b.BackupError, match="no such file"):
+        b.read_archive(tmp_path / "absent.tar.gz")
