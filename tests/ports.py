@@ -76,6 +76,14 @@ class PortBlock:
                 return port
         raise RuntimeError(f"all {BLOCK} ports from {self._first} are in use")
 
+    def take_range(self, count: int) -> range:
+        for _ in range(BLOCK):
+            first = self.take()
+            if first + count <= self._first + BLOCK and all(map(_bindable, range(first + 1, first + count))):
+                self._next = (first - self._first + count) % BLOCK
+                return range(first, first + count)
+        raise RuntimeError(f"no {count} consecutive free ports from {self._first}")
+
 
 _BLOCK = PortBlock()
 
@@ -88,3 +96,9 @@ def free_port() -> int:
 def free_ports(count: int) -> list[int]:
     """Distinct free ports."""
     return [_BLOCK.take() for _ in range(count)]
+
+
+def port_range(count: int) -> range:
+    """Consecutive ports for a server that picks its own among them (a scaling group's port_min..port_max):
+    taken out of this process's block, so no later free_port() hands one of them to another server."""
+    return _BLOCK.take_range(count)

@@ -20,7 +20,7 @@ import pytest
 from tests.compose.conftest import ROOT, Engine
 from tests.integration.gateway import Gateway, wait_for
 from tests.integration.test_scaling import events, members, serving
-from tests.ports import free_ports
+from tests.ports import port_range
 
 pytestmark = pytest.mark.compose
 
@@ -99,7 +99,7 @@ def containers(engine: Engine, group: str) -> list[dict[str, Any]]:
     return list(json.loads(listed.stdout or "[]"))
 
 
-def group_doc(name: str, port_min: int, image: str, **changes: Any) -> dict[str, Any]:
+def group_doc(name: str, ports: range, image: str, **changes: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "name": name,
         "models": [MODEL],
@@ -115,20 +115,20 @@ def group_doc(name: str, port_min: int, image: str, **changes: Any) -> dict[str,
         "evaluation_interval_s": 0.5,
         "ready_timeout_s": 30,
         "triggers": {},
-        "port_min": port_min,
-        "port_max": port_min + 20,
+        "port_min": ports[0],
+        "port_max": ports[-1],
     }
     doc.update(changes)
     return doc
 
 
 def test_docker_members_start_serve_survive_a_restart_and_go(gw: Gateway, engine: Engine, image: str) -> None:
-    (port,) = free_ports(1)
-    refused = group_doc("dock", port, "localhost/not-allowed:1")
+    ports = port_range(21)
+    refused = group_doc("dock", ports, "localhost/not-allowed:1")
     r = gw.admin.post("/admin/scaling/groups", json=refused)
     assert r.status_code == 422 and "docker.image" in r.text, r.text
 
-    assert gw.admin.post("/admin/scaling/groups", json=group_doc("dock", port, image)).status_code == 201
+    assert gw.admin.post("/admin/scaling/groups", json=group_doc("dock", ports, image)).status_code == 201
     wait_for(lambda: serving(gw, "dock") == ["dock-1"], timeout=60, what="the first container member")
     wait_for(lambda: events(gw, "dock"), timeout=10, what="the scale-out event")
     (started,) = [e for e in events(gw, "dock") if e["direction"] == "out"]
@@ -162,8 +162,8 @@ def test_docker_members_start_serve_survive_a_restart_and_go(gw: Gateway, engine
 
 
 def test_a_missing_image_is_a_failed_launch_never_registered(gw: Gateway, engine: Engine) -> None:
-    (port,) = free_ports(1)
-    assert gw.admin.post("/admin/scaling/groups", json=group_doc("nope", port, MISSING)).status_code == 201
+    ports = port_range(21)
+    assert gw.admin.post("/admin/scaling/groups", json=group_doc("nope", ports, MISSING)).status_code == 201
     wait_for(lambda: events(gw, "nope"), timeout=60, what="the failed launch")
     (failed,) = events(gw, "nope")[-1:]
     assert failed["outcome"] == "failed" and "retry_in_s" in failed, failed

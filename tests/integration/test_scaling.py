@@ -17,7 +17,7 @@ import pytest
 
 from control_plane.scaling.command import Member, alive
 from tests.integration.gateway import ROOT, Gateway, wait_for
-from tests.ports import free_ports
+from tests.ports import port_range
 
 MODEL = "scaled"
 PY = sys.executable
@@ -38,7 +38,7 @@ def stub_argv(*extra: str) -> list[str]:
     ]
 
 
-def group_doc(name: str, port_min: int, **changes: Any) -> dict[str, Any]:
+def group_doc(name: str, ports: range, **changes: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "name": name,
         "models": [MODEL],
@@ -59,8 +59,8 @@ def group_doc(name: str, port_min: int, **changes: Any) -> dict[str, Any]:
         "ready_timeout_s": 20,
         "drain_timeout_s": 30,
         "triggers": {"utilisation": {"scale_out_above": 0.3, "scale_in_below": 0.1}},
-        "port_min": port_min,
-        "port_max": port_min + 20,
+        "port_min": ports[0],
+        "port_max": ports[-1],
     }
     doc.update(changes)
     return doc
@@ -73,6 +73,15 @@ def gw() -> Iterator[Gateway]:
             yield gateway
         finally:
             stop_members(gateway)
+
+
+@pytest.fixture(autouse=True)
+def no_group_left(gw: Gateway) -> Iterator[None]:
+    """A test that failed before deleting its group must not fail the tests after it too."""
+    yield
+    for view in gw.admin.get("/admin/scaling/groups").json()["groups"]:
+        gw.admin.delete(f"/admin/scaling/groups/{view['group']['name']}")
+    wait_for(lambda: not list((gw.home / "scaling").glob("*/*.json")), timeout=60, what="members stopped")
 
 
 def stop_members(gw: Gateway) -> None:
@@ -102,7 +111,12 @@ def events(gw: Gateway, group: str) -> list[dict[str, Any]]:
 
 class Streams:
     """Clients streaming chat answers in a loop, bounded in count: raw httpx ones that never retry, or the
-    official openai SDK. A stream in flight on a member that is scaled in must still finish whole."""
+    official openai SDK. A stream in flight on a member that is scaled in must still finish whole.
+
+    The raw client opens a connection per request: every scaling step reloads nginx, and an exiting worker
+    closes its idle keep-alive connections, which a request sent at that instant races (the client's to
+    retry, as every SDK does, and the SDK clients here keep their connections). A fresh connection has no
+    such race, so a raw failure here is the gateway's."""
 
     def __init__(self, url: str, threads: int = 1, sdk: bool = False) -> None:
         self.url, self.sdk = url, sdk
@@ -131,7 +145,7 @@ class Streams:
         return raw.headers.get("X-ISHGW-Instance", "")
 
     def _run(self) -> None:
-        raw = httpx.Client(base_url=self.url, timeout=20)
+        raw = httpx.Client(base_url=self.url, timeout=20, limits=httpx.Limits(max_keepalive_connections=0))
         sdk = openai.OpenAI(base_url=f"{self.url}/v1", api_key="k", timeout=20)
         try:
             for _ in range(2000):  # bounded
@@ -162,12 +176,14 @@ class Streams:
 
 
 def test_bad_groups_are_422_and_change_nothing(gw: Gateway) -> None:
-    (port,) = free_ports(1)
+    ports = port_range(21)
     for doc, field in (
-        (group_doc("bad", port, command={"argv": ["/bin/sh", "-c", "true"]}), "command.argv.0"),
-        (group_doc("bad", port, min_instances=5), "min_instances"),
+        (group_doc("bad", ports, command={"argv": ["/bin/sh", "-c", "true"]}), "command.argv.0"),
+        (group_doc("bad", ports, min_instances=5), "min_instances"),
         (
-            group_doc("bad", port, triggers={"utilisation": {"scale_out_above": 0.1, "scale_in_below": 0.5}}),
+            group_doc(
+                "bad", ports, triggers={"utilisation": {"scale_out_above": 0.1, "scale_in_below": 0.5}}
+            ),
             "band",
         ),
     ):
@@ -179,8 +195,8 @@ def test_bad_groups_are_422_and_change_nothing(gw: Gateway) -> None:
 
 
 def test_scale_out_under_load_then_in_after_cooldown_with_no_failed_request(gw: Gateway) -> None:
-    (port,) = free_ports(1)
-    r = gw.admin.post("/admin/scaling/groups", json=group_doc("ramp", port))
+    ports = port_range(21)
+    r = gw.admin.post("/admin/scaling/groups", json=group_doc("ramp", ports))
     assert r.status_code == 201, r.text
     # min_instances: one member, registered only once healthy; then it serves.
     wait_for(lambda: serving(gw, "ramp") == ["ramp-1"], timeout=30, what="the first member")
@@ -219,8 +235,8 @@ def test_scale_out_under_load_then_in_after_cooldown_with_no_failed_request(gw: 
 
 
 def test_a_failing_launch_is_an_event_retried_with_backoff_and_never_registered(gw: Gateway) -> None:
-    (port,) = free_ports(1)
-    doc = group_doc("broken", port, command={"argv": ["/bin/false"]}, ready_timeout_s=5)
+    ports = port_range(21)
+    doc = group_doc("broken", ports, command={"argv": ["/bin/false"]}, ready_timeout_s=5)
     assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
     wait_for(lambda: len(events(gw, "broken")) >= 2, timeout=30, what="two failed launches")
     failed = events(gw, "broken")
@@ -232,8 +248,8 @@ def test_a_failing_launch_is_an_event_retried_with_backoff_and_never_registered(
 
 
 def test_a_restarted_controller_adopts_its_members(gw: Gateway) -> None:
-    (port,) = free_ports(1)
-    doc = group_doc("kept", port, min_instances=2, max_instances=2, triggers={})
+    ports = port_range(21)
+    doc = group_doc("kept", ports, min_instances=2, max_instances=2, triggers={})
     assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
     wait_for(lambda: len(serving(gw, "kept")) == 2, timeout=40, what="two members")
     pids = {m["name"]: m["pid"] for m in members(gw, "kept")}
@@ -255,9 +271,9 @@ def test_a_restarted_controller_adopts_its_members(gw: Gateway) -> None:
 
 
 def test_groups_round_trip_through_export_and_import(gw: Gateway) -> None:
-    (port,) = free_ports(1)
+    ports = port_range(21)
     # min_instances 0 and no trigger: the group starts nothing.
-    doc = group_doc("carried", port, min_instances=0, triggers={})
+    doc = group_doc("carried", ports, min_instances=0, triggers={})
     assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
     stored = gw.admin.get("/admin/scaling/groups/carried").json()["group"]
     exported = gw.admin.get("/admin/config/export").json()
@@ -301,10 +317,10 @@ def test_groups_round_trip_through_export_and_import(gw: Gateway) -> None:
 
 
 def test_a_queue_reported_by_vllm_metrics_scales_out_then_in(gw: Gateway) -> None:
-    (port,) = free_ports(1)
+    ports = port_range(21)
     doc = group_doc(
         "queued",
-        port,
+        ports,
         max_instances=2,
         template={"provider_type": "vllm", "api_path": "/v1", "health": {"probe_interval_s": 1}},
         triggers={"queue_depth": {"scale_out_above": 4, "scale_in_below": 1}},
@@ -316,6 +332,7 @@ def test_a_queue_reported_by_vllm_metrics_scales_out_then_in(gw: Gateway) -> Non
     first = members(gw, "queued")[0]["port"]
     # The stand-in's GET /metrics reports vllm:num_requests_waiting as set here (no traffic needed).
     assert httpx.post(f"http://127.0.0.1:{first}/_load", json={"waiting": 10}).status_code == 200
+
     def scaled(direction: str) -> list[dict[str, Any]]:
         found = events(gw, "queued")
         return [e for e in found if e["direction"] == direction and e["trigger"] != "min_instances"]

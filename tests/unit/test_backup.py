@@ -156,7 +156,10 @@ def test_backup_names_and_pruning() -> None:
 
 def _small_archive(path: Path) -> bytes:
     with tarfile.open(path, "w:gz") as tar:
-        for name, body in (("manifest.json", b'{"format": 1, "files": {}}'), ("files/gateway.env", b"A=1\n" * 40)):
+        for name, body in (
+            ("manifest.json", b'{"format": 1, "files": {}}'),
+            ("files/gateway.env", b"A=1\n" * 40),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(body)
             tar.addfile(info, io.BytesIO(body))
