@@ -24,6 +24,7 @@ from control_plane.registry.models import (
     HealthStatus,
     InstanceConfig,
     InstanceState,
+    ObservedState,
     config_fingerprint,
 )
 
@@ -140,6 +141,14 @@ def tpm_wait(prev: int, cur: int, elapsed: float, limit: int) -> float:
     if cur < limit:
         return max(0.0, 60 - elapsed - 60 * (limit - cur) / prev) + 0.001
     return (60 - elapsed) + 60 * (1 - limit / cur) + 0.001
+
+
+def tokens_per_minute(tokens: dict[int, int], now: float) -> int:
+    """Tokens over the last 60 s from minute buckets: this minute's, and the share of the last minute's
+    still inside the window (the two-bucket approximation the limits use)."""
+    minute = int(now) // 60 * 60
+    previous_share = max(0.0, 1 - (now - minute) / 60)
+    return round(tokens.get(minute, 0) + tokens.get(minute - 60, 0) * previous_share)
 
 
 def _has_timer(entry: InstanceHealth) -> bool:
@@ -315,12 +324,13 @@ class HealthTracker:
     def add_tokens(self, name: str, minute: int, tokens: int, now_wall: float) -> None:
         """Drained usage (a minute bucket of the instance's tokens) toward its max_tpm."""
         entry = self.instances.get(name)
-        if entry is None or not entry.max_tpm or tokens <= 0:
+        if entry is None or tokens <= 0:
             return
         entry.tokens[minute] = entry.tokens.get(minute, 0) + tokens
         for old in [m for m in entry.tokens if m < now_wall - 120]:
             del entry.tokens[old]
-        self._rate_budget(name, entry, now_wall)
+        if entry.max_tpm:
+            self._rate_budget(name, entry, now_wall)
 
     def _rate_budget(self, name: str, entry: InstanceHealth, now: float) -> None:
         """Out of its pools (reason rate_limit_budget) until its measured rate is below its limits."""
@@ -449,7 +459,7 @@ class HealthTracker:
 
     # --- views ------------------------------------------------------------------------------------
     def state_fields(self, name: str, now_wall: float, now_mono: float) -> dict[str, object]:
-        """The observed fields of InstanceState this tracker owns."""
+        """The observed state (ObservedState's fields) as this tracker knows it."""
         entry = self.instances[name]
         minute = int(now_wall) - 60
         rpm = sum(count for second, count in entry.per_second if second > minute)
@@ -458,16 +468,13 @@ class HealthTracker:
         return {
             "health_status": entry.health,
             "unhealthy_since": entry.unhealthy_since,
-            "connection_status": "connected"
-            if entry.health is HealthStatus.HEALTHY
-            else ("disconnected" if entry.health is HealthStatus.UNHEALTHY else "unknown"),
             "error_count": entry.errors,
             "last_error": entry.last_error,
             "last_error_time": entry.last_error_time,
             "rate_limited_until": _utc(entry.rate_limited_until) if entry.rate_limited_until else None,
             "rate_budget_until": _utc(entry.budget_until) if entry.budget_until else None,
             "current_rpm": rpm,
-            "utilization_percentage": round(100 * rpm / entry.max_rpm, 1) if entry.max_rpm else 0.0,
+            "current_tpm": tokens_per_minute(entry.tokens, now_wall),
             "total_requests": entry.total,
             "successful_requests": entry.successful,
             "last_used": _utc(entry.last_used_at) if entry.last_used_at else None,
@@ -486,7 +493,7 @@ class HealthTracker:
     def probe_fields(self, name: str) -> dict[str, object]:
         """The fields a probe that changed nothing else moved, JSON-ready (Store.patch_probe_fields)."""
         entry = self.instances[name]
-        fields = InstanceState(
+        fields = ObservedState(
             last_probe_at=_utc(entry.last_probe_at) if entry.last_probe_at is not None else None,
             probe_latency_ms=entry.probe_latency_ms,
             last_error=entry.last_error,

@@ -237,14 +237,14 @@ def with_legacy_probe_tags(data: Any) -> Any:
 UPDATABLE_FIELDS = frozenset(InstanceConfig.model_fields) - {"name"}
 
 
-class InstanceState(BaseModel):
-    """What the system observes. Never written by configuration changes."""
+class ObservedState(BaseModel):
+    """What the controller observes of an instance: probes, the access-log stream, drained usage. Written
+    by the health tracker only, stored as JSON beside the operator's status; nothing here is configuration
+    or follows from other fields."""
 
     model_config = ConfigDict(extra="ignore")
 
-    status: OperatorStatus = OperatorStatus.ACTIVE
     health_status: HealthStatus = HealthStatus.UNKNOWN
-    connection_status: str = "unknown"
     error_count: int = 0
     last_error: str | None = None
     last_error_time: datetime | None = None
@@ -257,9 +257,7 @@ class InstanceState(BaseModel):
     successful_requests: int = 0
     last_used: datetime | None = None
     avg_latency_ms: float = 0.0
-    utilization_percentage: float = 0.0
     discovered_models: list[str] = Field(default_factory=list)
-    updated_at: datetime | None = None
     breaker_state: BreakerState = BreakerState.CLOSED
     breaker_open_until: datetime | None = None
     # Set when the instance rejected its credential (401/402/403); holds until the configuration changes
@@ -269,6 +267,39 @@ class InstanceState(BaseModel):
     unhealthy_since: datetime | None = None
     last_probe_at: datetime | None = None
     probe_latency_ms: float | None = None
+
+
+OBSERVED_FIELDS = frozenset(ObservedState.model_fields)
+
+
+class InstanceState(ObservedState):
+    """An instance's state as it is read: the operator's status (stored apart from what is observed), the
+    observed fields, and what follows from them and the configuration (set by ``read_state``, never
+    stored). Never written by configuration changes."""
+
+    status: OperatorStatus = OperatorStatus.ACTIVE
+    connection_status: str = "unknown"
+    utilization_percentage: float = 0.0
+    updated_at: datetime | None = None  # the last write of the state's row
+
+
+def connection_status(health: HealthStatus) -> str:
+    if health is HealthStatus.HEALTHY:
+        return "connected"
+    return "disconnected" if health is HealthStatus.UNHEALTHY else "unknown"
+
+
+def read_state(
+    observed: ObservedState, status: OperatorStatus, updated_at: datetime | None, max_rpm: int
+) -> InstanceState:
+    """The state as the API and the renderer see it: the stored parts and what derives from them."""
+    return InstanceState.model_construct(
+        **dict(observed),
+        status=status,
+        connection_status=connection_status(observed.health_status),
+        utilization_percentage=round(100 * observed.current_rpm / max_rpm, 1) if max_rpm else 0.0,
+        updated_at=updated_at,
+    )
 
 
 class StateUpdate(BaseModel):

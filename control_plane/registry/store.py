@@ -4,7 +4,8 @@ callers in the event loop use ``asyncio.to_thread``.
 INTERFACE CONTRACT (implemented by the store helper; signatures are fixed):
 
 - Tables: ``schema_migrations`` (applied versions), ``instances`` (configuration JSON), ``instance_state``
-  (state JSON, cascades with its instance) and ``settings`` (``routing`` and ``generation``).
+  (the operator's ``status`` and the observed state as JSON, cascades with its instance) and ``settings``
+  (``routing`` and ``generation``). What derives from other fields is computed on read, never stored.
 - Every configuration write (create/replace/delete/set_routing/replace_all) bumps the generation in the same
   transaction; ``put_state`` never does.
 - A literal ``api_key`` is stored sealed (AES-GCM, registry/sealing.py) once a key is attached
@@ -43,6 +44,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -51,7 +53,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from control_plane.errors import Conflict, InvalidInput, NotFound
-from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
+from control_plane.registry.models import (
+    OBSERVED_FIELDS,
+    InstanceConfig,
+    InstanceState,
+    ObservedState,
+    OperatorStatus,
+    RoutingConfig,
+    read_state,
+)
 from control_plane.registry.sealing import RegistryKeyError, Sealer, is_sealed, needs_sealing
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -84,8 +94,9 @@ instance_state = Table(
     "instance_state",
     metadata,
     Column("name", String(255), ForeignKey("instances.name", ondelete="CASCADE"), primary_key=True),
-    Column("state", Text, nullable=False),
+    Column("state", Text, nullable=False),  # ObservedState as JSON
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("status", String(16), nullable=False, server_default=OperatorStatus.ACTIVE.value),  # migration 5
 )
 
 settings = Table(
@@ -120,7 +131,6 @@ audit_log = Table(
     Column("target", String(255), nullable=True),
     Column("status", Integer, nullable=False),
 )
-
 
 
 def _usage_table(name: str) -> Table:
@@ -196,12 +206,32 @@ def _migration_4(conn: Connection) -> None:
     metadata.create_all(conn, tables=[scaling_events], checkfirst=True)
 
 
+def _migration_5(conn: Connection) -> None:
+    """The operator's status leaves the observed-state JSON for a column of its own; the fields that derive
+    from others (connection_status, utilization_percentage, updated_at) are no longer stored."""
+    if "status" not in {column["name"] for column in inspect(conn).get_columns("instance_state")}:
+        conn.exec_driver_sql(
+            "ALTER TABLE instance_state ADD COLUMN status VARCHAR(16) NOT NULL DEFAULT 'active'"
+        )
+    known = {status.value for status in OperatorStatus}
+    for name, text in conn.execute(select(instance_state.c.name, instance_state.c.state)).all():
+        data = json.loads(text) if text else {}
+        status = data.get("status") if data.get("status") in known else OperatorStatus.ACTIVE.value
+        observed = {field: value for field, value in data.items() if field in OBSERVED_FIELDS}
+        conn.execute(
+            update(instance_state)
+            .where(instance_state.c.name == name)
+            .values(status=status, state=_dumps(observed))
+        )
+
+
 # Ordered, append-only. Each runs in its own transaction and is recorded in schema_migrations.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
     (3, _migration_3),
     (4, _migration_4),
+    (5, _migration_5),
 ]
 
 
@@ -231,7 +261,7 @@ class Store:
         # 10,000 instances validating them all again cost seconds though almost none had changed. Only
         # texts seen in the last listing are kept, so this never outgrows the registry. The models are
         # shared between callers: never mutate one (model_copy makes a changed one).
-        self._parsed: dict[str, InstanceConfig | InstanceState] = {}
+        self._parsed: dict[Any, InstanceConfig | InstanceState] = {}
         # Connect once so a bad URL fails here, and (SQLite) WAL mode and its files exist.
         with self._engine.connect():
             pass
@@ -417,43 +447,48 @@ class Store:
         return InstanceConfig.model_validate(data)
 
     @staticmethod
-    def _state_json(state: InstanceState) -> str:
-        return _dumps(state.model_dump(mode="json"))
+    def _state_json(state: ObservedState) -> str:
+        return _dumps(state.model_dump(mode="json", include=set(OBSERVED_FIELDS)))
 
-    def _row_pair(self, config_text: str, state_text: str | None) -> tuple[InstanceConfig, InstanceState]:
-        config = self._config_of(config_text)
-        state = InstanceState.model_validate(json.loads(state_text)) if state_text else InstanceState()
-        return config, state
+    @staticmethod
+    def _state_of(config: InstanceConfig, row: Any) -> InstanceState:
+        """A joined row's state: the stored parts, and what derives from them and the configuration."""
+        _, text, status, updated_at = row
+        observed = ObservedState.model_validate_json(text) if text else ObservedState()
+        if updated_at is not None and updated_at.tzinfo is None:  # SQLite keeps no offset; all times are UTC
+            updated_at = updated_at.replace(tzinfo=UTC)
+        operator = OperatorStatus(status or OperatorStatus.ACTIVE)
+        return read_state(observed, operator, updated_at, config.max_rpm)
 
     def _joined(self) -> Any:
-        return select(instances.c.config, instance_state.c.state).select_from(
-            instances.outerjoin(instance_state, instance_state.c.name == instances.c.name)
-        )
+        return select(
+            instances.c.config, instance_state.c.state, instance_state.c.status, instance_state.c.updated_at
+        ).select_from(instances.outerjoin(instance_state, instance_state.c.name == instances.c.name))
 
     def list_instances(self) -> list[tuple[InstanceConfig, InstanceState]]:
         with self._read() as conn:
             rows = conn.execute(self._joined().order_by(instances.c.name)).all()
-        previous: dict[str, InstanceConfig | InstanceState] = self._parsed
-        seen: dict[str, InstanceConfig | InstanceState] = {}
-        pairs = [self._cached_pair(row[0], row[1], previous, seen) for row in rows]
+        previous: dict[Any, InstanceConfig | InstanceState] = self._parsed
+        seen: dict[Any, InstanceConfig | InstanceState] = {}
+        pairs = [self._cached_pair(row, previous, seen) for row in rows]
         self._parsed = seen  # one assignment: a concurrent listing sees the old or the new cache
         return pairs
 
     def _cached_pair(
         self,
-        config_text: str,
-        state_text: str | None,
-        previous: dict[str, InstanceConfig | InstanceState],
-        seen: dict[str, InstanceConfig | InstanceState],
+        row: Any,
+        previous: dict[Any, InstanceConfig | InstanceState],
+        seen: dict[Any, InstanceConfig | InstanceState],
     ) -> tuple[InstanceConfig, InstanceState]:
+        config_text = row[0]
         config = seen.get(config_text) or previous.get(config_text)
         if not isinstance(config, InstanceConfig):
             config = self._config_of(config_text)  # unseals the provider key
         seen[config_text] = config
-        state_key = state_text or ""
+        state_key = (row[1], row[2], row[3], config.max_rpm)
         state = seen.get(state_key) or previous.get(state_key)
         if not isinstance(state, InstanceState):
-            state = InstanceState.model_validate(json.loads(state_text)) if state_text else InstanceState()
+            state = self._state_of(config, row)
         seen[state_key] = state
         return config, state
 
@@ -463,7 +498,8 @@ class Store:
             row = conn.execute(self._joined().where(instances.c.name == name)).first()
         if row is None:
             raise NotFound(f"instance {name!r} not found")
-        return self._row_pair(row[0], row[1])
+        config = self._config_of(row[0])
+        return config, self._state_of(config, row)
 
     @staticmethod
     def _exists(conn: Connection, name: str) -> bool:
@@ -477,7 +513,7 @@ class Store:
         )
         conn.execute(
             insert(instance_state).values(
-                name=config.name, state=self._state_json(InstanceState()), updated_at=now
+                name=config.name, state=self._state_json(ObservedState()), updated_at=now
             )
         )
 
@@ -499,7 +535,7 @@ class Store:
                 for c in configs
             ],
         )
-        state = self._state_json(InstanceState())
+        state = self._state_json(ObservedState())
         conn.execute(
             insert(instance_state), [{"name": c.name, "state": state, "updated_at": now} for c in configs]
         )
@@ -547,20 +583,16 @@ class Store:
         with self._write() as conn:
             if not self._exists(conn, name):
                 raise NotFound(f"instance {name!r} not found")
-            now = _now()
-            result = conn.execute(
-                update(instance_state)
-                .where(instance_state.c.name == name)
-                .values(state=self._state_json(state), updated_at=now)
-            )
+            values = {"state": self._state_json(state), "status": state.status.value, "updated_at": _now()}
+            where = instance_state.c.name == name
+            result = conn.execute(update(instance_state).where(where).values(**values))
             if result.rowcount == 0:
-                conn.execute(
-                    insert(instance_state).values(name=name, state=self._state_json(state), updated_at=now)
-                )
+                conn.execute(insert(instance_state).values(name=name, **values))
 
     def patch_states(self, patches: dict[str, dict[str, Any]]) -> None:
-        """Merge observed fields into several states in one transaction (read-modify-write under the write
-        lock, so an operator's concurrent status change is never lost). Unknown names are skipped."""
+        """Merge fields into several states in one transaction (read-modify-write under the write lock, so
+        the tracker's observed fields and an operator's ``status`` never overwrite each other). Fields
+        derived on read are ignored. Unknown names are skipped."""
         if not patches:
             return
         with self._write() as conn:
@@ -571,14 +603,16 @@ class Store:
                 )
             ).all()
             for name, text in rows:
-                current = InstanceState.model_validate(json.loads(text)) if text else InstanceState()
-                merged = current.model_copy(update={**patches[name], "updated_at": now})
-                state = InstanceState.model_validate(merged.model_dump())
-                conn.execute(
-                    update(instance_state)
-                    .where(instance_state.c.name == name)
-                    .values(state=self._state_json(state), updated_at=now)
-                )
+                patch = patches[name]
+                values: dict[str, Any] = {"updated_at": now}
+                if "status" in patch:
+                    values["status"] = OperatorStatus(patch["status"]).value
+                observed = {field: value for field, value in patch.items() if field in OBSERVED_FIELDS}
+                if observed:
+                    current = ObservedState.model_validate_json(text) if text else ObservedState()
+                    merged = ObservedState.model_validate({**current.model_dump(), **observed})
+                    values["state"] = self._state_json(merged)
+                conn.execute(update(instance_state).where(instance_state.c.name == name).values(**values))
 
     def patch_probe_fields(self, patches: dict[str, dict[str, Any]]) -> None:
         """Merge JSON-ready scalar fields (the last-probe fields: times already ISO strings) into several
@@ -588,7 +622,6 @@ class Store:
             return
         with self._write() as conn:
             now = _now()
-            stamp = InstanceState(updated_at=now).model_dump(mode="json")["updated_at"]
             rows = conn.execute(
                 select(instance_state.c.name, instance_state.c.state).where(
                     instance_state.c.name.in_(list(patches))
@@ -597,7 +630,7 @@ class Store:
             params = []
             for name, text in rows:
                 state = json.loads(text) if text else {}
-                state.update(patches[name], updated_at=stamp)
+                state.update(patches[name])
                 params.append({"b_name": name, "b_state": _dumps(state), "b_at": now})
             if params:
                 conn.execute(

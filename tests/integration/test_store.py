@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import func, select, text
 
 from control_plane.errors import Conflict, InvalidInput, NotFound
@@ -76,6 +77,11 @@ def names(store: Store) -> list[str]:
 
 def snapshot(store: Store) -> tuple[Any, ...]:
     return (store.list_instances(), store.get_routing(), store.generation())
+
+
+def unstamped(state: InstanceState) -> InstanceState:
+    """A state without the time of its row's last write, to compare with one built in the test."""
+    return state.model_copy(update={"updated_at": None})
 
 
 def count_rows(store: Store, table: str) -> int:
@@ -152,6 +158,81 @@ def test_later_migrations_apply_in_order(db_url: str, monkeypatch: pytest.Monkey
         s.close()
 
 
+def test_migration_5_moves_the_status_out_of_the_observed_state(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry at schema 4 (the operator's status and derived fields inside the state JSON) keeps
+    every status and observation; the JSON keeps only what is observed."""
+    s = Store(db_url)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:4])
+            assert s.migrate() == 4
+        s.create_instance(cfg("a", max_rpm=10))
+        s.create_instance(cfg("b"))
+        old_state = sa.Table(
+            "instance_state",
+            sa.MetaData(),
+            sa.Column("name", sa.String(255), primary_key=True),
+            sa.Column("state", sa.Text, nullable=False),
+            sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        )
+        old_a = {
+            "status": "maintenance",
+            "health_status": "healthy",
+            "connection_status": "connected",
+            "current_rpm": 4,
+            "utilization_percentage": 40.0,
+            "total_requests": 7,
+            "updated_at": "2026-01-01T00:00:00Z",
+        }
+        at = datetime(2026, 1, 2, tzinfo=UTC)
+        with s._engine.begin() as conn:
+            conn.execute(text("DROP TABLE instance_state"))
+            old_state.create(conn)
+            conn.execute(sa.insert(old_state).values(name="a", state=json.dumps(old_a), updated_at=at))
+            conn.execute(sa.insert(old_state).values(name="b", state='{"status": "bogus"}', updated_at=at))
+        assert s.migrate() == LATEST
+        states = {config.name: state for config, state in s.list_instances()}
+        a, b = states["a"], states["b"]
+        assert (a.status, a.health_status, a.total_requests, a.current_rpm) == (
+            OperatorStatus.MAINTENANCE,
+            HealthStatus.HEALTHY,
+            7,
+            4,
+        )
+        assert (a.connection_status, a.utilization_percentage, a.updated_at) == ("connected", 40.0, at)
+        assert b.status is OperatorStatus.ACTIVE  # an unknown status was never valid: active, as before
+        with s._engine.connect() as conn:
+            stored = json.loads(
+                conn.execute(text("SELECT state FROM instance_state WHERE name = 'a'")).scalar_one()
+            )
+        assert set(stored) == {"health_status", "current_rpm", "total_requests"}
+        assert s.migrate() == LATEST  # again: nothing to do
+    finally:
+        s.close()
+
+
+def test_status_and_observations_are_written_apart(store: Store) -> None:
+    store.create_instance(cfg("a"))
+    store.patch_states({"a": {"status": OperatorStatus.DRAINING}})
+    store.patch_states({"a": {"health_status": HealthStatus.UNHEALTHY, "connection_status": "ignored"}})
+    state = store.get_instance("a")[1]
+    assert (state.status, state.health_status, state.connection_status) == (
+        OperatorStatus.DRAINING,
+        HealthStatus.UNHEALTHY,
+        "disconnected",
+    )
+    store.put_state("a", InstanceState(status=OperatorStatus.ACTIVE, total_requests=3))
+    state = store.get_instance("a")[1]
+    assert (state.status, state.total_requests, state.health_status) == (
+        OperatorStatus.ACTIVE,
+        3,
+        HealthStatus.UNKNOWN,
+    )
+    assert state.updated_at is not None and state.updated_at.tzinfo is not None
+
+
 def test_postgres_url_without_driver_uses_psycopg(request: pytest.FixtureRequest) -> None:
     assert normalise_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
     assert normalise_url("postgres://u@h/db").drivername == "postgresql+psycopg"
@@ -183,7 +264,7 @@ def test_crud(store: Store) -> None:
 
     config, state = store.get_instance("b-inst")
     assert config == b
-    assert state == InstanceState()
+    assert unstamped(state) == InstanceState()
 
     changed = b.model_copy(update={"weight": 9, "enabled": False})
     store.replace_config(changed)
@@ -284,10 +365,12 @@ def test_state_round_trip_and_independence(store: Store) -> None:
         successful_requests=97,
         avg_latency_ms=321.5,
         discovered_models=["gpt-4o", "gpt-4o-mini"],
-        updated_at=datetime(2024, 5, 1, 12, 1, tzinfo=UTC),
     )
     store.put_state("a", state)
-    assert store.get_instance("a")[1] == state
+    written = store.get_instance("a")[1]
+    # What derives is computed on read (connection_status from health_status; updated_at is the row's).
+    assert unstamped(written) == state.model_copy(update={"connection_status": "disconnected"})
+    state = written
 
     # Configuration writes never overwrite state.
     store.replace_config(cfg("a", weight=50))
@@ -302,7 +385,8 @@ def test_state_round_trip_and_independence(store: Store) -> None:
     # State writes never touch configuration.
     config_before = store.get_instance("a")[0]
     store.put_state("a", InstanceState())
-    assert store.get_instance("a") == (config_before, InstanceState())
+    config_after, state_after = store.get_instance("a")
+    assert (config_after, unstamped(state_after)) == (config_before, InstanceState())
 
 
 def test_delete_removes_state(store: Store) -> None:
@@ -312,7 +396,7 @@ def test_delete_removes_state(store: Store) -> None:
     store.delete_instance("a")
     assert count_rows(store, "instance_state") == 0
     store.create_instance(cfg("a"))
-    assert store.get_instance("a")[1] == InstanceState()
+    assert unstamped(store.get_instance("a")[1]) == InstanceState()
 
 
 def test_foreign_key_cascade(store: Store) -> None:
@@ -356,7 +440,7 @@ def test_replace_all_merge(store: Store) -> None:
     generation = store.generation()
     store.replace_all([cfg("b", weight=20), cfg("c", weight=3)], None, merge=True)
     assert store.generation() == generation + 1
-    got = {config.name: (config.weight, state) for config, state in store.list_instances()}
+    got = {config.name: (config.weight, unstamped(state)) for config, state in store.list_instances()}
     assert set(got) == {"a", "b", "c"}
     assert got["a"][0] == 1
     assert got["b"] == (20, InstanceState(status=OperatorStatus.DRAINING, total_requests=42))

@@ -24,15 +24,18 @@ from control_plane.health.logstream import (
 )
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.statuses import classify
-from control_plane.health.tracker import DEFAULT_429_COOLDOWN_S, HealthTracker
+from control_plane.health.tracker import DEFAULT_429_COOLDOWN_S, HealthTracker, tokens_per_minute
 from control_plane.registry.models import (
     BreakerState,
     HealthPolicy,
     HealthStatus,
     InstanceConfig,
     InstanceState,
+    ObservedState,
+    OperatorStatus,
     ProbeKind,
     config_fingerprint,
+    read_state,
 )
 
 POLICY = HealthPolicy(breaker_consecutive_failures=3, breaker_min_requests=10, breaker_cooldown_s=5)
@@ -428,11 +431,24 @@ def test_fingerprints_of_unchanged_configurations_survive_the_probe_kind_field()
     assert config_fingerprint(lightrag) != config_fingerprint(other)
 
 
-def test_utilization_against_max_rpm() -> None:
+def test_utilization_against_max_rpm_is_derived_on_read() -> None:
     t = tracker_with(config(max_rpm=10))
     for i in range(5):
         t.observe(record("127.0.0.0:1", 200, at=1000.0 + i), now_mono=1)
-    assert t.state_fields("a", 1010, 1)["utilization_percentage"] == 50.0
+    fields = t.state_fields("a", 1010, 1)
+    assert fields["current_rpm"] == 5 and "utilization_percentage" not in fields
+    observed = ObservedState.model_validate(fields)
+    state = read_state(observed, OperatorStatus.ACTIVE, None, max_rpm=10)
+    assert state.utilization_percentage == 50.0 and state.connection_status == "unknown"
+    assert read_state(observed, OperatorStatus.ACTIVE, None, max_rpm=0).utilization_percentage == 0.0
+
+
+def test_tokens_per_minute_weighs_the_last_minute_by_what_is_left_of_it() -> None:
+    assert tokens_per_minute({}, 600.0) == 0
+    assert tokens_per_minute({600: 100, 540: 60}, 600.0) == 160  # the whole previous minute still counts
+    assert tokens_per_minute({600: 100, 540: 60}, 630.0) == 130  # half of it
+    assert tokens_per_minute({600: 100, 540: 60}, 659.0) == 101
+    assert tokens_per_minute({540: 60}, 720.0) == 0  # two minutes ago: gone
 
 
 # -- probe paths: one mapping for probes and traffic (issue: openai_compatible without a path) -------------
