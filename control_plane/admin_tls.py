@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from control_plane.edge_settings import is_loopback
+from control_plane.client_access_settings import is_loopback
 from control_plane.settings import Settings
 
 

@@ -26,7 +26,7 @@ from control_plane.alerts.view import BudgetWatch, state_view
 from control_plane.api import app_keys
 from control_plane.api.admin import AdminDeps, create_admin_app
 from control_plane.background import running
-from control_plane.edge_settings import edge_policy
+from control_plane.client_access_settings import client_access_policy
 from control_plane.health.service import HealthService
 from control_plane.local_access import Workers, nginx_workers, prepare_socket_dir
 from control_plane.metrics import GatewayMetrics
@@ -118,7 +118,7 @@ def server_settings(settings: Settings, workers: Workers | None = None) -> Serve
         http_redirect=settings.http_redirect == "true",
         domains=tuple(settings.domain),
         acme_webroot=str(acme_webroot(settings)),
-        edge=edge_policy(settings, settings.client_max_body_size_mb),
+        access=client_access_policy(settings, settings.client_max_body_size_mb),
     )
 
 
@@ -248,7 +248,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     server = server_settings(settings, workers)
     if not settings.auth_required:
         log.warning("ISHGW_AUTH_REQUIRED=false: the data plane serves clients without an API key")
-    jwt_keys.load(server.edge.jwt_files)  # refuse to start with unusable JWT key files (JwtConfigError)
+    jwt_keys.load(server.access.jwt_files)  # refuse to start with unusable JWT key files (JwtConfigError)
     store = Store(settings.database_url)
     metrics = GatewayMetrics(registry or CollectorRegistry(), settings.metrics_key_label)
     nginx = NginxProcess(
@@ -266,7 +266,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         resync_interval_s=settings.resync_interval_s,
         generation_poll_s=settings.generation_poll_s,
     )
-    world = RegistryWorld(store, server.tls_cert, server.edge.jwt_files, settings.secret_policy())
+    world = RegistryWorld(store, server.tls_cert, server.access.jwt_files, settings.secret_policy())
     reconciler = Reconciler(world, nginx, server, metrics, timing)
     health = HealthService(
         store,

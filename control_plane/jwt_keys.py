@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from control_plane.render.edge import JwtFiles, JwtKeys, PublicKey
+from control_plane.render.client_access import JwtFiles, JwtKeys, PublicKey
 
 log = logging.getLogger(__name__)
 

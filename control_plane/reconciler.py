@@ -28,7 +28,7 @@ from control_plane import certs
 from control_plane.errors import ReloadFailed
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import TestResult
-from control_plane.render.edge import limits_in_force
+from control_plane.render.client_access import limits_in_force
 from control_plane.render.nginx import RenderedTree, finish_tree, render_files
 from control_plane.render.quoting import UnsafeValue
 from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
@@ -309,7 +309,7 @@ class Reconciler:
         """The keys' spend this period as the registry holds it, for the load that follows
         (control_plane/usage/limits.py). Without it a restarted nginx would start every budget at 0."""
         spec = self._spec
-        if spec is None or not spec.edge.token_limits:
+        if spec is None or not spec.access.token_limits:
             return
         try:
             await self.source.seed_budgets(spec)
@@ -418,7 +418,7 @@ class Reconciler:
             "excluded": dict(spec.excluded) if spec else {},
             "tls": certs.tls_status(self.server.tls_cert),
             "http": certs.http_mode(self.server),
-            "limits": limits_in_force(self.server.edge),
+            "limits": limits_in_force(self.server.access),
         }
 
     @property

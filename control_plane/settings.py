@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from control_plane.edge_settings import EdgeSettings, check_server_name
+from control_plane.client_access_settings import ClientAccessSettings, check_server_name
 from control_plane.secret_refs import SecretPolicy
 
 RedirectMode = Literal["auto", "true", "false"]
@@ -21,7 +21,7 @@ _BOOL_WORDS = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "fa
 MAX_RUN_DIR_LEN = 80
 
 
-class Settings(EdgeSettings):
+class Settings(ClientAccessSettings):
     """Gateway settings. Defaults give a working single-node gateway under ``home``."""
 
     model_config = SettingsConfigDict(env_prefix="ISHGW_", extra="ignore")

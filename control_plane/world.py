@@ -16,7 +16,7 @@ from control_plane.registry.client_keys import ClientKeyStore
 from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
-from control_plane.render.edge import JwtFiles
+from control_plane.render.client_access import JwtFiles
 from control_plane.render.spec import GatewaySpec, World
 from control_plane.secret_refs import SecretPolicy
 from control_plane.usage.limits import write_budget_seed

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from control_plane.api import openapi_edge, openapi_routing, openapi_scaling, paging
+from control_plane.api import openapi_client_keys, openapi_routing, openapi_scaling, paging
 from control_plane.api.openapi_common import (
     JSON,
     NEXT_CURSOR,
@@ -545,14 +545,18 @@ def build_openapi(routes: Iterable[Route]) -> dict[str, Any]:
                 sorted(
                     {
                         **_schemas(),
-                        **openapi_edge.schemas(),
+                        **openapi_client_keys.schemas(),
                         **openapi_scaling.schemas(),
                         **openapi_routing.schemas(),
                         **_overview_schemas(),
                     }.items()
                 )
             ),
-            "parameters": {**_parameters(), **openapi_edge.parameters(), **openapi_scaling.parameters()},
+            "parameters": {
+                **_parameters(),
+                **openapi_client_keys.parameters(),
+                **openapi_scaling.parameters(),
+            },
             "responses": _responses(),
             "securitySchemes": SECURITY_SCHEMES,
         },

@@ -19,7 +19,7 @@ from control_plane.api import (
     client_keys,
     documents,
     instances,
-    openapi_edge,
+    openapi_client_keys,
     routing_api,
     runtime,
     scaling,
@@ -339,9 +339,9 @@ KEY_ROUTES = (
         Operation(
             "Token usage and cost summed by key, instance, model or day (whole days: day buckets, kept "
             "longest; else minute buckets)",
-            openapi_edge.usage_responses(),
+            openapi_client_keys.usage_responses(),
             (422,),
-            params=openapi_edge.usage_parameters(),
+            params=openapi_client_keys.usage_parameters(),
         ),
     ),
     Route(

@@ -15,7 +15,7 @@ routes.json
   served      "<family>|<kind>" and "<family>" -> models with an available pool, sorted
   fallbacks   model -> its fallback chain
   created     the "created" time /v1/models reports
-  leaky_prefixes  response header name prefixes the shim servers drop (render/edge.py)
+  leaky_prefixes  response header name prefixes the shim servers drop (render/client_access.py)
 
 clients.json (a SECRET_FILES member: key hashes and the HS256 secret)
   required, keys (sha256 -> {id, rpm, expires, enabled, models}), jwt, retry, address_rules,
@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 
 from control_plane.providers import Endpoint
-from control_plane.render.edge import LEAKY_PREFIXES, EdgeSpec
+from control_plane.render.client_access import LEAKY_PREFIXES, ClientAccessSpec
 from control_plane.render.spec import GatewaySpec
 
 Target = dict[str, str]
@@ -98,7 +98,7 @@ def routes_data(spec: GatewaySpec) -> dict[str, object]:
     }
 
 
-def _keys(edge: EdgeSpec) -> dict[str, object]:
+def _keys(access: ClientAccessSpec) -> dict[str, object]:
     return {
         key.key_hash: {
             "id": key.id,
@@ -107,19 +107,19 @@ def _keys(edge: EdgeSpec) -> dict[str, object]:
             "enabled": key.enabled,
             "models": list(key.models),
         }
-        for key in edge.keys
+        for key in access.keys
     }
 
 
-def _jwt(edge: EdgeSpec) -> dict[str, object] | None:
-    if edge.jwt is None:
+def _jwt(access: ClientAccessSpec) -> dict[str, object] | None:
+    if access.jwt is None:
         return None
-    policy = edge.policy
+    policy = access.policy
     return {
-        "hs256": edge.jwt.hs256_secret or "",
+        "hs256": access.jwt.hs256_secret or "",
         "keys": [
             {"alg": k.alg, "spki": k.spki_b64, **({"kid": k.kid} if k.kid else {})}
-            for k in edge.jwt.public_keys
+            for k in access.jwt.public_keys
         ],
         "audience": policy.jwt_audience or "",
         "issuer": policy.jwt_issuer or "",
@@ -135,7 +135,7 @@ BUDGET_SEED_FILE = "budget-seed.json"  # in the prefix: control_plane/usage/limi
 def limits_data(spec: GatewaySpec) -> dict[str, object] | None:
     """The keys' limits gw.limits enforces, or None when no key has one."""
     keys: dict[str, object] = {}
-    for key in spec.edge.keys:
+    for key in spec.access.keys:
         if key.limited:
             keys[key.id] = {
                 **({"tpm": key.tpm} if key.tpm else {}),
@@ -150,12 +150,12 @@ def limits_data(spec: GatewaySpec) -> dict[str, object] | None:
     }
 
 
-def clients_data(edge: EdgeSpec, limits: dict[str, object] | None = None) -> dict[str, object]:
+def clients_data(access: ClientAccessSpec, limits: dict[str, object] | None = None) -> dict[str, object]:
     """What gw.identity, gw.limits and the 429 answers read. Optional parts are absent rather than null."""
-    policy = edge.policy
+    policy = access.policy
     data: dict[str, object] = {
         "required": policy.auth_required,
-        "keys": _keys(edge),
+        "keys": _keys(access),
         "address_rules": bool(policy.ip_allow or policy.ip_deny),
         "jwt_cache_size": policy.jwt_cache_size,
         "retry": {
@@ -164,12 +164,12 @@ def clients_data(edge: EdgeSpec, limits: dict[str, object] | None = None) -> dic
                 c.name: {"rpm": c.rpm, "all": not c.anonymous_only, "setting": c.setting}
                 for c in policy.classes
             },
-            "paths": dict(edge.class_of_path),
+            "paths": dict(access.class_of_path),
             "conn_key": policy.conn_per_key,
             "conn_ip": policy.conn_per_ip,
         },
     }
-    jwt = _jwt(edge)
+    jwt = _jwt(access)
     if jwt is not None:
         data["jwt"] = jwt
     if limits is not None:
@@ -185,6 +185,6 @@ def json_text(value: object) -> str:
 def data_files(spec: GatewaySpec) -> dict[str, str]:
     return {
         "routes.json": json_text(routes_data(spec)),
-        "clients.json": json_text(clients_data(spec.edge, limits_data(spec))),
+        "clients.json": json_text(clients_data(spec.access, limits_data(spec))),
     }
 

@@ -25,7 +25,12 @@ from control_plane.registry.models import (
     Strategy,
     config_fingerprint,
 )
-from control_plane.render.edge import EdgePolicy, EdgeSpec, JwtKeys, build_edge
+from control_plane.render.client_access import (
+    ClientAccessPolicy,
+    ClientAccessSpec,
+    JwtKeys,
+    build_client_access,
+)
 from control_plane.routing import weights as lw
 from control_plane.routing.discovery import served_models
 from control_plane.usage.model import rates_of
@@ -197,7 +202,7 @@ class ServerSettings:
     http_redirect: bool = False
     redirect_mode: str = "auto"
     domains: tuple[str, ...] = ()  # ISHGW_DOMAIN: where the redirect may send a client
-    edge: EdgePolicy = field(default_factory=EdgePolicy)  # client auth, limits, IP filters
+    access: ClientAccessPolicy = field(default_factory=ClientAccessPolicy)  # client auth, limits, IP filters
     acme_webroot: str | None = None
     # Issuer chain for OCSP stapling; set per reconcile (control_plane.certs) only when stapling can work.
     tls_trusted_certificate: str | None = None
@@ -231,7 +236,7 @@ class GatewaySpec:
     generation: int
     excluded: tuple[tuple[str, str], ...]
     tls_fingerprint: str = ""
-    edge: EdgeSpec = field(default_factory=EdgeSpec)
+    access: ClientAccessSpec = field(default_factory=ClientAccessSpec)
     # (instance, USD per 1,000 prompt tokens, per 1,000 completion tokens) of every priced instance: what a
     # key's budget is charged in nginx (gw.limits), as the registry charges the drained usage.
     prices: tuple[tuple[str, float, float], ...] = ()
@@ -533,7 +538,7 @@ def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
         generation=world.generation,
         excluded=tuple(sorted(excluded.items())),
         tls_fingerprint=world.tls_fingerprint,
-        edge=build_edge(server.edge, world.client_keys, world.jwt, providers.ENDPOINTS),
+        access=build_client_access(server.access, world.client_keys, world.jwt, providers.ENDPOINTS),
         prices=instance_prices(c for c, _ in world.instances),
     )
 

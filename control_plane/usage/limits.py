@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.registry.usage import UsageStore
-from control_plane.render.edge import RenderedKey
+from control_plane.render.client_access import RenderedKey
 from control_plane.render.lua_data import BUDGET_SEED_FILE
 from control_plane.render.spec import GatewaySpec
 from control_plane.usage.model import DAY_S
@@ -56,7 +56,7 @@ def seed_path(spec: GatewaySpec) -> Path:
 def write_budget_seed(usage: UsageStore, spec: GatewaySpec, now: datetime) -> None:
     """Write the seed file for the configuration about to be loaded (atomically: a temp file, replaced)."""
     path = seed_path(spec)
-    text = json.dumps(budget_seeds(usage, spec.edge.keys, now), sort_keys=True)
+    text = json.dumps(budget_seeds(usage, spec.access.keys, now), sort_keys=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:

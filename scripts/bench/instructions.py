@@ -39,7 +39,7 @@ from pathlib import Path
 from control_plane.nginx_process import NginxProcess, write_files
 from control_plane.registry.client_keys import ClientKey
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
-from control_plane.render.edge import DEFAULT_CLASSES, EdgePolicy
+from control_plane.render.client_access import DEFAULT_CLASSES, ClientAccessPolicy
 from control_plane.render.nginx import LUA_DIR, render
 from control_plane.render.spec import ServerSettings, World, build_spec
 from scripts.bench.load import chat_body
@@ -146,16 +146,16 @@ USAGE_VARIANTS = {
 }
 
 
-def _policy(variant: Variant) -> EdgePolicy:
+def _policy(variant: Variant) -> ClientAccessPolicy:
     if not variant.limits:
-        return EdgePolicy(
+        return ClientAccessPolicy(
             auth_required=variant.key,
             ip_rpm=0,
             conn_per_key=0,
             conn_per_ip=0,
             classes=tuple(dataclasses.replace(c, rpm=0) for c in DEFAULT_CLASSES),
         )
-    return EdgePolicy(
+    return ClientAccessPolicy(
         auth_required=variant.key,
         ip_rpm=UNBOUND,
         ip_burst=UNBOUND,
@@ -210,7 +210,7 @@ def gateway_tree(
         worker_processes="1",
         log_server=log_server if variant.log else None,
         expose_instance_headers=variant.headers,
-        edge=_policy(variant),
+        access=_policy(variant),
         usage_accounting=variant.usage,
     )
     tree = render(build_spec(world, server))

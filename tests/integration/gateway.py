@@ -67,11 +67,11 @@ class Gateway:
             "ISHGW_ADMIN_API_KEY": self.admin_key,
             "ISHGW_NGINX_WORKER_PROCESSES": "2",
             "ISHGW_RELOAD_MIN_INTERVAL_S": "0.2",
-            # These tests exercise routing: clients send no gateway key (tests/integration/test_edge.py
-            # switches it on). Running open must be said explicitly.
+            # These tests exercise routing: clients send no gateway key
+            # (tests/integration/test_client_access.py switches it on). Running open must be said explicitly.
             "ISHGW_AUTH_REQUIRED": "false",
             # ... and drive a thousand requests a second from one address: no per-address or per-class
-            # limits (test_edge.py tests them).
+            # limits (test_client_access.py tests them).
             "ISHGW_LIMIT_IP_RPM": "0",
             "ISHGW_LIMIT_CHAT_RPM": "0",
             "ISHGW_LIMIT_EMBEDDINGS_RPM": "0",

@@ -19,7 +19,7 @@ import pytest
 from control_plane.nginx_process import write_files
 from control_plane.registry.client_keys import ClientKey, hash_key
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
-from control_plane.render.edge import EdgePolicy, JwtKeys, PublicKey
+from control_plane.render.client_access import ClientAccessPolicy, JwtKeys, PublicKey
 from control_plane.render.nginx import render
 from control_plane.render.spec import ServerSettings, World, build_spec
 
@@ -122,7 +122,7 @@ def representative_tree(directory: Path) -> Path:
         acme_webroot=str(directory / "acme"),
         status_allow=("10.0.0.0/8",),
         log_server="127.0.0.1:9514",
-        edge=EdgePolicy(
+        access=ClientAccessPolicy(
             ip_allow=("10.0.0.0/8", "192.168.0.0/16", "127.0.0.1/32"),
             ip_deny=("10.66.0.0/16",),
             trusted_proxies=("192.168.1.0/24",),

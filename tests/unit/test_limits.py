@@ -78,14 +78,14 @@ def test_clients_data_carries_the_limits_only_when_some_key_has_one() -> None:
     )
     plain = _key("plain")
     spec = _spec([plain], [chat, free])
-    assert limits_data(spec) is None and not spec.edge.token_limits
-    assert "limits" not in clients_data(spec.edge, limits_data(spec))
+    assert limits_data(spec) is None and not spec.access.token_limits
+    assert "limits" not in clients_data(spec.access, limits_data(spec))
 
     tpm, budget = _key("tpm", tpm_limit=1000), _key("budget", max_budget_usd=2.5, budget_period="day")
     off = _key("off", tpm_limit=5, enabled=False)
     spec = _spec([plain, tpm, budget, off], [chat, free])
-    assert spec.edge.token_limits
-    data = clients_data(spec.edge, limits_data(spec))["limits"]
+    assert spec.access.token_limits
+    data = clients_data(spec.access, limits_data(spec))["limits"]
     assert data == {
         "keys": {tpm.id: {"tpm": 1000}, budget.id: {"budget": 2.5, "period": "day"}},
         "prices": {"chat": [0.5, 1.5]},
@@ -134,7 +134,7 @@ def test_the_seed_is_each_budgeted_keys_drained_spend_this_period(tmp_path: Path
         )
         assert usage.record(Batch("b1", rows), NOW)
         spec = _spec([day, month, _key("none")], [chat], prefix=str(tmp_path))
-        seeds = budget_seeds(usage, spec.edge.keys, NOW)
+        seeds = budget_seeds(usage, spec.access.keys, NOW)
         assert seeds == {
             day.id: {
                 "period": "day",

@@ -12,7 +12,7 @@ import pytest
 from control_plane.health import statuses
 from control_plane.registry import validators as v
 from control_plane.registry.models import InstanceConfig, ProviderType
-from control_plane.render.edge import LEAKY_PREFIXES
+from control_plane.render.client_access import LEAKY_PREFIXES
 from control_plane.render.nginx import render
 from control_plane.render.quoting import UnsafeValue, nginx_map_regex
 from tests.unit.test_render import spec_for
@@ -47,7 +47,7 @@ def test_the_model_and_name_rules_are_spelled_once() -> None:
 
 
 def test_leaked_header_prefixes_are_spelled_once() -> None:
-    owner = ROOT / "control_plane" / "render" / "edge.py"
+    owner = ROOT / "control_plane" / "render" / "client_access.py"
     for prefix in LEAKY_PREFIXES:
         for quoted in (f'"{prefix}"', f"'{prefix}'", f"[[{prefix}]]"):
             assert _spelled(TEMPLATES + LUA + PYTHON, quoted, owner) == [], quoted

@@ -1,10 +1,12 @@
-"""The secure edge as plain values: client keys and JWT keys, limits, IP filters. Pure, like build_spec.
+"""The client access policy as plain values: client keys and JWT keys, limits, IP filters. Pure, like
+build_spec. (Once called "the secure edge": the nginx files it renders keep that name.)
 
-build_edge(world parts, policy) -> EdgeSpec; the templates (edge.conf.j2, edge.j2) and the generated
-clients.json (render/lua_data.py) render it. nginx runs limit_req in the preaccess phase, before the body is
-read, so the client's identity for the per-key limits comes from gw.gateway.identify (rewrite_by_lua) over
-the request headers: ``$gw_client_id`` (the key id) and ``$gw_client_rpm`` (its rate). Keys are grouped by
-rate: one limit_req_zone per distinct rate, keyed by a map that is the key id only for keys of that rate.
+build_client_access(world parts, policy) -> ClientAccessSpec; the templates (edge.conf.j2, edge.j2) and the
+generated clients.json (render/lua_data.py) render it. nginx runs limit_req in the preaccess phase, before
+the body is read, so the client's identity for the per-key limits comes from gw.gateway.identify
+(rewrite_by_lua) over the request headers: ``$gw_client_id`` (the key id) and ``$gw_client_rpm`` (its
+rate). Keys are grouped by rate: one limit_req_zone per distinct rate, keyed by a map that is the key id
+only for keys of that rate.
 """
 
 from __future__ import annotations
@@ -118,8 +120,8 @@ class JwtFiles:
 
 
 @dataclass(frozen=True)
-class EdgePolicy:
-    """The settings the edge renders from (ISHGW_*; see edge_settings.py)."""
+class ClientAccessPolicy:
+    """The settings the client access policy renders from (ISHGW_*; see client_access_settings.py)."""
 
     auth_required: bool = True
     key_burst: int = 10
@@ -185,8 +187,8 @@ class RenderedKey:
 
 
 @dataclass(frozen=True)
-class EdgeSpec:
-    policy: EdgePolicy = EdgePolicy()
+class ClientAccessSpec:
+    policy: ClientAccessPolicy = ClientAccessPolicy()
     keys: tuple[RenderedKey, ...] = ()
     jwt: JwtKeys | None = None
     # Rates (requests per minute) with a per-key limit_req zone each: the keys' own and the JWT tiers.
@@ -246,9 +248,9 @@ def _epoch(value: datetime | None) -> int:
     return int(value.timestamp()) if value is not None else 0
 
 
-def build_edge(
-    policy: EdgePolicy, keys: Iterable[ClientKey], jwt: JwtKeys | None, endpoints: Iterable[Endpoint]
-) -> EdgeSpec:
+def build_client_access(
+    policy: ClientAccessPolicy, keys: Iterable[ClientKey], jwt: JwtKeys | None, endpoints: Iterable[Endpoint]
+) -> ClientAccessSpec:
     rendered = tuple(
         sorted(
             (
@@ -274,7 +276,7 @@ def build_edge(
         rates |= set(policy.jwt_rpm_tiers)
         if policy.jwt_default_rpm:
             rates.add(policy.jwt_default_rpm)
-    return EdgeSpec(
+    return ClientAccessSpec(
         policy=policy,
         keys=rendered,
         jwt=jwt,
@@ -283,7 +285,7 @@ def build_edge(
     )
 
 
-def limits_in_force(policy: EdgePolicy) -> dict[str, object]:
+def limits_in_force(policy: ClientAccessPolicy) -> dict[str, object]:
     """The gateway's own limits as /admin/status and `deploy-load-balancer.sh status` show them."""
     anonymous: dict[str, object] = {"per_address_rpm": policy.ip_rpm, "concurrent": policy.conn_per_ip}
     keyed: dict[str, object] = {

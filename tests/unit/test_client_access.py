@@ -1,4 +1,5 @@
-"""The secure edge, pure and in-process: settings, JWT key files, build_edge/render, keys and audit API."""
+"""The client access policy, pure and in-process: settings, JWT key files, build_client_access/render,
+keys and audit API."""
 
 from __future__ import annotations
 
@@ -26,18 +27,18 @@ from control_plane.admin_tls import AdminTlsError, admin_ssl_context
 from control_plane.api.address_filter import address_allowed
 from control_plane.api.admin import AdminDeps, create_admin_app
 from control_plane.api.app_keys import SETTINGS
-from control_plane.edge_settings import EdgeSettings, edge_policy
+from control_plane.client_access_settings import ClientAccessSettings, client_access_policy
 from control_plane.registry.audit import AuditLog
 from control_plane.registry.client_keys import ClientKey, hash_key
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.registry.store import Store
-from control_plane.render.edge import (
-    EdgePolicy,
+from control_plane.render.client_access import (
+    ClientAccessPolicy,
     JwtFiles,
     JwtKeys,
     PublicKey,
     address_geo,
-    build_edge,
+    build_client_access,
 )
 from control_plane.render.lua_data import clients_data
 from control_plane.render.nginx import SECRET_FILES, render
@@ -92,12 +93,12 @@ def test_settings_validate_cidrs_and_lists(monkeypatch: pytest.MonkeyPatch) -> N
             with pytest.raises(ValidationError):
                 Settings()
     with pytest.raises(ValidationError):
-        EdgeSettings(admin_tls_cert=Path("/c.pem"))  # the key is missing
+        ClientAccessSettings(admin_tls_cert=Path("/c.pem"))  # the key is missing
 
 
 def test_edge_policy_from_settings() -> None:
-    settings = EdgeSettings(limit_chat_rpm=10, embeddings_max_body_mb=64, ip_allow=["10.0.0.0/8"])
-    policy = edge_policy(settings, default_body_mb=16)
+    settings = ClientAccessSettings(limit_chat_rpm=10, embeddings_max_body_mb=64, ip_allow=["10.0.0.0/8"])
+    policy = client_access_policy(settings, default_body_mb=16)
     assert policy.limit("chat").rpm == 10 and policy.limit("chat").body_mb == 16
     assert policy.limit("embeddings").body_mb == 64
     assert policy.ip_allow == ("10.0.0.0/8",)
@@ -187,10 +188,10 @@ def test_secret_file_rules(tmp_path: Path) -> None:
     assert jwt_keys.load_or_none(JwtFiles(jwks=str(tmp_path / "missing"))) is None
 
 
-# -- build_edge and render ---------------------------------------------------------------------------------
+# -- build_client_access and render ----------------------------------------------------------------------
 
 
-def edge_tree(keys: tuple[ClientKey, ...], jwt: JwtKeys | None = None, **policy: Any) -> dict[str, str]:
+def access_tree(keys: tuple[ClientKey, ...], jwt: JwtKeys | None = None, **policy: Any) -> dict[str, str]:
     config = InstanceConfig(
         name="a",
         provider_type="ollama",
@@ -206,7 +207,7 @@ def edge_tree(keys: tuple[ClientKey, ...], jwt: JwtKeys | None = None, **policy:
         client_keys=keys,
         jwt=jwt,
     )
-    server = ServerSettings(prefix="/p", run_dir="/r", edge=EdgePolicy(**policy))
+    server = ServerSettings(prefix="/p", run_dir="/r", access=ClientAccessPolicy(**policy))
     return render(build_spec(world, server)).files
 
 
@@ -218,14 +219,14 @@ def test_one_zone_per_distinct_rate() -> None:
         client_key(4, 0),
         client_key(5, 99, enabled=False),
     )
-    edge = build_edge(EdgePolicy(), keys, None, [])
-    assert edge.key_rates == (60, 600)
-    with_jwt = build_edge(
-        EdgePolicy(jwt_rpm_tiers=(10, 100), jwt_default_rpm=50), keys, JwtKeys("s" * 40), []
+    access = build_client_access(ClientAccessPolicy(), keys, None, [])
+    assert access.key_rates == (60, 600)
+    with_jwt = build_client_access(
+        ClientAccessPolicy(jwt_rpm_tiers=(10, 100), jwt_default_rpm=50), keys, JwtKeys("s" * 40), []
     )
     assert with_jwt.key_rates == (10, 50, 60, 100, 600)
-    assert build_edge(EdgePolicy(), keys, JwtKeys(), []).jwt is None  # no usable key: no JWT
-    files = edge_tree(keys)
+    assert build_client_access(ClientAccessPolicy(), keys, JwtKeys(), []).jwt is None  # no usable key: no JWT
+    files = access_tree(keys)
     counts = parse_directives(files)
     assert counts["limit_req_zone"] == 2 + 1 + 3  # per rate, per IP, per class
     # Every client-facing API location has the guard; /health, /nginx_status and named locations do not.
@@ -260,7 +261,7 @@ def test_one_zone_per_distinct_rate() -> None:
 
 def test_secrets_only_in_secret_files() -> None:
     secret = "hs256-shared-secret-0123456789abcdef-XYZ"
-    files = edge_tree(
+    files = access_tree(
         (client_key(1, 60),), JwtKeys(hs256_secret=secret, public_keys=(PublicKey("ES256", "QUJD", "k"),))
     )
     assert "clients.json" in SECRET_FILES
@@ -269,7 +270,7 @@ def test_secrets_only_in_secret_files() -> None:
 
 
 def test_address_rules_and_real_ip_render() -> None:
-    files = edge_tree(
+    files = access_tree(
         (), ip_allow=("10.0.0.0/8",), ip_deny=("10.9.0.0/16",), trusted_proxies=("192.168.1.0/24",)
     )
     servers = files["servers.conf"]
@@ -277,7 +278,7 @@ def test_address_rules_and_real_ip_render() -> None:
     lines = [line.strip() for line in chat.splitlines() if line.strip().startswith(("allow", "deny"))]
     assert lines == ['deny "10.9.0.0/16";', 'allow "10.0.0.0/8";', "deny all;"]
     assert 'set_real_ip_from "192.168.1.0/24";' in servers and "real_ip_recursive on;" in servers
-    assert "set_real_ip_from" not in edge_tree(())["servers.conf"]  # default: no proxy is trusted
+    assert "set_real_ip_from" not in access_tree(())["servers.conf"]  # default: no proxy is trusted
 
 
 def test_address_rules_as_a_geo_block_keep_deny_first() -> None:
@@ -294,16 +295,16 @@ def test_address_rules_as_a_geo_block_keep_deny_first() -> None:
         "10.0.0.0/9": "1",
         "2001:db8::/32": "1",
     }
-    files = edge_tree((), ip_allow=("10.0.0.0/8",), ip_deny=("10.9.0.0/16",))
+    files = access_tree((), ip_allow=("10.0.0.0/8",), ip_deny=("10.9.0.0/16",))
     assert (
         'geo $gw_address_refused {\n    default 1;\n    "10.0.0.0/8" 0;\n    "10.9.0.0/16" 1;\n}'
         in files["edge.conf"]
     )
-    assert "geo " not in edge_tree(())["edge.conf"]
+    assert "geo " not in access_tree(())["edge.conf"]
 
 
 def test_upstream_header_policy_in_every_pool_location() -> None:
-    files = edge_tree((client_key(1, 60),))
+    files = access_tree((client_key(1, 60),))
     counts = parse_directives(files)
     pools = files["servers.conf"].count("proxy_pass http://$gw_upstream$gw_upstream_path$is_args$args;")
     assert pools > 0
@@ -316,7 +317,7 @@ def test_upstream_header_policy_in_every_pool_location() -> None:
     assert lines["proxy_set_header X-Real-IP $remote_addr;"] == pools
     assert "$proxy_add_x_forwarded_for" not in files["servers.conf"]
     quiet = Counter(
-        line.strip() for line in edge_tree((), forward_client_ip=False)["servers.conf"].splitlines()
+        line.strip() for line in access_tree((), forward_client_ip=False)["servers.conf"].splitlines()
     )
     assert quiet['proxy_set_header X-Forwarded-For "";'] == quiet['proxy_set_header X-Real-IP "";'] == pools
     assert not any("$remote_addr" in line for line in quiet if line.startswith("proxy_set_header"))
@@ -336,13 +337,13 @@ def test_upstream_header_policy_in_every_pool_location() -> None:
 
 
 def test_clients_data_for_jwt() -> None:
-    edge = build_edge(
-        EdgePolicy(jwt_audience="aud", jwt_issuer="iss", jwt_rpm_tiers=(60, 600)),
+    access = build_client_access(
+        ClientAccessPolicy(jwt_audience="aud", jwt_issuer="iss", jwt_rpm_tiers=(60, 600)),
         (),
         JwtKeys(hs256_secret="s" * 40, public_keys=(PublicKey("RS256", "QUJD"),)),
         [],
     )
-    data = clients_data(edge)
+    data = clients_data(access)
     assert data["jwt"] == {
         "hs256": "s" * 40,
         "keys": [{"alg": "RS256", "spki": "QUJD"}],  # no kid: absent, never null
@@ -536,7 +537,7 @@ def test_key_model_lists_whole_in_clients_json() -> None:
     """However long a key's model list, it is one JSON list (nginx maps needed chunks; Lua data does not)."""
     short = client_key(1, 60, models=["gpt-4o", "llama*"])
     long = client_key(2, 60, enabled=False, models=[f"model-{i:03d}-{'x' * 40}" for i in range(200)])
-    keys = clients_data(build_edge(EdgePolicy(), (short, long), JwtKeys(), []))["keys"]
+    keys = clients_data(build_client_access(ClientAccessPolicy(), (short, long), JwtKeys(), []))["keys"]
     assert isinstance(keys, dict)
     assert keys[short.key_hash] == {
         "id": "key_0000000000000001", "rpm": 60, "expires": 0, "enabled": True, "models": ["gpt-4o", "llama*"]

@@ -1,4 +1,5 @@
-"""Settings of the secure edge: client authentication, JWT, limits, IP filters, admin hardening.
+"""Settings of the client access policy (once called "the secure edge"): client authentication, JWT,
+limits, IP filters, admin hardening.
 
 ``Settings`` inherits these, so every knob is still one ``ISHGW_*`` environment variable. Lists are
 comma-separated (``ISHGW_IP_DENY=203.0.113.0/24,2001:db8::/32``); every CIDR is validated here.
@@ -14,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from control_plane.registry import validators as v
-from control_plane.render.edge import CLASS_DEFAULT_RPM, ClassLimit, EdgePolicy, JwtFiles
+from control_plane.render.client_access import CLASS_DEFAULT_RPM, ClassLimit, ClientAccessPolicy, JwtFiles
 
 CidrList = Annotated[list[str], NoDecode]
 MAX_RPM = 10**6
@@ -52,7 +53,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class EdgeSettings(BaseSettings):
+class ClientAccessSettings(BaseSettings):
     """Client auth, limits and filters of the data plane; IP filter, TLS and audit of the admin API."""
 
     model_config = SettingsConfigDict(env_prefix="ISHGW_", extra="ignore")
@@ -173,13 +174,13 @@ class EdgeSettings(BaseSettings):
         return value or None
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> EdgeSettings:
+    def _tls_pair(self) -> ClientAccessSettings:
         if (self.admin_tls_cert is None) != (self.admin_tls_key is None):
             raise ValueError("set both ISHGW_ADMIN_TLS_CERT and ISHGW_ADMIN_TLS_KEY, or neither")
         return self
 
 
-def edge_policy(settings: EdgeSettings, default_body_mb: int) -> EdgePolicy:
+def client_access_policy(settings: ClientAccessSettings, default_body_mb: int) -> ClientAccessPolicy:
     """The rendered part of these settings."""
     s = settings
 
@@ -190,7 +191,7 @@ def edge_policy(settings: EdgeSettings, default_body_mb: int) -> EdgePolicy:
         rate = CLASS_DEFAULT_RPM[name] if rpm is None else rpm
         return ClassLimit(name, rate, burst, body or default_body_mb, body_t, send_t, anonymous_only)
 
-    return EdgePolicy(
+    return ClientAccessPolicy(
         auth_required=s.auth_required,
         key_burst=s.limit_key_burst,
         key_default_rpm=s.key_default_rpm,
