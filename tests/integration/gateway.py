@@ -20,6 +20,7 @@ from control_plane.nginx_process import NginxProcess, worker_count
 from control_plane.nginx_process import children as nginx_children
 from tests import diagnostics
 from tests.ports import free_ports
+from tests.tls_util import make_self_signed
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -239,3 +240,21 @@ class Gateway:
             print(self.logs(), file=sys.stderr)
         self.stop()
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def admin_tls_gateway(directory: Path) -> Gateway:
+    """A gateway whose admin listener serves HTTPS only, with a self-signed certificate made in
+    ``directory``; its ``admin`` client speaks HTTPS (not verifying that certificate)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    make_self_signed(cert, key)
+    gw = Gateway(
+        extra_env={
+            "ISHGW_ADMIN_TLS": "true",
+            "ISHGW_ADMIN_TLS_CERT": str(cert),
+            "ISHGW_ADMIN_TLS_KEY": str(key),
+        }
+    )
+    gw.admin = httpx.Client(
+        base_url=f"https://127.0.0.1:{gw.admin_port}", headers={"X-Admin-API-Key": gw.admin_key}, verify=False
+    )
+    return gw

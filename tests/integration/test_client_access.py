@@ -26,9 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.backends.stub_llm import StubServer
-from tests.integration.gateway import ROOT, Gateway
+from tests.integration.gateway import ROOT, Gateway, admin_tls_gateway
 from tests.ports import free_port
-from tests.tls_util import make_self_signed
 
 HS256_SECRET = "an-hs256-secret-for-tests-0123456789abcdef"
 AUDIENCE = "ish-gateway-tests"
@@ -614,18 +613,7 @@ def test_unusable_jwt_keys_refuse_start(tmp_path: Path) -> None:
 
 
 def test_admin_tls_serves_https(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    make_self_signed(cert, key)
-    gw = Gateway(
-        extra_env={
-            "ISHGW_ADMIN_TLS": "true",
-            "ISHGW_ADMIN_TLS_CERT": str(cert),
-            "ISHGW_ADMIN_TLS_KEY": str(key),
-        }
-    )
-    gw.admin = httpx.Client(
-        base_url=f"https://127.0.0.1:{gw.admin_port}", headers={"X-Admin-API-Key": gw.admin_key}, verify=False
-    )
+    gw = admin_tls_gateway(tmp_path)
     with gw:
         assert gw.admin.get("/admin/health").json() == {"ok": True}
         with pytest.raises(httpx.HTTPError):

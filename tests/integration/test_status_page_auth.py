@@ -7,22 +7,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.gateway import Gateway
-from tests.tls_util import make_self_signed
+from tests.integration.gateway import admin_tls_gateway
 
 
 def test_login_over_admin_tls_sets_a_secure_cookie_that_only_reads(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    make_self_signed(cert, key)
-    gw = Gateway(
-        extra_env={
-            "ISHGW_ADMIN_TLS": "true",
-            "ISHGW_ADMIN_TLS_CERT": str(cert),
-            "ISHGW_ADMIN_TLS_KEY": str(key),
-        }
-    )
-    base = f"https://127.0.0.1:{gw.admin_port}"
-    gw.admin = httpx.Client(base_url=base, headers={"X-Admin-API-Key": gw.admin_key}, verify=False)
+    gw = admin_tls_gateway(tmp_path)
+    base = str(gw.admin.base_url).rstrip("/")
     with gw, httpx.Client(base_url=base, verify=False, follow_redirects=False) as browser:
         assert browser.get("/").headers["location"] == "/login"
         wrong = browser.post("/login", data={"key": "not-it"})
