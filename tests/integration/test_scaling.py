@@ -28,6 +28,7 @@ from tests.integration.scaling_load import (
 from tests.ports import port_range
 
 PY = sys.executable
+NO_DOCKER = "/nonexistent/ishgw-no-docker.sock"
 
 
 def stub_argv(*extra: str) -> list[str]:
@@ -75,7 +76,9 @@ def group_doc(name: str, ports: range, **changes: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Gateway]:
-    with Gateway({"ISHGW_SCALING_COMMANDS": f"{PY},/bin/false"}) as gateway:
+    # No Docker engine on the socket the docker driver is given (as on a machine without Docker).
+    env = {"ISHGW_SCALING_COMMANDS": f"{PY},/bin/false", "ISHGW_DOCKER_HOST": f"unix://{NO_DOCKER}"}
+    with Gateway(env) as gateway:
         try:
             yield gateway
         finally:
@@ -256,3 +259,25 @@ def test_a_queue_reported_by_vllm_metrics_scales_out_then_in(gw: Gateway) -> Non
     assert gw.admin.delete("/admin/scaling/groups/queued").status_code == 204
     state = gw.home / "scaling" / "queued"
     wait_for(lambda: not list(state.glob("*.json")), timeout=60, what="members of the deleted group stopped")
+
+
+def test_without_a_docker_engine_the_controller_warns_of_nothing(gw: Gateway) -> None:
+    """The docker driver is made at every start; without an engine and without a docker group it stays
+    silent (its client does not reach the engine until a docker group needs it)."""
+    assert not os.path.exists(NO_DOCKER)
+    gw.kill_controller()
+    gw.start_controller()
+    # A command group that starts nothing: its first evaluation shows that scaling passes ran (each one
+    # first asks the docker driver what the engine runs, when it has not yet been able to).
+    doc = group_doc("quiet", port_range(21), min_instances=0, triggers={})
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+    evaluated = wait_for(
+        lambda: gw.admin.get("/admin/scaling/groups/quiet").json()["last_decision"],
+        timeout=10,
+        what="an evaluation",
+    )
+    assert evaluated["direction"] == "hold"
+    assert gw.admin.delete("/admin/scaling/groups/quiet").status_code == 204
+    text = (gw.home / "controller.log").read_text()
+    warnings = [line for line in text.splitlines() if " WARNING " in line and "docker" in line.lower()]
+    assert warnings == [], warnings
