@@ -1,29 +1,42 @@
-"""The `docker` driver: model servers as containers, through the Docker Engine API (Docker, or podman's
-Docker-API service) over its unix socket with plain HTTP (API 1.41).
+"""The `docker` driver: model servers as containers, through the `docker` Python SDK against the Docker
+Engine API (Docker, or podman's Docker-API service) on its unix socket (API 1.41).
 
 Each member is a container named ``ishgw-<gateway>-<member>`` labelled with the gateway, group, member,
 index and port that own it; host port 127.0.0.1:{port} is published to the container's port. A controller
 that restarts finds its members again by those labels (``refresh``) and adopts them. Stopping is the
 engine's graceful stop (SIGTERM, SIGKILL after the grace time), then the container is removed. A container
 that is not running any more is removed when it is found, as the command driver forgets an exited process.
+
+The SDK blocks: every call runs in a thread (``asyncio.to_thread``), on one client per driver. The client is
+made with a fixed API version, so making it does not reach the engine: a machine without Docker only
+notices when a docker group needs it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import Any, ParamSpec, TypeVar
 
-import aiohttp
+import docker
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+from docker.types import DeviceRequest
 
 from control_plane.scaling.command import STOP_GRACE_S, LaunchError, Member
 from control_plane.scaling.model import DockerLaunch, ScalingGroup, substitute
 
-API = "/v1.41"
+API_VERSION = "1.41"
 LABEL = "io.ishgw."
-TIMEOUT = aiohttp.ClientTimeout(total=60.0)
+TIMEOUT_S = 60  # each API call; a stop waits its grace time on top (the SDK adds it)
+CONFLICT = 409
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def gateway_id(home: Path) -> str:
@@ -37,38 +50,38 @@ def socket_path(docker_host: str) -> str:
     return docker_host[len("unix://") :]
 
 
+def container_name(gateway: str, group: ScalingGroup, index: int) -> str:
+    return f"ishgw-{gateway}-{group.member_name(index)}"
+
+
 def container_spec(
     group: ScalingGroup, spec: DockerLaunch, gateway: str, index: int, port: int
 ) -> dict[str, Any]:
-    """The Docker API's create body for one member. Pure."""
+    """The keyword arguments of the SDK's ``containers.create`` for one member (its name apart). Pure."""
     name = group.member_name(index)
     inside = spec.container_port or port
-    body: dict[str, Any] = {
-        "Image": spec.image,
-        "Env": [f"{k}={substitute(v, port, name, index)}" for k, v in sorted(spec.env.items())],
-        "Labels": {
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "command": None if spec.command is None else [substitute(a, port, name, index) for a in spec.command],
+        "environment": [f"{k}={substitute(v, port, name, index)}" for k, v in sorted(spec.env.items())],
+        "labels": {
             f"{LABEL}gateway": gateway,
             f"{LABEL}group": group.name,
             f"{LABEL}member": name,
             f"{LABEL}index": str(index),
             f"{LABEL}port": str(port),
         },
-        "ExposedPorts": {f"{inside}/tcp": {}},
-        "HostConfig": {
-            "PortBindings": {f"{inside}/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]},
-            "RestartPolicy": {"Name": "no"},
-        },
+        "ports": {f"{inside}/tcp": ("127.0.0.1", port)},
+        "restart_policy": {"Name": "no"},
     }
-    if spec.command is not None:
-        body["Cmd"] = [substitute(arg, port, name, index) for arg in spec.command]
     if spec.gpus is not None:
         count = -1 if spec.gpus == "all" else spec.gpus
-        body["HostConfig"]["DeviceRequests"] = [{"Driver": "", "Count": count, "Capabilities": [["gpu"]]}]
-    return body
+        kwargs["device_requests"] = [DeviceRequest(driver="", count=count, capabilities=[["gpu"]])]
+    return kwargs
 
 
 def member_of(container: dict[str, Any], gateway: str) -> Member | None:
-    """A member from a container listed by GET /containers/json, or None when it is not one of ours."""
+    """A member from a container as the engine lists it (its attributes), or None when it is not ours."""
     labels = container.get("Labels") or {}
     if labels.get(f"{LABEL}gateway") != gateway:
         return None
@@ -81,8 +94,19 @@ def member_of(container: dict[str, Any], gateway: str) -> Member | None:
     return Member(group, index, name, port, 0, f"docker logs {cid[:12]}", cid, driver="docker")
 
 
+def explain(exc: Exception) -> str:
+    """What the engine said (its message), else the exception."""
+    if isinstance(exc, APIError) and exc.explanation:
+        return f"{exc.status_code} {exc.explanation}"
+    return str(exc) or type(exc).__name__
+
+
 class DockerError(Exception):
     pass
+
+
+# What the SDK raises when the engine fails or cannot be reached (it does not wrap connection errors).
+ENGINE_ERRORS = (DockerException, requests.RequestException, OSError)
 
 
 class DockerDriver:
@@ -90,37 +114,60 @@ class DockerDriver:
         self.socket = socket_path(docker_host)
         self.gateway = gateway_id(home)
         self.allowed = allowed  # ISHGW_SCALING_IMAGES: the only images it starts
-        self._session: aiohttp.ClientSession | None = None
+        self.client = docker.DockerClient(base_url=docker_host, version=API_VERSION, timeout=TIMEOUT_S)
         self._members: dict[str, dict[str, Member]] = {}  # group -> member name -> member (running)
         self.refreshed = False
 
-    # --- the API ----------------------------------------------------------------------------------------
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=self.socket), timeout=TIMEOUT
-            )
-        return self._session
-
-    async def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    # --- the engine, in a thread ------------------------------------------------------------------------
+    async def _call(self, what: str, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            async with self._client().request(method, f"http://docker{API}{path}", json=body) as response:
-                text = await response.text()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise DockerError(f"the Docker API at {self.socket}: {exc}") from None
-        try:
-            data = json.loads(text) if text else None
-        except ValueError:
-            data = text
-        return response.status, data
+            return await asyncio.to_thread(call, *args, **kwargs)
+        except ENGINE_ERRORS as exc:
+            raise DockerError(f"{what} (the Docker API at {self.socket}): {explain(exc)}") from None
 
-    @staticmethod
-    def _message(data: Any) -> str:
-        return str(data.get("message", data)) if isinstance(data, dict) else str(data)
+    def _list(self) -> list[dict[str, Any]]:
+        found = self.client.containers.list(
+            all=True, filters={"label": [f"{LABEL}gateway={self.gateway}"]}, sparse=True
+        )
+        return [c.attrs for c in found]
+
+    def _create(self, name: str, kwargs: dict[str, Any]) -> Container:
+        try:
+            return self.client.containers.create(name=name, **kwargs)
+        except APIError as exc:
+            if exc.status_code != CONFLICT:
+                raise
+        # A leftover of ours with that name (it is not running: refresh saw none): removed, then again.
+        self._remove(name)
+        return self.client.containers.create(name=name, **kwargs)
+
+    def _start(self, container: Container) -> None:
+        try:
+            container.start()
+        except ENGINE_ERRORS:
+            self._remove(container.id or "")
+            raise
+
+    def _state(self, ref: str) -> dict[str, Any] | None:
+        """The container's State, or None when there is no such container."""
+        try:
+            attrs = self.client.api.inspect_container(ref)
+        except NotFound:
+            return None
+        state = attrs.get("State") if isinstance(attrs, dict) else None
+        return state if isinstance(state, dict) else {}
+
+    def _stop(self, ref: str, grace_s: int) -> None:
+        with contextlib.suppress(APIError):  # gone already, or a stop refused: the forced removal kills it
+            self.client.api.stop(ref, timeout=grace_s)
+        self._remove(ref)
+
+    def _remove(self, ref: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.client.api.remove_container(ref, force=True)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self.client.close()
 
     # --- the driver ---------------------------------------------------------------------------------------
     def refusal(self, group: ScalingGroup) -> str | None:
@@ -132,12 +179,9 @@ class DockerDriver:
 
     async def refresh(self) -> None:
         """The running containers this gateway owns, by their labels; those that exited are removed."""
-        filters = quote(json.dumps({"label": [f"{LABEL}gateway={self.gateway}"]}))
-        status, data = await self._call("GET", f"/containers/json?all=true&filters={filters}")
-        if status != 200 or not isinstance(data, list):
-            raise DockerError(f"listing containers: {status} {self._message(data)}")
+        listed = await self._call("listing containers", self._list)
         found: dict[str, dict[str, Member]] = {}
-        for container in data:
+        for container in listed:
             member = member_of(container, self.gateway)
             if member is None:
                 continue
@@ -145,7 +189,7 @@ class DockerDriver:
             if state == "running":
                 found.setdefault(member.group, {})[member.name] = member
             elif state in ("exited", "dead"):  # not "created": a launch may be between create and start
-                await self._remove(member.started)
+                await self._call(f"removing container {member.started[:12]}", self._remove, member.started)
         self._members = found
         self.refreshed = True
 
@@ -160,22 +204,19 @@ class DockerDriver:
         if refused:
             raise LaunchError(refused)
         assert group.docker is not None
-        body = container_spec(group, group.docker, self.gateway, index, port)
-        name = f"ishgw-{self.gateway}-{group.member_name(index)}"
+        kwargs = container_spec(group, group.docker, self.gateway, index, port)
+        name = container_name(self.gateway, group, index)
         try:
-            status, data = await self._call("POST", f"/containers/create?name={quote(name)}", body)
-            if status == 409:  # a leftover of ours with that name (it is not running: refresh saw none)
-                await self._remove(name)
-                status, data = await self._call("POST", f"/containers/create?name={quote(name)}", body)
-            if status != 201:
-                raise LaunchError(f"creating the container: {status} {self._message(data)}")
-            cid = str(data["Id"])
-            status, data = await self._call("POST", f"/containers/{cid}/start")
-            if status not in (204, 304):
-                await self._remove(cid)
-                raise LaunchError(f"starting the container: {status} {self._message(data)}")
-        except DockerError as exc:
-            raise LaunchError(str(exc)) from None
+            container = await asyncio.to_thread(self._create, name, kwargs)
+        except ImageNotFound as exc:
+            raise LaunchError(f"the image {group.docker.image!r} is missing: {explain(exc)}") from None
+        except ENGINE_ERRORS as exc:
+            raise LaunchError(f"creating the container: {explain(exc)}") from None
+        cid = str(container.id)
+        try:
+            await asyncio.to_thread(self._start, container)
+        except ENGINE_ERRORS as exc:
+            raise LaunchError(f"starting the container: {explain(exc)}") from None
         log = f"docker logs {cid[:12]}"
         member = Member(group.name, index, group.member_name(index), port, 0, log, cid, driver="docker")
         self._members.setdefault(group.name, {})[member.name] = member
@@ -184,28 +225,21 @@ class DockerDriver:
     async def gone(self, member: Member) -> str | None:
         """Why the member's container is not running, or None while it runs."""
         try:
-            status, data = await self._call("GET", f"/containers/{member.started}/json")
+            state = await self._call("inspecting the container", self._state, member.started)
         except DockerError as exc:
             return str(exc)
-        if status == 404:
+        if state is None:
             return "its container is gone"
-        state = data.get("State", {}) if isinstance(data, dict) else {}
-        if status != 200 or not state.get("Running"):
+        if not state.get("Running"):
             return f"its container exited (code {state.get('ExitCode')}; {member.log})"
         return None
 
     async def stop(self, member: Member, grace_s: float = STOP_GRACE_S) -> None:
         """The engine's graceful stop (SIGTERM, SIGKILL after ``grace_s``), then removal."""
         try:
-            await self._call("POST", f"/containers/{member.started}/stop?t={int(grace_s)}")
-            await self._remove(member.started)
+            what = f"stopping container {member.started[:12]}"
+            await self._call(what, self._stop, member.started, int(grace_s))
         finally:
             self._members.get(member.group, {}).pop(member.name, None)
             if not self._members.get(member.group):
                 self._members.pop(member.group, None)
-
-    async def _remove(self, ref: str) -> None:
-        status, data = await self._call("DELETE", f"/containers/{quote(ref)}?force=true")
-        if status not in (204, 404):
-            raise DockerError(f"removing container {ref[:12]}: {status} {self._message(data)}")
-

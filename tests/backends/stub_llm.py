@@ -1230,11 +1230,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-record", dest="record", action="store_false", help="disable the /_requests log")
     p.add_argument("--api-prefix", default="", help="serve the API only under this path prefix, e.g. /v1")
     p.add_argument("--no-model-list", dest="model_list", action="store_false", help="404 for model lists")
+    p.add_argument(
+        "--start-delay-ms", type=int, default=0, help="wait this long before listening (a slow model server)"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.start_delay_ms > 0:
+        time.sleep(args.start_delay_ms / 1000)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) or DEFAULT_MODELS
     cfg = StubConfig(
         name=args.name,

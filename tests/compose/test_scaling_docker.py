@@ -1,8 +1,10 @@
 """Autoscaling with the docker driver for real: the controller starts members as containers through podman's
-Docker API (tests/compose/conftest.py's engine), finds them again by their labels after a restart, and
-stops and removes them. The member image runs the stand-in backend: the local debian base, python3 from
-its mirror, and the stand-in with this venv's aiohttp copied in (cp311 both), so no registry is needed;
-its layers are cached by the engine from one run to the next."""
+Docker API (tests/compose/conftest.py's engine) with the `docker` SDK, finds them again by their labels
+after a restart (also one killed while a container was starting), stops and removes them, and runs the
+issue's load ramp (tests/integration/scaling_load.py, as the command driver's test does). The member image
+runs the stand-in backend: the local debian base, python3 from its mirror, and the stand-in with this
+venv's aiohttp copied in (cp311 both), so no registry is needed; its layers are cached by the engine from
+one run to the next."""
 
 from __future__ import annotations
 
@@ -19,14 +21,22 @@ import pytest
 
 from tests.compose.conftest import ROOT, Engine
 from tests.integration.gateway import Gateway, wait_for
-from tests.integration.test_scaling import events, members, serving
+from tests.integration.scaling_load import (
+    MODEL,
+    RAMP_MAX,
+    RAMP_MAX_CONCURRENT,
+    RAMP_TRIGGERS,
+    events,
+    members,
+    ramp,
+    serving,
+)
 from tests.ports import port_range
 
 pytestmark = pytest.mark.compose
 
 IMAGE = "localhost/ishgw-stub:test"
 MISSING = "localhost/ishgw-missing:none"
-MODEL = "scaled"
 LABEL = "io.ishgw.group"
 # aiohttp and what it imports, from this venv (Debian's python3-aiohttp is older than the stand-in needs).
 SITE = (
@@ -93,8 +103,18 @@ def gw(engine: Engine, image: str) -> Iterator[Gateway]:
                 engine.podman("rm", "-f", "-t", "1", *ours, timeout=60)
 
 
-def containers(engine: Engine, group: str) -> list[dict[str, Any]]:
-    listed = engine.podman("ps", "-a", "--filter", f"label={LABEL}={group}", "--format", "json", timeout=30)
+@pytest.fixture(autouse=True)
+def no_group_left(gw: Gateway, engine: Engine) -> Iterator[None]:
+    """A test that failed before deleting its group must not fail the tests after it too."""
+    yield
+    for view in gw.admin.get("/admin/scaling/groups").json()["groups"]:
+        gw.admin.delete(f"/admin/scaling/groups/{view['group']['name']}")
+    wait_for(lambda: not containers(engine), timeout=90, what="members stopped")
+
+
+def containers(engine: Engine, group: str | None = None) -> list[dict[str, Any]]:
+    label = f"label={LABEL}={group}" if group else "label=io.ishgw.gateway"
+    listed = engine.podman("ps", "-a", "--filter", label, "--format", "json", timeout=30)
     assert listed.returncode == 0, listed.stderr
     return list(json.loads(listed.stdout or "[]"))
 
@@ -171,3 +191,79 @@ def test_a_missing_image_is_a_failed_launch_never_registered(gw: Gateway, engine
     assert gw.admin.get("/admin/instances/nope-1").status_code == 404
     assert not containers(engine, "nope")
     assert gw.admin.delete("/admin/scaling/groups/nope").status_code == 204
+
+
+def test_docker_ramp_scales_out_under_load_then_in_with_no_failed_request(gw: Gateway, image: str) -> None:
+    stub = ["--port", "8000", "--name", "{name}", "--models", MODEL, "--chunks", "5"]
+    stub += ["--chunk-delay-ms", "60"]
+    doc = group_doc(
+        "dramp",
+        port_range(21),
+        image,
+        docker={"image": image, "command": stub, "container_port": 8000},
+        template={
+            "provider_type": "ollama",
+            "max_concurrent_requests": RAMP_MAX_CONCURRENT,
+            "health": {"probe_interval_s": 1},
+        },
+        max_instances=RAMP_MAX,
+        sustain_s=1,
+        window_s=2,
+        cooldown_out_s=1,
+        cooldown_in_s=3,
+        drain_timeout_s=30,
+        triggers=RAMP_TRIGGERS,
+    )
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+    figures = ramp(gw, doc)
+    print(f"docker driver ramp: {figures}")
+
+
+def test_a_controller_killed_while_a_container_starts_adopts_it(
+    gw: Gateway, engine: Engine, image: str
+) -> None:
+    # Each member waits 3 s before listening: the second one's container runs, not yet healthy, when the
+    # controller is killed (SIGKILL) in the middle of that scale-out.
+    slow = ["--port", "8000", "--name", "{name}", "--models", MODEL, "--start-delay-ms", "3000"]
+    doc = group_doc(
+        "held",
+        port_range(21),
+        image,
+        docker={"image": image, "command": slow, "container_port": 8000},
+        min_instances=2,
+        max_instances=2,
+    )
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+
+    def starting() -> bool:
+        found = containers(engine, "held")
+        running = {c["Labels"]["io.ishgw.member"] for c in found if c["State"] == "running"}
+        return running == {"held-1", "held-2"} and serving(gw, "held") == ["held-1"]
+
+    wait_for(starting, timeout=60, interval=0.05, what="the second container started, not yet serving")
+    gw.kill_controller()
+    before = {c["Labels"]["io.ishgw.member"]: c["Id"] for c in containers(engine, "held")}
+    assert set(before) == {"held-1", "held-2"}, before
+    gw.start_controller()
+    wait_for(lambda: serving(gw, "held") == ["held-1", "held-2"], timeout=60, what="both serving again")
+
+    # Converged to the same count: the container started before the kill, adopted, and no other one, also
+    # after further evaluations.
+    def adoptions() -> list[dict[str, Any]]:
+        return [e for e in events(gw, "held") if e["direction"] == "adopt"]
+
+    adopted = wait_for(adoptions, timeout=20, what="the adoption's event")  # written once nginx serves it
+    assert [(e["instance"], e["outcome"]) for e in adopted] == [("held-2", "ok")], adopted
+    # The first evaluation after the restart comes once nothing is left to adopt: it holds at 2.
+    status = wait_for(
+        lambda: (view := gw.admin.get("/admin/scaling/groups/held").json())["last_decision"] and view,
+        timeout=10,
+        what="an evaluation after the adoption",
+    )
+    assert (status["last_decision"]["direction"], status["last_decision"]["current"]) == ("hold", 2), status
+    after = {c["Labels"]["io.ishgw.member"]: c["Id"] for c in containers(engine, "held")}
+    assert after == before, (before, after)
+    # The second scale-out never finished (no event); the member it started is the one adopted.
+    assert [e["instance"] for e in events(gw, "held") if e["direction"] == "out"] == ["held-1"]
+    assert gw.admin.delete("/admin/scaling/groups/held").status_code == 204
+    wait_for(lambda: not containers(engine, "held"), timeout=90, what="the containers removed")

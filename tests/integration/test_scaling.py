@@ -7,20 +7,28 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
 from control_plane.scaling.command import Member, alive
 from tests.integration.gateway import ROOT, Gateway, wait_for
+from tests.integration.scaling_load import (
+    MODEL,
+    RAMP_MAX,
+    RAMP_MAX_CONCURRENT,
+    RAMP_TRIGGERS,
+    events,
+    members,
+    ramp,
+    serving,
+)
 from tests.ports import port_range
 
-MODEL = "scaled"
 PY = sys.executable
+NO_DOCKER = "/nonexistent/ishgw-no-docker.sock"
 
 
 def stub_argv(*extra: str) -> list[str]:
@@ -46,11 +54,11 @@ def group_doc(name: str, ports: range, **changes: Any) -> dict[str, Any]:
         "command": {"argv": stub_argv("--chunks", "5", "--chunk-delay-ms", "60"), "cwd": str(ROOT)},
         "template": {
             "provider_type": "ollama",
-            "max_concurrent_requests": 8,
+            "max_concurrent_requests": RAMP_MAX_CONCURRENT,
             "health": {"probe_interval_s": 1},
         },
         "min_instances": 1,
-        "max_instances": 3,
+        "max_instances": RAMP_MAX,
         "evaluation_interval_s": 0.5,
         "sustain_s": 1,
         "window_s": 2,
@@ -58,7 +66,7 @@ def group_doc(name: str, ports: range, **changes: Any) -> dict[str, Any]:
         "cooldown_in_s": 3,
         "ready_timeout_s": 20,
         "drain_timeout_s": 30,
-        "triggers": {"utilisation": {"scale_out_above": 0.3, "scale_in_below": 0.1}},
+        "triggers": RAMP_TRIGGERS,
         "port_min": ports[0],
         "port_max": ports[-1],
     }
@@ -68,7 +76,9 @@ def group_doc(name: str, ports: range, **changes: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Gateway]:
-    with Gateway({"ISHGW_SCALING_COMMANDS": f"{PY},/bin/false"}) as gateway:
+    # No Docker engine on the socket the docker driver is given (as on a machine without Docker).
+    env = {"ISHGW_SCALING_COMMANDS": f"{PY},/bin/false", "ISHGW_DOCKER_HOST": f"unix://{NO_DOCKER}"}
+    with Gateway(env) as gateway:
         try:
             yield gateway
         finally:
@@ -93,88 +103,6 @@ def stop_members(gw: Gateway) -> None:
             os.killpg(member.pid, signal.SIGKILL)
 
 
-def members(gw: Gateway, group: str) -> list[dict[str, Any]]:
-    r = gw.admin.get(f"/admin/scaling/groups/{group}")
-    assert r.status_code == 200, r.text
-    return list(r.json()["members"])
-
-
-def serving(gw: Gateway, group: str) -> list[str]:
-    return [m["name"] for m in members(gw, group) if m["registered"] and m["status"] == "active"]
-
-
-def events(gw: Gateway, group: str) -> list[dict[str, Any]]:
-    r = gw.admin.get("/admin/scaling/events", params={"group": group, "limit": 1000})
-    assert r.status_code == 200, r.text
-    return list(r.json()["events"])
-
-
-class Streams:
-    """Clients streaming chat answers in a loop, bounded in count: raw httpx ones that never retry, or the
-    official openai SDK. A stream in flight on a member that is scaled in must still finish whole.
-
-    The raw client opens a connection per request: every scaling step reloads nginx, and an exiting worker
-    closes its idle keep-alive connections, which a request sent at that instant races (the client's to
-    retry, as every SDK does, and the SDK clients here keep their connections). A fresh connection has no
-    such race, so a raw failure here is the gateway's."""
-
-    def __init__(self, url: str, threads: int = 1, sdk: bool = False) -> None:
-        self.url, self.sdk = url, sdk
-        self.done = 0
-        self.failures: list[str] = []
-        self.seen: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _one_raw(self, client: httpx.Client) -> str:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            text = "".join(r.iter_text())
-        if r.status_code != 200 or "data: [DONE]" not in text:
-            raise RuntimeError(f"{r.status_code} {text[-120:]}")
-        return r.headers.get("X-ISHGW-Instance", "")
-
-    def _one_sdk(self, client: openai.OpenAI) -> str:
-        raw = client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
-        if not text:
-            raise RuntimeError("an empty answer")
-        return raw.headers.get("X-ISHGW-Instance", "")
-
-    def _run(self) -> None:
-        raw = httpx.Client(base_url=self.url, timeout=20, limits=httpx.Limits(max_keepalive_connections=0))
-        sdk = openai.OpenAI(base_url=f"{self.url}/v1", api_key="k", timeout=20)
-        try:
-            for _ in range(2000):  # bounded
-                if self._stop.is_set():
-                    return
-                try:
-                    name = self._one_sdk(sdk) if self.sdk else self._one_raw(raw)
-                except (httpx.HTTPError, openai.OpenAIError, RuntimeError) as exc:
-                    with self._lock:
-                        self.failures.append(repr(exc)[:200])
-                    continue
-                with self._lock:
-                    self.done += 1
-                    self.seen.add(name)
-        finally:
-            raw.close()
-            sdk.close()
-
-    def __enter__(self) -> Streams:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-
 def test_bad_groups_are_422_and_change_nothing(gw: Gateway) -> None:
     ports = port_range(21)
     for doc, field in (
@@ -195,43 +123,11 @@ def test_bad_groups_are_422_and_change_nothing(gw: Gateway) -> None:
 
 
 def test_scale_out_under_load_then_in_after_cooldown_with_no_failed_request(gw: Gateway) -> None:
-    ports = port_range(21)
-    r = gw.admin.post("/admin/scaling/groups", json=group_doc("ramp", ports))
+    doc = group_doc("ramp", port_range(21))
+    r = gw.admin.post("/admin/scaling/groups", json=doc)
     assert r.status_code == 201, r.text
-    # min_instances: one member, registered only once healthy; then it serves.
-    wait_for(lambda: serving(gw, "ramp") == ["ramp-1"], timeout=30, what="the first member")
-    gw.wait_applied()
-    first = gw.client.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
-    assert first.status_code == 200 and first.headers["X-ISHGW-Instance"] == "ramp-1"
-
-    # Seven clients streaming 300 ms answers: ~7 in flight over 1 x 8 allowed (nginx's max_conns: never
-    # more clients than that, or nginx refuses the excess) is 0.88, over 2 x 8 0.44, over 3 x 8 0.29.
-    with Streams(gw.url, threads=4, sdk=True) as sdk, Streams(gw.url, threads=3) as raw:
-        wait_for(lambda: len(serving(gw, "ramp")) == 3, timeout=45, what="scaled out to 3")
-        wait_for(lambda: {"ramp-2", "ramp-3"} <= sdk.seen | raw.seen, timeout=20, what="new members serve")
-    assert sdk.failures == [] and raw.failures == [], (sdk.failures[:5], raw.failures[:5])
-    outs = [e for e in events(gw, "ramp") if e["direction"] == "out" and e["outcome"] == "ok"]
-    assert len(outs) == 3  # min_instances, then two on the trigger
-    triggered = [e for e in outs if e["trigger"] == "utilisation"]
-    assert len(triggered) == 2 and all(e["measured"][0]["value"] > 0.3 for e in triggered), triggered
-    assert all(e["duration_s"] > 0 for e in outs)
-
-    # Load stops; one stream client stays (well under scale_in_below): scale in to min_instances, draining.
-    with Streams(gw.url) as streams:
-        wait_for(lambda: serving(gw, "ramp") == ["ramp-1"], timeout=60, what="scaled in to 1")
-        wait_for(lambda: [m["name"] for m in members(gw, "ramp")] == ["ramp-1"], timeout=30, what="stopped")
-        done = streams.done
-        wait_for(lambda: streams.done > done + 3, timeout=20, what="streams go on")
-    assert streams.failures == [], streams.failures[:5]
-    ins = [e for e in events(gw, "ramp") if e["direction"] == "in"]
-    assert len(ins) == 2 and all(e["outcome"] == "ok" and e["drained"] for e in ins), ins
-    assert {e["instance"] for e in ins} == {"ramp-2", "ramp-3"}
-    status = gw.admin.get("/admin/scaling/groups/ramp").json()
-    assert (
-        status["evaluation"]["current"] == 1 and status["evaluation"]["triggers"][0]["name"] == "utilisation"
-    )
-    assert gw.admin.delete("/admin/scaling/groups/ramp").status_code == 204
-    wait_for(lambda: gw.admin.get("/admin/instances/ramp-1").status_code == 404, timeout=30, what="removed")
+    figures = ramp(gw, doc)
+    print(f"command driver ramp: {figures}")
 
 
 def test_a_failing_launch_is_an_event_retried_with_backoff_and_never_registered(gw: Gateway) -> None:
@@ -363,3 +259,25 @@ def test_a_queue_reported_by_vllm_metrics_scales_out_then_in(gw: Gateway) -> Non
     assert gw.admin.delete("/admin/scaling/groups/queued").status_code == 204
     state = gw.home / "scaling" / "queued"
     wait_for(lambda: not list(state.glob("*.json")), timeout=60, what="members of the deleted group stopped")
+
+
+def test_without_a_docker_engine_the_controller_warns_of_nothing(gw: Gateway) -> None:
+    """The docker driver is made at every start; without an engine and without a docker group it stays
+    silent (its client does not reach the engine until a docker group needs it)."""
+    assert not os.path.exists(NO_DOCKER)
+    gw.kill_controller()
+    gw.start_controller()
+    # A command group that starts nothing: its first evaluation shows that scaling passes ran (each one
+    # first asks the docker driver what the engine runs, when it has not yet been able to).
+    doc = group_doc("quiet", port_range(21), min_instances=0, triggers={})
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+    evaluated = wait_for(
+        lambda: gw.admin.get("/admin/scaling/groups/quiet").json()["last_decision"],
+        timeout=10,
+        what="an evaluation",
+    )
+    assert evaluated["direction"] == "hold"
+    assert gw.admin.delete("/admin/scaling/groups/quiet").status_code == 204
+    text = (gw.home / "controller.log").read_text()
+    warnings = [line for line in text.splitlines() if " WARNING " in line and "docker" in line.lower()]
+    assert warnings == [], warnings

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
+import requests
+from docker.errors import APIError, ImageNotFound
+from docker.models.containers import _create_container_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -22,7 +28,16 @@ from control_plane.scaling.decide import (
     queue_depth,
     trend_rpm,
 )
-from control_plane.scaling.docker import container_spec, member_of, socket_path
+from control_plane.scaling.docker import (
+    API_VERSION,
+    DockerDriver,
+    DockerError,
+    container_name,
+    container_spec,
+    explain,
+    member_of,
+    socket_path,
+)
 from control_plane.scaling.model import DockerLaunch, ScalingGroup, substitute
 from control_plane.settings import Settings
 
@@ -330,6 +345,14 @@ def test_a_group_has_the_launch_spec_of_its_driver_only() -> None:
         assert message in str(caught.value), (changes, str(caught.value))
 
 
+def wire_body(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The Engine API create body the SDK makes of ``containers.create`` keyword arguments, made by the
+    SDK's own code (a client with a fixed API version never reaches an engine)."""
+    client = docker.APIClient(base_url="unix:///nonexistent/docker.sock", version=API_VERSION)
+    args = _create_container_args({**kwargs, "version": API_VERSION})
+    return dict(client.create_container_config(**args))
+
+
 def test_container_spec_publishes_on_loopback_with_labels_and_placeholders() -> None:
     g = docker_group(
         command=["--port", "8000", "--served-model-name", "{name}"],
@@ -337,13 +360,31 @@ def test_container_spec_publishes_on_loopback_with_labels_and_placeholders() -> 
         container_port=8000,
         gpus="all",
     )
-    body = container_spec(g, g.docker, "abc123", 2, 20005)  # type: ignore[arg-type]
+    kwargs = container_spec(g, g.docker, "abc123", 2, 20005)  # type: ignore[arg-type]
+    assert set(kwargs) == {
+        "image",
+        "command",
+        "environment",
+        "labels",
+        "ports",
+        "restart_policy",
+        "device_requests",
+    }  # nothing else: no privileges, no mounts, no host network
+    assert kwargs["ports"] == {"8000/tcp": ("127.0.0.1", 20005)}
+    assert container_name("abc123", g, 2) == "ishgw-abc123-gpu-2"
+    body = wire_body(kwargs)
     assert body["Image"] == "localhost/vllm:1"
     assert body["Cmd"] == ["--port", "8000", "--served-model-name", "gpu-2"]
     assert body["Env"] == ["PUBLIC=127.0.0.1:20005", "SLOT=2"]
-    assert body["HostConfig"]["PortBindings"] == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20005"}]}
-    assert body["HostConfig"]["DeviceRequests"] == [{"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}]
-    assert set(body["HostConfig"]) == {"PortBindings", "RestartPolicy", "DeviceRequests"}  # nothing else
+    assert body["ExposedPorts"] == {"8000/tcp": {}}
+    host = body["HostConfig"]
+    assert host["PortBindings"] == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20005"}]}
+    (gpus,) = host["DeviceRequests"]
+    assert (gpus["Driver"], gpus["Count"], gpus["Capabilities"]) == ("", -1, [["gpu"]])
+    assert host["RestartPolicy"] == {"Name": "no"}
+    assert (
+        not host.get("Privileged") and not host.get("Binds") and host.get("NetworkMode") in (None, "default")
+    )
     labels = body["Labels"]
     assert labels == {
         "io.ishgw.gateway": "abc123",
@@ -353,17 +394,14 @@ def test_container_spec_publishes_on_loopback_with_labels_and_placeholders() -> 
         "io.ishgw.port": "20005",
     }
     plain = docker_group()
-    body = container_spec(plain, plain.docker, "abc123", 1, 20001)  # type: ignore[arg-type]
-    assert "Cmd" not in body and "DeviceRequests" not in body["HostConfig"]  # the image's own command
+    kwargs = container_spec(plain, plain.docker, "abc123", 1, 20001)  # type: ignore[arg-type]
+    body = wire_body(kwargs)
+    assert body.get("Cmd") is None and "DeviceRequests" not in body["HostConfig"]  # the image's own command
     assert body["ExposedPorts"] == {"20001/tcp": {}}  # no container_port: {port} inside too
-    assert (
-        container_spec(plain, DockerLaunch(image="a", gpus=2), "x", 1, 1)["HostConfig"]["DeviceRequests"][0][
-            "Count"
-        ]
-        == 2
-    )
+    counted = container_spec(plain, DockerLaunch(image="a", gpus=2), "x", 1, 1)
+    assert wire_body(counted)["HostConfig"]["DeviceRequests"][0]["Count"] == 2
 
-    # Back from GET /containers/json: ours by the gateway label, the container id kept.
+    # Back from the engine's container list: ours by the gateway label, the container id kept.
     listed = {"Id": "f" * 64, "Labels": labels, "State": "running"}
     member = member_of(listed, "abc123")
     assert member is not None and (member.name, member.index, member.port, member.driver) == (
@@ -376,6 +414,26 @@ def test_container_spec_publishes_on_loopback_with_labels_and_placeholders() -> 
     assert member_of(listed, "other-gateway") is None
     assert member_of({"Id": "x", "Labels": {**labels, "io.ishgw.port": "x"}}, "abc123") is None
     assert member_of({"Id": "x", "Labels": None}, "abc123") is None
+
+
+def test_engine_errors_say_what_the_engine_said() -> None:
+    response = requests.Response()
+    response.status_code, response.url, response.reason = 404, "http://docker/v1.41/containers/create", "NF"
+    missing = ImageNotFound("404", response=response, explanation="no such image: localhost/x:1")
+    assert explain(missing) == "404 no such image: localhost/x:1"
+    assert explain(APIError("500", response=response, explanation="")).startswith("404 Client Error")
+    assert explain(ConnectionError()) == "ConnectionError"
+
+
+def test_making_the_driver_does_not_reach_the_engine(tmp_path: Path) -> None:
+    """No Docker on this machine: the driver is made (the controller starts) without a call to the engine;
+    the first call fails as a DockerError naming the socket."""
+    driver = DockerDriver(f"unix://{tmp_path}/none.sock", tmp_path, frozenset({"localhost/vllm:1"}))
+    assert driver.client.api.api_version == API_VERSION
+    with pytest.raises(DockerError, match=r"none\.sock"):
+        asyncio.run(driver.refresh())
+    assert not driver.refreshed
+    asyncio.run(driver.close())
 
 
 def test_docker_host_is_a_unix_socket() -> None:
