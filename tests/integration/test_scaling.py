@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -141,6 +142,24 @@ def test_a_failing_launch_is_an_event_retried_with_backoff_and_never_registered(
     assert gw.admin.get("/admin/instances/broken-1").status_code == 404
     assert members(gw, "broken") == []
     assert gw.admin.delete("/admin/scaling/groups/broken").status_code == 204
+
+
+def test_a_taken_port_is_a_failed_launch_then_the_member_starts_once_it_is_free(gw: Gateway) -> None:
+    ports = port_range(1)
+    doc = group_doc("taken", ports, max_instances=1, triggers={})
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[0]))
+        holder.listen()
+        assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+        wait_for(lambda: events(gw, "taken"), timeout=30, what="a failed launch")
+        (failed,) = events(gw, "taken")
+        assert failed["outcome"] == "failed" and f"no free port in {ports[0]}-{ports[0]}" in failed["error"]
+        assert failed["retry_in_s"] > 0
+        assert gw.admin.get("/admin/instances/taken-1").status_code == 404 and members(gw, "taken") == []
+    # Free again: the retry after the backoff starts the member, and it serves.
+    wait_for(lambda: serving(gw, "taken") == ["taken-1"], timeout=30, what="the member once the port is free")
+    assert members(gw, "taken")[0]["port"] == ports[0]
+    assert gw.admin.delete("/admin/scaling/groups/taken").status_code == 204
 
 
 def test_a_restarted_controller_adopts_its_members(gw: Gateway) -> None:
