@@ -185,6 +185,39 @@ def test_a_restarted_controller_adopts_its_members(gw: Gateway) -> None:
     assert gw.admin.get("/admin/instances/kept-1").status_code == 404
 
 
+def test_a_controller_killed_mid_scale_out_adopts_the_process_it_started(gw: Gateway) -> None:
+    # Each member waits 3 s before listening: the second one runs, not yet healthy, when the controller is
+    # killed (SIGKILL) in the middle of that scale-out.
+    command = {"argv": stub_argv("--start-delay-ms", "3000"), "cwd": str(ROOT)}
+    doc = group_doc("midway", port_range(21), command=command, min_instances=2, max_instances=2, triggers={})
+    assert gw.admin.post("/admin/scaling/groups", json=doc).status_code == 201
+    state = gw.home / "scaling" / "midway"
+
+    def started() -> dict[str, int]:
+        return {f.stem: json.loads(f.read_text())["pid"] for f in state.glob("*.json")}
+
+    wait_for(
+        lambda: set(started()) == {"midway-1", "midway-2"} and serving(gw, "midway") == ["midway-1"],
+        timeout=60,
+        interval=0.05,
+        what="the second member started, not yet serving",
+    )
+    pids = started()
+    gw.kill_controller()
+    gw.start_controller()
+    wait_for(lambda: serving(gw, "midway") == ["midway-1", "midway-2"], timeout=60, what="both serving")
+    adopted = wait_for(
+        lambda: [e for e in events(gw, "midway") if e["direction"] == "adopt"],
+        timeout=20,
+        what="the adoption's event",  # written once nginx serves it
+    )
+    assert [(e["instance"], e["outcome"]) for e in adopted] == [("midway-2", "ok")], adopted
+    assert {m["name"]: m["pid"] for m in members(gw, "midway")} == pids  # the same processes, no duplicate
+    # The interrupted scale-out left no event; the process it started is the one adopted.
+    assert [e["instance"] for e in events(gw, "midway") if e["direction"] == "out"] == ["midway-1"]
+    assert gw.admin.delete("/admin/scaling/groups/midway").status_code == 204
+
+
 def test_groups_round_trip_through_export_and_import(gw: Gateway) -> None:
     ports = port_range(21)
     # min_instances 0 and no trigger: the group starts nothing.
