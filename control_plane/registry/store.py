@@ -262,6 +262,9 @@ class Store:
         # texts seen in the last listing are kept, so this never outgrows the registry. The models are
         # shared between callers: never mutate one (model_copy makes a changed one).
         self._parsed: dict[Any, InstanceConfig | InstanceState] = {}
+        # The same for states alone (list_states), and each instance's max_rpm from the last full listing.
+        self._parsed_states: dict[Any, InstanceState] = {}
+        self._max_rpm: dict[str, int] = {}
         # Connect once so a bad URL fails here, and (SQLite) WAL mode and its files exist.
         with self._engine.connect():
             pass
@@ -451,14 +454,15 @@ class Store:
         return _dumps(state.model_dump(mode="json", include=set(OBSERVED_FIELDS)))
 
     @staticmethod
-    def _state_of(config: InstanceConfig, row: Any) -> InstanceState:
-        """A joined row's state: the stored parts, and what derives from them and the configuration."""
-        _, text, status, updated_at = row
+    def _state_of(
+        text: str | None, status: str | None, updated_at: datetime | None, max_rpm: int
+    ) -> InstanceState:
+        """A state row: the stored parts, and what derives from them and the configuration's max_rpm."""
         observed = ObservedState.model_validate_json(text) if text else ObservedState()
         if updated_at is not None and updated_at.tzinfo is None:  # SQLite keeps no offset; all times are UTC
             updated_at = updated_at.replace(tzinfo=UTC)
         operator = OperatorStatus(status or OperatorStatus.ACTIVE)
-        return read_state(observed, operator, updated_at, config.max_rpm)
+        return read_state(observed, operator, updated_at, max_rpm)
 
     def _joined(self) -> Any:
         return select(
@@ -472,7 +476,34 @@ class Store:
         seen: dict[Any, InstanceConfig | InstanceState] = {}
         pairs = [self._cached_pair(row, previous, seen) for row in rows]
         self._parsed = seen  # one assignment: a concurrent listing sees the old or the new cache
+        self._max_rpm = {config.name: config.max_rpm for config, _ in pairs}
         return pairs
+
+    def list_states(self) -> dict[str, InstanceState]:
+        """Every state by instance name, without reading configurations: what a pass reads when only
+        states may have changed (the configuration generation is the one of the last list_instances,
+        whose max_rpm the derived utilization uses). A row unchanged since the last listing (this or
+        list_instances) is the object parsed then."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(
+                    instance_state.c.name,
+                    instance_state.c.state,
+                    instance_state.c.status,
+                    instance_state.c.updated_at,
+                )
+            ).all()
+        parsed, previous, max_rpm = self._parsed, self._parsed_states, self._max_rpm
+        seen: dict[Any, InstanceState] = {}
+        states: dict[str, InstanceState] = {}
+        for name, text, status, updated_at in rows:
+            key = (text, status, updated_at, max_rpm.get(name, 0))
+            state = seen.get(key) or previous.get(key) or parsed.get(key)
+            if not isinstance(state, InstanceState):
+                state = self._state_of(text, status, updated_at, key[3])
+            seen[key] = states[name] = state
+        self._parsed_states = seen  # one assignment, as in list_instances
+        return states
 
     def _cached_pair(
         self,
@@ -486,9 +517,9 @@ class Store:
             config = self._config_of(config_text)  # unseals the provider key
         seen[config_text] = config
         state_key = (row[1], row[2], row[3], config.max_rpm)
-        state = seen.get(state_key) or previous.get(state_key)
+        state = seen.get(state_key) or previous.get(state_key) or self._parsed_states.get(state_key)
         if not isinstance(state, InstanceState):
-            state = self._state_of(config, row)
+            state = self._state_of(row[1], row[2], row[3], config.max_rpm)
         seen[state_key] = state
         return config, state
 
@@ -499,7 +530,7 @@ class Store:
         if row is None:
             raise NotFound(f"instance {name!r} not found")
         config = self._config_of(row[0])
-        return config, self._state_of(config, row)
+        return config, self._state_of(row[1], row[2], row[3], config.max_rpm)
 
     @staticmethod
     def _exists(conn: Connection, name: str) -> bool:

@@ -659,3 +659,16 @@ def test_patch_probe_fields_merges_the_last_probe_fields_and_keeps_the_rest(stor
     assert states["a"].health_status is HealthStatus.UNHEALTHY and states["a"].error_count == 3
     assert states["a"].updated_at is not None
     assert states["b"].last_probe_at is None
+
+
+def test_list_states_reads_what_list_instances_reads_without_the_configurations(store: Store) -> None:
+    store.create_instance(cfg("a", max_rpm=10))
+    store.create_instance(cfg("b"))
+    store.patch_states({"a": {"current_rpm": 5, "health_status": HealthStatus.HEALTHY}})
+    listed = {config.name: state for config, state in store.list_instances()}
+    states = store.list_states()
+    assert states == listed and states["a"].utilization_percentage == 50.0
+    assert states["b"] is listed["b"]  # an unchanged row: the object parsed by the listing
+    store.patch_states({"b": {"status": OperatorStatus.DRAINING}})
+    again = store.list_states()
+    assert again["a"] is states["a"] and again["b"].status is OperatorStatus.DRAINING
