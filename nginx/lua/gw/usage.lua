@@ -86,6 +86,24 @@ _M.LINE_MAX, _M.CAPTURE_MAX, _M.TAIL_MAX = LINE_MAX, CAPTURE_MAX, TAIL_MAX
 local QUOTE, BACKSLASH, COLON, COMMA = 34, 92, 58, 44
 local LBRACE, RBRACE, LBRACKET, RBRACKET = 123, 125, 91, 93
 local SPACE, TAB, LF, CR = 32, 9, 10, 13
+local LOWER_L = 108
+
+-- How OpenAI ends every chunk of a stream that asked for usage, but the usage-only one.
+local NULL_USAGE_END = ',"usage":null}'
+
+-- Where the '"usage"' of a NULL_USAGE_END ending the line s[i..j-1] (j: its LF; a CR before it is not
+-- content) is, or nil when the line does not end so. A plain look at its last bytes, no search.
+local function null_usage_at(s, i, j)
+    local ce = j - 1
+    if byte(s, ce) == CR then
+        ce = ce - 1
+    end
+    local from = ce - 13
+    if from >= i and byte(s, ce - 1) == LOWER_L and sub(s, from, ce) == NULL_USAGE_END then
+        return from + 1
+    end
+    return nil
+end
 
 -- Index of the first non-whitespace byte at or after i, or nil at the end of s.
 local skip_ws = require("gw.body").skip_ws
@@ -489,6 +507,7 @@ LINES.openai_sse = {
         return event
     end,
     long = true,                           -- a longer line: scanned as it passes
+    null_usage = true,                     -- a line ending in NULL_USAGE_END holds no other usage: skipped
 }
 
 local ANTHROPIC_FIELDS = { "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
@@ -522,6 +541,7 @@ LINES.anthropic_sse = {
             self.delta_seen = true
         end
     end,
+    null_usage = true,
 }
 
 LINES.ollama_ndjson = {
@@ -544,6 +564,7 @@ local function new_lines(format, opts)
     local kind = LINES[format]
     return setmetatable({
         needle = kind.needle,
+        null_usage = kind.null_usage,
         line = kind.line,
         long_ok = kind.long,
         line_max = opts.line_max or LINE_MAX,
@@ -635,7 +656,8 @@ function Lines:feed(chunk)
             if at_needle < i then
                 at_needle = find(chunk, needle, i, true) or NONE
             end
-            if at_needle < j then
+            -- a line whose only '"usage"' is a NULL_USAGE_END ending: no usage object (OpenAI's chunks)
+            if at_needle < j and not (self.null_usage and at_needle == null_usage_at(chunk, i, j)) then
                 self:complete(sub(chunk, i, j - 1))
             end
         end
@@ -1364,7 +1386,6 @@ _M.usage_only = usage_only
 
 -- data without its top-level "usage":null member (OpenAI adds one to every chunk of a stream that asked
 -- for usage), or data itself.
-local NULL_USAGE_END = ',"usage":null}'
 
 local function without_null_usage(data)
     local n = #data
@@ -1536,6 +1557,12 @@ function Filter:in_place(chunk, i, j)
     if d ~= 100 or a ~= 97 or t ~= 116 or a2 ~= 97 or colon ~= COLON then   -- not "data:"
         return fate == "pass"
     end
+    -- OpenAI's every chunk but the usage-only one: its ending looked at first (no search of the line)
+    local at = null_usage_at(chunk, i, j)
+    if at and at > i + (byte(chunk, i + 5) == SPACE and 6 or 5) then
+        self.fate = "pass"
+        return at - 1
+    end
     local u = self.at_usage
     if u < i then
         u = find(chunk, '"usage"', i, true) or NONE
@@ -1544,11 +1571,6 @@ function Filter:in_place(chunk, i, j)
     if u > ce then
         self.fate = "pass"
         return true
-    end
-    local from = ce - 13
-    if from >= i + (byte(chunk, i + 5) == SPACE and 6 or 5) and sub(chunk, from, ce) == NULL_USAGE_END then
-        self.fate = "pass"
-        return from
     end
     return false
 end

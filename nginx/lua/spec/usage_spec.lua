@@ -355,6 +355,18 @@ describe("gw.usage", function()
             check_all("openai_sse", spaced, reported(3, 4))
         end)
 
+        it("a chunk ending in \"usage\":null is skipped, unless a usage object comes before", function()
+            local chunk = 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'
+            check_all("openai_sse", chunk .. chunk .. "data: [DONE]\n\n", ESTIMATED)
+            check_all("openai_sse", crlf(chunk .. chunk), ESTIMATED)
+            local groq = 'data: {"choices":[],"x_groq":{"usage":{"prompt_tokens":20,"completion_tokens":8}},'
+                .. '"usage":null}\n\n'
+            check_all("openai_sse", chunk .. groq .. chunk, reported(20, 8))
+            check_all("openai_sse", crlf(chunk .. groq .. chunk), reported(20, 8))
+            local bare = 'data:,"usage":null}\n\n' .. ',"usage":null}\n\n'
+            check_all("openai_sse", bare .. groq, reported(20, 8))
+        end)
+
         it("skips malformed JSON and usage that is not an object", function()
             local good = 'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}\n\n'
             local broken = 'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":\n\n'
