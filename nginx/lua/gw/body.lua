@@ -508,6 +508,50 @@ function _M.members(text, i, depth)
     end
 end
 
+-- The value of the last member named `key` of the object whose "{" is at i, as its first and last
+-- bytes' indexes; false when it has no such member; nil where members(text, i, depth) is nil (the same
+-- walk and checks, without a table per member or a copy of each key).
+function _M.member_span(text, i, key, depth)
+    at_backslash, at_quote, at_lbrace, at_rbrace, at_lbracket, at_rbracket = 0, 0, 0, 0, 0, 0
+    at_nan, at_infinity = 0, 0
+    depth = (depth or 0) + 1
+    local klen, fvs, fve = #key, false, nil
+    i = skip_ws(text, i + 1)
+    if i and byte(text, i) == RBRACE then
+        return false
+    end
+    while true do
+        if not i or byte(text, i) ~= QUOTE then
+            return nil
+        end
+        local ke, escaped = string_end(text, i + 1)
+        if not ke or escaped then
+            return nil
+        end
+        local named = ke - i - 1 == klen and sub(text, i + 1, ke - 1) == key
+        i = skip_ws(text, ke + 1)
+        if not i or byte(text, i) ~= COLON then
+            return nil
+        end
+        local vs = skip_ws(text, i + 1)
+        local e = vs and value_end(text, vs, depth)
+        if not e then
+            return nil
+        end
+        if named then
+            fvs, fve = vs, e - 1
+        end
+        i = skip_ws(text, e)
+        local c = i and byte(text, i)
+        if c == RBRACE then
+            return fvs, fve
+        elseif c ~= COMMA then
+            return nil
+        end
+        i = skip_ws(text, i + 1)
+    end
+end
+
 -- text with the top-level model's string (its bytes ms..me, as model() returned them) replaced by
 -- `model`, which must need no JSON escape (a registry model name). Everything else stays as sent.
 function _M.with_model(text, ms, me, model)

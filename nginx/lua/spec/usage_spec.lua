@@ -881,6 +881,36 @@ describe("gw.usage", function()
             assert.is_nil(usage.with_include_usage(nil))
         end)
 
+        it("gw.body.member_span walks as gw.body.members does (generated objects, whole and cut)", function()
+            local body = require("gw.body")
+            math.randomseed(7)
+            local keys = { '"choices"', '"usage"', '"id"', '"choices\\u0041"', '"c"' }
+            for _ = 1, 2000 do
+                local members = {}
+                for k = 1, math.random(0, 6) do
+                    local key = keys[math.random(1, #keys)]
+                    members[k] = ws() .. key .. ws() .. ":" .. ws() .. value(1) .. ws()
+                end
+                local text = ws() .. "{" .. table.concat(members, ",") .. "}" .. ws()
+                for _, t in ipairs({ text, text:sub(1, math.random(0, #text)) }) do
+                    local open = t:find("{", 1, true) or 1
+                    local list = body.members(t, open)
+                    local vs, ve = body.member_span(t, open, "choices")
+                    if not list then
+                        assert.is_nil(vs, t)
+                    else
+                        local last = false
+                        for _, m in ipairs(list) do
+                            if m.key == "choices" then
+                                last = m
+                            end
+                        end
+                        assert.same(last and { last.vs, last.ve } or { false }, { vs, ve }, t)
+                    end
+                end
+            end
+        end)
+
         it("changes no other byte and no other field (generated bodies)", function()
             math.randomseed(2024)
             for _ = 1, 2000 do
