@@ -110,7 +110,7 @@ local skip_ws = require("gw.body").skip_ws
 -- The members of an object, as a list of {key =, vs =, ve =} (the walk gw.body's model scan makes);
 -- member_span: the same walk for one member's value, without a table per member.
 local members_of = require("gw.body").members
-local member_span = require("gw.body").member_span
+local member_span, member_spans = require("gw.body").member_span, require("gw.body").member_spans
 
 ---------------------------------------------------------------------------------------------------
 -- Usage objects to results
@@ -1224,6 +1224,11 @@ local function is_literal(text, m, literal)
     return m.ve - m.vs + 1 == #literal and sub(text, m.vs, m.ve) == literal
 end
 
+-- Is text[vs..ve] literal?
+local function span_is(text, vs, ve, literal)
+    return ve - vs + 1 == #literal and sub(text, vs, ve) == literal
+end
+
 local INCLUDE = '"include_usage":true'
 
 -- Can text have a top-level "stream":true? Somewhere its key is followed by ':' and 'true' (plain finds,
@@ -1267,30 +1272,24 @@ function _M.with_include_usage(text)
     if not open or byte(text, open) ~= LBRACE then
         return nil
     end
-    local members, close = members_of(text, open)
-    if not members or skip_ws(text, close + 1) then
+    -- the last "stream" counts, as for most JSON parsers; a repeated stream_options is left alone
+    local close, svs, sve, n_options, ovs, ove = member_spans(text, open, "stream", "stream_options")
+    if not close or skip_ws(text, close + 1) then
         return nil
     end
-    local stream = nil
-    for _, m in ipairs(members) do           -- the last "stream" counts, as for most JSON parsers
-        if m.key == "stream" then
-            stream = m
-        end
-    end
-    if not stream or not is_literal(text, stream, "true") then
+    if not svs or not span_is(text, svs, sve, "true") then
         return nil
     end
-    local options = member(members, "stream_options")
-    if options == false then
+    if n_options > 1 then
         return nil
-    elseif not options then
+    elseif n_options == 0 then
         return sub(text, 1, open) .. '"stream_options":{' .. INCLUDE .. "}," .. sub(text, open + 1)
-    elseif is_literal(text, options, "null") then
-        return sub(text, 1, options.vs - 1) .. "{" .. INCLUDE .. "}" .. sub(text, options.ve + 1)
-    elseif byte(text, options.vs) ~= LBRACE then
+    elseif span_is(text, ovs, ove, "null") then
+        return sub(text, 1, ovs - 1) .. "{" .. INCLUDE .. "}" .. sub(text, ove + 1)
+    elseif byte(text, ovs) ~= LBRACE then
         return nil
     end
-    local inner = members_of(text, options.vs, 1)
+    local inner = members_of(text, ovs, 1)
     if not inner then
         return nil
     end
@@ -1299,7 +1298,7 @@ function _M.with_include_usage(text)
         return nil
     elseif not include then
         local comma = #inner > 0 and "," or ""
-        return sub(text, 1, options.vs) .. INCLUDE .. comma .. sub(text, options.vs + 1)
+        return sub(text, 1, ovs) .. INCLUDE .. comma .. sub(text, ovs + 1)
     elseif is_literal(text, include, "false") or is_literal(text, include, "null") then
         return sub(text, 1, include.vs - 1) .. "true" .. sub(text, include.ve + 1)
     end
