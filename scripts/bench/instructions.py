@@ -19,7 +19,10 @@ separate plain nginx answering a static chat completion, and each count taken at
 LuaJIT seeds a random generator per process (string hashes, trace penalties), so counts move by a few
 thousand between runs. --fixed-seed (with any of the above; needs a C compiler) answers the measured
 nginx's getrandom with a fixed sequence (scripts/bench/fixed_seed.c, LD_PRELOAD): repeats then agree
-within a few dozen instructions, so two versions of one piece can be compared.
+within a few dozen instructions, so two versions of one piece can be compared. Counting (--usage) still
+moves by up to ~5,000 between runs: work that happens now and then, not per request (a LuaJIT garbage
+collection cycle, the usage flush timer every second), falls into one run more often than the other.
+--many N (N > 200) makes the longer run N requests instead of 1,200, dividing that by (N - 200) instead.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from scripts.bench.systems import STATIC_ANSWER
 from tests.ports import free_port
 
 FEW, MANY = 200, 1200
+_many: list[int] = []  # --many N: the longer run's requests instead of MANY
 KEY = "ishgw-instructions-bench-key-0123456789"
 MODEL = "m"
 LUA_MODULES = ServerSettings(prefix="/", run_dir="/").lua_modules
@@ -327,8 +331,9 @@ def instructions(
 
 
 def per_request(conf: Path, port: int, path: str, body: bytes, headers: dict[str, str]) -> int:
-    many = instructions(conf, port, path, body, headers, MANY)
-    return (many - instructions(conf, port, path, body, headers, FEW)) // (MANY - FEW)
+    requests = _many[0] if _many else MANY
+    many = instructions(conf, port, path, body, headers, requests)
+    return (many - instructions(conf, port, path, body, headers, FEW)) // (requests - FEW)
 
 
 @contextlib.contextmanager
@@ -455,6 +460,8 @@ def split_text(c: dict[str, int]) -> str:
 
 def main() -> int:
     args = sys.argv[1:]
+    if "--many" in args:
+        _many[:] = [max(FEW + 1, int(args[args.index("--many") + 1]))]
     with tempfile.TemporaryDirectory(prefix="ishgw-seed-") as tmp:
         if "--fixed-seed" in args:
             fixed_seed(Path(tmp))
