@@ -245,6 +245,15 @@ class GatewaySpec:
         """The distinct proxy profiles of the pools that have members, in a stable order."""
         return sorted({pool.profile for pool in self.pools if pool.members})
 
+    def strips_stream_usage(self, profile: ProxyProfile) -> bool:
+        """Whether the profile's pools get OpenAI streams the router asked for their usage
+        (stream_options.include_usage; routes.json's stream_usage endpoints are OpenAI chat kinds): such a
+        request goes to the profile's twin location, the only one with a header filter (the usage chunk is
+        taken back out, so the answer loses its Content-Length); every other answer is counted without one."""
+        server = self.server
+        openai_chat = profile.family == "openai" and profile.kind == "chat"
+        return server.usage_accounting and server.stream_usage and openai_chat
+
     def address_names(self) -> dict[str, str]:
         """Upstream address -> instance name, for naming the instance that answered."""
         names: dict[str, str] = {}

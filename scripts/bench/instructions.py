@@ -15,6 +15,14 @@ separate plain nginx answering a static chat completion, and each count taken at
     .venv/bin/python -m scripts.bench.instructions      (needs valgrind: apt-get install valgrind)
     .venv/bin/python -m scripts.bench.instructions --usage     (only what usage accounting costs)
     .venv/bin/python -m scripts.bench.instructions --pools   (one pool, then the same behind 999 others)
+
+LuaJIT seeds a random generator per process (string hashes, trace penalties), so counts move by a few
+thousand between runs. --fixed-seed (with any of the above; needs a C compiler) answers the measured
+nginx's getrandom with a fixed sequence (scripts/bench/fixed_seed.c, LD_PRELOAD): repeats then agree
+within a few dozen instructions, so two versions of one piece can be compared. Counting (--usage) still
+moves by up to ~5,000 between runs: work that happens now and then, not per request (a LuaJIT garbage
+collection cycle, the usage flush timer every second), falls into one run more often than the other.
+--many N (N > 200) makes the longer run N requests instead of 1,200, dividing that by (N - 200) instead.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import http.client
+import os
 import re
 import shutil
 import signal
@@ -47,6 +56,7 @@ from scripts.bench.systems import STATIC_ANSWER
 from tests.ports import free_port
 
 FEW, MANY = 200, 1200
+_many: list[int] = []  # --many N: the longer run's requests instead of MANY
 KEY = "ishgw-instructions-bench-key-0123456789"
 MODEL = "m"
 LUA_MODULES = ServerSettings(prefix="/", run_dir="/").lua_modules
@@ -129,6 +139,7 @@ class Variant:
     headers: bool = True
     usage: bool = False  # ISHGW_USAGE_ACCOUNTING
     stream: bool = False  # a streamed request ("stream": true), answered by the static stream
+    empty_usage_phases: bool = False  # with usage: the counting's Lua phases there, their handlers empty
 
 
 FULL = Variant()
@@ -144,6 +155,19 @@ USAGE_VARIANTS = {
     "gateway_stream": Variant(stream=True),
     "gateway_stream_usage": Variant(stream=True, usage=True),
 }
+# The floor of counting in Lua phases: the same directives with empty handlers (--usage --phases).
+PHASE_VARIANTS = {
+    "gateway_usage_phases": Variant(usage=True, empty_usage_phases=True),
+}
+_COUNTING_CALL = re.compile(r'(_by_lua_block \{) require\("gw\.gateway"\)\.count\w*\("\w+"\) \}')
+
+
+def _empty_usage_phases(files: dict[str, str]) -> dict[str, str]:
+    """The tree's files with the counting's handlers (gw.gateway.counting, count, counted) left empty."""
+    out = {name: _COUNTING_CALL.sub(r"\1 }", text) for name, text in files.items()}
+    if out == files:
+        raise RuntimeError("no counting handler found in the rendered tree")
+    return out
 
 
 def _policy(variant: Variant) -> ClientAccessPolicy:
@@ -214,11 +238,12 @@ def gateway_tree(
         usage_accounting=variant.usage,
     )
     tree = render(build_spec(world, server))
+    files = _empty_usage_phases(tree.files) if variant.empty_usage_phases else tree.files
     nginx_process = NginxProcess(prefix)
     nginx_process.prepare()
     directory = nginx_process.generations / tree.checksum
     directory.mkdir(mode=0o700)
-    write_files(directory, tree.files)
+    write_files(directory, files)
     return directory / "nginx.conf"
 
 
@@ -249,6 +274,18 @@ def _stop(proc: subprocess.Popen[bytes], port: int) -> None:
         raise RuntimeError("nginx did not stop")
 
 
+# The measured nginx's LD_PRELOAD (--fixed-seed: fixed_seed.c built by fixed_seed()), or none.
+_preload: list[str] = []
+
+
+def fixed_seed(directory: Path) -> None:
+    """Build fixed_seed.c into `directory` and preload it into every nginx measured from now on."""
+    library = directory / "fixed_seed.so"
+    source = Path(__file__).with_name("fixed_seed.c")
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source), "-ldl"], check=True)
+    _preload[:] = [str(library)]
+
+
 @contextlib.contextmanager
 def nginx(conf: Path, port: int, valgrind_out: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """nginx in the foreground as one process (under cachegrind when valgrind_out is given)."""
@@ -256,10 +293,13 @@ def nginx(conf: Path, port: int, valgrind_out: Path | None = None) -> Iterator[s
     (prefix / "tmp").mkdir(exist_ok=True)
     (prefix / "logs").mkdir(exist_ok=True)
     command = ["nginx", "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off; master_process off;"]
+    env = None
     if valgrind_out is not None:
         cachegrind = ["--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={valgrind_out}"]
         command = ["valgrind", *cachegrind, *command]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if _preload:
+            env = {**os.environ, "LD_PRELOAD": ":".join(_preload)}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         _wait_port(port, proc)
         yield proc
@@ -291,8 +331,9 @@ def instructions(
 
 
 def per_request(conf: Path, port: int, path: str, body: bytes, headers: dict[str, str]) -> int:
-    many = instructions(conf, port, path, body, headers, MANY)
-    return (many - instructions(conf, port, path, body, headers, FEW)) // (MANY - FEW)
+    requests = _many[0] if _many else MANY
+    many = instructions(conf, port, path, body, headers, requests)
+    return (many - instructions(conf, port, path, body, headers, FEW)) // (requests - FEW)
 
 
 @contextlib.contextmanager
@@ -320,10 +361,11 @@ def log_sink(directory: Path) -> Iterator[str]:
         sock.close()
 
 
-def measure(only_usage: bool = False) -> dict[str, int]:
+def measure(only_usage: bool = False, phases: bool = False) -> dict[str, int]:
     """Instructions per request: plain_proxy, gateway (the request path), the VARIANTS, lua_hand_over and
     lua_scan, the USAGE_VARIANTS; and the split: log_line, identity, limits, instance_headers, body_scan,
-    usage_json and usage_stream (what counting adds). only_usage: the gateway and the USAGE_VARIANTS."""
+    usage_json and usage_stream (what counting adds). only_usage: the gateway and the USAGE_VARIANTS;
+    phases: also the PHASE_VARIANTS (usage_phases: the counting's Lua phases with empty handlers)."""
     if shutil.which("valgrind") is None:
         raise RuntimeError("valgrind is not installed (apt-get install valgrind)")
     counts: dict[str, int] = {}
@@ -342,13 +384,16 @@ def measure(only_usage: bool = False) -> dict[str, int]:
             port = free_port()
             keyed = {**json_headers, "Authorization": f"Bearer {KEY}"}
             body = chat_body(model=MODEL)
-            for name, variant in {"gateway": FULL, **USAGE_VARIANTS}.items():
+            measured = {"gateway": FULL, **USAGE_VARIANTS, **(PHASE_VARIANTS if phases else {})}
+            for name, variant in measured.items():
                 upstream = stream_port if variant.stream else backend_port
                 conf = gateway_tree(root / name, port, upstream, log_server, variant)
                 sent = chat_body(stream=True, model=MODEL) if variant.stream else body
                 counts[name] = per_request(conf, port, path, sent, keyed)
             counts["usage_json"] = counts["gateway_usage"] - counts["gateway"]
             counts["usage_stream"] = counts["gateway_stream_usage"] - counts["gateway_stream"]
+            if phases:
+                counts["usage_phases"] = counts["gateway_usage_phases"] - counts["gateway"]
             if only_usage:
                 return counts
             plain = root / "plain" / "nginx.conf"
@@ -414,15 +459,27 @@ def split_text(c: dict[str, int]) -> str:
 
 
 def main() -> int:
-    if "--usage" in sys.argv[1:]:
-        c = measure(only_usage=True)
+    args = sys.argv[1:]
+    if "--many" in args:
+        _many[:] = [max(FEW + 1, int(args[args.index("--many") + 1]))]
+    with tempfile.TemporaryDirectory(prefix="ishgw-seed-") as tmp:
+        if "--fixed-seed" in args:
+            fixed_seed(Path(tmp))
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
+    if "--usage" in args:
+        phases = "--phases" in args
+        c = measure(only_usage=True, phases=phases)
+        empty = f"; the counting's phases with empty handlers +{c['usage_phases']:,}" if phases else ""
         print(
             f"instructions per request: gateway {c['gateway']:,}, with usage accounting "
             f"{c['gateway_usage']:,} (+{c['usage_json']:,}); streamed {c['gateway_stream']:,}, with usage "
-            f"accounting {c['gateway_stream_usage']:,} (+{c['usage_stream']:,})"
+            f"accounting {c['gateway_stream_usage']:,} (+{c['usage_stream']:,}){empty}"
         )
         return 0
-    if "--pools" in sys.argv[1:]:  # issue 17: the variable proxy_pass's search through 1,000 upstreams
+    if "--pools" in args:  # issue 17: the variable proxy_pass's search through 1,000 upstreams
         p = pool_search()
         print(f"instructions per request: 1 pool {p['pools_1']:,}; behind 999 others {p['pools_1000']:,}")
         return 0

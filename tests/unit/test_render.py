@@ -419,7 +419,11 @@ def test_usage_accounting_is_on_by_default_and_stream_usage_asks_only_chat_and_c
         assert flagged == ({"/v1/chat/completions", "/v1/completions"} if asked else set())
         files = render(spec).files
         assert ('set $gw_stream_usage "";' in files["servers.conf"]) is asked
-        assert ('require("gw.gateway").counting(' in files["servers.conf"]) is on
+        servers = files["servers.conf"]
+        # Only the "_su" twins (OpenAI chat streams the router asked for their usage) have a header filter.
+        twins = servers.count("_su {") + servers.count("_su_429_1 {")
+        assert servers.count('header_filter_by_lua_block { require("gw.gateway").stripping() }') == twins
+        assert (twins > 0) is asked
 
 
 def test_the_log_format_is_rendered_from_the_one_field_table() -> None:

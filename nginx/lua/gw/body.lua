@@ -508,6 +508,67 @@ function _M.members(text, i, depth)
     end
 end
 
+-- members' walk of the object whose "{" is at i for two of its members, without a table per member or a
+-- copy of each key: the index of its "}" (nil where members(text, i, depth) is nil: the same walk and
+-- checks), then the value of the last member named a (its first and last bytes' indexes; false, nil
+-- when there is none), then how many members are named b (b may be nil: none) and the last one's value.
+local function member_spans(text, i, a, b, depth)
+    at_backslash, at_quote, at_lbrace, at_rbrace, at_lbracket, at_rbracket = 0, 0, 0, 0, 0, 0
+    at_nan, at_infinity = 0, 0
+    depth = (depth or 0) + 1
+    local alen, blen = #a, b and #b or -1
+    local avs, ave, bn, bvs, bve = false, nil, 0, false, nil
+    i = skip_ws(text, i + 1)
+    if i and byte(text, i) == RBRACE then
+        return i, avs, ave, bn, bvs, bve
+    end
+    while true do
+        if not i or byte(text, i) ~= QUOTE then
+            return nil
+        end
+        local ke, escaped = string_end(text, i + 1)
+        if not ke or escaped then
+            return nil
+        end
+        local len = ke - i - 1
+        local named = len == alen and sub(text, i + 1, ke - 1) == a and 1
+            or len == blen and sub(text, i + 1, ke - 1) == b and 2
+        i = skip_ws(text, ke + 1)
+        if not i or byte(text, i) ~= COLON then
+            return nil
+        end
+        local vs = skip_ws(text, i + 1)
+        local e = vs and value_end(text, vs, depth)
+        if not e then
+            return nil
+        end
+        if named == 1 then
+            avs, ave = vs, e - 1
+        elseif named == 2 then
+            bn, bvs, bve = bn + 1, vs, e - 1
+        end
+        i = skip_ws(text, e)
+        local c = i and byte(text, i)
+        if c == RBRACE then
+            return i, avs, ave, bn, bvs, bve
+        elseif c ~= COMMA then
+            return nil
+        end
+        i = skip_ws(text, i + 1)
+    end
+end
+_M.member_spans = member_spans
+
+-- The value of the last member named `key` of the object whose "{" is at i, as its first and last
+-- bytes' indexes; false when it has no such member; nil where members(text, i, depth) is nil.
+function _M.member_span(text, i, key, depth)
+    local close, vs, ve = member_spans(text, i, key, nil, depth)
+    if not close then
+        return nil
+    end
+    return vs, ve
+end
+
 -- text with the top-level model's string (its bytes ms..me, as model() returned them) replaced by
 -- `model`, which must need no JSON escape (a registry model name). Everything else stays as sent.
 function _M.with_model(text, ms, me, model)

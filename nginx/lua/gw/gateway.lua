@@ -7,10 +7,11 @@
 --                   hands the request to a pool location
 --   answer(name)    content_by_lua of the answers the gateway gives itself (listings, errors, next pool)
 --   hide_headers()  header_filter_by_lua of the shim servers: provider header families never reach clients
---   counting(family), count(family)  header_filter_by_lua and body_filter_by_lua of the pool locations:
---                   the answer's token usage, scanned as it passes (never changed, but for the usage the
---                   router asked an OpenAI stream for, taken back out); counted(family), their log_by_lua,
---                   adds it to the worker's usage, moved into the shared counters within a second
+--   count(family)   body_filter_by_lua of the pool locations: the answer's token usage, scanned as it passes
+--                   (never changed); counted(family), their log_by_lua, adds it to the worker's usage, moved
+--                   into the shared counters within a second
+--   stripping()     header_filter_by_lua of the pool locations' "_su" twins, where the router sends an
+--                   OpenAI stream it asked for its usage: that usage is taken back out of the answer
 --   exit_worker()   exit_worker_by_lua: the worker's usage into the shared counters
 --   drain()         content_by_lua of the usage server: the pending usage batch (GET) and its ack (DELETE)
 -- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
@@ -176,8 +177,8 @@ end
 -- The body a pool is sent: the model's own name when it differs from the one the body names (an alias,
 -- a ":latest" spelling, a fallback); and, for an endpoint whose streams report usage only when asked
 -- (routes.json: stream_usage), stream_options.include_usage when the client streams without asking for
--- it. $gw_stream_usage then tells the pool location's filters to take that usage back out of the answer
--- (it survives the hand-over and a fallback's, whose body already asks).
+-- it (then true as the second value). $gw_stream_usage then says so to a fallback's hop (its body
+-- already asks), which goes to the "_su" twin too.
 local function body_for(ep, text, ms, me, named, model)
     local out = text
     if model ~= named then
@@ -187,13 +188,14 @@ local function body_for(ep, text, ms, me, named, model)
         local asked = usage.with_include_usage(out)
         if asked then
             var.gw_stream_usage = "1"
-            out = asked
+            return asked, true
         end
     end
-    return out
+    return out, false
 end
 
--- Hand the request to a pool, with the body body_for makes.
+-- Hand the request to a pool, with the body body_for makes: to the pool's location, or its "_su" twin
+-- (servers.conf: a header filter that takes the usage the gateway asked for back out of the answer).
 local function send(ep, text, ms, me, named, found, position, base)
     if position > 0 then
         var.gw_hop = position
@@ -201,9 +203,12 @@ local function send(ep, text, ms, me, named, found, position, base)
     end
     var.gw_model = found.model
     var.gw_pool = found.pool
-    local out = body_for(ep, text, ms, me, named, found.model)
+    local out, asked = body_for(ep, text, ms, me, named, found.model)
     if out ~= text then
         req.set_body_data(out)
+    end
+    if asked or (position > 0 and ep.stream_usage and var.gw_stream_usage == "1") then
+        return ngx.exec(found.location .. "_su")
     end
     return ngx.exec(found.location)
 end
@@ -418,15 +423,18 @@ end
 -- A response is scanned when it is a 2xx of a format gw.usage reads; every answered request is counted,
 -- an error answer with no tokens (providers bill none). The scanner lives in ngx.ctx: ngx.exec to the
 -- pool location cleared it, so each request starts with none. An OpenAI stream the gateway asked for its
--- usage ($gw_stream_usage) gets a filter that takes it back out (gw.usage.openai_sse_filter): its length
--- changes, so its Content-Length goes (the header filter makes the scanner, before headers are sent).
-local function start_count(ctx, family)
+-- usage (strip: in a "_su" twin's header filter) gets a filter that takes it back out
+-- (gw.usage.openai_sse_filter): its length changes, so its Content-Length goes (the header filter makes
+-- the scanner, before headers are sent). Elsewhere the body filter makes it (no header filter).
+local function start_count(ctx, family, strip)
     local status = ngx.status
     local scanner = false
     if status >= 200 and status < 300 then
-        -- No format (an unknown content type): still a 2xx answer, estimated from its bytes.
-        local format = format_of(family, header["Content-Type"]) or "openai_json"
-        if format == "openai_sse" and var.gw_stream_usage == "1" then
+        -- No format (an unknown content type): still a 2xx answer, estimated from its bytes. The type is
+        -- nginx's $sent_http_content_type (the response's own field: ngx.header's lookup costs ~4,000
+        -- instructions more).
+        local format = format_of(family, var.sent_http_content_type) or "openai_json"
+        if strip and format == "openai_sse" then
             scanner = usage.openai_sse_filter(true)
             ctx.gw_strip = true
             header["Content-Length"] = nil
@@ -499,19 +507,13 @@ function _M.exit_worker()
     end
 end
 
--- The request's scanner (false: its answer is not scanned), made by the first phase that needs it.
-local function scanner_of(family)
+-- header_filter_by_lua of the "_su" twins (OpenAI streams the router asked for their usage): the request's
+-- scanner, made while headers can change.
+function _M.stripping()
     local ctx = ngx.ctx
-    local scanner = ctx.gw_scanner
-    if scanner == nil then
-        scanner = start_count(ctx, family)
+    if ctx.gw_scanner == nil then
+        start_count(ctx, "openai", true)
     end
-    return scanner
-end
-
--- header_filter_by_lua of the pool locations: the request's scanner, made while headers can change.
-function _M.counting(family)
-    scanner_of(family)
 end
 
 -- body_filter_by_lua of the pool locations: the answer scanned as it passes (never changed), or, for a

@@ -86,11 +86,31 @@ _M.LINE_MAX, _M.CAPTURE_MAX, _M.TAIL_MAX = LINE_MAX, CAPTURE_MAX, TAIL_MAX
 local QUOTE, BACKSLASH, COLON, COMMA = 34, 92, 58, 44
 local LBRACE, RBRACE, LBRACKET, RBRACKET = 123, 125, 91, 93
 local SPACE, TAB, LF, CR = 32, 9, 10, 13
+local LOWER_L = 108
+
+-- How OpenAI ends every chunk of a stream that asked for usage, but the usage-only one.
+local NULL_USAGE_END = ',"usage":null}'
+
+-- Where the '"usage"' of a NULL_USAGE_END ending the line s[i..j-1] (j: its LF; a CR before it is not
+-- content) is, or nil when the line does not end so. A plain look at its last bytes, no search.
+local function null_usage_at(s, i, j)
+    local ce = j - 1
+    if byte(s, ce) == CR then
+        ce = ce - 1
+    end
+    local from = ce - 13
+    if from >= i and byte(s, ce - 1) == LOWER_L and sub(s, from, ce) == NULL_USAGE_END then
+        return from + 1
+    end
+    return nil
+end
 
 -- Index of the first non-whitespace byte at or after i, or nil at the end of s.
 local skip_ws = require("gw.body").skip_ws
--- The members of an object, as a list of {key =, vs =, ve =} (the walk gw.body's model scan makes).
+-- The members of an object, as a list of {key =, vs =, ve =} (the walk gw.body's model scan makes);
+-- member_span: the same walk for one member's value, without a table per member.
 local members_of = require("gw.body").members
+local member_span, member_spans = require("gw.body").member_span, require("gw.body").member_spans
 
 ---------------------------------------------------------------------------------------------------
 -- Usage objects to results
@@ -489,6 +509,7 @@ LINES.openai_sse = {
         return event
     end,
     long = true,                           -- a longer line: scanned as it passes
+    null_usage = true,                     -- a line ending in NULL_USAGE_END holds no other usage: skipped
 }
 
 local ANTHROPIC_FIELDS = { "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
@@ -522,6 +543,7 @@ LINES.anthropic_sse = {
             self.delta_seen = true
         end
     end,
+    null_usage = true,
 }
 
 LINES.ollama_ndjson = {
@@ -544,6 +566,7 @@ local function new_lines(format, opts)
     local kind = LINES[format]
     return setmetatable({
         needle = kind.needle,
+        null_usage = kind.null_usage,
         line = kind.line,
         long_ok = kind.long,
         line_max = opts.line_max or LINE_MAX,
@@ -635,7 +658,8 @@ function Lines:feed(chunk)
             if at_needle < i then
                 at_needle = find(chunk, needle, i, true) or NONE
             end
-            if at_needle < j then
+            -- a line whose only '"usage"' is a NULL_USAGE_END ending: no usage object (OpenAI's chunks)
+            if at_needle < j and not (self.null_usage and at_needle == null_usage_at(chunk, i, j)) then
                 self:complete(sub(chunk, i, j - 1))
             end
         end
@@ -1200,6 +1224,11 @@ local function is_literal(text, m, literal)
     return m.ve - m.vs + 1 == #literal and sub(text, m.vs, m.ve) == literal
 end
 
+-- Is text[vs..ve] literal?
+local function span_is(text, vs, ve, literal)
+    return ve - vs + 1 == #literal and sub(text, vs, ve) == literal
+end
+
 local INCLUDE = '"include_usage":true'
 
 -- Can text have a top-level "stream":true? Somewhere its key is followed by ':' and 'true' (plain finds,
@@ -1243,30 +1272,24 @@ function _M.with_include_usage(text)
     if not open or byte(text, open) ~= LBRACE then
         return nil
     end
-    local members, close = members_of(text, open)
-    if not members or skip_ws(text, close + 1) then
+    -- the last "stream" counts, as for most JSON parsers; a repeated stream_options is left alone
+    local close, svs, sve, n_options, ovs, ove = member_spans(text, open, "stream", "stream_options")
+    if not close or skip_ws(text, close + 1) then
         return nil
     end
-    local stream = nil
-    for _, m in ipairs(members) do           -- the last "stream" counts, as for most JSON parsers
-        if m.key == "stream" then
-            stream = m
-        end
-    end
-    if not stream or not is_literal(text, stream, "true") then
+    if not svs or not span_is(text, svs, sve, "true") then
         return nil
     end
-    local options = member(members, "stream_options")
-    if options == false then
+    if n_options > 1 then
         return nil
-    elseif not options then
+    elseif n_options == 0 then
         return sub(text, 1, open) .. '"stream_options":{' .. INCLUDE .. "}," .. sub(text, open + 1)
-    elseif is_literal(text, options, "null") then
-        return sub(text, 1, options.vs - 1) .. "{" .. INCLUDE .. "}" .. sub(text, options.ve + 1)
-    elseif byte(text, options.vs) ~= LBRACE then
+    elseif span_is(text, ovs, ove, "null") then
+        return sub(text, 1, ovs - 1) .. "{" .. INCLUDE .. "}" .. sub(text, ove + 1)
+    elseif byte(text, ovs) ~= LBRACE then
         return nil
     end
-    local inner = members_of(text, options.vs, 1)
+    local inner = members_of(text, ovs, 1)
     if not inner then
         return nil
     end
@@ -1275,7 +1298,7 @@ function _M.with_include_usage(text)
         return nil
     elseif not include then
         local comma = #inner > 0 and "," or ""
-        return sub(text, 1, options.vs) .. INCLUDE .. comma .. sub(text, options.vs + 1)
+        return sub(text, 1, ovs) .. INCLUDE .. comma .. sub(text, ovs + 1)
     elseif is_literal(text, include, "false") or is_literal(text, include, "null") then
         return sub(text, 1, include.vs - 1) .. "true" .. sub(text, include.ve + 1)
     end
@@ -1325,7 +1348,8 @@ end
 -- The usage of an OpenAI usage-only chunk (its data: top-level "choices":[] and a "usage" object as its
 -- last member, read as a JSON answer's ending is: compact_usage, flat_usage), or nil: anything else, or
 -- a usage those do not read (then the chunk is decoded, as before). Decoding the chunk costs ~15k
--- instructions, this ~2k.
+-- instructions, this ~7k (~3k of it the walk of the top-level members for "choices": gw.body's
+-- member_span; its list of members, members_of, cost ~10k).
 local function usage_only(data)
     if not find(data, '"choices":[]', 1, true) then
         return nil
@@ -1345,17 +1369,11 @@ local function usage_only(data)
     end
     local r = p and (compact_usage(data, p, e) or flat_usage(data, p, e))
     local open = r and skip_ws(data, 1)
-    local members = open and byte(data, open) == LBRACE and members_of(data, open)
-    if not members then
+    if not open or byte(data, open) ~= LBRACE then
         return nil
     end
-    local choices
-    for k = 1, #members do
-        if members[k].key == "choices" then
-            choices = members[k]
-        end
-    end
-    if not choices or choices.ve ~= choices.vs + 1 or byte(data, choices.vs + 1) ~= RBRACKET then
+    local vs, ve = member_span(data, open, "choices")      -- the last top-level "choices"
+    if not vs or ve ~= vs + 1 or byte(data, vs + 1) ~= RBRACKET then
         return nil
     end
     return r
@@ -1364,7 +1382,6 @@ _M.usage_only = usage_only
 
 -- data without its top-level "usage":null member (OpenAI adds one to every chunk of a stream that asked
 -- for usage), or data itself.
-local NULL_USAGE_END = ',"usage":null}'
 
 local function without_null_usage(data)
     local n = #data
@@ -1536,6 +1553,12 @@ function Filter:in_place(chunk, i, j)
     if d ~= 100 or a ~= 97 or t ~= 116 or a2 ~= 97 or colon ~= COLON then   -- not "data:"
         return fate == "pass"
     end
+    -- OpenAI's every chunk but the usage-only one: its ending looked at first (no search of the line)
+    local at = null_usage_at(chunk, i, j)
+    if at and at > i + (byte(chunk, i + 5) == SPACE and 6 or 5) then
+        self.fate = "pass"
+        return at - 1
+    end
     local u = self.at_usage
     if u < i then
         u = find(chunk, '"usage"', i, true) or NONE
@@ -1544,11 +1567,6 @@ function Filter:in_place(chunk, i, j)
     if u > ce then
         self.fate = "pass"
         return true
-    end
-    local from = ce - 13
-    if from >= i + (byte(chunk, i + 5) == SPACE and 6 or 5) and sub(chunk, from, ce) == NULL_USAGE_END then
-        self.fate = "pass"
-        return from
     end
     return false
 end

@@ -355,6 +355,18 @@ describe("gw.usage", function()
             check_all("openai_sse", spaced, reported(3, 4))
         end)
 
+        it("a chunk ending in \"usage\":null is skipped, unless a usage object comes before", function()
+            local chunk = 'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'
+            check_all("openai_sse", chunk .. chunk .. "data: [DONE]\n\n", ESTIMATED)
+            check_all("openai_sse", crlf(chunk .. chunk), ESTIMATED)
+            local groq = 'data: {"choices":[],"x_groq":{"usage":{"prompt_tokens":20,"completion_tokens":8}},'
+                .. '"usage":null}\n\n'
+            check_all("openai_sse", chunk .. groq .. chunk, reported(20, 8))
+            check_all("openai_sse", crlf(chunk .. groq .. chunk), reported(20, 8))
+            local bare = 'data:,"usage":null}\n\n' .. ',"usage":null}\n\n'
+            check_all("openai_sse", bare .. groq, reported(20, 8))
+        end)
+
         it("skips malformed JSON and usage that is not an object", function()
             local good = 'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}\n\n'
             local broken = 'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":\n\n'
@@ -867,6 +879,36 @@ describe("gw.usage", function()
                 assert.same({ body }, { body, usage.with_include_usage(body) })
             end
             assert.is_nil(usage.with_include_usage(nil))
+        end)
+
+        it("gw.body.member_span walks as gw.body.members does (generated objects, whole and cut)", function()
+            local body = require("gw.body")
+            math.randomseed(7)
+            local keys = { '"choices"', '"usage"', '"id"', '"choices\\u0041"', '"c"' }
+            for _ = 1, 2000 do
+                local members = {}
+                for k = 1, math.random(0, 6) do
+                    local key = keys[math.random(1, #keys)]
+                    members[k] = ws() .. key .. ws() .. ":" .. ws() .. value(1) .. ws()
+                end
+                local text = ws() .. "{" .. table.concat(members, ",") .. "}" .. ws()
+                for _, t in ipairs({ text, text:sub(1, math.random(0, #text)) }) do
+                    local open = t:find("{", 1, true) or 1
+                    local list = body.members(t, open)
+                    local vs, ve = body.member_span(t, open, "choices")
+                    if not list then
+                        assert.is_nil(vs, t)
+                    else
+                        local last = false
+                        for _, m in ipairs(list) do
+                            if m.key == "choices" then
+                                last = m
+                            end
+                        end
+                        assert.same(last and { last.vs, last.ve } or { false }, { vs, ve }, t)
+                    end
+                end
+            end
         end)
 
         it("changes no other byte and no other field (generated bodies)", function()
