@@ -31,7 +31,8 @@ from control_plane.nginx_process import TestResult
 from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, finish_tree, render_files
 from control_plane.render.quoting import UnsafeValue
-from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
+from control_plane.render.spec import GatewaySpec, ServerSettings, SpecBuild, World, build_indexed
+from control_plane.render.update import update_spec
 from control_plane.routing import explain
 from control_plane.routing.weights import Choice
 
@@ -51,6 +52,9 @@ class ReconcileResult:
     # Where the pass's time went, in order: gather, build_spec, render, checksum, then (when the tree
     # changed) write, nginx_t, reload, live. What scripts/bench reports as the reconcile split.
     phases_ms: dict[str, float] = field(default_factory=dict)
+    # True when the pass read only the instances' states and updated the previous spec for the changed
+    # ones (the configuration unchanged: a health verdict); False when it read and built everything.
+    incremental: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -72,6 +76,11 @@ class WorldSource(Protocol):
     async def gather(self) -> World:
         """Everything build_spec needs, read now; ``generation`` read first, so a change committed during
         the read has a newer generation and watch_generation asks for another pass."""
+        ...
+
+    async def refresh(self, previous: World) -> World | None:
+        """``previous`` with the instances' states read now (and the clock), when the configuration
+        generation is still ``previous.generation``; None when it is not."""
         ...
 
     async def generation(self) -> int:
@@ -166,6 +175,8 @@ class Reconciler:
         self._lock = asyncio.Lock()
         self._last_reload_at = float("-inf")  # no reload yet
         self._spec: GatewaySpec | None = None
+        self._build: SpecBuild | None = None  # the last pass's build (self._spec), what the next one updates
+        self._full_at = float("-inf")  # when the last pass that read everything began
         self._desired: str | None = None  # the checksum of the tree self._spec renders to
         self._applied: ReconcileResult | None = None
         self._last: ReconcileResult | None = None
@@ -240,6 +251,8 @@ class Reconciler:
         start = self._first_dirty or self.clock()
         while True:
             self._dirty.clear()
+            if self._waiters:
+                return  # an API call waits for this pass (a check after its own health verdict): now
             remaining = min(self.timing.debounce_s, start + self.timing.max_wait_s - self.clock())
             if remaining <= 0:
                 return
@@ -249,17 +262,36 @@ class Reconciler:
                 return
 
     # --- one pass -------------------------------------------------------------------------------
+    async def _gather(self, force: bool) -> tuple[World, ServerSettings, SpecBuild | None]:
+        """The world now, with the server settings for it and the build to update (None: build in full).
+        Only the states are read again while the configuration generation is unchanged, the last full
+        read is younger than the resync interval (secrets, DNS, certificate and key files are read by
+        full passes) and the pass is not forced (POST /admin/reload)."""
+        previous = self._build
+        recent = self.clock() - self._full_at < self.timing.resync_interval_s
+        if not force and previous is not None and recent:
+            world = await self.source.refresh(previous.world)
+            if world is not None:
+                return world, previous.server, previous
+        began = self.clock()
+        world = await self.source.gather()
+        self._full_at = began
+        server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
+        return world, server, None
+
     async def reconcile_now(self, *, force: bool = False) -> ReconcileResult:
         async with self._lock:
             started = time.perf_counter()
             phases = Phases()
-            world = await self.source.gather()
-            server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
+            world, server, previous = await self._gather(force)
             phases.mark("gather")
             if self.learned is not None:
                 world = dataclasses.replace(world, learned=self.learned())
             try:
-                spec = build_spec(world, server)
+                build = update_spec(previous, world) if previous is not None else None
+                incremental = build is not None
+                build = build or build_indexed(world, server)
+                spec = build.spec
                 phases.mark("build_spec")
                 files = render_files(spec)
                 phases.mark("render")
@@ -267,14 +299,18 @@ class Reconciler:
                 return self._finish(False, False, None, world.generation, f"render refused: {exc}", started)
             tree = finish_tree(files)
             phases.mark("checksum")
-            self._spec, self._desired = spec, tree.checksum
+            self._build, self._spec, self._desired = build, spec, tree.checksum
             self._publish_spec_metrics(spec)
             for observer in self.observers:
                 observer(world, spec)
             if self.nginx.running_checksum() == tree.checksum and not force:
-                return self._finish(True, False, tree.checksum, world.generation, None, started, phases)
+                return self._finish(
+                    True, False, tree.checksum, world.generation, None, started, phases, incremental
+                )
             error = await self._apply(tree, phases)
-            return self._finish(error is None, True, tree.checksum, world.generation, error, started, phases)
+            return self._finish(
+                error is None, True, tree.checksum, world.generation, error, started, phases, incremental
+            )
 
     async def _apply(self, tree: RenderedTree, phases: Phases) -> str | None:
         wait = self._last_reload_at + self.timing.min_reload_interval_s - self.clock()
@@ -329,6 +365,7 @@ class Reconciler:
         error: str | None,
         started: float,
         phases: Phases | None = None,
+        incremental: bool = False,
     ) -> ReconcileResult:
         result = ReconcileResult(
             ok=ok,
@@ -339,6 +376,7 @@ class Reconciler:
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             at=datetime.now(UTC).isoformat(),
             phases_ms=phases.ms if phases else {},
+            incremental=incremental,
         )
         self._last = result
         if changed or not ok:

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import ipaddress
 import socket
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -97,6 +98,24 @@ async def gather_world(
     )
 
 
+async def refresh_world(store: Store, previous: World) -> World | None:
+    """``previous`` with every instance's state read again and the clock now, when the configuration
+    generation is still the one it was gathered at; None when it is not (gather in full). Secrets, DNS
+    answers, the certificate's and the JWT files' contents are the previous ones: the reconciler gathers
+    in full at least every resync interval."""
+    generation = await asyncio.to_thread(store.generation)
+    if generation != previous.generation:
+        return None
+    states = await asyncio.to_thread(store.list_states)
+    instances = []
+    for config, state in previous.instances:
+        fresh = states.get(config.name)
+        if fresh is None:
+            return None  # deleted since the generation was read: its generation is newer
+        instances.append((config, state if fresh is not state and fresh == state else fresh))
+    return replace(previous, instances=tuple(instances), now=datetime.now(UTC))
+
+
 class RegistryWorld:
     """The reconciler's WorldSource: the registry, and the files and names its rows point at."""
 
@@ -114,6 +133,9 @@ class RegistryWorld:
 
     async def gather(self) -> World:
         return await gather_world(self.store, self.tls_cert, self.jwt_files, self.secret_policy)
+
+    async def refresh(self, previous: World) -> World | None:
+        return await refresh_world(self.store, previous)
 
     async def generation(self) -> int:
         return await asyncio.to_thread(self.store.generation)

@@ -232,6 +232,8 @@ class Store:
         # texts seen in the last listing are kept, so this never outgrows the registry. The models are
         # shared between callers: never mutate one (model_copy makes a changed one).
         self._parsed: dict[str, InstanceConfig | InstanceState] = {}
+        # The same for states alone (list_states): the texts of its last listing.
+        self._parsed_states: dict[str, InstanceState] = {}
         # Connect once so a bad URL fails here, and (SQLite) WAL mode and its files exist.
         with self._engine.connect():
             pass
@@ -439,6 +441,24 @@ class Store:
         self._parsed = seen  # one assignment: a concurrent listing sees the old or the new cache
         return pairs
 
+    def list_states(self) -> dict[str, InstanceState]:
+        """Every stored state by instance name, without the configurations: what a pass reads when only
+        states may have changed (world.RegistryWorld.refresh). A state whose text is unchanged since the
+        last listing (this or list_instances) is the object parsed then."""
+        with self._read() as conn:
+            rows = conn.execute(select(instance_state.c.name, instance_state.c.state)).all()
+        parsed, previous = self._parsed, self._parsed_states
+        seen: dict[str, InstanceState] = {}
+        states: dict[str, InstanceState] = {}
+        for name, text in rows:
+            key = text or ""
+            state = seen.get(key) or previous.get(key) or parsed.get(key)
+            if not isinstance(state, InstanceState):
+                state = InstanceState.model_validate(json.loads(text)) if text else InstanceState()
+            seen[key] = states[name] = state
+        self._parsed_states = seen  # one assignment, as in list_instances
+        return states
+
     def _cached_pair(
         self,
         config_text: str,
@@ -451,7 +471,7 @@ class Store:
             config = self._config_of(config_text)  # unseals the provider key
         seen[config_text] = config
         state_key = state_text or ""
-        state = seen.get(state_key) or previous.get(state_key)
+        state = seen.get(state_key) or previous.get(state_key) or self._parsed_states.get(state_key)
         if not isinstance(state, InstanceState):
             state = InstanceState.model_validate(json.loads(state_text)) if state_text else InstanceState()
         seen[state_key] = state

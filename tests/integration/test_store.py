@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -31,6 +32,7 @@ from control_plane.registry.models import (
 from control_plane.registry.store import Store, normalise_url
 from control_plane.registry.usage import UsageStore
 from control_plane.usage.model import DAY_S, Batch, UsageQuery, parse_batch
+from control_plane.world import gather_world, refresh_world
 from tests.integration.postgres import pg_admin as _pg_admin
 
 LITERAL_KEY = "sk-live-0123456789abcdef"
@@ -558,6 +560,36 @@ def test_listing_reuses_unchanged_rows_and_sees_every_change(store: Store) -> No
     assert names(store) == ["b", "c"]
     # Only the last listing's rows are kept: the cache never outgrows the registry.
     assert len(store._parsed) <= 2 * len(names(store))
+
+
+def test_list_states_reads_the_states_alone_through_the_same_cache(store: Store) -> None:
+    """What a pass reads when only states may have changed (world.refresh_world): every state by name,
+    an unchanged one as the object parsed before (by either listing), a changed one parsed anew."""
+    store.replace_all([cfg("a"), cfg("b")], None, merge=False)
+    listed = {c.name: s for c, s in store.list_instances()}
+    states = store.list_states()
+    assert states == listed and states["a"] is listed["a"] and states["b"] is listed["b"]
+    store.patch_states({"b": {"health_status": HealthStatus.UNHEALTHY}})
+    again = store.list_states()
+    assert again["a"] is listed["a"] and again["b"].health_status is HealthStatus.UNHEALTHY
+    # The next full listing reuses what list_states parsed (no second parse of a changed state).
+    assert {c.name: s for c, s in store.list_instances()}["b"] is again["b"]
+    assert len(store._parsed_states) <= 2
+
+
+def test_refresh_world_reads_states_while_the_generation_stays(store: Store) -> None:
+    store.replace_all([cfg("a", api_base="http://127.0.0.1:1"), cfg("b")], None, merge=False)
+    world = asyncio.run(gather_world(store))
+    store.patch_states({"a": {"health_status": HealthStatus.UNHEALTHY}})
+    fresh = asyncio.run(refresh_world(store, world))
+    assert fresh is not None and fresh.generation == world.generation and fresh.now >= world.now
+    assert [c for c, _ in fresh.instances] == [c for c, _ in world.instances]
+    assert all(a is b for (a, _), (b, _) in zip(fresh.instances, world.instances, strict=True))
+    assert fresh.instances[0][1].health_status is HealthStatus.UNHEALTHY
+    assert fresh.instances[1][1] is world.instances[1][1]
+    assert fresh.addresses is world.addresses and fresh.secrets is world.secrets
+    store.replace_config(cfg("b", weight=3))  # a configuration write: the next pass reads everything
+    assert asyncio.run(refresh_world(store, fresh)) is None
 
 
 def test_patch_probe_fields_merges_the_last_probe_fields_and_keeps_the_rest(store: Store) -> None:
