@@ -8,11 +8,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 from prometheus_client import Counter
 
 from control_plane.background import running
 from control_plane.health import logstream
+from control_plane.health.http_probe import ProbeClient, ProtocolError
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.recent import RecentTraffic
@@ -30,7 +30,7 @@ from control_plane.usage.model import Bucket
 log = logging.getLogger(__name__)
 
 MAX_PROBES_IN_FLIGHT = 64
-CHECKS_IN_FLIGHT = 8  # connections beyond the scheduled probes' for operators' explicit checks
+PROBE_BODY_LIMIT = 1 << 20  # a model list longer than this is read this far
 SCHEDULER_TICK_S = 0.25
 FLUSH_INTERVAL_S = 0.5
 FLUSH_GAP_S = 0.1  # the least time between two flushes, however often verdicts change
@@ -65,7 +65,7 @@ class HealthService:
         self._in_flight: set[str] = set()
         self._probe_tasks: set[asyncio.Task[None]] = set()  # cancelled on exit, before the session closes
         self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
-        self._session: aiohttp.ClientSession | None = None
+        self._client: ProbeClient | None = None
         # Set when a verdict may change membership: the flusher acts at once instead of at its next tick,
         # so a rate-limited or failing instance leaves its pools sooner.
         self._verdict = asyncio.Event()
@@ -172,25 +172,24 @@ class HealthService:
         request = probe_request(config, self.secrets.get(config.name))
         if request is None:
             return ProbeResult(Outcome.FAIL, "no api_base configured", 0.0)
-        assert self._session is not None
-        timeout = aiohttp.ClientTimeout(total=config.health.probe_timeout_s)
+        assert self._client is not None
+        timeout = config.health.probe_timeout_s
         started = time.perf_counter()
         async with self._limit if queue else contextlib.nullcontext():
             try:
-                async with self._session.get(
-                    request.url, headers=request.headers, timeout=timeout
-                ) as response:
-                    body = await response.content.read(1 << 20)
-                    latency = (time.perf_counter() - started) * 1000
-                    retry = logstream.retry_after_seconds(
-                        response.headers.get("Retry-After", ""),
-                        response.headers.get("retry-after-ms", ""),
-                        time.time(),
-                    )
-                    return evaluate(request, response.status, body, latency, retry)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                response = await self._client.get(request.url, request.headers, timeout, PROBE_BODY_LIMIT)
+            except TimeoutError:
+                latency = (time.perf_counter() - started) * 1000
+                return ProbeResult(Outcome.FAIL, f"TimeoutError: no answer within {timeout:g} s", latency)
+            except (ProtocolError, OSError, ValueError) as exc:
                 latency = (time.perf_counter() - started) * 1000
                 return ProbeResult(Outcome.FAIL, f"{type(exc).__name__}: {exc}"[:200], latency)
+        latency = (time.perf_counter() - started) * 1000
+        headers = response.headers
+        retry = logstream.retry_after_seconds(
+            headers.get("retry-after", ""), headers.get("retry-after-ms", ""), time.time()
+        )
+        return evaluate(request, response.status, response.body, latency, retry)
 
     async def _probe_one(self, name: str) -> None:
         try:
@@ -269,9 +268,7 @@ class HealthService:
 
     async def context(self) -> AsyncIterator[None]:
         """Start everything; stop it on exit (an aiohttp cleanup_ctx body)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_PROBES_IN_FLIGHT + CHECKS_IN_FLIGHT, ttl_dns_cache=60)
-        )
+        self._client = ProbeClient()
         transport = await logstream.listen(self.log_address, self.on_log, self.log_group)
         jobs = {"health-flusher": self.run_flusher()}
         if self.probes_enabled:
@@ -284,4 +281,4 @@ class HealthService:
             for task in list(self._probe_tasks):
                 task.cancel()
             await asyncio.gather(*self._probe_tasks, return_exceptions=True)
-            await self._session.close()
+            await self._client.close()

@@ -57,24 +57,21 @@ def fleet(rng: random.Random, count: int) -> list[InstanceConfig]:
             "cost_per_1k_tokens": rng.choice([0.0, 0.5, 2.0]),
             "quality_score": rng.choice([0.5, 0.9]),
         }
-        if kind == "ollama":
-            config = InstanceConfig(provider_type="ollama", api_base="http://127.0.0.1:11434", **common)  # type: ignore[arg-type]
-        elif kind == "compatible":
-            config = InstanceConfig(  # type: ignore[misc]
-                provider_type="openai_compatible",  # type: ignore[arg-type]
-                api_base="http://10.0.0.9:8000/v1",
-                discover_models=True,
-                **common,
-            )
-        elif kind == "vllm":
-            config = InstanceConfig(provider_type="vllm", api_base="http://10.0.0.9:8001/v1", **common)  # type: ignore[arg-type]
-        else:
-            config = InstanceConfig(
-                provider_type="openai",  # type: ignore[arg-type]
-                api_base="https://api.openai.com/v1",
-                api_key="sk-test",
-                **common,  # type: ignore[arg-type]
-            )
+        kinds: dict[str, dict[str, object]] = {
+            "ollama": {"provider_type": "ollama", "api_base": "http://127.0.0.1:11434"},
+            "compatible": {
+                "provider_type": "openai_compatible",
+                "api_base": "http://10.0.0.9:8000/v1",
+                "discover_models": True,
+            },
+            "vllm": {"provider_type": "vllm", "api_base": "http://10.0.0.9:8001/v1"},
+            "openai": {
+                "provider_type": "openai",
+                "api_base": "https://api.openai.com/v1",
+                "api_key": "sk-test",
+            },
+        }
+        config = InstanceConfig.model_validate({**common, **kinds[kind]})
         configs.append(config)
     return configs
 
@@ -240,9 +237,14 @@ def test_anything_but_states_falls_back(change: str) -> None:
     elif change == "clock back":
         world = replace(world, now=NOW - timedelta(seconds=1))
     else:
-        extra = InstanceConfig(
-            name="z", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m0"]
-        )  # type: ignore[arg-type]
+        extra = InstanceConfig.model_validate(
+            {
+                "name": "z",
+                "provider_type": "ollama",
+                "api_base": "http://127.0.0.1:1",
+                "supported_models": ["m0"],
+            }
+        )
         world = world_of([*configs, extra], {**states, "z": InstanceState()}, NOW)
     assert update_spec(previous, world) is None
 
