@@ -78,9 +78,10 @@ class WorldSource(Protocol):
         the read has a newer generation and watch_generation asks for another pass."""
         ...
 
-    async def refresh(self, previous: World) -> World | None:
+    async def refresh(self, previous: World, environment: bool) -> World | None:
         """``previous`` with the instances' states read now (and the clock), when the configuration
-        generation is still ``previous.generation``; None when it is not."""
+        generation is still ``previous.generation``; None when it is not. With ``environment``, also
+        what the world takes from outside the registry (secret files, DNS, certificate, JWT keys)."""
         ...
 
     async def generation(self) -> int:
@@ -176,7 +177,7 @@ class Reconciler:
         self._last_reload_at = float("-inf")  # no reload yet
         self._spec: GatewaySpec | None = None
         self._build: SpecBuild | None = None  # the last pass's build (self._spec), what the next one updates
-        self._full_at = float("-inf")  # when the last pass that read everything began
+        self._environment_at = float("-inf")  # when a pass last read secrets, DNS and files (began)
         self._desired: str | None = None  # the checksum of the tree self._spec renders to
         self._applied: ReconcileResult | None = None
         self._last: ReconcileResult | None = None
@@ -264,20 +265,25 @@ class Reconciler:
     # --- one pass -------------------------------------------------------------------------------
     async def _gather(self, force: bool) -> tuple[World, ServerSettings, SpecBuild | None]:
         """The world now, with the server settings for it and the build to update (None: build in full).
-        Only the states are read again while the configuration generation is unchanged, the last full
-        read is younger than the resync interval (secrets, DNS, certificate and key files are read by
-        full passes) and the pass is not forced (POST /admin/reload)."""
+        While the configuration generation is unchanged a pass reads the states only, and what comes from
+        outside the registry (secret files, DNS, certificate and key files, OCSP facts) at most once a
+        resync interval; a forced pass (POST /admin/reload) and the first one read everything."""
         previous = self._build
-        recent = self.clock() - self._full_at < self.timing.resync_interval_s
-        if not force and previous is not None and recent:
-            world = await self.source.refresh(previous.world)
-            if world is not None:
-                return world, previous.server, previous
         began = self.clock()
+        due = began - self._environment_at >= self.timing.resync_interval_s
+        if not force and previous is not None:
+            world = await self.source.refresh(previous.world, environment=due)
+            if world is not None:
+                if not due:
+                    return world, previous.server, previous
+                self._environment_at = began
+                return world, await self._server(), previous
         world = await self.source.gather()
-        self._full_at = began
-        server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
-        return world, server, None
+        self._environment_at = began
+        return world, await self._server(), None
+
+    async def _server(self) -> ServerSettings:
+        return await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
 
     async def reconcile_now(self, *, force: bool = False) -> ReconcileResult:
         async with self._lock:
@@ -288,7 +294,7 @@ class Reconciler:
             if self.learned is not None:
                 world = dataclasses.replace(world, learned=self.learned())
             try:
-                build = update_spec(previous, world) if previous is not None else None
+                build = update_spec(previous, world, server) if previous is not None else None
                 incremental = build is not None
                 build = build or build_indexed(world, server)
                 spec = build.spec

@@ -20,6 +20,7 @@ from control_plane.registry.models import BreakerState
 from control_plane.render.spec import (
     InstanceFacts,
     PoolKey,
+    ServerSettings,
     Shim,
     SpecBuild,
     World,
@@ -72,11 +73,11 @@ def _learned_models(before: World, world: World) -> set[str]:
     return {m for m in models if world.learned.get(m) != before.learned.get(m)}
 
 
-def update_spec(previous: SpecBuild, world: World) -> SpecBuild | None:
-    """The build of ``world`` from ``previous`` (with the same server settings), or None when ``world``
-    differs in more than states, clock (forward) and learned weights."""
+def update_spec(previous: SpecBuild, world: World, server: ServerSettings) -> SpecBuild | None:
+    """The build of ``world`` for ``server`` from ``previous``, or None when ``world`` differs in more than
+    states, clock (forward) and learned weights, or the server settings differ."""
     before = previous.world
-    if world.now < before.now or not same_environment(before, world):
+    if server != previous.server or world.now < before.now or not same_environment(before, world):
         return None  # (a clock set back may put a past rate limit in force again)
     changed = changed_states(before, world)
     if changed is None:

@@ -11,6 +11,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from control_plane.registry.models import (
 from control_plane.registry.store import Store, normalise_url
 from control_plane.registry.usage import UsageStore
 from control_plane.usage.model import DAY_S, Batch, UsageQuery, parse_batch
-from control_plane.world import gather_world, refresh_world
+from control_plane.world import gather_world, read_environment, refresh_world
 from tests.integration.postgres import pg_admin as _pg_admin
 
 LITERAL_KEY = "sk-live-0123456789abcdef"
@@ -588,6 +589,12 @@ def test_refresh_world_reads_states_while_the_generation_stays(store: Store) -> 
     assert fresh.instances[0][1].health_status is HealthStatus.UNHEALTHY
     assert fresh.instances[1][1] is world.instances[1][1]
     assert fresh.addresses is world.addresses and fresh.secrets is world.secrets
+    # Secrets, DNS and files read again (once a resync interval): equal values keep their objects.
+    env = asyncio.run(read_environment([c for c, _ in fresh.instances]))
+    again = asyncio.run(refresh_world(store, fresh, env))
+    assert again is not None and again.addresses is fresh.addresses and again.secrets is fresh.secrets
+    moved = asyncio.run(refresh_world(store, fresh, replace(env, addresses={})))
+    assert moved is not None and moved.addresses == {}
     store.replace_config(cfg("b", weight=3))  # a configuration write: the next pass reads everything
     assert asyncio.run(refresh_world(store, fresh)) is None
 

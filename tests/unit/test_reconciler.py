@@ -42,6 +42,7 @@ class FakeWorld:
         self.state = InstanceState()
         self.passes: list[float] = []  # when each pass gathered (in full or the states only)
         self.full: list[float] = []  # when each pass gathered in full
+        self.environment: list[float] = []  # when each pass read secrets, DNS and files (a full one too)
         self.failure: Exception | None = None
         self.seeded: list[GatewaySpec] = []
 
@@ -57,6 +58,7 @@ class FakeWorld:
     async def gather(self) -> World:
         self.passes.append(self.clock())
         self.full.append(self.clock())
+        self.environment.append(self.clock())
         if self.failure is not None:
             raise self.failure
         config = InstanceConfig(
@@ -74,12 +76,14 @@ class FakeWorld:
             addresses={"127.0.0.1": ("127.0.0.1",)},
         )
 
-    async def refresh(self, previous: World) -> World | None:
+    async def refresh(self, previous: World, environment: bool) -> World | None:
         if self.failure is not None:
             raise self.failure
         if previous.generation != self.generation_now:
             return None
         self.passes.append(self.clock())
+        if environment:
+            self.environment.append(self.clock())
         return replace(previous, instances=tuple((c, self.state) for c, _ in previous.instances))
 
     async def generation(self) -> int:
@@ -439,20 +443,26 @@ async def test_a_health_change_reads_the_states_only_and_renders_what_a_full_pas
 
 
 @run
-async def test_a_configuration_change_forced_pass_or_old_full_read_reads_everything() -> None:
+async def test_a_configuration_change_or_a_forced_pass_reads_everything() -> None:
     async with started() as loop:
-        began = loop.clock()
         loop.world.change()
         changed = await loop.reconciler.apply("api write")
         assert changed.ok and not changed.incremental and len(loop.world.full) == 2
         forced = await loop.reconciler.reconcile_now(force=True)
         assert not forced.incremental and len(loop.world.full) == 3
+
+
+@run
+async def test_secrets_dns_and_files_are_read_again_once_a_resync_interval() -> None:
+    async with started() as loop:
+        began = loop.clock()
         await asyncio.sleep(TIMING.resync_interval_s - 10)
         loop.world.health(False)
         light = await loop.reconciler.apply("instance a checked")
-        assert light.incremental and len(loop.world.full) == 3
-        await asyncio.sleep(11)  # the last full read is now older than the resync interval
+        assert light.incremental and loop.world.environment == [began]
+        await asyncio.sleep(11)  # the last read of the environment is now older than the resync interval
         loop.world.health(True)
-        full = await loop.reconciler.apply("instance a checked")
-        assert full.changed and not full.incremental and len(loop.world.full) == 4
-        assert loop.clock() - began > TIMING.resync_interval_s
+        again = await loop.reconciler.apply("instance a checked")
+        # Read again, found unchanged: still an update of the previous spec, no full read.
+        assert again.changed and again.incremental and len(loop.world.full) == 1
+        assert loop.world.environment == [began, loop.world.passes[-1]]

@@ -170,7 +170,7 @@ def test_update_equals_a_full_build_for_random_state_changes(seed: int) -> None:
         learned = learned_weights(rng, configs) if rng.random() < 0.2 else previous.world.learned
         world = world_of(configs, states, now, learned=learned)
         full = build_indexed(world, SERVER)
-        result = update_spec(previous, world)
+        result = update_spec(previous, world, SERVER)
         if result is None:
             fallbacks += 1  # (only for discovered models: checked below)
             previous = full
@@ -188,7 +188,7 @@ def test_unchanged_states_keep_the_spec() -> None:
     configs = fleet(random.Random(1), 10)
     states = {c.name: InstanceState() for c in configs}
     previous = build_indexed(world_of(configs, states, NOW), SERVER)
-    result = update_spec(previous, world_of(configs, dict(states), NOW + timedelta(seconds=1)))
+    result = update_spec(previous, world_of(configs, dict(states), NOW + timedelta(seconds=1)), SERVER)
     assert result is not None
     assert result.spec is previous.spec
 
@@ -200,7 +200,7 @@ def test_a_rate_limit_ends_with_the_clock_alone() -> None:
     previous = build_indexed(world_of(configs, states, NOW), SERVER)
     assert "i03" in dict(previous.spec.excluded)
     later = world_of(configs, states, NOW + timedelta(seconds=6))  # the same state objects
-    result = update_spec(previous, later)
+    result = update_spec(previous, later, SERVER)
     assert result is not None
     assert "i03" not in dict(result.spec.excluded)
     assert_same(result, build_indexed(later, SERVER))
@@ -212,12 +212,12 @@ def test_served_models_changing_falls_back() -> None:
     states = {c.name: InstanceState() for c in configs}
     previous = build_indexed(world_of(configs, states, NOW), SERVER)
     states[discovering.name] = InstanceState(discovered_models=["new-model"])
-    assert update_spec(previous, world_of(configs, states, NOW)) is None
+    assert update_spec(previous, world_of(configs, states, NOW), SERVER) is None
 
 
 @pytest.mark.parametrize(
     "change",
-    ["config", "generation", "routing", "secrets", "addresses", "clock back", "instance added"],
+    ["config", "generation", "routing", "secrets", "addresses", "clock back", "instance added", "server"],
 )
 def test_anything_but_states_falls_back(change: str) -> None:
     configs = fleet(random.Random(4), 10)
@@ -246,7 +246,8 @@ def test_anything_but_states_falls_back(change: str) -> None:
             }
         )
         world = world_of([*configs, extra], {**states, "z": InstanceState()}, NOW)
-    assert update_spec(previous, world) is None
+    server = replace(SERVER, http_port=SERVER.http_port + 1) if change == "server" else SERVER
+    assert update_spec(previous, world, server) is None
 
 
 def replace_config(config: InstanceConfig) -> InstanceConfig:
