@@ -63,7 +63,8 @@ class HealthService:
         self.secrets: dict[str, str] = {}
         self.schedule = ProbeSchedule()
         self._in_flight: set[str] = set()
-        self._probe_tasks: set[asyncio.Task[None]] = set()  # cancelled on exit, before the session closes
+        self._probe_tasks: set[asyncio.Task[None]] = set()  # the workers: cancelled on exit
+        self._queue: asyncio.Queue[str] = asyncio.Queue()  # names due, for the workers (one entry each)
         self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
         self._client: ProbeClient | None = None
         # Set when a verdict may change membership: the flusher acts at once instead of at its next tick,
@@ -167,8 +168,8 @@ class HealthService:
         return await self._probe(config)
 
     async def _probe(self, config: InstanceConfig, queue: bool = True) -> ProbeResult:
-        """One probe; ``queue=False`` (an operator's check) does not wait behind the scheduled probes
-        for a place among MAX_PROBES_IN_FLIGHT."""
+        """One probe. ``queue``: wait for a place among MAX_PROBES_IN_FLIGHT (the autoscaler's readiness
+        checks); the prober's workers (as many as that) and an operator's check do not."""
         request = probe_request(config, self.secrets.get(config.name))
         if request is None:
             return ProbeResult(Outcome.FAIL, "no api_base configured", 0.0)
@@ -191,17 +192,24 @@ class HealthService:
         )
         return evaluate(request, response.status, response.body, latency, retry)
 
-    async def _probe_one(self, name: str) -> None:
-        try:
-            config = self.configs.get(name)
-            if config is not None:
-                self._record_probe(name, await self._probe(config))
-        finally:
-            self._in_flight.discard(name)
+    async def _probe_worker(self) -> None:
+        """One of MAX_PROBES_IN_FLIGHT: probes the queued instances one after the other. A fixed set of
+        workers over a queue of names, not a task per probe: when probes fall behind, what waits is a
+        name in a deque, not a task, a coroutine and a semaphore waiter per instance."""
+        queue = self._queue
+        while True:
+            name = await queue.get()
+            try:
+                config = self.configs.get(name)
+                if config is not None:
+                    self._record_probe(name, await self._probe(config, queue=False))
+            finally:
+                self._in_flight.discard(name)
 
     async def run_prober(self) -> None:
-        tasks = self._probe_tasks
         schedule = self.schedule
+        workers = [asyncio.create_task(self._probe_worker()) for _ in range(MAX_PROBES_IN_FLIGHT)]
+        self._probe_tasks.update(workers)
         while True:
             now = time.monotonic()
             for name in schedule.pop_due(now):
@@ -210,13 +218,11 @@ class HealthService:
                     continue
                 schedule.started(name, now, config.health.probe_interval_s)
                 if name in self._in_flight or not config.enabled:
-                    # Still probing (or queued for a place) an interval later: this round is skipped,
+                    # Still probing (or queued for a worker) an interval later: this round is skipped,
                     # at one heap entry per interval, however far the prober is behind.
                     continue
                 self._in_flight.add(name)
-                task = asyncio.create_task(self._probe_one(name))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                self._queue.put_nowait(name)
             await asyncio.sleep(SCHEDULER_TICK_S)
 
     # --- persistence ------------------------------------------------------------------------------

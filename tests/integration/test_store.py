@@ -578,6 +578,20 @@ def test_list_states_reads_the_states_alone_through_the_same_cache(store: Store)
     assert len(store._parsed_states) <= 2
 
 
+def test_listed_models_share_one_set_of_field_names(store: Store) -> None:
+    """(share_fields_set) A model parsed from a stored row has every field set; all such models of a
+    class share one set, which model_copy does not change."""
+    store.replace_all([cfg("a"), cfg("b")], None, merge=False)
+    (a, sa), (b, sb) = store.list_instances()
+    assert a.model_fields_set is b.model_fields_set and sa.model_fields_set is sb.model_fields_set
+    assert a.health.model_fields_set is b.health.model_fields_set
+    assert a.model_fields_set == set(InstanceConfig.model_fields)
+    copied = sa.model_copy(update={"error_count": 3})
+    assert copied.error_count == 3 and copied.model_fields_set is not sa.model_fields_set
+    assert sa.model_fields_set == set(InstanceState.model_fields) and sa.error_count == 0
+    assert store.list_states()["a"].model_fields_set is sa.model_fields_set
+
+
 def test_refresh_world_reads_states_while_the_generation_stays(store: Store) -> None:
     store.replace_all([cfg("a", api_base="http://127.0.0.1:1"), cfg("b")], None, merge=False)
     world = asyncio.run(gather_world(store))
