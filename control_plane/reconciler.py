@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ from control_plane.nginx_process import TestResult
 from control_plane.render.edge import limits_in_force
 from control_plane.render.nginx import RenderedTree, finish_tree, render_files
 from control_plane.render.quoting import UnsafeValue
-from control_plane.render.spec import GatewaySpec, ServerSettings, SpecBuild, World, build_indexed
+from control_plane.render.spec import GatewaySpec, Pool, ServerSettings, SpecBuild, World, build_indexed
 from control_plane.render.update import update_spec
 from control_plane.routing import explain
 from control_plane.routing.weights import Choice
@@ -431,9 +431,13 @@ class Reconciler:
         and POST /admin/select read its pools)."""
         return self._spec
 
-    def status(self) -> dict[str, object]:
+    def status(self, pools: Sequence[Pool] | None = None) -> dict[str, object]:
+        """What /admin/status and the status page show; ``pools``: the ones to describe (default: all of
+        the spec; describing one costs its candidates' explanation)."""
         spec = self._spec
         learned = self.learned() if self.learned else {}
+        if pools is None:
+            pools = spec.pools if spec else ()
         return {
             "checksum": self.nginx.running_checksum(),
             # What the pools below render to: equal to "checksum" once they are what nginx runs. A health
@@ -457,7 +461,7 @@ class Reconciler:
                     # Why (POST /admin/select answers the same per pool): shares, weights, reasons.
                     "candidates": explain.candidates(p, learned.get(p.model)),
                 }
-                for p in (spec.pools if spec else ())
+                for p in pools
             ],
             "excluded": dict(spec.excluded) if spec else {},
             "tls": certs.tls_status(self.server.tls_cert),

@@ -9,7 +9,7 @@ import hashlib
 import ipaddress
 import socket
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -109,6 +109,7 @@ async def gather_world(
     that generation, and a change committed meanwhile bumps it past the one recorded, so the generation
     watch (Reconciler.watch_generation: several nodes on one PostgreSQL) asks for another pass instead of
     taking the new generation for one already applied and leaving the change to the resync."""
+    began = datetime.now(UTC)
     generation = await asyncio.to_thread(store.generation)
     instances = await asyncio.to_thread(store.list_instances)
     client_keys = await asyncio.to_thread(ClientKeyStore(store).list)
@@ -126,27 +127,41 @@ async def gather_world(
         tls_fingerprint=env.tls_fingerprint,
         client_keys=tuple(client_keys),
         jwt=env.jwt,
+        states_read_at=began,
     )
+
+
+# A delta read asks for the states written since the previous read began, less this: a write stamps its row
+# inside its transaction and commits within moments, so one committed just after a read began is still
+# caught. Clocks of other nodes (PostgreSQL) further apart than this are caught by the full read of states
+# every pass with ``environment`` (once a resync interval).
+STATES_MARGIN = timedelta(seconds=2)
 
 
 async def refresh_world(
     store: Store, previous: World, environment: Environment | None = None
 ) -> World | None:
-    """``previous`` with every instance's state read again and the clock now (and ``environment`` when
+    """``previous`` with the instances' states read again and the clock now (and ``environment`` when
     given), when the configuration generation is still the one it was gathered at; None when it is not
     (gather in full). Every configuration write bumps the generation (registry/store.py), so the
-    configuration, the routing and the client keys of ``previous`` are still the registry's."""
+    configuration, the routing and the client keys of ``previous`` are still the registry's. The states
+    read are those written since ``previous`` read its own, or all of them with ``environment``."""
+    began = datetime.now(UTC)
     generation = await asyncio.to_thread(store.generation)
     if generation != previous.generation:
         return None
-    states = await asyncio.to_thread(store.list_states)
+    since = previous.states_read_at
+    if environment is None and since is not None:
+        states = await asyncio.to_thread(store.list_states, since - STATES_MARGIN)
+    else:
+        states = await asyncio.to_thread(store.list_states)
+        if len(states) != len(previous.instances):
+            return None  # (an instance deleted since the generation was read: its generation is newer)
     instances = []
     for config, state in previous.instances:
-        fresh = states.get(config.name)
-        if fresh is None:
-            return None  # deleted since the generation was read: its generation is newer
+        fresh = states.get(config.name, state)
         instances.append((config, state if fresh is not state and fresh == state else fresh))
-    world = replace(previous, instances=tuple(instances), now=datetime.now(UTC))
+    world = replace(previous, instances=tuple(instances), now=datetime.now(UTC), states_read_at=began)
     if environment is None:
         return world
     return replace(

@@ -255,8 +255,8 @@ class Store:
         # texts seen in the last listing are kept, so this never outgrows the registry. The models are
         # shared between callers: never mutate one (model_copy makes a changed one).
         self._parsed: dict[str, InstanceConfig | InstanceState] = {}
-        # The same for states alone (list_states): the texts of its last listing.
-        self._parsed_states: dict[str, InstanceState] = {}
+        # The same for states alone (list_states): instance name -> (text, state) as last read.
+        self._states: dict[str, tuple[str, InstanceState]] = {}
         # Connect once so a bad URL fails here, and (SQLite) WAL mode and its files exist.
         with self._engine.connect():
             pass
@@ -457,32 +457,40 @@ class Store:
 
     def list_instances(self) -> list[tuple[InstanceConfig, InstanceState]]:
         with self._read() as conn:
-            rows = conn.execute(self._joined().order_by(instances.c.name)).all()
+            rows = conn.execute(self._joined().add_columns(instances.c.name).order_by(instances.c.name)).all()
         previous: dict[str, InstanceConfig | InstanceState] = self._parsed
         seen: dict[str, InstanceConfig | InstanceState] = {}
-        pairs = [self._cached_pair(row[0], row[1], previous, seen) for row in rows]
+        pairs = [self._cached_pair(row[0], row[1], previous, seen, row[2]) for row in rows]
         self._parsed = seen  # one assignment: a concurrent listing sees the old or the new cache
         return pairs
 
     def _state_of(self, text: str | None) -> InstanceState:
         return share_fields_set(InstanceState.model_validate(json.loads(text)) if text else InstanceState())
 
-    def list_states(self) -> dict[str, InstanceState]:
-        """Every stored state by instance name, without the configurations: what a pass reads when only
-        states may have changed (world.RegistryWorld.refresh). A state whose text is unchanged since the
-        last listing (this or list_instances) is the object parsed then."""
+    def list_states(self, since: datetime | None = None) -> dict[str, InstanceState]:
+        """The stored states by instance name, without the configurations: every one, or with ``since``
+        those written at or after it (what a pass reads when only states may have changed:
+        world.refresh_world). A state whose text is unchanged since it was last read (by this or
+        list_instances) is the object parsed then."""
+        query = select(instance_state.c.name, instance_state.c.state)
+        if since is not None:
+            query = query.where(instance_state.c.updated_at >= since)
         with self._read() as conn:
-            rows = conn.execute(select(instance_state.c.name, instance_state.c.state)).all()
-        parsed, previous = self._parsed, self._parsed_states
-        seen: dict[str, InstanceState] = {}
+            rows = conn.execute(query).all()
+        known, parsed = self._states, self._parsed
+        fresh: dict[str, tuple[str, InstanceState]] = {} if since is None else dict(known)
         states: dict[str, InstanceState] = {}
         for name, text in rows:
             key = text or ""
-            state = seen.get(key) or previous.get(key) or parsed.get(key)
-            if not isinstance(state, InstanceState):
-                state = self._state_of(text)
-            seen[key] = states[name] = state
-        self._parsed_states = seen  # one assignment, as in list_instances
+            entry = known.get(name)
+            if entry is not None and entry[0] == key:
+                state = entry[1]
+            else:
+                cached = parsed.get(key)
+                state = cached if isinstance(cached, InstanceState) else self._state_of(text)
+            fresh[name] = (key, state)
+            states[name] = state
+        self._states = fresh  # one assignment, as in list_instances
         return states
 
     def _cached_pair(
@@ -491,13 +499,16 @@ class Store:
         state_text: str | None,
         previous: dict[str, InstanceConfig | InstanceState],
         seen: dict[str, InstanceConfig | InstanceState],
+        name: str,
     ) -> tuple[InstanceConfig, InstanceState]:
         config = seen.get(config_text) or previous.get(config_text)
         if not isinstance(config, InstanceConfig):
             config = share_fields_set(self._config_of(config_text))  # unseals the provider key
         seen[config_text] = config
         state_key = state_text or ""
-        state = seen.get(state_key) or previous.get(state_key) or self._parsed_states.get(state_key)
+        state = seen.get(state_key) or previous.get(state_key)
+        if state is None and (read := self._states.get(name)) is not None and read[0] == state_key:
+            state = read[1]  # parsed by list_states since
         if not isinstance(state, InstanceState):
             state = self._state_of(state_text)
         seen[state_key] = state

@@ -158,6 +158,9 @@ class World:
     jwt: JwtKeys | None = None
     # model -> the weights a measured strategy applies (control_plane/routing/service.py, with hysteresis).
     learned: Mapping[str, tuple[lw.Choice, ...]] = field(default_factory=dict)
+    # When the reading of the states it holds began (world.py): a later pass reads only the states written
+    # since (less a margin). Not an input of the spec.
+    states_read_at: datetime | None = None
 
 
 USAGE_SOCKET = "usage.sock"

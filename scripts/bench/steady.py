@@ -139,7 +139,10 @@ def set_mode(stub_url: str, mode: str) -> None:
 def last_phases(system: GatewaySystem) -> dict[str, float]:
     """The split of the controller's last pass (/admin/status last_reload.phases_ms)."""
     body = system.gw.admin.get("/admin/status", params={"limit": 1}, timeout=60).json()
-    return {k: float(v) for k, v in ((body.get("last_reload") or {}).get("phases_ms") or {}).items()}
+    last = body.get("last_reload") or {}
+    phases = {k: float(v) for k, v in (last.get("phases_ms") or {}).items()}
+    phases["incremental"] = 1.0 if last.get("incremental") else 0.0  # (its median says which most were)
+    return phases
 
 
 def phase_summary(passes: list[dict[str, float]]) -> dict[str, dict[str, float]]:

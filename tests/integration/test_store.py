@@ -33,7 +33,7 @@ from control_plane.registry.models import (
 from control_plane.registry.store import Store, normalise_url
 from control_plane.registry.usage import UsageStore
 from control_plane.usage.model import DAY_S, Batch, UsageQuery, parse_batch
-from control_plane.world import gather_world, read_environment, refresh_world
+from control_plane.world import STATES_MARGIN, gather_world, read_environment, refresh_world
 from tests.integration.postgres import pg_admin as _pg_admin
 
 LITERAL_KEY = "sk-live-0123456789abcdef"
@@ -575,7 +575,14 @@ def test_list_states_reads_the_states_alone_through_the_same_cache(store: Store)
     assert again["a"] is listed["a"] and again["b"].health_status is HealthStatus.UNHEALTHY
     # The next full listing reuses what list_states parsed (no second parse of a changed state).
     assert {c.name: s for c, s in store.list_instances()}["b"] is again["b"]
-    assert len(store._parsed_states) <= 2
+    assert len(store._states) <= 2
+    # Only those written since a time: what a pass reads between its full reads (world.refresh_world).
+    since = datetime.now(UTC)
+    assert store.list_states(since) == {}
+    store.patch_states({"a": {"health_status": HealthStatus.HEALTHY}})
+    delta = store.list_states(since)
+    assert list(delta) == ["a"] and delta["a"].health_status is HealthStatus.HEALTHY
+    assert store.list_states()["b"] is again["b"] and len(store._states) == 2
 
 
 def test_listed_models_share_one_set_of_field_names(store: Store) -> None:
@@ -609,6 +616,13 @@ def test_refresh_world_reads_states_while_the_generation_stays(store: Store) -> 
     assert again is not None and again.addresses is fresh.addresses and again.secrets is fresh.secrets
     moved = asyncio.run(refresh_world(store, fresh, replace(env, addresses={})))
     assert moved is not None and moved.addresses == {}
+    # Between full reads only the states written since the last read (less a margin) are read.
+    later = replace(fresh, states_read_at=datetime.now(UTC) + STATES_MARGIN)
+    assert asyncio.run(refresh_world(store, later)).instances == later.instances  # type: ignore[union-attr]
+    store.patch_states({"b": {"health_status": HealthStatus.UNHEALTHY}})
+    seen = asyncio.run(refresh_world(store, later))
+    assert seen is not None and seen.instances[1][1].health_status is HealthStatus.UNHEALTHY
+    assert seen.instances[0][1] is later.instances[0][1] and seen.states_read_at is not None
     store.replace_config(cfg("b", weight=3))  # a configuration write: the next pass reads everything
     assert asyncio.run(refresh_world(store, fresh)) is None
 
