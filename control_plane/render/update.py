@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from control_plane.registry.models import BreakerState
+from control_plane.registry.models import BreakerState, InstanceState
 from control_plane.render.spec import (
     InstanceFacts,
     PoolKey,
@@ -52,16 +52,33 @@ def same_environment(before: World, world: World) -> bool:
     )
 
 
+def spec_inputs(state: InstanceState) -> tuple[object, ...]:
+    """The fields of a state that build_spec reads (exclusion_reason, served_models, the breaker): a
+    state that differs in others only (the last probe's time and latency, counters) changes no spec."""
+    return (
+        state.status,
+        state.health_status,
+        state.unhealthy_since,
+        state.quarantined_reason,
+        state.quarantine_config,
+        state.breaker_state,
+        state.breaker_open_until,
+        state.rate_limited_until,
+        state.rate_budget_until,
+        state.discovered_models,
+    )
+
+
 def changed_states(before: World, world: World) -> set[str] | None:
-    """The instances whose state differs; None when the instances themselves (their configuration, their
-    order) differ."""
+    """The instances whose state differs in what build_spec reads; None when the instances themselves
+    (their configuration, their order) differ."""
     if len(world.instances) != len(before.instances):
         return None
     changed: set[str] = set()
     for (config, state), (old_config, old_state) in zip(world.instances, before.instances, strict=True):
         if config is not old_config and config != old_config:
             return None
-        if state is not old_state and state != old_state:
+        if state is not old_state and spec_inputs(state) != spec_inputs(old_state):
             changed.add(config.name)
     return changed
 

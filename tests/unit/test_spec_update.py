@@ -191,6 +191,12 @@ def test_unchanged_states_keep_the_spec() -> None:
     result = update_spec(previous, world_of(configs, dict(states), NOW + timedelta(seconds=1)), SERVER)
     assert result is not None
     assert result.spec is previous.spec
+    # A probe that changed nothing but its own time and latency: nothing build_spec reads.
+    probed = {
+        n: s.model_copy(update={"last_probe_at": NOW, "probe_latency_ms": 3.0}) for n, s in states.items()
+    }
+    again = update_spec(result, world_of(configs, probed, NOW + timedelta(seconds=2)), SERVER)
+    assert again is not None and again.spec is previous.spec
 
 
 def test_a_rate_limit_ends_with_the_clock_alone() -> None:
