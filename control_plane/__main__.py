@@ -11,10 +11,12 @@ from control_plane.admin_tls import AdminTlsError, admin_ssl_context
 from control_plane.app import create_app
 from control_plane.jwt_keys import JwtConfigError
 from control_plane.registry.sealing import RegistryKeyError
+from control_plane.runtime_tuning import tune
 from control_plane.settings import Settings
 
 
 def main() -> None:
+    tune()  # before any thread allocates (runtime_tuning.py)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

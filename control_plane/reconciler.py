@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +31,8 @@ from control_plane.nginx_process import TestResult
 from control_plane.render.client_access import limits_in_force
 from control_plane.render.nginx import RenderedTree, finish_tree, render_files
 from control_plane.render.quoting import UnsafeValue
-from control_plane.render.spec import GatewaySpec, ServerSettings, World, build_spec
+from control_plane.render.spec import GatewaySpec, Pool, ServerSettings, SpecBuild, World, build_indexed
+from control_plane.render.update import update_spec
 from control_plane.routing import explain
 from control_plane.routing.weights import Choice
 
@@ -51,6 +52,9 @@ class ReconcileResult:
     # Where the pass's time went, in order: gather, build_spec, render, checksum, then (when the tree
     # changed) write, nginx_t, reload, live. What scripts/bench reports as the reconcile split.
     phases_ms: dict[str, float] = field(default_factory=dict)
+    # True when the pass read only the instances' states and updated the previous spec for the changed
+    # ones (the configuration unchanged: a health verdict); False when it read and built everything.
+    incremental: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -72,6 +76,12 @@ class WorldSource(Protocol):
     async def gather(self) -> World:
         """Everything build_spec needs, read now; ``generation`` read first, so a change committed during
         the read has a newer generation and watch_generation asks for another pass."""
+        ...
+
+    async def refresh(self, previous: World, environment: bool) -> World | None:
+        """``previous`` with the instances' states read now (and the clock), when the configuration
+        generation is still ``previous.generation``; None when it is not. With ``environment``, also
+        what the world takes from outside the registry (secret files, DNS, certificate, JWT keys)."""
         ...
 
     async def generation(self) -> int:
@@ -166,6 +176,8 @@ class Reconciler:
         self._lock = asyncio.Lock()
         self._last_reload_at = float("-inf")  # no reload yet
         self._spec: GatewaySpec | None = None
+        self._build: SpecBuild | None = None  # the last pass's build (self._spec), what the next one updates
+        self._environment_at = float("-inf")  # when a pass last read secrets, DNS and files (began)
         self._desired: str | None = None  # the checksum of the tree self._spec renders to
         self._applied: ReconcileResult | None = None
         self._last: ReconcileResult | None = None
@@ -240,6 +252,8 @@ class Reconciler:
         start = self._first_dirty or self.clock()
         while True:
             self._dirty.clear()
+            if self._waiters:
+                return  # an API call waits for this pass (a check after its own health verdict): now
             remaining = min(self.timing.debounce_s, start + self.timing.max_wait_s - self.clock())
             if remaining <= 0:
                 return
@@ -249,17 +263,41 @@ class Reconciler:
                 return
 
     # --- one pass -------------------------------------------------------------------------------
+    async def _gather(self, force: bool) -> tuple[World, ServerSettings, SpecBuild | None]:
+        """The world now, with the server settings for it and the build to update (None: build in full).
+        While the configuration generation is unchanged a pass reads the states only, and what comes from
+        outside the registry (secret files, DNS, certificate and key files, OCSP facts) at most once a
+        resync interval; a forced pass (POST /admin/reload) and the first one read everything."""
+        previous = self._build
+        began = self.clock()
+        due = began - self._environment_at >= self.timing.resync_interval_s
+        if not force and previous is not None:
+            world = await self.source.refresh(previous.world, environment=due)
+            if world is not None:
+                if not due:
+                    return world, previous.server, previous
+                self._environment_at = began
+                return world, await self._server(), previous
+        world = await self.source.gather()
+        self._environment_at = began
+        return world, await self._server(), None
+
+    async def _server(self) -> ServerSettings:
+        return await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
+
     async def reconcile_now(self, *, force: bool = False) -> ReconcileResult:
         async with self._lock:
             started = time.perf_counter()
             phases = Phases()
-            world = await self.source.gather()
-            server = await asyncio.to_thread(certs.with_tls_facts, self.server)  # OCSP stapling when possible
+            world, server, previous = await self._gather(force)
             phases.mark("gather")
             if self.learned is not None:
                 world = dataclasses.replace(world, learned=self.learned())
             try:
-                spec = build_spec(world, server)
+                build = update_spec(previous, world, server) if previous is not None else None
+                incremental = build is not None
+                build = build or build_indexed(world, server)
+                spec = build.spec
                 phases.mark("build_spec")
                 files = render_files(spec)
                 phases.mark("render")
@@ -267,14 +305,18 @@ class Reconciler:
                 return self._finish(False, False, None, world.generation, f"render refused: {exc}", started)
             tree = finish_tree(files)
             phases.mark("checksum")
-            self._spec, self._desired = spec, tree.checksum
+            self._build, self._spec, self._desired = build, spec, tree.checksum
             self._publish_spec_metrics(spec)
             for observer in self.observers:
                 observer(world, spec)
             if self.nginx.running_checksum() == tree.checksum and not force:
-                return self._finish(True, False, tree.checksum, world.generation, None, started, phases)
+                return self._finish(
+                    True, False, tree.checksum, world.generation, None, started, phases, incremental
+                )
             error = await self._apply(tree, phases)
-            return self._finish(error is None, True, tree.checksum, world.generation, error, started, phases)
+            return self._finish(
+                error is None, True, tree.checksum, world.generation, error, started, phases, incremental
+            )
 
     async def _apply(self, tree: RenderedTree, phases: Phases) -> str | None:
         wait = self._last_reload_at + self.timing.min_reload_interval_s - self.clock()
@@ -329,6 +371,7 @@ class Reconciler:
         error: str | None,
         started: float,
         phases: Phases | None = None,
+        incremental: bool = False,
     ) -> ReconcileResult:
         result = ReconcileResult(
             ok=ok,
@@ -339,6 +382,7 @@ class Reconciler:
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             at=datetime.now(UTC).isoformat(),
             phases_ms=phases.ms if phases else {},
+            incremental=incremental,
         )
         self._last = result
         if changed or not ok:
@@ -387,9 +431,13 @@ class Reconciler:
         and POST /admin/select read its pools)."""
         return self._spec
 
-    def status(self) -> dict[str, object]:
+    def status(self, pools: Sequence[Pool] | None = None) -> dict[str, object]:
+        """What /admin/status and the status page show; ``pools``: the ones to describe (default: all of
+        the spec; describing one costs its candidates' explanation)."""
         spec = self._spec
         learned = self.learned() if self.learned else {}
+        if pools is None:
+            pools = spec.pools if spec else ()
         return {
             "checksum": self.nginx.running_checksum(),
             # What the pools below render to: equal to "checksum" once they are what nginx runs. A health
@@ -413,7 +461,7 @@ class Reconciler:
                     # Why (POST /admin/select answers the same per pool): shares, weights, reasons.
                     "candidates": explain.candidates(p, learned.get(p.model)),
                 }
-                for p in (spec.pools if spec else ())
+                for p in pools
             ],
             "excluded": dict(spec.excluded) if spec else {},
             "tls": certs.tls_status(self.server.tls_cert),

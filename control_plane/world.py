@@ -8,18 +8,22 @@ import asyncio
 import hashlib
 import ipaddress
 import socket
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from control_plane import jwt_keys, providers, secret_refs
 from control_plane.registry.client_keys import ClientKeyStore
 from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store
 from control_plane.registry.usage import UsageStore
-from control_plane.render.client_access import JwtFiles
+from control_plane.render.client_access import JwtFiles, JwtKeys
 from control_plane.render.spec import GatewaySpec, World
 from control_plane.secret_refs import SecretPolicy
 from control_plane.usage.limits import write_budget_seed
+
+T = TypeVar("T")
 
 
 def secrets_of(configs: list[InstanceConfig], policy: SecretPolicy) -> tuple[dict[str, str], dict[str, str]]:
@@ -66,6 +70,35 @@ def file_fingerprint(path: str | None) -> str:
         return ""
 
 
+@dataclass(frozen=True)
+class Environment:
+    """What a world takes from outside the registry: resolved secret references, DNS answers, the
+    certificate's fingerprint and the JWT verification keys."""
+
+    secrets: dict[str, str]
+    secret_problems: dict[str, str]
+    addresses: dict[str, tuple[str, ...]]
+    tls_fingerprint: str
+    jwt: JwtKeys | None
+
+
+async def read_environment(
+    configs: list[InstanceConfig],
+    tls_cert: str | None = None,
+    jwt_files: JwtFiles | None = None,
+    secret_policy: SecretPolicy | None = None,
+) -> Environment:
+    jwt = await asyncio.to_thread(jwt_keys.load_or_none, jwt_files or JwtFiles())
+    secrets, problems = await asyncio.to_thread(secrets_of, configs, secret_policy or SecretPolicy())
+    return Environment(
+        secrets=secrets,
+        secret_problems=problems,
+        addresses=await resolve_hosts(configs),
+        tls_fingerprint=file_fingerprint(tls_cert),
+        jwt=jwt,
+    )
+
+
 async def gather_world(
     store: Store,
     tls_cert: str | None = None,
@@ -76,25 +109,74 @@ async def gather_world(
     that generation, and a change committed meanwhile bumps it past the one recorded, so the generation
     watch (Reconciler.watch_generation: several nodes on one PostgreSQL) asks for another pass instead of
     taking the new generation for one already applied and leaving the change to the resync."""
+    began = datetime.now(UTC)
     generation = await asyncio.to_thread(store.generation)
     instances = await asyncio.to_thread(store.list_instances)
     client_keys = await asyncio.to_thread(ClientKeyStore(store).list)
-    jwt = await asyncio.to_thread(jwt_keys.load_or_none, jwt_files or JwtFiles())
     routing = await asyncio.to_thread(store.get_routing)
     configs = [c for c, _ in instances]
-    secrets, problems = await asyncio.to_thread(secrets_of, configs, secret_policy or SecretPolicy())
+    env = await read_environment(configs, tls_cert, jwt_files, secret_policy)
     return World(
         instances=tuple(instances),
         routing=routing,
         now=datetime.now(UTC),
         generation=generation,
-        addresses=await resolve_hosts(configs),
-        secrets=secrets,
-        secret_problems=problems,
-        tls_fingerprint=file_fingerprint(tls_cert),
+        addresses=env.addresses,
+        secrets=env.secrets,
+        secret_problems=env.secret_problems,
+        tls_fingerprint=env.tls_fingerprint,
         client_keys=tuple(client_keys),
-        jwt=jwt,
+        jwt=env.jwt,
+        states_read_at=began,
     )
+
+
+# A delta read asks for the states written since the previous read began, less this: a write stamps its row
+# inside its transaction and commits within moments, so one committed just after a read began is still
+# caught. Clocks of other nodes (PostgreSQL) further apart than this are caught by the full read of states
+# every pass with ``environment`` (once a resync interval).
+STATES_MARGIN = timedelta(seconds=2)
+
+
+async def refresh_world(
+    store: Store, previous: World, environment: Environment | None = None
+) -> World | None:
+    """``previous`` with the instances' states read again and the clock now (and ``environment`` when
+    given), when the configuration generation is still the one it was gathered at; None when it is not
+    (gather in full). Every configuration write bumps the generation (registry/store.py), so the
+    configuration, the routing and the client keys of ``previous`` are still the registry's. The states
+    read are those written since ``previous`` read its own, or all of them with ``environment``."""
+    began = datetime.now(UTC)
+    generation = await asyncio.to_thread(store.generation)
+    if generation != previous.generation:
+        return None
+    since = previous.states_read_at
+    if environment is None and since is not None:
+        states = await asyncio.to_thread(store.list_states, since - STATES_MARGIN)
+    else:
+        states = await asyncio.to_thread(store.list_states)
+        if len(states) != len(previous.instances):
+            return None  # (an instance deleted since the generation was read: its generation is newer)
+    instances = []
+    for config, state in previous.instances:
+        fresh = states.get(config.name, state)
+        instances.append((config, state if fresh is not state and fresh == state else fresh))
+    world = replace(previous, instances=tuple(instances), now=datetime.now(UTC), states_read_at=began)
+    if environment is None:
+        return world
+    return replace(
+        world,
+        secrets=_kept(previous.secrets, environment.secrets),
+        secret_problems=_kept(previous.secret_problems, environment.secret_problems),
+        addresses=_kept(previous.addresses, environment.addresses),
+        tls_fingerprint=environment.tls_fingerprint,
+        jwt=_kept(previous.jwt, environment.jwt),
+    )
+
+
+def _kept(previous: T, fresh: T) -> T:
+    """The previous value when the fresh one equals it (later passes compare it by identity first)."""
+    return previous if previous == fresh else fresh
 
 
 class RegistryWorld:
@@ -114,6 +196,13 @@ class RegistryWorld:
 
     async def gather(self) -> World:
         return await gather_world(self.store, self.tls_cert, self.jwt_files, self.secret_policy)
+
+    async def refresh(self, previous: World, environment: bool) -> World | None:
+        env = None
+        if environment:
+            configs = [c for c, _ in previous.instances]
+            env = await read_environment(configs, self.tls_cert, self.jwt_files, self.secret_policy)
+        return await refresh_world(self.store, previous, env)
 
     async def generation(self) -> int:
         return await asyncio.to_thread(self.store.generation)

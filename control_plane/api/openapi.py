@@ -270,6 +270,11 @@ def _runtime_schemas() -> dict[str, Schema]:
                     "description": "Where the pass's time went: gather, build_spec, render, checksum, "
                     "then (the tree changed) write, nginx_t, reload, live",
                 },
+                "incremental": {
+                    "type": "boolean",
+                    "description": "The pass read only the instances' states and updated the previous "
+                    "desired state (the configuration generation unchanged)",
+                },
             },
             ["ok"],
             extra=True,

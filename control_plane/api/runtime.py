@@ -11,6 +11,7 @@ from control_plane.api import paging
 from control_plane.api.app_keys import RECONCILER, STORE, WEIGHTS
 from control_plane.api.bodies import literal_keys, redact, run
 from control_plane.registry.store import Store
+from control_plane.render.spec import Pool
 
 
 def _counts(store: Store) -> tuple[int, int, int]:
@@ -18,14 +19,22 @@ def _counts(store: Store) -> tuple[int, int, int]:
     return store.generation(), len(configs), sum(1 for c in configs if c.enabled)
 
 
+def _name(pool: Pool) -> str:
+    return pool.name
+
+
 async def status(request: web.Request) -> web.Response:
     """``pools`` are paged by name (``limit``, ``cursor``, ``next_cursor``) and filtered by ``model``."""
     page = paging.page_of(request.query)
     model = paging.instance_filter(request.query).model
     generation, total, enabled = await run(_counts, request.app[STORE])
-    body: dict[str, Any] = {**request.app[RECONCILER].status()}
-    pools = [p for p in body["pools"] if model is None or p["model"] == model]
-    body["pools"], body["next_cursor"] = paging.take(pools, lambda p: str(p["name"]), page)
+    reconciler = request.app[RECONCILER]
+    spec = reconciler.spec
+    # Paged by name before they are described (at 1,000 pools describing them all cost more than the rest).
+    pools = sorted((p for p in (spec.pools if spec else ()) if model is None or p.model == model), key=_name)
+    chosen, next_cursor = paging.take(pools, _name, page)
+    body: dict[str, Any] = {**reconciler.status(chosen)}
+    body["next_cursor"] = next_cursor
     body["generation"] = generation  # the configuration generation in the store; applied: body["applied"]
     body["instances"] = {"total": total, "enabled": enabled}
     weights = request.app.get(WEIGHTS)

@@ -8,8 +8,9 @@ stored samples, so memory is fixed per series.
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from control_plane.health.logstream import LogRecord
@@ -30,17 +31,23 @@ class Point(NamedTuple):
     p95_ms: float | None
 
 
+_NO_COUNTS = array("I", [0]) * (len(BOUNDS) + 1)
+
+
 class _Minute:
+    """One series' minute. Its counts are an array of 32-bit integers: up to 4,096 series of 15 minutes
+    each are kept, and a list of 54 counts costs 488 bytes where this costs 296."""
+
     __slots__ = ("buckets", "errors", "minute", "requests")
 
     def __init__(self, minute: int) -> None:
         self.minute = minute
         self.requests = 0
         self.errors = 0
-        self.buckets = [0] * (len(BOUNDS) + 1)
+        self.buckets = array("I", _NO_COUNTS)
 
 
-def percentile(buckets: list[int], total: int, q: float) -> float | None:
+def percentile(buckets: Sequence[int], total: int, q: float) -> float | None:
     """The upper bound of the bucket holding the q-quantile (the last bound for the overflow bucket)."""
     if total <= 0:
         return None

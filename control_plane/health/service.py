@@ -8,11 +8,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 from prometheus_client import Counter
 
 from control_plane.background import running
 from control_plane.health import logstream
+from control_plane.health.http_probe import ProbeClient, ProtocolError
 from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.recent import RecentTraffic
@@ -30,7 +30,7 @@ from control_plane.usage.model import Bucket
 log = logging.getLogger(__name__)
 
 MAX_PROBES_IN_FLIGHT = 64
-CHECKS_IN_FLIGHT = 8  # connections beyond the scheduled probes' for operators' explicit checks
+PROBE_BODY_LIMIT = 1 << 20  # a model list longer than this is read this far
 SCHEDULER_TICK_S = 0.25
 FLUSH_INTERVAL_S = 0.5
 FLUSH_GAP_S = 0.1  # the least time between two flushes, however often verdicts change
@@ -63,9 +63,10 @@ class HealthService:
         self.secrets: dict[str, str] = {}
         self.schedule = ProbeSchedule()
         self._in_flight: set[str] = set()
-        self._probe_tasks: set[asyncio.Task[None]] = set()  # cancelled on exit, before the session closes
+        self._probe_tasks: set[asyncio.Task[None]] = set()  # the workers: cancelled on exit
+        self._queue: asyncio.Queue[str] = asyncio.Queue()  # names due, for the workers (one entry each)
         self._limit = asyncio.Semaphore(MAX_PROBES_IN_FLIGHT)
-        self._session: aiohttp.ClientSession | None = None
+        self._client: ProbeClient | None = None
         # Set when a verdict may change membership: the flusher acts at once instead of at its next tick,
         # so a rate-limited or failing instance leaves its pools sooner.
         self._verdict = asyncio.Event()
@@ -167,42 +168,48 @@ class HealthService:
         return await self._probe(config)
 
     async def _probe(self, config: InstanceConfig, queue: bool = True) -> ProbeResult:
-        """One probe; ``queue=False`` (an operator's check) does not wait behind the scheduled probes
-        for a place among MAX_PROBES_IN_FLIGHT."""
+        """One probe. ``queue``: wait for a place among MAX_PROBES_IN_FLIGHT (the autoscaler's readiness
+        checks); the prober's workers (as many as that) and an operator's check do not."""
         request = probe_request(config, self.secrets.get(config.name))
         if request is None:
             return ProbeResult(Outcome.FAIL, "no api_base configured", 0.0)
-        assert self._session is not None
-        timeout = aiohttp.ClientTimeout(total=config.health.probe_timeout_s)
+        assert self._client is not None
+        timeout = config.health.probe_timeout_s
         started = time.perf_counter()
         async with self._limit if queue else contextlib.nullcontext():
             try:
-                async with self._session.get(
-                    request.url, headers=request.headers, timeout=timeout
-                ) as response:
-                    body = await response.content.read(1 << 20)
-                    latency = (time.perf_counter() - started) * 1000
-                    retry = logstream.retry_after_seconds(
-                        response.headers.get("Retry-After", ""),
-                        response.headers.get("retry-after-ms", ""),
-                        time.time(),
-                    )
-                    return evaluate(request, response.status, body, latency, retry)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                response = await self._client.get(request.url, request.headers, timeout, PROBE_BODY_LIMIT)
+            except TimeoutError:
+                latency = (time.perf_counter() - started) * 1000
+                return ProbeResult(Outcome.FAIL, f"TimeoutError: no answer within {timeout:g} s", latency)
+            except (ProtocolError, OSError, ValueError) as exc:
                 latency = (time.perf_counter() - started) * 1000
                 return ProbeResult(Outcome.FAIL, f"{type(exc).__name__}: {exc}"[:200], latency)
+        latency = (time.perf_counter() - started) * 1000
+        headers = response.headers
+        retry = logstream.retry_after_seconds(
+            headers.get("retry-after", ""), headers.get("retry-after-ms", ""), time.time()
+        )
+        return evaluate(request, response.status, response.body, latency, retry)
 
-    async def _probe_one(self, name: str) -> None:
-        try:
-            config = self.configs.get(name)
-            if config is not None:
-                self._record_probe(name, await self._probe(config))
-        finally:
-            self._in_flight.discard(name)
+    async def _probe_worker(self) -> None:
+        """One of MAX_PROBES_IN_FLIGHT: probes the queued instances one after the other. A fixed set of
+        workers over a queue of names, not a task per probe: when probes fall behind, what waits is a
+        name in a deque, not a task, a coroutine and a semaphore waiter per instance."""
+        queue = self._queue
+        while True:
+            name = await queue.get()
+            try:
+                config = self.configs.get(name)
+                if config is not None:
+                    self._record_probe(name, await self._probe(config, queue=False))
+            finally:
+                self._in_flight.discard(name)
 
     async def run_prober(self) -> None:
-        tasks = self._probe_tasks
         schedule = self.schedule
+        workers = [asyncio.create_task(self._probe_worker()) for _ in range(MAX_PROBES_IN_FLIGHT)]
+        self._probe_tasks.update(workers)
         while True:
             now = time.monotonic()
             for name in schedule.pop_due(now):
@@ -211,13 +218,11 @@ class HealthService:
                     continue
                 schedule.started(name, now, config.health.probe_interval_s)
                 if name in self._in_flight or not config.enabled:
-                    # Still probing (or queued for a place) an interval later: this round is skipped,
+                    # Still probing (or queued for a worker) an interval later: this round is skipped,
                     # at one heap entry per interval, however far the prober is behind.
                     continue
                 self._in_flight.add(name)
-                task = asyncio.create_task(self._probe_one(name))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                self._queue.put_nowait(name)
             await asyncio.sleep(SCHEDULER_TICK_S)
 
     # --- persistence ------------------------------------------------------------------------------
@@ -269,9 +274,7 @@ class HealthService:
 
     async def context(self) -> AsyncIterator[None]:
         """Start everything; stop it on exit (an aiohttp cleanup_ctx body)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_PROBES_IN_FLIGHT + CHECKS_IN_FLIGHT, ttl_dns_cache=60)
-        )
+        self._client = ProbeClient()
         transport = await logstream.listen(self.log_address, self.on_log, self.log_group)
         jobs = {"health-flusher": self.run_flusher()}
         if self.probes_enabled:
@@ -284,4 +287,4 @@ class HealthService:
             for task in list(self._probe_tasks):
                 task.cancel()
             await asyncio.gather(*self._probe_tasks, return_exceptions=True)
-            await self._session.close()
+            await self._client.close()

@@ -69,7 +69,7 @@ class ProbeHistory:
             yield at, outcome, detail, latency
 
 
-@dataclass
+@dataclass(slots=True)  # one per instance: slots, no per-instance __dict__ of 30 entries (~1 KB)
 class InstanceHealth:
     policy: HealthPolicy
     fingerprint: str

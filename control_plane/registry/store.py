@@ -17,6 +17,7 @@ INTERFACE CONTRACT (implemented by the store helper; signatures are fixed):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -24,8 +25,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -245,6 +247,39 @@ def normalise_url(url: str) -> URL:
     return parsed
 
 
+def text_digest(text: str) -> bytes:
+    """What the parse caches key a row's text by (128 bits of BLAKE2b: no two texts meet)."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def state_digest(text: str | None, status: str | None, updated_at: datetime | None, max_rpm: int) -> bytes:
+    """A state row's cache key: what it is read from (its observed JSON, the operator's status, the row's
+    time) and the max_rpm its utilization derives from."""
+    return text_digest(f"{text or ''}\0{status}\0{updated_at}\0{max_rpm}")
+
+
+M = TypeVar("M", bound=BaseModel)
+_ALL_FIELDS: dict[type[BaseModel], set[str]] = {}
+
+
+def share_fields_set(model: M) -> M:
+    """``model`` (and the models it holds), each with the one set of every field name its class shares
+    when every field was set, as in a model parsed from a stored row: pydantic keeps a set of the fields
+    set per model, 2.2 KB for InstanceState's 24 names (more than the values), which at 10,000 instances
+    held about 50 MB for configurations and states. Adding a name to a full set changes nothing, and
+    model_copy copies the set, so the shared set never changes; the listings' models are not mutated."""
+    cls = type(model)
+    shared = _ALL_FIELDS.get(cls)
+    if shared is None:
+        shared = _ALL_FIELDS.setdefault(cls, set(cls.model_fields))
+    if model.__pydantic_fields_set__ == shared:
+        object.__setattr__(model, "__pydantic_fields_set__", shared)
+    for value in model.__dict__.values():
+        if isinstance(value, BaseModel):
+            share_fields_set(value)
+    return model
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = normalise_url(url)
@@ -257,13 +292,15 @@ class Store:
             self._engine = create_engine(self.url, pool_pre_ping=True)
         else:
             raise ValueError(f"unsupported database URL scheme {self.url.drivername!r}")
-        # Row text -> its parsed model, from the last full listing: a reconcile re-reads every row, and at
-        # 10,000 instances validating them all again cost seconds though almost none had changed. Only
-        # texts seen in the last listing are kept, so this never outgrows the registry. The models are
-        # shared between callers: never mutate one (model_copy makes a changed one).
-        self._parsed: dict[Any, InstanceConfig | InstanceState] = {}
-        # The same for states alone (list_states), and each instance's max_rpm from the last full listing.
-        self._parsed_states: dict[Any, InstanceState] = {}
+        # A row (by a digest of its text and, for a state, its status, time and max_rpm: the texts themselves
+        # held about 20 MB at 10,000 instances) -> its parsed model, from the last full listing: a reconcile
+        # re-reads every row, and at 10,000 instances validating them all again cost seconds though almost
+        # none had changed. Only rows seen in the last listing are kept, so this never outgrows the
+        # registry. The models are shared between callers: never mutate one (model_copy makes a changed one).
+        self._parsed: dict[bytes, InstanceConfig | InstanceState] = {}
+        # The same for states alone (list_states): instance name -> (row digest, state) as last read; and
+        # each instance's max_rpm from the last full listing (a state's utilization derives from it).
+        self._states: dict[str, tuple[bytes, InstanceState]] = {}
         self._max_rpm: dict[str, int] = {}
         # Connect once so a bad URL fails here, and (SQLite) WAL mode and its files exist.
         with self._engine.connect():
@@ -462,7 +499,7 @@ class Store:
         if updated_at is not None and updated_at.tzinfo is None:  # SQLite keeps no offset; all times are UTC
             updated_at = updated_at.replace(tzinfo=UTC)
         operator = OperatorStatus(status or OperatorStatus.ACTIVE)
-        return read_state(observed, operator, updated_at, max_rpm)
+        return share_fields_set(read_state(observed, operator, updated_at, max_rpm))
 
     def _joined(self) -> Any:
         return select(
@@ -471,55 +508,67 @@ class Store:
 
     def list_instances(self) -> list[tuple[InstanceConfig, InstanceState]]:
         with self._read() as conn:
-            rows = conn.execute(self._joined().order_by(instances.c.name)).all()
-        previous: dict[Any, InstanceConfig | InstanceState] = self._parsed
-        seen: dict[Any, InstanceConfig | InstanceState] = {}
+            rows = conn.execute(self._joined().add_columns(instances.c.name).order_by(instances.c.name)).all()
+        previous: dict[bytes, InstanceConfig | InstanceState] = self._parsed
+        seen: dict[bytes, InstanceConfig | InstanceState] = {}
         pairs = [self._cached_pair(row, previous, seen) for row in rows]
         self._parsed = seen  # one assignment: a concurrent listing sees the old or the new cache
         self._max_rpm = {config.name: config.max_rpm for config, _ in pairs}
         return pairs
 
-    def list_states(self) -> dict[str, InstanceState]:
-        """Every state by instance name, without reading configurations: what a pass reads when only
-        states may have changed (the configuration generation is the one of the last list_instances,
-        whose max_rpm the derived utilization uses). A row unchanged since the last listing (this or
-        list_instances) is the object parsed then."""
+    def list_states(self, since: datetime | None = None) -> dict[str, InstanceState]:
+        """The stored states by instance name, without the configurations: every one, or with ``since``
+        those written at or after it (what a pass reads when only states may have changed:
+        world.refresh_world; the configuration generation is the one of the last list_instances, whose
+        max_rpm the derived utilization uses). A state whose row is unchanged since it was last read (by
+        this or list_instances) is the object parsed then."""
+        query = select(
+            instance_state.c.name,
+            instance_state.c.state,
+            instance_state.c.status,
+            instance_state.c.updated_at,
+        )
+        if since is not None:
+            query = query.where(instance_state.c.updated_at >= since)
         with self._read() as conn:
-            rows = conn.execute(
-                select(
-                    instance_state.c.name,
-                    instance_state.c.state,
-                    instance_state.c.status,
-                    instance_state.c.updated_at,
-                )
-            ).all()
-        parsed, previous, max_rpm = self._parsed, self._parsed_states, self._max_rpm
-        seen: dict[Any, InstanceState] = {}
+            rows = conn.execute(query).all()
+        known, parsed, max_rpm = self._states, self._parsed, self._max_rpm
+        fresh: dict[str, tuple[bytes, InstanceState]] = {} if since is None else dict(known)
         states: dict[str, InstanceState] = {}
         for name, text, status, updated_at in rows:
-            key = (text, status, updated_at, max_rpm.get(name, 0))
-            state = seen.get(key) or previous.get(key) or parsed.get(key)
-            if not isinstance(state, InstanceState):
-                state = self._state_of(text, status, updated_at, key[3])
-            seen[key] = states[name] = state
-        self._parsed_states = seen  # one assignment, as in list_instances
+            rpm = max_rpm.get(name, 0)
+            key = state_digest(text, status, updated_at, rpm)
+            entry = known.get(name)
+            if entry is not None and entry[0] == key:
+                state = entry[1]
+            else:
+                cached = parsed.get(key)
+                if not isinstance(cached, InstanceState):
+                    cached = self._state_of(text, status, updated_at, rpm)
+                state = cached
+            fresh[name] = (key, state)
+            states[name] = state
+        self._states = fresh  # one assignment, as in list_instances
         return states
 
     def _cached_pair(
         self,
         row: Any,
-        previous: dict[Any, InstanceConfig | InstanceState],
-        seen: dict[Any, InstanceConfig | InstanceState],
+        previous: dict[bytes, InstanceConfig | InstanceState],
+        seen: dict[bytes, InstanceConfig | InstanceState],
     ) -> tuple[InstanceConfig, InstanceState]:
-        config_text = row[0]
-        config = seen.get(config_text) or previous.get(config_text)
+        config_text, state_text, status, updated_at, name = row
+        config_key = text_digest(config_text)
+        config = seen.get(config_key) or previous.get(config_key)
         if not isinstance(config, InstanceConfig):
-            config = self._config_of(config_text)  # unseals the provider key
-        seen[config_text] = config
-        state_key = (row[1], row[2], row[3], config.max_rpm)
-        state = seen.get(state_key) or previous.get(state_key) or self._parsed_states.get(state_key)
+            config = share_fields_set(self._config_of(config_text))  # unseals the provider key
+        seen[config_key] = config
+        state_key = state_digest(state_text, status, updated_at, config.max_rpm)
+        state = seen.get(state_key) or previous.get(state_key)
+        if state is None and (read := self._states.get(name)) is not None and read[0] == state_key:
+            state = read[1]  # parsed by list_states since
         if not isinstance(state, InstanceState):
-            state = self._state_of(row[1], row[2], row[3], config.max_rpm)
+            state = self._state_of(state_text, status, updated_at, config.max_rpm)
         seen[state_key] = state
         return config, state
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -163,6 +163,9 @@ class World:
     jwt: JwtKeys | None = None
     # model -> the weights a measured strategy applies (control_plane/routing/service.py, with hysteresis).
     learned: Mapping[str, tuple[lw.Choice, ...]] = field(default_factory=dict)
+    # When the reading of the states it holds began (world.py): a later pass reads only the states written
+    # since (less a margin). Not an input of the spec.
+    states_read_at: datetime | None = None
 
 
 USAGE_SOCKET = "usage.sock"
@@ -445,12 +448,14 @@ def _learned(
     candidates: list[tuple[InstanceConfig, str]],
     members: tuple[Member, ...],
     half_open: frozenset[str],
+    states: Callable[[], Mapping[str, InstanceState]],
 ) -> tuple[tuple[Member, ...], tuple[lw.Choice, ...]]:
     """A learned strategy's members: tiers by price or quality, or the measured weights last applied (an
-    instance not measured yet gets the best weight, so it is measured soon; a half-open one a trickle)."""
+    instance not measured yet gets the best weight, so it is measured soon; a half-open one a trickle).
+    ``states`` gives every instance's state by name (worked out once a pass, when a pool needs it)."""
     if strategy in lw.RANKED:
-        states = {c.name: st for c, st in world.instances}
-        choices = lw.ranked(strategy, [observation_of(c, states[c.name]) for c, _ in candidates])
+        state_of = states()
+        choices = lw.ranked(strategy, [observation_of(c, state_of[c.name]) for c, _ in candidates])
         return _ranked_members(candidates, choices), choices
     applied = {c.name: c for c in world.learned.get(model, ())}
     if strategy not in lw.MEASURED or not applied:
@@ -467,88 +472,184 @@ def _learned(
     return weighted, tuple(c for c in applied.values() if c.name in serving)
 
 
+PoolKey = tuple[ApiFamily, Kind, str]  # (API family, endpoint kind, model): one pool each
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What one build worked out about an instance, kept so that the next pass can update the spec for a
+    few changed states (render/update.py) instead of building it again for the whole fleet."""
+
+    reason: str | None  # why it takes no traffic; None: available
+    breaker: BreakerState
+    served: tuple[str, ...]  # the models it serves (configured, then discovered)
+    pools: tuple[PoolKey, ...]  # the pools it is configured in, available or not
+    longest: float  # the longest read timeout of those pools (their available members')
+    address: str | None  # its upstream address (direct or its shim's socket) when available
+
+
+@dataclass(frozen=True)
+class SpecBuild:
+    """A spec with what its build worked out on the way: the input of render/update.py's update_spec."""
+
+    world: World
+    server: ServerSettings
+    spec: GatewaySpec
+    facts: Mapping[str, InstanceFacts]
+    serving: Mapping[PoolKey, tuple[InstanceConfig, ...]]  # every configured instance per pool, in order
+    pool_timeouts: Mapping[PoolKey, float]
+    half_open: frozenset[str]
+    # Instances out only until a time (rate limits): the clock alone may put them back.
+    timed: frozenset[str]
+
+
+def is_timed(state: InstanceState, now: datetime) -> bool:
+    """Whether the clock alone may change the instance's availability (exclusion_reason's time checks)."""
+    return (state.rate_limited_until is not None and state.rate_limited_until > now) or (
+        state.rate_budget_until is not None and state.rate_budget_until > now
+    )
+
+
+def pool_timeout(configs: Iterable[InstanceConfig], facts: Mapping[str, InstanceFacts]) -> float:
+    """A pool's read timeout: its slowest available member's (0 when none is available)."""
+    return max((c.timeout_seconds for c in configs if facts[c.name].reason is None), default=0.0)
+
+
+def instance_address(
+    config: InstanceConfig, world: World, run_dir: str, longest: float
+) -> tuple[str, Shim | None]:
+    """An available instance's upstream address, and its shim unless nginx reaches it directly: an
+    instance with a shorter timeout than a pool it is in goes through a shim, whose own timeout cuts it
+    off so the pool retries elsewhere in time."""
+    endpoints = providers.endpoints_for(config)
+    direct = config.timeout_seconds >= longest and providers.is_direct(config, endpoints)
+    address = _member_address(config, world, run_dir, direct)
+    return address, None if direct else build_shim(config, world, run_dir)
+
+
+def build_pool(
+    world: World,
+    key: PoolKey,
+    configs: Iterable[InstanceConfig],
+    facts: Mapping[str, InstanceFacts],
+    half_open: frozenset[str],
+    states: Callable[[], Mapping[str, InstanceState]],
+) -> Pool:
+    family, kind, model = key
+    configs = list(configs)
+    strategy = world.routing.strategies.get(model, world.routing.default_strategy)
+    candidates = [(c, address) for c in configs if (address := facts[c.name].address) is not None]
+    members = _tiered_members(candidates, strategy, half_open)
+    members, choices = _learned(world, strategy, model, candidates, members, half_open, states)
+    in_pool = {m.instance for m in members}
+    worse = "worse tier" if strategy in lw.RANKED else "lower priority tier"
+    reasons = ((c.name, facts[c.name].reason) for c in configs if c.name not in in_pool)
+    pool_excluded = tuple((name, worse if reason is None else reason) for name, reason in reasons)
+    chosen = [c for c in configs if c.name in in_pool] or configs
+    return Pool(
+        name=pool_name(family, kind, model),
+        family=family,
+        kind=kind,
+        model=model,
+        strategy=strategy,
+        members=members,
+        tries=max(1, min(len(members), 1 + max(c.retry_count for c in chosen))) if members else 1,
+        read_timeout_s=max(1, round(max(c.timeout_seconds for c in chosen))),
+        total_timeout_s=max(1, round(max(c.timeout_seconds * (1 + c.retry_count) for c in chosen))),
+        excluded=pool_excluded,
+        choices=choices,
+    )
+
+
+def state_lookup(world: World) -> Callable[[], Mapping[str, InstanceState]]:
+    """Every instance's state by name, worked out on the first call only."""
+    cache: list[Mapping[str, InstanceState]] = []
+
+    def states() -> Mapping[str, InstanceState]:
+        if not cache:
+            cache.append({c.name: st for c, st in world.instances})
+        return cache[0]
+
+    return states
+
+
 def build_spec(world: World, server: ServerSettings) -> GatewaySpec:
-    excluded: dict[str, str] = {}
+    return build_indexed(world, server).spec
+
+
+def build_indexed(world: World, server: ServerSettings) -> SpecBuild:
+    """The spec of ``world``, with what was worked out per instance and pool on the way."""
+    reasons = {config.name: exclusion_reason(config, state, world) for config, state in world.instances}
     half_open = frozenset(c.name for c, st in world.instances if st.breaker_state is BreakerState.HALF_OPEN)
-    usable: list[InstanceConfig] = []
-    for config, state in world.instances:
-        reason = exclusion_reason(config, state, world)
-        if reason is None:
-            usable.append(config)
-        else:
-            excluded[config.name] = reason
 
     # (family, kind, model) -> every configured instance (by name: several endpoints share a key),
     # available or not, for its configured and discovered models. Each instance's endpoints are worked
     # out once per pass.
-    endpoints_of: dict[str, list[Endpoint]] = {}
-    serving_by_name: dict[tuple[ApiFamily, Kind, str], dict[str, InstanceConfig]] = {}
+    served: dict[str, tuple[str, ...]] = {}
+    keys_of: dict[str, list[PoolKey]] = {}
+    serving_by_name: dict[PoolKey, dict[str, InstanceConfig]] = {}
     for config, state in world.instances:
-        endpoints_of[config.name] = endpoints = providers.endpoints_for(config)
-        models = served_models(config, state)
-        for key in {(e.family, e.kind) for e in endpoints}:
+        served[config.name] = models = tuple(served_models(config, state))
+        keys_of[config.name] = keys = []
+        for family, kind in {(e.family, e.kind) for e in providers.endpoints_for(config)}:
             for model in models:
-                serving_by_name.setdefault((*key, model), {}).setdefault(config.name, config)
-    serving = {key: list(configs.values()) for key, configs in serving_by_name.items()}
+                by_name = serving_by_name.setdefault((family, kind, model), {})
+                if config.name not in by_name:
+                    by_name[config.name] = config
+                    keys.append((family, kind, model))
+    serving = {key: tuple(configs.values()) for key, configs in serving_by_name.items()}
 
-    # A pool has one read timeout (its slowest member's). An instance with a shorter timeout than a pool it
-    # is in goes through a shim, whose own timeout cuts it off so the pool retries elsewhere in time.
-    usable_names = {c.name for c in usable}
-    longest: dict[str, float] = {}
-    for configs in serving.values():
-        pool_timeout = max((c.timeout_seconds for c in configs if c.name in usable_names), default=0.0)
-        for c in configs:
-            longest[c.name] = max(longest.get(c.name, 0.0), pool_timeout)
+    # A pool has one read timeout (its slowest available member's).
+    timeouts: dict[PoolKey, float] = {}
+    for key, configs in serving.items():
+        timeouts[key] = max((c.timeout_seconds for c in configs if reasons[c.name] is None), default=0.0)
 
-    available: list[tuple[InstanceConfig, str]] = []
+    facts: dict[str, InstanceFacts] = {}
     shims: list[Shim] = []
-    for config in usable:
-        direct = config.timeout_seconds >= longest.get(config.name, 0.0) and providers.is_direct(
-            config, endpoints_of[config.name]
+    for config, state in world.instances:
+        name = config.name
+        longest = max((timeouts[k] for k in keys_of[name]), default=0.0)
+        address = None
+        if reasons[name] is None:
+            address, shim = instance_address(config, world, server.run_dir, longest)
+            if shim is not None:
+                shims.append(shim)
+        facts[name] = InstanceFacts(
+            reason=reasons[name],
+            breaker=state.breaker_state,
+            served=served[name],
+            pools=tuple(keys_of[name]),
+            longest=longest,
+            address=address,
         )
-        available.append((config, _member_address(config, world, server.run_dir, direct)))
-        if not direct:
-            shims.append(build_shim(config, world, server.run_dir))
 
-    address_of = {c.name: a for c, a in available}
-    pools = []
-    for (family, kind, model), configs in sorted(serving.items()):
-        strategy = world.routing.strategies.get(model, world.routing.default_strategy)
-        candidates = [(c, address_of[c.name]) for c in configs if c.name in address_of]
-        members = _tiered_members(candidates, strategy, half_open)
-        members, choices = _learned(world, strategy, model, candidates, members, half_open)
-        in_pool = {m.instance for m in members}
-        worse = "worse tier" if strategy in lw.RANKED else "lower priority tier"
-        pool_excluded = tuple((c.name, excluded.get(c.name, worse)) for c in configs if c.name not in in_pool)
-        chosen = [c for c in configs if c.name in in_pool] or configs
-        pools.append(
-            Pool(
-                name=pool_name(family, kind, model),
-                family=family,
-                kind=kind,
-                model=model,
-                strategy=strategy,
-                members=members,
-                tries=max(1, min(len(members), 1 + max(c.retry_count for c in chosen))) if members else 1,
-                read_timeout_s=max(1, round(max(c.timeout_seconds for c in chosen))),
-                total_timeout_s=max(1, round(max(c.timeout_seconds * (1 + c.retry_count) for c in chosen))),
-                excluded=pool_excluded,
-                choices=choices,
-            )
-        )
-    return GatewaySpec(
+    states = state_lookup(world)
+    pools = tuple(
+        build_pool(world, key, configs, facts, half_open, states) for key, configs in sorted(serving.items())
+    )
+    spec = GatewaySpec(
         server=server,
-        pools=tuple(pools),
+        pools=pools,
         shims=tuple(sorted(shims, key=lambda s: s.instance)),
         endpoints=providers.ENDPOINTS,
         aliases=tuple(sorted(world.routing.model_aliases.items())),
         fallbacks=tuple(sorted((m, tuple(chain)) for m, chain in world.routing.fallbacks.items())),
         session_header=world.routing.session_header,
         generation=world.generation,
-        excluded=tuple(sorted(excluded.items())),
+        excluded=tuple(sorted((n, r) for n, r in reasons.items() if r is not None)),
         tls_fingerprint=world.tls_fingerprint,
         access=build_client_access(server.access, world.client_keys, world.jwt, providers.ENDPOINTS),
         prices=instance_prices(c for c, _ in world.instances),
+    )
+    return SpecBuild(
+        world=world,
+        server=server,
+        spec=spec,
+        facts=facts,
+        serving=serving,
+        pool_timeouts=timeouts,
+        half_open=half_open,
+        timed=frozenset(c.name for c, st in world.instances if is_timed(st, world.now)),
     )
 
 

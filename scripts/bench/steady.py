@@ -136,10 +136,38 @@ def set_mode(stub_url: str, mode: str) -> None:
     httpx.post(f"{stub_url}/_control", json={"mode": mode}, timeout=5).raise_for_status()
 
 
-def flips(system: GatewaySystem, stub_url: str, count: int, timeout_s: float = 15.0) -> list[float | None]:
+def last_phases(system: GatewaySystem) -> dict[str, float]:
+    """The split of the controller's last pass (/admin/status last_reload.phases_ms)."""
+    body = system.gw.admin.get("/admin/status", params={"limit": 1}, timeout=60).json()
+    last = body.get("last_reload") or {}
+    phases = {k: float(v) for k, v in (last.get("phases_ms") or {}).items()}
+    phases["incremental"] = 1.0 if last.get("incremental") else 0.0  # (its median says which most were)
+    return phases
+
+
+def phase_summary(passes: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per phase (in the controller's order): median and p95 over the passes."""
+    names = list(dict.fromkeys(name for phases in passes for name in phases))
+    return {
+        name: {
+            "p50": round(percentile([p.get(name, 0.0) for p in passes], 50), 1),
+            "p95": round(percentile([p.get(name, 0.0) for p in passes], 95), 1),
+        }
+        for name in names
+    }
+
+
+def flips(
+    system: GatewaySystem,
+    stub_url: str,
+    count: int,
+    timeout_s: float = 15.0,
+    passes: list[dict[str, float]] | None = None,
+) -> list[float | None]:
     """`count` health changes of FLIP (down, up, down, ...): the stand-in fails (or answers), an explicit
     check records the verdict, and the time from that check to nginx serving a new checksum is taken.
-    Each change waits RELOAD_GAP_S after the previous one went live (the reload rate limit)."""
+    Each change waits RELOAD_GAP_S after the previous one went live (the reload rate limit). The split of
+    each change's pass is appended to ``passes`` when given."""
     admin, port = system.gw.admin, system.gw.http_port
     samples: list[float | None] = []
     last_live = time.monotonic()
@@ -155,6 +183,8 @@ def flips(system: GatewaySystem, stub_url: str, count: int, timeout_s: float = 1
         waited = _until_checksum_changes(port, before, timeout_s)
         samples.append(None if waited is None else (time.perf_counter() - started) * 1000)
         last_live = time.monotonic()
+        if passes is not None and waited is not None:
+            passes.append(last_phases(system))
     return samples
 
 
@@ -249,8 +279,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["requests"] = {"sent": traffic.sent, "failed": traffic.failed}
             if args.flips:
                 log(f"--- {args.flips} health changes of {FLIP} (load average {load_average()})")
+                passes: list[dict[str, float]] = []
                 try:
-                    ms = flips(system, flip_stub.url, args.flips)
+                    ms = flips(system, flip_stub.url, args.flips, passes=passes)
                 except (httpx.HTTPError, RuntimeError) as exc:  # reported beside what was measured
                     result["flips"] = {"error": f"{type(exc).__name__}: {exc}"}
                 else:
@@ -261,6 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "p50_ms": round(percentile(done, 50), 1) if done else None,
                         "p95_ms": round(percentile(done, 95), 1) if done else None,
                         "max_ms": round(max(done), 1) if done else None,
+                        "phases_ms": phase_summary(passes),
                     }
                 log(f"health change -> live: {result['flips']}")
             result["load_average"]["end"] = load_average()
@@ -300,6 +332,8 @@ def summary(result: dict[str, Any]) -> str:
             f"health change -> live: p50 {f['p50_ms']} ms, p95 {f['p95_ms']} ms, max {f['max_ms']} ms, "
             f"timeouts {f['timeouts']}"
         )
+        split = ", ".join(f"{k} {v['p50']}/{v['p95']}" for k, v in f.get("phases_ms", {}).items())
+        lines.append(f"its passes' split (ms, p50/p95): {split}")
     lines.append(f"load average at the end: {result['load_average'].get('end')}")
     return "\n".join(lines)
 

@@ -126,3 +126,6 @@ def test_listing_filters(big: Gateway, imported: Any) -> None:
     assert [p["model"] for p in status["pools"]] == ["model-0007"] and status["next_cursor"] is None
     paged = big.admin.get("/admin/status", params={"limit": "600"}).json()
     assert len(paged["pools"]) == 600 and paged["next_cursor"]
+    rest = big.admin.get("/admin/status", params={"limit": "600", "cursor": paged["next_cursor"]}).json()
+    names = [p["name"] for p in paged["pools"] + rest["pools"]]
+    assert rest["next_cursor"] is None and len(set(names)) == MODELS and names == sorted(names)

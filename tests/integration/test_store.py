@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -10,6 +11,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from control_plane.registry.models import (
 from control_plane.registry.store import Store, normalise_url
 from control_plane.registry.usage import UsageStore
 from control_plane.usage.model import DAY_S, Batch, UsageQuery, parse_batch
+from control_plane.world import STATES_MARGIN, gather_world, read_environment, refresh_world
 from tests.integration.postgres import pg_admin as _pg_admin
 
 LITERAL_KEY = "sk-live-0123456789abcdef"
@@ -642,6 +645,70 @@ def test_listing_reuses_unchanged_rows_and_sees_every_change(store: Store) -> No
     assert names(store) == ["b", "c"]
     # Only the last listing's rows are kept: the cache never outgrows the registry.
     assert len(store._parsed) <= 2 * len(names(store))
+
+
+def test_list_states_reads_the_states_alone_through_the_same_cache(store: Store) -> None:
+    """What a pass reads when only states may have changed (world.refresh_world): every state by name,
+    an unchanged one as the object parsed before (by either listing), a changed one parsed anew."""
+    store.replace_all([cfg("a"), cfg("b")], None, merge=False)
+    listed = {c.name: s for c, s in store.list_instances()}
+    states = store.list_states()
+    assert states == listed and states["a"] is listed["a"] and states["b"] is listed["b"]
+    store.patch_states({"b": {"health_status": HealthStatus.UNHEALTHY}})
+    again = store.list_states()
+    assert again["a"] is listed["a"] and again["b"].health_status is HealthStatus.UNHEALTHY
+    # The next full listing reuses what list_states parsed (no second parse of a changed state).
+    assert {c.name: s for c, s in store.list_instances()}["b"] is again["b"]
+    assert len(store._states) <= 2
+    # Only those written since a time: what a pass reads between its full reads (world.refresh_world).
+    since = datetime.now(UTC)
+    assert store.list_states(since) == {}
+    store.patch_states({"a": {"health_status": HealthStatus.HEALTHY}})
+    delta = store.list_states(since)
+    assert list(delta) == ["a"] and delta["a"].health_status is HealthStatus.HEALTHY
+    assert store.list_states()["b"] is again["b"] and len(store._states) == 2
+
+
+def test_listed_models_share_one_set_of_field_names(store: Store) -> None:
+    """(share_fields_set) A model parsed from a stored row has every field set; all such models of a
+    class share one set, which model_copy does not change."""
+    store.replace_all([cfg("a"), cfg("b")], None, merge=False)
+    (a, sa), (b, sb) = store.list_instances()
+    assert a.model_fields_set is b.model_fields_set and sa.model_fields_set is sb.model_fields_set
+    assert a.health.model_fields_set is b.health.model_fields_set
+    assert a.model_fields_set == set(InstanceConfig.model_fields)
+    copied = sa.model_copy(update={"error_count": 3})
+    assert copied.error_count == 3 and copied.model_fields_set is not sa.model_fields_set
+    assert sa.model_fields_set == set(InstanceState.model_fields) and sa.error_count == 0
+    assert store.list_states()["a"].model_fields_set is sa.model_fields_set
+
+
+def test_refresh_world_reads_states_while_the_generation_stays(store: Store) -> None:
+    store.replace_all([cfg("a", api_base="http://127.0.0.1:1"), cfg("b")], None, merge=False)
+    world = asyncio.run(gather_world(store))
+    store.patch_states({"a": {"health_status": HealthStatus.UNHEALTHY}})
+    fresh = asyncio.run(refresh_world(store, world))
+    assert fresh is not None and fresh.generation == world.generation and fresh.now >= world.now
+    assert [c for c, _ in fresh.instances] == [c for c, _ in world.instances]
+    assert all(a is b for (a, _), (b, _) in zip(fresh.instances, world.instances, strict=True))
+    assert fresh.instances[0][1].health_status is HealthStatus.UNHEALTHY
+    assert fresh.instances[1][1] is world.instances[1][1]
+    assert fresh.addresses is world.addresses and fresh.secrets is world.secrets
+    # Secrets, DNS and files read again (once a resync interval): equal values keep their objects.
+    env = asyncio.run(read_environment([c for c, _ in fresh.instances]))
+    again = asyncio.run(refresh_world(store, fresh, env))
+    assert again is not None and again.addresses is fresh.addresses and again.secrets is fresh.secrets
+    moved = asyncio.run(refresh_world(store, fresh, replace(env, addresses={})))
+    assert moved is not None and moved.addresses == {}
+    # Between full reads only the states written since the last read (less a margin) are read.
+    later = replace(fresh, states_read_at=datetime.now(UTC) + STATES_MARGIN)
+    assert asyncio.run(refresh_world(store, later)).instances == later.instances  # type: ignore[union-attr]
+    store.patch_states({"b": {"health_status": HealthStatus.UNHEALTHY}})
+    seen = asyncio.run(refresh_world(store, later))
+    assert seen is not None and seen.instances[1][1].health_status is HealthStatus.UNHEALTHY
+    assert seen.instances[0][1] is later.instances[0][1] and seen.states_read_at is not None
+    store.replace_config(cfg("b", weight=3))  # a configuration write: the next pass reads everything
+    assert asyncio.run(refresh_world(store, fresh)) is None
 
 
 def test_patch_probe_fields_merges_the_last_probe_fields_and_keeps_the_rest(store: Store) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from control_plane.app import create_app
 from control_plane.reconciler import ReconcileResult
 from control_plane.registry.models import InstanceConfig, InstanceState, OperatorStatus, RoutingConfig
 from control_plane.registry.store import Store
+from control_plane.render.spec import GatewaySpec, Pool
 from control_plane.settings import Settings
 
 ADMIN = "admin-key-0123456789abcdef"
@@ -70,7 +71,9 @@ class FakeReconciler:
         self.forced.append(force)
         return self.result
 
-    def status(self) -> dict[str, object]:
+    spec: GatewaySpec | None = None  # no pass yet
+
+    def status(self, pools: Sequence[Pool] | None = None) -> dict[str, object]:
         return {
             "checksum": "abc",
             "applied": None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from control_plane.errors import ReloadFailed
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import TestResult as NginxTestResult  # not a test class
 from control_plane.reconciler import NginxControl, Reconciler, ReconcileTiming, WorldSource
-from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
+from control_plane.registry.models import HealthStatus, InstanceConfig, InstanceState, RoutingConfig
 from control_plane.render.nginx import RenderedTree
 from control_plane.render.spec import GatewaySpec, ServerSettings, World
 from tests import virtual_time
@@ -32,13 +32,17 @@ TIMING = ReconcileTiming()  # the production defaults: debounce 0.15 s, max wait
 
 
 class FakeWorld:
-    """One instance whose weight each change bumps, with the generation."""
+    """One instance whose weight each change bumps, with the generation; and whose health may change
+    (a state write: the generation stays)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.weight = 1
         self.generation_now = 1
-        self.passes: list[float] = []  # when each pass gathered
+        self.state = InstanceState()
+        self.passes: list[float] = []  # when each pass gathered (in full or the states only)
+        self.full: list[float] = []  # when each pass gathered in full
+        self.environment: list[float] = []  # when each pass read secrets, DNS and files (a full one too)
         self.failure: Exception | None = None
         self.seeded: list[GatewaySpec] = []
 
@@ -47,8 +51,14 @@ class FakeWorld:
         self.weight += 1
         self.generation_now += 1
 
+    def health(self, healthy: bool) -> None:
+        """A health verdict written (the state alone)."""
+        self.state = InstanceState(health_status=HealthStatus.HEALTHY if healthy else HealthStatus.UNHEALTHY)
+
     async def gather(self) -> World:
         self.passes.append(self.clock())
+        self.full.append(self.clock())
+        self.environment.append(self.clock())
         if self.failure is not None:
             raise self.failure
         config = InstanceConfig(
@@ -59,12 +69,22 @@ class FakeWorld:
             weight=self.weight,
         )
         return World(
-            instances=((config, InstanceState()),),
+            instances=((config, self.state),),
             routing=RoutingConfig(),
             now=NOW,
             generation=self.generation_now,
             addresses={"127.0.0.1": ("127.0.0.1",)},
         )
+
+    async def refresh(self, previous: World, environment: bool) -> World | None:
+        if self.failure is not None:
+            raise self.failure
+        if previous.generation != self.generation_now:
+            return None
+        self.passes.append(self.clock())
+        if environment:
+            self.environment.append(self.clock())
+        return replace(previous, instances=tuple((c, self.state) for c, _ in previous.instances))
 
     async def generation(self) -> int:
         return self.generation_now
@@ -384,3 +404,65 @@ async def test_the_loop_survives_a_failing_pass() -> None:
         loop.world.change()
         fixed = await loop.reconciler.apply("again")
         assert fixed.ok and fixed.changed and loop.nginx.live == fixed.checksum
+
+
+@run
+async def test_apply_during_a_debounce_ends_it() -> None:
+    async with started() as loop:
+        await asyncio.sleep(5)
+        loop.world.health(False)
+        loop.reconciler.request("health verdict")  # the flusher's, just before the check's apply
+        await asyncio.sleep(0.01)
+        asked = loop.clock()
+        result = await loop.reconciler.apply("instance a checked")
+        assert result.ok and result.changed
+        assert loop.world.passes[-1] == pytest.approx(asked)  # not a debounce later
+        assert len(loop.world.passes) == 2
+
+
+# --- what a pass reads ---------------------------------------------------------------------------------
+
+
+@run
+async def test_a_health_change_reads_the_states_only_and_renders_what_a_full_pass_would() -> None:
+    async with started() as loop:
+        assert len(loop.world.full) == 1
+        loop.world.health(False)
+        out = await loop.reconciler.apply("instance a checked")
+        assert out.ok and out.changed and out.incremental
+        assert len(loop.world.full) == 1 and len(loop.world.passes) == 2
+        spec = loop.reconciler.spec
+        assert spec is not None and spec.excluded and not spec.pools[0].members
+        # What a pass that reads everything makes of the same registry: the same tree.
+        fresh = make_loop()
+        fresh.world.health(False)
+        assert (await fresh.reconciler.reconcile_now()).checksum == out.checksum
+        loop.world.health(True)
+        back = await loop.reconciler.apply("instance a checked")
+        assert back.incremental and back.checksum != out.checksum and len(loop.world.full) == 1
+
+
+@run
+async def test_a_configuration_change_or_a_forced_pass_reads_everything() -> None:
+    async with started() as loop:
+        loop.world.change()
+        changed = await loop.reconciler.apply("api write")
+        assert changed.ok and not changed.incremental and len(loop.world.full) == 2
+        forced = await loop.reconciler.reconcile_now(force=True)
+        assert not forced.incremental and len(loop.world.full) == 3
+
+
+@run
+async def test_secrets_dns_and_files_are_read_again_once_a_resync_interval() -> None:
+    async with started() as loop:
+        began = loop.clock()
+        await asyncio.sleep(TIMING.resync_interval_s - 10)
+        loop.world.health(False)
+        light = await loop.reconciler.apply("instance a checked")
+        assert light.incremental and loop.world.environment == [began]
+        await asyncio.sleep(11)  # the last read of the environment is now older than the resync interval
+        loop.world.health(True)
+        again = await loop.reconciler.apply("instance a checked")
+        # Read again, found unchanged: still an update of the previous spec, no full read.
+        assert again.changed and again.incremental and len(loop.world.full) == 1
+        assert loop.world.environment == [began, loop.world.passes[-1]]
