@@ -8,6 +8,8 @@ import asyncio
 import hashlib
 import ipaddress
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,6 +63,34 @@ async def resolve_hosts(configs: list[InstanceConfig]) -> dict[str, tuple[str, .
     return {h: r for h, r in zip([h for h in hosts if h], results, strict=True) if r}
 
 
+DNS_TTL_S = 30.0
+
+
+class HostAddresses:
+    """The instances' DNS answers, each kept ``ttl_s`` (a name that did not resolve too): a pass repeats
+    no lookup younger than that, so a name whose lookup times out costs its timeout once a TTL, not in
+    every pass (every configuration write, every waited admin call). Hosts no instance uses are forgotten."""
+
+    def __init__(
+        self,
+        ttl_s: float = DNS_TTL_S,
+        lookup: Callable[[str], Awaitable[tuple[str, ...]]] = resolve_host,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s, self.lookup, self.clock = ttl_s, lookup, clock
+        self._answers: dict[str, tuple[float, tuple[str, ...]]] = {}  # host -> (looked up at, addresses)
+
+    async def resolve(self, configs: list[InstanceConfig]) -> dict[str, tuple[str, ...]]:
+        hosts = sorted({providers.base_host(c) for c in configs} - {""})
+        now = self.clock()
+        due = [h for h in hosts if (a := self._answers.get(h)) is None or now - a[0] >= self.ttl_s]
+        results = await asyncio.gather(*(self.lookup(h) for h in due))
+        answers = {h: self._answers[h] for h in hosts if h in self._answers}
+        answers.update((h, (now, r)) for h, r in zip(due, results, strict=True))
+        self._answers = answers
+        return {h: addresses for h, (_, addresses) in answers.items() if addresses}
+
+
 def file_fingerprint(path: str | None) -> str:
     if not path:
         return ""
@@ -87,13 +117,14 @@ async def read_environment(
     tls_cert: str | None = None,
     jwt_files: JwtFiles | None = None,
     secret_policy: SecretPolicy | None = None,
+    dns: HostAddresses | None = None,
 ) -> Environment:
     jwt = await asyncio.to_thread(jwt_keys.load_or_none, jwt_files or JwtFiles())
     secrets, problems = await asyncio.to_thread(secrets_of, configs, secret_policy or SecretPolicy())
     return Environment(
         secrets=secrets,
         secret_problems=problems,
-        addresses=await resolve_hosts(configs),
+        addresses=await (dns.resolve(configs) if dns is not None else resolve_hosts(configs)),
         tls_fingerprint=file_fingerprint(tls_cert),
         jwt=jwt,
     )
@@ -104,6 +135,7 @@ async def gather_world(
     tls_cert: str | None = None,
     jwt_files: JwtFiles | None = None,
     secret_policy: SecretPolicy | None = None,
+    dns: HostAddresses | None = None,
 ) -> World:
     """The registry as it is now. The generation is read first: what the reads after it see is at least
     that generation, and a change committed meanwhile bumps it past the one recorded, so the generation
@@ -115,7 +147,7 @@ async def gather_world(
     client_keys = await asyncio.to_thread(ClientKeyStore(store).list)
     routing = await asyncio.to_thread(store.get_routing)
     configs = [c for c, _ in instances]
-    env = await read_environment(configs, tls_cert, jwt_files, secret_policy)
+    env = await read_environment(configs, tls_cert, jwt_files, secret_policy, dns)
     return World(
         instances=tuple(instances),
         routing=routing,
@@ -193,15 +225,16 @@ class RegistryWorld:
         self.tls_cert = tls_cert
         self.jwt_files = jwt_files
         self.secret_policy = secret_policy or SecretPolicy()
+        self.dns = HostAddresses()
 
     async def gather(self) -> World:
-        return await gather_world(self.store, self.tls_cert, self.jwt_files, self.secret_policy)
+        return await gather_world(self.store, self.tls_cert, self.jwt_files, self.secret_policy, self.dns)
 
     async def refresh(self, previous: World, environment: bool) -> World | None:
         env = None
         if environment:
             configs = [c for c, _ in previous.instances]
-            env = await read_environment(configs, self.tls_cert, self.jwt_files, self.secret_policy)
+            env = await read_environment(configs, self.tls_cert, self.jwt_files, self.secret_policy, self.dns)
         return await refresh_world(self.store, previous, env)
 
     async def generation(self) -> int:
