@@ -57,12 +57,6 @@ async def resolve_host(host: str, timeout: float = 3.0) -> tuple[str, ...]:
     return tuple(addresses)
 
 
-async def resolve_hosts(configs: list[InstanceConfig]) -> dict[str, tuple[str, ...]]:
-    hosts = sorted({providers.base_host(c) for c in configs})
-    results = await asyncio.gather(*(resolve_host(h) for h in hosts if h))
-    return {h: r for h, r in zip([h for h in hosts if h], results, strict=True) if r}
-
-
 DNS_TTL_S = 30.0
 
 
@@ -124,7 +118,7 @@ async def read_environment(
     return Environment(
         secrets=secrets,
         secret_problems=problems,
-        addresses=await (dns.resolve(configs) if dns is not None else resolve_hosts(configs)),
+        addresses=await (dns or HostAddresses(ttl_s=0)).resolve(configs),
         tls_fingerprint=file_fingerprint(tls_cert),
         jwt=jwt,
     )
