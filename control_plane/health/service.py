@@ -41,6 +41,15 @@ FLUSH_GAP_S = 0.1  # the least time between two flushes, however often verdicts 
 PROBED_ROWS_PER_S = 250.0
 
 
+def _child(children: dict[tuple[str, str], Counter], family: Counter, name: str, outcome: str) -> Counter:
+    """The labelled child of ``family``, looked up once: labels() costs more than the increment, and it is
+    called per record and per probe."""
+    counter = children.get((name, outcome))
+    if counter is None:
+        counter = children[(name, outcome)] = family.labels(name, outcome)
+    return counter
+
+
 class HealthService:
     def __init__(
         self,
@@ -119,13 +128,8 @@ class HealthService:
             self._verdict.set()
 
     def _attempt_counter(self, name: str, outcome: str) -> Counter:
-        """The labelled child, looked up once: labels() costs more than the increment, per record."""
-        counter = self._attempt_counters.get((name, outcome))
-        if counter is None:
-            assert self.metrics is not None
-            counter = self.metrics.upstream_attempts.labels(name, outcome)
-            self._attempt_counters[(name, outcome)] = counter
-        return counter
+        assert self.metrics is not None
+        return _child(self._attempt_counters, self.metrics.upstream_attempts, name, outcome)
 
     # --- active -----------------------------------------------------------------------------------
     async def probe_now(self, name: str) -> ProbeResult:
@@ -156,12 +160,8 @@ class HealthService:
             self._probe_counter(name, str(result.outcome)).inc()
 
     def _probe_counter(self, name: str, outcome: str) -> Counter:
-        counter = self._probe_counters.get((name, outcome))
-        if counter is None:
-            assert self.metrics is not None
-            counter = self.metrics.probes.labels(name, outcome)
-            self._probe_counters[(name, outcome)] = counter
-        return counter
+        assert self.metrics is not None
+        return _child(self._probe_counters, self.metrics.probes, name, outcome)
 
     async def probe_config(self, config: InstanceConfig) -> ProbeResult:
         """One probe of ``config`` (registered or not: the autoscaler's readiness check), not recorded."""

@@ -669,6 +669,12 @@ class Store:
             if result.rowcount == 0:
                 conn.execute(insert(instance_state).values(name=name, **values))
 
+    @staticmethod
+    def _state_texts(conn: Connection, names: list[str]) -> list[Any]:
+        """(name, observed-state JSON) of the named instances that exist, read inside the caller's write."""
+        query = select(instance_state.c.name, instance_state.c.state)
+        return list(conn.execute(query.where(instance_state.c.name.in_(names))).all())
+
     def patch_states(self, patches: dict[str, dict[str, Any]]) -> None:
         """Merge fields into several states in one transaction (read-modify-write under the write lock, so
         the tracker's observed fields and an operator's ``status`` never overwrite each other). Fields
@@ -677,11 +683,7 @@ class Store:
             return
         with self._write() as conn:
             now = _now()
-            rows = conn.execute(
-                select(instance_state.c.name, instance_state.c.state).where(
-                    instance_state.c.name.in_(list(patches))
-                )
-            ).all()
+            rows = self._state_texts(conn, list(patches))
             for name, text in rows:
                 patch = patches[name]
                 values: dict[str, Any] = {"updated_at": now}
@@ -702,11 +704,7 @@ class Store:
             return
         with self._write() as conn:
             now = _now()
-            rows = conn.execute(
-                select(instance_state.c.name, instance_state.c.state).where(
-                    instance_state.c.name.in_(list(patches))
-                )
-            ).all()
+            rows = self._state_texts(conn, list(patches))
             params = []
             for name, text in rows:
                 state = json.loads(text) if text else {}
