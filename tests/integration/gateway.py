@@ -41,6 +41,17 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last_error}")
 
 
+def clear_of_midnight(margin_s: float) -> None:
+    """Return once the next ``margin_s`` seconds stay within one UTC day (at once, unless midnight is that
+    close: then just after it), for a test whose figures are per day (a day's budget, "today")."""
+    wait_for(
+        lambda: 86400 - time.time() % 86400 > margin_s,
+        timeout=margin_s + 5,
+        interval=0.5,
+        what="midnight (UTC) passed",
+    )
+
+
 def sigkill_nginx(master: int) -> list[int]:
     """SIGKILL an nginx master and its children (the master alone would leave its workers behind); the
     pids killed."""

@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.backends.stub_llm import StubServer
 from tests.integration.conftest import start_stub
-from tests.integration.gateway import Gateway, wait_for
+from tests.integration.gateway import Gateway, clear_of_midnight, wait_for
 
 LONG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x" * 1200}]  # ~300 prompt tokens
 ENV = {
@@ -82,6 +82,7 @@ def test_a_key_over_its_budget_is_refused_in_each_api_style_across_restarts(
     API style then answers 429 (OpenAI: insufficient_quota; Anthropic: budget_exceeded) with the reset time,
     through the SDKs too; the refusal holds after a reload, a controller restart and a restart of nginx
     (the controller's seed), and another key is served meanwhile; the key's usage shows the budget left."""
+    clear_of_midnight(180)  # the day's budget resets at midnight (UTC)
     with Gateway(extra_env=ENV) as gw:
         _instance(gw, stubs, "priced", cost_per_1k_tokens=1.0)
         secret, key_id = _key(gw, name="capped", max_budget_usd=0.1, budget_period="day")
