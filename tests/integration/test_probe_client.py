@@ -35,6 +35,11 @@ class Scripted:
             await self.handler(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # asyncio.run cancels a handler still waiting on a kept-alive connection at the end; ending
+            # normally here spares Python 3.11's start_server callback, which logs a cancelled handler
+            # task as an error ("Exception in callback ... CancelledError").
+            pass
         finally:
             writer.close()
 
