@@ -135,6 +135,17 @@ def test_gateway_errors_are_json_in_the_clients_style(gateway: Gateway, stubs: d
     too_big = c.post("/v1/chat/completions", content=b"x" * (17 * 1024 * 1024))
     assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "request_too_large"
     assert c.get("/v1/chat/completions").status_code == 405
+    # An endpoint the gateway does not know: 404 in the style the request's path or headers name.
+    nowhere = {
+        "openai": c.post("/v1/nowhere", json={}),
+        "ollama": c.post("/api/nowhere", json={}),
+        "anthropic": c.post("/v1/nowhere", json={}, headers={"anthropic-version": "2023-06-01"}),
+    }
+    assert all(answer.status_code == 404 for answer in nowhere.values())
+    assert nowhere["openai"].json()["error"]["type"] == "not_found_error"
+    assert "/api/nowhere" in nowhere["ollama"].json()["error"]  # Ollama: the error is a string
+    assert nowhere["anthropic"].json()["type"] == "error"
+    assert nowhere["anthropic"].json()["error"]["type"] == "not_found_error"
 
 
 def test_model_names_resolve_exactly(gateway: Gateway, stubs: dict[str, StubServer]) -> None:

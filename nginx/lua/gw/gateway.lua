@@ -350,8 +350,7 @@ function handlers.version()
 end
 
 function handlers.not_found()
-    local family = find(var.uri, "/api/", 1, true) == 1 and "ollama" or "openai"
-    return fail(family, 404, "not_found_error", "Unknown endpoint " .. shown(var.uri))
+    return fail(family_of_request(), 404, "not_found_error", "Unknown endpoint " .. shown(var.uri))
 end
 
 function handlers.too_large()
