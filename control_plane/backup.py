@@ -345,17 +345,15 @@ class Archive:
     members: dict[str, bytes]
 
 
-def _check_gzip(path: Path) -> None:
-    """Inflates the whole file once, before any member is read: damage anywhere is then found by zlib or by
-    the CRC in gzip's trailer, never taken for a foreign archive (tarfile stops reading before the trailer,
-    so a flipped byte could otherwise surface as a garbled manifest)."""
-    with path.open("rb") as raw:
-        if raw.read(2) != b"\x1f\x8b":
-            raise BackupError(f"{path}: not a gzip tar archive")
+def _inflate(path: Path) -> bytes:
+    """The tar inside the gzip file, inflated whole before any member is read: damage anywhere is then found
+    by zlib or by the CRC in gzip's trailer, never taken for a foreign archive (tarfile stops reading before
+    the trailer, so a flipped byte could otherwise surface as a garbled manifest)."""
+    data = path.read_bytes()
+    if data[:2] != b"\x1f\x8b":
+        raise BackupError(f"{path}: not a gzip tar archive")
     try:
-        with gzip.open(path, "rb") as handle:
-            while handle.read(1 << 20):
-                pass
+        return gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as exc:
         raise BackupError(f"{path}: the archive is damaged ({exc})") from None
 
@@ -365,9 +363,8 @@ def read_archive(path: Path) -> Archive:
     gzip tar of regular files with safe names."""
     if not path.is_file():
         raise BackupError(f"{path}: no such file")
-    _check_gzip(path)
     try:
-        tar = tarfile.open(path, mode="r:gz")  # noqa: SIM115 (closed by the with below)
+        tar = tarfile.open(fileobj=io.BytesIO(_inflate(path)), mode="r:")  # noqa: SIM115 (closed below)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BackupError(f"{path}: not a gzip tar archive ({exc})") from None
     members: dict[str, bytes] = {}
