@@ -5,12 +5,44 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from typing import Self
 
 import httpx
 import openai
 
 
-class Load:
+class ClientThreads:
+    """Client threads, each running ``_run`` (bounded by its subclass) until ``stop()``: started by ``with``,
+    stopped and joined when it ends; what failed in ``failures``."""
+
+    def __init__(self, threads: int) -> None:
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self.failures.append(repr(exc)[:200])
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Load(ClientThreads):
     """Threads sending chat requests until stopped, a deadline, or a request budget.
 
     sdk=True: the official openai SDK, which retries connection errors as every SDK does (nginx closes
@@ -43,13 +75,10 @@ class Load:
         )
         self.path, self.timeout = path, timeout
         self.seen: Counter[str] = Counter()
-        self.failures: list[str] = []
         self.first_seen: dict[str, float] = {}
         self.last_seen: dict[str, float] = {}
         self.latencies: list[float] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        super().__init__(threads)
 
     @property
     def total(self) -> int:
@@ -81,8 +110,7 @@ class Load:
                 try:
                     name = self._send_sdk(sdk) if self.sdk else self._send_raw(raw)
                 except (openai.OpenAIError, httpx.HTTPError, RuntimeError) as exc:
-                    with self._lock:
-                        self.failures.append(repr(exc)[:200])
+                    self._failed(exc)
                     continue
                 now = time.monotonic()
                 with self._lock:
@@ -93,16 +121,3 @@ class Load:
         finally:
             sdk.close()
             raw.close()
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

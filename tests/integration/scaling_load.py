@@ -13,6 +13,7 @@ import httpx
 import openai
 
 from tests.integration.gateway import Gateway, wait_for
+from tests.integration.load import ClientThreads
 
 MODEL = "scaled"
 RAMP_MAX = 4  # the issue's ramp: min_instances 1, max_instances 4
@@ -46,7 +47,7 @@ def chat(stream: bool = True) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
 
-class Streams:
+class Streams(ClientThreads):
     """Clients streaming chat answers in a loop, bounded in count: raw httpx ones that never retry, or the
     official openai SDK. A stream in flight on a member that is scaled in must still finish whole.
 
@@ -58,11 +59,8 @@ class Streams:
     def __init__(self, url: str, threads: int = 1, sdk: bool = False) -> None:
         self.url, self.sdk = url, sdk
         self.done = 0
-        self.failures: list[str] = []
         self.seen: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        super().__init__(threads)
 
     def _one_raw(self, client: httpx.Client) -> str:
         with client.stream("POST", "/v1/chat/completions", json=chat()) as r:
@@ -90,8 +88,7 @@ class Streams:
                 try:
                     name = self._one_sdk(sdk) if self.sdk else self._one_raw(raw)
                 except (httpx.HTTPError, openai.OpenAIError, RuntimeError) as exc:
-                    with self._lock:
-                        self.failures.append(repr(exc)[:200])
+                    self._failed(exc)
                     continue
                 with self._lock:
                     self.done += 1
@@ -99,16 +96,6 @@ class Streams:
         finally:
             raw.close()
             sdk.close()
-
-    def __enter__(self) -> Streams:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
 
 class LongStream:
