@@ -16,8 +16,10 @@
 --   drain()         content_by_lua of the usage server: the pending usage batch (GET) and its ack (DELETE)
 -- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
 -- Data loaded by init lives in this module's upvalues for the life of the configuration; nothing of a
--- request is kept here (ngx.ctx carries a verdict that limits the models from identify to route, within
--- a request; a configuration whose verdicts cannot limit them does without ngx.ctx).
+-- request is kept here beyond its end (ngx.ctx carries a verdict that limits the models from identify to
+-- route, within a request; a configuration whose verdicts cannot limit them does without ngx.ctx; an
+-- answer's usage scanner is kept by request address from its body filter to its log phase, which takes it
+-- out: see `scanning`).
 local cjson = require("cjson.safe")
 local ffi = require("ffi")
 local lrucache = require("resty.lrucache")
