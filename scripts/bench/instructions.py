@@ -23,6 +23,10 @@ within a few dozen instructions, so two versions of one piece can be compared. C
 moves by up to ~5,000 between runs: work that happens now and then, not per request (a LuaJIT garbage
 collection cycle, the usage flush timer every second), falls into one run more often than the other.
 --many N (N > 200) makes the longer run N requests instead of 1,200, dividing that by (N - 200) instead.
+Even with --fixed-seed, counting's figure moves by several thousand between runs with LuaJIT's JIT on
+(which traces get compiled follows when the timers fire among the requests, i.e. how fast the machine
+is). --jit-off turns the measured gateway's JIT off (jit.off() in its init_by_lua): every figure is then
+far higher than nginx runs it, but repeatable, for an A/B of one change to the Lua request path.
 """
 
 from __future__ import annotations
@@ -162,6 +166,20 @@ PHASE_VARIANTS = {
 _COUNTING_CALL = re.compile(r'(_by_lua_block \{) require\("gw\.gateway"\)\.count\w*\("\w+"\) \}')
 
 
+_jit_off: list[bool] = []  # --jit-off: the measured gateway's LuaJIT runs without its JIT
+
+
+def _without_jit(files: dict[str, str]) -> dict[str, str]:
+    """The tree's files with jit.off() first in its init_by_lua (the master's VM, which workers inherit)."""
+    out = {
+        name: text.replace("init_by_lua_block {", "init_by_lua_block { jit.off();", 1)
+        for name, text in files.items()
+    }
+    if out == files:
+        raise RuntimeError("no init_by_lua_block found in the rendered tree")
+    return out
+
+
 def _empty_usage_phases(files: dict[str, str]) -> dict[str, str]:
     """The tree's files with the counting's handlers (gw.gateway.counting, count, counted) left empty."""
     out = {name: _COUNTING_CALL.sub(r"\1 }", text) for name, text in files.items()}
@@ -239,6 +257,8 @@ def gateway_tree(
     )
     tree = render(build_spec(world, server))
     files = _empty_usage_phases(tree.files) if variant.empty_usage_phases else tree.files
+    if _jit_off:
+        files = _without_jit(files)
     nginx_process = NginxProcess(prefix)
     nginx_process.prepare()
     directory = nginx_process.generations / tree.checksum
@@ -460,6 +480,7 @@ def split_text(c: dict[str, int]) -> str:
 
 def main() -> int:
     args = sys.argv[1:]
+    _jit_off[:] = [True] if "--jit-off" in args else []
     if "--many" in args:
         _many[:] = [max(FEW + 1, int(args[args.index("--many") + 1]))]
     with tempfile.TemporaryDirectory(prefix="ishgw-seed-") as tmp:

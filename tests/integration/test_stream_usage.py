@@ -189,3 +189,37 @@ def test_a_stream_cut_off_is_estimated(stubs: dict[str, StubServer]) -> None:
             return rows["requests"] == 1 and rows["estimated_requests"] == 1 and rows["prompt_tokens"] > 0
 
         wait_for(estimated, timeout=15, what="the cut stream counted as estimated")
+
+
+def test_a_client_gone_mid_stream_is_counted_once_and_leaves_nothing_behind(
+    stubs: dict[str, StubServer],
+) -> None:
+    """The log phase counts what the body filter saw of an answer whose client went away (each answer's
+    scanner is kept by its request's address, gw.gateway, and taken out there): the request counts once,
+    estimated; the next request, which may get the same address, starts with a scanner of its own."""
+    gw, stub = _gateway(stubs, "su-gone")
+    with gw:
+        _add(gw, stub)
+        stub.set_mode("stall_mid_stream")
+        body = {"model": MODEL, "messages": HI, "stream": True}
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as answer:
+            assert answer.status_code == 200
+            assert b"data: " in next(answer.iter_bytes())
+        # the connection is closed here, mid-answer, the stand-in still stalled
+
+        def gone_counted() -> bool:
+            rows = _usage_rows(gw)
+            return rows["requests"] == 1 and rows["estimated_requests"] == 1 and rows["prompt_tokens"] > 0
+
+        wait_for(gone_counted, timeout=15, what="the abandoned stream counted as estimated")
+        before = _usage_rows(gw)
+        stub.set_mode("ok")
+        asked = {**body, "stream_options": {"include_usage": True}}
+        prompt, completion = _reported(_stream(f"{gw.url}/v1/chat/completions", asked))
+        want = {
+            "requests": 2,
+            "prompt_tokens": before["prompt_tokens"] + prompt,
+            "completion_tokens": before["completion_tokens"] + completion,
+            "estimated_requests": 1,
+        }
+        wait_for(lambda: _usage_rows(gw) == want, timeout=15, what=f"usage {want}")

@@ -16,9 +16,12 @@
 --   drain()         content_by_lua of the usage server: the pending usage batch (GET) and its ack (DELETE)
 -- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
 -- Data loaded by init lives in this module's upvalues for the life of the configuration; nothing of a
--- request is kept here (ngx.ctx carries a verdict that limits the models from identify to route, within
--- a request; a configuration whose verdicts cannot limit them does without ngx.ctx).
+-- request is kept here beyond its end (ngx.ctx carries a verdict that limits the models from identify to
+-- route, within a request; a configuration whose verdicts cannot limit them does without ngx.ctx; an
+-- answer's usage scanner is kept by request address from its body filter to its log phase, which takes it
+-- out: see `scanning`).
 local cjson = require("cjson.safe")
+local ffi = require("ffi")
 local lrucache = require("resty.lrucache")
 local answers = require("gw.answers")
 local body = require("gw.body")
@@ -31,7 +34,7 @@ local usage = require("gw.usage")
 local ngx = ngx
 local var, req, header = ngx.var, ngx.req, ngx.header
 local find, lower, pairs, tonumber = string.find, string.lower, pairs, tonumber
-local concat = table.concat
+local concat, sformat = table.concat, string.format
 local quote, shown = answers.quote, answers.shown
 
 local _M = {}
@@ -420,29 +423,38 @@ local function format_of(family, content_type)
 end
 
 -- A response is scanned when it is a 2xx of a format gw.usage reads; every answered request is counted,
--- an error answer with no tokens (providers bill none). The scanner lives in ngx.ctx: ngx.exec to the
--- pool location cleared it, so each request starts with none. An OpenAI stream the gateway asked for its
--- usage (strip: in a "_su" twin's header filter) gets a filter that takes it back out
--- (gw.usage.openai_sse_filter): its length changes, so its Content-Length goes (the header filter makes
--- the scanner, before headers are sent). Elsewhere the body filter makes it (no header filter).
-local function start_count(ctx, family, strip)
+-- an error answer with no tokens (providers bill none). An OpenAI stream the gateway asked for its usage
+-- (strip: in a "_su" twin's header filter) gets a filter that takes it back out
+-- (gw.usage.openai_sse_filter, whose .strip is true): its length changes, so its Content-Length goes (the
+-- header filter makes the scanner, before headers are sent). Elsewhere the body filter makes it (no header
+-- filter). Answers the scanner, or false: nothing to scan.
+local function start_count(family, strip)
     local status = ngx.status
-    local scanner = false
-    if status >= 200 and status < 300 then
-        -- No format (an unknown content type): still a 2xx answer, estimated from its bytes. The type is
-        -- nginx's $sent_http_content_type (the response's own field: ngx.header's lookup costs ~4,000
-        -- instructions more).
-        local format = format_of(family, var.sent_http_content_type) or "openai_json"
-        if strip and format == "openai_sse" then
-            scanner = usage.openai_sse_filter(true)
-            ctx.gw_strip = true
-            header["Content-Length"] = nil
-        else
-            scanner = usage.new(format)
-        end
+    if status < 200 or status >= 300 then
+        return false
     end
-    ctx.gw_scanner = scanner
-    return scanner
+    -- No format (an unknown content type): still a 2xx answer, estimated from its bytes. The type is
+    -- nginx's $sent_http_content_type (the response's own field: ngx.header's lookup costs ~4,000
+    -- instructions more).
+    local format = format_of(family, var.sent_http_content_type) or "openai_json"
+    if strip and format == "openai_sse" then
+        header["Content-Length"] = nil
+        return usage.openai_sse_filter(true)
+    end
+    return usage.new(format)
+end
+
+-- The scanner of each answer being counted, by request (the address of its ngx_http_request_t, from
+-- thread.exdata as lua-resty-core's get_request has it): set by the request's first body filter call (a
+-- "_su" twin: its header filter), taken out by its log phase, which every request reaches (the pool
+-- location's log_by_lua: once a body filter ran, the request can no longer go elsewhere). Not ngx.ctx:
+-- its table per request and its lookups cost more (cachegrind).
+local exdata = require("thread.exdata")
+local cast, UINTPTR = ffi.cast, ffi.typeof("uintptr_t")
+local scanning = {}
+
+local function request_key()
+    return tonumber(cast(UINTPTR, exdata()))
 end
 
 -- A key's tokens and cost for its limits (gw.limits), as gw.tally counts them.
@@ -480,7 +492,7 @@ end
 -- runs this before the access log is written.
 local function record_usage(u)
     if u and u.source == "reported" then
-        var.gw_tokens = u.prompt_tokens .. " " .. u.completion_tokens
+        var.gw_tokens = sformat("%d %d", u.prompt_tokens, u.completion_tokens)
     end
     local now = ngx.time()
     local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
@@ -509,26 +521,25 @@ end
 -- header_filter_by_lua of the "_su" twins (OpenAI streams the router asked for their usage): the request's
 -- scanner, made while headers can change.
 function _M.stripping()
-    local ctx = ngx.ctx
-    if ctx.gw_scanner == nil then
-        start_count(ctx, "openai", true)
+    local r = request_key()
+    if scanning[r] == nil then
+        scanning[r] = start_count("openai", true)
     end
 end
 
--- body_filter_by_lua of the pool locations: the answer scanned as it passes (never changed), or, for a
--- stream the gateway asked for its usage, filtered.
-function _M.count(family)
-    local ctx = ngx.ctx
-    local scanner = ctx.gw_scanner
+-- The body filter's work on one chunk with the request's scanner (made here when the request has none).
+local function scan(family, chunk)
+    local r = request_key()
+    local scanner = scanning[r]
     if scanner == nil then
-        scanner = start_count(ctx, family)
+        scanner = start_count(family)
+        scanning[r] = scanner
     end
     if not scanner then
         return
     end
-    local arg = ngx.arg
-    local chunk = arg[1]
-    if ctx.gw_strip then
+    if scanner.strip then
+        local arg = ngx.arg
         local out = scanner:feed(chunk)
         if arg[2] then
             out = out .. scanner:finish()
@@ -539,19 +550,38 @@ function _M.count(family)
     end
 end
 
+-- body_filter_by_lua of the pool locations: the answer scanned as it passes (never changed). An empty
+-- chunk (the end of the body comes as one) has nothing to scan: the log phase makes the scanner of a
+-- request that had no other.
+function _M.count(family)
+    local chunk = ngx.arg[1]
+    if chunk ~= "" then
+        return scan(family, chunk)
+    end
+end
+
+-- body_filter_by_lua of the "_su" twins: as count, and a stream the gateway asked for its usage is
+-- filtered (its held bytes passed on at the end of the body, which may come as an empty chunk).
+function _M.count_stripped(family)
+    return scan(family, ngx.arg[1])
+end
+
 -- log_by_lua of the pool locations: the request's usage into the counters, once, whether its answer
 -- ended or the client went away mid-answer (what was seen of it counts).
 function _M.counted(family)
-    local ctx = ngx.ctx
-    local scanner = ctx.gw_scanner
+    local r = request_key()
+    local scanner = scanning[r]
+    scanning[r] = nil
     if scanner == nil then
-        scanner = start_count(ctx, family)
+        scanner = start_count(family)
     end
-    if ctx.gw_strip then
+    if not scanner then
+        record_usage(nil)
+    elseif scanner.strip then
         scanner:finish()
         record_usage(scanner:usage())
     else
-        record_usage(scanner and scanner:finish() or nil)
+        record_usage(scanner:finish())
     end
 end
 
