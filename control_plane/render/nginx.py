@@ -14,7 +14,7 @@ from control_plane.health.logstream import LOG_FIELDS, LogField
 from control_plane.registry import validators
 from control_plane.render.lua_data import data_files
 from control_plane.render.quoting import lua_string, nginx_map_regex, nginx_quote
-from control_plane.render.spec import CHECKSUM_PLACEHOLDER, GatewaySpec
+from control_plane.render.spec import CHECKSUM_PLACEHOLDER, GatewaySpec, Pool
 
 NGINX_DIR = Path(__file__).resolve().parents[2] / "nginx"
 LUA_DIR = NGINX_DIR / "lua"
@@ -131,15 +131,57 @@ def lua_code() -> dict[str, str]:
     return {f"lua/gw/{path.name}": path.read_text() for path in sorted((LUA_DIR / "gw").glob("*.lua"))}
 
 
+def upstream_block(pool: Pool, zone: str) -> str:
+    """One pool's upstream block in pools.conf (nginx/templates/upstream.j2)."""
+    return _environment().get_template("upstream.j2").render(pool=pool, upstream_zone=zone)
+
+
+class BlockMemo:
+    """The upstream blocks of the last render, by pool object: a pass that updated the previous spec
+    (render/update.py) holds the previous pass's Pool object for every pool it did not rebuild, so only
+    the rebuilt pools' blocks are rendered again (at 10,000 instances the upstream blocks were half of a
+    render). Identity, not equality: comparing 1,000 pools' members would cost what it saves. Holds only
+    the blocks of the last render (each entry keeps its pool alive, so an id is never reused meanwhile)."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, tuple[Pool, str, str]] = {}
+        self._next: dict[int, tuple[Pool, str, str]] = {}
+        self.rendered = 0  # blocks rendered (not taken from the memo) in the last render
+
+    def begin(self) -> None:
+        self.rendered = 0
+
+    def block(self, pool: Pool, zone: str) -> str:
+        entry = self._blocks.get(id(pool))
+        if entry is None or entry[0] is not pool or entry[1] != zone:
+            entry = (pool, zone, upstream_block(pool, zone))
+            self.rendered += 1
+        self._next[id(pool)] = entry
+        return entry[2]
+
+    def done(self) -> None:
+        """The render is over: keep its blocks, drop the rest."""
+        self._blocks, self._next = self._next, {}
+
+
 def render(spec: GatewaySpec) -> RenderedTree:
     return finish_tree(render_files(spec))
 
 
-def render_files(spec: GatewaySpec) -> dict[str, str]:
-    """Every file of the tree, the checksum still a placeholder."""
+def render_files(spec: GatewaySpec, memo: BlockMemo | None = None) -> dict[str, str]:
+    """Every file of the tree, the checksum still a placeholder; with ``memo``, the upstream blocks of
+    pools unchanged since its last render are taken from it."""
     env = _environment()
-    context = {"spec": spec, "s": spec.server, "upstream_zone": upstream_zone(spec)}
+    zone = upstream_zone(spec)
+    blocks = memo or BlockMemo()
+    blocks.begin()
+    context = {
+        "spec": spec,
+        "s": spec.server,
+        "upstream_block": lambda pool: blocks.block(pool, zone),
+    }
     files = {f"{name}": env.get_template(f"{name}.j2").render(context) for name in TEMPLATES}
+    blocks.done()
     files.update(lua_code())
     files.update(data_files(spec))
     return files
