@@ -149,7 +149,8 @@ class BlockMemo:
         self.rendered = 0  # blocks rendered (not taken from the memo) in the last render
 
     def begin(self) -> None:
-        self.rendered = 0
+        """A render starts (one that failed midway left its blocks unkept)."""
+        self.rendered, self._next = 0, {}
 
     def block(self, pool: Pool, zone: str) -> str:
         entry = self._blocks.get(id(pool))
