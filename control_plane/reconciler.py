@@ -29,7 +29,7 @@ from control_plane.errors import ReloadFailed
 from control_plane.metrics import GatewayMetrics
 from control_plane.nginx_process import TestResult
 from control_plane.render.client_access import limits_in_force
-from control_plane.render.nginx import RenderedTree, finish_tree, render_files
+from control_plane.render.nginx import BlockMemo, RenderedTree, finish_tree, render_files
 from control_plane.render.quoting import UnsafeValue
 from control_plane.render.spec import GatewaySpec, Pool, ServerSettings, SpecBuild, World, build_indexed
 from control_plane.render.update import update_spec
@@ -179,6 +179,7 @@ class Reconciler:
         self._build: SpecBuild | None = None  # the last pass's build (self._spec), what the next one updates
         self._environment_at = float("-inf")  # when a pass last read secrets, DNS and files (began)
         self._desired: str | None = None  # the checksum of the tree self._spec renders to
+        self._blocks = BlockMemo()  # the upstream blocks of the last render, by pool
         self._applied: ReconcileResult | None = None
         self._last: ReconcileResult | None = None
         self._reloads = 0
@@ -299,7 +300,7 @@ class Reconciler:
                 build = build or build_indexed(world, server)
                 spec = build.spec
                 phases.mark("build_spec")
-                files = render_files(spec)
+                files = render_files(spec, self._blocks)
                 phases.mark("render")
             except UnsafeValue as exc:
                 return self._finish(False, False, None, world.generation, f"render refused: {exc}", started)

@@ -24,7 +24,7 @@ from control_plane.metrics import GatewayMetrics
 from control_plane.reconciler import Reconciler
 from control_plane.registry.models import InstanceConfig
 from control_plane.registry.store import Store
-from control_plane.render.spec import GatewaySpec, World
+from control_plane.render.spec import GatewaySpec, World, same_configs
 from control_plane.usage.model import Bucket
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class HealthService:
         self.tracker = HealthTracker(max_retry_after_s)
         self.configs: dict[str, InstanceConfig] = {}
         self.secrets: dict[str, str] = {}
+        self._world: World | None = None  # the last pass's (on_world)
         self.schedule = ProbeSchedule()
         self._in_flight: set[str] = set()
         self._probe_tasks: set[asyncio.Task[None]] = set()  # the workers: cancelled on exit
@@ -95,11 +96,20 @@ class HealthService:
 
     # --- registry view, called by the reconciler after each pass ----------------------------------
     def on_world(self, world: World, spec: GatewaySpec) -> None:
-        self.configs = {c.name: c for c, _ in world.instances}
         self.secrets = dict(world.secrets)
-        self.tracker.sync(list(world.instances), spec.address_names(), time.monotonic(), time.time())
-        # First probes soon for a few new instances, spread over the interval for many (schedule.py).
-        self.schedule.sync({n: c.health.probe_interval_s for n, c in self.configs.items()}, time.monotonic())
+        if same_configs(self._world, world):
+            # Only states changed (a health verdict): the configurations, the tracker's entries and the
+            # probe schedule are as the last pass left them; the pools' addresses may have moved. (At
+            # 10,000 instances the rest cost ~50 ms a pass, before nginx got the change.)
+            self.tracker.addresses = spec.address_names()
+        else:
+            self.configs = {c.name: c for c, _ in world.instances}
+            self.tracker.sync(list(world.instances), spec.address_names(), time.monotonic(), time.time())
+            # First probes soon for a few new instances, spread over the interval for many (schedule.py).
+            self.schedule.sync(
+                {n: c.health.probe_interval_s for n, c in self.configs.items()}, time.monotonic()
+            )
+        self._world = world
         self.traffic.follow(frozenset(p.name for p in spec.pools), frozenset(p.model for p in spec.pools))
 
     # --- passive ----------------------------------------------------------------------------------

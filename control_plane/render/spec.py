@@ -567,6 +567,17 @@ def build_pool(
     )
 
 
+def same_configs(before: World | None, world: World) -> bool:
+    """Whether ``world`` holds the very configuration objects of ``before``, in the same order: a pass that
+    read only the instances' states (a health verdict). What follows from the configurations alone need
+    not be worked out again (the pass's observers: reconciler.observers). Identity, not equality: the
+    store hands back the same object for an unchanged row, and comparing 10,000 configurations would cost
+    what it saves."""
+    if before is None or len(before.instances) != len(world.instances):
+        return False
+    return all(a[0] is b[0] for a, b in zip(before.instances, world.instances, strict=True))
+
+
 def state_lookup(world: World) -> Callable[[], Mapping[str, InstanceState]]:
     """Every instance's state by name, worked out on the first call only."""
     cache: list[Mapping[str, InstanceState]] = []

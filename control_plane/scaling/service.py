@@ -41,7 +41,7 @@ from control_plane.registry.models import (
 )
 from control_plane.registry.scaling import ScalingStore
 from control_plane.registry.store import Store
-from control_plane.render.spec import GatewaySpec, World
+from control_plane.render.spec import GatewaySpec, World, same_configs
 from control_plane.scaling.command import LaunchError, Member, exited
 from control_plane.scaling.decide import Decision, Memory, Sample, Signals, decide, measure, queue_depth
 from control_plane.scaling.docker import DockerError
@@ -131,6 +131,7 @@ class ScalingService:
         self.runtime: dict[str, GroupRuntime] = {}
         self.instances: dict[str, tuple[InstanceConfig, InstanceState]] = {}  # members of any group
         self.member_group: dict[str, str] = {}  # member name -> its group, from its tag
+        self._world: World | None = None  # the last pass's (on_world)
         self.groups: dict[str, ScalingGroup] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None  # reads members' /metrics (queue_depth)
@@ -139,9 +140,11 @@ class ScalingService:
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_world(self, world: World, _spec: GatewaySpec) -> None:
-        groups = {c.name: g for c, _ in world.instances if (g := group_of(c)) is not None}
-        self.instances = {c.name: (c, s) for c, s in world.instances if c.name in groups}
-        self.member_group = groups
+        if not same_configs(self._world, world):  # (only states changed: the groups' members did not)
+            self.member_group = {c.name: g for c, _ in world.instances if (g := group_of(c)) is not None}
+        self._world = world
+        groups = self.member_group
+        self.instances = {c.name: (c, s) for c, s in world.instances if c.name in groups} if groups else {}
 
     def on_log(self, record: LogRecord) -> None:
         if not self.instances:

@@ -22,7 +22,15 @@ from pydantic import ValidationError
 from control_plane.health.logstream import FIELDS, LOG_FIELDS
 from control_plane.registry.models import InstanceConfig, InstanceState, RoutingConfig
 from control_plane.render.lua_data import resolution_table, routes_data
-from control_plane.render.nginx import NGINX_DIR, SECRET_FILES, render
+from control_plane.render.nginx import (
+    NGINX_DIR,
+    SECRET_FILES,
+    ZONE_MIN_MB,
+    ZONE_NAME,
+    render,
+    zone_budget,
+    zone_size_mb,
+)
 from control_plane.render.quoting import UnsafeValue, nginx_quote
 from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettings, World, build_spec
 
@@ -113,6 +121,40 @@ def test_render_is_deterministic_and_checksummed() -> None:
     assert all(
         "sk-1234567890abc" not in text for name, text in first.files.items() if name not in SECRET_FILES
     )
+
+
+def test_every_pool_shares_one_upstream_zone_sized_from_its_servers() -> None:
+    configs = [
+        InstanceConfig(
+            name=f"i{i}", provider_type="ollama", api_base=f"http://127.0.0.1:{1 + i}", supported_models=[m]
+        )
+        for i, m in enumerate(["a", "a", "b", "c", "c", "c"])
+    ]
+    spec = spec_for(configs)
+    pools = render(spec).files["pools.conf"]
+    zones = re.findall(r"^ +zone (.*);$", pools, flags=re.MULTILINE)
+    upstreams = [p for p in spec.pools if p.members]
+    servers = sum(len(p.members) for p in upstreams)
+    assert len(zones) == len(upstreams) == pools.count("\nupstream p_")
+    assert set(zones) == {f"{ZONE_NAME} {zone_size_mb(servers, len(upstreams))}m"}
+
+
+@pytest.mark.parametrize("servers", [0, 1, 10, 999, 1_000, 10_000, 10_001, 100_000])
+def test_the_upstream_zone_holds_its_budget_in_power_of_two_steps(servers: int) -> None:
+    upstreams = max(1, servers // 10)
+    size = zone_size_mb(servers, upstreams)
+    assert size >= ZONE_MIN_MB and size & (size - 1) == 0
+    assert size * 2**20 >= zone_budget(servers, upstreams)
+    assert size == ZONE_MIN_MB or (size // 2) * 2**20 < zone_budget(servers, upstreams)  # the smallest step
+    # What nginx 1.22's slab took, measured: ~930 bytes a server at most, ~170 an upstream, 35 KiB base.
+    assert zone_budget(servers, upstreams) >= 1.25 * (35 * 1024 + 930 * servers + 170 * upstreams)
+
+
+def test_a_health_change_keeps_the_zone_size() -> None:
+    """One server more or less (an instance going down or coming back) renders the same size, but at a
+    step's edge."""
+    sizes = {zone_size_mb(servers, 1_000) for servers in range(9_900, 10_101)}
+    assert sizes == {16}
 
 
 def test_state_only_change_keeps_checksum() -> None:

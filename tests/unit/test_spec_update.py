@@ -19,7 +19,7 @@ from control_plane.registry.models import (
     Strategy,
     config_fingerprint,
 )
-from control_plane.render.nginx import render
+from control_plane.render.nginx import BlockMemo, render, render_files
 from control_plane.render.spec import ServerSettings, SpecBuild, World, build_indexed
 from control_plane.render.update import update_spec
 from control_plane.routing.weights import Choice
@@ -182,6 +182,35 @@ def test_update_equals_a_full_build_for_random_state_changes(seed: int) -> None:
     assert updated > 40
     assert fallbacks < 20
     assert len(shims_seen) > 1  # availability moved a pool's timeout and with it an address
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_pass_renders_again_only_the_pools_it_rebuilt(seed: int) -> None:
+    """The reconciler's BlockMemo (render/nginx.py): the upstream blocks of pools a pass took over from the
+    previous one are not rendered again, and the tree is the one a render from scratch gives."""
+    rng = random.Random(seed)
+    configs = fleet(rng, 40)
+    states = {c.name: InstanceState(health_status=HealthStatus.HEALTHY) for c in configs}
+    now = NOW
+    previous = build_indexed(world_of(configs, states, now), SERVER)
+    memo = BlockMemo()
+    render_files(previous.spec, memo)
+    assert memo.rendered == sum(1 for p in previous.spec.pools if p.members)
+    reused = 0
+    for _ in range(25):
+        now += timedelta(seconds=rng.choice([1, 4]))
+        for config in rng.sample(configs, 1):
+            states[config.name] = changed_state(rng, config, states[config.name], now)
+        world = world_of(configs, states, now)
+        result = update_spec(previous, world, SERVER) or build_indexed(world, SERVER)
+        kept = {id(p) for p in previous.spec.pools}
+        files = render_files(result.spec, memo)
+        assert files == render_files(build_indexed(world, SERVER).spec)
+        rebuilt = sum(1 for p in result.spec.pools if p.members and id(p) not in kept)
+        assert memo.rendered == rebuilt
+        reused += sum(1 for p in result.spec.pools if p.members) - rebuilt
+        previous = result
+    assert reused > 0
 
 
 def test_unchanged_states_keep_the_spec() -> None:
