@@ -20,7 +20,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from control_plane import backup, jwt_keys
+from control_plane import backup, jwt_keys, runtime_tuning
 from control_plane.alerts.service import AlertConfig, AlertService, SmtpConfig
 from control_plane.alerts.view import BudgetWatch, state_view
 from control_plane.api import app_keys
@@ -180,6 +180,11 @@ def alert_config(settings: Settings) -> AlertConfig:
     )
 
 
+async def _trim_ctx(_app: web.Application) -> AsyncIterator[None]:
+    async with running({"malloc-trim": runtime_tuning.trim_periodically()}):
+        yield
+
+
 async def _backup_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[app_keys.SETTINGS]
     async with running({"backup": backup.run_periodic(settings)} if settings.backup_interval_h else {}):
@@ -335,5 +340,6 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.cleanup_ctx.append(_alerts_ctx)
     app.cleanup_ctx.append(_backup_ctx)
     app.cleanup_ctx.append(_weights_ctx)
+    app.cleanup_ctx.append(_trim_ctx)  # free heap pages back to the kernel (runtime_tuning.py)
     app.on_cleanup.append(lambda _app: asyncio.to_thread(store.close))
     return app

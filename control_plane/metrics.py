@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from control_plane.labelled import LabelledCounter, LabelledGauge
+
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry, key_label: bool = False) -> None:
@@ -36,32 +38,33 @@ class GatewayMetrics:
         self.excluded = Gauge(
             "ishgw_instances_excluded", "instances left out of every pool", registry=registry
         )
-        self.instance_available = Gauge(
-            "ishgw_instance_available", "1 when the instance takes traffic", ["instance"], registry=registry
+        # Per instance: label tuple -> value, samples built at scrape time (labelled.py).
+        self.instance_available = LabelledGauge(
+            "ishgw_instance_available", "1 when the instance takes traffic", ["instance"], registry
         )
-        self.upstream_attempts = Counter(
+        self.upstream_attempts = LabelledCounter(
             "ishgw_upstream_attempts_total",
             "attempts per instance from nginx's log stream, by what they say about the instance",
             ["instance", "outcome"],
-            registry=registry,
+            registry,
         )
         self.log_records = Counter(
             "ishgw_log_records_total", "access log records received from nginx", registry=registry
         )
-        self.probes = Counter(
-            "ishgw_probes_total", "active probes by outcome", ["instance", "outcome"], registry=registry
+        self.probes = LabelledCounter(
+            "ishgw_probes_total", "active probes by outcome", ["instance", "outcome"], registry
         )
-        self.tokens = Counter(
+        self.tokens = LabelledCounter(
             "ishgw_tokens_total",
             "tokens counted by nginx and stored, per instance, model and direction (prompt, completion)",
             ["instance", "model", "direction", *usage_key],
-            registry=registry,
+            registry,
         )
-        self.cost = Counter(
+        self.cost = LabelledCounter(
             "ishgw_cost_usd_total",
             "cost of the stored usage at the instances' rates (USD)",
             ["instance", "model", *usage_key],
-            registry=registry,
+            registry,
         )
         self.usage_drains = Counter(
             "ishgw_usage_drains_total",
@@ -81,8 +84,8 @@ class GatewayMetrics:
         """A stored usage bucket into ishgw_tokens_total and ishgw_cost_usd_total (key "": anonymous)."""
         extra = (key,) if self.key_label else ()
         if prompt:
-            self.tokens.labels(instance, model, "prompt", *extra).inc(prompt)
+            self.tokens.inc((instance, model, "prompt", *extra), prompt)
         if completion:
-            self.tokens.labels(instance, model, "completion", *extra).inc(completion)
+            self.tokens.inc((instance, model, "completion", *extra), completion)
         if cost:
-            self.cost.labels(instance, model, *extra).inc(cost)
+            self.cost.inc((instance, model, *extra), cost)

@@ -188,7 +188,6 @@ class Reconciler:
         self._reasons: list[str] = []
         # What _publish_spec_metrics last set, per label values: the next pass touches only differences.
         self._published_members: dict[tuple[str, ...], float] = {}
-        self._published_available: dict[tuple[str, ...], float] = {}
         # API calls waiting for the pass that includes their write (read your writes).
         self._waiters: list[asyncio.Future[ReconcileResult]] = []
         # Called with (world, spec) after every pass: the health service follows the registry this way.
@@ -416,14 +415,10 @@ class Reconciler:
         self._published_members = publish_changes(
             self.metrics.pool_members, self._published_members, members
         )
-        excluded = dict(spec.excluded)
-        available = {m.instance: 1.0 for p in spec.pools for m in p.members}
-        available.update((name, 0.0) for name in excluded)
-        self._published_available = publish_changes(
-            self.metrics.instance_available,
-            self._published_available,
-            {(name,): value for name, value in available.items()},
-        )
+        # One map per pass, handed to the family whole (labelled.py): no per-instance object to update.
+        available: dict[tuple[str, ...], float] = {(m.instance,): 1 for p in spec.pools for m in p.members}
+        available.update(((name,), 0) for name, _ in spec.excluded)
+        self.metrics.instance_available.replace(available)
 
     # --- views ----------------------------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ BASELINE_ALPHA = 0.02  # slow EWMA: what normal latency is
 RECENT_ALPHA = 0.2  # fast EWMA: what latency is now
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per request in each instance's window
 class Sample:
     at: float  # monotonic seconds
     ok: bool
@@ -33,7 +33,7 @@ class WindowStats:
     baseline_ms: float | None = None  # slow EWMA that degraded samples do not teach: what is normal
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Breaker:
     state: BreakerState = BreakerState.CLOSED
     consecutive_failures: int = 0
@@ -41,6 +41,9 @@ class Breaker:
     open_until: float = 0.0
     cooldown_factor: int = 1
     reason: str | None = None
+
+
+CLOSED = Breaker()  # what every instance starts from (immutable: one value shared by all)
 
 
 def _trip(b: Breaker, now: float, policy: HealthPolicy, reason: str, factor: int) -> Breaker:

@@ -8,8 +8,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from prometheus_client import Counter
-
 from control_plane.background import running
 from control_plane.health import logstream
 from control_plane.health.http_probe import ProbeClient, ProtocolError
@@ -39,15 +37,7 @@ FLUSH_GAP_S = 0.1  # the least time between two flushes, however often verdicts 
 # no verdict writes nothing at once, and the batch never holds the registry's write lock for long (at
 # 10,000 instances each one's last-probe fields are at most about 40 s old; at a few hundred, 1 s).
 PROBED_ROWS_PER_S = 250.0
-
-
-def _child(children: dict[tuple[str, str], Counter], family: Counter, name: str, outcome: str) -> Counter:
-    """The labelled child of ``family``, looked up once: labels() costs more than the increment, and it is
-    called per record and per probe."""
-    counter = children.get((name, outcome))
-    if counter is None:
-        counter = children[(name, outcome)] = family.labels(name, outcome)
-    return counter
+OUTCOME_LABELS = {outcome: str(outcome) for outcome in Outcome}  # one label string each, shared by the series
 
 
 class HealthService:
@@ -82,8 +72,6 @@ class HealthService:
         self._verdict = asyncio.Event()
         self.records = 0
         self.recent = RecentTraffic()  # the status page's last 15 minutes
-        self._attempt_counters: dict[tuple[str, str], Counter] = {}
-        self._probe_counters: dict[tuple[str, str], Counter] = {}
         self._probed_saved_at = time.monotonic()
         self._flushing = asyncio.Lock()  # the flusher and an operator's check write one after the other
         # Others that read the log stream, called per record (the routing weights' measurements, the
@@ -126,7 +114,7 @@ class HealthService:
             for attempt in record.attempts:
                 name = self.tracker.addresses.get(attempt.address)
                 if name is not None:
-                    self._attempt_counter(name, classify(attempt.status)).inc()
+                    self.metrics.upstream_attempts.inc((name, classify(attempt.status)))
             self.traffic.observe(record, self.tracker.addresses)
 
     def on_usage(self, stored: list[Bucket]) -> None:
@@ -136,10 +124,6 @@ class HealthService:
             self.tracker.add_tokens(b.instance, b.start, b.prompt_tokens + b.completion_tokens, now)
         if self.tracker.membership_changed:
             self._verdict.set()
-
-    def _attempt_counter(self, name: str, outcome: str) -> Counter:
-        assert self.metrics is not None
-        return _child(self._attempt_counters, self.metrics.upstream_attempts, name, outcome)
 
     # --- active -----------------------------------------------------------------------------------
     async def probe_now(self, name: str) -> ProbeResult:
@@ -167,11 +151,7 @@ class HealthService:
         if self.tracker.membership_changed:
             self._verdict.set()
         if self.metrics is not None:
-            self._probe_counter(name, str(result.outcome)).inc()
-
-    def _probe_counter(self, name: str, outcome: str) -> Counter:
-        assert self.metrics is not None
-        return _child(self._probe_counters, self.metrics.probes, name, outcome)
+            self.metrics.probes.inc((name, OUTCOME_LABELS[result.outcome]))
 
     async def probe_config(self, config: InstanceConfig) -> ProbeResult:
         """One probe of ``config`` (registered or not: the autoscaler's readiness check), not recorded."""

@@ -247,6 +247,36 @@ def normalise_url(url: str) -> URL:
     return parsed
 
 
+IN_LIST_MAX = 256  # names per "IN (...)" read
+
+
+def in_list_chunks(names: list[str], most: int = IN_LIST_MAX) -> list[list[str]]:
+    """``names`` in lists of a power-of-two length (the last name repeated to fill: the same rows), at
+    most ``most`` long. An IN list renders one placeholder per name, and SQLite keeps each statement text
+    it prepared (128 per connection): batches of every size between 1 and 250 had each connection hold
+    about 3 MB of prepared statements; these lengths make at most 9 texts."""
+    chunks = []
+    for start in range(0, len(names), most):
+        chunk = names[start : start + most]
+        size = 1 << (len(chunk) - 1).bit_length()
+        chunks.append(chunk + [chunk[-1]] * (size - len(chunk)))
+    return chunks
+
+
+def power_of_two_slices(count: int, most: int = IN_LIST_MAX) -> list[slice]:
+    """Slices of ``count`` rows whose lengths are powers of two (runs of ``most``, a power of two, then
+    the rest by its binary digits, longest first): a multi-row INSERT of n rows is one statement text per
+    n, and these lengths make at most log2(most) + 1 texts (see in_list_chunks)."""
+    slices, start = [], 0
+    size = most
+    while start < count:
+        while size > count - start:
+            size //= 2
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
 def text_digest(text: str) -> bytes:
     """What the parse caches key a row's text by (128 bits of BLAKE2b: no two texts meet)."""
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
@@ -673,7 +703,10 @@ class Store:
     def _state_texts(conn: Connection, names: list[str]) -> list[Any]:
         """(name, observed-state JSON) of the named instances that exist, read inside the caller's write."""
         query = select(instance_state.c.name, instance_state.c.state)
-        return list(conn.execute(query.where(instance_state.c.name.in_(names))).all())
+        rows: list[Any] = []
+        for chunk in in_list_chunks(names):
+            rows.extend(conn.execute(query.where(instance_state.c.name.in_(chunk))).all())
+        return rows
 
     def patch_states(self, patches: dict[str, dict[str, Any]]) -> None:
         """Merge fields into several states in one transaction (read-modify-write under the write lock, so

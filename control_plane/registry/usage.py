@@ -15,7 +15,16 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.registry.store import Store, client_keys, instances, usage_batches, usage_day, usage_minute
+from control_plane.registry.store import (
+    Store,
+    client_keys,
+    in_list_chunks,
+    instances,
+    power_of_two_slices,
+    usage_batches,
+    usage_day,
+    usage_minute,
+)
 from control_plane.usage.model import (
     DAY_S,
     MINUTE_S,
@@ -30,7 +39,7 @@ from control_plane.usage.model import (
 
 SUMMED = ("requests", "prompt_tokens", "completion_tokens", "estimated_requests", "cost_usd")
 KEY_COLUMNS = ("start", "key_id", "instance", "model")
-ROWS_PER_STATEMENT = 500
+ROWS_PER_STATEMENT = 256  # a power of two: power_of_two_slices
 
 
 class UsageStore:
@@ -38,12 +47,17 @@ class UsageStore:
         self.store = store
 
     def _rates(self, conn: Connection, names: set[str]) -> dict[str, Rates]:
-        rows = conn.execute(select(instances.c.name, instances.c.config).where(instances.c.name.in_(names)))
+        query = select(instances.c.name, instances.c.config)
+        rows = [
+            row
+            for chunk in in_list_chunks(sorted(names))
+            for row in conn.execute(query.where(instances.c.name.in_(chunk)))
+        ]
         return {name: rates_of(self.store._config_of(config)) for name, config in rows}
 
     def _add(self, conn: Connection, table: Table, rows: list[Bucket]) -> None:
         make = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
-        for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        for part in power_of_two_slices(len(rows), ROWS_PER_STATEMENT):
             values = [
                 {
                     "start": b.start,
@@ -56,7 +70,7 @@ class UsageStore:
                     "estimated_requests": b.estimated_requests,
                     "cost_usd": b.cost_usd,
                 }
-                for b in rows[i : i + ROWS_PER_STATEMENT]
+                for b in rows[part]
             ]
             stmt = make(table).values(values)
             stmt = stmt.on_conflict_do_update(

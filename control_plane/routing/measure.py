@@ -46,13 +46,20 @@ class Windows:
         self.max_samples = max_samples
         # (at, ok, latency ms, output tokens: 0 when not known)
         self._samples: dict[tuple[str, str], deque[tuple[float, bool, float, int]]] = {}
+        # The pairs a measured strategy reads (forget() sets them; None: every pair). Others get no window:
+        # a deque is 760 bytes before its first sample, and at 10,000 instances of default strategies each
+        # one traffic reached held one until the next pass dropped it.
+        self._keep: set[tuple[str, str]] | None = None
 
     def add(
         self, model: str, instance: str, at: float, ok: bool, latency_ms: float, tokens: int = 0
     ) -> None:
-        window = self._samples.get((model, instance))
+        key = (model, instance)
+        window = self._samples.get(key)
         if window is None:
-            window = self._samples[(model, instance)] = deque(maxlen=self.max_samples)
+            if self._keep is not None and key not in self._keep:
+                return
+            window = self._samples[key] = deque(maxlen=self.max_samples)
         window.append((at, ok, latency_ms, tokens))
 
     def observe(self, record: LogRecord, names: Mapping[str, str]) -> None:
@@ -86,6 +93,7 @@ class Windows:
         return Stats(len(window), len(ok), p50, ms_per_token, tokens_per_s)
 
     def forget(self, keep: set[tuple[str, str]]) -> None:
-        """Drop the windows of (model, instance) pairs no pool has any more."""
+        """Drop the windows of (model, instance) pairs no pool has any more, and measure only ``keep``."""
+        self._keep = keep
         for key in [k for k in self._samples if k not in keep]:
             del self._samples[key]

@@ -175,6 +175,10 @@ def test_windows_age_out_only_beyond_the_newest_kept_answers() -> None:
     assert w.stats("m", "a", 10_005.0, 60).requests == MIN_KEPT
     w.forget({("m", "b")})
     assert w.stats("m", "a", 104, 60).requests == 0
+    w.add("m", "a", 10_010.0, True, 1.0)  # no measured pool reads (m, a) now: no window is kept for it
+    w.add("m", "b", 10_010.0, True, 1.0)
+    assert w.stats("m", "a", 10_010.0, 60).requests == 0
+    assert w.stats("m", "b", 10_010.0, 60).requests == 1
 
 
 def test_spec_renders_measured_weights_with_least_conn() -> None:

@@ -35,3 +35,29 @@ def test_the_oldest_generation_is_collected_less_often() -> None:
         assert gc.get_threshold() == (before[0], before[1], OLDEST_GENERATION_THRESHOLD)
     finally:
         gc.set_threshold(*before)
+
+
+TRIM_PROBE = """
+from control_plane.runtime_tuning import malloc_trimmer
+
+def rss_kb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+
+blocks = [bytearray(64 * 1024) for _ in range(1600)]  # 100 MB of glibc's heap (below its mmap threshold)
+pinned = blocks[-1]  # a live block at the top: glibc's own trimming of the heap's top cannot free below it
+del blocks
+before = rss_kb()
+trim = malloc_trimmer()
+trim()
+print(before - rss_kb())
+"""
+
+
+def test_malloc_trim_gives_free_heap_pages_back() -> None:
+    """In a process of its own: 100 MB freed under a live block stay resident until malloc_trim(0)."""
+    env = {"PATH": "/usr/bin:/bin", "MALLOC_ARENA_MAX": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, env=env, check=True
+    )
+    assert int(out.stdout) > 80 * 1024  # kB given back

@@ -22,7 +22,7 @@ from control_plane.api.sessions import (
 )
 from control_plane.api.status_page import CSP, login, login_form, logout, render_login, render_page, static
 from control_plane.health.logstream import Attempt, LogRecord
-from control_plane.health.recent import BOUNDS, MINUTES, RecentTraffic, Series, percentile
+from control_plane.health.recent import BOUNDS, MINUTES, SPARSE_MAX, RecentTraffic, Series, percentile
 from control_plane.registry.models import BreakerState, HealthStatus, InstanceState
 from control_plane.settings import Settings
 from control_plane.status import model
@@ -138,6 +138,25 @@ def test_percentiles_from_the_histogram() -> None:
     slow = Series()
     slow.add(1, 10_000_000.0, True)  # beyond the last bound: read as the last bound
     assert slow.points(1)[-1].p95_ms == BOUNDS[-1]
+
+
+@pytest.mark.parametrize("requests", [1, 2, SPARSE_MAX - 1, SPARSE_MAX, SPARSE_MAX + 1, 3 * SPARSE_MAX])
+def test_a_minute_of_few_requests_reads_as_one_of_many(requests: int) -> None:
+    """A minute keeps bucket numbers while sparse and counts past SPARSE_MAX: both read the same."""
+    latencies = [0.5 + (i * 37 % 101) ** 2 for i in range(requests)]  # spread over many buckets
+    series = Series()
+    for ms in latencies:
+        series.add(7, ms, False)
+    counts = [0] * (len(BOUNDS) + 1)
+    for ms in latencies:
+        counts[sum(bound < ms for bound in BOUNDS)] += 1
+    point = series.points(7)[-1]
+    assert point.requests == requests
+    assert point.p50_ms == percentile(counts, requests, 0.50)
+    assert point.p95_ms == percentile(counts, requests, 0.95)
+    assert series.summary(7) == (requests, point.p50_ms, point.p95_ms)
+    slot = series.slots[7 % MINUTES]
+    assert slot is not None and slot.buckets.typecode == ("B" if requests <= SPARSE_MAX else "I")
 
 
 def test_ring_keeps_fifteen_minutes_and_drops_late_records() -> None:
