@@ -134,7 +134,10 @@ def reconcile_scaling(
                 )
                 response.raise_for_status()
                 result.import_ms = round((time.perf_counter() - started) * 1000, 1)
-                # Reconcile now, before the debounced loop would: the answer is that pass's own timing.
+                # The import answers once its own pass reloaded nginx (read your writes): the forced pass
+                # below waits RELOAD_GAP_S after it, or its time would include the reload rate limit.
+                _wait_gap(time.monotonic())
+                # A forced pass of the same registry: the answer is that pass's own timing.
                 answer = admin.post("/admin/reload", timeout=120)
                 last_reload = time.monotonic()
                 body = answer.json()
