@@ -250,6 +250,15 @@ class GatewaySystem:
     def https_url(self) -> str:
         return f"https://127.0.0.1:{self.https_port}"
 
+    def restart_controller(self, **env: str) -> None:
+        """Stop the controller and start it again with ``env`` set (nginx keeps running; the new
+        controller renders the same tree, so nginx is not reloaded)."""
+        self.gw.stop_controller()
+        self.gw.env.update(env)
+        self.gw.start_controller()
+        assert self.gw.proc is not None
+        self.procs.adopt(self.gw.proc.pid)
+
     def controller_pids(self) -> list[int]:
         proc = self.gw.proc
         return [proc.pid] if proc is not None and proc.poll() is None else []
