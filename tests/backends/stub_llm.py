@@ -1477,6 +1477,13 @@ class StubServer:
             item["headers"] = CIDict(item["headers"])
         return items
 
+    def last_request(self, path: str) -> Json:
+        """The last request to ``path``. Not simply the last request: the gateway's health probes reach a
+        registered stand-in at any moment, so a probe may come after the request a test sent."""
+        sent = [item for item in self.requests() if item["path"] == path]
+        assert sent, f"no request to {path} reached {self.name}"
+        return sent[-1]
+
     def clear_requests(self) -> None:
         self._call("DELETE", "/_requests")
 

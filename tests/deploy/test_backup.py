@@ -163,7 +163,7 @@ def test_setup_instances_and_a_client_key(deployment: Deployment, stub: StubServ
     STATE["client_key"], STATE["client_key_id"] = key.json()["key"], key.json()["id"]
     stub.clear_requests()
     assert chat(deployment, STATE["client_key"]).choices[0].message.content
-    sent = stub.requests()[-1]["headers"].get("Authorization", "")
+    sent = stub.last_request("/v1/chat/completions")["headers"].get("Authorization", "")
     assert sent in {f"Bearer {k}" for k in PROVIDER_KEYS.values()}  # the provider key reaches the backend
 
 
@@ -322,7 +322,7 @@ def test_restore_with_secrets_into_a_home_without_the_key(deployment: Deployment
     assert key_file.read_bytes() == kept and stat.S_IMODE(key_file.stat().st_mode) == 0o600
     stub.clear_requests()
     assert chat(deployment, STATE["client_key"]).choices[0].message.content
-    assert stub.requests()[-1]["headers"].get("Authorization") in {
+    assert stub.last_request("/v1/chat/completions")["headers"].get("Authorization") in {
         f"Bearer {k}" for k in PROVIDER_KEYS.values()
     }
 
@@ -340,7 +340,7 @@ def test_legacy_export(deployment: Deployment, stub: StubServer) -> None:
     assert sorted(back.json()["imported"]) == sorted(PROVIDER_KEYS)
     stub.clear_requests()
     assert chat(deployment, STATE["client_key"]).choices[0].message.content
-    assert stub.requests()[-1]["headers"].get("Authorization") in {
+    assert stub.last_request("/v1/chat/completions")["headers"].get("Authorization") in {
         f"Bearer {k}" for k in PROVIDER_KEYS.values()
     }
 

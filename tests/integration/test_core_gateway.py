@@ -80,7 +80,7 @@ def test_official_sdks_through_the_gateway(gateway: Gateway, stubs: dict[str, St
     ) as stream:
         assert "Hello from claude-1" in "".join(stream.text_stream)
     # The provider key was injected by the gateway; the client's key never reached the instance.
-    seen = claude.requests()[-1]["headers"]
+    seen = claude.last_request("/v1/messages")["headers"]
     assert seen["x-api-key"] == "sk-ant-provider-0001"
     assert seen["anthropic-version"] == "2023-06-01"
     assert "client-key" not in str(seen)
@@ -181,7 +181,7 @@ def test_request_id_passthrough_and_instance_headers(gateway: Gateway, stubs: di
     assert r.status_code == 200
     assert r.headers["X-Request-ID"] == "abc-123"
     assert r.headers["X-ISHGW-Instance"] == "r1" and r.headers["X-ISHGW-Attempts"] == "1"
-    assert stub.requests()[-1]["headers"]["x-request-id"] == "abc-123"
+    assert stub.last_request("/api/generate")["headers"]["x-request-id"] == "abc-123"
     generated = gateway.client.post("/api/generate", json={"model": "m", "stream": False}).headers[
         "X-Request-ID"
     ]
