@@ -31,12 +31,14 @@ from pydantic import BaseModel
 from sqlalchemy import (
     BigInteger,
     Column,
+    ColumnElement,
     DateTime,
     Float,
     ForeignKey,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
+    Select,
     String,
     Table,
     Text,
@@ -261,6 +263,16 @@ def in_list_chunks(names: list[str], most: int = IN_LIST_MAX) -> list[list[str]]
         size = 1 << (len(chunk) - 1).bit_length()
         chunks.append(chunk + [chunk[-1]] * (size - len(chunk)))
     return chunks
+
+
+def select_in(
+    conn: Connection, query: Select[Any], column: ColumnElement[Any], names: list[str]
+) -> list[Any]:
+    """The rows of ``query`` whose ``column`` is one of ``names``, read in in_list_chunks."""
+    rows: list[Any] = []
+    for chunk in in_list_chunks(names):
+        rows.extend(conn.execute(query.where(column.in_(chunk))).all())
+    return rows
 
 
 def power_of_two_slices(count: int, most: int = IN_LIST_MAX) -> list[slice]:
@@ -703,10 +715,7 @@ class Store:
     def _state_texts(conn: Connection, names: list[str]) -> list[Any]:
         """(name, observed-state JSON) of the named instances that exist, read inside the caller's write."""
         query = select(instance_state.c.name, instance_state.c.state)
-        rows: list[Any] = []
-        for chunk in in_list_chunks(names):
-            rows.extend(conn.execute(query.where(instance_state.c.name.in_(chunk))).all())
-        return rows
+        return select_in(conn, query, instance_state.c.name, names)
 
     def patch_states(self, patches: dict[str, dict[str, Any]]) -> None:
         """Merge fields into several states in one transaction (read-modify-write under the write lock, so

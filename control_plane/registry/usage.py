@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from control_plane.registry.store import (
     Store,
     client_keys,
-    in_list_chunks,
     instances,
     power_of_two_slices,
+    select_in,
     usage_batches,
     usage_day,
     usage_minute,
@@ -48,11 +48,7 @@ class UsageStore:
 
     def _rates(self, conn: Connection, names: set[str]) -> dict[str, Rates]:
         query = select(instances.c.name, instances.c.config)
-        rows = [
-            row
-            for chunk in in_list_chunks(sorted(names))
-            for row in conn.execute(query.where(instances.c.name.in_(chunk)))
-        ]
+        rows = select_in(conn, query, instances.c.name, sorted(names))
         return {name: rates_of(self.store._config_of(config)) for name, config in rows}
 
     def _add(self, conn: Connection, table: Table, rows: list[Bucket]) -> None:
