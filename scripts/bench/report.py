@@ -91,6 +91,23 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             None if ratio is None else ratio >= 50,
             fmt(ratio, 1) + "x",
         )
+    static = _num(_get(results.get("static_backend") or {}, "ratio"))
+    add(
+        "gateway rps / plain nginx rps, static backend, c64",
+        ">= 0.5",
+        static,
+        None if static is None else static >= 0.5,
+        fmt(static, 3) + "x",
+    )
+    counts = results.get("instructions") or {}
+    counted = _ratio(counts.get("gateway_usage"), counts.get("plain_proxy"))
+    add(
+        "instructions per request / plain nginx (usage accounting on, JSON answer)",
+        "<= 2.5",
+        counted,
+        None if counted is None else counted <= 2.5,
+        fmt(counted, 2) + "x",
+    )
     thousand = next((s for s in cp.get("scaling", []) if s.get("instances") == 1000), None)
     reconcile = _num(_get(thousand, "median_ms")) if thousand else None
     add(
@@ -326,7 +343,7 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"\nGateway / plain nginx with the static backend: {fmt(static['ratio'], 3)}x.")
     if results.get("instructions"):
         out += ["", instructions_sentence(results["instructions"])]
-    out += ["", "Targets (issue 5):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
+    out += ["", "Targets (issues 5 and 11):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
     cp = results.get("control_plane", {})
@@ -427,7 +444,7 @@ def readme_block(results: dict[str, Any]) -> str:
         "",
     ]
     out += data_plane_table(results)
-    out += ["", "| target (issue 5) | wanted | measured | |", "|---|---|---|---|"]
+    out += ["", "| target (issues 5 and 11) | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
     cp = results.get("control_plane", {})
