@@ -10,9 +10,12 @@ scripts.bench.instructions (an nginx answering the 524-byte chat completion), lo
   Lua routing, instance headers, the JSON log line) with usage accounting on (what deploys run with);
 - gateway_no_log: the same tree without its access-log line.
 
-The log stream goes to a receiver that reads as the controller's does (control_plane.health.logstream:
-its deep queue, drained in batches BATCH_INTERVAL_S apart), so nginx's sends find the receiver asleep
-on the socket about as often as under the controller.
+The log stream goes to a receiver that reads as the controller's does (control_plane.health.logstream's
+socket, drained in batches, asleep between them rather than on the socket), resting RECEIVER_REST_S
+between batches rather than the controller's BATCH_INTERVAL_S: a unix datagram in flight is charged to
+the sending socket, whose buffer (net.core.wmem_default) holds ~160 of nginx's lines, so one worker at
+more than ~3,200 requests/s loses lines within 50 ms, and writes a warning per lost line to its error log
+(counted here as log_lost per request: the figures are only comparable when it is 0).
 
 Per request, of the worker alone: user and system CPU in microseconds (/proc/<pid>/stat), syscalls,
 context switches and page faults (perf stat, when perf can trace the worker); --strace adds the syscalls
@@ -49,6 +52,7 @@ PERF_EVENTS = ("raw_syscalls:sys_enter", "context-switches", "page-faults")
 
 # The receiver: control_plane.health.logstream's socket and its reading rhythm (LogReceiver._run), in a
 # process of its own, lines dropped. 0666: nginx's workers run as another user than a root bench.
+RECEIVER_REST_S = 0.01
 RECEIVER = """
 import os, sys, time
 from control_plane.health import logstream
@@ -64,7 +68,7 @@ while True:
             sock.recv(logstream.MAX_DATAGRAM)
     except BlockingIOError:
         pass
-    time.sleep(logstream.BATCH_INTERVAL_S)
+    time.sleep(float(sys.argv[2]))
 """
 
 
@@ -109,6 +113,14 @@ def per_request(before: WorkerStat, after: WorkerStat, requests: int) -> dict[st
         "sys_us": round((after.stime - before.stime) * us, 1),
         "minflt": round((after.minflt - before.minflt) / requests, 3),
     }
+
+
+def lost_lines(error_log: Path) -> int:
+    """Access-log lines nginx could not send (its warning per line), so far."""
+    try:
+        return error_log.read_text(errors="replace").count("send() to syslog failed")
+    except FileNotFoundError:
+        return 0
 
 
 def _wait_port(port: int, seconds: float = 30.0) -> None:
@@ -163,8 +175,9 @@ def _plain_conf(directory: Path, port: int, backend: int) -> Path:
 @contextlib.contextmanager
 def _worker(
     root: Path, system: str, backend: int, log_server: str
-) -> Iterator[tuple[int, int, dict[str, str]]]:
-    """nginx for `system` (master and one worker): yields its port, its worker's pid and the headers."""
+) -> Iterator[tuple[int, int, dict[str, str], Path]]:
+    """nginx for `system` (master and one worker): yields its port, its worker's pid, the request's
+    headers and its error log."""
     port = free_port()
     directory = root / system
     if system == "plain":
@@ -188,7 +201,7 @@ def _worker(
         workers = [int(pid) for pid in children.stdout.split()]
         if len(workers) != 1:
             raise RuntimeError(f"expected one nginx worker, found {workers}")
-        yield port, workers[0], headers
+        yield port, workers[0], headers, prefix / "logs" / "error.log"
     finally:
         nginx.stop()
 
@@ -221,7 +234,7 @@ def measure_one(
     root: Path, system: str, backend: int, log_server: str, connections: int, seconds: int, strace: bool
 ) -> dict[str, float]:
     """One system's figures per request (see the module's doc)."""
-    with _worker(root, system, backend, log_server) as (port, worker, headers):
+    with _worker(root, system, backend, log_server) as (port, worker, headers, error_log):
         script = root / f"{system}.lua"
         auth = "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in headers.items())
         body = chat_body(model=instructions.MODEL).decode()
@@ -241,12 +254,14 @@ def measure_one(
         time.sleep(0.5 if tracer else 0)  # the tracer attached
         stat = Path(f"/proc/{worker}/stat")
         before = parse_stat(stat.read_text())
+        lost_before = lost_lines(error_log)
         started = time.monotonic()
         requests = _wrk(script, url, connections, seconds)
         elapsed = time.monotonic() - started
         after = parse_stat(stat.read_text())
         result: dict[str, float] = {"requests_per_s": round(requests / elapsed)}
         result.update(per_request(before, after, requests))
+        result["log_lost"] = round((lost_lines(error_log) - lost_before) / requests, 3)
         if tracer is not None:
             tracer.send_signal(signal.SIGINT)
             tracer.wait(timeout=60)
@@ -268,7 +283,8 @@ def measure(
             root = Path(tmp)
             os.chmod(root, 0o755)  # the workers reach the log socket here
             socket_path = root / "log.sock"
-            procs.start([sys.executable, "-c", RECEIVER, str(socket_path)], cwd=str(Path.cwd()))
+            receiver = [sys.executable, "-c", RECEIVER, str(socket_path), str(RECEIVER_REST_S)]
+            procs.start(receiver, cwd=str(Path.cwd()))
             deadline = time.monotonic() + 10
             while not socket_path.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
