@@ -27,6 +27,9 @@ Even with --fixed-seed, counting's figure moves by several thousand between runs
 (which traces get compiled follows when the timers fire among the requests, i.e. how fast the machine
 is). --jit-off turns the measured gateway's JIT off (jit.off() in its init_by_lua): every figure is then
 far higher than nginx runs it, but repeatable, for an A/B of one change to the Lua request path.
+--edit FILE.py applies FILE's `edit(files: dict[str, str]) -> dict[str, str]` to every gateway tree
+measured (its files by name: "http.conf", "servers.conf", "lua/gw/gateway.lua", ...): an A/B of a change
+to the rendered configuration or the Lua before it is made in the renderer (run with and without it).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -167,6 +170,17 @@ _COUNTING_CALL = re.compile(r'(_by_lua_block \{) require\("gw\.gateway"\)\.count
 
 
 _jit_off: list[bool] = []  # --jit-off: the measured gateway's LuaJIT runs without its JIT
+_edits: list[Callable[[dict[str, str]], dict[str, str]]] = []  # --edit FILE.py: its edit(files)
+
+
+def load_edit(path: Path) -> Callable[[dict[str, str]], dict[str, str]]:
+    """The edit(files) function of a Python file (--edit)."""
+    namespace: dict[str, object] = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    edit = namespace.get("edit")
+    if not callable(edit):
+        raise RuntimeError(f"{path} defines no edit(files)")
+    return edit
 
 
 def _without_jit(files: dict[str, str]) -> dict[str, str]:
@@ -259,6 +273,11 @@ def gateway_tree(
     files = _empty_usage_phases(tree.files) if variant.empty_usage_phases else tree.files
     if _jit_off:
         files = _without_jit(files)
+    for edit in _edits:
+        edited = edit(dict(files))
+        if edited == files:
+            raise RuntimeError("--edit changed nothing in the rendered tree")
+        files = edited
     nginx_process = NginxProcess(prefix)
     nginx_process.prepare()
     directory = nginx_process.generations / tree.checksum
@@ -481,6 +500,7 @@ def split_text(c: dict[str, int]) -> str:
 def main() -> int:
     args = sys.argv[1:]
     _jit_off[:] = [True] if "--jit-off" in args else []
+    _edits[:] = [load_edit(Path(args[args.index("--edit") + 1]))] if "--edit" in args else []
     if "--many" in args:
         _many[:] = [max(FEW + 1, int(args[args.index("--many") + 1]))]
     with tempfile.TemporaryDirectory(prefix="ishgw-seed-") as tmp:

@@ -1048,14 +1048,25 @@ local function tail_usage(text)
     if c ~= RBRACE then
         return nil
     end
-    -- the last '"usage"': looked for near the end first (where it is), then from the start
-    local p = e > 512 and find(text, '"usage"', e - 512, true) or find(text, '"usage"', 1, true)
+    -- the last '"usage"': looked for near the end first (where it is), then from the start. Found by its
+    -- 'usage"' and the quote before: a search for '"usage"' stops, and compares, at every quote before it.
+    local from = e > 512 and e - 511 or 2
+    local p
+    while true do
+        local q = find(text, 'usage"', from, true)
+        while q do
+            if byte(text, q - 1) == QUOTE then
+                p = q - 1
+            end
+            q = find(text, 'usage"', q + 6, true)
+        end
+        if p or from == 2 then
+            break
+        end
+        from = 2
+    end
     if not p then
         return tail_ollama(text, e)
-    end
-    local next_p = find(text, '"usage"', p + 7, true)
-    while next_p do
-        p, next_p = next_p, find(text, '"usage"', next_p + 7, true)
     end
     local r = compact_usage(text, p, e)
     if r then
@@ -1079,7 +1090,7 @@ end
 -- of the members that follow it up to the document's last "}". Every provider writes the usage last, or
 -- among the last members (the Responses API: a few hundred bytes before the end). A document held whole
 -- (up to tail_max bytes) whose last members hold no usage is scanned from its start (Json above): there
--- the usage may be anywhere at the top level. Cost: a plain find of '"usage"' and a walk of the few bytes
+-- the usage may be anywhere at the top level. Cost: a plain find of 'usage"' and a walk of the few bytes
 -- after it, once per answer; nothing per chunk beyond keeping it.
 local Tail = {}
 Tail.__index = Tail

@@ -501,6 +501,18 @@ describe("gw.usage", function()
                 .. '"usage":{"prompt_tokens":2,"completion_tokens":2}}', reported(2, 2))
         end)
 
+        it("the usage far from the end, with other keys ending in usage near it", function()
+            -- the last 512 bytes hold only keys ending in usage": the whole text is searched then
+            local pad = '"pad":"' .. string.rep("x", 600) .. '"'
+            local text = '{"usage":{"prompt_tokens":3,"completion_tokens":4},' .. pad
+                .. ',"my_usage":1,"last_usage":{"prompt_tokens":9}}'
+            assert.same(reported(3, 4), scan("openai_json", { text }))
+            -- a usage key in the last 512 bytes is the last one, however many come before
+            local late = '{"usage":{"prompt_tokens":1,"completion_tokens":1},' .. pad
+                .. ',"usage":{"prompt_tokens":5,"completion_tokens":6},"total_usage":2}'
+            assert.same(reported(5, 6), scan("openai_json", { late }))
+        end)
+
         it("escapes of every kind before the usage, cut anywhere", function()
             local text = '{"a":"\\\\","b":"\\"","c":"\\\\\\"}{[","d":"\\u0022usage\\u0022:{","e":["]}\\\\"],'
                 .. '"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}'
