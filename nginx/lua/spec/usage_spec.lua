@@ -513,6 +513,27 @@ describe("gw.usage", function()
             assert.same(reported(5, 6), scan("openai_json", { late }))
         end)
 
+        it("the compact ending most servers write, and what only looks like it", function()
+            local head = '{"id":"c","choices":[{"message":{"content":"}}"}}],'
+            local compact = '"usage":{"prompt_tokens":250,"completion_tokens":60,"total_tokens":310}'
+            check_all("openai_json", head .. compact .. "}", reported(250, 60, 310))
+            check_all("openai_json", head .. compact .. "}\r\n \t", reported(250, 60, 310))
+            -- the last member of a nested object, not of the document: not the usage
+            check_all("openai_json", '{"meta":{' .. compact .. '}}', ESTIMATED)
+            -- a count that is not a whole number of at most 15 digits is read by the general walk
+            check_all("openai_json", '{"usage":{"prompt_tokens":2.5,"completion_tokens":1e1,'
+                .. '"total_tokens":12}}', reported(2, 10, 12))
+            check_all("openai_json", '{"usage":{"prompt_tokens":-1,"completion_tokens":4,"total_tokens":4}}',
+                reported(0, 4, 4))
+            check_all("openai_json", '{"usage":{"prompt_tokens":1234567890123456,"completion_tokens":4,'
+                .. '"total_tokens":4}}', reported(1234567890123456, 4, 4))
+            -- other members between the fixed parts
+            check_all("openai_json", '{"usage":{"prompt_tokens":1,"x":2,"completion_tokens":4,'
+                .. '"total_tokens":5}}', reported(1, 4, 5))
+            check_all("openai_json", '{"usage":{"prompt_tokens":1,"completion_tokens":4,"total_tokens":5,'
+                .. '"prompt_tokens_details":{"cached_tokens":0}}}', reported(1, 4, 5))
+        end)
+
         it("escapes of every kind before the usage, cut anywhere", function()
             local text = '{"a":"\\\\","b":"\\"","c":"\\\\\\"}{[","d":"\\u0022usage\\u0022:{","e":["]}\\\\"],'
                 .. '"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}'
