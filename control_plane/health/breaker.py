@@ -14,6 +14,7 @@ from control_plane.registry.models import BreakerState, HealthPolicy
 MAX_COOLDOWN_FACTOR = 16
 BASELINE_ALPHA = 0.02  # slow EWMA: what normal latency is
 RECENT_ALPHA = 0.2  # fast EWMA: what latency is now
+_KEEP_BASELINE = 1 - BASELINE_ALPHA
 
 
 # Sample and WindowStats: one of each per request on the log stream's path. Slotted and not frozen: a frozen
@@ -66,9 +67,11 @@ def ewma(current: float | None, value: float, alpha: float) -> float:
 
 def learn_baseline(baseline: float | None, latency_ms: float, policy: HealthPolicy) -> float:
     """Normal latency. Degraded samples do not teach it, or it would chase the degradation."""
-    if baseline is not None and latency_ms > baseline * policy.latency_factor:
+    if baseline is None:
+        return latency_ms
+    if latency_ms > baseline * policy.latency_factor:
         return baseline
-    return ewma(baseline, latency_ms, BASELINE_ALPHA)
+    return baseline * _KEEP_BASELINE + latency_ms * BASELINE_ALPHA  # ewma(), inline: once per request
 
 
 def window_verdict(stats: WindowStats, policy: HealthPolicy) -> str | None:

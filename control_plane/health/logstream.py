@@ -117,7 +117,7 @@ def _number(text: str) -> float | None:
 
 
 def _status(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None  # "²" is a digit int() refuses
 
 
 def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, ...]:
@@ -182,16 +182,6 @@ def parse_tokens(text: str) -> tuple[int | None, int | None]:
 _STATUS_CODES = {str(code): code for code in range(1000)}
 
 
-def _one_attempt(address: str, statuses: str, times: str) -> tuple[Attempt, ...]:
-    """parse_attempts' common case (one attempt), without its checks: the caller made them."""
-    try:
-        ms: float | None = float(times) * 1000
-    except ValueError:
-        ms = None
-    status = _STATUS_CODES.get(statuses)
-    return (Attempt(address, _status(statuses) if status is None else status, ms),)
-
-
 def parse_datagram(data: bytes) -> LogRecord | None:
     """One syslog datagram (RFC 3164 framing from nginx) -> LogRecord, or None when it is not ours.
 
@@ -212,39 +202,63 @@ def parse_datagram(data: bytes) -> LogRecord | None:
     if not isinstance(fields, dict):
         return None
     try:
-        return _record(fields.get)
-    except (TypeError, AttributeError):  # a value that is not a string: nginx (escape=json) sends none
+        return _record(fields)
+    except (TypeError, AttributeError, ValueError):  # not nginx's: it writes every value as a string
         return None
 
 
-def _record(get: Callable[..., Any]) -> LogRecord:
-    """The record from the JSON line's fields (``get``: the dict's get; escape=json makes every value a
-    string)."""
-    addresses, statuses, times = get("ua", ""), get("us", ""), get("urt", "")
+def _record(fields: dict[str, Any]) -> LogRecord:
+    """The record from the JSON line's fields (escape=json makes every value a string). The common case
+    (one attempt, times that are one number each) is read inline: parse_attempts and last_seconds_ms
+    read the lists of a request nginx retried."""
+    get = fields.get
+    addresses = get("ua", "")
     if not addresses or addresses == "-":
         attempts: tuple[Attempt, ...] = ()
     elif "," not in addresses and " : " not in addresses:
-        attempts = _one_attempt(addresses, statuses, times)
+        statuses = get("us", "")
+        code = _STATUS_CODES.get(statuses)
+        try:
+            ms: float | None = float(get("urt", "")) * 1000
+        except ValueError:
+            ms = None
+        attempts = (Attempt(addresses, _status(statuses) if code is None else code, ms),)
     else:
-        attempts = parse_attempts(addresses, statuses, times)
+        attempts = parse_attempts(addresses, get("us", ""), get("urt", ""))
+    try:
+        at = float(get("t", "")) or 0.0
+    except ValueError:
+        at = 0.0
+    try:
+        request_ms = (float(get("rt", "")) or 0.0) * 1000
+    except ValueError:
+        request_ms = 0.0
+    header = get("uht", "")
+    if " " in header:
+        header_ms = last_seconds_ms(header)
+    else:
+        try:
+            header_ms = float(header) * 1000
+        except ValueError:
+            header_ms = None
     status = get("st", "")
     code = _STATUS_CODES.get(status)
     tokens = get("tok")
     prompt, completion = parse_tokens(tokens) if tokens else (None, None)
     limited = get("x429", "")
     return LogRecord(
-        _number(get("t", "")) or 0.0,
+        at,
         get("rid", ""),
         get("pool", ""),
         get("model", ""),
         (_status(status) or 0) if code is None else code,
-        (_number(get("rt", "")) or 0.0) * 1000,
+        request_ms,
         attempts,
         get("ra", ""),
         get("ram", ""),
         get("key", ""),
         parse_limited(limited) if limited else (),
-        last_seconds_ms(get("uht", "")),
+        header_ms,
         get("ct", ""),
         prompt,
         completion,
@@ -310,6 +324,10 @@ class LogReceiver:
         if self._task is not None:
             self._task.cancel()
         self.sock.close()
+
+    def handle(self, data: bytes) -> None:
+        """One datagram (a batch of one)."""
+        self.handle_all((data,))
 
     def handle_all(self, datagrams: Iterable[bytes]) -> None:
         """Parse ``datagrams`` and hand what is ours to the sink, in one list."""

@@ -298,7 +298,12 @@ class HealthTracker:
                     continue  # the client gave up first: that says nothing about the instance
                 verdict = classify(status)
                 entry.total += 1
-                entry.per_second_total += _count_second(entry.per_second, int(at))
+                buckets, second = entry.per_second, int(at)
+                if buckets and buckets[-1][0] == second and buckets[0][0] > second - 60:
+                    buckets[-1][1] += 1  # _count_second's common case: this second's count, nothing to drop
+                    entry.per_second_total += 1
+                else:
+                    entry.per_second_total += _count_second(buckets, second)
                 max_rpm, max_tpm = entry.max_rpm, entry.max_tpm
                 if max_rpm and (
                     entry.per_second_total >= max_rpm or (max_tpm and entry.tokens_total >= max_tpm)

@@ -108,13 +108,17 @@ class TrafficSeries(Collector):
             model = bounded(record.model, models)
             attempts = record.attempts
             last = names.get(attempts[-1].address, OTHER) if attempts else NO_INSTANCE
-            key = (bounded(record.pool, pools), model, last, code_class(record.status))
+            key = (bounded(record.pool, pools), model, last, _CLASSES.get(record.status, OTHER))
             requests[key] = requests.get(key, 0) + 1
-            _histogram(request_duration, (model, last)).observe(record.request_ms / 1000)
+            labels = (model, last)
+            (request_duration.get(labels) or _histogram(request_duration, labels)).observe(
+                record.request_ms / 1000
+            )
             for attempt in attempts:
                 if attempt.response_ms is not None:
-                    instance = names.get(attempt.address, OTHER)
-                    _histogram(upstream_duration, (model, instance)).observe(attempt.response_ms / 1000)
+                    labels = (model, names.get(attempt.address, OTHER))
+                    histogram = upstream_duration.get(labels) or _histogram(upstream_duration, labels)
+                    histogram.observe(attempt.response_ms / 1000)
             if len(attempts) > 1:
                 self.retries += len(attempts) - 1
             if record.header_ms is not None and attempts and is_stream(record.content_type):
