@@ -161,3 +161,13 @@ def test_a_failing_observer_leaves_the_others_their_records(caplog: pytest.LogCa
         assert "failing" in caplog.text
 
     asyncio.run(body())
+
+
+def test_the_log_replay_bench_runs_through_the_batch_path(capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts.bench.logreplay (its figures are the bench's, not a test's): every record reaches the
+    health service (it asserts the count), and it prints its figures."""
+    from scripts.bench import logreplay
+
+    assert logreplay.main(["--records", "600", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "600 records x 1 runs, batches of 150:" in out and "parse alone:" in out
