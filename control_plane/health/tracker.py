@@ -282,7 +282,7 @@ class HealthTracker:
 
     def observe_all(self, records: Iterable[LogRecord], now_mono: float) -> None:
         """The log stream's records (one drain's), each attempt against the instance its address names.
-        The common attempt (an answer, under the instance's rate limits) takes no call but _fold."""
+        The common attempt (an answer, under its instance's rate limits) calls only classify and _fold."""
         addresses, instances, unsaved = self.addresses, self.instances, self.unsaved
         for record in records:
             attempts = record.attempts
