@@ -7,7 +7,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
 
 from control_plane.background import running
 from control_plane.health import logstream
@@ -41,12 +40,10 @@ PROBED_ROWS_PER_S = 250.0
 OUTCOME_LABELS = {outcome: str(outcome) for outcome in Outcome}  # one label string each, shared by the series
 
 
-def _guarded(consume: Callable[..., None], *args: Any) -> None:
-    """One consumer of a drain's records: an error is logged, and the stream and the others go on."""
-    try:
-        consume(*args)
-    except Exception:
-        log.exception("log records: %s failed", getattr(consume, "__qualname__", consume))
+def _failed(consumer: str) -> None:
+    """One consumer of a drain's records failed (logged with its traceback); the stream and the others go
+    on."""
+    log.exception("log records: %s failed", consumer)
 
 
 class HealthService:
@@ -119,16 +116,29 @@ class HealthService:
         self.records += len(records)
         tracker = self.tracker
         addresses = tracker.addresses
-        _guarded(tracker.observe_all, records, time.monotonic())
-        _guarded(self.recent.observe_all, records, addresses)
+        # A try per consumer, written out: a helper taking *args cost more than a small batch's records.
+        try:
+            tracker.observe_all(records, time.monotonic())
+        except Exception:
+            _failed("the health tracker")
+        try:
+            self.recent.observe_all(records, addresses)
+        except Exception:
+            _failed("recent traffic")
         for observer in self.log_observers:
-            _guarded(observer, records)
+            try:
+                observer(records)
+            except Exception:
+                _failed(getattr(observer, "__qualname__", repr(observer)))
         if tracker.membership_changed:
             self._verdict.set()
         if self.metrics is not None:
             self.metrics.log_records.inc(len(records))
-            _guarded(self._count_attempts, records, addresses)
-            _guarded(self.traffic.observe_all, records, addresses)
+            try:
+                self._count_attempts(records, addresses)
+                self.traffic.observe_all(records, addresses)
+            except Exception:
+                _failed("the request series")
 
     def _count_attempts(self, records: Sequence[LogRecord], addresses: Mapping[str, str]) -> None:
         """ishgw_upstream_attempts_total: counted here, added to the family once per label set."""
