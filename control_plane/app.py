@@ -283,7 +283,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         max_retry_after_s=settings.max_retry_after_s,
     )
     weights = WeightsService(reconciler, metrics)
-    health.log_observers.append(weights.on_log)
+    health.log_observers.append(weights.on_logs)
     usage_drain = UsageDrain(
         server.usage_socket,
         UsageStore(store),
@@ -305,7 +305,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         lambda: health.tracker.addresses,
         metrics.registry,
     )
-    health.log_observers.append(scaling.on_log)
+    health.log_observers.append(scaling.on_logs)
     usage_drain.observers.append(health.on_usage)  # instances' max_tpm
     tracker, warn_days = health.tracker, settings.alert_certificate_days
     budgets = BudgetWatch(ClientKeyStore(store), UsageStore(store))

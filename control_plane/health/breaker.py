@@ -14,16 +14,20 @@ from control_plane.registry.models import BreakerState, HealthPolicy
 MAX_COOLDOWN_FACTOR = 16
 BASELINE_ALPHA = 0.02  # slow EWMA: what normal latency is
 RECENT_ALPHA = 0.2  # fast EWMA: what latency is now
+_KEEP_BASELINE = 1 - BASELINE_ALPHA
 
 
-@dataclass(frozen=True, slots=True)  # one per request in each instance's window
+# Sample and WindowStats: one of each per request on the log stream's path. Slotted and not frozen: a frozen
+# dataclass's __init__ sets each field through object.__setattr__ (measured 1.4 us for WindowStats, this 0.3;
+# a NamedTuple 0.65). Nothing changes them after they are made.
+@dataclass(slots=True)
 class Sample:
     at: float  # monotonic seconds
     ok: bool
     latency_ms: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WindowStats:
     """The sliding window as the caller keeps it incrementally: counts and latency averages."""
 
@@ -63,9 +67,11 @@ def ewma(current: float | None, value: float, alpha: float) -> float:
 
 def learn_baseline(baseline: float | None, latency_ms: float, policy: HealthPolicy) -> float:
     """Normal latency. Degraded samples do not teach it, or it would chase the degradation."""
-    if baseline is not None and latency_ms > baseline * policy.latency_factor:
+    if baseline is None:
+        return latency_ms
+    if latency_ms > baseline * policy.latency_factor:
         return baseline
-    return ewma(baseline, latency_ms, BASELINE_ALPHA)
+    return baseline * _KEEP_BASELINE + latency_ms * BASELINE_ALPHA  # ewma(), inline: once per request
 
 
 def window_verdict(stats: WindowStats, policy: HealthPolicy) -> str | None:
@@ -75,12 +81,10 @@ def window_verdict(stats: WindowStats, policy: HealthPolicy) -> str | None:
     if stats.failures / stats.count >= policy.breaker_error_rate:
         return f"error rate {stats.failures}/{stats.count} over {policy.breaker_window_s:g}s"
     recent, baseline = stats.recent_ms, stats.baseline_ms
-    degraded = (
-        recent is not None
-        and baseline
-        and recent > max(policy.latency_floor_ms, baseline * policy.latency_factor)
-    )
-    if degraded:
+    if recent is None or not baseline:
+        return None
+    floor, scaled = policy.latency_floor_ms, baseline * policy.latency_factor
+    if recent > (scaled if scaled > floor else floor):  # max(floor, scaled), without the builtin's call
         factor = policy.latency_factor
         return f"latency {recent:.0f} ms is over {factor:g}x its baseline {baseline:.0f} ms"
     return None

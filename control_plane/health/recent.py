@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from control_plane.health.logstream import LogRecord
@@ -102,7 +102,11 @@ class Series:
         slot.requests += 1
         if error:
             slot.errors += 1
-        slot.add(bisect_left(BOUNDS, latency_ms))
+        bucket, counts = bisect_left(BOUNDS, latency_ms), slot.buckets
+        if counts.typecode == "I":
+            counts[bucket] += 1  # _Minute.add on a busy minute (counts per bucket), inline
+        else:
+            slot.add(bucket)
         if minute > self.last_minute:
             self.last_minute = minute
 
@@ -167,19 +171,26 @@ class RecentTraffic:
         del table[name]
 
     def observe(self, record: LogRecord, addresses: Mapping[str, str]) -> None:
-        pool = record.pool
-        if not pool or pool == "-":
-            return  # not proxied (the gateway answered itself)
-        minute = int(record.at // 60)
-        series = self.pools.get(pool) or self._series(self.pools, pool)
-        series.add(minute, record.request_ms, classify(record.status) is Verdict.FAILURE)
-        for attempt in record.attempts:
-            name = addresses.get(attempt.address)
-            if name is None:
-                continue
-            key = (pool, name)
-            series = self.instances.get(key) or self._series(self.instances, key)
-            series.add(minute, attempt.response_ms or 0.0, classify(attempt.status) is Verdict.FAILURE)
+        self.observe_all((record,), addresses)
+
+    def observe_all(self, records: Iterable[LogRecord], addresses: Mapping[str, str]) -> None:
+        """The log stream's records (one drain's): each proxied request in its pool's series, each attempt
+        in its instance's within the pool."""
+        pools, instances = self.pools, self.instances
+        for record in records:
+            pool = record.pool
+            if not pool or pool == "-":
+                continue  # not proxied (the gateway answered itself)
+            minute = int(record.at // 60)
+            series = pools.get(pool) or self._series(pools, pool)
+            series.add(minute, record.request_ms, classify(record.status) is Verdict.FAILURE)
+            for attempt in record.attempts:
+                name = addresses.get(attempt.address)
+                if name is None:
+                    continue
+                key = (pool, name)
+                series = instances.get(key) or self._series(instances, key)
+                series.add(minute, attempt.response_ms or 0.0, classify(attempt.status) is Verdict.FAILURE)
 
     def pool(self, name: str) -> Series | None:
         return self.pools.get(name)

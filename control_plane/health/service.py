@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from control_plane.background import running
 from control_plane.health import logstream
@@ -38,6 +38,12 @@ FLUSH_GAP_S = 0.1  # the least time between two flushes, however often verdicts 
 # 10,000 instances each one's last-probe fields are at most about 40 s old; at a few hundred, 1 s).
 PROBED_ROWS_PER_S = 250.0
 OUTCOME_LABELS = {outcome: str(outcome) for outcome in Outcome}  # one label string each, shared by the series
+
+
+def _failed(consumer: str) -> None:
+    """One consumer of a drain's records failed (logged with its traceback); the stream and the others go
+    on."""
+    log.exception("log records: %s failed", consumer)
 
 
 class HealthService:
@@ -74,9 +80,9 @@ class HealthService:
         self.recent = RecentTraffic()  # the status page's last 15 minutes
         self._probed_saved_at = time.monotonic()
         self._flushing = asyncio.Lock()  # the flusher and an operator's check write one after the other
-        # Others that read the log stream, called per record (the routing weights' measurements, the
-        # autoscaler's members' traffic).
-        self.log_observers: list[Callable[[LogRecord], None]] = []
+        # Others that read the log stream, called with each drain's records (the routing weights'
+        # measurements, the autoscaler's members' traffic).
+        self.log_observers: list[Callable[[Sequence[LogRecord]], None]] = []
         self.traffic = TrafficSeries()
         if metrics is not None:
             metrics.registry.register(self.traffic)
@@ -102,20 +108,51 @@ class HealthService:
 
     # --- passive ----------------------------------------------------------------------------------
     def on_log(self, record: LogRecord) -> None:
-        self.records += 1
-        self.tracker.observe(record, time.monotonic())
-        self.recent.observe(record, self.tracker.addresses)
+        self.on_logs((record,))
+
+    def on_logs(self, records: Sequence[LogRecord]) -> None:
+        """One drain of the log stream (the receiver's sink): each consumer takes the records at once, with
+        its lookups made once; one that fails leaves the others their records."""
+        self.records += len(records)
+        tracker = self.tracker
+        addresses = tracker.addresses
+        # A try per consumer, written out: a helper taking *args cost more than a small batch's records.
+        try:
+            tracker.observe_all(records, time.monotonic())
+        except Exception:
+            _failed("the health tracker")
+        try:
+            self.recent.observe_all(records, addresses)
+        except Exception:
+            _failed("recent traffic")
         for observer in self.log_observers:
-            observer(record)
-        if self.tracker.membership_changed:
+            try:
+                observer(records)
+            except Exception:
+                _failed(getattr(observer, "__qualname__", repr(observer)))
+        if tracker.membership_changed:
             self._verdict.set()
         if self.metrics is not None:
-            self.metrics.log_records.inc()
+            self.metrics.log_records.inc(len(records))
+            try:
+                self._count_attempts(records, addresses)
+                self.traffic.observe_all(records, addresses)
+            except Exception:
+                _failed("the request series")
+
+    def _count_attempts(self, records: Sequence[LogRecord], addresses: Mapping[str, str]) -> None:
+        """ishgw_upstream_attempts_total: counted here, added to the family once per label set."""
+        assert self.metrics is not None
+        counts: dict[tuple[str, str], int] = {}
+        for record in records:
             for attempt in record.attempts:
-                name = self.tracker.addresses.get(attempt.address)
+                name = addresses.get(attempt.address)
                 if name is not None:
-                    self.metrics.upstream_attempts.inc((name, classify(attempt.status)))
-            self.traffic.observe(record, self.tracker.addresses)
+                    labels: tuple[str, str] = (name, classify(attempt.status))
+                    counts[labels] = counts.get(labels, 0) + 1
+        inc = self.metrics.upstream_attempts.inc
+        for labels, count in counts.items():
+            inc(labels, count)
 
     def on_usage(self, stored: list[Bucket]) -> None:
         """Drained usage (minute buckets) toward the instances' max_tpm."""
@@ -265,7 +302,7 @@ class HealthService:
     async def context(self) -> AsyncIterator[None]:
         """Start everything; stop it on exit (an aiohttp cleanup_ctx body)."""
         self._client = ProbeClient()
-        transport = await logstream.listen(self.log_address, self.on_log, self.log_group)
+        transport = await logstream.listen_batches(self.log_address, self.on_logs, self.log_group)
         jobs = {"health-flusher": self.run_flusher()}
         if self.probes_enabled:
             jobs["prober"] = self.run_prober()

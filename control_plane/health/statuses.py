@@ -25,6 +25,11 @@ class Verdict(StrEnum):
 
 def classify(status: int | None) -> Verdict:
     """What one upstream answer (None: none came) says about the instance, never the client's mistakes."""
+    verdict = _VERDICTS.get(status)
+    return _classify(status) if verdict is None else verdict
+
+
+def _classify(status: int | None) -> Verdict:
     if status is None or status >= FAILURE_FROM:
         return Verdict.FAILURE
     if status in RATE_LIMITED_STATUSES:
@@ -32,3 +37,7 @@ def classify(status: int | None) -> Verdict:
     if status in CREDENTIAL_STATUSES:
         return Verdict.CREDENTIAL
     return Verdict.OK
+
+
+# Every status nginx can log, and no answer: one lookup per attempt on the log stream's path.
+_VERDICTS: dict[int | None, Verdict] = {status: _classify(status) for status in (None, *range(1000))}

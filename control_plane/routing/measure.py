@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from control_plane.health.logstream import LogRecord
@@ -51,9 +51,7 @@ class Windows:
         # one traffic reached held one until the next pass dropped it.
         self._keep: set[tuple[str, str]] | None = None
 
-    def add(
-        self, model: str, instance: str, at: float, ok: bool, latency_ms: float, tokens: int = 0
-    ) -> None:
+    def add(self, model: str, instance: str, at: float, ok: bool, latency_ms: float, tokens: int = 0) -> None:
         key = (model, instance)
         window = self._samples.get(key)
         if window is None:
@@ -67,18 +65,26 @@ class Windows:
         with its upstream time, a 5xx or no answer a failure; 429s and refused credentials say nothing
         about speed and are left to the health tracker. The answer's output tokens, where its usage reported
         them, belong to the last attempt (the one that answered)."""
-        if not record.model:
-            return
-        last = len(record.attempts) - 1
-        for index, attempt in enumerate(record.attempts):
-            name = names.get(attempt.address)
-            if name is None or (attempt.status is None and record.status == 499 and index == last):
+        self.observe_all((record,), names)
+
+    def observe_all(self, records: Iterable[LogRecord], names: Mapping[str, str]) -> None:
+        """observe() for each of the log stream's records (one drain's)."""
+        if self._keep is not None and not self._keep:
+            return  # no measured strategy: no window to add to (forget() dropped every other one)
+        add = self.add
+        for record in records:
+            if not record.model:
                 continue
-            verdict = classify(attempt.status)
-            if verdict in (Verdict.OK, Verdict.FAILURE):
-                ok = verdict is Verdict.OK
-                tokens = (record.completion_tokens or 0) if index == last and ok else 0
-                self.add(record.model, name, record.at, ok, attempt.response_ms or 0.0, tokens)
+            last = len(record.attempts) - 1
+            for index, attempt in enumerate(record.attempts):
+                name = names.get(attempt.address)
+                if name is None or (attempt.status is None and record.status == 499 and index == last):
+                    continue
+                verdict = classify(attempt.status)
+                if verdict is Verdict.OK or verdict is Verdict.FAILURE:
+                    ok = verdict is Verdict.OK
+                    tokens = (record.completion_tokens or 0) if index == last and ok else 0
+                    add(record.model, name, record.at, ok, attempt.response_ms or 0.0, tokens)
 
     def stats(self, model: str, instance: str, now: float, window_s: float) -> Stats:
         window = self._samples.get((model, instance))

@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -131,6 +131,9 @@ class WeightsService:
 
     def on_log(self, record: LogRecord) -> None:
         self.windows.observe(record, self._names)
+
+    def on_logs(self, records: Sequence[LogRecord]) -> None:
+        self.windows.observe_all(records, self._names)
 
     @property
     def interval_s(self) -> float:

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -147,19 +147,24 @@ class ScalingService:
         self.instances = {c.name: (c, s) for c, s in world.instances if c.name in groups} if groups else {}
 
     def on_log(self, record: LogRecord) -> None:
+        self.on_logs((record,))
+
+    def on_logs(self, records: Sequence[LogRecord]) -> None:
+        """The log stream's records (one drain's): each attempt of a group's member, a sample of its group."""
         if not self.instances:
             return
         names = self.addresses()
         # Stamped on arrival, not with the record's own time: a log stream running behind under load must
         # not push its records out of a short window.
         now = time.time()
-        for attempt in record.attempts:
-            name = names.get(attempt.address)
-            group = self.member_group.get(name) if name is not None else None
-            runtime = self.runtime.get(group) if group is not None else None
-            if runtime is not None:
-                ok = classify(attempt.status) in (Verdict.OK, Verdict.RATE_LIMITED)
-                runtime.samples.append(Sample(now, attempt.response_ms or 0.0, ok))
+        for record in records:
+            for attempt in record.attempts:
+                name = names.get(attempt.address)
+                group = self.member_group.get(name) if name is not None else None
+                runtime = self.runtime.get(group) if group is not None else None
+                if runtime is not None:
+                    ok = classify(attempt.status) in (Verdict.OK, Verdict.RATE_LIMITED)
+                    runtime.samples.append(Sample(now, attempt.response_ms or 0.0, ok))
 
     # --- views --------------------------------------------------------------------------------------
     def registered(self, group: str) -> dict[str, tuple[InstanceConfig, InstanceState]]:

@@ -1,0 +1,173 @@
+"""The log stream's batch path (one list of records per drain of the socket) and the running counts that
+spare the tracker its per-record scans: each gives what the per-record computation gave."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from control_plane.health import logstream
+from control_plane.health import tracker as tr
+from control_plane.health.logstream import LogRecord, parse_attempts, parse_datagram
+from control_plane.health.service import HealthService
+from control_plane.registry.models import HealthPolicy, InstanceConfig, InstanceState
+from control_plane.registry.store import Store
+from control_plane.render.spec import build_spec
+from tests.unit.test_pass_observers import SERVER, config, world
+from tests.unit.test_reconciler import make_loop
+
+
+def line(n: int, status: str = "200") -> bytes:
+    return logstream.format_line(
+        msec=f"{1_700_000_000 + n}.5",
+        request_id=f"r{n}",
+        pool="p",
+        model="m",
+        status=status,
+        request_time="0.004",
+        upstream_addr="127.0.0.1:1",
+        upstream_status=status,
+        upstream_response_time="0.003",
+    )
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_a_drain_hands_the_queued_datagrams_over_as_one_list(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    batches: list[list[str]] = []
+    receiver = logstream.LogReceiver(ours, lambda records: batches.append([r.request_id for r in records]))
+    for n in range(3):
+        theirs.send(line(n))
+    theirs.send(b"not a log line")
+    receiver.drain()
+    assert batches == [["r0", "r1", "r2"]]
+    receiver.drain()  # nothing queued: no empty batch
+    assert batches == [["r0", "r1", "r2"]]
+
+
+def test_a_failing_batch_sink_is_logged_and_the_receiver_goes_on(
+    pair: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    ours, theirs = pair
+    seen: list[int] = []
+
+    def sink(records: Sequence[LogRecord]) -> None:
+        seen.append(len(records))
+        raise RuntimeError("boom")
+
+    receiver = logstream.LogReceiver(ours, sink)
+    theirs.send(line(0))
+    with caplog.at_level(logging.ERROR):
+        receiver.drain()
+    theirs.send(line(1))
+    receiver.drain()
+    assert seen == [1, 1]
+    assert "log record handling failed" in caplog.text
+
+
+def test_parse_takes_a_value_nginx_could_not_have_written_without_an_exception() -> None:
+    odd = parse_datagram(line(0, status="\u00b2"))  # a digit int() refuses: no status, no exception
+    assert odd is not None and odd.status == 0 and odd.attempts[0].status is None
+    number = line(0).replace(b'"st":"200"', b'"st":200')  # escape=json writes strings only
+    assert parse_datagram(number) is None
+
+
+def record(at: float, status: int = 200, address: str = "127.0.0.0:1") -> LogRecord:
+    return LogRecord(at, "r", "p", "m", status, 1.0, parse_attempts(address, str(status), "0.001"), "", "")
+
+
+def tracker(**kw: object) -> tr.HealthTracker:
+    t = tr.HealthTracker()
+    cfg = InstanceConfig(name="a", provider_type="ollama", api_base="http://127.0.0.1:1", **kw)
+    t.sync([(cfg, InstanceState())], {"127.0.0.0:1": "a"}, 0, 0)
+    return t
+
+
+@given(
+    seconds=st.lists(st.integers(min_value=0, max_value=200), min_size=1, max_size=120),
+    max_rpm=st.integers(min_value=1, max_value=30),
+)
+def test_the_rpm_budget_from_running_counts_is_the_per_record_scans(seconds: list[int], max_rpm: int) -> None:
+    """Out-of-order seconds included: the running total is the buckets' sum, and the budget is what a
+    rpm_free_at on every record decided."""
+    t = tracker(max_rpm=max_rpm)
+    entry = t.instances["a"]
+    expected = 0.0
+    for second in seconds:
+        at = 1_000_000.0 + second + 0.25
+        t.observe(record(at), now_mono=1.0)
+        assert entry.per_second_total == sum(n for _, n in entry.per_second)
+        free_at = tr.rpm_free_at(entry.per_second, at, max_rpm)
+        if free_at is not None and free_at > expected + 0.5:
+            expected = free_at
+        assert entry.budget_until == expected
+
+
+def test_a_busy_window_slides_as_the_list_did() -> None:
+    """Past DEQUE_FROM samples the window is a deque; it holds the same samples and counts: those within
+    breaker_window_s, at most WINDOW_MAX."""
+    policy = HealthPolicy(breaker_window_s=10, breaker_min_requests=100_000)
+    t = tracker(health=policy)
+    entry = t.instances["a"]
+    kept: list[tuple[float, bool]] = []
+    for i in range(6000):
+        now = i / 150 if i < 4000 else 4000 / 150 + (i - 4000) / 50  # 150/s (WINDOW_MAX binds), then 50/s
+        status = 502 if i % 7 == 0 else 200
+        t.observe(record(1000.0 + now, status), now_mono=now)
+        kept.append((now, status == 200))
+        kept = [s for s in kept if s[0] >= now - 10][-tr.WINDOW_MAX :]
+        if i % 500 == 499:
+            assert [(s.at, s.ok) for s in entry.window] == kept
+            assert entry.window_failures == sum(1 for _, ok in kept if not ok)
+            assert entry.window_ok_latency_ms == pytest.approx(sum(1.0 for _, ok in kept if ok))
+    assert isinstance(entry.window, deque)
+
+
+def test_a_failing_observer_leaves_the_others_their_records(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        service = HealthService(
+            Store("sqlite://"), make_loop().reconciler, "127.0.0.1:1", probes_enabled=False
+        )
+        w = world((config("a", 1), InstanceState()))
+        service.on_world(w, build_spec(w, SERVER))
+        seen: list[int] = []
+
+        def failing(records: Sequence[LogRecord]) -> None:
+            raise RuntimeError("boom")
+
+        service.log_observers += [failing, lambda records: seen.append(len(records))]
+        records = [parse_datagram(line(n)) for n in range(5)]
+        with caplog.at_level(logging.ERROR):
+            service.on_logs([r for r in records if r is not None])
+        assert service.records == 5 and seen == [5]
+        assert service.tracker.instances["a"].total == 5
+        assert "failing" in caplog.text
+
+    asyncio.run(body())
+
+
+def test_the_log_replay_bench_runs_through_the_batch_path(capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts.bench.logreplay (its figures are the bench's, not a test's): every record reaches the
+    health service (it asserts the count), and it prints its figures."""
+    from scripts.bench import logreplay
+
+    assert logreplay.main(["--records", "600", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "600 records x 1 runs, batches of 150:" in out and "parse alone:" in out
