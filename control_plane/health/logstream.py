@@ -285,9 +285,11 @@ def retry_after_seconds(retry_after: str, retry_after_ms: str, now: float) -> fl
 # datagram socket, whose queue holds 10 datagrams, lost 5-12 % of the records under load).
 RECEIVE_BUFFER = 8 * 1024 * 1024
 # Records are read in batches: after a wake-up the receiver drains the socket, then rests this long, so
-# under load one event-loop wake-up serves hundreds of records (one wake-up per datagram cost the
-# controller half a core at 6,000 requests/s). Passive health sees a record at most this much later.
-BATCH_INTERVAL_S = 0.05
+# under load one event-loop wake-up serves tens of records (one wake-up per datagram cost the controller
+# half a core at 6,000 requests/s). Passive health sees a record at most this much later. Not longer: a
+# datagram in flight is charged to nginx's sending socket, whose buffer (net.core.wmem_default) holds
+# ~160 lines, so a worker past ~3,200 requests/s lost lines while the receiver rested 50 ms (none at 10).
+BATCH_INTERVAL_S = 0.01
 MAX_BATCH = 20_000
 MAX_DATAGRAM = 65_535
 
