@@ -16,8 +16,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from control_plane.errors import InvalidInput
+from control_plane.nginx_process import NginxProcess
 from control_plane.registry import importers
 from control_plane.registry.models import RoutingConfig
+from control_plane.registry.scaling import ScalingStore
+from control_plane.registry.store import Store
+from control_plane.scaling import service as scaling_service
+from control_plane.scaling.command import CommandDriver
 from control_plane.scaling.decide import (
     Memory,
     Sample,
@@ -38,8 +43,10 @@ from control_plane.scaling.docker import (
     member_of,
     socket_path,
 )
+from control_plane.scaling.drivers import Drivers
 from control_plane.scaling.model import DockerLaunch, ScalingGroup, substitute
 from control_plane.settings import Settings
+from tests.unit.test_reconciler import make_loop
 
 
 def group(**changes: Any) -> ScalingGroup:
@@ -451,3 +458,39 @@ def test_docker_host_falls_back_to_docker_host(monkeypatch: pytest.MonkeyPatch) 
     assert Settings().docker_host == "unix:///run/podman/podman.sock"
     monkeypatch.setenv("ISHGW_DOCKER_HOST", "unix:///run/docker.sock")
     assert Settings().docker_host == "unix:///run/docker.sock"
+
+
+def test_without_a_docker_group_an_unreadable_engine_is_not_read_every_pass(tmp_path: Path) -> None:
+    """No Docker on this machine and no docker group: the first pass tries the engine (members of a group
+    deleted while the controller was down), the passes after it do not, until DOCKER_RETRY_S has passed."""
+    async def body() -> int:
+        store = Store("sqlite://")
+        store.migrate()
+        docker_driver = DockerDriver(f"unix://{tmp_path}/none.sock", tmp_path)
+        attempts = 0
+        refresh = docker_driver.refresh
+
+        async def counted() -> None:
+            nonlocal attempts
+            attempts += 1
+            await refresh()
+
+        docker_driver.refresh = counted  # type: ignore[method-assign]
+        service = scaling_service.ScalingService(
+            ScalingStore(store),
+            store,
+            make_loop().reconciler,
+            NginxProcess(tmp_path / "nginx"),
+            Drivers(CommandDriver(tmp_path / "scaling", frozenset()), docker_driver),
+            None,  # type: ignore[arg-type]  # not reached: no group
+            dict,
+        )
+        for _ in range(5):
+            await service.tick()
+        assert attempts == 1
+        service._docker_failed_at = -scaling_service.DOCKER_RETRY_S  # as if long ago
+        await service.tick()
+        await docker_driver.close()
+        return attempts
+
+    assert asyncio.run(body()) == 2
