@@ -82,8 +82,6 @@ LOG_FIELDS = (
     LogField("upstream_response_time", "urt", "upstream_response_time"),
     LogField("retry_after", "ra", "upstream_http_retry_after"),
     LogField("retry_after_ms", "ram", "upstream_http_retry_after_ms"),
-    LogField("bytes_sent", "bs", "bytes_sent"),
-    LogField("uri", "uri", "uri"),
     LogField("client_id", "key", "gw_client_id"),
     LogField("limited_429s", "x429", "gw_429"),
     LogField("upstream_header_time", "uht", "upstream_header_time"),

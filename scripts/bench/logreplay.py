@@ -54,8 +54,6 @@ def datagrams(count: int, pool: str, start: float) -> list[bytes]:
             upstream_addr=f"127.0.0.1:{PORT + i % INSTANCES}",
             upstream_status="200",
             upstream_response_time="0.003",
-            bytes_sent="900",
-            uri="/v1/chat/completions",
             client_id="key_0123456789abcdef",
             upstream_header_time="0.003",
             sent_http_content_type="application/json",

@@ -187,7 +187,7 @@ def test_parse_datagram_and_attempt_lists() -> None:
     assert record.key_id == "key_0123456789abcdef" and record.retry_after == ""
     assert parse_datagram(line.replace(b"ishgw:", b"other:")) is None
     assert parse_datagram(line[:-1]) is None  # cut short: not JSON
-    odd = parse_datagram(line.replace(b'"uri":"', b'"uri":"/v1/\xff'))  # not UTF-8: still read
+    odd = parse_datagram(line.replace(b'"model":"', b'"model":"m\xff'))  # not UTF-8: still read
     assert odd is not None and odd.request_id == "r1"
     assert parse_datagram(line.split(b": ", 1)[0] + b": [1, 2]") is None  # JSON, not an object
     assert parse_datagram(b"garbage") is None
