@@ -460,7 +460,7 @@ def measure(only_usage: bool = False, phases: bool = False) -> dict[str, int]:
 
 SPLIT = (
     ("body_scan", "the body's model scan (gw.body)"),
-    ("identity", "client identity (key sha256, verdict, variables)"),
+    ("identity", "client identity (key lookup, verdict, variables)"),
     ("limits", "limit zones"),
     ("log_line", "the JSON log line"),
     ("instance_headers", "X-ISHGW-Instance/-Attempts"),

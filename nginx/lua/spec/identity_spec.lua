@@ -217,6 +217,24 @@ describe("gw.identity", function()
             assert.same(accepted("key_bare", ""), later:check(KEY_BARE))
         end)
 
+        it("hashes each presented key once, and still checks it on every request", function()
+            local hashed, clock = 0, NOW
+            local counting = setmetatable({ sha256 = function(s)
+                hashed = hashed + 1
+                return crypto.sha256(s)
+            end }, { __index = crypto })
+            local id2 = new(nil, { crypto = counting, now = function() return clock end })
+            for _ = 1, 3 do
+                assert.same(accepted("key_soon", ""), id2:check(KEY_SOON))
+                assert.same(refused("invalid", "key_invalid"), id2:check("sk-nope"))
+            end
+            assert.equal(4, hashed)  -- KEY_SOON once, each unknown key every time (nothing kept of it)
+            clock = NOW + 1
+            assert.same(refused("expired", "key_expired"), id2:check(KEY_SOON))
+            assert.same(refused("disabled", "key_disabled"), id2:check(KEY_OFF))
+            assert.same(refused("disabled", "key_disabled"), id2:check(KEY_OFF))
+        end)
+
         it("checks disabled before expired", function()
             local id2 = new(function(doc) doc.keys[sha(KEY_OFF)].expires = 1 end)
             assert.same(refused("disabled", "key_disabled"), id2:check(KEY_OFF))
