@@ -14,7 +14,6 @@ from control_plane.registry.models import BreakerState, HealthPolicy
 MAX_COOLDOWN_FACTOR = 16
 BASELINE_ALPHA = 0.02  # slow EWMA: what normal latency is
 RECENT_ALPHA = 0.2  # fast EWMA: what latency is now
-_KEEP_BASELINE = 1 - BASELINE_ALPHA
 
 
 # Sample and WindowStats: one of each per request on the log stream's path. Slotted and not frozen: a frozen
@@ -71,7 +70,7 @@ def learn_baseline(baseline: float | None, latency_ms: float, policy: HealthPoli
         return latency_ms
     if latency_ms > baseline * policy.latency_factor:
         return baseline
-    return baseline * _KEEP_BASELINE + latency_ms * BASELINE_ALPHA  # ewma(), inline: once per request
+    return ewma(baseline, latency_ms, BASELINE_ALPHA)
 
 
 def window_verdict(stats: WindowStats, policy: HealthPolicy) -> str | None:
@@ -83,8 +82,7 @@ def window_verdict(stats: WindowStats, policy: HealthPolicy) -> str | None:
     recent, baseline = stats.recent_ms, stats.baseline_ms
     if recent is None or not baseline:
         return None
-    floor, scaled = policy.latency_floor_ms, baseline * policy.latency_factor
-    if recent > (scaled if scaled > floor else floor):  # max(floor, scaled), without the builtin's call
+    if recent > max(policy.latency_floor_ms, baseline * policy.latency_factor):
         factor = policy.latency_factor
         return f"latency {recent:.0f} ms is over {factor:g}x its baseline {baseline:.0f} ms"
     return None

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # The nginx side of this contract: the log_format in http.conf.j2, rendered from LOG_FIELDS below.
 LOG_TAG = "ishgw"
 _SPLIT = re.compile(r", | : ")
+_STATUS_CODES = {str(code): code for code in range(1000)}
 
 
 class Attempt(NamedTuple):
@@ -115,6 +116,9 @@ def _number(text: str) -> float | None:
 
 
 def _status(text: str) -> int | None:
+    code = _STATUS_CODES.get(text)  # the codes as nginx writes them: one lookup, no check or conversion
+    if code is not None:
+        return code
     return int(text) if text.isascii() and text.isdigit() else None  # "²" is a digit int() refuses
 
 
@@ -175,17 +179,10 @@ def parse_tokens(text: str) -> tuple[int | None, int | None]:
     return None, None
 
 
-# The status codes as nginx writes them: one dict lookup where a check and a conversion were (_status
-# still reads any other string of digits).
-_STATUS_CODES = {str(code): code for code in range(1000)}
 
 
 def parse_datagram(data: bytes) -> LogRecord | None:
-    """One syslog datagram (RFC 3164 framing from nginx) -> LogRecord, or None when it is not ours.
-
-    Per record on the controller's busiest path (one datagram per request): the fields are read once,
-    positionally, and the common record (one attempt, no 429 caught, no time list) takes no helper call
-    but the attempt's."""
+    """One syslog datagram (RFC 3164 framing from nginx) -> LogRecord, or None when it is not ours."""
     start = data.find(_MARK_BYTES)
     if start < 0:
         return None
@@ -206,57 +203,24 @@ def parse_datagram(data: bytes) -> LogRecord | None:
 
 
 def _record(fields: dict[str, Any]) -> LogRecord:
-    """The record from the JSON line's fields (escape=json makes every value a string). The common case
-    (one attempt, times that are one number each) is read inline: parse_attempts and last_seconds_ms
-    read the lists of a request nginx retried."""
+    """The record from the JSON line's fields (escape=json makes every value a string), read positionally."""
     get = fields.get
-    addresses = get("ua", "")
-    if not addresses or addresses == "-":
-        attempts: tuple[Attempt, ...] = ()
-    elif "," not in addresses and " : " not in addresses:
-        statuses = get("us", "")
-        code = _STATUS_CODES.get(statuses)
-        try:
-            ms: float | None = float(get("urt", "")) * 1000
-        except ValueError:
-            ms = None
-        attempts = (Attempt(addresses, _status(statuses) if code is None else code, ms),)
-    else:
-        attempts = parse_attempts(addresses, get("us", ""), get("urt", ""))
-    try:
-        at = float(get("t", "")) or 0.0
-    except ValueError:
-        at = 0.0
-    try:
-        request_ms = (float(get("rt", "")) or 0.0) * 1000
-    except ValueError:
-        request_ms = 0.0
-    header = get("uht", "")
-    if " " in header:
-        header_ms = last_seconds_ms(header)
-    else:
-        try:
-            header_ms = float(header) * 1000
-        except ValueError:
-            header_ms = None
-    status = get("st", "")
-    code = _STATUS_CODES.get(status)
     tokens = get("tok")
     prompt, completion = parse_tokens(tokens) if tokens else (None, None)
     limited = get("x429", "")
     return LogRecord(
-        at,
+        _number(get("t", "")) or 0.0,
         get("rid", ""),
         get("pool", ""),
         get("model", ""),
-        (_status(status) or 0) if code is None else code,
-        request_ms,
-        attempts,
+        _status(get("st", "")) or 0,
+        (_number(get("rt", "")) or 0.0) * 1000,
+        parse_attempts(get("ua", ""), get("us", ""), get("urt", "")),
         get("ra", ""),
         get("ram", ""),
         get("key", ""),
         parse_limited(limited) if limited else (),
-        header_ms,
+        last_seconds_ms(get("uht", "")),
         get("ct", ""),
         prompt,
         completion,

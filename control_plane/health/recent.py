@@ -102,11 +102,7 @@ class Series:
         slot.requests += 1
         if error:
             slot.errors += 1
-        bucket, counts = bisect_left(BOUNDS, latency_ms), slot.buckets
-        if counts.typecode == "I":
-            counts[bucket] += 1  # _Minute.add on a busy minute (counts per bucket), inline
-        else:
-            slot.add(bucket)
+        slot.add(bisect_left(BOUNDS, latency_ms))
         if minute > self.last_minute:
             self.last_minute = minute
 

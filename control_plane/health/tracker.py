@@ -33,7 +33,6 @@ PROBE_HISTORY = 50
 PROBE_FIELDS = frozenset({"last_probe_at", "probe_latency_ms", "last_error", "last_error_time"})
 WINDOW_MAX = 2000
 DEQUE_FROM = 64
-_KEEP_RECENT = 1 - br.RECENT_ALPHA  # br.ewma's weight of the fast average's past, computed once
 # A 429 whose Retry-After the log line does not carry (none sent, or past a pool's last _429_<n> level).
 DEFAULT_429_COOLDOWN_S = 20.0
 # The longest rate limit a Retry-After may set (ISHGW_MAX_RETRY_AFTER_S): an instance comes back after this
@@ -298,12 +297,7 @@ class HealthTracker:
                     continue  # the client gave up first: that says nothing about the instance
                 verdict = classify(status)
                 entry.total += 1
-                buckets, second = entry.per_second, int(at)
-                if buckets and buckets[-1][0] == second and buckets[0][0] > second - 60:
-                    buckets[-1][1] += 1  # _count_second's common case: this second's count, nothing to drop
-                    entry.per_second_total += 1
-                else:
-                    entry.per_second_total += _count_second(buckets, second)
+                entry.per_second_total += _count_second(entry.per_second, int(at))
                 max_rpm, max_tpm = entry.max_rpm, entry.max_tpm
                 if max_rpm and (
                     entry.per_second_total >= max_rpm or (max_tpm and entry.tokens_total >= max_tpm)
@@ -348,8 +342,7 @@ class HealthTracker:
         if sample.ok:
             latency = sample.latency_ms
             entry.window_ok_latency_ms += latency
-            recent = entry.recent_ms
-            entry.recent_ms = latency if recent is None else recent * _KEEP_RECENT + latency * br.RECENT_ALPHA
+            entry.recent_ms = br.ewma(entry.recent_ms, latency, br.RECENT_ALPHA)
             entry.baseline_ms = br.learn_baseline(entry.baseline_ms, latency, policy)
         else:
             entry.window_failures += 1

@@ -108,25 +108,20 @@ class TrafficSeries(Collector):
             model = bounded(record.model, models)
             attempts = record.attempts
             last = names.get(attempts[-1].address, OTHER) if attempts else NO_INSTANCE
-            key = (bounded(record.pool, pools), model, last, _CLASSES.get(record.status, OTHER))
+            key = (bounded(record.pool, pools), model, last, code_class(record.status))
             requests[key] = requests.get(key, 0) + 1
-            labels = (model, last)
-            (request_duration.get(labels) or _histogram(request_duration, labels)).observe(
-                record.request_ms / 1000
-            )
+            _histogram(request_duration, (model, last)).observe(record.request_ms / 1000)
             for attempt in attempts:
                 if attempt.response_ms is not None:
-                    labels = (model, names.get(attempt.address, OTHER))
-                    histogram = upstream_duration.get(labels) or _histogram(upstream_duration, labels)
-                    histogram.observe(attempt.response_ms / 1000)
+                    instance = names.get(attempt.address, OTHER)
+                    _histogram(upstream_duration, (model, instance)).observe(attempt.response_ms / 1000)
             if len(attempts) > 1:
                 self.retries += len(attempts) - 1
             if record.header_ms is not None and attempts and is_stream(record.content_type):
                 _histogram(self.first_byte, (model, last)).observe(record.header_ms / 1000)
-            if not attempts:
-                reason = client_error_reason(record)
-                if reason is not None:
-                    self.client_errors[reason] += 1
+            reason = client_error_reason(record)
+            if reason is not None:
+                self.client_errors[reason] += 1
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
