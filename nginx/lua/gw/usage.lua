@@ -1042,6 +1042,21 @@ local function compact_end(text)
              total_tokens = total, bytes = 0 }
 end
 
+-- The position of the last '"usage"' in text that starts at `start` or after, or nil. Found by its
+-- 'usage"' and the quote before: a search for '"usage"' stops, and compares, at every quote before it
+-- (a JSON answer is mostly quotes).
+local function last_usage_key(text, start)
+    local p
+    local q = find(text, 'usage"', start + 1, true)
+    while q do
+        if byte(text, q - 1) == QUOTE then
+            p = q - 1
+        end
+        q = find(text, 'usage"', q + 6, true)
+    end
+    return p
+end
+
 local function tail_usage(text)
     local fast = compact_end(text)
     if fast then
@@ -1056,23 +1071,8 @@ local function tail_usage(text)
     if c ~= RBRACE then
         return nil
     end
-    -- the last '"usage"': looked for near the end first (where it is), then from the start. Found by its
-    -- 'usage"' and the quote before: a search for '"usage"' stops, and compares, at every quote before it.
-    local from = e > 512 and e - 511 or 2
-    local p
-    while true do
-        local q = find(text, 'usage"', from, true)
-        while q do
-            if byte(text, q - 1) == QUOTE then
-                p = q - 1
-            end
-            q = find(text, 'usage"', q + 6, true)
-        end
-        if p or from == 2 then
-            break
-        end
-        from = 2
-    end
+    -- the last '"usage"': looked for near the end first (where it is), then from the start
+    local p = e > 512 and last_usage_key(text, e - 512) or last_usage_key(text, 1)
     if not p then
         return tail_ollama(text, e)
     end
@@ -1379,11 +1379,11 @@ local function usage_only(data)
     if c ~= RBRACE then
         return nil
     end
-    local p, next_p = nil, find(data, '"usage"', 1, true)
-    while next_p do
-        p, next_p = next_p, find(data, '"usage"', next_p + 7, true)
+    local r = compact_end(data)
+    if not r then
+        local p = last_usage_key(data, 1)
+        r = p and flat_usage(data, p, e)
     end
-    local r = compact_end(data) or (p and flat_usage(data, p, e))
     local open = r and skip_ws(data, 1)
     if not open or byte(data, open) ~= LBRACE then
         return nil
