@@ -11,11 +11,11 @@ scripts.bench.instructions (an nginx answering the 524-byte chat completion), lo
 - gateway_no_log: the same tree without its access-log line.
 
 The log stream goes to a receiver that reads as the controller's does (control_plane.health.logstream's
-socket, drained in batches, asleep between them rather than on the socket), resting RECEIVER_REST_S
-between batches rather than the controller's BATCH_INTERVAL_S: a unix datagram in flight is charged to
-the sending socket, whose buffer (net.core.wmem_default) holds ~160 of nginx's lines, so one worker at
-more than ~3,200 requests/s loses lines within 50 ms, and writes a warning per lost line to its error log
-(counted here as log_lost per request: the figures are only comparable when it is 0).
+socket, drained in batches, resting its BATCH_INTERVAL_S between them rather than waiting on the socket).
+A unix datagram in flight is charged to the sending socket, whose buffer (net.core.wmem_default) holds
+~160 of nginx's lines: one worker at more than ~3,200 requests/s lost lines within a 50 ms rest, and
+writes a warning per lost line to its error log (counted here as log_lost per request: the figures are
+only comparable when it is 0).
 
 Per request, of the worker alone: user and system CPU in microseconds (/proc/<pid>/stat), syscalls,
 context switches and page faults (perf stat, when perf can trace the worker); --strace adds the syscalls
@@ -52,7 +52,6 @@ PERF_EVENTS = ("raw_syscalls:sys_enter", "context-switches", "page-faults")
 
 # The receiver: control_plane.health.logstream's socket and its reading rhythm (LogReceiver._run), in a
 # process of its own, lines dropped. 0666: nginx's workers run as another user than a root bench.
-RECEIVER_REST_S = 0.01
 RECEIVER = """
 import os, sys, time
 from control_plane.health import logstream
@@ -68,7 +67,7 @@ while True:
             sock.recv(logstream.MAX_DATAGRAM)
     except BlockingIOError:
         pass
-    time.sleep(float(sys.argv[2]))
+    time.sleep(logstream.BATCH_INTERVAL_S)
 """
 
 
@@ -283,7 +282,7 @@ def measure(
             root = Path(tmp)
             os.chmod(root, 0o755)  # the workers reach the log socket here
             socket_path = root / "log.sock"
-            receiver = [sys.executable, "-c", RECEIVER, str(socket_path), str(RECEIVER_REST_S)]
+            receiver = [sys.executable, "-c", RECEIVER, str(socket_path)]
             procs.start(receiver, cwd=str(Path.cwd()))
             deadline = time.monotonic() + 10
             while not socket_path.exists() and time.monotonic() < deadline:
