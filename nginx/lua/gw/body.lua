@@ -17,8 +17,10 @@
 -- tests/unit/test_lua_body.py checks it against Python's json on generated bodies.
 --
 --   local body = require("gw.body")
---   local model, err, ms, me = body.model(text)  -- model: the decoded string (UTF-8), or nil and one of
---                                                -- body.ERR; ms..me: where its characters are in text
+--   local model, err, ms, me, streams = body.model(text)  -- model: the decoded string (UTF-8), or nil
+--                                                -- and one of body.ERR; ms..me: where its characters are
+--                                                -- in text; streams: the last top-level "stream" (its key
+--                                                -- written without escapes) is true
 --   text = body.with_model(text, ms, me, "other-model")
 
 local ffi = require("ffi")
@@ -52,7 +54,7 @@ _M.MAX_DEPTH = MAX_DEPTH
 local QUOTE, BACKSLASH, COMMA, COLON = 34, 92, 44, 58
 local LBRACE, RBRACE, LBRACKET, RBRACKET = 123, 125, 91, 93
 local SPACE, TAB, LF, CR = 32, 9, 10, 13
-local LOWER_U = 117
+local LOWER_U, LOWER_T = 117, 116
 
 local HEX4 = "^%x%x%x%x"
 local SIMPLE_ESCAPE = {}                  -- byte after a backslash -> the character it stands for
@@ -374,9 +376,17 @@ local function is_model_key(text, q, e, escaped)
     return e - q <= 31 and decode(text, q + 1, e - 1) == "model"
 end
 
+-- Is the six-byte key after the quote at q "stream"?
+local function is_stream_key(text, q)
+    local s, t, r, e2, a, m = byte(text, q + 1, q + 6)
+    return s == 115 and t == 116 and r == 114 and e2 == 101 and a == 97 and m == 109
+end
+
 -- The top-level "model" string of a JSON request body: model, or nil and one of ERR. The whole body
 -- is scanned (a repeated key or a fault after "model" counts); an invalid body is reported as such
--- before what it names.
+-- before what it names. Also whether the body streams: its last top-level "stream" (a key written
+-- without escapes) is true, the one fact of the body the counting needs (gw.usage.with_include_usage is
+-- asked only then: no search of the body for "stream").
 _M.skip_ws = skip_ws
 
 function _M.model(text)
@@ -399,7 +409,7 @@ function _M.model(text)
         end
         return nil, ERR.not_object
     end
-    local count, ms, me, mescaped = 0, nil, nil, false
+    local count, ms, me, mescaped, streams = 0, nil, nil, false, false
     i = skip_ws(text, i + 1)
     if i and byte(text, i) == RBRACE then
         i = i + 1
@@ -413,6 +423,7 @@ function _M.model(text)
                 return nil, ERR.invalid
             end
             local is_model = is_model_key(text, i, ke, kescaped)
+            local is_stream = ke - i == 7 and not kescaped and is_stream_key(text, i)
             i = skip_ws(text, ke + 1)
             if not i or byte(text, i) ~= COLON then
                 return nil, ERR.invalid
@@ -433,6 +444,9 @@ function _M.model(text)
                     e, err = value_end(text, i, 1)
                 end
             else
+                if is_stream then
+                    streams = byte(text, i) == LOWER_T  -- a literal: value_end checks it is true
+                end
                 e, err = value_end(text, i, 1)
             end
             if not e then
@@ -459,9 +473,9 @@ function _M.model(text)
     elseif not ms then
         return nil, ERR.not_string
     elseif mescaped then
-        return decode(text, ms, me), nil, ms, me
+        return decode(text, ms, me), nil, ms, me, streams
     end
-    return sub(text, ms, me), nil, ms, me
+    return sub(text, ms, me), nil, ms, me, streams
 end
 
 -- The members of the object whose "{" is at i (inside depth containers: 0 for the top level), for a

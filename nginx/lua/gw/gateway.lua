@@ -181,13 +181,14 @@ end
 -- a ":latest" spelling, a fallback); and, for an endpoint whose streams report usage only when asked
 -- (routes.json: stream_usage), stream_options.include_usage when the client streams without asking for
 -- it (then true as the second value). $gw_stream_usage then says so to a fallback's hop (its body
--- already asks), which goes to the "_su" twin too.
-local function body_for(ep, text, ms, me, named, model)
+-- already asks), which goes to the "_su" twin too. streams: gw.body.model's word that the body's
+-- top-level "stream" is true (no other body can be asked for its usage).
+local function body_for(ep, text, ms, me, streams, named, model)
     local out = text
     if model ~= named then
         out = body.with_model(text, ms, me, model)
     end
-    if ep.stream_usage and find(out, '"stream"', 1, true) then
+    if streams and ep.stream_usage then
         local asked = usage.with_include_usage(out)
         if asked then
             var.gw_stream_usage = "1"
@@ -199,14 +200,14 @@ end
 
 -- Hand the request to a pool, with the body body_for makes: to the pool's location, or its "_su" twin
 -- (servers.conf: a header filter that takes the usage the gateway asked for back out of the answer).
-local function send(ep, text, ms, me, named, found, position, base)
+local function send(ep, text, ms, me, streams, named, found, position, base)
     if position > 0 then
         var.gw_hop = position
         var.gw_base = base
     end
     var.gw_model = found.model
     var.gw_pool = found.pool
-    local out, asked = body_for(ep, text, ms, me, named, found.model)
+    local out, asked = body_for(ep, text, ms, me, streams, named, found.model)
     if out ~= text then
         req.set_body_data(out)
     end
@@ -217,13 +218,13 @@ local function send(ep, text, ms, me, named, found, position, base)
 end
 
 -- Send the request to the first available fallback of `base` from position `from` (1: the first one).
-local function hop(ep, text, ms, me, named, base, from)
+local function hop(ep, text, ms, me, streams, named, base, from)
     local chain = fallbacks[base]
     if chain then
         for i = from, #chain do
             local found = resolve(ep.key, chain[i])
             if found and found.pool ~= "" then
-                return send(ep, text, ms, me, named, found, i, base)
+                return send(ep, text, ms, me, streams, named, found, i, base)
             end
         end
     end
@@ -287,7 +288,7 @@ function _M.route(uri)
         end
     end
     local text = body_text()
-    local named, err, ms, me = body.model(text)
+    local named, err, ms, me, streams = body.model(text)
     if not named or named == "" then
         return fail(family, 400, "invalid_request_error", BODY_ERRORS[err] or NO_MODEL)
     end
@@ -305,9 +306,9 @@ function _M.route(uri)
         return fail(family, 403, "permission_error", "This API key may not use the model " .. shown(named))
     end
     if found.pool ~= "" then
-        return send(ep, text, ms, me, named, found, 0)
+        return send(ep, text, ms, me, streams, named, found, 0)
     end
-    return hop(ep, text, ms, me, named, found.model, 1)
+    return hop(ep, text, ms, me, streams, named, found.model, 1)
 end
 
 -- Answers made here rather than by an instance, by the name the location gives.
@@ -324,16 +325,16 @@ end
 function handlers.next()
     local ep = endpoints[var.uri]
     local text = ep and req.get_body_data()
-    local named, _, ms, me
+    local named, _, ms, me, streams
     if text then
-        named, _, ms, me = body.model(text)
+        named, _, ms, me, streams = body.model(text)
     end
     if not named then
         return handlers.unavailable()
     end
     local position = tonumber(var.gw_hop) or 0
     local base = position > 0 and var.gw_base or var.gw_model
-    return hop(ep, text, ms, me, named, base, position + 1)
+    return hop(ep, text, ms, me, streams, named, base, position + 1)
 end
 
 function handlers.models()

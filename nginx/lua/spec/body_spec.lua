@@ -223,6 +223,38 @@ describe("gw.body.model", function()
         end)
     end)
 
+    describe("says whether the body streams (the fifth value)", function()
+        local function streams(text)
+            return select(5, body.model(text))
+        end
+
+        it("true only for a top-level stream that is true", function()
+            assert.is_true(streams('{"model":"m","stream":true}'))
+            assert.is_true(streams('{ "stream" : true ,"model":"m"}'))
+            assert.is_false(streams('{"model":"m","stream":false}'))
+            assert.is_false(streams('{"model":"m"}'))
+            assert.is_false(streams('{"model":"m","stream":"true"}'))
+            assert.is_false(streams('{"model":"m","stream":null}'))
+            assert.is_false(streams('{"model":"m","a":{"stream":true},"b":[{"stream":true}]}'))
+            assert.is_false(streams('{"model":"m","x":"\\"stream\\":true"}'))
+        end)
+
+        it("the last stream counting, as for gw.usage.with_include_usage", function()
+            assert.is_false(streams('{"stream":true,"model":"m","stream":false}'))
+            assert.is_true(streams('{"stream":false,"model":"m","stream":true}'))
+        end)
+
+        it("not for keys that only resemble stream, nor one written with escapes", function()
+            assert.is_false(streams('{"model":"m","streams":true,"strea":true,"Stream":true}'))
+            assert.is_false(streams('{"model":"m","str\\u0065am":true}'))
+        end)
+
+        it("nothing for a body refused", function()
+            assert.is_nil(streams('{"model":"m","stream":tru}'))
+            assert.is_nil(streams('{"stream":true}'))
+        end)
+    end)
+
     it("keeps no state between calls", function()
         assert.same({ err = ERR.invalid }, scan('{"a":[[[{"b":1'))
         assert.same("m", scan('{"a":[{}],"model":"m"}'))
