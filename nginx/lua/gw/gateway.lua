@@ -33,7 +33,7 @@ local usage = require("gw.usage")
 
 local ngx = ngx
 local var, req, header = ngx.var, ngx.req, ngx.header
-local find, lower, pairs, tonumber = string.find, string.lower, pairs, tonumber
+local find, lower, sub, pairs, tonumber = string.find, string.lower, string.sub, pairs, tonumber
 local concat, sformat = table.concat, string.format
 local quote, shown = answers.quote, answers.shown
 
@@ -428,16 +428,14 @@ end
 -- (strip: in a "_su" twin's header filter) gets a filter that takes it back out
 -- (gw.usage.openai_sse_filter, whose .strip is true): its length changes, so its Content-Length goes (the
 -- header filter makes the scanner, before headers are sent). Elsewhere the body filter makes it (no header
--- filter). Answers the scanner, or false: nothing to scan.
-local function start_count(family, strip)
+-- filter). Answers the scanner, or false: nothing to scan. content_type: the answer's (bucket_of).
+local function start_count(family, content_type, strip)
     local status = ngx.status
     if status < 200 or status >= 300 then
         return false
     end
-    -- No format (an unknown content type): still a 2xx answer, estimated from its bytes. The type is
-    -- nginx's $sent_http_content_type (the response's own field: ngx.header's lookup costs ~4,000
-    -- instructions more).
-    local format = format_of(family, var.sent_http_content_type) or "openai_json"
+    -- No format (an unknown content type): still a 2xx answer, estimated from its bytes.
+    local format = format_of(family, content_type) or "openai_json"
     if strip and format == "openai_sse" then
         header["Content-Length"] = nil
         return usage.openai_sse_filter(true)
@@ -453,6 +451,16 @@ end
 local exdata = require("thread.exdata")
 local cast, UINTPTR = ffi.cast, ffi.typeof("uintptr_t")
 local scanning = {}
+local buckets = {}  -- ... and its usage bucket (bucket_of), kept beside it
+
+-- The request's usage bucket ("<key id>|<instance>|<model>", tally's) and its answer's Content-Type (nil:
+-- none), read as one variable (http.conf: $gw_usage_bucket, "<content type>\n<bucket>"; no header value
+-- holds a newline) where the scanner is made: a variable read by name costs ~800-1,600 instructions.
+local function bucket_of()
+    local both = var.gw_usage_bucket
+    local nl = find(both, "\n", 1, true)
+    return sub(both, nl + 1), nl > 1 and sub(both, 1, nl - 1) or nil
+end
 
 local function request_key()
     return tonumber(cast(UINTPTR, exdata()))
@@ -488,18 +496,16 @@ local function flush_timer()
     flush_pending()
 end
 
--- u: gw.usage's result, or nil for an answer that carries no tokens. Tokens the answer reported also go
--- to the access log line ($gw_tokens, "<prompt> <completion>": routing per output token); the log phase
--- runs this before the access log is written.
-local function record_usage(u)
+-- u: gw.usage's result, or nil for an answer that carries no tokens; bucket: the request's (bucket_of).
+-- Tokens the answer reported also go to the access log line ($gw_tokens, "<prompt> <completion>": routing
+-- per output token); the log phase runs this before the access log is written.
+local function record_usage(u, bucket)
     if u and u.source == "reported" then
         var.gw_tokens = sformat("%d %d", u.prompt_tokens, u.completion_tokens)
     end
     local now = ngx.time()
     local request_bytes = u and u.source ~= "reported" and tonumber(var.http_content_length) or 0
-    -- tally's bucket: "<key id>|<instance>|<model>" in one variable (http.conf), the instance as
-    -- X-ISHGW-Instance names it.
-    tally.accumulate(pending, now - now % 60, var.gw_usage_bucket, u, request_bytes)
+    tally.accumulate(pending, now - now % 60, bucket, u, request_bytes)
     if not armed then
         if ngx.timer.at(FLUSH_DELAY, flush_timer) then
             armed = true
@@ -524,7 +530,9 @@ end
 function _M.stripping()
     local r = request_key()
     if scanning[r] == nil then
-        scanning[r] = start_count("openai", true)
+        local bucket, content_type = bucket_of()
+        buckets[r] = bucket
+        scanning[r] = start_count("openai", content_type, true)
     end
 end
 
@@ -533,7 +541,9 @@ local function scan(family, chunk)
     local r = request_key()
     local scanner = scanning[r]
     if scanner == nil then
-        scanner = start_count(family)
+        local bucket, content_type = bucket_of()
+        buckets[r] = bucket
+        scanner = start_count(family, content_type)
         scanning[r] = scanner
     end
     if not scanner then
@@ -571,18 +581,20 @@ end
 -- ended or the client went away mid-answer (what was seen of it counts).
 function _M.counted(family)
     local r = request_key()
-    local scanner = scanning[r]
-    scanning[r] = nil
+    local scanner, bucket = scanning[r], buckets[r]
+    scanning[r], buckets[r] = nil, nil
     if scanner == nil then
-        scanner = start_count(family)
+        local content_type
+        bucket, content_type = bucket_of()
+        scanner = start_count(family, content_type)
     end
     if not scanner then
-        record_usage(nil)
+        record_usage(nil, bucket)
     elseif scanner.strip then
         scanner:finish()
-        record_usage(scanner:usage())
+        record_usage(scanner:usage(), bucket)
     else
-        record_usage(scanner:finish())
+        record_usage(scanner:finish(), bucket)
     end
 end
 
