@@ -75,11 +75,17 @@ def learn_baseline(baseline: float | None, latency_ms: float, policy: HealthPoli
 
 def window_verdict(stats: WindowStats, policy: HealthPolicy) -> str | None:
     """Why the recent window should open the breaker, or None."""
-    if stats.count < policy.breaker_min_requests:
+    return window_reason(stats.count, stats.failures, stats.recent_ms, stats.baseline_ms, policy)
+
+
+def window_reason(
+    count: int, failures: int, recent: float | None, baseline: float | None, policy: HealthPolicy
+) -> str | None:
+    """window_verdict of the window's figures as the tracker keeps them."""
+    if count < policy.breaker_min_requests:
         return None
-    if stats.failures / stats.count >= policy.breaker_error_rate:
-        return f"error rate {stats.failures}/{stats.count} over {policy.breaker_window_s:g}s"
-    recent, baseline = stats.recent_ms, stats.baseline_ms
+    if failures / count >= policy.breaker_error_rate:
+        return f"error rate {failures}/{count} over {policy.breaker_window_s:g}s"
     if recent is None or not baseline:
         return None
     if recent > max(policy.latency_floor_ms, baseline * policy.latency_factor):
@@ -115,6 +121,23 @@ def observe(b: Breaker, sample: Sample, stats: WindowStats, policy: HealthPolicy
         if reason is not None:
             return _trip(b, sample.at, policy, reason, 1)
     return b
+
+
+def observe_counts(
+    b: Breaker,
+    sample: Sample,
+    count: int,
+    failures: int,
+    recent_ms: float | None,
+    baseline_ms: float | None,
+    policy: HealthPolicy,
+) -> Breaker:
+    """observe() of the window's figures as the tracker keeps them. The common case, a success while
+    closed with no failure before it, is the window's verdict alone: no WindowStats to build."""
+    if sample.ok and b.state is BreakerState.CLOSED and not b.consecutive_failures:
+        reason = window_reason(count, failures, recent_ms, baseline_ms, policy)
+        return b if reason is None else _trip(b, sample.at, policy, reason, 1)
+    return observe(b, sample, WindowStats(count, failures, recent_ms, baseline_ms), policy)
 
 
 def tick(b: Breaker, now: float) -> Breaker:

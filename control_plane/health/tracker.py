@@ -347,8 +347,9 @@ class HealthTracker:
         else:
             entry.window_failures += 1
         before = entry.breaker
-        stats = br.WindowStats(len(window), entry.window_failures, entry.recent_ms, entry.baseline_ms)
-        entry.breaker = br.observe(before, sample, stats, policy)
+        entry.breaker = br.observe_counts(
+            before, sample, len(window), entry.window_failures, entry.recent_ms, entry.baseline_ms, policy
+        )
         if entry.breaker.state is not before.state:
             if entry.breaker.state is BreakerState.CLOSED:
                 # Recovered: the latency it serves at now is its new normal.

@@ -13,6 +13,7 @@ import functools
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -81,6 +82,18 @@ def _histogram(table: dict[tuple[str, str], Histogram], key: tuple[str, str]) ->
     return found
 
 
+class _Kind(NamedTuple):
+    """What the series make of the records of one kind (TrafficSeries.observe_all): their labels and the
+    histograms their times go to."""
+
+    key: tuple[str, str, str, str]  # ishgw_requests' labels
+    model: str
+    last: tuple[str, str]  # the model and the instance that answered last: the histograms' labels
+    duration: Histogram
+    streamed: bool  # an answer of a stream's content type (its time to first byte is observed)
+    refused: str | None  # client_error_reason
+
+
 class TrafficSeries(Collector):
     def __init__(self) -> None:
         self.pools: frozenset[str] = frozenset()
@@ -101,27 +114,49 @@ class TrafficSeries(Collector):
         self.observe_all((record,), names)
 
     def observe_all(self, records: Iterable[LogRecord], names: Mapping[str, str]) -> None:
-        """The log stream's records (one drain's); ``names`` maps an upstream address to its instance."""
-        pools, models, requests = self.pools, self.models, self.requests
-        request_duration, upstream_duration = self.request_duration, self.upstream_duration
+        """The log stream's records (one drain's); ``names`` maps an upstream address to its instance.
+        What a record's labels depend on (pool, model, status, the last attempt's address, the content
+        type) repeats within a drain: each such kind is labelled once (_Kind) and the requests of a kind are
+        added to their counter once; every duration is observed."""
+        kinds: dict[tuple[str, str, int, str | None, str], _Kind] = {}
+        counts: dict[tuple[str, str, str, str], int] = {}
+        upstream_duration = self.upstream_duration
         for record in records:
-            model = bounded(record.model, models)
             attempts = record.attempts
-            last = names.get(attempts[-1].address, OTHER) if attempts else NO_INSTANCE
-            key = (bounded(record.pool, pools), model, last, code_class(record.status))
-            requests[key] = requests.get(key, 0) + 1
-            _histogram(request_duration, (model, last)).observe(record.request_ms / 1000)
+            last_address = attempts[-1].address if attempts else None
+            what = (record.pool, record.model, record.status, last_address, record.content_type)
+            kind = kinds.get(what)
+            if kind is None:
+                kind = kinds[what] = self._kind(record, names)
+            counts[kind.key] = counts.get(kind.key, 0) + 1
+            kind.duration.observe(record.request_ms / 1000)
             for attempt in attempts:
                 if attempt.response_ms is not None:
-                    instance = names.get(attempt.address, OTHER)
-                    _histogram(upstream_duration, (model, instance)).observe(attempt.response_ms / 1000)
+                    address = attempt.address
+                    labels = kind.last if address == last_address else (kind.model, names.get(address, OTHER))
+                    _histogram(upstream_duration, labels).observe(attempt.response_ms / 1000)
             if len(attempts) > 1:
                 self.retries += len(attempts) - 1
-            if record.header_ms is not None and attempts and is_stream(record.content_type):
-                _histogram(self.first_byte, (model, last)).observe(record.header_ms / 1000)
-            reason = client_error_reason(record)
-            if reason is not None:
-                self.client_errors[reason] += 1
+            if kind.streamed and record.header_ms is not None:
+                _histogram(self.first_byte, kind.last).observe(record.header_ms / 1000)
+            if kind.refused is not None:
+                self.client_errors[kind.refused] += 1
+        requests = self.requests
+        for key, count in counts.items():
+            requests[key] = requests.get(key, 0) + count
+
+    def _kind(self, record: LogRecord, names: Mapping[str, str]) -> _Kind:
+        model = bounded(record.model, self.models)
+        attempts = record.attempts
+        last = names.get(attempts[-1].address, OTHER) if attempts else NO_INSTANCE
+        return _Kind(
+            (bounded(record.pool, self.pools), model, last, code_class(record.status)),
+            model,
+            (model, last),
+            _histogram(self.request_duration, (model, last)),
+            bool(attempts) and is_stream(record.content_type),
+            client_error_reason(record),
+        )
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

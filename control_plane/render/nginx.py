@@ -90,17 +90,18 @@ def upstream_zone(spec: GatewaySpec) -> str:
 
 @cache
 def log_format_lines(counting: bool, fields: tuple[LogField, ...] = LOG_FIELDS) -> tuple[str, ...]:
-    """log_format gw_log's JSON line, from the one table of its fields (health/logstream.py LOG_FIELDS):
-    nginx strings of a few fields each, which nginx joins; each variable written as ${name}. The fields
-    that only usage counting fills are left out of a tree that does not count."""
+    """log_format gw_log's line, a JSON array of strings, from the one table of its fields
+    (health/logstream.py LOG_FIELDS): nginx strings of a few fields each, which nginx joins; each variable
+    written as ${name}. The fields that only usage counting fills (the last ones) are left out of a tree
+    that does not count."""
     fields = tuple(f for f in fields if counting or not f.counted)
     variables = tuple(f.variable for f in fields)
-    pieces = [f'"{f.key}":"${{{f.variable}}}"' for f in fields]
+    pieces = [f'"${{{f.variable}}}"' for f in fields]
     lines = []
     for start in range(0, len(pieces), LOG_FIELDS_PER_LINE):
         text = ",".join(pieces[start : start + LOG_FIELDS_PER_LINE])
         first, last = start == 0, start + LOG_FIELDS_PER_LINE >= len(pieces)
-        lines.append(("{" if first else "") + text + ("}" if last else ","))
+        lines.append(("[" if first else "") + text + ("]" if last else ","))
     return tuple(nginx_quote(line, variables) for line in lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -13,6 +14,8 @@ from pydantic import ValidationError
 from control_plane import providers
 from control_plane.health import breaker as br
 from control_plane.health.logstream import (
+    FIELDS,
+    Attempt,
     Limited,
     LogRecord,
     format_line,
@@ -187,12 +190,62 @@ def test_parse_datagram_and_attempt_lists() -> None:
     assert record.key_id == "key_0123456789abcdef" and record.retry_after == ""
     assert parse_datagram(line.replace(b"ishgw:", b"other:")) is None
     assert parse_datagram(line[:-1]) is None  # cut short: not JSON
-    odd = parse_datagram(line.replace(b'"model":"', b'"model":"m\xff'))  # not UTF-8: still read
-    assert odd is not None and odd.request_id == "r1"
-    assert parse_datagram(line.split(b": ", 1)[0] + b": [1, 2]") is None  # JSON, not an object
+    odd = parse_datagram(line.replace(b'"m",', b'"m\xff",'))  # not UTF-8: still read
+    assert odd is not None and odd.request_id == "r1" and odd.model == "m\ufffd"
+    assert parse_datagram(line.split(b": ", 1)[0] + b": [1, 2]") is None  # JSON, not a line's fields
     assert parse_datagram(b"garbage") is None
     assert parse_attempts("-", "-", "-") == ()
     assert record.limited == ()  # no 429 went to a pool's _429_<n> location
+
+
+def test_the_line_is_read_field_by_field_at_its_position() -> None:
+    """Each LOG_FIELDS entry lands in its own part of the record (the parser reads the array by position);
+    a tree that does not count usage sends the line without its last field; a line of any other length,
+    or an older nginx's JSON object, is not read (and raises nothing)."""
+    values = {
+        "msec": "1700000000.25",
+        "request_id": "rid-1",
+        "pool": "p_pool",
+        "model": "m-model",
+        "status": "201",
+        "request_time": "0.125",
+        "upstream_addr": "127.0.0.1:7",
+        "upstream_status": "202",
+        "upstream_response_time": "0.5",
+        "retry_after": "7",
+        "retry_after_ms": "8",
+        "client_id": "key_x",
+        "limited_429s": "127.0.0.1:7|9|10;",
+        "upstream_header_time": "0.25",
+        "sent_http_content_type": "text/plain",
+        "tokens": "3 4",
+    }
+    assert set(values) == set(FIELDS)
+    expected = LogRecord(
+        1700000000.25,
+        "rid-1",
+        "p_pool",
+        "m-model",
+        201,
+        125.0,
+        (Attempt("127.0.0.1:7", 202, 500.0),),
+        "7",
+        "8",
+        "key_x",
+        (Limited(0, "9", "10"),),
+        250.0,
+        "text/plain",
+        3,
+        4,
+    )
+    line = format_line(**values)
+    assert parse_datagram(line) == expected
+    head, _, body = line.partition(b"ishgw: ")
+    fields = json.loads(body)
+    uncounted = head + b"ishgw: " + json.dumps(fields[:-1]).encode()
+    assert parse_datagram(uncounted) == expected._replace(prompt_tokens=None, completion_tokens=None)
+    for other in (fields[:-2], [*fields, ""], dict(zip(FIELDS, fields, strict=True))):
+        assert parse_datagram(head + b"ishgw: " + json.dumps(other).encode()) is None
 
 
 @pytest.mark.parametrize(

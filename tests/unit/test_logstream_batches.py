@@ -13,11 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from control_plane.health import breaker as br
 from control_plane.health import logstream
 from control_plane.health import tracker as tr
-from control_plane.health.logstream import LogRecord, parse_attempts, parse_datagram
+from control_plane.health import traffic as tf
+from control_plane.health.logstream import Attempt, LogRecord, parse_attempts, parse_datagram
 from control_plane.health.service import HealthService
-from control_plane.registry.models import HealthPolicy, InstanceConfig, InstanceState
+from control_plane.health.traffic import TrafficSeries
+from control_plane.registry.models import BreakerState, HealthPolicy, InstanceConfig, InstanceState
 from control_plane.registry.store import Store
 from control_plane.render.spec import build_spec
 from tests.unit.test_pass_observers import SERVER, config, world
@@ -85,7 +88,7 @@ def test_a_failing_batch_sink_is_logged_and_the_receiver_goes_on(
 def test_parse_takes_a_value_nginx_could_not_have_written_without_an_exception() -> None:
     odd = parse_datagram(line(0, status="\u00b2"))  # a digit int() refuses: no status, no exception
     assert odd is not None and odd.status == 0 and odd.attempts[0].status is None
-    number = line(0).replace(b'"st":"200"', b'"st":200')  # escape=json writes strings only
+    number = line(0).replace(b',"200",', b",200,", 1)  # the status: escape=json writes strings only
     assert parse_datagram(number) is None
 
 
@@ -171,3 +174,106 @@ def test_the_log_replay_bench_runs_through_the_batch_path(capsys: pytest.Capture
     assert logreplay.main(["--records", "600", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "600 records x 1 runs, batches of 150:" in out and "parse alone:" in out
+
+
+ADDRESSES = ("127.0.0.1:1", "127.0.0.1:2", "10.9.9.9:80")  # the last one: no instance's
+attempts_strategy = st.lists(
+    st.builds(
+        Attempt,
+        st.sampled_from(ADDRESSES),
+        st.sampled_from([200, 404, 429, 502, None]),
+        st.sampled_from([None, 0.5, 3.0, 120.0, 200_000.0]),
+    ),
+    max_size=3,
+).map(tuple)
+records_strategy = st.lists(
+    st.builds(
+        LogRecord,
+        at=st.sampled_from([1_700_000_000.5, 1_700_000_061.0, 1_700_000_400.25]),
+        request_id=st.just("r"),
+        pool=st.sampled_from(["p", "q", "", "-", "made-up"]),
+        model=st.sampled_from(["m", "n", "", "made-up"]),
+        status=st.sampled_from([200, 401, 403, 404, 429, 499, 502]),
+        request_ms=st.sampled_from([0.0, 4.0, 75.0, 3000.0]),
+        attempts=attempts_strategy,
+        retry_after=st.just(""),
+        retry_after_ms=st.just(""),
+        header_ms=st.sampled_from([None, 2.0, 900.0]),
+        content_type=st.sampled_from(["application/json", "text/event-stream; charset=utf-8", ""]),
+    ),
+    max_size=40,
+)
+NAMES = {"127.0.0.1:1": "a", "127.0.0.1:2": "b"}
+
+
+def traffic_state(traffic: TrafficSeries) -> object:
+    tables = (traffic.requests, traffic.request_duration, traffic.upstream_duration, traffic.first_byte)
+    return [list(t.items()) for t in tables], traffic.retries, traffic.client_errors
+
+
+def observe_each(traffic: TrafficSeries, record: LogRecord, names: dict[str, str]) -> None:
+    """The request series' per-record computation (before batches were labelled per kind): the reference."""
+    model = tf.bounded(record.model, traffic.models)
+    attempts = record.attempts
+    last = names.get(attempts[-1].address, tf.OTHER) if attempts else tf.NO_INSTANCE
+    key = (tf.bounded(record.pool, traffic.pools), model, last, tf.code_class(record.status))
+    traffic.requests[key] = traffic.requests.get(key, 0) + 1
+    tf._histogram(traffic.request_duration, (model, last)).observe(record.request_ms / 1000)
+    for attempt in attempts:
+        if attempt.response_ms is not None:
+            instance = names.get(attempt.address, tf.OTHER)
+            tf._histogram(traffic.upstream_duration, (model, instance)).observe(attempt.response_ms / 1000)
+    if len(attempts) > 1:
+        traffic.retries += len(attempts) - 1
+    if record.header_ms is not None and attempts and tf.is_stream(record.content_type):
+        tf._histogram(traffic.first_byte, (model, last)).observe(record.header_ms / 1000)
+    reason = tf.client_error_reason(record)
+    if reason is not None:
+        traffic.client_errors[reason] += 1
+
+
+@given(records=records_strategy, size=st.integers(min_value=1, max_value=40))
+def test_the_request_series_of_a_batch_are_those_of_its_records_one_by_one(
+    records: list[LogRecord], size: int
+) -> None:
+    """Labelled once per kind of record and counted once per label set, the series hold what observing
+    each record alone gave, in the same order."""
+    one, batched = TrafficSeries(), TrafficSeries()
+    for traffic in (one, batched):
+        traffic.follow(frozenset({"p", "q"}), frozenset({"m", "n"}))
+    for record in records:
+        observe_each(one, record, NAMES)
+    for first in range(0, len(records), size):
+        batched.observe_all(records[first : first + size], NAMES)
+    assert traffic_state(batched) == traffic_state(one)
+
+
+breakers = st.builds(
+    br.Breaker,
+    state=st.sampled_from(list(BreakerState)),
+    consecutive_failures=st.integers(min_value=0, max_value=6),
+    half_open_successes=st.integers(min_value=0, max_value=4),
+    open_until=st.sampled_from([0.0, 5.0]),
+    cooldown_factor=st.sampled_from([1, 2, 16]),
+)
+latencies = st.none() | st.sampled_from([0.0, 10.0, 600.0, 5000.0])
+
+
+@given(
+    b=breakers,
+    ok=st.booleans(),
+    count=st.integers(min_value=1, max_value=40),
+    failures=st.integers(min_value=0, max_value=40),
+    recent=latencies,
+    baseline=latencies,
+)
+def test_the_breaker_of_the_trackers_figures_is_observe(
+    b: br.Breaker, ok: bool, count: int, failures: int, recent: float | None, baseline: float | None
+) -> None:
+    """observe_counts (no WindowStats built for a success while closed) is observe()."""
+    policy = HealthPolicy(breaker_min_requests=5, breaker_consecutive_failures=3, latency_floor_ms=100)
+    sample = br.Sample(3.0, ok, 12.0)
+    failures = min(failures, count)
+    stats = br.WindowStats(count, failures, recent, baseline)
+    expected = br.observe(b, sample, stats, policy)
+    assert br.observe_counts(b, sample, count, failures, recent, baseline, policy) == expected

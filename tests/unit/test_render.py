@@ -473,12 +473,14 @@ def test_usage_accounting_is_on_by_default_and_stream_usage_asks_only_chat_and_c
 def test_the_log_format_is_rendered_from_the_one_field_table() -> None:
     """Issue 18: the access-log fields are written once (logstream.LOG_FIELDS); http.conf.j2 spells none."""
     template = (NGINX_DIR / "templates" / "http.conf.j2").read_text()
+    log_format = template[template.index("log_format gw_log") :].split(";", 1)[0]
     for f in LOG_FIELDS:
-        for spelling in (f'"{f.key}":', f'\\"{f.key}\\"', f'"{f.key}" :'):
-            assert spelling not in template, f"http.conf.j2 spells the log field {f.key!r} by hand"
+        assert f.variable not in log_format, f"http.conf.j2 spells the log field {f.name!r} by hand"
     assert "log_format gw_log escape=json\n{% for line in log_format_lines(counting) %}" in template
-    assert set(FIELDS) == {f.name for f in LOG_FIELDS} and len(FIELDS) == len(LOG_FIELDS)
-    assert len({f.key for f in LOG_FIELDS}) == len(LOG_FIELDS)
+    assert tuple(f.name for f in LOG_FIELDS) == FIELDS and len(set(FIELDS)) == len(LOG_FIELDS)
+    # The fields only a counting tree has come last: a line without them is the others, by position.
+    counted = [f.counted for f in LOG_FIELDS]
+    assert counted == sorted(counted) and any(counted)
     one = InstanceConfig(
         name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
     )
@@ -497,9 +499,10 @@ def test_the_log_format_is_rendered_from_the_one_field_table() -> None:
         assert directive["args"][:2] == ["gw_log", "escape=json"]
         line = "".join(directive["args"][2:])  # nginx joins the strings
         variables = [f.variable for f in fields]
-        # Every ${variable} becomes a value: the line is then the JSON object the receiver reads.
+        # Every ${variable} becomes a value: the line is then the JSON array the receiver reads, a string
+        # per field at its index.
         filled = re.sub(r"\$\{(\w+)\}", lambda m, v=variables: f"v{v.index(m.group(1))}", line)
-        assert list(json.loads(filled).items()) == [(f.key, f"v{i}") for i, f in enumerate(fields)]
+        assert json.loads(filled) == [f"v{i}" for i in range(len(fields))]
         declared = [
             d
             for d in parsed["config"][0]["parsed"]
