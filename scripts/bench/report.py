@@ -340,7 +340,14 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fmt(row.get('cpu_cores'), 2) if row.get('cpu_cores') is not None else '-'} |"
             )
         if static.get("ratio") is not None:
-            out.append(f"\nGateway / plain nginx with the static backend: {fmt(static['ratio'], 3)}x.")
+            ratios = static.get("pair_ratios") or []
+            how = (
+                f" (median of {len(ratios)} pairs run in turn: "
+                f"{', '.join(fmt(r, 3) + 'x' for r in ratios)}; the rows above are each side's median run)"
+                if len(ratios) > 1
+                else ""
+            )
+            out.append(f"\nGateway / plain nginx with the static backend: {fmt(static['ratio'], 3)}x{how}.")
     if results.get("instructions"):
         out += ["", instructions_sentence(results["instructions"])]
     out += ["", "Targets (issues 5 and 11):", "", "| target | wanted | measured | |", "|---|---|---|---|"]

@@ -1,0 +1,31 @@
+"""The static-backend ratio of the benchmark: plain nginx and the gateway measured in turn, the median of the
+pairs' ratios (scripts.bench.dataplane), and how the report states it."""
+
+from __future__ import annotations
+
+from scripts.bench import report
+from scripts.bench.dataplane import static_ratio
+
+
+def test_median_of_pair_ratios_not_ratio_of_medians() -> None:
+    # A fast plain run paired with a fast gateway run: the pairing keeps the swing out of the ratio.
+    pairs = [(20_000.0, 11_000.0), (33_000.0, 17_000.0), (22_000.0, 10_000.0)]
+    assert static_ratio(pairs) == (0.515, [0.455, 0.515, 0.55])
+
+
+def test_even_count_and_empty() -> None:
+    assert static_ratio([(10.0, 5.0), (10.0, 6.0)]) == (0.55, [0.5, 0.6])
+    assert static_ratio([]) == (None, [])
+    assert static_ratio([(0.0, 5.0)]) == (None, [])
+
+
+def _static(ratios: list[float]) -> dict[str, object]:
+    row = {"label": "x", "requests": 1, "rps": 1.0, "failed": 0, "p50_ms": 0.1, "cpu_cores": 1.0}
+    return {"rows": [row, row, row], "ratio": 0.515, "pair_ratios": ratios}
+
+
+def test_report_names_the_pairs() -> None:
+    text = report.markdown({"static_backend": _static([0.455, 0.515, 0.55])})
+    assert "static backend: 0.515x (median of 3 pairs run in turn: 0.455x, 0.515x, 0.550x" in text
+    single = report.markdown({"static_backend": _static([0.515])})
+    assert "static backend: 0.515x." in single
