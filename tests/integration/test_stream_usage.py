@@ -132,6 +132,50 @@ def test_a_stream_is_asked_for_its_usage_and_the_client_gets_the_stream_it_asked
         wait_for(lambda: _usage_rows(gw) == expected, timeout=15, what=f"usage {expected}")
 
 
+def test_a_stream_handed_down_its_fallback_chain_is_asked_for_its_usage_there_too(
+    stubs: dict[str, StubServer],
+) -> None:
+    """The first model's only instance is down: nginx's failure sends the stream down the fallback chain
+    (@next_openai, route again, the body rewritten to the fallback's model). The fallback's pool gets the
+    stream asked for its usage, the client gets the stream it asked for with no usage chunk, and the request
+    counts once, as reported, under the model and instance that answered."""
+    gw, stub = _gateway(stubs, "su-fallback")
+    dead = start_stub(stubs, "su-dead", models=("llama-x",))
+    with gw:
+        _add(gw, stub)
+        created = gw.add_instance(
+            name="dead",
+            provider_type="openai_compatible",
+            api_base=f"{dead.url}/v1",
+            supported_models=["llama-x"],
+        )
+        assert created.status_code == 201, created.text
+        routing = gw.admin.put("/admin/routing", json={"fallbacks": {"llama-x": [MODEL]}})
+        assert routing.status_code == 200, routing.text
+        gw.wait_applied()
+        dead.kill()  # before the controller notices: nginx's own failure goes down the chain
+
+        plain = {"model": MODEL, "messages": HI, "stream": True}
+        usage = _reported(
+            _stream(f"{stub.url}/v1/chat/completions", {**plain, "stream_options": {"include_usage": True}})
+        )
+        got = _stream(f"{gw.url}/v1/chat/completions", {**plain, "model": "llama-x"})
+        assert b'"usage"' not in got
+        sent = stub.last_request("/v1/chat/completions")["json"]
+        assert sent["model"] == MODEL and sent["stream_options"] == {"include_usage": True}
+        assert _normalized(got) == _normalized(_stream(f"{stub.url}/v1/chat/completions", plain))
+
+        want = {
+            "requests": 1,
+            "prompt_tokens": usage[0],
+            "completion_tokens": usage[1],
+            "estimated_requests": 0,
+        }
+        wait_for(lambda: _usage_rows(gw) == want, timeout=15, what=f"usage {want}")
+        rows = gw.admin.get("/admin/usage", params={"group_by": "model"}).json()["rows"]
+        assert [(row["model"], row["requests"]) for row in rows] == [(MODEL, 1)]
+
+
 def test_without_stream_usage_and_without_a_usage_the_answer_is_estimated(
     stubs: dict[str, StubServer],
 ) -> None:
