@@ -151,12 +151,15 @@ def data_plane(bench: Bench) -> None:
 STATIC_PAIRS = {"full": 3, "quick": 1}
 
 
-def _static_run(bench: Bench, url: str, script_key: str, groups: tuple[str, ...]) -> dict[str, Any]:
-    """One c64 run against the static backend (once more when other processes took the CPU)."""
+def _paired_run(
+    bench: Bench, url: str, script_key: str, groups: tuple[str, ...], conc: int = 64, seconds: float = 0.0
+) -> dict[str, Any]:
+    """One wrk run of a pair (once more when other processes took the CPU): the static backend's at c64
+    for its seconds by default."""
     script = bench.scripts[script_key]
     for _ in range(2):
         with bench.sampler.window() as window:
-            result = load.run_wrk(url, script, 64, 2, bench.p.static_s)
+            result = load.run_wrk(url, script, conc, 2, seconds or bench.p.static_s)
         if window.others_cores <= NOISE_CORES:
             break
     cpu = sum(window.result[g].cpu_cores for g in groups if g in window.result) if groups else None
@@ -169,7 +172,7 @@ def _static_run(bench: Bench, url: str, script_key: str, groups: tuple[str, ...]
     }
 
 
-def static_ratio(pairs: list[tuple[float, float]]) -> tuple[float | None, list[float]]:
+def pair_ratio(pairs: list[tuple[float, float]]) -> tuple[float | None, list[float]]:
     """The median of the (plain, gateway) pairs' gateway/plain ratios, and the ratios."""
     ratios = sorted(round(gateway / plain, 3) for plain, gateway in pairs if plain > 0)
     if not ratios:
@@ -212,12 +215,12 @@ def static_backend(bench: Bench) -> None:
         check(bench, Target("gw-static", "gateway static", gw.http_url, bench.gateway_key), "static-model")
         for _, url, script_key, _ in cases:
             load.run_wrk(url, bench.scripts[script_key], 64, 2, bench.p.warmup_s)
-        direct = _static_run(bench, *cases[0][1:])
+        direct = _paired_run(bench, *cases[0][1:])
         plain_runs: list[dict[str, Any]] = []
         gateway_runs: list[dict[str, Any]] = []
         for _ in range(STATIC_PAIRS.get(bench.p.mode, 1)):
-            plain_runs.append(_static_run(bench, *cases[1][1:]))
-            gateway_runs.append(_static_run(bench, *cases[2][1:]))
+            plain_runs.append(_paired_run(bench, *cases[1][1:]))
+            gateway_runs.append(_paired_run(bench, *cases[2][1:]))
             pairs.append((float(plain_runs[-1]["rps"]), float(gateway_runs[-1]["rps"])))
             log(f"static backend c64: plain nginx {pairs[-1][0]:,.0f}, gateway {pairs[-1][1]:,.0f} req/s")
         for (label, url, script_key, _), run in zip(
@@ -230,5 +233,41 @@ def static_backend(bench: Bench) -> None:
         bench.note(f"static-backend supplement failed: {type(exc).__name__}: {exc}")
     finally:
         bench.sampler.remove("nginx")
-    ratio, ratios = static_ratio(pairs) if len(rows) == 3 else (None, [])
+    ratio, ratios = pair_ratio(pairs) if len(rows) == 3 else (None, [])
     bench.results["static_backend"] = {"rows": rows, "ratio": ratio, "pair_ratios": ratios}
+
+
+# The stand-in's ratios move too (0.77x-0.83x at c16 between two runs of one tree): the table's plain nginx
+# and gateway runs are the first pair, these more pairs are run in turn after the table, and the targets take
+# the median of the pairs' ratios at each concurrency.
+STANDIN_PAIRS = {"full": 2, "quick": 0}
+
+
+def standin_pairs(bench: Bench) -> None:
+    """More (plain nginx, gateway) pairs against the stand-in at c16 and c64, each pair's two runs one after
+    the other; results["standin_pairs"][conc]: the median ratio and the pairs' ratios (the table's first)."""
+    dp = bench.results["data_plane"]
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for conc in ("16", "64"):
+        first = [
+            float(dp.get(k, {}).get("rps", {}).get(conc, {}).get("rps") or 0) for k in ("nginx", "gateway")
+        ]
+        pairs[conc] = [(first[0], first[1])] if all(first) else []
+    urls = {target.key: target.chat_url for target, _ in bench.targets()}
+    extra = STANDIN_PAIRS.get(bench.p.mode, 0) if all(pairs.values()) else 0
+    for n in range(extra):
+        if bench.budget.left() < 4 * bench.p.duration_s + 60:
+            bench.note(f"stand-in pairs: {n} of {extra} more run (time budget)")
+            break
+        for conc in pairs:
+            plain, gateway = (
+                float(_paired_run(bench, urls[key], "default", (), int(conc), bench.p.duration_s)["rps"])
+                for key in ("nginx", "gateway")
+            )
+            pairs[conc].append((plain, gateway))
+            log(f"stand-in c{conc}, pair {n + 2}: plain nginx {plain:,.0f}, gateway {gateway:,.0f} req/s")
+    bench.results["standin_pairs"] = {
+        conc: dict(zip(("ratio", "pair_ratios"), pair_ratio(found), strict=True))
+        for conc, found in pairs.items()
+        if found
+    }

@@ -269,6 +269,7 @@ class Bench:
         self.setup()
         self.instruction_counts()
         dataplane.data_plane(self)
+        dataplane.standin_pairs(self)
         dataplane.static_backend(self)
         for name, step, needs in (
             ("reload storm", reliability.reload_storm, self.p.storm_s + 20),

@@ -46,6 +46,39 @@ def _ratio(a: Any, b: Any) -> float | None:
     return None if x is None or y is None or y == 0 else x / y
 
 
+def standin_ratio(results: dict[str, Any], conc: str) -> float | None:
+    """Gateway / plain nginx against the stand-in at ``conc``: the median of the pairs run in turn where
+    there were more pairs than the table's, else the table's runs."""
+    paired = _num(_get(results.get("standin_pairs") or {}, conc, "ratio"))
+    dp = results.get("data_plane", {})
+    return (
+        paired
+        if paired is not None
+        else _ratio(_get(dp, "gateway", "rps", conc, "rps"), _get(dp, "nginx", "rps", conc, "rps"))
+    )
+
+
+def pairs_clause(ratios: list[float], rows: str) -> str:
+    """How a ratio of pairs was taken, for the report; nothing for a single pair."""
+    if len(ratios) < 2:
+        return ""
+    shown = ", ".join(fmt(r, 3) + "x" for r in ratios)
+    return f" (median of {len(ratios)} pairs run in turn: {shown}; {rows})"
+
+
+def standin_sentence(results: dict[str, Any]) -> list[str]:
+    """The stand-in's ratios from pairs run in turn, as report lines; none when only the table's ran."""
+    paired = results.get("standin_pairs") or {}
+    if not any(len(v.get("pair_ratios") or []) > 1 for v in paired.values()):
+        return []
+    parts = [
+        f"c{conc} {fmt(v.get('ratio'), 3)}x"
+        + pairs_clause(v.get("pair_ratios") or [], "the table's runs are the first pair")
+        for conc, v in sorted(paired.items(), key=lambda kv: int(kv[0]))
+    ]
+    return ["", f"Gateway / plain nginx against the stand-in: {'; '.join(parts)}."]
+
+
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     dp = results.get("data_plane", {})
     rel = results.get("reliability", {})
@@ -56,7 +89,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"name": name, "target": target, "value": value, "measured": shown, "met": met})
 
     for conc in ("16", "64"):
-        ratio = _ratio(_get(dp, "gateway", "rps", conc, "rps"), _get(dp, "nginx", "rps", conc, "rps"))
+        ratio = standin_ratio(results, conc)
         add(
             f"gateway rps / plain nginx rps, c{conc}, TLS off",
             ">= 0.85",
@@ -330,6 +363,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     out += data_plane_table(results)
+    out += standin_sentence(results)
     static = results.get("static_backend") or {}
     if static.get("rows"):
         out += ["", "Data plane without Python in the path (a static nginx `return 200` backend, c64):", ""]
@@ -340,13 +374,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fmt(row.get('cpu_cores'), 2) if row.get('cpu_cores') is not None else '-'} |"
             )
         if static.get("ratio") is not None:
-            ratios = static.get("pair_ratios") or []
-            how = (
-                f" (median of {len(ratios)} pairs run in turn: "
-                f"{', '.join(fmt(r, 3) + 'x' for r in ratios)}; the rows above are each side's median run)"
-                if len(ratios) > 1
-                else ""
-            )
+            how = pairs_clause(static.get("pair_ratios") or [], "the rows above are each side's median run")
             out.append(f"\nGateway / plain nginx with the static backend: {fmt(static['ratio'], 3)}x{how}.")
     if results.get("instructions"):
         out += ["", instructions_sentence(results["instructions"])]
@@ -451,6 +479,7 @@ def readme_block(results: dict[str, Any]) -> str:
         "",
     ]
     out += data_plane_table(results)
+    out += standin_sentence(results)
     out += ["", "| target (issues 5 and 11) | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
