@@ -16,9 +16,10 @@ BASELINE_ALPHA = 0.02  # slow EWMA: what normal latency is
 RECENT_ALPHA = 0.2  # fast EWMA: what latency is now
 
 
-# Sample and WindowStats: one of each per request on the log stream's path. Slotted and not frozen: a frozen
-# dataclass's __init__ sets each field through object.__setattr__ (measured 1.4 us for WindowStats, this 0.3;
-# a NamedTuple 0.65). Nothing changes them after they are made.
+# Sample: one per request on the log stream's path (the tracker passes its counts to observe_counts, no
+# WindowStats). Both slotted and not frozen: a frozen dataclass's __init__ sets each field through
+# object.__setattr__ (measured 1.4 us for WindowStats, this 0.3; a NamedTuple 0.65). Nothing changes them
+# after they are made.
 @dataclass(slots=True)
 class Sample:
     at: float  # monotonic seconds
@@ -96,6 +97,19 @@ def window_reason(
 
 def observe(b: Breaker, sample: Sample, stats: WindowStats, policy: HealthPolicy) -> Breaker:
     """Fold one request outcome into the breaker. ``stats`` already counts ``sample``."""
+    return observe_counts(b, sample, stats.count, stats.failures, stats.recent_ms, stats.baseline_ms, policy)
+
+
+def observe_counts(
+    b: Breaker,
+    sample: Sample,
+    count: int,
+    failures: int,
+    recent_ms: float | None,
+    baseline_ms: float | None,
+    policy: HealthPolicy,
+) -> Breaker:
+    """observe() of the window's figures as the tracker keeps them: no WindowStats to build per request."""
     if b.state is BreakerState.OPEN:
         return b  # traffic that was already in flight says nothing new
     if sample.ok:
@@ -117,27 +131,10 @@ def observe(b: Breaker, sample: Sample, stats: WindowStats, policy: HealthPolicy
         if b.consecutive_failures >= policy.breaker_consecutive_failures:
             return _trip(b, sample.at, policy, f"{b.consecutive_failures} consecutive failures", 1)
     if b.state is BreakerState.CLOSED:
-        reason = window_verdict(stats, policy)
+        reason = window_reason(count, failures, recent_ms, baseline_ms, policy)
         if reason is not None:
             return _trip(b, sample.at, policy, reason, 1)
     return b
-
-
-def observe_counts(
-    b: Breaker,
-    sample: Sample,
-    count: int,
-    failures: int,
-    recent_ms: float | None,
-    baseline_ms: float | None,
-    policy: HealthPolicy,
-) -> Breaker:
-    """observe() of the window's figures as the tracker keeps them. The common case, a success while
-    closed with no failure before it, is the window's verdict alone: no WindowStats to build."""
-    if sample.ok and b.state is BreakerState.CLOSED and not b.consecutive_failures:
-        reason = window_reason(count, failures, recent_ms, baseline_ms, policy)
-        return b if reason is None else _trip(b, sample.at, policy, reason, 1)
-    return observe(b, sample, WindowStats(count, failures, recent_ms, baseline_ms), policy)
 
 
 def tick(b: Breaker, now: float) -> Breaker:

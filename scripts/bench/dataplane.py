@@ -253,7 +253,7 @@ def standin_pairs(bench: Bench) -> None:
             float(dp.get(k, {}).get("rps", {}).get(conc, {}).get("rps") or 0) for k in ("nginx", "gateway")
         ]
         pairs[conc] = [(first[0], first[1])] if all(first) else []
-    urls = {target.key: target.chat_url for target, _ in bench.targets()}
+    runs = {target.key: (target.chat_url, script) for target, script in bench.targets()}
     extra = STANDIN_PAIRS.get(bench.p.mode, 0) if all(pairs.values()) else 0
     for n in range(extra):
         if bench.budget.left() < 4 * bench.p.duration_s + 60:
@@ -261,11 +261,20 @@ def standin_pairs(bench: Bench) -> None:
             break
         for conc in pairs:
             plain, gateway = (
-                float(_paired_run(bench, urls[key], "default", (), int(conc), bench.p.duration_s)["rps"])
+                _paired_run(bench, *runs[key], (), int(conc), bench.p.duration_s)
                 for key in ("nginx", "gateway")
             )
-            pairs[conc].append((plain, gateway))
-            log(f"stand-in c{conc}, pair {n + 2}: plain nginx {plain:,.0f}, gateway {gateway:,.0f} req/s")
+            log(
+                f"stand-in c{conc}, pair {n + 2}: plain nginx {plain['rps']:,.0f}, "
+                f"gateway {gateway['rps']:,.0f} req/s"
+            )
+            if plain["failed"] or gateway["failed"]:  # not like with like: an error answer costs less
+                bench.note(
+                    f"stand-in c{conc}, pair {n + 2}: failed requests (plain {plain['failed']}, "
+                    f"gateway {gateway['failed']}): not counted"
+                )
+                continue
+            pairs[conc].append((float(plain["rps"]), float(gateway["rps"])))
     bench.results["standin_pairs"] = {
         conc: dict(zip(("ratio", "pair_ratios"), pair_ratio(found), strict=True))
         for conc, found in pairs.items()

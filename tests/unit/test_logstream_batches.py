@@ -13,14 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control_plane.health import breaker as br
 from control_plane.health import logstream
 from control_plane.health import tracker as tr
 from control_plane.health import traffic as tf
 from control_plane.health.logstream import Attempt, LogRecord, parse_attempts, parse_datagram
 from control_plane.health.service import HealthService
 from control_plane.health.traffic import TrafficSeries
-from control_plane.registry.models import BreakerState, HealthPolicy, InstanceConfig, InstanceState
+from control_plane.registry.models import HealthPolicy, InstanceConfig, InstanceState
 from control_plane.registry.store import Store
 from control_plane.render.spec import build_spec
 from tests.unit.test_pass_observers import SERVER, config, world
@@ -246,34 +245,3 @@ def test_the_request_series_of_a_batch_are_those_of_its_records_one_by_one(
     for first in range(0, len(records), size):
         batched.observe_all(records[first : first + size], NAMES)
     assert traffic_state(batched) == traffic_state(one)
-
-
-breakers = st.builds(
-    br.Breaker,
-    state=st.sampled_from(list(BreakerState)),
-    consecutive_failures=st.integers(min_value=0, max_value=6),
-    half_open_successes=st.integers(min_value=0, max_value=4),
-    open_until=st.sampled_from([0.0, 5.0]),
-    cooldown_factor=st.sampled_from([1, 2, 16]),
-)
-latencies = st.none() | st.sampled_from([0.0, 10.0, 600.0, 5000.0])
-
-
-@given(
-    b=breakers,
-    ok=st.booleans(),
-    count=st.integers(min_value=1, max_value=40),
-    failures=st.integers(min_value=0, max_value=40),
-    recent=latencies,
-    baseline=latencies,
-)
-def test_the_breaker_of_the_trackers_figures_is_observe(
-    b: br.Breaker, ok: bool, count: int, failures: int, recent: float | None, baseline: float | None
-) -> None:
-    """observe_counts (no WindowStats built for a success while closed) is observe()."""
-    policy = HealthPolicy(breaker_min_requests=5, breaker_consecutive_failures=3, latency_floor_ms=100)
-    sample = br.Sample(3.0, ok, 12.0)
-    failures = min(failures, count)
-    stats = br.WindowStats(count, failures, recent, baseline)
-    expected = br.observe(b, sample, stats, policy)
-    assert br.observe_counts(b, sample, count, failures, recent, baseline, policy) == expected
