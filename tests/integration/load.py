@@ -50,6 +50,8 @@ class Load(ClientThreads):
     sdk=False: a raw httpx client; with retry_transport=True it retries a request once on a transport
     error (a reset keep-alive connection, what every SDK retries) but never on an HTTP status, so a 5xx or
     429 the gateway lets through still counts; with retry_transport=False it never retries at all.
+    rate: at most this many requests per second over all threads, so that a scenario that must last its
+    seconds does not spend its request budget early on a fast machine.
     """
 
     def __init__(
@@ -64,8 +66,10 @@ class Load(ClientThreads):
         path: str = "/v1/chat/completions",
         timeout: float = 15.0,
         retry_transport: bool = True,
+        rate: float | None = None,
     ) -> None:
         self.retry_transport = retry_transport
+        self.interval = threads / rate if rate else 0.0  # seconds between one thread's requests
         self.url, self.model, self.sdk, self.seconds, self.max_requests = (
             url,
             model,
@@ -105,7 +109,12 @@ class Load(ClientThreads):
         sdk = openai.OpenAI(base_url=f"{self.url}/v1", api_key="k", timeout=self.timeout, max_retries=2)
         raw = httpx.Client(base_url=self.url, timeout=self.timeout)
         try:
+            next_at = time.monotonic()
             while not self._stop.is_set() and time.monotonic() < deadline and self.total < self.max_requests:
+                if self.interval:  # paced: wait for this thread's next slot (or a stop)
+                    next_at += self.interval
+                    if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                        break
                 started = time.monotonic()
                 try:
                     name = self._send_sdk(sdk) if self.sdk else self._send_raw(raw)
