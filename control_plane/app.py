@@ -281,6 +281,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         metrics,
         log_group=workers.gid,
         max_retry_after_s=settings.max_retry_after_s,
+        nginx_workers=nginx.workers,
     )
     weights = WeightsService(reconciler, metrics)
     health.log_observers.append(weights.on_logs)

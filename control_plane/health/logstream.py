@@ -258,17 +258,41 @@ def retry_after_seconds(retry_after: str, retry_after_ms: str, now: float) -> fl
 # A burst of requests must not overflow the socket: nginx drops what does not fit (measured: a unix
 # datagram socket, whose queue holds 10 datagrams, lost 5-12 % of the records under load).
 RECEIVE_BUFFER = 8 * 1024 * 1024
-# Records are read in batches: after a wake-up the receiver drains the socket, then rests this long, so
-# under load one event-loop wake-up serves tens of records (one wake-up per datagram cost the controller
-# half a core at 6,000 requests/s). Passive health sees a record at most this much later. Not longer: a
-# datagram in flight is charged to nginx's sending socket, whose buffer (net.core.wmem_default) holds
-# ~160 lines, so a worker past ~3,200 requests/s lost lines while the receiver rested 50 ms (none at 10).
+# Records are read in batches: after a wake-up the receiver drains the socket, then rests, so under load
+# one event-loop wake-up serves tens of records (one wake-up per datagram cost the controller half a core
+# at 6,000 requests/s). Passive health sees a record at most BATCH_INTERVAL_S later. A datagram in flight
+# is charged to nginx's sending socket, whose buffer (net.core.wmem_default, 208 KB) holds ~160 lines: a
+# worker past ~3,200 requests/s lost lines while the receiver rested 50 ms, one past ~16,000 while it
+# rested 10 ms (27 % of them at 34,000 requests/s over two workers). So the receiver rests BATCH_INTERVAL_S
+# while, at the rate of the last drain, that lets at most CALM_LINES lines per nginx worker arrive (half a
+# worker's room), and otherwise only as long as lets BUSY_LINES arrive (a tenth: the rest of the room is for
+# the times the controller is not scheduled at once on a busy machine). Not shorter than needed: each
+# wake-up costs the controller ~50-90 us (measured, a loop of sleep and recv), so the short rests are for
+# the rates that need them. The rate of the last drain says nothing of a burst after a pause: after one
+# (and at the start) the rest starts at MIN_REST_S and at most doubles from one drain to the next.
 BATCH_INTERVAL_S = 0.01
+CALM_LINES = 80
+BUSY_LINES = 16
+MIN_REST_S = 0.0005
 MAX_BATCH = 20_000
 MAX_DATAGRAM = 65_535
 
 
 Batch = Sequence[LogRecord]
+
+
+def rest_after(drained: int, seconds: float, workers: int = 1, previous: float = BATCH_INTERVAL_S) -> float:
+    """The receiver's rest after a drain of ``drained`` datagrams that came in ``seconds`` (while the drain
+    before was handled and the receiver rested) from ``workers`` nginx workers: BATCH_INTERVAL_S while at that
+    rate it lets in at most CALM_LINES per worker, else as long as lets in BUSY_LINES; at most twice the
+    ``previous`` rest (0 after a pause), MIN_REST_S at least."""
+    longest = min(BATCH_INTERVAL_S, max(MIN_REST_S, 2 * previous))
+    if drained <= 0 or seconds <= 0:
+        return longest
+    per_worker = drained / seconds / max(1, workers)  # lines per second
+    if per_worker * BATCH_INTERVAL_S <= CALM_LINES:
+        return longest
+    return max(MIN_REST_S, min(longest, BUSY_LINES / per_worker))
 
 
 def each(sink: Callable[[LogRecord], None]) -> Callable[[Batch], None]:
@@ -288,9 +312,10 @@ class LogReceiver:
     """The syslog receiver (unix or loopback UDP datagrams): datagrams -> LogRecords -> sink, one list per
     drain of the socket (under load hundreds: the consumers loop over them with their lookups made once)."""
 
-    def __init__(self, sock: socket.socket, sink: Callable[[Batch], None]) -> None:
+    def __init__(self, sock: socket.socket, sink: Callable[[Batch], None], workers: int = 1) -> None:
         self.sock = sock
         self.sink = sink
+        self.workers = workers  # nginx's workers, each with its own send buffer of lines in flight
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -315,8 +340,8 @@ class LogReceiver:
         except Exception:  # a bad batch must not stop the stream
             log.exception("log record handling failed")
 
-    def drain(self, first: bytes | None = None) -> None:
-        """Handle ``first`` and every datagram already queued (at most MAX_BATCH), as one batch."""
+    def drain(self, first: bytes | None = None) -> int:
+        """Handle ``first`` and every datagram already queued (at most MAX_BATCH), as one batch; how many."""
         batch = [] if first is None else [first]
         recv = self.sock.recv
         for _ in range(MAX_BATCH):
@@ -325,12 +350,23 @@ class LogReceiver:
             except (BlockingIOError, InterruptedError):
                 break
         self.handle_all(batch)
+        return len(batch)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        rest = handled = 0.0
         while True:
-            self.drain(await loop.sock_recv(self.sock, MAX_DATAGRAM))
-            await asyncio.sleep(BATCH_INTERVAL_S)
+            waiting = loop.time()
+            first = await loop.sock_recv(self.sock, MAX_DATAGRAM)
+            began = loop.time()
+            drained = self.drain(first)
+            if began - waiting > BATCH_INTERVAL_S:  # a pause: what comes next may come at any rate
+                rest = handled = 0.0
+            # This drain's datagrams came while the one before it was handled and while the receiver rested
+            # (a wait on an idle socket, which the first datagram ends, is not counted: the rate errs high).
+            rest = rest_after(drained, handled + rest, self.workers, rest)
+            handled = loop.time() - began
+            await asyncio.sleep(rest)
 
 
 def bind_udp(host: str, port: int) -> socket.socket:
@@ -422,9 +458,10 @@ async def listen(address: str, sink: Callable[[LogRecord], None], group: int | N
 
 
 async def listen_batches(
-    address: str, sink: Callable[[Batch], None], group: int | None = None
+    address: str, sink: Callable[[Batch], None], group: int | None = None, workers: int = 1
 ) -> LogReceiver:
-    """Bind the receiver (see bind) and start reading, a list of records per drain; close() stops it."""
-    receiver = LogReceiver(bind(address, group), sink)
+    """Bind the receiver (see bind) and start reading, a list of records per drain, from ``workers`` nginx
+    workers; close() stops it."""
+    receiver = LogReceiver(bind(address, group), sink, workers)
     receiver.start()
     return receiver

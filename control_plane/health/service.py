@@ -56,8 +56,10 @@ class HealthService:
         metrics: GatewayMetrics | None = None,
         log_group: int | None = None,
         max_retry_after_s: float = MAX_RETRY_AFTER_S,
+        nginx_workers: int = 1,
     ) -> None:
         self.metrics = metrics
+        self.nginx_workers = nginx_workers  # how many send log lines: the receiver's rests follow
         self.store = store
         self.reconciler = reconciler
         self.log_address = log_address
@@ -302,7 +304,9 @@ class HealthService:
     async def context(self) -> AsyncIterator[None]:
         """Start everything; stop it on exit (an aiohttp cleanup_ctx body)."""
         self._client = ProbeClient()
-        transport = await logstream.listen_batches(self.log_address, self.on_logs, self.log_group)
+        transport = await logstream.listen_batches(
+            self.log_address, self.on_logs, self.log_group, self.nginx_workers
+        )
         jobs = {"health-flusher": self.run_flusher()}
         if self.probes_enabled:
             jobs["prober"] = self.run_prober()

@@ -11,7 +11,7 @@ scripts.bench.instructions (an nginx answering the 524-byte chat completion), lo
 - gateway_no_log: the same tree without its access-log line.
 
 The log stream goes to a receiver that reads as the controller's does (control_plane.health.logstream's
-socket, drained in batches, resting its BATCH_INTERVAL_S between them rather than waiting on the socket).
+socket, drained in batches, resting between them as LogReceiver does rather than waiting on the socket).
 A unix datagram in flight is charged to the sending socket, whose buffer (net.core.wmem_default) holds
 ~160 of nginx's lines: one worker at more than ~3,200 requests/s lost lines within a 50 ms rest, and
 writes a warning per lost line to its error log (counted here as log_lost per request: the figures are
@@ -58,16 +58,22 @@ from control_plane.health import logstream
 path = sys.argv[1]
 sock = logstream.bind("unix:" + path)
 os.chmod(path, 0o666)
+rest = handled = 0.0
 while True:
     sock.setblocking(True)
     sock.recv(logstream.MAX_DATAGRAM)
+    began = time.monotonic()
     sock.setblocking(False)
+    drained = 1
     try:
         for _ in range(logstream.MAX_BATCH):
             sock.recv(logstream.MAX_DATAGRAM)
+            drained += 1
     except BlockingIOError:
         pass
-    time.sleep(logstream.BATCH_INTERVAL_S)
+    rest = logstream.rest_after(drained, handled + rest)
+    handled = time.monotonic() - began
+    time.sleep(rest)
 """
 
 
@@ -200,7 +206,9 @@ def _worker(
         workers = [int(pid) for pid in children.stdout.split()]
         if len(workers) != 1:
             raise RuntimeError(f"expected one nginx worker, found {workers}")
-        yield port, workers[0], headers, prefix / "logs" / "error.log"
+        # Where the configuration writes it: the gateway's under the prefix its tree was rendered for.
+        error_log = directory / "error.log" if system == "plain" else directory / "logs" / "error.log"
+        yield port, workers[0], headers, error_log
     finally:
         nginx.stop()
 

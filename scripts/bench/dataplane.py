@@ -210,17 +210,20 @@ def static_backend(bench: Bench) -> None:
         ("gateway -> static", gw.http_url + "/v1/chat/completions", "static-gw", ("nginx-gw", "controller")),
     ]
     pairs: list[tuple[float, float]] = []
+    drops = 0  # access-log lines the gateway's nginx could not send in its runs
+    plain_runs: list[dict[str, Any]] = []
+    gateway_runs: list[dict[str, Any]] = []
     bench.sampler.add(Group("nginx", bench.nginx.pids))
     try:
         check(bench, Target("gw-static", "gateway static", gw.http_url, bench.gateway_key), "static-model")
         for _, url, script_key, _ in cases:
             load.run_wrk(url, bench.scripts[script_key], 64, 2, bench.p.warmup_s)
         direct = _paired_run(bench, *cases[0][1:])
-        plain_runs: list[dict[str, Any]] = []
-        gateway_runs: list[dict[str, Any]] = []
         for _ in range(STATIC_PAIRS.get(bench.p.mode, 1)):
             plain_runs.append(_paired_run(bench, *cases[1][1:]))
+            gw.error_log_count(SYSLOG_DROP)
             gateway_runs.append(_paired_run(bench, *cases[2][1:]))
+            drops += gw.error_log_count(SYSLOG_DROP)
             pairs.append((float(plain_runs[-1]["rps"]), float(gateway_runs[-1]["rps"])))
             log(f"static backend c64: plain nginx {pairs[-1][0]:,.0f}, gateway {pairs[-1][1]:,.0f} req/s")
         for (label, url, script_key, _), run in zip(
@@ -234,7 +237,13 @@ def static_backend(bench: Bench) -> None:
     finally:
         bench.sampler.remove("nginx")
     ratio, ratios = pair_ratio(pairs) if len(rows) == 3 else (None, [])
-    bench.results["static_backend"] = {"rows": rows, "ratio": ratio, "pair_ratios": ratios}
+    bench.results["static_backend"] = {
+        "rows": rows,
+        "ratio": ratio,
+        "pair_ratios": ratios,
+        "log_stream_drops": drops,
+        "gateway_requests": sum(int(run["requests"]) for run in gateway_runs),
+    }
 
 
 # The stand-in's ratios move too (0.77x-0.83x at c16 between two runs of one tree): the table's plain nginx

@@ -376,6 +376,11 @@ def markdown(results: dict[str, Any]) -> str:
         if static.get("ratio") is not None:
             how = pairs_clause(static.get("pair_ratios") or [], "the rows above are each side's median run")
             out.append(f"\nGateway / plain nginx with the static backend: {fmt(static['ratio'], 3)}x{how}.")
+        if static.get("gateway_requests"):
+            out.append(
+                f"Access-log records the gateway's nginx could not send in those runs: "
+                f"{static.get('log_stream_drops', 0):,} of {static['gateway_requests']:,}."
+            )
     if results.get("instructions"):
         out += ["", instructions_sentence(results["instructions"])]
     out += ["", "Targets (issues 5 and 11):", "", "| target | wanted | measured | |", "|---|---|---|---|"]

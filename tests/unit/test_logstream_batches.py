@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -22,6 +24,7 @@ from control_plane.health.traffic import TrafficSeries
 from control_plane.registry.models import HealthPolicy, InstanceConfig, InstanceState
 from control_plane.registry.store import Store
 from control_plane.render.spec import build_spec
+from tests import virtual_time
 from tests.unit.test_pass_observers import SERVER, config, world
 from tests.unit.test_reconciler import make_loop
 
@@ -245,3 +248,89 @@ def test_the_request_series_of_a_batch_are_those_of_its_records_one_by_one(
     for first in range(0, len(records), size):
         batched.observe_all(records[first : first + size], NAMES)
     assert traffic_state(batched) == traffic_state(one)
+
+
+def test_the_receiver_rests_its_whole_interval_unless_lines_come_fast() -> None:
+    full = logstream.BATCH_INTERVAL_S
+    assert logstream.rest_after(0, 0.0) == full  # no rate to go by
+    assert logstream.rest_after(1, 0.0) == full
+    assert logstream.rest_after(30, full) == full  # 3,000 lines/s
+    assert logstream.rest_after(80, full) == full  # 8,000 lines/s: 80 in a whole rest, half a worker's room
+    # 20,000 lines/s from one worker: 200 would arrive in a whole rest (a worker holds ~160)
+    assert logstream.rest_after(200, full) == pytest.approx(logstream.BUSY_LINES / 20_000)
+    # the same rate from four workers: each sends 5,000/s, a whole rest holds 50 of each
+    assert logstream.rest_after(200, full, workers=4) == full
+    assert logstream.rest_after(1, full, previous=0.0) == logstream.MIN_REST_S  # after a pause
+    assert logstream.rest_after(1, full, previous=logstream.MIN_REST_S) == 2 * logstream.MIN_REST_S
+
+
+@given(
+    drained=st.integers(min_value=1, max_value=20_000),
+    seconds=st.floats(min_value=1e-6, max_value=1.0),
+    workers=st.integers(min_value=1, max_value=64),
+    previous=st.floats(min_value=0.0, max_value=logstream.BATCH_INTERVAL_S),
+)
+def test_a_rest_lets_in_at_most_half_a_workers_room_and_at_most_doubles(
+    drained: int, seconds: float, workers: int, previous: float
+) -> None:
+    rest = logstream.rest_after(drained, seconds, workers, previous)
+    assert (
+        logstream.MIN_REST_S
+        <= rest
+        <= min(logstream.BATCH_INTERVAL_S, max(logstream.MIN_REST_S, 2 * previous))
+    )
+    if rest > logstream.MIN_REST_S:  # at the last drain's rate
+        assert drained / seconds * rest / workers <= logstream.CALM_LINES * (1 + 1e-9)
+
+
+def test_a_busy_workers_lines_all_reach_the_receiver(tmp_path: Path) -> None:
+    """A sender at 40,000 lines/s (a busy nginx worker) from a pause, on a virtual clock (no scheduling in
+    the way): with a fixed 10 ms rest 400 lines would wait in its send buffer, which holds ~160 such lines,
+    and most would be lost; the receiver's rests keep it to a few dozen."""
+    datagram = logstream.format_line(
+        msec="1700000000.000",
+        request_id="0123456789abcdef0123456789abcdef",
+        pool="p_0123456789abcdef",
+        model="gpt-4o-mini",
+        status="200",
+        request_time="0.004",
+        upstream_addr="127.0.0.1:8001",
+        upstream_status="200",
+        upstream_response_time="0.003",
+        client_id="key_0123456789abcdef",
+        upstream_header_time="0.003",
+        sent_http_content_type="application/json",
+        tokens="12 34",
+    )
+    if os.geteuid() != 0 and int(logstream.QLEN_SYSCTL.read_text()) < 1000:
+        pytest.skip("the receiver's queue (net.unix.max_dgram_qlen, 10 here) is raised only by root")
+    path = tmp_path / "log.sock"
+    receiver_sock = logstream.bind_unix(path, None)
+    received: list[int] = []
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+
+    async def run() -> tuple[int, int]:
+        receiver = logstream.LogReceiver(receiver_sock, lambda records: received.append(len(records)))
+        receiver.start()
+        await asyncio.sleep(0.1)  # the receiver waits on an idle socket: then the burst
+        sent = lost = 0
+        try:
+            for _ in range(500):  # 0.5 s: 40 lines every millisecond
+                for _ in range(40):
+                    try:
+                        sender.sendto(datagram, str(path))
+                        sent += 1
+                    except BlockingIOError:  # nginx's "send() to syslog failed"
+                        lost += 1
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(logstream.BATCH_INTERVAL_S * 2)
+        finally:
+            receiver.close()
+            sender.close()
+        return sent, lost
+
+    sent, lost = virtual_time.run(run())
+    assert (sent, lost) == (20_000, 0)
+    assert sum(received) == sent
+    assert max(received) <= logstream.CALM_LINES  # a millisecond's 40 at most, not a pile-up
