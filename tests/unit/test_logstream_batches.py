@@ -24,6 +24,7 @@ from control_plane.health.traffic import TrafficSeries
 from control_plane.registry.models import HealthPolicy, InstanceConfig, InstanceState
 from control_plane.registry.store import Store
 from control_plane.render.spec import build_spec
+from scripts.bench import logreplay
 from tests import virtual_time
 from tests.unit.test_pass_observers import SERVER, config, world
 from tests.unit.test_reconciler import make_loop
@@ -171,8 +172,6 @@ def test_a_failing_observer_leaves_the_others_their_records(caplog: pytest.LogCa
 def test_the_log_replay_bench_runs_through_the_batch_path(capsys: pytest.CaptureFixture[str]) -> None:
     """scripts.bench.logreplay (its figures are the bench's, not a test's): every record reaches the
     health service (it asserts the count), and it prints its figures."""
-    from scripts.bench import logreplay
-
     assert logreplay.main(["--records", "600", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "600 records x 1 runs, batches of 150:" in out and "parse alone:" in out
@@ -287,21 +286,8 @@ def test_a_busy_workers_lines_all_reach_the_receiver(tmp_path: Path) -> None:
     """A sender at 40,000 lines/s (a busy nginx worker) from a pause, on a virtual clock (no scheduling in
     the way): with a fixed 10 ms rest 400 lines would wait in its send buffer, which holds ~160 such lines,
     and most would be lost; the receiver's rests keep it to a few dozen."""
-    datagram = logstream.format_line(
-        msec="1700000000.000",
-        request_id="0123456789abcdef0123456789abcdef",
-        pool="p_0123456789abcdef",
-        model="gpt-4o-mini",
-        status="200",
-        request_time="0.004",
-        upstream_addr="127.0.0.1:8001",
-        upstream_status="200",
-        upstream_response_time="0.003",
-        client_id="key_0123456789abcdef",
-        upstream_header_time="0.003",
-        sent_http_content_type="application/json",
-        tokens="12 34",
-    )
+    # a line of the bench's shape (~330 bytes): what one chat completion logs
+    (datagram,) = logreplay.datagrams(1, "p_0123456789abcdef", 1_700_000_000.0)
     if os.geteuid() != 0 and int(logstream.QLEN_SYSCTL.read_text()) < 1000:
         pytest.skip("the receiver's queue (net.unix.max_dgram_qlen, 10 here) is raised only by root")
     path = tmp_path / "log.sock"
