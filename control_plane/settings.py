@@ -40,7 +40,9 @@ class Settings(ClientAccessSettings):
 
     nginx_binary: str = "nginx"
     nginx_user: str | None = Field(default=None, description="Worker user when the master runs as root")
-    nginx_worker_processes: str = "auto"
+    nginx_worker_processes: str = Field(
+        default="auto", pattern=r"^(auto|[1-9][0-9]{0,3})$", description="auto (one per CPU) or 1-9999"
+    )
     run_dir: Path | None = Field(default=None, description="Unix sockets; default <home>/run")
     tls_cert: Path | None = None
     tls_key: Path | None = None

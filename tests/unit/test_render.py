@@ -403,6 +403,17 @@ def test_domain_setting_accepts_names_and_addresses(value: str) -> None:
     assert names[0] == "gw.example.org"
 
 
+@pytest.mark.parametrize("value", ["4; user root", "0", "-1", "auto\n", "12345", "many"])
+def test_worker_processes_setting_is_auto_or_a_count(value: str) -> None:
+    from control_plane.nginx_process import worker_count
+    from control_plane.settings import Settings
+
+    with pytest.raises(ValidationError, match="nginx_worker_processes"):
+        Settings(nginx_worker_processes=value)
+    assert worker_count(Settings(nginx_worker_processes="4").nginx_worker_processes) == 4
+    assert Settings().nginx_worker_processes == "auto"
+
+
 @pytest.mark.parametrize("value", ["evil example", "a$b.example", "-x.example", "x.example\nlisten 1"])
 def test_domain_setting_refuses_what_is_no_host(value: str) -> None:
     from control_plane.settings import Settings
