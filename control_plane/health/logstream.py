@@ -295,6 +295,26 @@ def rest_after(drained: int, seconds: float, workers: int = 1, previous: float =
     return max(MIN_REST_S, min(longest, BUSY_LINES / per_worker))
 
 
+class Rests:
+    """The receiver's rests drain after drain: rest_after with what it needs of the drains before."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers  # nginx's workers, each with its own send buffer of lines in flight
+        self.rest = self.handled = 0.0
+
+    def after(self, waited: float, drained: int, handled: float) -> float:
+        """The rest after a drain of ``drained`` datagrams, the first of which the receiver ``waited`` for
+        and which took ``handled`` seconds. This drain's datagrams came while the one before it was handled
+        and while the receiver rested (the wait on an idle socket, which the first datagram ends, is not
+        counted: the rate errs high); a wait longer than a whole rest is a pause, after which the next
+        lines may come at any rate."""
+        if waited > BATCH_INTERVAL_S:
+            self.rest = self.handled = 0.0
+        self.rest = rest_after(drained, self.handled + self.rest, self.workers, self.rest)
+        self.handled = handled
+        return self.rest
+
+
 def each(sink: Callable[[LogRecord], None]) -> Callable[[Batch], None]:
     """A batch sink that hands the records to ``sink`` one by one; one that fails does not stop the rest."""
 
@@ -315,7 +335,7 @@ class LogReceiver:
     def __init__(self, sock: socket.socket, sink: Callable[[Batch], None], workers: int = 1) -> None:
         self.sock = sock
         self.sink = sink
-        self.workers = workers  # nginx's workers, each with its own send buffer of lines in flight
+        self.rests = Rests(workers)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -354,19 +374,12 @@ class LogReceiver:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        rest = handled = 0.0
         while True:
             waiting = loop.time()
             first = await loop.sock_recv(self.sock, MAX_DATAGRAM)
             began = loop.time()
             drained = self.drain(first)
-            if began - waiting > BATCH_INTERVAL_S:  # a pause: what comes next may come at any rate
-                rest = handled = 0.0
-            # This drain's datagrams came while the one before it was handled and while the receiver rested
-            # (a wait on an idle socket, which the first datagram ends, is not counted: the rate errs high).
-            rest = rest_after(drained, handled + rest, self.workers, rest)
-            handled = loop.time() - began
-            await asyncio.sleep(rest)
+            await asyncio.sleep(self.rests.after(began - waiting, drained, loop.time() - began))
 
 
 def bind_udp(host: str, port: int) -> socket.socket:

@@ -58,8 +58,9 @@ from control_plane.health import logstream
 path = sys.argv[1]
 sock = logstream.bind("unix:" + path)
 os.chmod(path, 0o666)
-rest = handled = 0.0
+rests = logstream.Rests()
 while True:
+    waiting = time.monotonic()
     sock.setblocking(True)
     sock.recv(logstream.MAX_DATAGRAM)
     began = time.monotonic()
@@ -71,9 +72,7 @@ while True:
             drained += 1
     except BlockingIOError:
         pass
-    rest = logstream.rest_after(drained, handled + rest)
-    handled = time.monotonic() - began
-    time.sleep(rest)
+    time.sleep(rests.after(began - waiting, drained, time.monotonic() - began))
 """
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from scripts.bench import load
+from scripts.bench import load, report
 from scripts.bench.common import LITELLM_WARMUP_S, NOISE_CORES, SYSLOG_DROP, T, log
 from scripts.bench.procs import Group
 from scripts.bench.systems import Target
@@ -258,9 +258,7 @@ def standin_pairs(bench: Bench) -> None:
     dp = bench.results["data_plane"]
     pairs: dict[str, list[tuple[float, float]]] = {}
     for conc in ("16", "64"):
-        first = [
-            float(dp.get(k, {}).get("rps", {}).get(conc, {}).get("rps") or 0) for k in ("nginx", "gateway")
-        ]
+        first = [float(report._get(dp, k, "rps", conc, "rps") or 0) for k in ("nginx", "gateway")]
         pairs[conc] = [(first[0], first[1])] if all(first) else []
     runs = {target.key: (target.chat_url, script) for target, script in bench.targets()}
     extra = STANDIN_PAIRS.get(bench.p.mode, 0) if all(pairs.values()) else 0

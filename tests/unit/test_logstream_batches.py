@@ -282,6 +282,17 @@ def test_a_rest_lets_in_at_most_half_a_workers_room_and_at_most_doubles(
         assert drained / seconds * rest / workers <= logstream.CALM_LINES * (1 + 1e-9)
 
 
+def test_rests_start_short_after_a_pause_and_grow_while_lines_come_slowly() -> None:
+    rests = logstream.Rests()
+    short = logstream.MIN_REST_S
+    assert rests.after(waited=1.0, drained=1, handled=0.0) == short  # the start: a pause
+    assert rests.after(waited=0.0, drained=1, handled=0.0) == 2 * short
+    assert rests.after(waited=0.0, drained=1, handled=0.0) == 4 * short
+    # 20,000 lines/s from one worker: only as long as lets BUSY_LINES in
+    assert rests.after(waited=0.0, drained=40, handled=0.0) == pytest.approx(logstream.BUSY_LINES / 20_000)
+    assert rests.after(waited=0.5, drained=1, handled=0.0) == short  # a pause: short again
+
+
 def test_a_busy_workers_lines_all_reach_the_receiver(tmp_path: Path) -> None:
     """A sender at 40,000 lines/s (a busy nginx worker) from a pause, on a virtual clock (no scheduling in
     the way): with a fixed 10 ms rest 400 lines would wait in its send buffer, which holds ~160 such lines,
