@@ -11,6 +11,10 @@ from dataclasses import dataclass, replace
 
 from control_plane.registry.models import BreakerState, HealthPolicy
 
+# The states as module names: an enum member read through its class costs ~70 ns, a global ~5 (observe_counts
+# runs once per upstream answer on the log stream's path).
+_OPEN, _HALF_OPEN, _CLOSED = BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED
+
 MAX_COOLDOWN_FACTOR = 16
 BASELINE_ALPHA = 0.02  # slow EWMA: what normal latency is
 RECENT_ALPHA = 0.2  # fast EWMA: what latency is now
@@ -110,27 +114,25 @@ def observe_counts(
     policy: HealthPolicy,
 ) -> Breaker:
     """observe() of the window's figures as the tracker keeps them: no WindowStats to build per request."""
-    if b.state is BreakerState.OPEN:
+    if b.state is _OPEN:
         return b  # traffic that was already in flight says nothing new
     if sample.ok:
         if b.consecutive_failures:
             b = replace(b, consecutive_failures=0)
-        if b.state is BreakerState.HALF_OPEN:
+        if b.state is _HALF_OPEN:
             b = replace(b, half_open_successes=b.half_open_successes + 1)
             if b.half_open_successes >= policy.breaker_half_open_successes:
                 # Recovered: whatever latency it serves at now is its new normal.
-                return replace(
-                    b, state=BreakerState.CLOSED, half_open_successes=0, cooldown_factor=1, reason=None
-                )
+                return replace(b, state=_CLOSED, half_open_successes=0, cooldown_factor=1, reason=None)
             return b
     else:
         b = replace(b, consecutive_failures=b.consecutive_failures + 1)
-        if b.state is BreakerState.HALF_OPEN:
+        if b.state is _HALF_OPEN:
             factor = min(b.cooldown_factor * 2, MAX_COOLDOWN_FACTOR)
             return _trip(b, sample.at, policy, "failed while half-open", factor)
         if b.consecutive_failures >= policy.breaker_consecutive_failures:
             return _trip(b, sample.at, policy, f"{b.consecutive_failures} consecutive failures", 1)
-    if b.state is BreakerState.CLOSED:
+    if b.state is _CLOSED:
         reason = window_reason(count, failures, recent_ms, baseline_ms, policy)
         if reason is not None:
             return _trip(b, sample.at, policy, reason, 1)
@@ -139,15 +141,13 @@ def observe_counts(
 
 def tick(b: Breaker, now: float) -> Breaker:
     """Time passes: an open breaker whose cool-down is over lets a little traffic through."""
-    if b.state is BreakerState.OPEN and now >= b.open_until:
-        return replace(b, state=BreakerState.HALF_OPEN, half_open_successes=0, consecutive_failures=0)
+    if b.state is _OPEN and now >= b.open_until:
+        return replace(b, state=_HALF_OPEN, half_open_successes=0, consecutive_failures=0)
     return b
 
 
 def recover(b: Breaker) -> Breaker:
     """Active probes say the instance is back: an open breaker stops waiting out its cool-down."""
-    if b.state is BreakerState.OPEN:
-        return replace(
-            b, state=BreakerState.HALF_OPEN, half_open_successes=0, consecutive_failures=0, cooldown_factor=1
-        )
+    if b.state is _OPEN:
+        return replace(b, state=_HALF_OPEN, half_open_successes=0, consecutive_failures=0, cooldown_factor=1)
     return b

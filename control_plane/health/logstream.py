@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 LOG_TAG = "ishgw"
 _SPLIT = re.compile(r", | : ")
 _STATUS_CODES = {str(code): code for code in range(1000)}
+_new = tuple.__new__
 
 
 class Attempt(NamedTuple):
@@ -118,6 +119,13 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _milliseconds(seconds: str) -> float | None:
+    try:
+        return float(seconds) * 1000
+    except ValueError:
+        return None
+
+
 def _status(text: str) -> int | None:
     code = _STATUS_CODES.get(text)  # the codes as nginx writes them: one lookup, no check or conversion
     if code is not None:
@@ -129,8 +137,7 @@ def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, 
     if not addresses or addresses == "-":
         return ()
     if "," not in addresses and " : " not in addresses:  # the common case: one attempt
-        seconds = _number(times)
-        return (Attempt(addresses, _status(statuses), None if seconds is None else seconds * 1000),)
+        return (_new(Attempt, (addresses, _status(statuses), _milliseconds(times))),)
     addrs = _SPLIT.split(addresses)
     codes = _SPLIT.split(statuses) if statuses else []
     durations = _SPLIT.split(times) if times else []
@@ -144,8 +151,7 @@ def parse_attempts(addresses: str, statuses: str, times: str) -> tuple[Attempt, 
 
 def last_seconds_ms(text: str) -> float | None:
     """The last value of an nginx per-attempt time list ("0.010, 0.020 : 0.030") in ms; None if "-"."""
-    seconds = _number(text[text.rfind(" ") + 1 :]) if text else None
-    return None if seconds is None else seconds * 1000
+    return _milliseconds(text[text.rfind(" ") + 1 :]) if text else None
 
 
 def parse_limited(text: str) -> tuple[Limited, ...]:
@@ -169,14 +175,13 @@ _TOKEN_DIGITS = 12
 def parse_tokens(text: str) -> tuple[int | None, int | None]:
     """$gw_tokens, "<prompt> <completion>" -> both counts; (None, None) when absent or malformed."""
     prompt, space, completion = text.partition(" ")
-    if (  # [0-9]{1,12} [0-9]{1,12}: str methods, a tenth of the regular expression's cost
+    if (  # [0-9]{1,12} [0-9]{1,12}: str methods, a tenth of the regular expression's cost (isdigit: not "")
         space
-        and 0 < len(prompt) <= _TOKEN_DIGITS
-        and 0 < len(completion) <= _TOKEN_DIGITS
-        and prompt.isascii()
+        and text.isascii()
         and prompt.isdigit()
-        and completion.isascii()
         and completion.isdigit()
+        and len(prompt) <= _TOKEN_DIGITS
+        and len(completion) <= _TOKEN_DIGITS
     ):
         return int(prompt), int(completion)
     return None, None
@@ -220,22 +225,26 @@ def _record(fields: list[Any]) -> LogRecord:
         at, seconds = float(t), float(rt)
     except ValueError:
         at, seconds = _number(t) or 0.0, _number(rt) or 0.0
-    return LogRecord(
-        at,
-        rid,
-        pool,
-        model,
-        _status(st) or 0,
-        seconds * 1000,
-        parse_attempts(ua, us, urt),
-        ra,
-        ram,
-        key,
-        parse_limited(x429) if x429 else (),
-        last_seconds_ms(uht),
-        ct,
-        prompt,
-        completion,
+    # tuple.__new__: the NamedTuples' own __new__ is a Python function taking each field (a third of the cost)
+    return _new(
+        LogRecord,
+        (
+            at,
+            rid,
+            pool,
+            model,
+            _status(st) or 0,
+            seconds * 1000,
+            parse_attempts(ua, us, urt),
+            ra,
+            ram,
+            key,
+            parse_limited(x429) if x429 else (),
+            last_seconds_ms(uht),
+            ct,
+            prompt,
+            completion,
+        ),
     )
 
 

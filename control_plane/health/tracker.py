@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from control_plane.health import breaker as br
 from control_plane.health.logstream import LogRecord, retry_after_seconds
 from control_plane.health.probes import Outcome, ProbeResult
-from control_plane.health.statuses import Verdict, classify
+from control_plane.health.statuses import VERDICTS, Verdict, classify
 from control_plane.registry.models import (
     BreakerState,
     HealthPolicy,
@@ -178,6 +178,24 @@ def _forget(entry: InstanceHealth, sample: br.Sample) -> None:
         entry.window_failures -= 1
 
 
+def _slide(
+    entry: InstanceHealth, window: list[br.Sample], horizon: float
+) -> list[br.Sample] | deque[br.Sample]:
+    """Drop the list window's samples older than ``horizon`` and those past WINDOW_MAX less one; the window
+    (a deque from DEQUE_FROM samples: O(1) drops from the front)."""
+    if len(window) >= DEQUE_FROM:
+        slid = entry.window = deque(window)
+        while slid and (slid[0].at < horizon or len(slid) >= WINDOW_MAX):
+            _forget(entry, slid.popleft())
+        return slid
+    old, left = 0, len(window)
+    while old < len(window) and (window[old].at < horizon or left >= WINDOW_MAX):
+        _forget(entry, window[old])
+        old, left = old + 1, left - 1
+    del window[:old]
+    return window
+
+
 def _adopt(entry: InstanceHealth, state: InstanceState, now_mono: float, now_wall: float) -> InstanceHealth:
     """Start from what the store says, so a controller restart keeps every verdict."""
     entry.health, entry.unhealthy_since = state.health_status, state.unhealthy_since
@@ -281,12 +299,16 @@ class HealthTracker:
 
     def observe_all(self, records: Iterable[LogRecord], now_mono: float) -> None:
         """The log stream's records (one drain's), each attempt against the instance its address names.
-        The common attempt (an answer, under its instance's rate limits) calls only classify and _fold."""
+        The common attempt (an answer, under its instance's rate limits) calls only _fold."""
         addresses, instances, unsaved = self.addresses, self.instances, self.unsaved
+        verdict_of, fold, sample = VERDICTS.get, self._fold, br.Sample
+        # Locals: an enum member read through its class costs ~70 ns, a local ~5.
+        ok, failure, limited = Verdict.OK, Verdict.FAILURE, Verdict.RATE_LIMITED
         for record in records:
             attempts = record.attempts
             last = len(attempts) - 1
             at = record.at
+            second = int(at)
             for index, attempt in enumerate(attempts):
                 name = addresses.get(attempt.address)
                 entry = instances.get(name) if name else None
@@ -295,9 +317,9 @@ class HealthTracker:
                 status = attempt.status
                 if status is None and record.status == 499 and index == last:
                     continue  # the client gave up first: that says nothing about the instance
-                verdict = classify(status)
+                verdict = verdict_of(status) or classify(status)
                 entry.total += 1
-                entry.per_second_total += _count_second(entry.per_second, int(at))
+                entry.per_second_total += _count_second(entry.per_second, second)
                 max_rpm, max_tpm = entry.max_rpm, entry.max_tpm
                 if max_rpm and (
                     entry.per_second_total >= max_rpm or (max_tpm and entry.tokens_total >= max_tpm)
@@ -305,16 +327,16 @@ class HealthTracker:
                     self._rate_budget(name, entry, at)
                 entry.last_used_at = at
                 unsaved.add(name)
-                if verdict is Verdict.OK:
+                if verdict is ok:
                     entry.successful += 1
                     entry.last_traffic_ok_at = now_mono
-                    self._fold(name, entry, br.Sample(now_mono, True, attempt.response_ms or 0.0))
-                elif verdict is Verdict.FAILURE:
+                    fold(name, entry, sample(now_mono, True, attempt.response_ms or 0.0))
+                elif verdict is failure:
                     entry.errors += 1
                     entry.last_error = f"HTTP {status}" if status else "no response"
                     entry.last_error_time = _utc(at)
-                    self._fold(name, entry, br.Sample(now_mono, False, attempt.response_ms or 0.0))
-                elif verdict is Verdict.RATE_LIMITED:
+                    fold(name, entry, sample(now_mono, False, attempt.response_ms or 0.0))
+                elif verdict is limited:
                     self._rate_limit(name, entry, at, _attempt_retry_after(record, index))
                 else:  # Verdict.CREDENTIAL
                     entry.quarantined = f"credential rejected (HTTP {status})"
@@ -327,17 +349,11 @@ class HealthTracker:
         policy = entry.policy
         horizon = sample.at - policy.breaker_window_s
         if window and (window[0].at < horizon or len(window) >= WINDOW_MAX):
-            if len(window) >= DEQUE_FROM and isinstance(window, list):
-                window = entry.window = deque(window)  # a busy instance's: O(1) drops from the front
-            if isinstance(window, list):
-                old, left = 0, len(window)
-                while old < len(window) and (window[old].at < horizon or left >= WINDOW_MAX):
-                    _forget(entry, window[old])
-                    old, left = old + 1, left - 1
-                del window[:old]
-            else:
+            if isinstance(window, deque):  # a busy instance's: a sample leaves as each one comes
                 while window and (window[0].at < horizon or len(window) >= WINDOW_MAX):
                     _forget(entry, window.popleft())
+            else:
+                window = _slide(entry, window, horizon)
         window.append(sample)
         if sample.ok:
             latency = sample.latency_ms
