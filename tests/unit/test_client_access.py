@@ -228,7 +228,8 @@ def test_one_zone_per_distinct_rate() -> None:
     assert build_client_access(ClientAccessPolicy(), keys, JwtKeys(), []).jwt is None  # no usable key: no JWT
     files = access_tree(keys)
     counts = parse_directives(files)
-    assert counts["limit_req_zone"] == 2 + 1 + 3  # per rate, per IP, per class
+    # Per rate and per IP; the default class limits (anonymous only) guard no location when a key is required.
+    assert counts["limit_req_zone"] == 2 + 1
     # Every client-facing API location has the guard; /health, /nginx_status and named locations do not.
     servers = files["servers.conf"]
     api_locations = servers.count('content_by_lua_block { require("gw.gateway").route("/') + 4
@@ -241,11 +242,24 @@ def test_one_zone_per_distinct_rate() -> None:
         == 4
     )
     assert servers.count("limit_req zone=gw_key_60 ") == api_locations
-    assert servers.count("limit_req zone=gw_ip ") == api_locations
     assert servers.count("error_page 429 = @gw_limited;") == api_locations
     # Every one but /api/version identifies the client (and refuses one without a valid credential)
-    # before the limits, in the rewrite phase.
+    # before the limits, in the rewrite phase: the limits of requests without a valid key guard only
+    # /api/version (they could never bind elsewhere).
     assert servers.count('rewrite_by_lua_block { require("gw.gateway").identify() }') == api_locations - 1
+    version = servers.split("location = /api/version {", 1)[1].split("}", 1)[0]
+    for limit in ("limit_req zone=gw_ip ", "limit_conn gw_conn_ip "):
+        assert servers.count(limit) == 1 and limit in version
+    assert "gw_class_" not in servers
+    # Without ISHGW_AUTH_REQUIRED a request without a valid key goes on as anonymous: every location
+    # counts it per address and per class.
+    open_files = access_tree(keys, auth_required=False)
+    open_servers = open_files["servers.conf"]
+    assert parse_directives(open_files)["limit_req_zone"] == 2 + 1 + 3
+    for limit in ("limit_req zone=gw_ip ", "limit_conn gw_conn_ip "):
+        assert open_servers.count(limit) == api_locations
+    # the chat endpoints: /v1/{chat/completions,completions,responses,messages}, /api/{chat,generate}
+    assert open_servers.count("limit_req zone=gw_class_chat ") == 6
     health = servers.split("location = /health {", 1)[1].split("}", 1)[0]
     assert "limit_req" not in health and "lua" not in health
     data = json.loads(files["clients.json"])
