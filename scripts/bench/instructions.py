@@ -326,6 +326,24 @@ def fixed_seed(directory: Path) -> None:
 
 
 @contextlib.contextmanager
+def seeded(required: bool = True) -> Iterator[bool]:
+    """Every nginx measured inside with getrandom answered by a fixed sequence (fixed_seed), so that runs
+    agree within a few dozen instructions (but for LuaJIT's traces: see --jit-off). Yields whether it is;
+    without a C compiler that is an error when ``required``, else it yields False."""
+    if shutil.which("cc") is None:
+        if required:
+            raise RuntimeError("--fixed-seed needs a C compiler (cc)")
+        yield False
+        return
+    with tempfile.TemporaryDirectory(prefix="ishgw-seed-") as tmp:
+        fixed_seed(Path(tmp))
+        try:
+            yield True
+        finally:
+            _preload[:] = []
+
+
+@contextlib.contextmanager
 def nginx(conf: Path, port: int, valgrind_out: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """nginx in the foreground as one process (under cachegrind when valgrind_out is given)."""
     prefix = conf.parent
@@ -503,9 +521,7 @@ def main() -> int:
     _edits[:] = [load_edit(Path(args[args.index("--edit") + 1]))] if "--edit" in args else []
     if "--many" in args:
         _many[:] = [max(FEW + 1, int(args[args.index("--many") + 1]))]
-    with tempfile.TemporaryDirectory(prefix="ishgw-seed-") as tmp:
-        if "--fixed-seed" in args:
-            fixed_seed(Path(tmp))
+    with seeded() if "--fixed-seed" in args else contextlib.nullcontext(False):
         return _run(args)
 
 

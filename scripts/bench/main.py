@@ -260,7 +260,9 @@ class Bench:
         deterministic, so a change to the request path shows here even when timings drift."""
         log("--- instructions per request (cachegrind)")
         try:
-            self.results["instructions"] = instructions.measure()
+            with instructions.seeded(required=False) as fixed:
+                self.results["instructions"] = instructions.measure()
+            self.results["instructions_fixed_seed"] = fixed
             log(f"instructions: {self.results['instructions']}")
         except Exception as exc:  # reported, the run goes on
             self.note(f"instruction counts failed: {type(exc).__name__}: {exc}")

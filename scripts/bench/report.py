@@ -171,13 +171,23 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def instructions_sentence(counts: dict[str, Any]) -> str:
-    ratio = counts["gateway"] / counts["plain_proxy"] if counts.get("plain_proxy") else None
+def instructions_sentence(counts: dict[str, Any], fixed_seed: bool = False) -> str:
+    ratio = _ratio(counts.get("gateway"), counts.get("plain_proxy"))
+    counted = _ratio(counts.get("gateway_usage"), counts.get("plain_proxy"))
+    how = (
+        "nginx's getrandom fixed (`--fixed-seed`)" if fixed_seed else "deterministic but for LuaJIT's traces"
+    )
+    with_usage = (
+        f", with it (JSON answer) {counts['gateway_usage']:,} ({fmt(counted, 2)}x)"
+        if counts.get("gateway_usage")
+        else ""
+    )
     return (
-        "Instructions per request under cachegrind (`python -m scripts.bench.instructions`; deterministic, "
-        f"static backend, same 1 KB request): plain nginx proxy {counts['plain_proxy']:,}, the gateway with "
-        f"everything on {counts['gateway']:,} ({fmt(ratio, 2)}x). A trivial Lua hand-over (read the body, "
-        f"exec the pool location) costs {counts['lua_hand_over']:,}; the split: {split_text(counts)}."
+        f"Instructions per request under cachegrind (`python -m scripts.bench.instructions`; {how}, "
+        f"static backend, same 1 KB request): plain nginx proxy {counts['plain_proxy']:,}, the gateway "
+        f"without usage accounting {counts['gateway']:,} ({fmt(ratio, 2)}x){with_usage}. A trivial Lua "
+        f"hand-over (read the body, exec the pool location) costs {counts['lua_hand_over']:,}; the split: "
+        f"{split_text(counts)}."
     )
 
 
@@ -382,7 +392,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{static.get('log_stream_drops', 0):,} of {static['gateway_requests']:,}."
             )
     if results.get("instructions"):
-        out += ["", instructions_sentence(results["instructions"])]
+        out += [
+            "",
+            instructions_sentence(results["instructions"], bool(results.get("instructions_fixed_seed"))),
+        ]
     out += ["", "Targets (issues 5 and 11):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
@@ -507,7 +520,10 @@ def readme_block(results: dict[str, Any]) -> str:
     if probing and not probing.get("error"):
         out += ["", probing_sentence(probing)]
     if results.get("instructions"):
-        out += ["", instructions_sentence(results["instructions"])]
+        out += [
+            "",
+            instructions_sentence(results["instructions"], bool(results.get("instructions_fixed_seed"))),
+        ]
     storm = (results.get("reliability") or {}).get("reload_storm") or {}
     if storm.get("wrk"):
         wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]
