@@ -542,6 +542,29 @@ def test_ip_allow_list_and_per_ip_limit(backend: StubServer) -> None:
         assert gw.client.get("/v1/models").json()["error"]["type"] == "permission_error"
 
 
+def test_failed_authentications_meet_the_per_address_limit(backend: StubServer) -> None:
+    """ISHGW_AUTH_REQUIRED: a request without a valid key is counted per address before its 401, so a
+    flood of guessed keys meets the per-address limit; a valid key from the same address is not."""
+    env = {**EDGE_ENV, "ISHGW_LIMIT_IP_RPM": "60", "ISHGW_LIMIT_IP_BURST": "4"}
+    with Gateway(extra_env=env) as gw:
+        gw.add_instance(name="ip", provider_type="ollama", api_base=backend.url, supported_models=["model-a"])
+        good = new_key(gw, "good")["key"]
+        started = time.monotonic()
+        guesses = [bearer(f"guess-{n}") for n in range(10)]
+        answers = [gw.client.post(CHAT, json=chat("model-a"), headers=headers) for headers in guesses]
+        elapsed = time.monotonic() - started
+        counts = Counter(r.status_code for r in answers)
+        assert 5 <= counts[401] <= 6 + int(elapsed) and counts[429] == 10 - counts[401], (counts, elapsed)
+        refused = next(r for r in answers if r.status_code == 401)
+        assert refused.headers["WWW-Authenticate"] == 'Bearer realm="ish-gateway", error="invalid_token"'
+        assert refused.json()["error"]["message"] == "The API key is not valid"
+        limited = next(r for r in answers if r.status_code == 429)
+        assert "Retry-After" in limited.headers and "ISHGW_LIMIT_IP_RPM" in limited.json()["error"]["message"]
+        missing = gw.client.post("/api/chat", json=chat("model-a"))  # still counted, still the client's style
+        assert missing.status_code == 429 and isinstance(missing.json()["error"], str)
+        assert gw.client.post(CHAT, json=chat("model-a"), headers=bearer(good)).status_code == 200
+
+
 def test_concurrency_limit_per_key(backend: StubServer) -> None:
     with Gateway(extra_env={**EDGE_ENV, "ISHGW_LIMIT_CONN_PER_KEY": "1"}) as gw:
         gw.add_instance(name="c", provider_type="ollama", api_base=backend.url, supported_models=["model-a"])

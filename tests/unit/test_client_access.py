@@ -242,14 +242,15 @@ def test_one_zone_per_distinct_rate() -> None:
         == 4
     )
     assert servers.count("limit_req zone=gw_key_60 ") == api_locations
-    assert servers.count("error_page 429 = @gw_limited;") == api_locations
+    assert servers.count("error_page 429 = @gw_limited;") == api_locations + 1  # and @gw_unauthorized
     # Every one but /api/version identifies the client (and refuses one without a valid credential)
-    # before the limits, in the rewrite phase: the limits of requests without a valid key guard only
-    # /api/version (they could never bind elsewhere).
+    # before the limits, in the rewrite phase, and hands one without a valid credential to @gw_unauthorized:
+    # the per-address limits guard only that and /api/version (they could never bind elsewhere).
     assert servers.count('rewrite_by_lua_block { require("gw.gateway").identify() }') == api_locations - 1
     version = servers.split("location = /api/version {", 1)[1].split("}", 1)[0]
+    refused = servers.split("location @gw_unauthorized {", 1)[1].split("}", 1)[0]
     for limit in ("limit_req zone=gw_ip ", "limit_conn gw_conn_ip "):
-        assert servers.count(limit) == 1 and limit in version
+        assert servers.count(limit) == 2 and limit in version and limit in refused
     assert "gw_class_" not in servers
     # Without ISHGW_AUTH_REQUIRED a request without a valid key goes on as anonymous: every location
     # counts it per address and per class.
@@ -257,7 +258,7 @@ def test_one_zone_per_distinct_rate() -> None:
     open_servers = open_files["servers.conf"]
     assert parse_directives(open_files)["limit_req_zone"] == 2 + 1 + 3
     for limit in ("limit_req zone=gw_ip ", "limit_conn gw_conn_ip "):
-        assert open_servers.count(limit) == api_locations
+        assert open_servers.count(limit) == api_locations + 1
     # the chat endpoints: /v1/{chat/completions,completions,responses,messages}, /api/{chat,generate}
     assert open_servers.count("limit_req zone=gw_class_chat ") == 6
     health = servers.split("location = /health {", 1)[1].split("}", 1)[0]

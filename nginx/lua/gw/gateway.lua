@@ -119,12 +119,13 @@ local function fail(family, status, kind, message, available)
     return send_json(status, answers.error_body(family, status, kind, message, available))
 end
 
--- 401 in the client's API style, with the challenge RFC 6750 asks for. The body is discarded unread.
+-- A request its headers refuse goes to @gw_unauthorized (servers.conf), whose per-address limits count it
+-- (this location's come after this phase, and with ISHGW_AUTH_REQUIRED its locations have none: edge.j2
+-- guard) and which answers the 401 (handlers.unauthorized); the refusal goes along in $gw_refusal,
+-- "<reason>|<message>" (ngx.ctx does not survive the redirect). Valid requests never pay for this.
 local function unauthorized(verdict)
-    req.discard_body()
-    header["WWW-Authenticate"] = verdict.reason == "missing" and 'Bearer realm="ish-gateway"'
-        or 'Bearer realm="ish-gateway", error="invalid_token"'
-    return fail(family_of_request(), 401, "authentication_error", verdict.message)
+    var.gw_refusal = verdict.reason .. "|" .. verdict.message
+    return ngx.exec("@gw_unauthorized")
 end
 
 function _M.identify()
@@ -371,6 +372,19 @@ function handlers.rate_limited()
     header["Retry-After"] = wait
     return fail(family_of_request(), 429, "rate_limit_error",
         "Too many requests: the gateway's limit was reached: " .. text .. "; retry in " .. wait .. " s")
+end
+
+-- @gw_unauthorized (see unauthorized): 401 in the client's API style, with the challenge RFC 6750 asks
+-- for. The body is discarded unread.
+function handlers.unauthorized()
+    local refusal = var.gw_refusal or ""
+    local bar = find(refusal, "|", 1, true)
+    local reason = bar and sub(refusal, 1, bar - 1) or "invalid"
+    req.discard_body()
+    header["WWW-Authenticate"] = reason == "missing" and 'Bearer realm="ish-gateway"'
+        or 'Bearer realm="ish-gateway", error="invalid_token"'
+    return fail(family_of_request(), 401, "authentication_error",
+        bar and sub(refusal, bar + 1) or "The API key is not valid")
 end
 
 -- error_page 403 target: the client's address is not allowed.
