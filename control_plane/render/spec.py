@@ -76,10 +76,14 @@ class ProxyProfile:
     tries: int
     read_timeout_s: int
     total_timeout_s: int
+    # X-ISHGW-Model to the pool: only an Azure instance's shim reads it (its deployment by model); a
+    # header costs every request ~800 instructions, and other providers have no use for it.
+    model_header: bool = False
 
     @property
     def name(self) -> str:
-        return f"x_{self.family}_{self.kind}_{self.tries}_{self.read_timeout_s}_{self.total_timeout_s}"
+        name = f"x_{self.family}_{self.kind}_{self.tries}_{self.read_timeout_s}_{self.total_timeout_s}"
+        return name + "_m" if self.model_header else name
 
     @property
     def levels_429(self) -> int:
@@ -103,6 +107,7 @@ class Pool:
     excluded: tuple[tuple[str, str], ...] = ()
     # Learned strategies: each available instance's weight, tier, score and reasons (/admin/select).
     choices: tuple[lw.Choice, ...] = ()
+    model_header: bool = False  # a member is an Azure instance (ProxyProfile.model_header)
 
     @property
     def available(self) -> bool:
@@ -110,7 +115,9 @@ class Pool:
 
     @property
     def profile(self) -> ProxyProfile:
-        return ProxyProfile(self.family, self.kind, self.tries, self.read_timeout_s, self.total_timeout_s)
+        return ProxyProfile(
+            self.family, self.kind, self.tries, self.read_timeout_s, self.total_timeout_s, self.model_header
+        )
 
 
 @dataclass(frozen=True)
@@ -564,6 +571,7 @@ def build_pool(
         total_timeout_s=max(1, round(max(c.timeout_seconds * (1 + c.retry_count) for c in chosen))),
         excluded=pool_excluded,
         choices=choices,
+        model_header=any(c.provider_type is ProviderType.AZURE for c in configs if c.name in in_pool),
     )
 
 

@@ -86,6 +86,34 @@ def test_official_sdks_through_the_gateway(gateway: Gateway, stubs: dict[str, St
     assert "client-key" not in str(seen)
 
 
+def test_an_azure_instance_is_sent_its_deployment_and_key(gateway: Gateway) -> None:
+    """The Azure shim maps the model to its deployment from X-ISHGW-Model (sent only to pools with an Azure
+    member), adds the instance's key and api-version, and keeps the internal header from the provider."""
+    stub = StubServer(name="azure-1").start()
+    try:
+        created = gateway.add_instance(
+            name="az",
+            provider_type="azure",
+            api_base=stub.url,
+            api_key="azure-key-0001",
+            api_version="2024-06-01",
+            supported_models=["gpt-4o-az"],
+            model_deployments={"gpt-4o-az": "prod-4o"},
+        )
+        assert created.status_code == 201, created.text
+        gateway.wait_applied()
+        body = {"model": "gpt-4o-az", "messages": [{"role": "user", "content": "hi"}]}
+        answer = gateway.client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200 and "Hello from azure-1" in answer.text, answer.text
+        seen = stub.last_request("/openai/deployments/prod-4o/chat/completions")
+        assert seen["query_string"] == "api-version=2024-06-01"
+        assert seen["headers"]["api-key"] == "azure-key-0001"
+        assert "x-ishgw-model" not in seen["headers"]
+    finally:
+        gateway.admin.delete("/admin/instances/az")
+        stub.stop()
+
+
 def test_weighted_split_and_model_isolation(gateway: Gateway, stubs: dict[str, StubServer]) -> None:
     for name, weight in (("a1", 1), ("a2", 1), ("a3", 2)):
         register(gateway, name, start_stub(stubs, name), ["model-a"], weight=weight)

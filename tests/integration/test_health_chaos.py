@@ -407,7 +407,7 @@ def test_pool_down_goes_to_fallback_then_503(gateway: Gateway, stubs: dict[str, 
     assert r.status_code == 200 and r.headers["X-Backend-Name"] == "cloud"
     fallback = cloud.last_request("/v1/chat/completions")
     assert fallback["json"]["model"] == "gpt-mini"  # the body was rewritten for the fallback
-    assert fallback["headers"]["x-ishgw-model"] == "gpt-mini"  # and so was the model header
+    assert "x-ishgw-model" not in fallback["headers"]  # only an Azure instance's shim is told the model
     try:
         wait_for(lambda: not in_pool(gateway, "local", "llama"), timeout=10, what="local out")
     except AssertionError as exc:  # seen once in a full run: say what the controller knew

@@ -520,3 +520,34 @@ def test_the_log_format_is_rendered_from_the_one_field_table() -> None:
             if d["directive"] == "map" and d["args"][1] == "$gw_tokens"
         ]
         assert len(declared) == int(counting)
+
+
+def test_only_azure_pools_are_sent_the_model_header() -> None:
+    """X-ISHGW-Model is for an Azure instance's shim (its deployment by model): the pools with an Azure
+    member get a profile location that sends it, the others send nothing of it to their providers."""
+    configs = [
+        InstanceConfig(
+            name="a", provider_type="ollama", api_base="http://127.0.0.1:1", supported_models=["m"]
+        ),
+        InstanceConfig(
+            name="z",
+            provider_type="azure",
+            api_base="http://127.0.0.1:2",
+            api_key="azure-key-1234567890",
+            api_version="2024-06-01",
+            supported_models=["gpt-4o"],
+            model_deployments={"gpt-4o": "prod-4o"},
+        ),
+    ]
+    spec = spec_for(configs)
+    by_model = {pool.model: pool for pool in spec.pools if pool.members}
+    assert by_model["gpt-4o"].profile.model_header and by_model["gpt-4o"].profile.name.endswith("_m")
+    assert not by_model["m"].profile.model_header and not by_model["m"].profile.name.endswith("_m")
+    files = render(spec).files
+    servers = files["servers.conf"]
+    for profile in spec.profiles():
+        location = servers.split(f"location @{profile.name} {{", 1)[1].split("\n    }", 1)[0]
+        assert ("proxy_set_header X-ISHGW-Model $gw_model_header;" in location) is profile.model_header
+    routes = json.loads(files["routes.json"])
+    assert json.dumps(routes).count(f'"@{by_model["gpt-4o"].profile.name}"') >= 1
+    assert "map $http_x_ishgw_model $gw_dep_" in files["shims.conf"]
