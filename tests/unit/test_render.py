@@ -37,8 +37,8 @@ from control_plane.render.spec import MAX_429_LEVELS, ProxyProfile, ServerSettin
 SERVER = ServerSettings(prefix="/p", run_dir="/r", http_port=8080)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 # The proxy_common macro in servers.conf.j2 (12 of them from edge.j2); usage accounting (off by default)
-# adds Accept-Encoding.
-PROXY_HEADERS_PER_LOCATION = 19
+# adds Accept-Encoding; X-ISHGW-Model only in a profile with an Azure member (model_header).
+PROXY_HEADERS_PER_LOCATION = 18
 LOCATIONS_PER_PROFILE = 1  # the body is rewritten by Lua (alias or fallback), not by a second location
 
 
@@ -327,7 +327,8 @@ def test_random_registry_content_cannot_inject_directives(
     assert counts["listen"] == 2 + len(spec.shims)  # clients, the usage drain, the shims
     assert counts["proxy_set_body"] == 0
     shim_headers = sum(3 + len(s.headers) for s in spec.shims)
-    added_headers = PROXY_HEADERS_PER_LOCATION * locations + shim_headers
+    model_headers = sum(locations_of(profile) for profile in profiles if profile.model_header)
+    added_headers = PROXY_HEADERS_PER_LOCATION * locations + model_headers + shim_headers
     assert counts["proxy_set_header"] == empty["proxy_set_header"] + added_headers
     # Registry names reach Lua only as data: the routing file is exactly routes_data, whatever the names.
     assert json.loads(tree.files["routes.json"]) == json.loads(json.dumps(routes_data(spec)))
