@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from control_plane.health.logstream import LogRecord
-from control_plane.health.statuses import VERDICTS, Verdict, classify
+from control_plane.health.statuses import Verdict, classify
 
 MINUTES = 15
 # Histogram bucket upper bounds in ms: 1 ms to 120 s, each 25 % above the last (a percentile is read as
@@ -173,24 +173,21 @@ class RecentTraffic:
         """The log stream's records (one drain's): each proxied request in its pool's series, each attempt
         in its instance's within the pool."""
         pools, instances = self.pools, self.instances
-        verdict_of, failure = VERDICTS.get, Verdict.FAILURE
+        failure = Verdict.FAILURE  # a local: an enum member read through its class costs ~70 ns
         for record in records:
             pool = record.pool
             if not pool or pool == "-":
                 continue  # not proxied (the gateway answered itself)
             minute = int(record.at // 60)
             series = pools.get(pool) or self._series(pools, pool)
-            status = record.status
-            series.add(minute, record.request_ms, (verdict_of(status) or classify(status)) is failure)
+            series.add(minute, record.request_ms, classify(record.status) is failure)
             for attempt in record.attempts:
                 name = addresses.get(attempt.address)
                 if name is None:
                     continue
                 key = (pool, name)
                 series = instances.get(key) or self._series(instances, key)
-                answer = attempt.status
-                error = (verdict_of(answer) or classify(answer)) is failure
-                series.add(minute, attempt.response_ms or 0.0, error)
+                series.add(minute, attempt.response_ms or 0.0, classify(attempt.status) is failure)
 
     def pool(self, name: str) -> Series | None:
         return self.pools.get(name)

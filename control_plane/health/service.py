@@ -15,7 +15,7 @@ from control_plane.health.logstream import LogRecord
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.recent import RecentTraffic
 from control_plane.health.schedule import ProbeSchedule
-from control_plane.health.statuses import VERDICTS, classify
+from control_plane.health.statuses import classify
 from control_plane.health.tracker import MAX_RETRY_AFTER_S, HealthTracker
 from control_plane.health.traffic import TrafficSeries
 from control_plane.metrics import GatewayMetrics
@@ -146,13 +146,11 @@ class HealthService:
         """ishgw_upstream_attempts_total: counted here, added to the family once per label set."""
         assert self.metrics is not None
         counts: dict[tuple[str, str], int] = {}
-        verdict_of = VERDICTS.get
         for record in records:
             for attempt in record.attempts:
                 name = addresses.get(attempt.address)
                 if name is not None:
-                    status = attempt.status
-                    labels: tuple[str, str] = (name, verdict_of(status) or classify(status))
+                    labels: tuple[str, str] = (name, classify(attempt.status))
                     counts[labels] = counts.get(labels, 0) + 1
         inc = self.metrics.upstream_attempts.inc
         for labels, count in counts.items():

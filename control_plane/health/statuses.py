@@ -26,7 +26,7 @@ class Verdict(StrEnum):
 
 def classify(status: int | None) -> Verdict:
     """What one upstream answer (None: none came) says about the instance, never the client's mistakes."""
-    verdict = VERDICTS.get(status)
+    verdict = _VERDICTS.get(status)
     return _classify(status) if verdict is None else verdict
 
 
@@ -40,6 +40,5 @@ def _classify(status: int | None) -> Verdict:
     return Verdict.OK
 
 
-# Every status nginx can log, and no answer: one lookup per attempt on the log stream's path. The loops over
-# a drain's records read it themselves, ``VERDICTS.get(status) or classify(status)``: a call less each.
-VERDICTS: Mapping[int | None, Verdict] = {status: _classify(status) for status in (None, *range(1000))}
+# Every status nginx can log, and no answer: one lookup per attempt on the log stream's path.
+_VERDICTS: Mapping[int | None, Verdict] = {status: _classify(status) for status in (None, *range(1000))}

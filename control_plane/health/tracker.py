@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from control_plane.health import breaker as br
 from control_plane.health.logstream import LogRecord, retry_after_seconds
 from control_plane.health.probes import Outcome, ProbeResult
-from control_plane.health.statuses import VERDICTS, Verdict, classify
+from control_plane.health.statuses import Verdict, classify
 from control_plane.registry.models import (
     BreakerState,
     HealthPolicy,
@@ -299,9 +299,9 @@ class HealthTracker:
 
     def observe_all(self, records: Iterable[LogRecord], now_mono: float) -> None:
         """The log stream's records (one drain's), each attempt against the instance its address names.
-        The common attempt (an answer, under its instance's rate limits) calls only _fold."""
+        The common attempt (an answer, under its instance's rate limits) calls only classify and _fold."""
         addresses, instances, unsaved = self.addresses, self.instances, self.unsaved
-        verdict_of, fold, sample = VERDICTS.get, self._fold, br.Sample
+        fold, sample = self._fold, br.Sample
         # Locals: an enum member read through its class costs ~70 ns, a local ~5.
         ok, failure, limited = Verdict.OK, Verdict.FAILURE, Verdict.RATE_LIMITED
         for record in records:
@@ -317,7 +317,7 @@ class HealthTracker:
                 status = attempt.status
                 if status is None and record.status == 499 and index == last:
                     continue  # the client gave up first: that says nothing about the instance
-                verdict = verdict_of(status) or classify(status)
+                verdict = classify(status)
                 entry.total += 1
                 entry.per_second_total += _count_second(entry.per_second, second)
                 max_rpm, max_tpm = entry.max_rpm, entry.max_tpm

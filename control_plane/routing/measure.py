@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from control_plane.health.logstream import LogRecord
-from control_plane.health.statuses import VERDICTS, Verdict, classify
+from control_plane.health.statuses import Verdict, classify
 
 MAX_SAMPLES = 2000  # per (model, instance)
 MIN_LATENCY_SAMPLES = 3  # successful answers before a median is shown
@@ -72,7 +72,6 @@ class Windows:
         if self._keep is not None and not self._keep:
             return  # no measured strategy: no window to add to (forget() dropped every other one)
         add = self.add
-        verdict_of = VERDICTS.get
         good, failure = Verdict.OK, Verdict.FAILURE  # an enum's member read through its class costs ~60 ns
         for record in records:
             if not record.model:
@@ -83,7 +82,7 @@ class Windows:
                 status = attempt.status
                 if name is None or (status is None and record.status == 499 and index == last):
                     continue
-                verdict = verdict_of(status) or classify(status)
+                verdict = classify(status)
                 if verdict is good or verdict is failure:
                     ok = verdict is good
                     tokens = (record.completion_tokens or 0) if index == last and ok else 0
