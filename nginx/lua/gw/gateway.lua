@@ -379,12 +379,13 @@ end
 function handlers.unauthorized()
     local refusal = var.gw_refusal or ""
     local bar = find(refusal, "|", 1, true)
-    local reason = bar and sub(refusal, 1, bar - 1) or "invalid"
+    local invalid = identity.REFUSED.key_invalid  -- only unauthorized() comes here, so never used
+    local reason = bar and sub(refusal, 1, bar - 1) or invalid.reason
     req.discard_body()
     header["WWW-Authenticate"] = reason == "missing" and 'Bearer realm="ish-gateway"'
         or 'Bearer realm="ish-gateway", error="invalid_token"'
-    return fail(family_of_request(), 401, "authentication_error",
-        bar and sub(refusal, bar + 1) or "The API key is not valid")
+    local message = bar and sub(refusal, bar + 1) or invalid.message
+    return fail(family_of_request(), 401, "authentication_error", message)
 end
 
 -- error_page 403 target: the client's address is not allowed.
