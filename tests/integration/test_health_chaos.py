@@ -127,8 +127,13 @@ def test_half_failing_instance_breaker_cycle(gateway: Gateway, stubs: dict[str, 
     good, flaky = start_stub(stubs, "good"), start_stub(stubs, "flaky")
     register(gateway, "good", good)
     # nginx's max_fails rests a server after each failure, so the breaker sees few of its answers: a small
-    # minimum sample makes the error-rate rule usable here.
-    register(gateway, "flaky", flaky, health={**FAST, "probe_interval_s": 60, "breaker_min_requests": 6})
+    # minimum sample makes the error-rate rule usable here. The stub fails every second request, but the
+    # breaker does not see them in that order: a failed attempt's log line is written only when its retry
+    # on "good" has answered, often after the next request to "flaky" (sent before the failure) has been
+    # logged as a success. Then every failure is seen with k of 2k+1 requests failed, never the 50 % of
+    # the default error rate (CI saw 7 failures in 25 s and no open breaker); 40 % is crossed either way.
+    health = {**FAST, "probe_interval_s": 60, "breaker_min_requests": 6, "breaker_error_rate": 0.4}
+    register(gateway, "flaky", flaky, health=health)
     gateway.wait_applied()
     flaky.set_mode("status", status=503, fail_ratio=0.5)
 
