@@ -166,7 +166,7 @@ USAGE_VARIANTS = {
 PHASE_VARIANTS = {
     "gateway_usage_phases": Variant(usage=True, empty_usage_phases=True),
 }
-_COUNTING_CALL = re.compile(r'(_by_lua_block \{) require\("gw\.gateway"\)\.count\w*\("\w+"\) \}')
+_COUNTING_CALL = re.compile(r'(_by_lua_block \{) gw_gateway\.count\w*\("\w+"\) \}')
 
 
 _jit_off: list[bool] = []  # --jit-off: the measured gateway's LuaJIT runs without its JIT

@@ -232,11 +232,11 @@ def test_one_zone_per_distinct_rate() -> None:
     assert counts["limit_req_zone"] == 2 + 1
     # Every client-facing API location has the guard; /health, /nginx_status and named locations do not.
     servers = files["servers.conf"]
-    api_locations = servers.count('content_by_lua_block { require("gw.gateway").route("/') + 4
+    api_locations = servers.count('content_by_lua_block { gw_gateway.route("/') + 4
     # + /v1/models, /api/tags, /api/version, /
     assert (
         sum(
-            servers.count(f'content_by_lua_block {{ require("gw.gateway").answer("{name}") }}')
+            servers.count(f'content_by_lua_block {{ gw_gateway.answer("{name}") }}')
             for name in ("models", "tags", "version", "not_found")
         )
         == 4
@@ -246,7 +246,7 @@ def test_one_zone_per_distinct_rate() -> None:
     # Every one but /api/version identifies the client (and refuses one without a valid credential)
     # before the limits, in the rewrite phase, and hands one without a valid credential to @gw_unauthorized:
     # the per-address limits guard only that and /api/version (they could never bind elsewhere).
-    assert servers.count('rewrite_by_lua_block { require("gw.gateway").identify() }') == api_locations - 1
+    assert servers.count('rewrite_by_lua_block { gw_gateway.identify() }') == api_locations - 1
     version = servers.split("location = /api/version {", 1)[1].split("}", 1)[0]
     refused = servers.split("location @gw_unauthorized {", 1)[1].split("}", 1)[0]
     for limit in ("limit_req zone=gw_ip ", "limit_conn gw_conn_ip "):
