@@ -1,8 +1,8 @@
 """Tasks that run for as long as the app does: the body of every service's aiohttp cleanup_ctx.
 
-    async def context(self) -> AsyncIterator[None]:
-        async with running({"usage-drain": self.run()}):
-            yield
+async def context(self) -> AsyncIterator[None]:
+    async with running({"usage-drain": self.run()}):
+        yield
 """
 
 from __future__ import annotations

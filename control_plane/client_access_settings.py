@@ -184,9 +184,7 @@ def client_access_policy(settings: ClientAccessSettings, default_body_mb: int) -
     """The rendered part of these settings."""
     s = settings
 
-    def cls(
-        name: str, rpm: int | None, burst: int, body: int | None, body_t: int, send_t: int
-    ) -> ClassLimit:
+    def cls(name: str, rpm: int | None, burst: int, body: int | None, body_t: int, send_t: int) -> ClassLimit:
         anonymous_only = rpm is None
         rate = CLASS_DEFAULT_RPM[name] if rpm is None else rpm
         return ClassLimit(name, rate, burst, body or default_body_mb, body_t, send_t, anonymous_only)

@@ -412,9 +412,7 @@ class Reconciler:
         self.metrics.pools.set(len(spec.pools))
         self.metrics.excluded.set(len(spec.excluded))
         members: dict[tuple[str, ...], float] = {(p.name, p.model): float(len(p.members)) for p in spec.pools}
-        self._published_members = publish_changes(
-            self.metrics.pool_members, self._published_members, members
-        )
+        self._published_members = publish_changes(self.metrics.pool_members, self._published_members, members)
         # One map per pass, handed to the family whole (labelled.py): no per-instance object to update.
         available: dict[tuple[str, ...], float] = {(m.instance,): 1 for p in spec.pools for m in p.members}
         available.update(((name,), 0) for name, _ in spec.excluded)

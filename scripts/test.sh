@@ -18,6 +18,7 @@ ensure_venv test
 
 log "ruff"
 "$ISHGW_VENV/bin/ruff" check .
+"$ISHGW_VENV/bin/ruff" format --check .
 log "mypy"
 "$ISHGW_VENV/bin/mypy" control_plane
 log "luacheck"

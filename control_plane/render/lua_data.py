@@ -187,4 +187,3 @@ def data_files(spec: GatewaySpec) -> dict[str, str]:
         "routes.json": json_text(routes_data(spec)),
         "clients.json": json_text(clients_data(spec.access, limits_data(spec))),
     }
-

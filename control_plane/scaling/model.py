@@ -146,6 +146,7 @@ class InstanceTemplate(BaseModel):
         if any(part in (".", "..") for part in value.split("/")):
             raise ValueError("api_path has no '.' or '..' segment")
         return value
+
     instance_type: InstanceType = InstanceType.CHAT
     weight: int = Field(default=1, ge=1, le=1000)
     priority: int = Field(default=1, ge=0, le=100)

@@ -67,9 +67,7 @@ class ScaleResult:
     def phase_medians(self) -> dict[str, float]:
         """Per phase of the pass (in the controller's order), the median over the repetitions."""
         names = list(dict.fromkeys(name for phases in self.phases for name in phases))
-        return {
-            name: round(statistics.median(p.get(name, 0.0) for p in self.phases), 1) for name in names
-        }
+        return {name: round(statistics.median(p.get(name, 0.0) for p in self.phases), 1) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -246,7 +246,7 @@ def test_one_zone_per_distinct_rate() -> None:
     # Every one but /api/version identifies the client (and refuses one without a valid credential)
     # before the limits, in the rewrite phase, and hands one without a valid credential to @gw_unauthorized:
     # the per-address limits guard only that and /api/version (they could never bind elsewhere).
-    assert servers.count('rewrite_by_lua_block { gw_gateway.identify() }') == api_locations - 1
+    assert servers.count("rewrite_by_lua_block { gw_gateway.identify() }") == api_locations - 1
     version = servers.split("location = /api/version {", 1)[1].split("}", 1)[0]
     refused = servers.split("location @gw_unauthorized {", 1)[1].split("}", 1)[0]
     for limit in ("limit_req zone=gw_ip ", "limit_conn gw_conn_ip "):
@@ -555,6 +555,10 @@ def test_key_model_lists_whole_in_clients_json() -> None:
     keys = clients_data(build_client_access(ClientAccessPolicy(), (short, long), JwtKeys(), []))["keys"]
     assert isinstance(keys, dict)
     assert keys[short.key_hash] == {
-        "id": "key_0000000000000001", "rpm": 60, "expires": 0, "enabled": True, "models": ["gpt-4o", "llama*"]
+        "id": "key_0000000000000001",
+        "rpm": 60,
+        "expires": 0,
+        "enabled": True,
+        "models": ["gpt-4o", "llama*"],
     }
     assert keys[long.key_hash]["enabled"] is False and keys[long.key_hash]["models"] == long.allowed_models

@@ -225,4 +225,4 @@ def test_keys_with_limits_are_counted_even_with_usage_accounting_off() -> None:
     plain = render(_spec([_key("plain")], [chat])).files["servers.conf"]
     limited = render(_spec([_key("tpm", tpm_limit=10)], [chat])).files["servers.conf"]
     assert "counted(" not in plain
-    assert 'log_by_lua_block { gw_gateway.counted(' in limited
+    assert "log_by_lua_block { gw_gateway.counted(" in limited

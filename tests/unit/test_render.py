@@ -443,8 +443,8 @@ def test_usage_accounting_renders_counting_only_when_on() -> None:
     pools = on.count("proxy_pass http://$gw_upstream")
     assert pools > 0
     # the "_su" twins (OpenAI streams the router asked for their usage) filter with count_stripped
-    scanned = on.count('gw_gateway.count(') + on.count('gw_gateway.count_stripped(')
-    assert scanned == on.count('gw_gateway.counted(') == pools
+    scanned = on.count("gw_gateway.count(") + on.count("gw_gateway.count_stripped(")
+    assert scanned == on.count("gw_gateway.counted(") == pools
     assert on.count('proxy_set_header Accept-Encoding "";') == pools
 
 
@@ -478,7 +478,7 @@ def test_usage_accounting_is_on_by_default_and_stream_usage_asks_only_chat_and_c
         servers = files["servers.conf"]
         # Only the "_su" twins (OpenAI chat streams the router asked for their usage) have a header filter.
         twins = servers.count("_su {") + servers.count("_su_429_1 {")
-        assert servers.count('header_filter_by_lua_block { gw_gateway.stripping() }') == twins
+        assert servers.count("header_filter_by_lua_block { gw_gateway.stripping() }") == twins
         assert (twins > 0) is asked
 
 

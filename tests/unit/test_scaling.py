@@ -463,6 +463,7 @@ def test_docker_host_falls_back_to_docker_host(monkeypatch: pytest.MonkeyPatch) 
 def test_without_a_docker_group_an_unreadable_engine_is_not_read_every_pass(tmp_path: Path) -> None:
     """No Docker on this machine and no docker group: the first pass tries the engine (members of a group
     deleted while the controller was down), the passes after it do not, until DOCKER_RETRY_S has passed."""
+
     async def body() -> int:
         store = Store("sqlite://")
         store.migrate()

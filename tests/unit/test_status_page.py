@@ -334,7 +334,7 @@ def test_model_usage_and_alerts() -> None:
 
 
 def test_model_scaling_groups() -> None:
-    evil = '<img src=x onerror=alert(1)>'
+    evil = "<img src=x onerror=alert(1)>"
     group = {
         "name": "llama",
         "models": ["llama3"],
@@ -346,10 +346,23 @@ def test_model_scaling_groups() -> None:
         "busy": True,
         "evaluation": "utilisation 0.9 > 0.8 for 60 s",
         "events": [
-            {"at": "2026-11-30T12:00:00Z", "group": "llama", "direction": "out", "from": 1, "to": 2,
-             "outcome": "failed", "error": evil, "reason": "utilisation 0.9 > 0.8 for 60 s"},
-            {"at": "2026-11-30T11:00:00Z", "group": "llama", "direction": "adopt", "outcome": "ok",
-             "instance": "llama-1"},
+            {
+                "at": "2026-11-30T12:00:00Z",
+                "group": "llama",
+                "direction": "out",
+                "from": 1,
+                "to": 2,
+                "outcome": "failed",
+                "error": evil,
+                "reason": "utilisation 0.9 > 0.8 for 60 s",
+            },
+            {
+                "at": "2026-11-30T11:00:00Z",
+                "group": "llama",
+                "direction": "adopt",
+                "outcome": "ok",
+                "instance": "llama-1",
+            },
         ],
     }
     page = model.build(inputs(scaling=[group]))
