@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
-    """Poll until predicate() is truthy; fail with `what` after timeout."""
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll until predicate() is truthy (its value, never None); fail with `what` after timeout."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
