@@ -256,6 +256,13 @@ def _runtime_schemas() -> dict[str, Schema]:
                 "instances": counts,
                 "pools": {"type": "array", "items": {"type": "object"}, "description": "One page of pools"},
                 "next_cursor": NEXT_CURSOR,
+                "shared_addresses": {
+                    "type": "object",
+                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                    "description": "Upstream addresses more than one instance has -> those instances: nginx "
+                    "tells their answers apart by nothing, so passive health, usage per instance and "
+                    "X-ISHGW-Instance name one of them (the first in pool order) for all",
+                },
             },
             ["generation", "instances"],
             extra=True,

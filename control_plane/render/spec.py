@@ -272,6 +272,16 @@ class GatewaySpec:
                 names.setdefault(member.address, member.instance)
         return names
 
+    def shared_addresses(self) -> dict[str, tuple[str, ...]]:
+        """Upstream addresses more than one instance has (the same server registered twice, say once per
+        model) -> those instances, by name. nginx tells their answers apart by nothing: passive health, the
+        usage counters, the traffic series and X-ISHGW-Instance name the one address_names gives for all."""
+        seen: dict[str, set[str]] = {}
+        for pool in self.pools:
+            for member in pool.members:
+                seen.setdefault(member.address, set()).add(member.instance)
+        return {address: tuple(sorted(names)) for address, names in sorted(seen.items()) if len(names) > 1}
+
     def model_header_names(self) -> dict[str, str]:
         """Model -> the name as X-ISHGW-Model carries it (what the allow-list regex captures), for the
         pools' models ($gw_model only ever holds one). nginx map strings match ignoring case, so names

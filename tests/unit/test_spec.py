@@ -59,6 +59,16 @@ def test_weighted_members_and_direct_addresses() -> None:
         ("b", "127.0.0.1:11434", 3),
     ]
     assert spec.shims == ()
+    assert spec.shared_addresses() == {"127.0.0.1:11434": ("a", "b")}
+
+
+def test_shared_addresses_name_every_instance_an_address_has_across_pools() -> None:
+    other = "http://127.0.0.1:11435"
+    x, y = inst("x", supported_models=["m1"]), inst("y", supported_models=["m2"])
+    spec = build_spec(world(x, y, inst("z", supported_models=["m3"], api_base=other)), SERVER)
+    assert spec.address_names()["127.0.0.1:11434"] == "x"  # the name its answers get
+    assert spec.shared_addresses() == {"127.0.0.1:11434": ("x", "y")}
+    assert build_spec(world(inst("a"), inst("b", api_base=other)), SERVER).shared_addresses() == {}
 
 
 def test_round_robin_ignores_weights() -> None:
