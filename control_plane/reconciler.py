@@ -458,8 +458,7 @@ class Reconciler:
                 for p in pools
             ],
             "excluded": dict(spec.excluded) if spec else {},
-            # An address several instances have: the first of them by pool order is named for all their
-            # answers (README, Usage accounting: one server, one instance).
+            # An address several instances have (README, Usage accounting: one server, several instances).
             "shared_addresses": spec.shared_addresses() if spec else {},
             "tls": certs.tls_status(self.server.tls_cert),
             "http": certs.http_mode(self.server),

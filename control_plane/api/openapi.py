@@ -259,9 +259,9 @@ def _runtime_schemas() -> dict[str, Schema]:
                 "shared_addresses": {
                     "type": "object",
                     "additionalProperties": {"type": "array", "items": {"type": "string"}},
-                    "description": "Upstream addresses more than one instance has -> those instances: nginx "
-                    "tells their answers apart by nothing, so passive health, usage per instance and "
-                    "X-ISHGW-Instance name one of them (the first in pool order) for all",
+                    "description": "Upstream addresses more than one instance has -> those instances: "
+                    "answers are told apart by the pool (the model) that answered; two of them serving "
+                    "the same models are named after the first",
                 },
             },
             ["generation", "instances"],

@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -210,6 +210,31 @@ def parse_datagram(data: bytes) -> LogRecord | None:
         return _record(fields)
     except (TypeError, AttributeError, ValueError):  # not nginx's: it writes every value as a string
         return None
+
+
+def pool_keyed(
+    records: Sequence[LogRecord], shared: frozenset[str], names: Mapping[str, str]
+) -> Sequence[LogRecord]:
+    """The records with each attempt at an address whose pools name different instances
+    (GatewaySpec.pool_keyed_addresses) keyed "<pool>|<address>" where ``names`` (its address_names) has
+    that key: the consumers look an attempt's instance up by its address, and one server registered once
+    per model is told apart by the pool that answered. An attempt in an earlier pool of a fallback chain
+    keeps its address (the line names only the last pool). Records without such attempts are the same
+    objects."""
+    out: list[LogRecord] | None = None
+    for index, record in enumerate(records):
+        attempts = record.attempts
+        if not any(a.address in shared for a in attempts):
+            continue
+        pool = record.pool
+        keyed = tuple(
+            a._replace(address=key) if a.address in shared and (key := f"{pool}|{a.address}") in names else a
+            for a in attempts
+        )
+        if out is None:
+            out = list(records)
+        out[index] = record._replace(attempts=keyed)
+    return records if out is None else out
 
 
 def _record(fields: list[Any]) -> LogRecord:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from control_plane.background import running
 from control_plane.health import logstream
 from control_plane.health.http_probe import ProbeClient, ProtocolError
-from control_plane.health.logstream import LogRecord
+from control_plane.health.logstream import LogRecord, pool_keyed
 from control_plane.health.probes import Outcome, ProbeResult, evaluate, probe_request
 from control_plane.health.recent import RecentTraffic
 from control_plane.health.schedule import ProbeSchedule
@@ -69,6 +69,9 @@ class HealthService:
         self.configs: dict[str, InstanceConfig] = {}
         self.secrets: dict[str, str] = {}
         self._world: World | None = None  # the last pass's (on_world)
+        self.shared: frozenset[str] = (
+            frozenset()
+        )  # its addresses several instances have (logstream.pool_keyed)
         self.schedule = ProbeSchedule()
         self._in_flight: set[str] = set()
         self._probe_tasks: set[asyncio.Task[None]] = set()  # the workers: cancelled on exit
@@ -106,6 +109,7 @@ class HealthService:
                 {n: c.health.probe_interval_s for n, c in self.configs.items()}, time.monotonic()
             )
         self._world = world
+        self.shared = spec.pool_keyed_addresses()
         self.traffic.follow(frozenset(p.name for p in spec.pools), frozenset(p.model for p in spec.pools))
 
     # --- passive ----------------------------------------------------------------------------------
@@ -118,6 +122,8 @@ class HealthService:
         self.records += len(records)
         tracker = self.tracker
         addresses = tracker.addresses
+        if self.shared:
+            records = pool_keyed(records, self.shared, addresses)
         # A try per consumer, written out: a helper taking *args cost more than a small batch's records.
         try:
             tracker.observe_all(records, time.monotonic())

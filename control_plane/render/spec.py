@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
 from control_plane import providers
@@ -265,17 +265,35 @@ class GatewaySpec:
         return server.usage_accounting and server.stream_usage and openai_chat
 
     def address_names(self) -> dict[str, str]:
-        """Upstream address -> instance name, for naming the instance that answered."""
+        """Upstream address -> instance name, for naming the instance that answered: the first of the pools'
+        members there. An address whose pools name different instances (pool_keyed_addresses) also has a
+        key per pool, "<pool>|<address>", naming that pool's (logstream.pool_keyed keys an attempt so)."""
         names: dict[str, str] = {}
-        for pool in self.pools:
-            for member in pool.members:
-                names.setdefault(member.address, member.instance)
+        by_pool = self._names_by_pool()
+        for address, pools in by_pool.items():
+            names[address] = next(iter(pools.values()))
+        for address in self.pool_keyed_addresses():
+            for pool, name in by_pool[address].items():
+                names[f"{pool}|{address}"] = name
         return names
 
+    def _names_by_pool(self) -> dict[str, dict[str, str]]:
+        """Upstream address -> {pool: the first of its members there}, in pool order."""
+        by_pool: dict[str, dict[str, str]] = {}
+        for pool in self.pools:
+            for member in pool.members:
+                by_pool.setdefault(member.address, {}).setdefault(pool.name, member.instance)
+        return by_pool
+
+    def pool_keyed_addresses(self) -> frozenset[str]:
+        """Addresses whose pools name different instances: one server registered once per model. nginx
+        knows an answer's instance by its address alone, so these are looked up with the pool that
+        answered as well (address_names, instance_header_names). Two instances at one address in the
+        same pools are one server answering the same models: the first is named for both."""
+        return frozenset(a for a, pools in self._names_by_pool().items() if len(set(pools.values())) > 1)
+
     def shared_addresses(self) -> dict[str, tuple[str, ...]]:
-        """Upstream addresses more than one instance has (the same server registered twice, say once per
-        model) -> those instances, by name. nginx tells their answers apart by nothing: passive health, the
-        usage counters, the traffic series and X-ISHGW-Instance name the one address_names gives for all."""
+        """Upstream addresses more than one instance has -> those instances, by name (/admin/status)."""
         seen: dict[str, set[str]] = {}
         for pool in self.pools:
             for member in pool.members:
@@ -297,15 +315,18 @@ class GatewaySpec:
                 names[model] = match.group("model")
         return names
 
-    def instance_header_names(self) -> dict[str, str]:
-        """Upstream address -> the instance name as X-ISHGW-Instance carries it: what the header's
-        allow-list regex (PCRE, as nginx ran it per request) captures; names it refuses are left out."""
-        names: dict[str, str] = {}
-        for address, name in self.address_names().items():
+    def instance_header_names(self) -> InstanceHeaderNames:
+        """The instance names as X-ISHGW-Instance carries them (what the header's allow-list regex, PCRE as
+        nginx ran it per request, captures; names it refuses are left out), as nginx's maps look them up."""
+        by_address: dict[str, str] = {}
+        by_pool: dict[str, str] = {}
+        keyed = self.pool_keyed_addresses()
+        for key, name in self.address_names().items():
             match = _INSTANCE_HEADER.match(name)
-            if match:
-                names[address] = match.group("instance")
-        return names
+            if match is None or key in keyed:
+                continue
+            (by_pool if "|" in key else by_address)[key] = match.group("instance")
+        return InstanceHeaderNames(by_address, tuple(sorted(keyed)), by_pool)
 
 
 def short_id(text: str, length: int = 12) -> str:
@@ -509,6 +530,14 @@ class InstanceFacts:
     pools: tuple[PoolKey, ...]  # the pools it is configured in, available or not
     longest: float  # the longest read timeout of those pools (their available members')
     address: str | None  # its upstream address (direct or its shim's socket) when available
+
+
+class InstanceHeaderNames(NamedTuple):
+    """X-ISHGW-Instance's names for nginx's maps (http.conf.j2)."""
+
+    by_address: dict[str, str]  # an address one instance has -> its name
+    shared: tuple[str, ...]  # addresses whose pools name different instances: by "<pool>|<address>"
+    by_pool: dict[str, str]  # "<pool>|<address>" -> the name, for those addresses
 
 
 @dataclass(frozen=True)

@@ -363,3 +363,52 @@ def test_a_batch_written_but_not_acknowledged_is_counted_once(stubs: dict[str, S
         assert requests() == 10
         metrics = gw.admin.get("/metrics").text
         assert _metric_sum(metrics, "ishgw_usage_drains_total", result="repeated") >= 1
+
+
+def test_one_server_registered_once_per_model_is_counted_under_each_instance(
+    stubs: dict[str, StubServer],
+) -> None:
+    """One stand-in registered twice, once per model, at different rates (the way a LiteLLM model list
+    names one server per model): each answer is counted, priced and headed under the instance of the
+    model asked for, and passive health sees each instance's own answers."""
+    stub = start_stub(stubs, "u-shared")
+    env = {"ISHGW_USAGE_ACCOUNTING": "true", "ISHGW_USAGE_DRAIN_INTERVAL_S": "0.3"}
+    with Gateway(extra_env=env) as gw:
+        for name, model, rate in (("small", "m-small", 0.1), ("large", "m-large", 2.0)):
+            created = gw.add_instance(
+                name=name,
+                provider_type="ollama",
+                api_base=stub.url,
+                supported_models=[model],
+                cost_per_1k_tokens=rate,
+            )
+            assert created.status_code == 201, created.text
+        gw.wait_applied()
+        assert gw.status()["shared_addresses"] == {stub.url.removeprefix("http://"): ["large", "small"]}
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+        sent = Counter({"small": 3, "large": 5})
+        for name, count in sent.items():
+            for _ in range(count):
+                raw = client.chat.completions.with_raw_response.create(model=f"m-{name}", messages=HI)
+                assert raw.headers["X-ISHGW-Instance"] == name
+        # An Ollama-API request to the same server, the other pool of each instance.
+        answer = gw.client.post(
+            "/api/chat", json={"model": "m-large", "messages": HI_OLLAMA, "stream": False}
+        )
+        assert answer.status_code == 200 and answer.headers["X-ISHGW-Instance"] == "large"
+        sent["large"] += 1
+
+        def counted() -> dict[str, tuple[int, float]]:
+            rows = _usage(gw, group_by="instance")["rows"]
+            return {r["instance"]: (r["requests"], r["cost_usd"]) for r in rows}
+
+        wait_for(lambda: {n: c[0] for n, c in counted().items()} == dict(sent), what="usage per instance")
+        (small_requests, small_cost), (large_requests, large_cost) = counted()["small"], counted()["large"]
+        assert small_cost / small_requests < large_cost / large_requests  # each at its own rate
+
+        def seen(name: str) -> int:
+            return int(gw.admin.get(f"/admin/instances/{name}/state").json()["total_requests"])
+
+        wait_for(
+            lambda: (seen("small"), seen("large")) == (sent["small"], sent["large"]), what="passive health"
+        )

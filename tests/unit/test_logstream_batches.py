@@ -30,15 +30,15 @@ from tests.unit.test_pass_observers import SERVER, config, world
 from tests.unit.test_reconciler import make_loop
 
 
-def line(n: int, status: str = "200") -> bytes:
+def line(n: int, status: str = "200", pool: str = "p", address: str = "127.0.0.1:1") -> bytes:
     return logstream.format_line(
         msec=f"{1_700_000_000 + n}.5",
         request_id=f"r{n}",
-        pool="p",
+        pool=pool,
         model="m",
         status=status,
         request_time="0.004",
-        upstream_addr="127.0.0.1:1",
+        upstream_addr=address,
         upstream_status=status,
         upstream_response_time="0.003",
     )
@@ -331,3 +331,41 @@ def test_a_busy_workers_lines_all_reach_the_receiver(tmp_path: Path) -> None:
     assert (sent, lost) == (20_000, 0)
     assert sum(received) == sent
     assert max(received) <= logstream.CALM_LINES  # a millisecond's 40 at most, not a pile-up
+
+
+def test_one_server_registered_once_per_model_gets_each_answer_under_its_own_instance() -> None:
+    """Two instances at one address, one model each: the attempts go to the instance of the pool that
+    answered (logstream.pool_keyed), the tracker, the recent series and every observer alike."""
+
+    async def body() -> None:
+        service = HealthService(
+            Store("sqlite://"), make_loop().reconciler, "127.0.0.1:1", probes_enabled=False
+        )
+        x = config("x", 7).model_copy(update={"supported_models": ["m1"]})
+        y = config("y", 7).model_copy(update={"supported_models": ["m2"]})
+        w = world((x, InstanceState()), (y, InstanceState()))
+        spec = build_spec(w, SERVER)
+        service.on_world(w, spec)
+        assert service.shared == {"127.0.0.1:7"}
+        pools = {p.model: p.name for p in spec.pools if p.family == "openai"}
+        seen: list[Sequence[LogRecord]] = []
+        service.log_observers.append(seen.append)
+
+        def answered(pool: str, n: int) -> LogRecord:
+            record = parse_datagram(line(n, pool=pool, address="127.0.0.1:7"))
+            assert record is not None
+            return record
+
+        service.on_logs([answered(pools["m1"], 1), answered(pools["m2"], 2), answered(pools["m2"], 3)])
+        assert (service.tracker.instances["x"].total, service.tracker.instances["y"].total) == (1, 2)
+        assert [a.address for r in seen[0] for a in r.attempts] == [
+            f"{pools['m1']}|127.0.0.1:7",
+            f"{pools['m2']}|127.0.0.1:7",
+            f"{pools['m2']}|127.0.0.1:7",
+        ]
+        assert service.recent.instance(pools["m2"], "y") is not None
+        # An address one instance has is left as it is, and so is a batch without shared addresses.
+        alone = [answered("p", 4)]
+        assert logstream.pool_keyed(alone, frozenset({"10.0.0.1:1"}), {}) is alone
+
+    asyncio.run(body())

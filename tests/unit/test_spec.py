@@ -62,13 +62,27 @@ def test_weighted_members_and_direct_addresses() -> None:
     assert spec.shared_addresses() == {"127.0.0.1:11434": ("a", "b")}
 
 
-def test_shared_addresses_name_every_instance_an_address_has_across_pools() -> None:
+def test_one_server_registered_once_per_model_is_told_apart_by_the_pool() -> None:
     other = "http://127.0.0.1:11435"
     x, y = inst("x", supported_models=["m1"]), inst("y", supported_models=["m2"])
     spec = build_spec(world(x, y, inst("z", supported_models=["m3"], api_base=other)), SERVER)
-    assert spec.address_names()["127.0.0.1:11434"] == "x"  # the name its answers get
     assert spec.shared_addresses() == {"127.0.0.1:11434": ("x", "y")}
-    assert build_spec(world(inst("a"), inst("b", api_base=other)), SERVER).shared_addresses() == {}
+    assert spec.pool_keyed_addresses() == {"127.0.0.1:11434"}
+    # Each pool of the server (the Ollama and the OpenAI API, per model) names its own member.
+    shared = [p for p in spec.pools if p.model != "m3"]
+    assert len(shared) >= 4
+    by_pool = {f"{p.name}|127.0.0.1:11434": {"m1": "x", "m2": "y"}[p.model] for p in shared}
+    # An attempt left unkeyed (an earlier pool of a fallback chain) gets the first.
+    assert spec.address_names() == {"127.0.0.1:11434": "x", "127.0.0.1:11435": "z", **by_pool}
+    names = spec.instance_header_names()
+    assert names == ({"127.0.0.1:11435": "z"}, ("127.0.0.1:11434",), by_pool)
+    # Two instances at one address in the same pools are one server answering the same models.
+    same = build_spec(world(inst("a"), inst("b")), SERVER)
+    assert same.shared_addresses() == {"127.0.0.1:11434": ("a", "b")}
+    assert same.pool_keyed_addresses() == frozenset()
+    assert same.address_names() == {"127.0.0.1:11434": "a"}
+    alone = build_spec(world(inst("a"), inst("b", api_base=other)), SERVER)
+    assert alone.shared_addresses() == {} and alone.pool_keyed_addresses() == frozenset()
 
 
 def test_round_robin_ignores_weights() -> None:
@@ -256,7 +270,7 @@ def test_shorter_timeout_than_pool_mates_goes_through_a_shim() -> None:
 def test_instance_header_names_are_what_the_allow_list_captures() -> None:
     spec = build_spec(world(inst("a"), inst("b-1.x_y", api_base="http://127.0.0.1:11435")), SERVER)
     assert spec.address_names() == {"127.0.0.1:11434": "a", "127.0.0.1:11435": "b-1.x_y"}
-    assert spec.instance_header_names() == spec.address_names()
+    assert spec.instance_header_names() == (spec.address_names(), (), {})
 
 
 def test_endpoint_paths_pass_the_upstream_path_allow_list() -> None:
