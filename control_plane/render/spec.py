@@ -272,7 +272,7 @@ class GatewaySpec:
         by_pool = self._names_by_pool()
         for address, pools in by_pool.items():
             names[address] = next(iter(pools.values()))
-        for address in self.pool_keyed_addresses():
+        for address in _keyed(by_pool):
             for pool, name in by_pool[address].items():
                 names[f"{pool}|{address}"] = name
         return names
@@ -290,7 +290,7 @@ class GatewaySpec:
         knows an answer's instance by its address alone, so these are looked up with the pool that
         answered as well (address_names, instance_header_names). Two instances at one address in the
         same pools are one server answering the same models: the first is named for both."""
-        return frozenset(a for a, pools in self._names_by_pool().items() if len(set(pools.values())) > 1)
+        return _keyed(self._names_by_pool())
 
     def shared_addresses(self) -> dict[str, tuple[str, ...]]:
         """Upstream addresses more than one instance has -> those instances, by name (/admin/status)."""
@@ -320,13 +320,21 @@ class GatewaySpec:
         nginx ran it per request, captures; names it refuses are left out), as nginx's maps look them up."""
         by_address: dict[str, str] = {}
         by_pool: dict[str, str] = {}
-        keyed = self.pool_keyed_addresses()
-        for key, name in self.address_names().items():
-            match = _INSTANCE_HEADER.match(name)
-            if match is None or key in keyed:
-                continue
-            (by_pool if "|" in key else by_address)[key] = match.group("instance")
+        names_by_pool = self._names_by_pool()
+        keyed = _keyed(names_by_pool)
+        for address, pools in names_by_pool.items():
+            named = pools.items() if address in keyed else [("", next(iter(pools.values())))]
+            for pool, name in named:
+                match = _INSTANCE_HEADER.match(name)
+                if match is not None:
+                    (by_pool if pool else by_address)[f"{pool}|{address}" if pool else address] = match[
+                        "instance"
+                    ]
         return InstanceHeaderNames(by_address, tuple(sorted(keyed)), by_pool)
+
+    def upstream_addresses(self) -> list[str]:
+        """Every pool member's address, once, sorted."""
+        return sorted(self._names_by_pool())
 
 
 def short_id(text: str, length: int = 12) -> str:
@@ -530,6 +538,11 @@ class InstanceFacts:
     pools: tuple[PoolKey, ...]  # the pools it is configured in, available or not
     longest: float  # the longest read timeout of those pools (their available members')
     address: str | None  # its upstream address (direct or its shim's socket) when available
+
+
+def _keyed(by_pool: Mapping[str, Mapping[str, str]]) -> frozenset[str]:
+    """The addresses of GatewaySpec._names_by_pool whose pools name different instances."""
+    return frozenset(a for a, pools in by_pool.items() if len(set(pools.values())) > 1)
 
 
 class InstanceHeaderNames(NamedTuple):
