@@ -318,18 +318,19 @@ class GatewaySpec:
     def instance_header_names(self) -> InstanceHeaderNames:
         """The instance names as X-ISHGW-Instance carries them (what the header's allow-list regex, PCRE as
         nginx ran it per request, captures; names it refuses are left out), as nginx's maps look them up."""
-        by_address: dict[str, str] = {}
-        by_pool: dict[str, str] = {}
         names_by_pool = self._names_by_pool()
         keyed = _keyed(names_by_pool)
-        for address, pools in names_by_pool.items():
-            named = pools.items() if address in keyed else [("", next(iter(pools.values())))]
-            for pool, name in named:
-                match = _INSTANCE_HEADER.match(name)
-                if match is not None:
-                    (by_pool if pool else by_address)[f"{pool}|{address}" if pool else address] = match[
-                        "instance"
-                    ]
+        by_address = {
+            address: header
+            for address, pools in names_by_pool.items()
+            if address not in keyed and (header := _instance_header(next(iter(pools.values())))) is not None
+        }
+        by_pool = {
+            f"{pool}|{address}": header
+            for address in keyed
+            for pool, name in names_by_pool[address].items()
+            if (header := _instance_header(name)) is not None
+        }
         return InstanceHeaderNames(by_address, tuple(sorted(keyed)), by_pool)
 
     def upstream_addresses(self) -> list[str]:
@@ -538,6 +539,12 @@ class InstanceFacts:
     pools: tuple[PoolKey, ...]  # the pools it is configured in, available or not
     longest: float  # the longest read timeout of those pools (their available members')
     address: str | None  # its upstream address (direct or its shim's socket) when available
+
+
+def _instance_header(name: str) -> str | None:
+    """The name as X-ISHGW-Instance carries it (what its allow-list captures), or None: refused."""
+    match = _INSTANCE_HEADER.match(name)
+    return None if match is None else match["instance"]
 
 
 def _keyed(by_pool: Mapping[str, Mapping[str, str]]) -> frozenset[str]:
