@@ -69,9 +69,8 @@ class HealthService:
         self.configs: dict[str, InstanceConfig] = {}
         self.secrets: dict[str, str] = {}
         self._world: World | None = None  # the last pass's (on_world)
-        self.shared: frozenset[str] = (
-            frozenset()
-        )  # its addresses several instances have (logstream.pool_keyed)
+        # Addresses whose pools name different instances (spec.pool_keyed_addresses): logstream.pool_keyed.
+        self.shared: frozenset[str] = frozenset()
         self.schedule = ProbeSchedule()
         self._in_flight: set[str] = set()
         self._probe_tasks: set[asyncio.Task[None]] = set()  # the workers: cancelled on exit

@@ -171,7 +171,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def instructions_sentence(counts: dict[str, Any], fixed_seed: bool = False) -> str:
+def instructions_sentence(results: dict[str, Any]) -> str:
+    """The README's and the report's sentence on results["instructions"] (and how they were measured)."""
+    counts, fixed_seed = results["instructions"], bool(results.get("instructions_fixed_seed"))
     ratio = _ratio(counts.get("gateway"), counts.get("plain_proxy"))
     counted = _ratio(counts.get("gateway_usage"), counts.get("plain_proxy"))
     how = (
@@ -392,10 +394,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{static.get('log_stream_drops', 0):,} of {static['gateway_requests']:,}."
             )
     if results.get("instructions"):
-        out += [
-            "",
-            instructions_sentence(results["instructions"], bool(results.get("instructions_fixed_seed"))),
-        ]
+        out += ["", instructions_sentence(results)]
     out += ["", "Targets (issues 5 and 11):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
@@ -520,10 +519,7 @@ def readme_block(results: dict[str, Any]) -> str:
     if probing and not probing.get("error"):
         out += ["", probing_sentence(probing)]
     if results.get("instructions"):
-        out += [
-            "",
-            instructions_sentence(results["instructions"], bool(results.get("instructions_fixed_seed"))),
-        ]
+        out += ["", instructions_sentence(results)]
     storm = (results.get("reliability") or {}).get("reload_storm") or {}
     if storm.get("wrk"):
         wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]
