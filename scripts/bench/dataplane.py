@@ -254,7 +254,8 @@ STANDIN_PAIRS = {"full": 2, "quick": 0}
 
 def standin_pairs(bench: Bench) -> None:
     """More (plain nginx, gateway) pairs against the stand-in at c16 and c64, each pair's two runs one after
-    the other; results["standin_pairs"][conc]: the median ratio and the pairs' ratios (the table's first)."""
+    the other; results["standin_pairs"][conc]: the median ratio, the pairs' ratios (the table's first) and
+    the gateway's requests/s in each pair (sorted: the LiteLLM comparison takes their median)."""
     dp = bench.results["data_plane"]
     pairs: dict[str, list[tuple[float, float]]] = {}
     for conc in ("16", "64"):
@@ -283,7 +284,10 @@ def standin_pairs(bench: Bench) -> None:
                 continue
             pairs[conc].append((float(plain["rps"]), float(gateway["rps"])))
     bench.results["standin_pairs"] = {
-        conc: dict(zip(("ratio", "pair_ratios"), pair_ratio(found), strict=True))
+        conc: {
+            **dict(zip(("ratio", "pair_ratios"), pair_ratio(found), strict=True)),
+            "gateway_rps": sorted(gateway for _, gateway in found),
+        }
         for conc, found in pairs.items()
         if found
     }

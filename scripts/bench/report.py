@@ -58,6 +58,16 @@ def standin_ratio(results: dict[str, Any], conc: str) -> float | None:
     )
 
 
+def gateway_rps(results: dict[str, Any], conc: str) -> float | None:
+    """The gateway's requests/s against the stand-in at ``conc``: the median of its runs in the pairs run in
+    turn where there were more pairs than the table's (one slow run weighs no more than in the ratio to
+    plain nginx), else the table's run."""
+    runs = _get(results.get("standin_pairs") or {}, conc, "gateway_rps")
+    if isinstance(runs, list) and len(runs) > 1:
+        return _num(sorted(runs)[len(runs) // 2])
+    return _num(_get(results.get("data_plane", {}), "gateway", "rps", conc, "rps"))
+
+
 def pairs_clause(ratios: list[float], rows: str) -> str:
     """How a ratio of pairs was taken, for the report; nothing for a single pair."""
     if len(ratios) < 2:
@@ -76,7 +86,12 @@ def standin_sentence(results: dict[str, Any]) -> list[str]:
         + pairs_clause(v.get("pair_ratios") or [], "the table's runs are the first pair")
         for conc, v in sorted(paired.items(), key=lambda kv: int(kv[0]))
     ]
-    return ["", f"Gateway / plain nginx against the stand-in: {'; '.join(parts)}."]
+    litellm = (
+        " The gateway / LiteLLM ratios take the gateway's median run of these pairs."
+        if any(len(v.get("gateway_rps") or []) > 1 for v in paired.values())
+        else ""
+    )
+    return ["", f"Gateway / plain nginx against the stand-in: {'; '.join(parts)}.{litellm}"]
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,7 +131,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         fmt(ttfb, 3, " ms"),
     )
     for conc in ("16", "64"):
-        ratio = _ratio(_get(dp, "gateway", "rps", conc, "rps"), _get(dp, "litellm", "rps", conc, "rps"))
+        ratio = _ratio(gateway_rps(results, conc), _get(dp, "litellm", "rps", conc, "rps"))
         add(
             f"gateway rps / LiteLLM rps, c{conc}",
             ">= 50",

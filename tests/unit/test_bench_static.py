@@ -3,6 +3,8 @@ pairs' ratios (scripts.bench.dataplane), and how the report states it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from scripts.bench import report
 from scripts.bench.dataplane import pair_ratio
 
@@ -42,3 +44,33 @@ def test_stand_in_targets_take_the_median_of_the_pairs() -> None:
     (row,) = [r for r in report.evaluate_targets(paired) if r["name"].endswith("c16, TLS off")]
     assert row["met"] is True
     assert "c16 0.860x (median of 3 pairs run in turn: 0.800x, 0.860x, 0.900x" in report.markdown(paired)
+
+
+def test_the_litellm_ratio_takes_the_gateways_median_run_of_the_pairs() -> None:
+    dp = {"gateway": {"rps": {"16": {"rps": 4000.0}}}, "litellm": {"rps": {"16": {"rps": 100.0}}}}
+    table = {"data_plane": dp}
+
+    def litellm_row(results: dict[str, Any]) -> dict[str, Any]:
+        (row,) = [
+            r for r in report.evaluate_targets(results) if r["name"] == "gateway rps / LiteLLM rps, c16"
+        ]
+        return row
+
+    assert litellm_row(table)["value"] == 40.0  # the table's run alone
+    assert litellm_row(table)["met"] is False
+    # the table's run is the first pair's, here the slowest of three
+    paired = {
+        **table,
+        "standin_pairs": {
+            "16": {"ratio": 0.86, "pair_ratios": [0.8, 0.86, 0.9], "gateway_rps": [4000.0, 5500.0, 6000.0]}
+        },
+    }
+    assert report.gateway_rps(paired, "16") == 5500.0
+    assert litellm_row(paired)["value"] == 55.0
+    assert litellm_row(paired)["met"] is True
+    assert "The gateway / LiteLLM ratios take the gateway's median run of these pairs." in report.markdown(
+        paired
+    )
+    # results of an older run, without the gateway's runs: the table's
+    older = {**table, "standin_pairs": {"16": {"ratio": 0.86, "pair_ratios": [0.8, 0.86, 0.9]}}}
+    assert litellm_row(older)["value"] == 40.0
