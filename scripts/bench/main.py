@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from scripts.bench import controlplane, dataplane, features, instructions, load, reliability, report
+from scripts.bench import controlplane, counting, dataplane, features, instructions, load, reliability, report
 from scripts.bench.common import DUMMY_KEY, FULL, QUICK, Budget, Profile, log
 from scripts.bench.machine import machine_info, sh, versions
 from scripts.bench.procs import Group, Procs, Sampler, children_named
@@ -129,23 +129,9 @@ class Bench:
         gw = self.gateway
         self.sampler.add(Group("nginx-gw", gw.nginx_pids))
         self.sampler.add(Group("controller", gw.controller_pids))
-        common = {"provider_type": "openai_compatible", "retry_count": 2, "max_rpm": 10**8, "max_tpm": 10**10}
-        for name, port, model in (
-            ("bench-a", self.backend.port, load.MODEL),
-            ("bench-b", self.backend.port, load.MODEL),
-            ("static-a", self.nginx.static_port, "static-model"),
-            ("static-b", self.nginx.static_port, "static-model"),
-        ):
-            response = gw.gw.add_instance(
-                name=name, api_base=f"http://127.0.0.1:{port}/v1", supported_models=[model], **common
-            )
-            if response.status_code != 201:
-                raise RuntimeError(f"registering {name}: {response.status_code} {response.text}")
-        key, key_feature = features.create_client_key(gw.gw.admin)
+        key, key_feature = self.register(gw)
         if key:
             self.gateway_key = key
-        gw.gw.wait_applied(timeout=20)
-        gw.adopt_nginx()
         live = gw.live_text()
         evidence = features.live_features(live)
         values = features.rendered_values(live)
@@ -176,6 +162,27 @@ class Bench:
         for f in feats:
             log(f"feature: {f.name}: {f.state} ({f.how})")
         log(f"gateway http :{gw.gw.http_port} https :{gw.https_port} admin :{gw.gw.admin_port}")
+
+    def register(self, gw: GatewaySystem) -> tuple[str | None, features.Feature]:
+        """The bench's instances (two on the stand-in, two on the static backend) and a client key, live in
+        ``gw``'s nginx: the key (None: this build has none) and how it was made."""
+        assert self.backend is not None and self.nginx is not None
+        common = {"provider_type": "openai_compatible", "retry_count": 2, "max_rpm": 10**8, "max_tpm": 10**10}
+        for name, port, model in (
+            ("bench-a", self.backend.port, load.MODEL),
+            ("bench-b", self.backend.port, load.MODEL),
+            ("static-a", self.nginx.static_port, "static-model"),
+            ("static-b", self.nginx.static_port, "static-model"),
+        ):
+            response = gw.gw.add_instance(
+                name=name, api_base=f"http://127.0.0.1:{port}/v1", supported_models=[model], **common
+            )
+            if response.status_code != 201:
+                raise RuntimeError(f"registering {name}: {response.status_code} {response.text}")
+        key, key_feature = features.create_client_key(gw.gw.admin)
+        gw.gw.wait_applied(timeout=20)
+        gw.adopt_nginx()
+        return key, key_feature
 
     def start_litellm(self) -> None:
         assert self.backend is not None
@@ -286,6 +293,7 @@ class Bench:
             except Exception as exc:
                 self.note(f"{name} failed: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
+        counting.counting_cost(self)  # last: the step the time budget drops first
         if self.gateway is not None and any("failed" in n for n in self.results["notes"]):
             log("controller and nginx logs (tail):\n" + self.gateway.gw.logs()[-3000:])
 

@@ -208,6 +208,35 @@ def instructions_sentence(results: dict[str, Any]) -> str:
     )
 
 
+COUNTING_KINDS = {"standin": "against the stand-in", "static": "against the static backend"}
+
+
+def counting_sentence(results: dict[str, Any]) -> str | None:
+    """The README's and the report's sentence on results["counting_cost"] (scripts.bench.counting); None
+    when it was not measured."""
+    measured = results.get("counting_cost") or {}
+    kinds = measured.get("kinds") or {}
+    parts = []
+    for kind, label in COUNTING_KINDS.items():
+        found = kinds.get(kind) or {}
+        if found.get("ratio") is None:
+            continue
+        ratios = found.get("pair_ratios") or []
+        pairs = f"median of {len(ratios)} pairs: {', '.join(fmt(r, 3) + 'x' for r in ratios)}; median "
+        parts.append(
+            f"{label} {fmt(found['ratio'], 3)}x ({pairs if len(ratios) > 1 else 'one pair; '}requests/s "
+            f"{fmt(found.get('on_rps'), 0)} with counting, {fmt(found.get('off_rps'), 0)} without)"
+        )
+    if not parts:
+        return None
+    return (
+        "Usage accounting's cost in requests/s: the gateway with counting / a second gateway without it "
+        "(`ISHGW_USAGE_ACCOUNTING=false`, same instances), pairs run in turn at "
+        f"c{measured.get('concurrency')}, {fmt(measured.get('seconds'), 0)} s each, the order alternating: "
+        f"{'; '.join(parts)}."
+    )
+
+
 SPLIT = ("gather", "build_spec", "render", "checksum", "write", "nginx_t", "reload", "live")
 
 
@@ -410,6 +439,9 @@ def markdown(results: dict[str, Any]) -> str:
             )
     if results.get("instructions"):
         out += ["", instructions_sentence(results)]
+    counting = counting_sentence(results)
+    if counting:
+        out += ["", counting]
     out += ["", "Targets (issues 5 and 11):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
@@ -535,6 +567,9 @@ def readme_block(results: dict[str, Any]) -> str:
         out += ["", probing_sentence(probing)]
     if results.get("instructions"):
         out += ["", instructions_sentence(results)]
+    counting = counting_sentence(results)
+    if counting:
+        out += ["", counting]
     storm = (results.get("reliability") or {}).get("reload_storm") or {}
     if storm.get("wrk"):
         wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scripts.bench import report
+from scripts.bench import counting, report
 from scripts.bench.dataplane import pair_ratio
 
 
@@ -74,3 +74,28 @@ def test_the_litellm_ratio_takes_the_gateways_median_run_of_the_pairs() -> None:
     # results of an older run, without the gateway's runs: the table's
     older = {**table, "standin_pairs": {"16": {"ratio": 0.86, "pair_ratios": [0.8, 0.86, 0.9]}}}
     assert litellm_row(older)["value"] == 40.0
+
+
+def test_counting_cost_is_the_median_of_the_pairs_on_off_ratios_and_the_report_says_how() -> None:
+    # pair order: the on and off runs of pair n at index n
+    found = counting.cost([900.0, 1000.0, 1100.0], [1000.0, 1000.0, 1000.0])
+    assert found == {"ratio": 1.0, "pair_ratios": [0.9, 1.0, 1.1], "on_rps": 1000.0, "off_rps": 1000.0}
+    assert report.counting_sentence({}) is None
+    results = {"counting_cost": {"concurrency": 64, "seconds": 6, "kinds": {"static": found}}}
+    sentence = report.counting_sentence(results)
+    assert sentence is not None
+    assert "pairs run in turn at c64, 6 s each" in sentence
+    assert "against the static backend 1.000x (median of 3 pairs: 0.900x, 1.000x, 1.100x;" in sentence
+    assert "against the stand-in" not in sentence  # not measured: not said
+    assert sentence in report.markdown(results)
+    assert sentence in report.readme_block(results)
+    one = {
+        "counting_cost": {
+            "concurrency": 64,
+            "seconds": 2,
+            "kinds": {"standin": counting.cost([95.0], [100.0])},
+        }
+    }
+    assert "against the stand-in 0.950x (one pair; requests/s 95 with counting, 100 without)" in str(
+        report.counting_sentence(one)
+    )
