@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from scripts.bench import load
 from scripts.bench.common import DUMMY_KEY, log
-from scripts.bench.dataplane import _paired_run, check, pair_ratio
+from scripts.bench.dataplane import check, pair_ratio, paired_run
 from scripts.bench.systems import GatewaySystem, Target
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def counting_cost(bench: Bench) -> None:
             order = LABELS if n % 2 == 0 else LABELS[::-1]
             for kind in KINDS:
                 pair = {
-                    label: _paired_run(bench, urls[label, kind], f"counting-{label}-{kind}", (), CONCURRENCY)
+                    label: paired_run(bench, urls[label, kind], f"counting-{label}-{kind}", (), CONCURRENCY)
                     for label in order
                 }
                 if any(

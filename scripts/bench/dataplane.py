@@ -151,15 +151,20 @@ def data_plane(bench: Bench) -> None:
 STATIC_PAIRS = {"full": 3, "quick": 1}
 
 
-def _paired_run(
-    bench: Bench, url: str, script_key: str, groups: tuple[str, ...], conc: int = 64, seconds: float = 0.0
+def paired_run(
+    bench: Bench,
+    url: str,
+    script_key: str,
+    groups: tuple[str, ...],
+    conc: int = 64,
+    seconds: float | None = None,
 ) -> dict[str, Any]:
     """One wrk run of a pair (once more when other processes took the CPU): the static backend's at c64
-    for its seconds by default."""
+    for its seconds (Profile.static_s) by default."""
     script = bench.scripts[script_key]
     for _ in range(2):
         with bench.sampler.window() as window:
-            result = load.run_wrk(url, script, conc, 2, seconds or bench.p.static_s)
+            result = load.run_wrk(url, script, conc, 2, bench.p.static_s if seconds is None else seconds)
         if window.others_cores <= NOISE_CORES:
             break
     cpu = sum(window.result[g].cpu_cores for g in groups if g in window.result) if groups else None
@@ -218,11 +223,11 @@ def static_backend(bench: Bench) -> None:
         check(bench, Target("gw-static", "gateway static", gw.http_url, bench.gateway_key), "static-model")
         for _, url, script_key, _ in cases:
             load.run_wrk(url, bench.scripts[script_key], 64, 2, bench.p.warmup_s)
-        direct = _paired_run(bench, *cases[0][1:])
+        direct = paired_run(bench, *cases[0][1:])
         for _ in range(STATIC_PAIRS.get(bench.p.mode, 1)):
-            plain_runs.append(_paired_run(bench, *cases[1][1:]))
+            plain_runs.append(paired_run(bench, *cases[1][1:]))
             gw.error_log_count(SYSLOG_DROP)
-            gateway_runs.append(_paired_run(bench, *cases[2][1:]))
+            gateway_runs.append(paired_run(bench, *cases[2][1:]))
             drops += gw.error_log_count(SYSLOG_DROP)
             pairs.append((float(plain_runs[-1]["rps"]), float(gateway_runs[-1]["rps"])))
             log(f"static backend c64: plain nginx {pairs[-1][0]:,.0f}, gateway {pairs[-1][1]:,.0f} req/s")
@@ -252,24 +257,40 @@ def static_backend(bench: Bench) -> None:
 STANDIN_PAIRS = {"full": 2, "quick": 0}
 
 
+def table_pairs(dp: dict[str, Any]) -> tuple[dict[str, list[tuple[float, float]]], bool, list[str]]:
+    """The table's (plain nginx, gateway) runs against the stand-in as the first pair at c16 and c64: the
+    pairs (none at a concurrency where either run had failed requests: an error answer costs less), whether
+    both systems were measured at both, and the concurrencies whose pair failed."""
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    tabled, failed = True, []
+    for conc in ("16", "64"):
+        first = [float(report._get(dp, k, "rps", conc, "rps") or 0) for k in ("nginx", "gateway")]
+        measured = all(first)
+        tabled = tabled and measured
+        if measured and any(report._get(dp, k, "rps", conc, "failed") for k in ("nginx", "gateway")):
+            failed.append(conc)
+            pairs[conc] = []
+        else:
+            pairs[conc] = [(first[0], first[1])] if measured else []
+    return pairs, tabled, failed
+
+
 def standin_pairs(bench: Bench) -> None:
     """More (plain nginx, gateway) pairs against the stand-in at c16 and c64, each pair's two runs one after
     the other; results["standin_pairs"][conc]: the median ratio, the pairs' ratios (the table's first) and
     the gateway's requests/s in each pair (sorted: the LiteLLM comparison takes their median)."""
-    dp = bench.results["data_plane"]
-    pairs: dict[str, list[tuple[float, float]]] = {}
-    for conc in ("16", "64"):
-        first = [float(report._get(dp, k, "rps", conc, "rps") or 0) for k in ("nginx", "gateway")]
-        pairs[conc] = [(first[0], first[1])] if all(first) else []
+    pairs, tabled, failed = table_pairs(bench.results["data_plane"])
+    for conc in failed:
+        bench.note(f"stand-in c{conc}, pair 1 (the table's runs): failed requests, not counted")
     runs = {target.key: (target.chat_url, script) for target, script in bench.targets()}
-    extra = STANDIN_PAIRS.get(bench.p.mode, 0) if all(pairs.values()) else 0
+    extra = STANDIN_PAIRS.get(bench.p.mode, 0) if tabled else 0
     for n in range(extra):
         if bench.budget.left() < 4 * bench.p.duration_s + 60:
             bench.note(f"stand-in pairs: {n} of {extra} more run (time budget)")
             break
         for conc in pairs:
             plain, gateway = (
-                _paired_run(bench, *runs[key], (), int(conc), bench.p.duration_s)
+                paired_run(bench, *runs[key], (), int(conc), bench.p.duration_s)
                 for key in ("nginx", "gateway")
             )
             log(

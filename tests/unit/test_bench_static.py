@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from scripts.bench import counting, report
-from scripts.bench.dataplane import pair_ratio
+from scripts.bench.dataplane import pair_ratio, table_pairs
 
 
 def test_median_of_pair_ratios_not_ratio_of_medians() -> None:
@@ -99,3 +99,15 @@ def test_counting_cost_is_the_median_of_the_pairs_on_off_ratios_and_the_report_s
     assert "against the stand-in 0.950x (one pair; requests/s 95 with counting, 100 without)" in str(
         report.counting_sentence(one)
     )
+
+
+def test_the_tables_stand_in_runs_are_the_first_pair_unless_one_failed_requests() -> None:
+    def runs(rps: float, failed: int) -> dict[str, Any]:
+        return {"rps": {"16": {"rps": rps, "failed": failed}, "64": {"rps": rps, "failed": 0}}}
+
+    pairs, tabled, failed = table_pairs({"nginx": runs(100.0, 0), "gateway": runs(80.0, 0)})
+    assert (pairs, tabled, failed) == ({"16": [(100.0, 80.0)], "64": [(100.0, 80.0)]}, True, [])
+    pairs, tabled, failed = table_pairs({"nginx": runs(100.0, 0), "gateway": runs(120.0, 7)})
+    assert (pairs, tabled, failed) == ({"16": [], "64": [(100.0, 120.0)]}, True, ["16"])
+    pairs, tabled, failed = table_pairs({"nginx": runs(100.0, 0)})  # the gateway not measured
+    assert (pairs, tabled, failed) == ({"16": [], "64": []}, False, [])
