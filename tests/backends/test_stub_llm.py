@@ -14,11 +14,12 @@ import httpx
 import ollama
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.backends.stub_llm import StubServer, iter_sse
 
 NAME = "stub-a"
-MSGS: list[dict[str, str]] = [{"role": "user", "content": "hi there"}]
+MSGS: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi there"}]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def ant(stub: StubServer) -> anthropic.Anthropic:
 
 
 def test_openai_chat_non_stream(oai: openai.OpenAI) -> None:
-    raw = oai.chat.completions.with_raw_response.create(model="m2", messages=MSGS)  # type: ignore[arg-type]
+    raw = oai.chat.completions.with_raw_response.create(model="m2", messages=MSGS)
     assert raw.headers["X-Backend-Name"] == NAME
     r = raw.parse()
     assert r.object == "chat.completion"
@@ -69,7 +70,7 @@ def test_openai_chat_non_stream(oai: openai.OpenAI) -> None:
 def test_openai_chat_stream_with_usage(oai: openai.OpenAI) -> None:
     stream = oai.chat.completions.create(
         model="m1",
-        messages=MSGS,  # type: ignore[arg-type]
+        messages=MSGS,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -176,6 +177,7 @@ def test_chunk_count_and_delay_headers(stub: StubServer) -> None:
 def test_ollama_chat_stream_and_non_stream(oll: ollama.Client) -> None:
     r = oll.chat(model="m1", messages=MSGS, stream=False)
     assert r.model == "m1" and r.done and r.done_reason == "stop"
+    assert r.message.content is not None
     assert r.message.content.startswith(f"Hello from {NAME}")
     parts = list(oll.chat(model="m1", messages=MSGS, stream=True))
     assert len(parts) == 11
@@ -195,6 +197,7 @@ def test_ollama_default_is_ndjson_stream(stub: StubServer) -> None:
 
 def test_ollama_generate_embed_list_version(stub: StubServer, oll: ollama.Client) -> None:
     g = oll.generate(model="m2", prompt="x")
+    assert g.response is not None
     assert g.response.startswith(f"Hello from {NAME}") and g.model == "m2"
     e = oll.embed(model="emb", input=["a", "b"])
     assert len(e.embeddings) == 2 and len(e.embeddings[0]) == 16
@@ -206,7 +209,7 @@ def test_ollama_generate_embed_list_version(stub: StubServer, oll: ollama.Client
 
 def test_ollama_openai_compat(stub: StubServer) -> None:
     c = openai.OpenAI(base_url=f"{stub.url}/v1/", api_key="ollama", max_retries=0)
-    r = c.chat.completions.create(model="llama3", messages=MSGS)  # type: ignore[arg-type]
+    r = c.chat.completions.create(model="llama3", messages=MSGS)
     assert r.model == "llama3" and NAME in (r.choices[0].message.content or "")
 
 
@@ -261,7 +264,7 @@ def test_status_429_with_retry_after(
 ) -> None:
     stub.set_mode("status", status=429, retry_after="20")
     with pytest.raises(openai.RateLimitError) as ei:
-        oai.chat.completions.create(model="m1", messages=MSGS)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="m1", messages=MSGS)
     assert ei.value.response.headers["retry-after"] == "20"
     assert ei.value.response.headers["x-backend-name"] == NAME
     with pytest.raises(anthropic.RateLimitError) as ai:
@@ -277,7 +280,7 @@ def test_status_429_with_retry_after(
 def test_fail_mode_is_500(oai: openai.OpenAI, stub: StubServer) -> None:
     stub.set_mode("fail")
     with pytest.raises(openai.InternalServerError):
-        oai.chat.completions.create(model="m1", messages=MSGS)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="m1", messages=MSGS)
     r = httpx.get(f"{stub.url}/health")  # health/control are never faulted
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
@@ -286,7 +289,7 @@ def test_stall_times_out_then_releases(stub: StubServer, oai: openai.OpenAI) -> 
     stub.set_mode("stall")
     t0 = time.monotonic()
     with pytest.raises(openai.APITimeoutError):
-        oai.with_options(timeout=0.5).chat.completions.create(model="m1", messages=MSGS)  # type: ignore[arg-type]
+        oai.with_options(timeout=0.5).chat.completions.create(model="m1", messages=MSGS)
     assert 0.4 < time.monotonic() - t0 < 3
     # disconnect ends the stalled handler
     deadline = time.monotonic() + 3
@@ -298,7 +301,7 @@ def test_stall_times_out_then_releases(stub: StubServer, oai: openai.OpenAI) -> 
     result: dict[str, str] = {}
 
     def call() -> None:
-        r = oai.chat.completions.create(model="m1", messages=MSGS)  # type: ignore[arg-type]
+        r = oai.chat.completions.create(model="m1", messages=MSGS)
         result["content"] = r.choices[0].message.content or ""
 
     th = threading.Thread(target=call)
@@ -314,7 +317,7 @@ def test_stall_times_out_then_releases(stub: StubServer, oai: openai.OpenAI) -> 
 def test_slow_mode(stub: StubServer, oai: openai.OpenAI) -> None:
     stub.set_mode("slow", delay_ms=300)
     t0 = time.monotonic()
-    oai.chat.completions.create(model="m1", messages=MSGS)  # type: ignore[arg-type]
+    oai.chat.completions.create(model="m1", messages=MSGS)
     assert time.monotonic() - t0 >= 0.29
 
 
@@ -325,7 +328,7 @@ def test_die_mid_stream(stub: StubServer, oai: openai.OpenAI, oll: ollama.Client
     # What really happens: the SDK yields the chunks that arrived, then the truncated chunked body
     # surfaces as openai.APIConnectionError (no [DONE], no finish_reason).
     with pytest.raises(openai.APIConnectionError):
-        for c in oai.chat.completions.create(model="m1", messages=MSGS, stream=True):  # type: ignore[arg-type]
+        for c in oai.chat.completions.create(model="m1", messages=MSGS, stream=True):
             got.extend(ch.delta.content or "" for ch in c.choices)
             assert all(ch.finish_reason is None for ch in c.choices)
     assert len(got) == 3 and got[0].startswith("Hello from")
@@ -349,7 +352,7 @@ def test_fail_ratio_half_is_deterministic(stub: StubServer, oai: openai.OpenAI) 
     outcome = []
     for _ in range(10):
         try:
-            oai.chat.completions.create(model="m1", messages=MSGS)  # type: ignore[arg-type]
+            oai.chat.completions.create(model="m1", messages=MSGS)
             outcome.append(True)
         except openai.InternalServerError:
             outcome.append(False)

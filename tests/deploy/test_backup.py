@@ -144,7 +144,7 @@ STATE: dict[str, Any] = {}
 
 
 def test_setup_instances_and_a_client_key(deployment: Deployment, stub: StubServer) -> None:
-    for name, key in PROVIDER_KEYS.items():
+    for name, provider_key in PROVIDER_KEYS.items():
         created = admin(
             deployment,
             "POST",
@@ -153,7 +153,7 @@ def test_setup_instances_and_a_client_key(deployment: Deployment, stub: StubServ
                 "name": name,
                 "provider_type": "openai",
                 "api_base": f"{stub.url}/v1",
-                "api_key": key,
+                "api_key": provider_key,
                 "supported_models": [MODEL],
             },
         )

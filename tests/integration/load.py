@@ -102,7 +102,8 @@ class Load(ClientThreads):
             r = client.post(self.path, json=body)
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code} {r.text[:120]}")
-        return r.headers.get("X-ISHGW-Instance", "")
+        instance: str = r.headers.get("X-ISHGW-Instance", "")
+        return instance
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.seconds

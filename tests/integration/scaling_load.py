@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -67,7 +67,8 @@ class Streams(ClientThreads):
             text = "".join(r.iter_text())
         if r.status_code != 200 or "data: [DONE]" not in text:
             raise RuntimeError(f"{r.status_code} {text[-120:]}")
-        return r.headers.get("X-ISHGW-Instance", "")
+        instance: str = r.headers.get("X-ISHGW-Instance", "")
+        return instance
 
     def _one_sdk(self, client: openai.OpenAI) -> str:
         raw = client.chat.completions.with_raw_response.create(
@@ -249,7 +250,11 @@ def ramp(gw: Gateway, doc: dict[str, Any]) -> dict[str, Any]:
         return sorted((e for e in events(gw, name) if e["direction"] == "in"), key=at)
 
     # Each event is written once its member is stopped and removed.
-    ins = wait_for(lambda: len(scaled_in()) == RAMP_MAX - 1 and scaled_in(), timeout=20, what="3 scale-ins")
+    # wait_for returns only a truthy value: the list, never the False.
+    ins = cast(
+        list[dict[str, Any]],
+        wait_for(lambda: len(scaled_in()) == RAMP_MAX - 1 and scaled_in(), timeout=20, what="3 scale-ins"),
+    )
     assert len(ins) == RAMP_MAX - 1 and all(e["outcome"] == "ok" and e["drained"] for e in ins), ins
     assert [e["instance"] for e in ins] == [f"{name}-{i}" for i in range(RAMP_MAX, 1, -1)], ins
     # Decided while the stream was in flight on it (which arrived whole: it was stopped only after).

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import CheckFunction
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -40,7 +41,7 @@ NO_POSITIVE_ACCEPTANCE = frozenset(
 )
 
 
-def references_a_secret(case: schemathesis.Case) -> bool:
+def references_a_secret(case: schemathesis.Case[Any]) -> bool:
     """An api_key "env:NAME" / "file:/path" is accepted only where this deployment keeps provider secrets
     (names provider.env defines, files inside ISHGW_SECRET_DIRS): a fact of the host, not of the schema."""
     body = case.body
@@ -66,10 +67,10 @@ def controller() -> Iterator[Gateway]:
     suppress_health_check=list(HealthCheck),
     database=None,
 )
-def test_admin_api_conforms_to_its_openapi(case: schemathesis.Case, controller: Gateway) -> None:
+def test_admin_api_conforms_to_its_openapi(case: schemathesis.Case[Any], controller: Gateway) -> None:
     operation_id = case.operation.definition.raw.get("operationId")
     positive = operation_id not in NO_POSITIVE_ACCEPTANCE and not references_a_secret(case)
-    excluded = [] if positive else [positive_data_acceptance]
+    excluded: list[CheckFunction] = [] if positive else [positive_data_acceptance]
     case.call_and_validate(
         base_url=str(controller.admin.base_url).rstrip("/"),
         headers={"X-Admin-API-Key": controller.admin_key},

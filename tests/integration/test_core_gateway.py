@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -188,7 +189,8 @@ def test_model_names_resolve_exactly(gateway: Gateway, stubs: dict[str, StubServ
 
     def answered_by(model: str) -> str:
         r = gateway.client.post("/v1/chat/completions", json={"model": model, "messages": []})
-        return r.headers.get("X-ISHGW-Instance", str(r.status_code))
+        instance: str = r.headers.get("X-ISHGW-Instance", str(r.status_code))
+        return instance
 
     assert answered_by("qwen") == "lower" and answered_by("Qwen") == "upper"
     assert answered_by("QWEN") == "404" and answered_by("fast") == "404"
@@ -341,7 +343,7 @@ def test_burst_of_changes_is_one_reload(gateway: Gateway, stubs: dict[str, StubS
     before = gateway.status()["reloads"]
     started = time.monotonic()
     for i in range(30):  # ?wait=false: the bulk path; each call answers 202 at once
-        config = {"name": f"burst-{i}", "provider_type": "ollama", "api_base": stub.url}
+        config: dict[str, Any] = {"name": f"burst-{i}", "provider_type": "ollama", "api_base": stub.url}
         config["discover_models"] = False  # the stand-in's own model list would add a pool (and reloads)
         created = gateway.admin.post(
             "/admin/instances?wait=false", json={**config, "supported_models": [f"m{i}"]}

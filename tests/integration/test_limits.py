@@ -123,7 +123,7 @@ def test_a_key_over_its_budget_is_refused_in_each_api_style_across_restarts(
             anthropic.Anthropic(base_url=gw.url, api_key=secret, max_retries=0).messages.create(
                 model="llama3:8b", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
             )
-        assert ae.value.body["error"]["type"] == "budget_exceeded"  # type: ignore[index,call-overload]
+        assert ae.value.body["error"]["type"] == "budget_exceeded"  # type: ignore[index]
         with pytest.raises(ollama.ResponseError) as le:
             ollama.Client(host=gw.url, headers={"Authorization": f"Bearer {secret}"}).chat(
                 model="llama3:8b", messages=[{"role": "user", "content": "hi"}]
@@ -190,9 +190,9 @@ def test_a_key_over_its_tpm_limit_waits_for_the_window(stubs: dict[str, StubServ
         assert 1 <= wait <= 121
         before = _served(stubs["plain"])
         answers = _styles(gw, secret)
-        for family, answer in answers.items():
-            assert answer.status_code == 429, (family, answer.text)
-            assert int(answer.headers["Retry-After"]) >= 1
+        for family, response in answers.items():
+            assert response.status_code == 429, (family, response.text)
+            assert int(response.headers["Retry-After"]) >= 1
         assert answers["anthropic"].json()["error"]["type"] == "rate_limit_error"
         assert "tokens per minute" in answers["ollama"].json()["error"]
         assert _served(stubs["plain"]) == before  # nothing reached the instance (probes are GETs)

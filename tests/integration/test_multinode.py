@@ -43,22 +43,18 @@ def test_two_nodes_share_a_postgresql_registry(
             )
             assert r.status_code == 201, r.text
             for node in (a, b):
-                wait_for(
-                    lambda node=node: (
-                        node.client.post("/v1/chat/completions", json={"model": "m"}).status_code == 200
-                    ),
-                    timeout=5,
-                    what="both nodes serve the instance",
-                )
+
+                def serves(node: Gateway = node) -> bool:
+                    return node.client.post("/v1/chat/completions", json={"model": "m"}).status_code == 200
+
+                wait_for(serves, timeout=5, what="both nodes serve the instance")
             assert b.admin.delete("/admin/instances/shared").status_code == 204
             for node in (a, b):
-                wait_for(
-                    lambda node=node: (
-                        node.client.post("/v1/chat/completions", json={"model": "m"}).status_code == 404
-                    ),
-                    timeout=5,
-                    what="both nodes dropped it",
-                )
+
+                def dropped(node: Gateway = node) -> bool:
+                    return node.client.post("/v1/chat/completions", json={"model": "m"}).status_code == 404
+
+                wait_for(dropped, timeout=5, what="both nodes dropped it")
             assert a.status()["generation"] == b.status()["generation"]
             burst_on_a_is_live_on_b(a, b, stub.url)
     finally:
@@ -79,7 +75,7 @@ def shared_database(postgres_server: str) -> Iterator[str]:
 def weighted(weight: int) -> InstanceConfig:
     return InstanceConfig(
         name="shared",
-        provider_type="ollama",  # type: ignore[arg-type]
+        provider_type="ollama",
         api_base="http://127.0.0.1:11434",
         supported_models=["m"],
         weight=weight,

@@ -211,9 +211,8 @@ def test_ranked_strategy_serves_the_best_tier_and_fails_over_without_errors(
     gateway: Gateway, stubs: dict[str, StubServer], strategy: str, field: str, values: dict[str, float]
 ) -> None:
     health = {"probe_interval_s": 0.5, "probe_timeout_s": 1.0, "fall": 2, "breaker_consecutive_failures": 3}
-    slow_stubs(
-        gateway, stubs, dict.fromkeys(values, 5), **{field: values, "health": dict.fromkeys(values, health)}
-    )
+    per: dict[str, dict[str, Any]] = {field: values, "health": dict.fromkeys(values, health)}
+    slow_stubs(gateway, stubs, dict.fromkeys(values, 5), **per)
     set_routing(gateway, default_strategy=strategy)
     assert [(c["name"], c["tier"]) for c in selection(gateway)["candidates"]] == [("cheap", 0), ("mid", 1)]
     with Load(gateway.url, "m", sdk=False, threads=4, seconds=60, max_requests=20_000) as load:

@@ -127,5 +127,5 @@ def test_listing_filters(big: Gateway, imported: Any) -> None:
     paged = big.admin.get("/admin/status", params={"limit": "600"}).json()
     assert len(paged["pools"]) == 600 and paged["next_cursor"]
     rest = big.admin.get("/admin/status", params={"limit": "600", "cursor": paged["next_cursor"]}).json()
-    names = [p["name"] for p in paged["pools"] + rest["pools"]]
-    assert rest["next_cursor"] is None and len(set(names)) == MODELS and names == sorted(names)
+    pool_names = [p["name"] for p in paged["pools"] + rest["pools"]]
+    assert rest["next_cursor"] is None and len(set(pool_names)) == MODELS and pool_names == sorted(pool_names)

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,8 +127,8 @@ def test_plain_http_redirects_only_with_a_certificate_clients_can_verify(tmp_pat
         assert certs.http_mode(settings)["redirect"] is redirect
     no_https = dataclasses.replace(server, https_port=0, tls_cert=str(issued), redirect_mode="true")
     assert certs.redirects(no_https) is False
-    assert Settings(http_redirect="1").http_redirect == "true"  # type: ignore[arg-type]
-    assert Settings(http_redirect="FALSE").http_redirect == "false"  # type: ignore[arg-type]
+    assert Settings(http_redirect="1").http_redirect == "true"
+    assert Settings(http_redirect="FALSE").http_redirect == "false"
     assert Settings().http_redirect == "auto"
 
 
@@ -412,7 +412,7 @@ class Env:
             context.set_alpn_protocols(list(alpn))
         return context
 
-    def served(self) -> tuple[dict[str, object], str | None]:
+    def served(self) -> tuple[Mapping[str, object], str | None]:
         """The certificate nginx presents for gw.test, and the protocol it picks from h2 and http/1.1."""
         with (
             socket.create_connection(("127.0.0.1", self.https_port), timeout=5) as sock,
@@ -796,7 +796,12 @@ def test_scanner_would_see_old_protocols_and_weak_ciphers(tmp_path: Path) -> Non
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, timeout=10)
+
+        def accepts() -> bool:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+
+        wait_for(accepts, timeout=10)
         protocols, ciphers = scan_summary(sslscan(port, sni="localhost"))
     finally:
         server.terminate()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -551,6 +551,7 @@ async def test_migrate_invalid_changes_nothing(api: Api) -> None:
     bad["instance_configs"]["legacy-2"]["weight"] = -3
     status, body, _ = await api.call("POST", "/admin/instances/migrate", json=bad)
     assert status == 422 and "instance_configs.legacy-2.weight" in fields(body)
+    payload: dict[str, Any] | list[Any]
     for payload in ({"something": 1}, [], {"ollama_instances": [{"name": "no-url"}]}):
         assert (await api.call("POST", "/admin/instances/migrate", json=payload))[0] == 422
     assert (await api.call("POST", "/admin/instances/migrate?mode=nuke", json=LEGACY))[0] == 422
@@ -671,7 +672,7 @@ async def test_building_the_controller_writes_nothing_and_its_startup_prepares_h
     settings = Settings(home=tmp_path / "h", db_url="sqlite://")
     app = create_app(settings, CollectorRegistry())
     assert list(tmp_path.iterdir()) == [] and ADMIN_KEY not in app
-    startup = app.cleanup_ctx[0](app)
+    startup = cast(AsyncIterator[None], app.cleanup_ctx[0](app))  # create_app's is an async generator
     await anext(startup)
     try:
         assert stat.S_IMODE(settings.home.stat().st_mode) == 0o711

@@ -108,7 +108,7 @@ def test_edge_policy_from_settings() -> None:
 # -- JWT key files -----------------------------------------------------------------------------------------
 
 
-def _spki(key: Any) -> bytes:
+def _spki(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     return key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )

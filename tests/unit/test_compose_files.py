@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -36,7 +37,7 @@ def test_env_example_documents_every_setting_line_by_line() -> None:
 
 def test_env_example_active_lines_parse_as_settings() -> None:
     """The uncommented ISHGW_* lines are valid values (no empty NAME=, which is not the default)."""
-    active = {}
+    active: dict[str, Any] = {}
     for line in ENV_EXAMPLE.read_text().splitlines():
         if line.startswith("ISHGW_"):
             name, value = line.split("=", 1)

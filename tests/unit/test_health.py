@@ -308,7 +308,7 @@ def test_retry_after(value: str, ms: str, expected: float | None) -> None:
 
 def config(name: str = "a", **kw: object) -> InstanceConfig:
     kw.setdefault("health", POLICY)
-    return InstanceConfig(name=name, provider_type="ollama", api_base="http://127.0.0.1:1", **kw)  # type: ignore[arg-type]
+    return InstanceConfig(name=name, provider_type="ollama", api_base="http://127.0.0.1:1", **kw)
 
 
 def tracker_with(*configs: InstanceConfig) -> HealthTracker:
@@ -378,7 +378,8 @@ def test_tracker_probes_rise_and_fall() -> None:
         t.probe("a", fail, 0)
     assert t.instances["a"].health is HealthStatus.UNKNOWN
     t.probe("a", fail, 0)
-    assert t.instances["a"].health is HealthStatus.UNHEALTHY
+    # mypy keeps the narrowing from the assert above across the call in between
+    assert t.instances["a"].health is HealthStatus.UNHEALTHY  # type: ignore[comparison-overlap]
     t.probe("a", ok, 0)
     assert t.instances["a"].health is HealthStatus.UNHEALTHY
     t.probe("a", ok, 0)
@@ -423,7 +424,7 @@ def test_tracker_restart_adopts_stored_verdicts() -> None:
     ],
 )
 def test_probe_requests(provider: str, base: str | None, url: str, headers: dict[str, str]) -> None:
-    c = InstanceConfig(name="x", provider_type=provider, api_base=base, api_key="k0123456789ab")  # type: ignore[arg-type]
+    c = InstanceConfig(name="x", provider_type=provider, api_base=base, api_key="k0123456789ab")
     request = probe_request(c, "k0123456789ab")
     assert request is not None and request.url == url
     assert all(request.headers.get(k) == v for k, v in headers.items())
@@ -530,12 +531,14 @@ PROBE_CASES = [
 @pytest.mark.parametrize(("provider", "base", "path"), PROBE_CASES)
 def test_probe_and_traffic_paths_agree(provider: str, base: str | None, path: str) -> None:
     """The probe asks the model list where traffic goes: the same prefix as the chat endpoint's path."""
-    c = InstanceConfig(name="x", provider_type=provider, api_base=base)  # type: ignore[arg-type]
+    c = InstanceConfig(name="x", provider_type=provider, api_base=base)
     request = probe_request(c, None)
     assert request is not None
     parts = urlsplit(request.url)
     assert parts.path + (f"?{parts.query}" if parts.query else "") == path
-    assert request.url.startswith(f"{urlsplit(providers.base_url(c)).scheme}://")
+    origin = providers.base_url(c)
+    assert origin is not None
+    assert request.url.startswith(f"{urlsplit(origin).scheme}://")
     if provider == "azure":
         return  # deployments: /openai/deployments/<d>/... against /openai/models, both under api_base
     family = {"ollama": "ollama", "anthropic": "anthropic"}.get(provider, "openai")
@@ -587,7 +590,8 @@ def test_http_probe_failures_never_outvote_successful_traffic() -> None:
     refused = ProbeResult(Outcome.FAIL, "refused", 1.0)
     for _ in range(POLICY.fall):
         t.probe("a", refused, 0, 101)
-    assert t.instances["a"].health is HealthStatus.UNHEALTHY
+    # mypy keeps the narrowing from the assert above across the call in between
+    assert t.instances["a"].health is HealthStatus.UNHEALTHY  # type: ignore[comparison-overlap]
     t2 = tracker_with(config())
     t2.observe(record("127.0.0.0:1", 200), now_mono=100)
     for _ in range(POLICY.fall):
@@ -619,7 +623,8 @@ def test_the_operator_lifts_a_rate_limit_and_an_open_breaker() -> None:
     assert t.clear("b", breaker=False) == [] and t.instances["b"].breaker.state is BreakerState.OPEN
     (lifted,) = t.clear("b")
     assert lifted.startswith("open breaker (3 consecutive failures")
-    assert t.instances["b"].breaker.state is BreakerState.HALF_OPEN
+    # mypy keeps the narrowing from the assert above across the call in between
+    assert t.instances["b"].breaker.state is BreakerState.HALF_OPEN  # type: ignore[comparison-overlap]
     assert t.clear("a") == [] and t.clear("ghost") == []
 
 

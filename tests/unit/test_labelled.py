@@ -82,10 +82,10 @@ def test_gateway_metrics_keep_names_types_and_labels(key_label: bool) -> None:
         "ishgw_tokens": ("counter", ["instance", "model", "direction", *key]),
         "ishgw_cost_usd": ("counter", ["instance", "model", *key]),
     }
-    for name, (kind, labels) in expected.items():
+    for name, (kind, label_names) in expected.items():
         family = families[name]
         assert family.type == kind
-        assert all(list(sample.labels) == labels for sample in family.samples), name
+        assert all(list(sample.labels) == label_names for sample in family.samples), name
         assert all(not sample.name.endswith("_created") for sample in family.samples)
     value = metrics.registry.get_sample_value
     labels = {"instance": "i1", "model": "m", **({"key": "k1"} if key_label else {})}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from control_plane.registry import importers
 from control_plane.registry.models import (
     HealthStatus,
@@ -56,5 +58,5 @@ def test_an_empty_registry_exports_an_empty_pair() -> None:
     assert importers.export_legacy([]) == {"instance_configs": {}, "instance_states": {}}
 
 
-def _split(pair: dict[str, object]) -> dict[str, object]:
+def _split(pair: dict[str, Any]) -> dict[str, Any]:
     return {"configs": pair["instance_configs"], "states": pair["instance_states"]}

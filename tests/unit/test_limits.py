@@ -29,7 +29,7 @@ NOW = datetime(2026, 11, 30, 17, 0, tzinfo=UTC)
 
 def _key(name: str, **settings: object) -> ClientKey:
     return ClientKey(
-        **ClientKeySettings(name=name, **settings).model_dump(),  # type: ignore[arg-type]
+        **ClientKeySettings(name=name, **settings).model_dump(),
         id=f"key_{name:0>16}"[:20],
         key_hash="0" * 64,
         key_prefix="ishgw-xxxx",
@@ -60,7 +60,7 @@ def test_key_limit_fields_are_validated() -> None:
         {"tpm_limit": -5},
     ):
         with pytest.raises(ValidationError) as exc:
-            ClientKeySettings(name="k", **bad)  # type: ignore[arg-type]
+            ClientKeySettings(name="k", **bad)
         assert next(iter(bad)) in str(exc.value)
 
 

@@ -63,7 +63,7 @@ class FakeWorld:
             raise self.failure
         config = InstanceConfig(
             name="a",
-            provider_type="ollama",  # type: ignore[arg-type]
+            provider_type="ollama",
             api_base="http://127.0.0.1:11434",
             supported_models=["m"],
             weight=self.weight,

@@ -28,7 +28,7 @@ from tests.unit.test_spec import SERVER, inst, world
 )
 def test_discover_models_defaults_by_provider(provider: str, setting: bool | None, discovers: bool) -> None:
     base = "https://az.example.com" if provider == "azure" else "http://127.0.0.1:1"
-    config = InstanceConfig(name="a", provider_type=provider, api_base=base, discover_models=setting)  # type: ignore[arg-type]
+    config = InstanceConfig(name="a", provider_type=provider, api_base=base, discover_models=setting)
     assert config.discovers() is discovers
 
 
@@ -97,7 +97,8 @@ def test_probe_lists_replace_discovered_models_exactly() -> None:
     t.probe("a", garbage, 0)
     assert t.instances["a"].discovered == ("x", "y")  # no list said nothing
     t.probe("a", empty, 0)
-    assert t.instances["a"].discovered == () and t.membership_changed
+    # mypy keeps the narrowing from the assert above across the call in between
+    assert t.instances["a"].discovered == () and t.membership_changed  # type: ignore[comparison-overlap]
     t.probe("a", ProbeResult(Outcome.FAIL, "refused", 1.0), 0)
     assert t.instances["a"].discovered == ()
 

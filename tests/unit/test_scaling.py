@@ -10,7 +10,7 @@ import docker
 import pytest
 import requests
 from docker.errors import APIError, ImageNotFound
-from docker.models.containers import _create_container_args
+from docker.models.containers import _create_container_args  # type: ignore[attr-defined]  # private, not in the stubs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError

@@ -18,7 +18,7 @@ from control_plane.registry.models import (
     RoutingConfig,
     Strategy,
 )
-from control_plane.render.spec import ServerSettings, World, build_spec, pool_name
+from control_plane.render.spec import GatewaySpec, Pool, ServerSettings, World, build_spec, pool_name
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SERVER = ServerSettings(prefix="/p", run_dir="/r")
@@ -28,7 +28,7 @@ def inst(name: str, **kw: object) -> InstanceConfig:
     kw.setdefault("provider_type", "ollama")
     kw.setdefault("api_base", "http://127.0.0.1:11434")
     kw.setdefault("supported_models", ["m"])
-    return InstanceConfig(name=name, **kw)  # type: ignore[arg-type]
+    return InstanceConfig(name=name, **kw)
 
 
 def world(*configs: InstanceConfig, states: dict[str, InstanceState] | None = None, **kw: object) -> World:
@@ -47,7 +47,9 @@ def world(*configs: InstanceConfig, states: dict[str, InstanceState] | None = No
     )
 
 
-def pool_of(spec, family=ApiFamily.OLLAMA, kind=Kind.CHAT, model="m"):  # type: ignore[no-untyped-def]
+def pool_of(
+    spec: GatewaySpec, family: ApiFamily = ApiFamily.OLLAMA, kind: Kind = Kind.CHAT, model: str = "m"
+) -> Pool:
     return next(p for p in spec.pools if p.name == pool_name(family, kind, model))
 
 
