@@ -30,7 +30,9 @@ def counting_cost(bench: Bench) -> None:
     assert bench.gateway is not None
     pairs = COUNTING_PAIRS.get(bench.p.mode, 0)
     seconds = bench.p.static_s
-    needs = 30 + pairs * len(KINDS) * len(LABELS) * (seconds + 2)
+    # Start-up, then each run, once more when other processes took the CPU (paired_run): the other
+    # gateway's controller still reading the last run's log lines often does.
+    needs = 30 + pairs * len(KINDS) * len(LABELS) * (2 * seconds + 2)
     if not pairs or bench.budget.left() < needs:
         bench.note(f"usage accounting's cost in requests/s not measured: time budget ({needs:.0f} s needed)")
         return
@@ -57,9 +59,8 @@ def counting_cost(bench: Bench) -> None:
                     label: paired_run(bench, urls[label, kind], f"counting-{label}-{kind}", (), CONCURRENCY)
                     for label in order
                 }
-                if any(
-                    run["failed"] for run in pair.values()
-                ):  # an error answer costs less: not like with like
+                # An error answer costs less: a pair with failed requests is not like with like.
+                if any(run["failed"] for run in pair.values()):
                     bench.note(f"usage accounting's cost, {kind} pair {n + 1}: failed requests, not counted")
                     continue
                 for label, run in pair.items():
