@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
@@ -269,14 +270,17 @@ class GatewaySpec:
         members there. An address whose pools name different instances (pool_keyed_addresses) also has a
         key per pool, "<pool>|<address>", naming that pool's (logstream.pool_keyed keys an attempt so)."""
         names: dict[str, str] = {}
-        by_pool = self._names_by_pool()
+        by_pool = self._names_by_pool
         for address, pools in by_pool.items():
             names[address] = next(iter(pools.values()))
-        for address in _keyed(by_pool):
+        for address in self._keyed_addresses:
             for pool, name in by_pool[address].items():
                 names[f"{pool}|{address}"] = name
         return names
 
+    # Worked out once per spec, read by several per pass (the health and routing services' address_names,
+    # the health service's pool_keyed_addresses, nginx's instance maps): shared, never to be changed.
+    @cached_property
     def _names_by_pool(self) -> dict[str, dict[str, str]]:
         """Upstream address -> {pool: the first of its members there}, in pool order."""
         by_pool: dict[str, dict[str, str]] = {}
@@ -285,12 +289,17 @@ class GatewaySpec:
                 by_pool.setdefault(member.address, {}).setdefault(pool.name, member.instance)
         return by_pool
 
+    @cached_property
+    def _keyed_addresses(self) -> frozenset[str]:
+        """The addresses of _names_by_pool whose pools name different instances (pool_keyed_addresses)."""
+        return frozenset(a for a, pools in self._names_by_pool.items() if len(set(pools.values())) > 1)
+
     def pool_keyed_addresses(self) -> frozenset[str]:
         """Addresses whose pools name different instances: one server registered once per model. nginx
         knows an answer's instance by its address alone, so these are looked up with the pool that
         answered as well (address_names, instance_header_names). Two instances at one address in the
         same pools are one server answering the same models: the first is named for both."""
-        return _keyed(self._names_by_pool())
+        return self._keyed_addresses
 
     def shared_addresses(self) -> dict[str, tuple[str, ...]]:
         """Upstream addresses more than one instance has -> those instances, by name (/admin/status)."""
@@ -318,8 +327,7 @@ class GatewaySpec:
     def instance_header_names(self) -> InstanceHeaderNames:
         """The instance names as X-ISHGW-Instance carries them (what the header's allow-list regex, PCRE as
         nginx ran it per request, captures; names it refuses are left out), as nginx's maps look them up."""
-        names_by_pool = self._names_by_pool()
-        keyed = _keyed(names_by_pool)
+        names_by_pool, keyed = self._names_by_pool, self._keyed_addresses
         by_address = {
             address: header
             for address, pools in names_by_pool.items()
@@ -335,7 +343,7 @@ class GatewaySpec:
 
     def upstream_addresses(self) -> list[str]:
         """Every pool member's address, once, sorted."""
-        return sorted(self._names_by_pool())
+        return sorted(self._names_by_pool)
 
 
 def short_id(text: str, length: int = 12) -> str:
@@ -545,11 +553,6 @@ def _instance_header(name: str) -> str | None:
     """The name as X-ISHGW-Instance carries it (what its allow-list captures), or None: refused."""
     match = _INSTANCE_HEADER.match(name)
     return None if match is None else match["instance"]
-
-
-def _keyed(by_pool: Mapping[str, Mapping[str, str]]) -> frozenset[str]:
-    """The addresses of GatewaySpec._names_by_pool whose pools name different instances."""
-    return frozenset(a for a, pools in by_pool.items() if len(set(pools.values())) > 1)
 
 
 class InstanceHeaderNames(NamedTuple):
