@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from scripts.bench.instructions import split_text
@@ -64,7 +65,7 @@ def gateway_rps(results: dict[str, Any], conc: str) -> float | None:
     plain nginx), else the table's run."""
     runs = _get(results.get("standin_pairs") or {}, conc, "gateway_rps")
     if isinstance(runs, list) and len(runs) > 1:
-        return _num(sorted(runs)[len(runs) // 2])
+        return _num(statistics.median(runs))  # as pair_ratio takes the ratios': two middle ones averaged
     return _num(_get(results.get("data_plane", {}), "gateway", "rps", conc, "rps"))
 
 
@@ -222,10 +223,11 @@ def counting_sentence(results: dict[str, Any]) -> str | None:
         if found.get("ratio") is None:
             continue
         ratios = found.get("pair_ratios") or []
-        pairs = f"median of {len(ratios)} pairs: {', '.join(fmt(r, 3) + 'x' for r in ratios)}; median "
+        shown = ", ".join(fmt(r, 3) + "x" for r in ratios)
+        how = f"median of {len(ratios)} pairs: {shown}; median " if len(ratios) > 1 else "one pair; "
         parts.append(
-            f"{label} {fmt(found['ratio'], 3)}x ({pairs if len(ratios) > 1 else 'one pair; '}requests/s "
-            f"{fmt(found.get('on_rps'), 0)} with counting, {fmt(found.get('off_rps'), 0)} without)"
+            f"{label} {fmt(found['ratio'], 3)}x ({how}requests/s {fmt(found.get('on_rps'), 0)} with "
+            f"counting, {fmt(found.get('off_rps'), 0)} without)"
         )
     if not parts:
         return None
@@ -235,6 +237,18 @@ def counting_sentence(results: dict[str, Any]) -> str | None:
         f"c{measured.get('concurrency')}, {fmt(measured.get('seconds'), 0)} s each, the order alternating: "
         f"{'; '.join(parts)}."
     )
+
+
+def cost_lines(results: dict[str, Any]) -> list[str]:
+    """The report's and the README's paragraphs on what a request costs: its instructions, and counting's
+    cost in requests/s; each only where it was measured."""
+    out: list[str] = []
+    if results.get("instructions"):
+        out += ["", instructions_sentence(results)]
+    counting = counting_sentence(results)
+    if counting:
+        out += ["", counting]
+    return out
 
 
 SPLIT = ("gather", "build_spec", "render", "checksum", "write", "nginx_t", "reload", "live")
@@ -437,11 +451,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"Access-log records the gateway's nginx could not send in those runs: "
                 f"{static.get('log_stream_drops', 0):,} of {static['gateway_requests']:,}."
             )
-    if results.get("instructions"):
-        out += ["", instructions_sentence(results)]
-    counting = counting_sentence(results)
-    if counting:
-        out += ["", counting]
+    out += cost_lines(results)
     out += ["", "Targets (issues 5 and 11):", "", "| target | wanted | measured | |", "|---|---|---|---|"]
     for t in results.get("targets", []):
         out.append(f"| {t['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} |")
@@ -565,11 +575,7 @@ def readme_block(results: dict[str, Any]) -> str:
     probing = cp.get("probing")
     if probing and not probing.get("error"):
         out += ["", probing_sentence(probing)]
-    if results.get("instructions"):
-        out += ["", instructions_sentence(results)]
-    counting = counting_sentence(results)
-    if counting:
-        out += ["", counting]
+    out += cost_lines(results)
     storm = (results.get("reliability") or {}).get("reload_storm") or {}
     if storm.get("wrk"):
         wrk, raw, sdk = storm["wrk"], storm["sdk_raw"], storm["sdk_retrying"]

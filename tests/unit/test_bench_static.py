@@ -66,6 +66,8 @@ def test_the_litellm_ratio_takes_the_gateways_median_run_of_the_pairs() -> None:
         },
     }
     assert report.gateway_rps(paired, "16") == 5500.0
+    two = {"standin_pairs": {"16": {"gateway_rps": [4000.0, 5000.0]}}}  # one pair failed: the two averaged
+    assert report.gateway_rps(two, "16") == 4500.0
     assert litellm_row(paired)["value"] == 55.0
     assert litellm_row(paired)["met"] is True
     assert "The gateway / LiteLLM ratios take the gateway's median run of these pairs." in report.markdown(
