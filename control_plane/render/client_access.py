@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from control_plane.registry.client_keys import ClientKey
 
 CLASSES = ("chat", "embeddings", "uploads")
+# The status nginx's limit zones refuse with (limit_req_status, limit_conn_status), which error_page hands
+# to @gw_limited, whose answer is the 429. Not 429 itself: an endpoint's location also proxies (the router's
+# home profile, servers.conf), where an instance's 429 goes to the profile's 429 chain. No provider sends it.
+LIMITED_STATUS = 439
 # Upstream response headers that tell a client which provider, account, deployment or proxy answered.
 # nginx hides Server, Date, X-Pad and X-Accel-* itself; LEAKY_PREFIXES are removed by gw.gateway.hide_headers.
 LEAKY_HEADERS = (

@@ -6,9 +6,11 @@ nginx map, and no registry value ever becomes Lua code. Lua tables are case-sens
 as they are.
 
 routes.json
-  endpoints   path -> {family, kind, key: "<family>|<kind>"[, stream_usage: true]} for every routed
-              endpoint; stream_usage: a stream that did not ask for its usage is sent asking for it
-              (ISHGW_USAGE_ACCOUNTING and ISHGW_STREAM_USAGE on, OpenAI chat and completions)
+  endpoints   path -> {family, kind, key: "<family>|<kind>"[, stream_usage: true][, home]} for every
+              routed endpoint; stream_usage: a stream that did not ask for its usage is sent asking for it
+              (ISHGW_USAGE_ACCOUNTING and ISHGW_STREAM_USAGE on, OpenAI chat and completions); home: the
+              named location whose proxy settings the endpoint's own location has (GatewaySpec.home_profile):
+              a request routed there goes on in place
   resolve     "<family>|<kind>" -> {name a client may send -> {model, pool, location}}: the model's own
               name, its aliases and Ollama's ":latest" spellings; pool and location "" when no instance
               of the model is available
@@ -84,6 +86,9 @@ def _endpoint(spec: GatewaySpec, e: Endpoint) -> dict[str, object]:
     server = spec.server
     if server.usage_accounting and server.stream_usage and e.path in STREAM_USAGE_PATHS:
         data["stream_usage"] = True
+    home = spec.home_profile(e)
+    if home is not None:
+        data["home"] = f"@{home.name}"
     return data
 
 

@@ -12,6 +12,7 @@ import jinja2
 
 from control_plane.health.logstream import LOG_FIELDS, LogField
 from control_plane.registry import validators
+from control_plane.render.client_access import LIMITED_STATUS
 from control_plane.render.lua_data import data_files
 from control_plane.render.quoting import lua_string, nginx_map_regex, nginx_quote
 from control_plane.render.spec import CHECKSUM_PLACEHOLDER, GatewaySpec, Pool
@@ -122,6 +123,7 @@ def _environment() -> jinja2.Environment:
     # The rules the templates match values by, defined once in Python (registry/validators.py).
     env.globals["model_regex"] = nginx_map_regex(validators.MODEL_PATTERN, "model")
     env.globals["log_format_lines"] = log_format_lines
+    env.globals["limited_status"] = LIMITED_STATUS
     return env
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -255,6 +256,21 @@ class GatewaySpec:
     def profiles(self) -> list[ProxyProfile]:
         """The distinct proxy profiles of the pools that have members, in a stable order."""
         return sorted({pool.profile for pool in self.pools if pool.members})
+
+    def home_profile(self, endpoint: Endpoint) -> ProxyProfile | None:
+        """The proxy profile an endpoint's own location proxies with (servers.conf): the one most of the
+        endpoint's available pools have (ties: the first in profiles' order), or None when it has none. The
+        router (gw.gateway.route, rewrite phase) lets a request to such a pool go on in that location;
+        any other goes to its profile's named location (ngx.exec, a second pass through the phases)."""
+        return self._home_profiles.get((endpoint.family, endpoint.kind))
+
+    @cached_property
+    def _home_profiles(self) -> dict[tuple[ApiFamily, Kind], ProxyProfile]:
+        counts: dict[tuple[ApiFamily, Kind], Counter[ProxyProfile]] = {}
+        for pool in self.pools:
+            if pool.members:
+                counts.setdefault((pool.family, pool.kind), Counter())[pool.profile] += 1
+        return {key: min(c, key=lambda profile: (-c[profile], profile)) for key, c in counts.items()}
 
     def strips_stream_usage(self, profile: ProxyProfile) -> bool:
         """Whether the profile's pools get OpenAI streams the router asked for their usage

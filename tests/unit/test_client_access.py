@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field
@@ -211,6 +212,23 @@ def access_tree(keys: tuple[ClientKey, ...], jwt: JwtKeys | None = None, **polic
     return render(build_spec(world, server)).files
 
 
+CHAT_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/api/chat",
+    "/api/generate",
+)
+
+
+def locations(servers: str) -> dict[str, str]:
+    """The client-facing server's locations by what follows `location` ("= /health", "@gw_denied"): their
+    directives."""
+    first = servers.split("\n}\n", 1)[0]
+    return {name: body for name, body in re.findall(r"\n    location (.+?) \{\n(.*?)\n    \}\n", first, re.S)}
+
+
 def test_one_zone_per_distinct_rate() -> None:
     keys = (
         client_key(1, 60),
@@ -230,25 +248,31 @@ def test_one_zone_per_distinct_rate() -> None:
     counts = parse_directives(files)
     # Per rate and per IP; the default class limits (anonymous only) guard no location when a key is required.
     assert counts["limit_req_zone"] == 2 + 1
-    # Every client-facing API location has the guard; /health, /nginx_status and named locations do not.
+    # Every client-facing API location has the limits, and so does each profile's named location a request
+    # is handed to from its endpoint's rewrite phase (and its "_su" twin; not its 429 chain, reached only
+    # after the first location's limits): /health, /nginx_status and the other named locations do not.
     servers = files["servers.conf"]
-    api_locations = servers.count('content_by_lua_block { gw_gateway.route("/') + 4
-    # + /v1/models, /api/tags, /api/version, /
-    assert (
-        sum(
-            servers.count(f'content_by_lua_block {{ gw_gateway.answer("{name}") }}')
-            for name in ("models", "tags", "version", "not_found")
-        )
-        == 4
-    )
-    assert servers.count("limit_req zone=gw_key_60 ") == api_locations
-    assert servers.count("error_page 429 = @gw_limited;") == api_locations + 1  # and @gw_unauthorized
+    blocks = locations(servers)
+    endpoints = [
+        name for name, body in blocks.items() if 'rewrite_by_lua_block { gw_gateway.route("/' in body
+    ]
+    handed = [name for name in blocks if name.startswith("@x_") and "_429_" not in name]
+    answered = ["= /v1/models", "= /api/tags", "= /api/version", "/"]
+    assert len(endpoints) == 9 and handed and all(name in blocks for name in answered)
+    for name in answered:
+        assert blocks[name].count("content_by_lua_block { gw_gateway.answer(") == 1
+    limited = sorted([*endpoints, *handed, *answered])
+    assert sorted(name for name, body in blocks.items() if "limit_req zone=gw_key_60 " in body) == limited
+    assert servers.count("limit_req zone=gw_key_60 ") == len(limited)
+    assert servers.count("error_page 439 = @gw_limited;") == len(limited) + 1  # and @gw_unauthorized
+    assert "error_page 429 = @gw_limited;" not in servers  # a proxying location's 429 is the instance's
     # Every one but /api/version identifies the client (and refuses one without a valid credential)
-    # before the limits, in the rewrite phase, and hands one without a valid credential to @gw_unauthorized:
-    # the per-address limits guard only that and /api/version (they could never bind elsewhere).
-    assert servers.count("rewrite_by_lua_block { gw_gateway.identify() }") == api_locations - 1
-    version = servers.split("location = /api/version {", 1)[1].split("}", 1)[0]
-    refused = servers.split("location @gw_unauthorized {", 1)[1].split("}", 1)[0]
+    # before the limits, in the rewrite phase (the endpoints' router first of all), and hands one without a
+    # valid credential to @gw_unauthorized: the per-address limits guard only that and /api/version (they
+    # could never bind elsewhere).
+    assert servers.count("rewrite_by_lua_block { gw_gateway.identify() }") == 3
+    version = blocks["= /api/version"]
+    refused = blocks["@gw_unauthorized"]
     for limit in ("limit_req zone=gw_ip ", "limit_conn gw_conn_ip "):
         assert servers.count(limit) == 2 and limit in version and limit in refused
     assert "gw_class_" not in servers
@@ -256,11 +280,15 @@ def test_one_zone_per_distinct_rate() -> None:
     # counts it per address and per class.
     open_files = access_tree(keys, auth_required=False)
     open_servers = open_files["servers.conf"]
+    open_blocks = locations(open_servers)
     assert parse_directives(open_files)["limit_req_zone"] == 2 + 1 + 3
     for limit in ("limit_req zone=gw_ip ", "limit_conn gw_conn_ip "):
-        assert open_servers.count(limit) == api_locations + 1
-    # the chat endpoints: /v1/{chat/completions,completions,responses,messages}, /api/{chat,generate}
-    assert open_servers.count("limit_req zone=gw_class_chat ") == 6
+        assert open_servers.count(limit) == len(limited) + 1
+    # the chat endpoints /v1/{chat/completions,completions,responses,messages}, /api/{chat,generate}, and
+    # the named locations of chat profiles
+    chat = sorted(name for name, body in open_blocks.items() if "limit_req zone=gw_class_chat " in body)
+    chat_endpoints = [f'= "{path}"' for path in CHAT_PATHS]
+    assert chat == sorted([*chat_endpoints, *(name for name in handed if "_chat_" in name)])
     health = servers.split("location = /health {", 1)[1].split("}", 1)[0]
     assert "limit_req" not in health and "lua" not in health
     data = json.loads(files["clients.json"])
@@ -289,9 +317,19 @@ def test_address_rules_and_real_ip_render() -> None:
         (), ip_allow=("10.0.0.0/8",), ip_deny=("10.9.0.0/16",), trusted_proxies=("192.168.1.0/24",)
     )
     servers = files["servers.conf"]
-    chat = servers.split('location = "/v1/chat/completions" {', 1)[1].split("\n    }\n", 1)[0]
-    lines = [line.strip() for line in chat.splitlines() if line.strip().startswith(("allow", "deny"))]
-    assert lines == ['deny "10.9.0.0/16";', 'allow "10.0.0.0/8";', "deny all;"]
+    blocks = locations(servers)
+
+    def rules(body: str) -> list[str]:
+        return [line.strip() for line in body.splitlines() if line.strip().startswith(("allow", "deny"))]
+
+    for name in ("= /v1/models", "= /api/tags", "= /api/version", "/"):
+        assert rules(blocks[name]) == ['deny "10.9.0.0/16";', 'allow "10.0.0.0/8";', "deny all;"]
+        assert "error_page 403 = @gw_denied;" in blocks[name]
+    # An endpoint's location proxies, where an instance's 403 must pass: its router hands a refused
+    # address to @gw_denied itself (the same rules, as the geo block it reads).
+    chat = blocks['= "/v1/chat/completions"']
+    assert rules(chat) == [] and "error_page 403 =" not in chat and "proxy_pass" in chat
+    assert "geo $gw_address_refused {" in files["edge.conf"]
     assert 'set_real_ip_from "192.168.1.0/24";' in servers and "real_ip_recursive on;" in servers
     assert "set_real_ip_from" not in access_tree(())["servers.conf"]  # default: no proxy is trusted
 

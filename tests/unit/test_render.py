@@ -331,8 +331,11 @@ def test_random_registry_content_cannot_inject_directives(
     assert counts["listen"] == 2 + len(spec.shims)  # clients, the usage drain, the shims
     assert counts["proxy_set_body"] == 0
     shim_headers = sum(3 + len(s.headers) for s in spec.shims)
+    # An endpoint whose kind has pools proxies in its own location too, with its home profile's settings.
+    homes = [home for e in spec.endpoints if (home := spec.home_profile(e)) is not None]
     model_headers = sum(locations_of(profile) for profile in profiles if profile.model_header)
-    added_headers = PROXY_HEADERS_PER_LOCATION * locations + model_headers + shim_headers
+    model_headers += sum(1 for home in homes if home.model_header)
+    added_headers = PROXY_HEADERS_PER_LOCATION * (locations + len(homes)) + model_headers + shim_headers
     assert counts["proxy_set_header"] == empty["proxy_set_header"] + added_headers
     # Registry names reach Lua only as data: the routing file is exactly routes_data, whatever the names.
     assert json.loads(tree.files["routes.json"]) == json.loads(json.dumps(routes_data(spec)))
@@ -560,3 +563,40 @@ def test_only_azure_pools_are_sent_the_model_header() -> None:
     routes = json.loads(files["routes.json"])
     assert json.dumps(routes).count(f'"@{by_model["gpt-4o"].profile.name}"') >= 1
     assert "map $http_x_ishgw_model $gw_dep_" in files["shims.conf"]
+
+
+def test_an_endpoints_home_is_the_profile_most_of_its_pools_have() -> None:
+    def ollama(name: str, models: list[str], timeout: float = 120.0) -> InstanceConfig:
+        return InstanceConfig(
+            name=name,
+            provider_type="ollama",
+            api_base="http://127.0.0.1:1",
+            supported_models=models,
+            instance_type="chat",
+            timeout_seconds=timeout,
+        )
+
+    spec = spec_for([ollama("a", ["m1", "m2"]), ollama("b", ["m3"], timeout=45)])
+    chat = next(e for e in spec.endpoints if e.path == "/v1/chat/completions")
+    embeddings = next(e for e in spec.endpoints if e.path == "/v1/embeddings")
+    home = spec.home_profile(chat)
+    assert home is not None and home.read_timeout_s == 120  # two pools (m1, m2) against one (m3)
+    assert spec.home_profile(embeddings) is None  # no pool of that kind
+    routes = routes_data(spec)["endpoints"]
+    assert isinstance(routes, dict)
+    assert (
+        routes["/v1/chat/completions"]["home"] == f"@{home.name}" and "home" not in routes["/v1/embeddings"]
+    )
+    servers = render(spec).files["servers.conf"]
+    chat_location = servers.split('location = "/v1/chat/completions" {', 1)[1].split("\n    }\n", 1)[0]
+    assert f"(@{home.name})" in chat_location and "proxy_read_timeout 120s;" in chat_location
+    assert 'rewrite_by_lua_block { gw_gateway.route("/v1/chat/completions") }' in chat_location
+    embed_location = servers.split('location = "/v1/embeddings" {', 1)[1].split("\n    }\n", 1)[0]
+    assert "proxy_pass" not in embed_location and 'gw_gateway.answer("unavailable")' in embed_location
+    assert "add_header X-Request-ID $gw_request_id always;" in embed_location
+    # A tie goes to the first profile in order; a pool without members has no say.
+    tied = spec_for([ollama("a", ["m1"]), ollama("b", ["m3"], timeout=45)])
+    tied_chat = next(e for e in tied.endpoints if e.path == "/v1/chat/completions")
+    assert tied.home_profile(tied_chat) == min(
+        p for p in tied.profiles() if p.kind == "chat" and p.family == "openai"
+    )

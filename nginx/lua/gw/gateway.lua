@@ -111,8 +111,16 @@ local function send_json(status, text)
     return ngx.exit(ngx.HTTP_OK)
 end
 
+-- The request's id on an answer of the gateway's own. The endpoint locations add it themselves (they
+-- proxy: servers.conf), to the router's answers too, which come from their rewrite phase.
+local function request_id_header()
+    if ngx.get_phase() ~= "rewrite" then
+        header["X-Request-ID"] = var.gw_request_id
+    end
+end
+
 local function fail(family, status, kind, message, available)
-    header["X-Request-ID"] = var.gw_request_id
+    request_id_header()
     if (status == 503 or status == 429) and not header["Retry-After"] then
         header["Retry-After"] = RETRY_AFTER
     end
@@ -128,7 +136,9 @@ local function unauthorized(verdict)
     return ngx.exec("@gw_unauthorized")
 end
 
-function _M.identify()
+-- Who the client is, from the request's headers (rewrite phase, before the limits): its verdict, or nil
+-- when the request went to @gw_unauthorized or is left to the allow/deny rules.
+local function identified()
     -- The request's id unless the client gave one (http.conf: $gw_request_id), cheaper than $request_id.
     var.gw_rid = crypto.random_hex16()
     -- The other two headers are read only when Authorization brings no bearer token (each read costs).
@@ -140,15 +150,20 @@ function _M.identify()
             var.gw_client_id = verdict.id
             var.gw_client_rpm = verdict.rpm
         end
-        if verdict.models then
-            ngx.ctx.verdict = verdict
-        end
-        return
+        return verdict
     end
     if address_rules and var.gw_address_refused == "1" then
-        return  -- the allow/deny rules answer it (403) in the access phase
+        return nil  -- the allow/deny rules answer it (403) in the access phase
     end
     return unauthorized(verdict)
+end
+
+-- rewrite_by_lua of the locations that answer from Lua (/v1/models, /api/tags, the unknown paths).
+function _M.identify()
+    local verdict = identified()
+    if verdict and verdict.models then
+        ngx.ctx.verdict = verdict
+    end
 end
 
 -- The verdict identify found, as far as the models go: ngx.ctx holds only one that limits them (creating
@@ -201,7 +216,9 @@ end
 
 -- Hand the request to a pool, with the body body_for makes: to the pool's location, or its "_su" twin
 -- (servers.conf: a header filter that takes the usage the gateway asked for back out of the answer).
-local function send(ep, text, ms, me, streams, named, found, position, base)
+-- here: the location the request is in when that proxies it as the pool's would (the router's endpoint
+-- location and its home profile, routes.json): it goes on there, without a second pass through the phases.
+local function send(ep, text, ms, me, streams, named, found, position, base, here)
     if position > 0 then
         var.gw_hop = position
         var.gw_base = base
@@ -215,17 +232,20 @@ local function send(ep, text, ms, me, streams, named, found, position, base)
     if asked or (position > 0 and ep.stream_usage and var.gw_stream_usage == "1") then
         return ngx.exec(found.location .. "_su")
     end
+    if found.location == here then
+        return
+    end
     return ngx.exec(found.location)
 end
 
 -- Send the request to the first available fallback of `base` from position `from` (1: the first one).
-local function hop(ep, text, ms, me, streams, named, base, from)
+local function hop(ep, text, ms, me, streams, named, base, from, here)
     local chain = fallbacks[base]
     if chain then
         for i = from, #chain do
             local found = resolve(ep.key, chain[i])
             if found and found.pool ~= "" then
-                return send(ep, text, ms, me, streams, named, found, i, base)
+                return send(ep, text, ms, me, streams, named, found, i, base, here)
             end
         end
     end
@@ -250,7 +270,7 @@ local function refuse(family, refusal)
             header["X-ISHGW-Budget-Reset"] = limits.iso(refusal.reset)
         end
     end
-    header["X-Request-ID"] = var.gw_request_id
+    request_id_header()
     header["Retry-After"] = refusal.wait
     return send_json(429, answers.error_body(family, 429, kind, refusal.message))
 end
@@ -275,7 +295,17 @@ local function body_text()
     return text or ""
 end
 
+-- rewrite_by_lua of the endpoint locations: the client's identity (before the limits, which count it
+-- next), the body's model, its pool. A request to a pool of the location's own profile (ep.home) goes on
+-- there; any other is handed to its pool's named location. Refusals are answered here.
 function _M.route(uri)
+    if address_rules and var.gw_address_refused == "1" then
+        return ngx.exec("@gw_denied")  -- no error_page 403 where an instance's 403 passes (edge.j2 guard)
+    end
+    local verdict = identified()
+    if not verdict then
+        return
+    end
     local ep = endpoints[uri]
     local family = ep.family
     if req.get_method() ~= "POST" then
@@ -293,7 +323,6 @@ function _M.route(uri)
     if not named or named == "" then
         return fail(family, 400, "invalid_request_error", BODY_ERRORS[err] or NO_MODEL)
     end
-    local verdict = verdict_of_request()
     local found = resolve(ep.key, named)
     if not found then
         -- Only the models this client may use: a key limited to some models learns nothing of the others.
@@ -307,9 +336,9 @@ function _M.route(uri)
         return fail(family, 403, "permission_error", "This API key may not use the model " .. shown(named))
     end
     if found.pool ~= "" then
-        return send(ep, text, ms, me, streams, named, found, 0)
+        return send(ep, text, ms, me, streams, named, found, 0, nil, ep.home)
     end
-    return hop(ep, text, ms, me, streams, named, found.model, 1)
+    return hop(ep, text, ms, me, streams, named, found.model, 1, ep.home)
 end
 
 -- Answers made here rather than by an instance, by the name the location gives.
@@ -358,9 +387,12 @@ function handlers.not_found()
     return fail(family_of_request(), 404, "not_found_error", "Unknown endpoint " .. shown(var.uri))
 end
 
+-- error_page 413 target: the body is larger than the endpoint takes, or (the endpoint's location proxies
+-- too) the instance answered 413.
 function handlers.too_large()
+    local by = var.upstream_status and "the instance" or "the gateway"
     return fail(family_of_request(), 413, "request_too_large",
-        "The request body is larger than the gateway accepts")
+        "The request body is larger than " .. by .. " accepts")
 end
 
 -- error_page 429 target: limit_req / limit_conn said no. The verdict's ngx.ctx is gone after the
