@@ -1,10 +1,13 @@
 -- The request path's entry points, called from the rendered configuration:
 --   init(dir)       init_by_lua (http.conf): load the tree's routes.json and clients.json, once per (re)load
---   identify()      rewrite_by_lua of every API location: the client's identity for the limit zones that
---                   run next, and the 401 of a request its headers refuse (its body never read)
---   route(uri)      content_by_lua of every routed endpoint, given its exact location's path ($uri): the
---                   model from the body, aliases, the pool, the fallback chain, the client's permissions;
---                   hands the request to a pool location
+--   identify()      rewrite_by_lua of the API locations that answer from Lua (listings, unknown paths):
+--                   the client's identity for the limit zones that run next, and the 401 of a request its
+--                   headers refuse (its body never read)
+--   route(uri)      rewrite_by_lua of every routed endpoint, given its exact location's path ($uri): the
+--                   client's identity as identify's, then the model from the body, aliases, the pool, the
+--                   fallback chain, the client's permissions; a request to a pool of the location's own
+--                   profile goes on there (the limits, then proxy_pass), any other is handed to its pool's
+--                   named location
 --   answer(name)    content_by_lua of the answers the gateway gives itself (listings, errors, next pool)
 --   hide_headers()  header_filter_by_lua of the shim servers: provider header families never reach clients
 --   count(family)   body_filter_by_lua of the pool locations: the answer's token usage, scanned as it passes
@@ -17,7 +20,7 @@
 -- The pure parts live in gw.body (the JSON scan), gw.identity (keys and JWTs), gw.answers (bodies).
 -- Data loaded by init lives in this module's upvalues for the life of the configuration; nothing of a
 -- request is kept here beyond its end (ngx.ctx carries a verdict that limits the models from identify to
--- route, within a request; a configuration whose verdicts cannot limit them does without ngx.ctx; an
+-- the listings, within a request; a configuration whose verdicts cannot limit them does without it; an
 -- answer's usage scanner is kept by request address from its body filter to its log phase, which takes it
 -- out: see `scanning`).
 local cjson = require("cjson.safe")
