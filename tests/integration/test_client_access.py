@@ -416,19 +416,26 @@ def test_upstream_429_passes_through(edge: Gateway) -> None:
         assert edge.admin.delete("/admin/instances/busy").status_code == 204
 
 
+def add_stub(gw: Gateway, stub: StubServer, model: str, **config: Any) -> str:
+    """The stand-in as an Ollama instance (named as the stub) serving `model`, live: the running checksum."""
+    response = gw.add_instance(
+        name=stub.name, provider_type="ollama", api_base=stub.url, supported_models=[model], **config
+    )
+    assert response.status_code == 201, response.text
+    return gw.wait_applied()
+
+
+def remove(gw: Gateway, name: str) -> None:
+    assert gw.admin.delete(f"/admin/instances/{name}").status_code == 204
+    gw.wait_applied()
+
+
 def test_instance_403_and_413_are_not_taken_for_the_gateways_own(edge: Gateway) -> None:
     """An endpoint's location proxies too (its home profile): an instance's 403 reaches the client as the
     instance sent it (not the address rules' answer), and its 413 is answered in the client's style naming
     the instance (the body-size error_page cannot tell the two apart by status)."""
     with StubServer(name="refusing") as refusing:
-        response = edge.add_instance(
-            name="refusing",
-            provider_type="ollama",
-            api_base=refusing.url,
-            supported_models=["model-refusing"],
-        )
-        assert response.status_code == 201
-        edge.wait_applied()
+        add_stub(edge, refusing, "model-refusing")
         key = new_key(edge, "instance-errors", rpm_limit=6000)["key"]
         refusing.set_mode("status", status=403)
         r = edge.client.post(CHAT, json=chat("model-refusing"), headers=bearer(key))
@@ -438,8 +445,7 @@ def test_instance_403_and_413_are_not_taken_for_the_gateways_own(edge: Gateway) 
         r = edge.client.post(CHAT, json=chat("model-refusing"), headers=bearer(key))
         assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
         assert "larger than the instance accepts" in r.json()["error"]["message"]
-        assert edge.admin.delete("/admin/instances/refusing").status_code == 204
-        edge.wait_applied()
+        remove(edge, "refusing")
 
 
 def test_a_request_handed_to_another_profiles_location_meets_its_limits_once(edge: Gateway) -> None:
@@ -447,15 +453,7 @@ def test_a_request_handed_to_another_profiles_location_meets_its_limits_once(edg
     proxy settings (here a longer timeout) is served by its profile's named location, which the router
     hands the request to from the rewrite phase, before the endpoint's limits: they apply there, once."""
     with StubServer(name="patient") as patient:
-        response = edge.add_instance(
-            name="patient",
-            provider_type="ollama",
-            api_base=patient.url,
-            supported_models=["model-patient"],
-            timeout_seconds=47,
-        )
-        assert response.status_code == 201
-        checksum = edge.wait_applied()
+        checksum = add_stub(edge, patient, "model-patient", timeout_seconds=47)
         routes = json.loads(next(edge.home.rglob(f"generations/{checksum}/routes.json")).read_text())
         home = routes["endpoints"][CHAT]["home"]
         handed = routes["resolve"]["openai|chat"]["model-patient"]["location"]
@@ -464,8 +462,7 @@ def test_a_request_handed_to_another_profiles_location_meets_its_limits_once(edg
         counts = burst(edge.client, key, 15, model="model-patient")
         burst_size = 10  # ISHGW_LIMIT_KEY_BURST default
         assert counts == Counter({200: burst_size + 1, 429: 15 - burst_size - 1}), counts
-        assert edge.admin.delete("/admin/instances/patient").status_code == 204
-        edge.wait_applied()
+        remove(edge, "patient")
 
 
 def test_jwt_bearer_tokens(edge: Gateway, jwt_keys: Keys) -> None:

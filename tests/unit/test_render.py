@@ -447,7 +447,7 @@ def test_usage_accounting_renders_counting_only_when_on() -> None:
         addresses={"127.0.0.1": ("127.0.0.1",)},
     )
     on = render(build_spec(world, on_server)).files["servers.conf"]
-    pools = on.count("proxy_pass http://$gw_upstream")
+    pools = on.count("proxy_pass http://$gw_upstream") + on.count('proxy_pass "http://${gw_upstream}')
     assert pools > 0
     # the "_su" twins (OpenAI streams the router asked for their usage) filter with count_stripped
     scanned = on.count("gw_gateway.count(") + on.count("gw_gateway.count_stripped(")
@@ -591,6 +591,8 @@ def test_an_endpoints_home_is_the_profile_most_of_its_pools_have() -> None:
     chat_location = servers.split('location = "/v1/chat/completions" {', 1)[1].split("\n    }\n", 1)[0]
     assert f"(@{home.name})" in chat_location and "proxy_read_timeout 120s;" in chat_location
     assert 'rewrite_by_lua_block { gw_gateway.route("/v1/chat/completions") }' in chat_location
+    # Its own path, not $uri looked up in $gw_upstream_path's map (the named locations' way).
+    assert 'proxy_pass "http://${gw_upstream}/v1/chat/completions${is_args}${args}";' in chat_location
     embed_location = servers.split('location = "/v1/embeddings" {', 1)[1].split("\n    }\n", 1)[0]
     assert "proxy_pass" not in embed_location and 'gw_gateway.answer("unavailable")' in embed_location
     assert "add_header X-Request-ID $gw_request_id always;" in embed_location
