@@ -209,6 +209,10 @@ class ClientAccessSpec:
         name = dict(self.class_of_path).get(path)
         return self.policy.limit(name) if name else None
 
+    def kind_limit(self, kind: Kind) -> ClassLimit:
+        """The class limit of a proxy profile's kind (its named location's limits and send_timeout)."""
+        return self.policy.limit(kind_class(kind))
+
     @property
     def leaky_headers(self) -> tuple[str, ...]:
         return LEAKY_HEADERS
@@ -242,10 +246,14 @@ def address_geo(allow: Iterable[str], deny: Iterable[str]) -> tuple[str, tuple[t
     return ("1" if allow else "0"), tuple(entries.items())
 
 
+def kind_class(kind: Kind) -> str:
+    """chat or embeddings by what an endpoint or pool of this kind does. No routed endpoint takes uploads
+    (multipart) yet: the uploads class is configured and rendered for the day one does."""
+    return "embeddings" if kind is Kind.EMBEDDING else "chat"
+
+
 def endpoint_class(endpoint: Endpoint) -> str:
-    """chat or embeddings by what the endpoint does. No routed endpoint takes uploads (multipart) yet:
-    the uploads class is configured and rendered for the day one does."""
-    return "embeddings" if endpoint.kind is Kind.EMBEDDING else "chat"
+    return kind_class(endpoint.kind)
 
 
 def _epoch(value: datetime | None) -> int:
