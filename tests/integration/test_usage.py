@@ -4,6 +4,7 @@ double nothing."""
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -412,3 +413,49 @@ def test_one_server_registered_once_per_model_is_counted_under_each_instance(
         wait_for(
             lambda: (seen("small"), seen("large")) == (sent["small"], sent["large"]), what="passive health"
         )
+
+
+def test_an_answer_counted_as_it_ends_keeps_its_connection_and_its_bytes(
+    stubs: dict[str, StubServer],
+) -> None:
+    """A JSON answer whose first chunk is all of it is counted in its body filter, which then marks that
+    chunk as the body's end (gw.gateway.scan): on one keep-alive connection an answer, an instance's 400
+    and an answer again each arrive whole, and the usage holds each request once, the 400 without tokens."""
+    stub = start_stub(stubs, "u-ends")
+    env = {"ISHGW_USAGE_ACCOUNTING": "true", "ISHGW_USAGE_DRAIN_INTERVAL_S": "0.3"}
+    with Gateway(extra_env=env) as gw:
+        created = gw.add_instance(
+            name="ends", provider_type="ollama", api_base=stub.url, supported_models=["m"]
+        )
+        assert created.status_code == 201, created.text
+        gw.wait_applied()
+        body = json.dumps({"model": "m", "messages": HI_OLLAMA}).encode()
+        connection = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=10)
+        answers, ports = [], set()
+        try:
+            for mode in ("ok", "status", "ok"):
+                stub.set_mode(mode, status=400)
+                connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                data = response.read()
+                assert response.getheader("Content-Length") == str(len(data))
+                assert response.getheader("Connection", "keep-alive").lower() == "keep-alive"
+                answers.append((response.status, json.loads(data)))
+                assert connection.sock is not None
+                ports.add(connection.sock.getsockname()[1])
+        finally:
+            connection.close()
+        assert [status for status, _ in answers] == [200, 400, 200]
+        assert len(ports) == 1  # one connection: nginx kept it after each answer
+        assert answers[1][1]["error"]["message"] == "stub injected status 400"
+        prompt = sum(a["usage"]["prompt_tokens"] for s, a in answers if s == 200)
+        completion = sum(a["usage"]["completion_tokens"] for s, a in answers if s == 200)
+
+        def counted() -> tuple[int, int, int, int]:
+            rows = _usage(gw, group_by="instance")["rows"]
+            return tuple(  # type: ignore[return-value]
+                sum(int(r[field]) for r in rows)
+                for field in ("requests", "prompt_tokens", "completion_tokens", "estimated_requests")
+            )
+
+        wait_for(lambda: counted() == (3, prompt, completion, 0), what="three requests counted once each")

@@ -503,13 +503,16 @@ local cast, UINTPTR = ffi.cast, ffi.typeof("uintptr_t")
 local scanning = {}
 local buckets = {}  -- ... and its usage bucket (bucket_of), kept beside it
 
--- The request's usage bucket ("<key id>|<instance>|<model>", tally's) and its answer's Content-Type (nil:
--- none), read as one variable (http.conf: $gw_usage_bucket, "<content type>\n<bucket>"; no header value
--- holds a newline) where the scanner is made: a variable read by name costs ~800-1,600 instructions.
-local function bucket_of()
-    local both = var.gw_usage_bucket
-    local nl = find(both, "\n", 1, true)
-    return sub(both, nl + 1), nl > 1 and sub(both, 1, nl - 1) or nil
+-- The request's usage bucket ("<key id>|<instance>|<model>", tally's), its answer's Content-Type (nil:
+-- none) and, asked for (with_length), its Content-Length (false: none), read as one variable (http.conf:
+-- $gw_usage_bucket, "<content type>\n<content length>\n<bucket>"; no header value holds a newline) where
+-- the scanner is made: a variable read by name costs ~800-1,600 instructions.
+local function bucket_of(with_length)
+    local all = var.gw_usage_bucket
+    local a = find(all, "\n", 1, true)
+    local b = find(all, "\n", a + 1, true)
+    local length = with_length and b > a + 1 and tonumber(sub(all, a + 1, b - 1))
+    return sub(all, b + 1), a > 1 and sub(all, 1, a - 1) or nil, length
 end
 
 local function request_key()
@@ -548,7 +551,8 @@ end
 
 -- u: gw.usage's result, or nil for an answer that carries no tokens; bucket: the request's (bucket_of).
 -- Tokens the answer reported also go to the access log line ($gw_tokens, "<prompt> <completion>": routing
--- per output token); the log phase runs this before the access log is written.
+-- per output token); the body filter (an answer whole in its first chunk) or the log phase runs this,
+-- before the access log is written.
 local function record_usage(u, bucket)
     if u and u.source == "reported" then
         var.gw_tokens = sformat("%d %d", u.prompt_tokens, u.completion_tokens)
@@ -563,8 +567,10 @@ local function record_usage(u, bucket)
             flush_pending()  -- the worker is exiting (no timers) or has too many pending
         end
     end
-    if key_limits and u then
-        spend(u, var.gw_client_id or "", var.gw_instance_header or "", request_bytes)
+    if key_limits and u then  -- the key id and the instance, from the bucket ("<key id>|<instance>|<model>")
+        local a = find(bucket, "|", 1, true)
+        local b = find(bucket, "|", a + 1, true)
+        spend(u, sub(bucket, 1, a - 1), sub(bucket, a + 1, b - 1), request_bytes)
     end
 end
 
@@ -586,17 +592,34 @@ function _M.stripping()
     end
 end
 
+-- scanning[r] of a request whose usage its body filter recorded: its log phase has nothing left to do.
+local RECORDED = true
+
 -- The body filter's work on one chunk with the request's scanner (made here when the request has none).
+-- An answer whose first chunk is all of it (its Content-Length: a JSON answer mostly is) is counted at
+-- once, and that chunk marked as the body's end (ngx.arg[2]): lua-nginx-module then runs no body filter
+-- for the empty chunk that ends the body (the Lua call alone costs ~1,400 instructions).
 local function scan(family, chunk)
     local r = request_key()
     local scanner = scanning[r]
     if scanner == nil then
-        local bucket, content_type = bucket_of()
-        buckets[r] = bucket
+        local bucket, content_type, length = bucket_of(true)
         scanner = start_count(family, content_type)
+        if length == #chunk then
+            if scanner then
+                scanner:feed(chunk)
+                record_usage(scanner:finish(), bucket)
+            else
+                record_usage(nil, bucket)
+            end
+            scanning[r] = RECORDED
+            ngx.arg[2] = true
+            return
+        end
+        buckets[r] = bucket
         scanning[r] = scanner
     end
-    if not scanner then
+    if not scanner or scanner == RECORDED then
         return
     end
     if scanner.strip then
@@ -628,11 +651,14 @@ function _M.count_stripped(family)
 end
 
 -- log_by_lua of the pool locations: the request's usage into the counters, once, whether its answer
--- ended or the client went away mid-answer (what was seen of it counts).
+-- ended or the client went away mid-answer (what was seen of it counts), unless its body filter did.
 function _M.counted(family)
     local r = request_key()
     local scanner, bucket = scanning[r], buckets[r]
     scanning[r], buckets[r] = nil, nil
+    if scanner == RECORDED then
+        return
+    end
     if scanner == nil then
         local content_type
         bucket, content_type = bucket_of()
