@@ -574,6 +574,20 @@ local function record_usage(u, bucket)
     end
 end
 
+-- An answer's usage into the counters, from its scanner (false: an answer with nothing to scan). A
+-- stream the gateway asked for its usage (.strip) passes its held bytes on at finish; its usage is read
+-- apart.
+local function record_answer(scanner, bucket)
+    if not scanner then
+        record_usage(nil, bucket)
+    elseif scanner.strip then
+        scanner:finish()
+        record_usage(scanner:usage(), bucket)
+    else
+        record_usage(scanner:finish(), bucket)
+    end
+end
+
 -- exit_worker_by_lua: what this worker holds into the shared counters.
 function _M.exit_worker()
     if counters then
@@ -608,10 +622,8 @@ local function scan(family, chunk)
         if length == #chunk then
             if scanner then
                 scanner:feed(chunk)
-                record_usage(scanner:finish(), bucket)
-            else
-                record_usage(nil, bucket)
             end
+            record_answer(scanner, bucket)
             scanning[r] = RECORDED
             ngx.arg[2] = true
             return
@@ -664,14 +676,7 @@ function _M.counted(family)
         bucket, content_type = bucket_of()
         scanner = start_count(family, content_type)
     end
-    if not scanner then
-        record_usage(nil, bucket)
-    elseif scanner.strip then
-        scanner:finish()
-        record_usage(scanner:usage(), bucket)
-    else
-        record_usage(scanner:finish(), bucket)
-    end
+    record_answer(scanner, bucket)
 end
 
 -- A pending batch's id: random (gw.crypto's pooled random bytes, as request ids) and the time it was made.
